@@ -1,0 +1,40 @@
+# mechdistill: Characterize Then Distill, end to end.
+#   snakemake --cores all                                    # the offline CPU demo (config/config.yaml)
+#   snakemake --configfile config/paper.yaml --workflow-profile profiles/slurm
+#   snakemake results/tables/table1.md                       # one target
+import sys
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+sys.path.insert(0, workflow.basedir)
+
+from mechdistill import paths  # noqa: E402
+from mechdistill.config import load_config, validate_config  # noqa: E402
+
+# No `configfile:` directive: Snakemake would merge the demo into --configfile (keeping its
+# datasets). The demo config is the default only when no config file is given.
+if "datasets" not in config:
+    config.update({**load_config("config/config.yaml"), **config})
+validate_config(config, source=", ".join(map(str, workflow.configfiles)) or "config/config.yaml")
+validate(config, "config/schema.yaml")
+
+wildcard_constraints:
+    dataset="|".join(config["datasets"]),
+    split="|".join(paths.SPLITS),
+
+
+def defined_targets(_wildcards=None):
+    """Every target of every stage that has a rule in this workflow (see mechdistill/paths.py)."""
+    defined = {r.name for r in workflow.rules}
+    return [t for rule_name, ts in paths.stage_targets(config).items() if rule_name in defined for t in ts]
+
+
+rule all:
+    input:
+        defined_targets,
+    default_target: True
+
+
+include: "rules/data.smk"
+include: "rules/teacher.smk"

@@ -1,0 +1,116 @@
+"""Config loading and validation against `config/schema.yaml`.
+
+`load_config(path)` returns a plain dict with defaults filled in, or raises ConfigError with a
+message that names the offending key, what was found and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from .errors import ConfigError
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "config" / "schema.yaml"
+
+
+def load_schema() -> dict:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def _with_defaults(validator_class):
+    """Extend a jsonschema validator so that it fills `default` values into objects."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if isinstance(sub, dict) and "default" in sub and name not in instance:
+                    instance[name] = copy.deepcopy(sub["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+_Validator = _with_defaults(jsonschema.Draft202012Validator)
+
+
+def _allowed_keys(schema: dict, error: jsonschema.ValidationError) -> list[str]:
+    props = dict(error.schema.get("properties", {}))
+    return sorted(props)
+
+
+def _describe(error: jsonschema.ValidationError, source: str) -> str:
+    where = ".".join(str(p) for p in error.absolute_path) or "<top level>"
+    if error.validator == "additionalProperties":
+        allowed = _allowed_keys(error.schema, error)
+        unexpected = sorted(set(error.instance) - set(allowed)) if allowed else []
+        keys = ", ".join(repr(k) for k in unexpected) or error.message
+        hint = f" Allowed keys here: {', '.join(allowed)}." if allowed else ""
+        return f"{source}: unknown key {keys} under '{where}'.{hint}"
+    if error.validator == "enum":
+        return (f"{source}: '{where}' is {error.instance!r}; allowed values: "
+                f"{', '.join(repr(v) for v in error.validator_value)}.")
+    if error.validator == "required":
+        return f"{source}: '{where}' {error.message}."
+    if error.validator == "type":
+        return (f"{source}: '{where}' should be of type {error.validator_value}, "
+                f"got {type(error.instance).__name__} {error.instance!r}.")
+    return f"{source}: '{where}': {error.message}."
+
+
+def _deepest(error: jsonschema.ValidationError) -> jsonschema.ValidationError:
+    """if/then and allOf wrap the useful error; report the most specific one."""
+    while error.context:
+        error = max(error.context, key=lambda e: len(e.absolute_path))
+    return error
+
+
+def validate_config(config: dict[str, Any], source: str = "config") -> dict[str, Any]:
+    """Validate (and fill defaults into) `config` in place; return it."""
+    errors = sorted(_Validator(load_schema()).iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        msgs = [_describe(_deepest(e), source) for e in errors]
+        raise ConfigError("invalid config:\n  " + "\n  ".join(dict.fromkeys(msgs)))
+    _check_references(config, source)
+    return config
+
+
+def _check_references(config: dict, source: str) -> None:
+    models = config["models"]
+    names = ", ".join(sorted(models))
+    for role, name in [("teacher", config["teacher"])] + [("students", s) for s in config["students"]]:
+        if name not in models:
+            raise ConfigError(f"{source}: '{role}' names model {name!r}, which is not a key of "
+                              f"'models' (defined: {names}).")
+    for name, spec in models.items():
+        ref = spec.get("base") if spec["source"] == "layer_subset" else None
+        if spec["source"] == "random" and spec.get("tokenizer", "byte") != "byte":
+            ref = spec["tokenizer"]
+        if ref is not None and ref not in models:
+            raise ConfigError(f"{source}: models.{name} refers to model {ref!r}, which is not "
+                              f"defined (defined: {names}).")
+        if spec["source"] == "layer_subset" and ("n_layers" in spec) == ("layers" in spec):
+            raise ConfigError(f"{source}: models.{name} needs exactly one of 'n_layers' or 'layers'.")
+    gen = config["generation"]
+    if gen["backend"] == "file" and "traces" not in gen:
+        raise ConfigError(f"{source}: generation.backend is 'file' but generation.traces is not set; "
+                          "give the path of your Parquet/JSONL traces (may use {dataset} and {split}).")
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> dict[str, Any]:
+    """Read a YAML config, apply `overrides` (a shallow dict merge), validate, fill defaults."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist.")
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if overrides:
+        config.update(overrides)
+    return validate_config(config, source=str(path))

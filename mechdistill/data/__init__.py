@@ -1,0 +1,85 @@
+"""Dataset adapters and the generic `prepare_dataset` step.
+
+An adapter is a function `(**params) -> PreparedDataset`. Register new ones in ADAPTERS (and in
+`config/schema.yaml`'s adapter enum with their params).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import pandas as pd
+
+from ..errors import InputError
+from .base import SPLITS, PreparedDataset
+
+log = logging.getLogger(__name__)
+
+
+def _icd10cm_controlled(**params) -> PreparedDataset:
+    from .icd10cm_controlled import load_icd10cm_controlled
+    return load_icd10cm_controlled(**params)
+
+
+def _mimic4_icd10(**params) -> PreparedDataset:
+    from .mimic4_icd10 import load_mimic4_icd10
+    return load_mimic4_icd10(**params)
+
+
+def _wikiseealso(**params) -> PreparedDataset:
+    from .wikiseealso import load_wikiseealso
+    return load_wikiseealso(**params)
+
+
+ADAPTERS: dict[str, Callable[..., PreparedDataset]] = {
+    "icd10cm_controlled": _icd10cm_controlled,
+    "mimic4_icd10": _mimic4_icd10,
+    "wikiseealso": _wikiseealso,
+}
+
+
+def check_prepared(prepared: PreparedDataset, source: str) -> None:
+    """Enforce the documents/labels contract; errors name the split and row."""
+    assignable = set(prepared.labels.loc[prepared.labels["assignable"], "label_id"])
+    seen: dict[str, str] = {}
+    for split in SPLITS:
+        df = prepared.splits.get(split)
+        if df is None:
+            raise InputError(f"adapter returned no '{split}' split.", file=source)
+        for row, (doc_id, text, labels) in enumerate(zip(df["doc_id"], df["text"], df["labels"])):
+            where = f"{split} row {row} (doc_id {doc_id})"
+            if doc_id in seen:
+                raise InputError(f"doc_id {doc_id!r} appears in both {seen[doc_id]} and {split}.",
+                                 file=source, row=row, fix="make document ids unique.")
+            seen[doc_id] = split
+            if not isinstance(text, str) or not text.strip():
+                raise InputError(f"{where}: empty text.", file=source, fix="drop or fill the document.")
+            if labels is None or len(labels) == 0:
+                raise InputError(f"{where}: no labels.", file=source, fix="drop documents without labels.")
+            unknown = [lab for lab in labels if lab not in assignable]
+            if unknown:
+                raise InputError(f"{where}: labels {unknown[:5]} are not in the label space.",
+                                 file=source, fix="add them to the label table or drop them.")
+
+
+def subsample(df: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
+    if n is None or n >= len(df):
+        return df.reset_index(drop=True)
+    return df.sample(n=n, random_state=seed).sort_index().reset_index(drop=True)
+
+
+def prepare_dataset(config: dict, dataset: str) -> PreparedDataset:
+    """Build `dataset` from its config entry: run the adapter, subsample, check the contract."""
+    entry = config["datasets"][dataset]
+    prepared = ADAPTERS[entry["adapter"]](**entry.get("params", {}))
+    max_docs = entry.get("max_docs", {})
+    for split in SPLITS:
+        df = prepared.splits[split]
+        df["labels"] = df["labels"].map(list)
+        prepared.splits[split] = subsample(df, max_docs.get(split), config.get("seed", 0))
+    check_prepared(prepared, source=f"dataset {dataset} ({entry['adapter']})")
+    prepared.stats.update({f"n_{s}": len(prepared.splits[s]) for s in SPLITS})
+    prepared.stats["n_labels"] = int(prepared.labels["assignable"].sum())
+    log.info("dataset %s: %s", dataset, prepared.stats)
+    return prepared

