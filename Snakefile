@@ -2,6 +2,7 @@
 #   snakemake --cores all                                    # the offline CPU demo (config/config.yaml)
 #   snakemake --configfile config/paper.yaml --workflow-profile profiles/slurm
 #   snakemake results/tables/table1.md                       # one target
+import json
 import sys
 
 from snakemake.utils import min_version, validate
@@ -15,13 +16,18 @@ from mechdistill.config import load_config, validate_config  # noqa: E402
 # No `configfile:` directive: Snakemake would merge the demo into --configfile (keeping its
 # datasets). The demo config is the default only when no config file is given.
 if "datasets" not in config:
-    config.update({**load_config("config/config.yaml"), **config})
+    config.update({**load_config(f"{workflow.basedir}/config/config.yaml"), **config})
 validate_config(config, source=", ".join(map(str, workflow.configfiles)) or "config/config.yaml")
 validate(config, "config/schema.yaml")
 
 wildcard_constraints:
     dataset="|".join(config["datasets"]),
     split="|".join(paths.SPLITS),
+
+
+def canonical(obj) -> str:
+    """Params as sorted JSON: Snakemake compares params as text, so key order must not matter."""
+    return json.dumps(obj, sort_keys=True)
 
 
 def defined_targets(_wildcards=None):

@@ -20,6 +20,8 @@ import pyarrow.parquet as pq
 from .errors import InputError
 
 STR_LIST = pa.list_(pa.string())
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 # Artifact contracts (see DESIGN.md). Extra columns are allowed; these must be present.
 SCHEMAS: dict[str, pa.Schema] = {
@@ -48,6 +50,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
+    tmp.chmod(0o666 & ~_UMASK)  # mkstemp makes 0600 files; artifacts are meant to be shared
     try:
         yield tmp
         os.replace(tmp, path)

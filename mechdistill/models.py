@@ -189,15 +189,21 @@ def byte_tokenizer():
 
 
 def _random_init(config: dict, spec: dict):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tok_name = spec.get("tokenizer", "byte")
     tokenizer = byte_tokenizer() if tok_name == "byte" else load_tokenizer(config, tok_name)
     fields = {**TINY_ARCH_DEFAULTS[spec["arch"]], **spec.get("config", {})}
-    model_type = fields.pop("model_type")
-    fields.update(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
-                  pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
-    model_config = AutoConfig.for_model(model_type, **fields)
+    model_config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    # AutoTokenizer picks the tokenizer class from the model type when reloading (Qwen2 adds an
+    # unk token, for instance): size the vocabulary for the tokenizer as it will be reloaded.
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        model_config.save_pretrained(tmp)
+        tokenizer = AutoTokenizer.from_pretrained(tmp)
+    for key in ("eos", "pad", "bos"):
+        setattr(model_config, f"{key}_token_id", getattr(tokenizer, f"{key}_token_id"))
+    model_config.vocab_size = len(tokenizer)
     torch.manual_seed(spec.get("seed", 0))
     model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
     return model, tokenizer

@@ -55,26 +55,31 @@ def retrieval_candidates(texts: list[str], space: LabelSpace, size: int, embedde
 
 # ---------------------------------------------------------------- rendering
 
+def candidate_line(label_id: str, space: LabelSpace) -> str:
+    """Title first, then the id: a model that copies a title from the note continues with its id."""
+    return f"{space.title[label_id]} [{label_id}]"
+
+
 def format_user_prompt(text: str, candidates: list[str], space: LabelSpace, instruction: str) -> str:
     lines = [instruction.strip(), "", "Document:", text.strip(), "", "Candidate labels:"]
-    lines += [f"- {lab}: {space.title[lab]}" for lab in candidates]
+    lines += [f"- {candidate_line(lab, space)}" for lab in candidates]
     return "\n".join(lines)
 
 
 def exemplar_answer(gold: list[str], candidates: list[str], space: LabelSpace) -> str:
-    """A worked answer showing the two phases: broad area first, then a 'rather than' choice."""
+    """A worked answer showing the two phases: broad area first, then 'rather than' choices."""
     parts = []
     anc = space.ancestors.get(gold[0]) or []
     if len(anc) >= 2:
-        parts.append(f"The note is mainly about {space.title[anc[-2]].lower()}.")
+        parts.append(f"The work-up focused on {space.title[anc[-2]].lower()}.")
     shortlist = [c for c in candidates if c not in gold]
     near = [c for c in space.hierarchy_near_misses(gold, 4) if c in shortlist] or shortlist[:1]
     for i, lab in enumerate(gold):
-        sentence = f"{lab} ({space.title[lab]}) fits the note"
+        sentence = f"{candidate_line(lab, space)} fits the note"
         if i < len(near):
-            sentence += f" rather than {near[i]} ({space.title[near[i]]})"
+            sentence += f" rather than {candidate_line(near[i], space)}"
         parts.append(sentence + ".")
-    return " ".join(parts) + f"\n{ANSWER_OPEN}{'; '.join(gold)}{ANSWER_CLOSE}"
+    return "\n".join(parts) + f"\n{ANSWER_OPEN}{'; '.join(gold)}{ANSWER_CLOSE}"
 
 
 def build_messages(user_prompt: str, system: str, exemplar: tuple[str, str] | None) -> list[dict]:
@@ -136,6 +141,7 @@ class ParsedAnswer:
 
 _ITEM_SPLIT = re.compile(r"[;\n,]+")
 _ID_HEAD = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:[:(\-–]|$)")
+_ID_BRACKET = re.compile(r"\[([A-Za-z0-9][A-Za-z0-9._-]*)\]\s*$")
 
 
 def _norm_id(s: str) -> str:
@@ -167,14 +173,14 @@ class AnswerParser:
             return None
         if item in self.space:
             return item
-        head = _ID_HEAD.match(item)
-        for key in ([_norm_id(head.group(1))] if head else []) + [_norm_id(item)]:
+        ids = [m.group(1) for m in (_ID_BRACKET.search(item), _ID_HEAD.match(item)) if m]
+        for key in [_norm_id(i) for i in ids] + [_norm_id(item)]:
             if key in self.by_norm_id:
                 return self.by_norm_id[key]
         if _norm_text(item) in self.by_norm_title:
             return self.by_norm_title[_norm_text(item)]
         if candidates:
-            choices = {lab: f"{lab} {self.space.title.get(lab, '')}" for lab in candidates}
+            choices = {lab: self.space.title.get(lab, "") for lab in candidates}
             best = process.extractOne(item, choices, scorer=fuzz.WRatio)
             if best is not None and best[1] >= self.threshold:
                 return best[2]

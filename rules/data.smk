@@ -6,7 +6,7 @@ rule prepare_dataset:
         data=expand(paths.DATA, split=paths.SPLITS, allow_missing=True),
         labels=paths.LABELS,
     params:
-        entry=lambda wc: {k: v for k, v in config["datasets"][wc.dataset].items() if k != "candidates"},
+        entry=lambda wc: canonical({k: v for k, v in config["datasets"][wc.dataset].items() if k != "candidates"}),
         seed=config["seed"],
     log:
         "logs/prepare_dataset/{dataset}.log",
@@ -24,8 +24,8 @@ rule build_prompts:
     output:
         paths.PROMPTS,
     params:
-        candidates=lambda wc: config["datasets"][wc.dataset]["candidates"],
-        prompts=config["prompts"],
+        candidates=lambda wc: canonical(config["datasets"][wc.dataset]["candidates"]),
+        prompts=canonical(config["prompts"]),
         embedder=config["embedder"],
     log:
         "logs/build_prompts/{dataset}.{split}.log",

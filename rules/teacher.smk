@@ -8,8 +8,8 @@ rule teacher_cot:
     output:
         paths.COT,
     params:
-        generation=config["generation"],
-        model=lambda wc: config["models"][wc.teacher],
+        generation=canonical(config["generation"]),
+        model=lambda wc: canonical(config["models"][wc.teacher]),
     wildcard_constraints:
         teacher="|".join(config["models"]),
     threads: workflow.cores

@@ -130,7 +130,7 @@ def load_mimic4_icd10(root: str, *, min_code_count: int = 10, split_file: str | 
         if blank.any():
             r = docs[blank].iloc[0]
             raise InputError(f"note text of hadm_id {r.hadm_id} is empty after Edin's cleaning "
-                             "(it holds no letters).", file=str(notes_path), row=r.first_row,
+                             "(no letters or digits).", file=str(notes_path), row=r.first_row,
                              fix="check that discharge.csv.gz is the unmodified MIMIC-IV-Note file.")
 
     split_of = (_split_from_file(docs, _resolve(root, split_file), stats) if split_file is not None
@@ -146,12 +146,12 @@ def load_mimic4_icd10(root: str, *, min_code_count: int = 10, split_file: str | 
         stats[f"n_{name}"] = len(part)
         stats[f"subjects_{name}"] = int(part["subject_id"].nunique())
 
-    labels = _label_table(kept, root, first_row, code_paths, systems)
-    stats["n_labels"] = int(labels["assignable"].sum())
-    stats["n_hierarchy_nodes"] = int((~labels["assignable"]).sum())
+    table = _label_table(kept, root, first_row, code_paths, systems)
+    stats["n_labels"] = int(table["assignable"].sum())
+    stats["n_hierarchy_nodes"] = int((~table["assignable"]).sum())
     stats["diagnosis_codes_outside_icd10cm"] = int(
-        ((labels["system"] == "icd10cm") & labels["assignable"] & labels["parent"].isna()).sum())
-    return PreparedDataset(splits=splits, labels=labels, stats=stats)
+        ((table["system"] == "icd10cm") & table["assignable"] & table["parent"].isna()).sum())
+    return PreparedDataset(splits=splits, labels=table, stats=stats)
 
 
 def format_icd10(code: str, is_diag: bool) -> str:

@@ -1,0 +1,76 @@
+"""`mechdistill <stage> ...`: run one stage by hand, outside Snakemake.
+
+Paths default to the artifact layout of DESIGN.md (results/...), so a stage run by hand and by
+Snakemake write the same files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import MechdistillError
+
+STAGES = {
+    "validate-config": "check a config file against config/schema.yaml and print it with defaults",
+    "prepare-model": "materialise a model entry (GGUF conversion, layer subset, random init) into cache_dir",
+    "prepare-dataset": "build results/{dataset}/data/{split}.parquet and labels.parquet",
+    "build-prompts": "build results/{dataset}/prompts/{split}.parquet",
+    "teacher-cot": "generate results/{dataset}/{teacher}/cot/{split}.parquet (resumable)",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mechdistill",
+        description="Characterize Then Distill: run one pipeline stage by hand. "
+                    "The whole pipeline runs with `snakemake --cores all`.",
+    )
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for name, help_text in STAGES.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", default="config/config.yaml", help="config YAML (default: %(default)s)")
+        if name == "prepare-model":
+            p.add_argument("model", help="key of config 'models'")
+        if name in ("prepare-dataset", "build-prompts", "teacher-cot"):
+            p.add_argument("dataset", help="key of config 'datasets'")
+        if name in ("build-prompts", "teacher-cot"):
+            p.add_argument("split", choices=["train", "val", "test"])
+        if name == "teacher-cot":
+            p.add_argument("--model", help="key of config 'models' (default: the config's teacher)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .config import load_config
+    from .logutil import rule_logging
+
+    try:
+        config = load_config(args.config)
+        for key in ("dataset", "model"):
+            value = getattr(args, key, None)
+            section = "datasets" if key == "dataset" else "models"
+            if value is not None and value not in config[section]:
+                raise MechdistillError(f"{key} {value!r} is not a key of '{section}' in {args.config} "
+                                       f"(defined: {', '.join(config[section])}).")
+        with rule_logging(None):
+            if args.stage == "validate-config":
+                import yaml
+                print(yaml.safe_dump(config, sort_keys=False))
+            elif args.stage == "prepare-model":
+                from .models import resolve_model_path
+                print(resolve_model_path(config, args.model))
+            elif args.stage == "prepare-dataset":
+                from .stages import run_prepare_dataset
+                run_prepare_dataset(config, args.dataset)
+            elif args.stage == "build-prompts":
+                from .stages import run_build_prompts
+                run_build_prompts(config, args.dataset, args.split)
+            elif args.stage == "teacher-cot":
+                from .stages import run_teacher_cot
+                run_teacher_cot(config, args.dataset, args.split, model=args.model)
+    except MechdistillError as exc:
+        print(f"mechdistill: error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,37 @@
+import re
+
+import simple_icd_10_cm as icd
+
+from mechdistill.data import check_prepared
+from mechdistill.data.icd10cm_controlled import load_icd10cm_controlled
+
+
+def test_controlled_set_is_deterministic_and_valid():
+    a = load_icd10cm_controlled({"train": 4, "val": 2, "test": 3}, (2, 4), seed=3)
+    b = load_icd10cm_controlled({"train": 4, "val": 2, "test": 3}, (2, 4), seed=3)
+    c = load_icd10cm_controlled({"train": 4, "val": 2, "test": 3}, (2, 4), seed=4)
+    assert all(a.splits[s].equals(b.splits[s]) for s in a.splits)
+    assert not a.splits["train"].equals(c.splits["train"])
+    check_prepared(a, "test")  # unique ids, non-empty text, labels in label space
+    assert [len(a.splits[s]) for s in ("train", "val", "test")] == [4, 2, 3]
+
+
+def test_documents_mention_their_codes_and_share_a_block():
+    prepared = load_icd10cm_controlled({"train": 10, "val": 0, "test": 0}, (2, 4), seed=0)
+    for text, labels in zip(prepared.splits["train"]["text"], prepared.splits["train"]["labels"]):
+        assert 2 <= len(labels) <= 4
+        assert all(icd.is_leaf(code) for code in labels)
+        assert len({icd.get_ancestors(code)[-2] for code in labels}) == 1  # one block: related codes
+        for code in labels:
+            phrases = [icd.get_description(code)] + icd.get_inclusion_term(code)
+            assert any(re.escape(p[1:].lower()) and p[1:].lower() in text.lower() for p in phrases), (code, text)
+
+
+def test_label_table_covers_icd10cm():
+    labels = load_icd10cm_controlled({"train": 1, "val": 0, "test": 0}).labels
+    leaves = labels[labels["assignable"]]
+    assert len(leaves) > 70_000  # ICD-10-CM April 2026 has ~74.7k leaf codes
+    row = labels.set_index("label_id").loc["I50.22"]
+    assert row["title"] == "Chronic systolic (congestive) heart failure"
+    assert row["parent"] == "I50.2" and list(row["ancestors"]) == ["I50.2", "I50", "I30-I5A", "9"]
+    assert not labels.set_index("label_id").loc["I50", "assignable"]

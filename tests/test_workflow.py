@@ -1,0 +1,72 @@
+"""Snakemake-level tests: dry runs of every shipped config, and the tiny DAG end to end."""
+
+import re
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def snakemake(workdir, *args) -> str:
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def job_counts(output: str) -> dict[str, int]:
+    table = output.split("Job stats:")[-1]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
+
+
+def test_dry_run_demo(tmp_path):
+    jobs = job_counts(snakemake(tmp_path, "-n"))
+    assert jobs == {"prepare_dataset": 1, "build_prompts": 3, "teacher_cot": 3, "all": 1, "total": 8}
+
+
+def test_dry_run_paper_with_slurm_profile(tmp_path):
+    out = snakemake(tmp_path, "-n", "--configfile", str(REPO / "config/paper.yaml"),
+                    "--workflow-profile", str(REPO / "profiles/slurm"))
+    jobs = job_counts(out)
+    assert jobs["prepare_dataset"] == 2 and jobs["teacher_cot"] == 6  # 2 datasets x 3 splits
+    assert "icd10_demo" not in out  # the demo config is not merged into the paper config
+
+
+def test_bad_config_stops_at_start(tmp_path):
+    cfg = yaml.safe_load((REPO / "config/tiny.yaml").read_text())
+    cfg["generation"]["backend"] = "vlm"
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
+                           "-n", "--configfile", str(path)], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "'generation.backend' is 'vlm'; allowed values: 'transformers', 'vllm', 'file'" in proc.stdout + proc.stderr
+
+
+def test_tiny_end_to_end_then_incremental(tmp_path):
+    tiny = str(REPO / "config/tiny.yaml")
+    snakemake(tmp_path, "--cores", "2", "--configfile", tiny)
+    for split, n in [("train", 3), ("val", 2), ("test", 3)]:
+        cot = pd.read_parquet(tmp_path / f"results/tiny_icd/tiny_llama/cot/{split}.parquet")
+        assert len(cot) == n
+        assert {"doc_id", "cot", "answer", "pred_labels", "n_tokens", "finish_reason"} <= set(cot.columns)
+        assert cot["n_tokens"].between(1, 12).all()
+        prompts = pd.read_parquet(tmp_path / f"results/tiny_icd/prompts/{split}.parquet")
+        assert list(prompts["doc_id"]) == list(cot["doc_id"])
+    assert (tmp_path / "logs/teacher_cot/tiny_icd.tiny_llama.test.log").read_text().count("teacher CoT") >= 1
+
+    assert "Nothing to be done" in snakemake(tmp_path, "--cores", "2", "--configfile", tiny)
+
+    cfg = yaml.safe_load((REPO / "config/tiny.yaml").read_text())
+    cfg["prompts"]["system"] = "A different system prompt."
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(cfg))
+    jobs = job_counts(snakemake(tmp_path, "-n", "--configfile", str(changed)))
+    assert jobs.get("prepare_dataset", 0) == 0
+    assert jobs["build_prompts"] == 3 and jobs["teacher_cot"] == 3
