@@ -3,12 +3,15 @@
 #   snakemake --configfile config/paper.yaml --workflow-profile profiles/slurm
 #   snakemake results/tables/table1.md                       # one target
 import json
+import os
 import sys
 
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
 sys.path.insert(0, workflow.basedir)
+# Weights come from packages, local dirs or the HF cache; never from the network mid-run.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from mechdistill import paths  # noqa: E402
 from mechdistill.config import load_config, validate_config  # noqa: E402

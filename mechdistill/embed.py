@@ -47,5 +47,7 @@ class SentenceEmbedder:
             vecs = self.model.encode(new, batch_size=self.batch_size, normalize_embeddings=True,
                                      convert_to_numpy=True, show_progress_bar=len(new) > 1000)
             self.cache.update(zip(new, vecs.astype(np.float32)))
-        dim = self.model.get_sentence_embedding_dimension()
-        return np.stack([self.cache[t] for t in texts]) if texts else np.zeros((0, dim), np.float32)
+        if not texts:
+            dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+            return np.zeros((0, dim()), np.float32)
+        return np.stack([self.cache[t] for t in texts])
