@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 # Settings that change what is generated (batch size and device do not, under greedy decoding).
 FINGERPRINT_KEYS = ("backend", "max_new_tokens", "temperature", "repetition_penalty", "shard_size",
-                    "dtype", "traces")
+                    "dtype", "traces", "force_answer_tokens")
 
 
 @dataclass
@@ -37,6 +37,7 @@ class Generation:
     text: str
     n_tokens: int
     finish_reason: str  # "stop" (end of turn), "length" (hit max_new_tokens), "file"
+    forced_answer: bool = False  # the answer block was started for the model (budget forcing)
 
 
 class TransformersBackend:
@@ -50,14 +51,17 @@ class TransformersBackend:
         stop = {self.tok.eos_token_id, self.tok.convert_tokens_to_ids("<|im_end|>")}
         self.stop_ids = sorted(i for i in stop if isinstance(i, int) and i >= 0)
 
-    @torch.no_grad()
     def __call__(self, chats: list[list[dict]]) -> list[Generation]:
-        texts = [render_prompt(self.tok, m) for m in chats]
+        return self.complete([render_prompt(self.tok, m) for m in chats], self.gen["max_new_tokens"])
+
+    @torch.no_grad()
+    def complete(self, texts: list[str], max_new_tokens: int) -> list[Generation]:
+        """Continue already-rendered texts (chat template applied) by up to `max_new_tokens`."""
         # The chat template already holds any BOS token: do not add special tokens twice.
         enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
         temperature = self.gen.get("temperature", 0.0)
         out = self.model.generate(
-            **enc, max_new_tokens=self.gen["max_new_tokens"], do_sample=temperature > 0,
+            **enc, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
             temperature=temperature if temperature > 0 else None, top_p=None, top_k=None,
             repetition_penalty=self.gen.get("repetition_penalty", 1.0),
             eos_token_id=self.stop_ids, pad_token_id=self.tok.pad_token_id)
@@ -90,18 +94,25 @@ class VllmBackend:
         if gen.get("max_model_len"):
             kwargs["max_model_len"] = gen["max_model_len"]
         self.llm = LLM(**kwargs)
-        self.params = SamplingParams(temperature=gen.get("temperature", 0.0), max_tokens=gen["max_new_tokens"],
-                                     repetition_penalty=gen.get("repetition_penalty", 1.0),
-                                     seed=config.get("seed", 0))
+        self.tok = load_tokenizer(config, model_name)
+        self.sampling = lambda max_tokens: SamplingParams(
+            temperature=gen.get("temperature", 0.0), max_tokens=max_tokens,
+            repetition_penalty=gen.get("repetition_penalty", 1.0), seed=config.get("seed", 0))
+        self.params = self.sampling(gen["max_new_tokens"])
 
     def __call__(self, chats: list[list[dict]]) -> list[Generation]:
-        outputs = self.llm.chat(chats, self.params, use_tqdm=False)
-        results = []
-        for out in outputs:
-            best = out.outputs[0]
-            results.append(Generation(best.text, n_tokens=len(best.token_ids),
-                                      finish_reason="length" if best.finish_reason == "length" else "stop"))
-        return results
+        return self._read(self.llm.chat(chats, self.params, use_tqdm=False))
+
+    def complete(self, texts: list[str], max_new_tokens: int) -> list[Generation]:
+        """Continue already-rendered texts; token ids are passed so no second BOS is added."""
+        prompts = [{"prompt_token_ids": self.tok(t, add_special_tokens=False)["input_ids"]} for t in texts]
+        return self._read(self.llm.generate(prompts, self.sampling(max_new_tokens), use_tqdm=False))
+
+    @staticmethod
+    def _read(outputs) -> list[Generation]:
+        return [Generation(o.outputs[0].text, n_tokens=len(o.outputs[0].token_ids),
+                           finish_reason="length" if o.outputs[0].finish_reason == "length" else "stop")
+                for o in outputs]
 
 
 def read_traces(path: str) -> pd.DataFrame:
@@ -203,7 +214,7 @@ def generate_cot(config: dict, model_name: str, prompts: pd.DataFrame, space, ou
                 rows.append(dict(doc_id=doc_id, cot=parsed.cot, answer=parsed.answer,
                                  pred_labels=parsed.pred_labels, unmapped=parsed.unmapped,
                                  n_tokens=g.n_tokens, finish_reason=g.finish_reason, raw=g.text,
-                                 has_answer_block=parsed.has_answer_block))
+                                 has_answer_block=parsed.has_answer_block, forced_answer=g.forced_answer))
             write_parquet(pd.DataFrame(rows, columns=COT_COLUMNS), shard_dir / f"shard-{start // size:05d}.parquet", "cot")
             bar.update(len(shard))
         bar.close()
@@ -216,17 +227,34 @@ def generate_cot(config: dict, model_name: str, prompts: pd.DataFrame, space, ou
 
 
 COT_COLUMNS = ["doc_id", "cot", "answer", "pred_labels", "unmapped", "n_tokens", "finish_reason", "raw",
-               "has_answer_block"]
+               "has_answer_block", "forced_answer"]
 
 
 def _run_backend(backend, shard: pd.DataFrame, gen: dict) -> list[Generation]:
     if isinstance(backend, FileBackend):
         return backend(shard["doc_id"].tolist())
     chats = [json.loads(m) for m in shard["messages"]]
-    if isinstance(backend, VllmBackend):
-        return backend(chats)  # vLLM batches internally
-    bs = gen.get("batch_size", 8)
-    return [g for i in range(0, len(chats), bs) for g in backend(chats[i:i + bs])]
+    bs = len(chats) if isinstance(backend, VllmBackend) else gen.get("batch_size", 8)  # vLLM batches itself
+    outputs = [g for i in range(0, len(chats), bs) for g in backend(chats[i:i + bs])]
+    if gen.get("force_answer_tokens", 0):
+        outputs = force_answers(backend, chats, outputs, gen["force_answer_tokens"], bs)
+    return outputs
+
+
+def force_answers(backend, chats: list[list[dict]], outputs: list[Generation], n_tokens: int,
+                  batch_size: int) -> list[Generation]:
+    """Budget forcing: a trace cut off by max_new_tokens before its answer block gets
+    "\n<answer>" appended and `n_tokens` more tokens to write the answer. The reasoning (cot)
+    is unchanged; the row is marked `forced_answer`."""
+    todo = [i for i, g in enumerate(outputs) if g.finish_reason == "length" and ANSWER_OPEN not in g.text]
+    prefixes = [render_prompt(backend.tok, chats[i]) + outputs[i].text + "\n" + ANSWER_OPEN for i in todo]
+    for start in range(0, len(todo), batch_size):
+        conts = backend.complete(prefixes[start:start + batch_size], n_tokens)
+        for i, cont in zip(todo[start:start + batch_size], conts):
+            g = outputs[i]
+            outputs[i] = Generation(g.text + "\n" + ANSWER_OPEN + cont.text, g.n_tokens + cont.n_tokens,
+                                    g.finish_reason, forced_answer=True)
+    return outputs
 
 
 def summarize_cot(df: pd.DataFrame, dataset: str = "", split: str = "") -> dict:
@@ -238,6 +266,7 @@ def summarize_cot(df: pd.DataFrame, dataset: str = "", split: str = "") -> dict:
         "with_mapped_labels": int((df["pred_labels"].map(len) > 0).sum()) if n else 0,
         "empty_cot": int((df["cot"].str.strip() == "").sum()) if n else 0,
         "hit_max_new_tokens": int((df["finish_reason"] == "length").sum()) if n else 0,
+        "forced_answer": int(df["forced_answer"].sum()) if n else 0,
         "mean_tokens": float(df["n_tokens"].mean()) if n else 0.0,
         "unmapped_items": int(df["unmapped"].map(len).sum()) if n else 0,
     }

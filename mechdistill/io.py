@@ -37,7 +37,8 @@ SCHEMAS: dict[str, pa.Schema] = {
     "cot": pa.schema([
         ("doc_id", pa.string()), ("cot", pa.string()), ("answer", pa.string()),
         ("pred_labels", STR_LIST), ("unmapped", STR_LIST), ("n_tokens", pa.int64()),
-        ("finish_reason", pa.string()), ("raw", pa.string()),
+        ("finish_reason", pa.string()), ("raw", pa.string()), ("has_answer_block", pa.bool_()),
+        ("forced_answer", pa.bool_()),
     ]),
 }
 

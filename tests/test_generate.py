@@ -28,19 +28,29 @@ class Interrupt(Exception):
 
 def test_resume_after_interrupted_generation(tiny_config, icd_space, prompts, tmp_path):
     reference = generate_cot(tiny_config, "tiny_llama", prompts, icd_space, tmp_path / "ref" / "test.parquet")
-    assert len(reference) == 5 and reference["n_tokens"].between(1, 12).all()
+    assert len(reference) == 5
+    # The random model never writes "<answer>": every trace hits max_new_tokens=12 and is
+    # budget-forced (force_answer_tokens=4) to write an answer block.
+    assert reference["forced_answer"].all() and (reference["finish_reason"] == "length").all()
+    assert reference["n_tokens"].between(13, 16).all()
+    assert all("\n<answer>" in raw for raw in reference["raw"])
+    assert all(raw.startswith(cot) for raw, cot in zip(reference["raw"], reference["cot"]))
 
     calls = []
 
-    def flaky_factory(fail_on_call):
-        backend = TransformersBackend(tiny_config, "tiny_llama", tiny_config["generation"])
+    class Flaky(TransformersBackend):
+        fail_on_call = 0
 
-        def run(chats):
+        def __call__(self, chats):
             calls.append(len(chats))
-            if len(calls) == fail_on_call:
+            if len(calls) == self.fail_on_call:
                 raise Interrupt("killed")
-            return backend(chats)
-        return run
+            return super().__call__(chats)
+
+    def flaky_factory(fail_on_call):
+        backend = Flaky(tiny_config, "tiny_llama", tiny_config["generation"])
+        backend.fail_on_call = fail_on_call
+        return backend
 
     out = tmp_path / "run" / "test.parquet"
     with pytest.raises(Interrupt):  # killed while generating the second shard (shard_size=2)
@@ -62,9 +72,9 @@ def test_changed_settings_do_not_reuse_shards(tiny_config, icd_space, prompts, t
     stale = out.parent / ".test.shards-0000000000000000"
     stale.mkdir(parents=True)
     (stale / "shard-00000.parquet").write_text("from an earlier configuration")
-    tiny_config["generation"]["max_new_tokens"] = 3
+    tiny_config["generation"].update(max_new_tokens=3, force_answer_tokens=0)
     df = generate_cot(tiny_config, "tiny_llama", prompts, icd_space, out)
-    assert not stale.exists() and df["n_tokens"].max() <= 3
+    assert not stale.exists() and df["n_tokens"].max() <= 3 and not df["forced_answer"].any()
 
 
 def test_file_backend(tiny_config, icd_space, prompts, tmp_path):
@@ -96,31 +106,50 @@ def test_file_backend_bad_traces(tiny_config, icd_space, prompts, tmp_path, rows
 
 
 def test_vllm_backend_wiring(tiny_config, icd_space, prompts, tmp_path, monkeypatch):
-    """vLLM itself needs a GPU; check the calls we make and how its outputs are read."""
-    seen = {}
+    """vLLM itself needs a GPU; check the calls we make and how its outputs are read,
+    including budget forcing through `LLM.generate` on token ids."""
+    seen = {"sampling": [], "chats": [], "generate": []}
+
+    def result(text, n, reason):
+        out = types.SimpleNamespace(text=text, token_ids=list(range(n)), finish_reason=reason)
+        return types.SimpleNamespace(outputs=[out])
 
     class SamplingParams:
         def __init__(self, **kw):
-            seen["sampling"] = kw
+            seen["sampling"].append(kw)
+            self.kw = kw
 
     class LLM:
         def __init__(self, **kw):
             seen["llm"] = kw
 
         def chat(self, chats, params, use_tqdm=False):
-            seen.setdefault("chats", []).append(chats)
-            out = types.SimpleNamespace(text="Heart. <answer>I50.22</answer>", token_ids=[1, 2, 3], finish_reason="stop")
-            return [types.SimpleNamespace(outputs=[out]) for _ in chats]
+            seen["chats"].append(chats)  # first doc of each shard answers; the others run out of tokens
+            return [result("Heart. <answer>I50.22</answer>", 3, "stop")] + \
+                [result("Heart, systolic.", 12, "length") for _ in chats[1:]]
+
+        def generate(self, prompts, params, use_tqdm=False):
+            seen["generate"].append((prompts, params.kw))
+            return [result("I50.22</answer>", 2, "stop") for _ in prompts]
 
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams))
     tiny_config["generation"].update(backend="vllm", tensor_parallel_size=8, max_model_len=4096)
     df = generate_cot(tiny_config, "tiny_llama", prompts, icd_space, tmp_path / "out.parquet")
     assert seen["llm"]["tensor_parallel_size"] == 8 and seen["llm"]["max_model_len"] == 4096
     assert seen["llm"]["trust_remote_code"] is False
-    assert seen["sampling"]["temperature"] == 0.0 and seen["sampling"]["max_tokens"] == 12
+    assert seen["sampling"][0]["temperature"] == 0.0 and seen["sampling"][0]["max_tokens"] == 12
     assert [len(c) for c in seen["chats"]] == [2, 2, 1]  # one call per shard
     assert seen["chats"][0][0][-1]["role"] == "user"
-    assert df["pred_labels"].map(list).tolist() == [["I50.22"]] * 5 and (df["n_tokens"] == 3).all()
+    assert [len(p) for p, _ in seen["generate"]] == [1, 1]  # the two cut-off traces, forced
+    forced_prompt, forced_params = seen["generate"][0]
+    assert forced_params["max_tokens"] == 4
+    from mechdistill.models import load_tokenizer
+    text = load_tokenizer(tiny_config, "tiny_llama").decode(forced_prompt[0]["prompt_token_ids"])
+    assert text.endswith("<|im_start|>assistant\nHeart, systolic.\n<answer>")
+    assert df["pred_labels"].map(list).tolist() == [["I50.22"]] * 5
+    assert df["forced_answer"].tolist() == [False, True, False, True, False]
+    assert df["n_tokens"].tolist() == [3, 14, 3, 14, 3]
+    assert df["cot"][1] == "Heart, systolic."
 
 
 def test_vllm_missing_is_explained(tiny_config, icd_space, prompts, tmp_path, monkeypatch):
