@@ -43,9 +43,8 @@ def stage_targets(config: dict) -> dict[str, list[str]]:
             out = [t.replace("{" + key + "}", v) for t in out for v in values]
         return out
 
-    per_model = dict(dataset=datasets)
     return {
-        "prepare_dataset": each(DATA, dataset=datasets, split=list(SPLITS)) + each(LABELS, **per_model),
+        "prepare_dataset": each(DATA, dataset=datasets, split=list(SPLITS)) + each(LABELS, dataset=datasets),
         "build_prompts": each(PROMPTS, dataset=datasets, split=list(SPLITS)),
         "teacher_cot": each(COT, dataset=datasets, teacher=[teacher], split=list(SPLITS)),
         "anchors": each(ANCHORS, dataset=datasets, teacher=[teacher], split=list(SPLITS)),
