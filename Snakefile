@@ -33,10 +33,16 @@ def canonical(obj) -> str:
     return json.dumps(obj, sort_keys=True)
 
 
+def group_targets(*names):
+    """The targets of the named groups (all groups if none) whose rules are all defined."""
+    defined = {r.name for r in workflow.rules}
+    groups = paths.stage_targets(config)
+    return [t for name in (names or groups) if set(groups[name][0]) <= defined for t in groups[name][1]]
+
+
 def defined_targets(_wildcards=None):
     """Every target of every stage that has a rule in this workflow (see mechdistill/paths.py)."""
-    defined = {r.name for r in workflow.rules}
-    return [t for rule_name, ts in paths.stage_targets(config).items() if rule_name in defined for t in ts]
+    return group_targets()
 
 
 rule all:
@@ -47,3 +53,4 @@ rule all:
 
 include: "rules/data.smk"
 include: "rules/teacher.smk"
+include: "rules/anchors.smk"

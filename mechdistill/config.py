@@ -96,6 +96,10 @@ def _check_references(config: dict, source: str) -> None:
                               f"defined (defined: {names}).")
         if spec["source"] == "layer_subset" and ("n_layers" in spec) == ("layers" in spec):
             raise ConfigError(f"{source}: models.{name} needs exactly one of 'n_layers' or 'layers'.")
+    llm_model = config["anchors"]["llm"].get("model")
+    if llm_model is not None and llm_model not in models:
+        raise ConfigError(f"{source}: anchors.llm.model names model {llm_model!r}, which is not "
+                          f"defined (defined: {names}).")
     gen = config["generation"]
     if gen["backend"] == "file" and "traces" not in gen:
         raise ConfigError(f"{source}: generation.backend is 'file' but generation.traces is not set; "

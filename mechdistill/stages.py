@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import pandas as pd
+
 from . import paths
 from .data import prepare_dataset
 from .data.base import SPLITS
@@ -59,3 +61,99 @@ def run_teacher_cot(config: dict, dataset: str, split: str, prompts_path: str | 
     space = LabelSpace(read_parquet(labels_path or paths.LABELS.format(dataset=dataset), "labels"))
     out_path = out_path or paths.COT.format(dataset=dataset, teacher=model, split=split)
     generate_cot(config, model, prompts, space, out_path, dataset=dataset, split=split)
+
+
+def _spans(spans) -> list[list[int]]:
+    return [[int(a), int(b)] for a, b in spans]
+
+
+def run_anchors(config: dict, dataset: str, teacher: str, cot_path: str | Path, prompts_path: str | Path,
+                docs_path: str | Path, labels_path: str | Path, out_path: str | Path) -> None:
+    """-> anchors/{split}.parquet: anchors, anchor_text, near-misses, shortlist and CoT spans."""
+    from .anchors import anchor_text, extract_concepts, label_anchors, near_misses, shortlist
+    from .models import load_tokenizer
+    from .segment import segment_cot, token_offsets
+
+    acfg = config["anchors"]
+    cot = read_parquet(cot_path, "cot").set_index("doc_id")
+    prompts = read_parquet(prompts_path, "prompts").set_index("doc_id")
+    docs = read_parquet(docs_path, "documents")
+    space = LabelSpace(read_parquet(labels_path, "labels"))
+    tok = load_tokenizer(config, teacher)
+    strategies = acfg["near_miss"]["strategies"]
+    embedder = None
+    if "embedding" in strategies:
+        from .embed import SentenceEmbedder
+        embedder = SentenceEmbedder(config["embedder"])
+    concepts = None
+    if acfg["mode"] == "llm":
+        from .generate import TransformersBackend
+        gen = {**config["generation"], "max_new_tokens": acfg["llm"]["max_new_tokens"]}
+        backend = TransformersBackend(config, acfg["llm"].get("model", teacher), gen)
+        concepts = extract_concepts(lambda chats: [g.text for g in backend(chats)], docs["text"].tolist(),
+                                    acfg["llm"]["max_concepts"])
+    rows = []
+    for i, (doc_id, gold) in enumerate(zip(docs["doc_id"], docs["labels"])):
+        text = cot.loc[doc_id, "cot"] if doc_id in cot.index else ""
+        candidates, gold = list(prompts.loc[doc_id, "candidates"]), list(gold)
+        anchors = concepts[i] if concepts is not None else label_anchors(gold, space, acfg["ancestor_levels"])
+        near = near_misses(gold, text, candidates, space, strategies, acfg["near_miss"]["n"], embedder)
+        kept = shortlist(text, candidates, space)
+        seg = segment_cot(text, token_offsets(tok, text), acfg["early_tokens"], kept, near, space,
+                          candidates=candidates, patterns=acfg.get("refine_patterns"))
+        reason = seg["reason"] or ("no anchors" if not anchors else "")
+        rows.append(dict(doc_id=doc_id, anchors=anchors, anchor_text=anchor_text(anchors), near_misses=near,
+                         shortlist=kept, early_span=list(seg["early_span"]),
+                         refine_spans=_spans(seg["refine_spans"]), shortlist_spans=_spans(seg["shortlist_spans"]),
+                         nearmiss_spans=_spans(seg["nearmiss_spans"]), reason=reason))
+    out = pd.DataFrame(rows)
+    log.info("anchors %s: %d documents; %d with refinement positions; reasons %s", dataset, len(out),
+             int(out["refine_spans"].map(len).gt(0).sum()) if len(out) else 0,
+             out["reason"].replace("", "ok").value_counts().to_dict() if len(out) else {})
+    write_parquet(out, out_path)
+
+
+def run_trajectories(config: dict, model: str, cot_path: str | Path, anchors_path: str | Path,
+                     labels_path: str | Path, curves_path: str | Path, summary_path: str | Path) -> None:
+    """-> trajectories.parquet (doc_id, phase, t, value) and trajectories_summary.parquet."""
+    from .embed import SentenceEmbedder
+    from .models import load_tokenizer
+    from .segment import token_offsets
+    from .trajectories import document_trajectories, needed_texts
+
+    tcfg, early_tokens = config["trajectories"], config["anchors"]["early_tokens"]
+    cot = read_parquet(cot_path).set_index("doc_id")
+    anchors = read_parquet(anchors_path)
+    space = LabelSpace(read_parquet(labels_path, "labels"))
+    tok = load_tokenizer(config, model.split("/")[0])
+    embedder = SentenceEmbedder(config["embedder"])
+    docs = []
+    for row in anchors.itertuples(index=False):
+        text = cot.loc[row.doc_id, "cot"] if row.doc_id in cot.index else ""
+        starts = [a for a, _ in token_offsets(tok, text)]
+        units = [text[a:b] for a, b in zip(starts, starts[1:] + [len(text)])]  # contiguous: join == text
+        docs.append((row.doc_id, units[:early_tokens], units[early_tokens:], list(row.anchors), row.anchor_text,
+                     [space.title[lab] for lab in row.near_misses]))
+    # One batched, de-duplicated pass over every text the curves need; the loop then hits the cache.
+    embedder.encode([t for d in docs for t in needed_texts(*d[1:], max_points=tcfg["max_points"])])
+    curves, summaries = [], []
+    for doc in docs:
+        points, summary = document_trajectories(*doc, embedder, n_grid=tcfg["n_grid"], max_points=tcfg["max_points"])
+        curves += points
+        summaries.append(summary)
+    curves_df = pd.DataFrame(curves, columns=["doc_id", "phase", "t", "value"])
+    summary_df = pd.DataFrame(summaries)
+    curves_df.insert(0, "model", model)
+    summary_df.insert(0, "model", model)
+    log.info("trajectories %s: %d documents, mean Focus %.3f, mean Confusion %.3f, NaN reasons %s",
+             model, len(summary_df), summary_df["focus"].mean(), summary_df["confusion"].mean(),
+             summary_df["reason"].replace("", "ok").value_counts().to_dict())
+    write_parquet(summary_df, summary_path)
+    write_parquet(curves_df, curves_path)
+
+
+def run_figure1(config: dict, dataset: str, curve_paths: list[str], out_png: str | Path) -> None:
+    from .plots import figure1
+
+    curves = pd.concat([read_parquet(p) for p in curve_paths], ignore_index=True)
+    figure1(curves, str(out_png), title=f"{dataset}: Reasoning Focus and Near-Miss Confusion")
