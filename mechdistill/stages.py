@@ -97,8 +97,12 @@ def run_anchors(config: dict, dataset: str, teacher: str, cot_path: str | Path, 
         text = cot.loc[doc_id, "cot"] if doc_id in cot.index else ""
         candidates, gold = list(prompts.loc[doc_id, "candidates"]), list(gold)
         anchors = concepts[i] if concepts is not None else label_anchors(gold, space, acfg["ancestor_levels"])
-        near = near_misses(gold, text, candidates, space, strategies, acfg["near_miss"]["n"], embedder)
         kept = shortlist(text, candidates, space)
+        # Near-misses are alternatives the CoT does not keep: disjoint from the shortlist, so the
+        # shortlist (S) and near-miss (N) positions of RefineScore never share a mention.
+        n = acfg["near_miss"]["n"]
+        near = [lab for lab in near_misses(gold, text, candidates, space, strategies, n + len(kept), embedder)
+                if lab not in kept][:n]
         seg = segment_cot(text, token_offsets(tok, text), acfg["early_tokens"], kept, near, space,
                           candidates=candidates, patterns=acfg.get("refine_patterns"))
         reason = seg["reason"] or ("no anchors" if not anchors else "")
