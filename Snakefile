@@ -54,3 +54,4 @@ rule all:
 include: "rules/data.smk"
 include: "rules/teacher.smk"
 include: "rules/anchors.smk"
+include: "rules/characterize.smk"

@@ -161,3 +161,48 @@ def run_figure1(config: dict, dataset: str, curve_paths: list[str], out_png: str
 
     curves = pd.concat([read_parquet(p) for p in curve_paths], ignore_index=True)
     figure1(curves, str(out_png), title=f"{dataset}: Reasoning Focus and Near-Miss Confusion")
+
+
+def run_head_scores(config: dict, model: str, cot_path: str | Path, anchors_path: str | Path,
+                    prompts_path: str | Path, docs_path: str | Path, labels_path: str | Path,
+                    coarse_path: str | Path, refine_path: str | Path, example_path: str | Path) -> None:
+    """-> heads/coarse.parquet, heads/refine.parquet, heads/coarse_example.parquet for `model`,
+    teacher-forced on the teacher's CoT (so students are scored on the same sequences)."""
+    from .characterize import score_heads
+    from .models import load_model
+    from .teacher_forcing import forced_sequence
+
+    hcfg = config["heads"]
+    model_obj, tok = load_model(config, model, device=hcfg["device"], dtype=hcfg["dtype"])
+    cot = read_parquet(cot_path, "cot").set_index("doc_id")
+    prompts = read_parquet(prompts_path, "prompts").set_index("doc_id")
+    docs = read_parquet(docs_path, "documents").set_index("doc_id")
+    space = LabelSpace(read_parquet(labels_path, "labels"))
+    anchors = read_parquet(anchors_path)
+    if hcfg.get("max_docs"):
+        anchors = anchors.head(hcfg["max_docs"])
+    documents = [dict(doc_id=row["doc_id"],
+                      seq=forced_sequence(tok, prompts.loc[row["doc_id"], "messages"], cot.loc[row["doc_id"], "cot"], row),
+                      anchors=list(row["anchors"]),
+                      gold_titles=[space.title[g] for g in docs.loc[row["doc_id"], "labels"]],
+                      nearmiss_titles=[space.title[n] for n in row["near_misses"]])
+                 for _, row in anchors.iterrows()]
+    coarse, refine, example = score_heads(model_obj, tok, documents, tau=hcfg["tau"], n_stages=hcfg["n_stages"],
+                                          desc=f"head scores {model}")
+    for name, table in (("CoarseScore", coarse), ("RefineScore", refine)):
+        top = table.dropna(subset=["score"]).nlargest(5, "score")
+        log.info("%s top-5 heads of %s: %s", name, model,
+                 ", ".join(f"L{r.layer}H{r.head}={r.score:.4g}" for r in top.itertuples()))
+    write_parquet(example, example_path)
+    write_parquet(refine, refine_path)
+    write_parquet(coarse, coarse_path)
+
+
+def run_head_figures(config: dict, dataset: str, coarse_path: str | Path, refine_path: str | Path,
+                     example_path: str | Path, figure4_path: str | Path, figure7_path: str | Path) -> None:
+    from .plots import figure4, figure7
+
+    teacher, top_k = config["teacher"], config["heads"]["top_k"]
+    figure4(read_parquet(coarse_path), read_parquet(example_path), figure4_path,
+            f"{dataset}, {teacher}: Phase 1 heads", top_k=top_k)
+    figure7(read_parquet(refine_path), figure7_path, f"{dataset}, {teacher}: Phase 2 heads", top_k=top_k)

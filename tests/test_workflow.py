@@ -28,7 +28,7 @@ def job_counts(output: str) -> dict[str, int]:
 def test_dry_run_demo(tmp_path):
     jobs = job_counts(snakemake(tmp_path, "-n"))
     assert jobs == {"prepare_dataset": 1, "build_prompts": 3, "teacher_cot": 3, "anchors": 3, "trajectories": 1,
-                    "figure1": 1, "all": 1, "total": 13}
+                    "figure1": 1, "head_scores": 2, "head_figures": 1, "all": 1, "total": 16}
 
 
 def test_dry_run_paper_with_slurm_profile(tmp_path):
@@ -73,6 +73,14 @@ def test_tiny_end_to_end_then_incremental(tmp_path):
     curves = pd.read_parquet(tmp_path / "results/tiny_icd/tiny_llama/trajectories.parquet")
     assert set(curves["phase"]) == {"focus", "confusion"} and curves["t"].between(0, 1).all()
     assert (tmp_path / "results/figures/figure1_tiny_icd.png").stat().st_size > 10_000
+    for model, n_layers in [("tiny_llama", 2), ("tiny_student", 1)]:  # every head of teacher and student
+        coarse = pd.read_parquet(tmp_path / f"results/tiny_icd/{model}/heads/coarse.parquet")
+        assert len(coarse) == n_layers * 4 and {"layer", "head", "score", "kurtosis", "alignment"} <= set(coarse.columns)
+        assert coarse["score"].notna().all() and (coarse["n_queries"] > 0).all()
+        refine = pd.read_parquet(tmp_path / f"results/tiny_icd/{model}/heads/refine.parquet")
+        assert len(refine) == n_layers * 4  # NaN scores: random CoT has no refinement positions
+    for n in (4, 7):
+        assert (tmp_path / f"results/figures/figure{n}_tiny_icd.png").stat().st_size > 10_000
 
     assert "Nothing to be done" in snakemake(tmp_path, "--cores", "2", "--configfile", tiny)
 
