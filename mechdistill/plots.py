@@ -111,6 +111,8 @@ def figure7(refine: pd.DataFrame, out_png: str | os.PathLike, title: str, top_k:
         for i, row in enumerate(top.itertuples(index=False)):
             values = list(getattr(row, column))
             ax.plot(range(1, len(values) + 1), values, marker="o", color=f"C{i}", label=f"L{row.layer}H{row.head}")
+        n_stages = len(top[column].iloc[0]) if len(top) else 0
+        ax.set_xticks(range(1, n_stages + 1))
         ax.set(xlabel="CoT stage (early -> late)", title=label)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7)
