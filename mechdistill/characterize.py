@@ -21,7 +21,6 @@ from .heads import capture_heads
 from .scores import (
     anchor_centroid,
     coarse_score_components,
-    earlier_mask,
     head_table,
     margin_gradient,
     ov_helpfulness,
@@ -76,10 +75,9 @@ def score_document(model, tokenizer, seq: ForcedSequence, anchors: list[str], go
                                    what=("rows", "qk", "value_writes"))
         h_final = residual.h[0, refine]                                                 # [nr, d]
         grad = margin_gradient(h_final, model.model.norm, model.lm_head, targets, nearmisses)[None]  # [1, nr, d]
-        is_s = torch.tensor([[i < len(seq.shortlist_positions) for i in range(len(keys))]])
-        rpos = torch.tensor([refine])
-        s_mask = earlier_mask(is_s, rpos) & (torch.tensor([keys])[:, None, :] < rpos[..., None])
-        n_mask = earlier_mask(~is_s, rpos) & (torch.tensor([keys])[:, None, :] < rpos[..., None])
+        is_s = torch.tensor([i < len(seq.shortlist_positions) for i in range(len(keys))])    # [nk]
+        before = torch.tensor(keys)[None, None, :] < torch.tensor(refine)[None, :, None]      # [1, nr, nk]
+        s_mask, n_mask = before & is_s, before & ~is_s            # earlier shortlist / near-miss mentions
         none = torch.zeros_like(s_mask)
         stage = np.minimum(n_stages - 1, (n_stages * (np.array(refine) - seq.cot_token_start)
                                           / max(1, len(ids) - seq.cot_token_start)).astype(int))

@@ -44,3 +44,22 @@ def test_coarse_score_matches_eager_reference(tiny_config):
                 vals.append(kappa * cos)
             expected[h] = np.mean(vals)
         np.testing.assert_allclose(got["coarse"][layer], expected, rtol=2e-3, atol=1e-4)
+
+
+def test_refine_qk_term_matches_eager_log_attention(tiny_config):
+    """QK loop-back = mean_S q.k*s - mean_N q.k*s = mean_S log A - mean_N log A (the softmax
+    normaliser cancels), so eager attention probabilities give an independent reference."""
+    model, tok = load_model(tiny_config, "tiny_llama", device="cpu", dtype="float32")
+    ids = tok("A [I1] fits rather than B [I2]; so A [I1] rather than B [I2] here.", return_tensors="pt")["input_ids"][0]
+    shortlist, nearmiss, refine = [3, 4], [24, 25], [40, 55]
+    seq = ForcedSequence(input_ids=ids, prompt_chars=0, cot_token_start=0, early_queries=[],
+                         refine_positions=refine, shortlist_positions=shortlist, nearmiss_positions=nearmiss)
+    out = score_document(model, tok, seq, [], ["Heart"], ["Lung"], tau=0.0, n_stages=2)
+    assert out["n_positions"] == 2 and out["refine"]["qk"].shape == (2, 4)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        attn = model(ids[None], output_attentions=True).attentions
+    for layer in range(2):
+        logp = torch.log(attn[layer][0].double())                          # [H, q, k]
+        per_t = [logp[:, t, shortlist].mean(-1) - logp[:, t, nearmiss].mean(-1) for t in refine]
+        np.testing.assert_allclose(out["refine"]["qk"][layer], torch.stack(per_t).mean(0).numpy(), rtol=1e-3, atol=1e-4)
