@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -197,60 +197,49 @@ def attention_rows(query_sel: Tensor, key: Tensor, mask_rows: Tensor, scaling: f
 
 
 # ---------------------------------------------------------------------------------------------
-# Recorder, attention wrapper and hooks
+# Attention hooks: the wrapper, recording and pattern patching
 
 
-class _Recorder:
-    def __init__(self, capture: HeadCapture, layers: set[int], what: set[str], base_impl: str,
-                 rows_dtype: torch.dtype | None):
-        self.capture = capture
-        self.layers = layers
-        self.what = what
-        self.base_impl = base_impl
-        self.rows_dtype = rows_dtype
+@dataclass
+class AttentionCall:
+    """One call of a layer's attention function, as an attention hook sees it.
 
-    def record_attention(self, layer: int, module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
-                         attention_mask: Tensor | None, scaling: float | None, kwargs: dict) -> None:
-        cap = self.capture
-        qpos, kpos = cap.query_positions, cap.key_positions
-        n_rep = query.shape[1] // key.shape[1]
-        scaling = module.head_dim ** -0.5 if scaling is None else scaling
-        cap.scaling[layer] = float(scaling)
-        q_sel = _gather_heads(query, qpos)  # [b, H, nq, d]
-        if "qk" in self.what:
-            cap.queries[layer] = q_sel
-        if kpos is not None and ("qk" in self.what or "values" in self.what or "value_writes" in self.what):
-            if "qk" in self.what:
-                cap.keys[layer] = _repeat_heads(_gather_heads(key, kpos), n_rep)  # [b, H, nk, d]
-            if "values" in self.what or "value_writes" in self.what:
-                v = _repeat_heads(_gather_heads(value, kpos), n_rep)  # [b, H, nk, d]
-                if "values" in self.what:
-                    cap.values[layer] = v
-                if "value_writes" in self.what:
-                    w_o = head_out_proj(module).to(v.dtype)  # [H, d, D]
-                    cap.value_writes[layer] = torch.einsum("bhkd,hdm->bhkm", v, w_o)
-        if "rows" in self.what:
-            window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
-            softcap = kwargs.get("softcap", None)
-            mask_rows = _row_mask(attention_mask, qpos, query.shape[2], key.shape[2], window, torch.float32)
-            rows = attention_rows(q_sel, key, mask_rows, scaling, softcap)
-            cap.rows[layer] = rows.to(self.rows_dtype or query.dtype)
+    query: [batch, n_heads, q_len, head_dim] (post-RoPE); key, value: [batch, n_kv, kv_len, head_dim]
+    (the whole cache: queries sit at the end of the kv sequence); output: [batch, q_len, n_heads,
+    head_dim], the attention output before o_proj (z). scaling: q.k multiplier of the softmax.
+    """
 
-    def record_write(self, layer: int, attn_module: nn.Module, z: Tensor) -> None:
-        """z: input of o_proj, [batch, seq, n_heads * head_dim]."""
-        qpos = self.capture.query_positions
-        b, _, hd = z.shape
-        idx = qpos[:, :, None].expand(-1, -1, hd)
-        z_sel = torch.gather(z, 1, idx).view(b, qpos.shape[1], -1, attn_module.head_dim)  # [b, nq, H, d]
-        if "z" in self.what:
-            self.capture.z[layer] = z_sel
-        if "writes" not in self.what:
-            return
-        w_o = head_out_proj(attn_module).to(z.dtype)  # [H, d, D]
-        self.capture.writes[layer] = torch.einsum("bqhd,hdm->bqhm", z_sel, w_o)  # [b, nq, H, D]
+    layer: int
+    module: nn.Module
+    query: Tensor
+    key: Tensor
+    value: Tensor
+    attention_mask: Tensor | None
+    scaling: float
+    kwargs: dict
+    output: Tensor
+
+    def rows(self, qpos: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Softmax rows A^h_q at query indices `qpos` [batch, n] of this call -> [batch, n_heads, n, kv_len]
+        (recomputed in float32 with the layer's own mask, sliding window and soft-capping)."""
+        window = self.kwargs.get("sliding_window", getattr(self.module, "sliding_window", None))
+        mask_rows = _row_mask(self.attention_mask, qpos, self.query.shape[2], self.key.shape[2], window,
+                              torch.float32)
+        rows = attention_rows(_gather_heads(self.query, qpos), self.key, mask_rows, self.scaling,
+                              self.kwargs.get("softcap", None))
+        return rows.to(dtype)
+
+    def last_rows(self) -> Tensor:
+        """Rows of the call's last query (the one that predicts the next token): [batch, n_heads, kv_len]."""
+        b, q_len = self.query.shape[0], self.query.shape[2]
+        qpos = torch.full((b, 1), q_len - 1, dtype=torch.long, device=self.query.device)
+        return self.rows(qpos)[:, :, 0]
 
 
-_HOOK_ATTR = "_mechdistill_capture"
+AttentionHook = Callable[[AttentionCall], "Tensor | None"]
+"""Called after the original attention function; may return a replacement for `call.output`."""
+
+_HOOKS_ATTR = "_mechdistill_hooks"
 
 
 def _delegate(base_impl: str, module: nn.Module):
@@ -267,12 +256,18 @@ def _delegate(base_impl: str, module: nn.Module):
 def _make_attention_fn(base_impl: str):
     def mechdistill_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                               attention_mask: Tensor | None, *args: Any, **kwargs: Any):
-        hook = getattr(module, _HOOK_ATTR, None)
-        if hook is not None:
-            recorder, layer = hook
-            scaling = kwargs.get("scaling", args[1] if len(args) > 1 else None)
-            recorder.record_attention(layer, module, query, key, value, attention_mask, scaling, kwargs)
-        return _delegate(base_impl, module)(module, query, key, value, attention_mask, *args, **kwargs)
+        result = _delegate(base_impl, module)(module, query, key, value, attention_mask, *args, **kwargs)
+        hooks = getattr(module, _HOOKS_ATTR, None)
+        if not hooks:
+            return result
+        scaling = kwargs.get("scaling", args[1] if len(args) > 1 else None)
+        scaling = module.head_dim ** -0.5 if scaling is None else float(scaling)
+        call = AttentionCall(module.layer_idx, module, query, key, value, attention_mask, scaling, kwargs, result[0])
+        for hook in list(hooks):
+            replaced = hook(call)
+            if replaced is not None:
+                call.output = replaced
+        return (call.output, *result[1:])
 
     mechdistill_attention.__name__ = f"mechdistill_attention_{base_impl}"
     return mechdistill_attention
@@ -304,6 +299,80 @@ def _set_impl(model: nn.Module, impl: str) -> None:
 
 
 @contextlib.contextmanager
+def attention_hooks(model: nn.Module, hooks: dict[int, AttentionHook | Sequence[AttentionHook]]) -> Iterator[None]:
+    """Context manager: run `hooks[layer]` after every attention call of that layer.
+
+    The attention implementation is switched to the registered `mechdistill_<base>` wrapper for
+    the duration (only by the outermost context: contexts nest, e.g. a head capture inside a
+    patched run) and restored on exit, hooks removed, even on error.
+    """
+    mods = attention_modules(model)
+    base_impl = model.config._attn_implementation
+    if base_impl is None:
+        raise RuntimeError("attention_hooks: the model has no attention implementation set")
+    outermost = not base_impl.startswith(_PREFIX)
+    added: list[tuple[nn.Module, AttentionHook]] = []
+    try:
+        for layer, layer_hooks in hooks.items():
+            if not 0 <= layer < len(mods):
+                raise ValueError(f"layer {layer} out of range for {len(mods)} layers")
+            for hook in [layer_hooks] if callable(layer_hooks) else layer_hooks:
+                mods[layer].__dict__.setdefault(_HOOKS_ATTR, []).append(hook)
+                added.append((mods[layer], hook))
+        if outermost:
+            _set_impl(model, _ensure_registered(base_impl))
+        yield
+    finally:
+        if outermost:
+            _set_impl(model, base_impl)
+        for module, hook in added:
+            module.__dict__[_HOOKS_ATTR].remove(hook)
+            if not module.__dict__[_HOOKS_ATTR]:
+                del module.__dict__[_HOOKS_ATTR]
+
+
+class _Recorder:
+    def __init__(self, capture: HeadCapture, what: set[str], rows_dtype: torch.dtype | None):
+        self.capture = capture
+        self.what = what
+        self.rows_dtype = rows_dtype
+
+    def record_attention(self, call: AttentionCall) -> None:
+        cap, layer, module = self.capture, call.layer, call.module
+        query, key, value = call.query, call.key, call.value
+        qpos, kpos = cap.query_positions, cap.key_positions
+        n_rep = query.shape[1] // key.shape[1]
+        cap.scaling[layer] = call.scaling
+        if "qk" in self.what:
+            cap.queries[layer] = _gather_heads(query, qpos)  # [b, H, nq, d]
+        if kpos is not None and ("qk" in self.what or "values" in self.what or "value_writes" in self.what):
+            if "qk" in self.what:
+                cap.keys[layer] = _repeat_heads(_gather_heads(key, kpos), n_rep)  # [b, H, nk, d]
+            if "values" in self.what or "value_writes" in self.what:
+                v = _repeat_heads(_gather_heads(value, kpos), n_rep)  # [b, H, nk, d]
+                if "values" in self.what:
+                    cap.values[layer] = v
+                if "value_writes" in self.what:
+                    w_o = head_out_proj(module).to(v.dtype)  # [H, d, D]
+                    cap.value_writes[layer] = torch.einsum("bhkd,hdm->bhkm", v, w_o)
+        if "rows" in self.what:
+            cap.rows[layer] = call.rows(qpos).to(self.rows_dtype or query.dtype)
+
+    def record_write(self, layer: int, attn_module: nn.Module, z: Tensor) -> None:
+        """z: input of o_proj, [batch, seq, n_heads * head_dim]."""
+        qpos = self.capture.query_positions
+        b, _, hd = z.shape
+        idx = qpos[:, :, None].expand(-1, -1, hd)
+        z_sel = torch.gather(z, 1, idx).view(b, qpos.shape[1], -1, attn_module.head_dim)  # [b, nq, H, d]
+        if "z" in self.what:
+            self.capture.z[layer] = z_sel
+        if "writes" not in self.what:
+            return
+        w_o = head_out_proj(attn_module).to(z.dtype)  # [H, d, D]
+        self.capture.writes[layer] = torch.einsum("bqhd,hdm->bqhm", z_sel, w_o)  # [b, nq, H, D]
+
+
+@contextlib.contextmanager
 def head_capture(model: nn.Module, query_positions: Tensor, key_positions: Tensor | None = None,
                  layers: Iterable[int] | None = None, what: Iterable[str] = ("rows", "qk", "values", "writes"),
                  rows_dtype: torch.dtype | None = torch.float32) -> Iterator[HeadCapture]:
@@ -313,6 +382,8 @@ def head_capture(model: nn.Module, query_positions: Tensor, key_positions: Tenso
     key_positions: LongTensor [batch, n_key] or None (then no keys/values are captured).
     layers: layer indices to capture (default: all). what: subset of ALL_WHAT.
     rows_dtype: dtype of the stored rows (None: the model's dtype). Rows are computed in float32.
+    Inside a pattern-patched run, rows are the ones the model's own q.k give (the natural pattern);
+    z and writes are what the heads actually wrote (after patching).
     On exit the attention implementation and hooks are restored, even on error.
     """
     what = set(what)
@@ -326,29 +397,96 @@ def head_capture(model: nn.Module, query_positions: Tensor, key_positions: Tenso
     n_heads, n_kv = _n_heads(mods[0])
     capture = HeadCapture(query_positions=query_positions, key_positions=key_positions,
                           n_heads=n_heads, n_kv_heads=n_kv)
-    base_impl = model.config._attn_implementation
-    if base_impl is None or base_impl.startswith(_PREFIX):
-        raise RuntimeError(f"head_capture: model attention implementation is {base_impl!r} (nested capture?)")
-    recorder = _Recorder(capture, layer_set, what, base_impl, rows_dtype)
+    recorder = _Recorder(capture, what, rows_dtype)
     handles = []
     try:
-        for i, m in enumerate(mods):
-            if i not in layer_set:
-                continue
-            setattr(m, _HOOK_ATTR, (recorder, i))
-            if "writes" in what or "z" in what:
-                def pre_hook(mod, args, _attn=m, _i=i):
+        if "writes" in what or "z" in what:
+            for i in sorted(layer_set):
+                def pre_hook(mod, args, _attn=mods[i], _i=i):
                     recorder.record_write(_i, _attn, args[0])
-                handles.append(m.o_proj.register_forward_pre_hook(pre_hook))
-        _set_impl(model, _ensure_registered(base_impl))
-        yield capture
+                handles.append(mods[i].o_proj.register_forward_pre_hook(pre_hook))
+        with attention_hooks(model, {i: recorder.record_attention for i in layer_set}):
+            yield capture
     finally:
-        _set_impl(model, base_impl)
         for h in handles:
             h.remove()
-        for m in mods:
-            if hasattr(m, _HOOK_ATTR):
-                delattr(m, _HOOK_ATTR)
+
+
+# ---------------------------------------------------------------------------------------------
+# Step-by-step pattern recording and patching (activation patching, Figs 5 and 8)
+
+
+class PatternTape:
+    """Attention rows of chosen heads at the last query of every forward call, step by step.
+
+    In cached greedy generation the first call (prefill) predicts generated token 1 from the last
+    prompt position and call t predicts token t+1, so `rows[layer][t]` is the pattern that produced
+    token t+1: [batch, n_heads, kv_len] (float32; heads not in `heads[layer]` are zero). kv_len grows
+    by one per step. Use `hooks()` with `attention_hooks`.
+    """
+
+    def __init__(self, heads: dict[int, Sequence[int]]):
+        self.heads = {int(layer): sorted(int(h) for h in hs) for layer, hs in heads.items() if len(hs)}
+        self.rows: dict[int, list[Tensor]] = {layer: [] for layer in self.heads}
+
+    def record(self, call: AttentionCall) -> None:
+        rows = call.last_rows()  # [b, H, kv]
+        keep = torch.zeros(rows.shape[1], dtype=torch.bool, device=rows.device)
+        keep[self.heads[call.layer]] = True
+        self.rows[call.layer].append(torch.where(keep[None, :, None], rows, 0.0).detach())
+
+    def hooks(self) -> dict[int, AttentionHook]:
+        return {layer: self.record for layer in self.heads}
+
+    @property
+    def n_steps(self) -> int:
+        return min((len(r) for r in self.rows.values()), default=0)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for steps in self.rows.values() for t in steps)
+
+
+class PatternPatch:
+    """Replace the attention pattern of chosen heads by a recorded one, at the last query of each call.
+
+    For batch row b and head h with `head_mask[layer][b, h]` True, step t:
+        z^h = A_src^h(t) V^{g(h)}       # A_src from `source` (its row 0), V: this run's values
+    replaces the head's attention output; every other head is computed normally. The source's key
+    length at step t must equal this run's (same prompt length, same number of steps), which is
+    why corrupted prompts are token-aligned with the clean ones. Steps are counted per layer from
+    the first call; `source` must hold every patched head.
+    """
+
+    def __init__(self, source: PatternTape, head_mask: dict[int, Tensor]):
+        for layer, mask in head_mask.items():
+            recorded = set(source.heads.get(layer, []))
+            wanted = set(torch.nonzero(mask.any(0)).flatten().tolist())
+            if not wanted <= recorded:
+                raise ValueError(f"layer {layer}: heads {sorted(wanted - recorded)} are not in the source tape")
+        self.source = source
+        self.head_mask = {layer: m for layer, m in head_mask.items() if bool(m.any())}  # [batch, H] bool
+        self.step = dict.fromkeys(self.head_mask, 0)
+
+    def patch(self, call: AttentionCall) -> Tensor:
+        layer = call.layer
+        t = self.step[layer]
+        if t >= len(self.source.rows[layer]):
+            raise RuntimeError(f"layer {layer}: patched run is longer than the source ({t} steps recorded)")
+        self.step[layer] = t + 1
+        src = self.source.rows[layer][t][:1]  # [1, H, kv]
+        if src.shape[-1] != call.key.shape[2]:
+            raise RuntimeError(f"layer {layer}, step {t}: source key length {src.shape[-1]} != run's "
+                               f"{call.key.shape[2]} (prompts not token-aligned?)")
+        n_rep = call.query.shape[1] // call.key.shape[1]
+        value = _repeat_heads(call.value, n_rep).float()  # [b, H, kv, d]
+        z = torch.einsum("xhk,bhkd->bhd", src.to(value.device), value)  # [b, H, d]
+        out = call.output.clone()  # [b, q, H, d]
+        mask = self.head_mask[layer].to(out.device)[:, :, None]  # [b, H, 1]
+        out[:, -1] = torch.where(mask, z.to(out.dtype), out[:, -1])
+        return out
+
+    def hooks(self) -> dict[int, AttentionHook]:
+        return {layer: self.patch for layer in self.head_mask}
 
 
 def capture_heads(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None, *,

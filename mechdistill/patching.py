@@ -194,15 +194,25 @@ def align_token_length(clean: str, corrupt: str, tokenizer, fillers: Sequence[st
     return corrupt + padding, f"aligned by appending {padding.strip()!r}"
 
 
+def occurrences_in(text: str, terms: Iterable[str], region: tuple[int, int] | None = None) -> list[tuple[int, int]]:
+    """`find_occurrences` limited to text[region[0]:region[1]] (e.g. the document inside a prompt);
+    spans index `text`."""
+    if region is None:
+        return find_occurrences(text, terms)
+    start, end = region
+    return [(a + start, b + start) for a, b in find_occurrences(text[start:end], terms)]
+
+
 def phase1_corruption(text: str, terms: Sequence[str], neutral_terms: Sequence[str] = NEUTRAL_TERMS,
-                      tokenizer=None, pad: bool = True) -> Corruption:
+                      tokenizer=None, pad: bool = True, region: tuple[int, int] | None = None) -> Corruption:
     """Phase-1 corruption: replace every occurrence of the semantically loaded `terms` (anchor
     surface forms, terms a Phase-1 head peaks on; case-insensitive, whole words) with a neutral term
     keeping the document's token count in `tokenizer` (padding with neutral filler words if needed).
+    `region` limits replacements to text[start:end] (the document inside a rendered prompt).
     """
     if tokenizer is None:
         raise ValueError("phase1_corruption needs the tokenizer of the model to be patched")
-    return replace_aligned(text, find_occurrences(text, terms), lambda old: list(neutral_terms),
+    return replace_aligned(text, occurrences_in(text, terms, region), lambda old: list(neutral_terms),
                            tokenizer, fillers=neutral_terms, pad=pad)
 
 
@@ -248,20 +258,40 @@ def icd_sibling_swaps(gold_code: str, sibling_code: str) -> dict[str, str]:
     return swaps
 
 
+def swap_corruption(text: str, swaps: dict[str, str], tokenizer, fillers: Sequence[str] = NEUTRAL_TERMS,
+                    pad: bool = True, region: tuple[int, int] | None = None) -> Corruption:
+    """Replace every occurrence of each key of `swaps` (case-insensitive, whole words) by its value,
+    keeping the token count (padding with `fillers` when needed); `region` as in phase1_corruption."""
+    by_key = {" ".join(old.lower().split()): new for old, new in swaps.items()}
+    return replace_aligned(text, occurrences_in(text, swaps, region),
+                           lambda old: [by_key[" ".join(old.lower().split())]],
+                           tokenizer, fillers=fillers, pad=pad)
+
+
 def phase2_corruption(text: str, gold_code: str, sibling_code: str, tokenizer,
                       swaps: dict[str, str] | None = None, fillers: Sequence[str] = NEUTRAL_TERMS,
-                      pad: bool = True) -> Corruption:
-    """Phase-2 corruption: steer the document toward the near-miss `sibling_code`.
+                      pad: bool = True, region: tuple[int, int] | None = None) -> Corruption:
+    """Phase-2 corruption (ICD-10-CM): steer the document toward the near-miss `sibling_code`.
 
     Occurrences of the words that distinguish the gold code's description / inclusion terms from the
     sibling's are swapped for the sibling's words ("Chronic" -> "Acute"), together with the explicit
     `swaps` ({"EF 35%": "EF 55%"}, which win over derived ones). Token count kept as in Phase 1.
     """
-    all_swaps = {**icd_sibling_swaps(gold_code, sibling_code), **(swaps or {})}
-    by_key = {" ".join(old.lower().split()): new for old, new in all_swaps.items()}
-    return replace_aligned(text, find_occurrences(text, all_swaps),
-                           lambda old: [by_key[" ".join(old.lower().split())]],
-                           tokenizer, fillers=fillers, pad=pad)
+    return swap_corruption(text, {**icd_sibling_swaps(gold_code, sibling_code), **(swaps or {})}, tokenizer,
+                           fillers=fillers, pad=pad, region=region)
+
+
+def near_miss_swaps(gold: str, near_miss: str, title: dict[str, str]) -> dict[str, str]:
+    """Swaps steering a document from `gold` toward `near_miss`: ICD-10-CM descriptions and
+    inclusion terms when both are ICD-10-CM codes, otherwise the diff of their titles."""
+    try:
+        import simple_icd_10_cm as icd
+
+        if icd.is_valid_item(gold) and icd.is_valid_item(near_miss):
+            return icd_sibling_swaps(gold, near_miss)
+    except ImportError:  # pragma: no cover - a declared dependency
+        pass
+    return distinguishing_swaps(title.get(gold, ""), title.get(near_miss, ""))
 
 
 # ---------------------------------------------------------------- effect formulas
