@@ -1,0 +1,1 @@
+"""Mechanistic distillation: head pools, loss terms and the trainer."""
