@@ -1,0 +1,263 @@
+"""The generic distillation trainer on a tiny random-init LLaMA (CPU, a few seconds)."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+from mechdistill.distill.trainer import (
+    BatchStream,
+    TrainConfig,
+    lr_factor,
+    recover_dir,
+    resolve_precision,
+    train,
+    zero3_config,
+)
+
+VOCAB = 64
+SEQ_LEN = 12
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: one thread is faster and steadier than several on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_llama(seed: int = 0, tied: bool = False) -> transformers.LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    return transformers.LlamaForCausalLM(config)
+
+
+def token_data(n_seqs: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n_seqs, SEQ_LEN), generator=torch.Generator().manual_seed(seed))
+
+
+def shuffled_batches(data: torch.Tensor, batch_size: int, seed: int = 0):
+    """A train_batches factory: the same data, reshuffled deterministically per epoch."""
+
+    def train_batches(epoch: int):
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed + epoch))
+        for start in range(0, len(data), batch_size):
+            yield {"input_ids": data[order[start:start + batch_size]]}
+
+    return train_batches
+
+
+def ce_terms(model, batch) -> dict[str, torch.Tensor]:
+    ids = batch["input_ids"]
+    logits = model(input_ids=ids).logits
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+    z_loss = logits.pow(2).mean()
+    return {"loss": ce + 1e-3 * z_loss, "ce": ce, "z_loss": z_loss}
+
+
+def noisy_ce_terms(model, batch) -> dict[str, torch.Tensor]:
+    """CE with dropout on the logits: uses the global torch RNG, so resume must restore it."""
+    ids = batch["input_ids"]
+    logits = F.dropout(model(input_ids=ids).logits, p=0.1, training=model.training)
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+    return {"loss": ce, "ce": ce}
+
+
+def config(**overrides) -> TrainConfig:
+    defaults = dict(lr=1e-2, max_steps=4, warmup_steps=1, device="cpu", precision="auto",
+                    log_every=1, seed=0)
+    return TrainConfig(**{**defaults, **overrides})
+
+
+def test_lr_factor_follows_the_documented_formula():
+    assert lr_factor(0, 2, 10) == pytest.approx(0.5)
+    assert lr_factor(1, 2, 10) == pytest.approx(1.0)
+    assert lr_factor(2, 2, 10) == pytest.approx(1.0)
+    assert lr_factor(6, 2, 10) == pytest.approx(0.5)  # halfway through the decay
+    assert lr_factor(4, 2, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.25)))  # p = 2/8
+    assert lr_factor(10, 2, 10) == pytest.approx(0.0)
+    assert lr_factor(10, 2, 10, min_lr_ratio=0.1) == pytest.approx(0.1)
+    assert lr_factor(6, 2, 10, min_lr_ratio=0.1) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(0, 0, 10) == pytest.approx(1.0)
+    assert TrainConfig(max_steps=100, warmup_ratio=0.1).resolved_warmup_steps == 10
+
+
+def test_loss_decreases_and_logged_lr_matches_the_schedule(tmp_path):
+    cfg = config(max_steps=20, warmup_steps=3, lr=1e-2)
+    result = train(tiny_llama(), ce_terms, shuffled_batches(token_data(4), 2), cfg, tmp_path / "model")
+    log = result.log[result.log["split"] == "train"]
+    assert list(log["step"]) == list(range(1, 21))
+    expected_lr = [cfg.lr * lr_factor(s - 1, 3, 20) for s in log["step"]]
+    assert log["lr"].tolist() == pytest.approx(expected_lr)
+    assert log["loss"].iloc[-3:].mean() < 0.8 * log["loss"].iloc[:3].mean()
+    assert (log["grad_norm"] > 0).all()
+
+
+def test_resume_after_a_kill_is_bit_for_bit(tmp_path):
+    data, val = token_data(6, seed=1), [{"input_ids": token_data(2, seed=2)}]
+    cfg = config(grad_accum_steps=2, checkpoint_every=2, eval_every=2)
+    batches = shuffled_batches(data, 2)  # 3 micro-batches per epoch: steps cross epochs
+
+    full_model = tiny_llama()
+    full = train(full_model, noisy_ce_terms, batches, cfg, tmp_path / "full" / "model", val_batches=val)
+
+    def kill_at_step_3(row):
+        if row["step"] == 3:
+            raise KeyboardInterrupt("simulated kill")
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_llama(), noisy_ce_terms, batches, cfg, tmp_path / "killed" / "model",
+              val_batches=val, on_step=kill_at_step_3)
+    assert not (tmp_path / "killed" / "model").exists()
+    resumed_model = tiny_llama(seed=123)  # a fresh process would build it anew; weights come from ckpt
+    resumed = train(resumed_model, noisy_ce_terms, batches, cfg, tmp_path / "killed" / "model",
+                    val_batches=val)
+
+    for (name, a), (_, b) in zip(full_model.state_dict().items(), resumed_model.state_dict().items()):
+        assert torch.equal(a, b), name
+    columns = ["split", "step", "epoch", "lr", "grad_norm", "loss", "ce"]
+    pd.testing.assert_frame_equal(full.log[columns], resumed.log[columns])
+    on_disk = pd.read_parquet(tmp_path / "killed" / "train_log.parquet")
+    pd.testing.assert_frame_equal(on_disk[columns], full.log[columns])
+
+
+def test_graceful_stop_then_resume_gives_the_same_weights_and_a_clean_log(tmp_path):
+    batches, cfg = shuffled_batches(token_data(4), 2), config(checkpoint_every=0)
+    reference = tiny_llama()
+    train(reference, noisy_ce_terms, batches, cfg, tmp_path / "ref" / "model")
+
+    first = train(tiny_llama(), noisy_ce_terms, batches, cfg, tmp_path / "run" / "model", stop_after=2)
+    assert first.stopped_early and first.steps == 2 and first.out_dir is None
+    assert pd.read_parquet(tmp_path / "run" / "train_log.parquet")["step"].tolist() == [1, 2]
+    model = tiny_llama()
+    second = train(model, noisy_ce_terms, batches, cfg, tmp_path / "run" / "model")
+
+    assert all(torch.equal(a, b) for a, b in zip(reference.parameters(), model.parameters()))
+    log = pd.read_parquet(tmp_path / "run" / "train_log.parquet")
+    assert {"split", "step", "epoch", "lr", "grad_norm", "elapsed_s", "loss", "ce"} <= set(log.columns)
+    assert log["step"].tolist() == [1, 2, 3, 4] and log["step"].is_unique
+    assert second.log["step"].tolist() == [1, 2, 3, 4]
+
+
+def test_resume_with_tied_embeddings(tmp_path):
+    batches, cfg = shuffled_batches(token_data(4), 2), config(max_steps=2)
+    reference = tiny_llama(tied=True)
+    train(reference, ce_terms, batches, cfg, tmp_path / "ref" / "model")
+    train(tiny_llama(tied=True), ce_terms, batches, cfg, tmp_path / "run" / "model", stop_after=1)
+    model = tiny_llama(tied=True)
+    train(model, ce_terms, batches, cfg, tmp_path / "run" / "model")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert all(torch.equal(a, b) for a, b in zip(reference.parameters(), model.parameters()))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    assert torch.equal(reloaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_two_micro_batches_of_one_equal_one_batch_of_two(tmp_path):
+    data = token_data(2)
+    cfg = dict(max_steps=1, warmup_steps=0, max_grad_norm=None, weight_decay=0.1)
+    whole, split = tiny_llama(), tiny_llama()
+    before = [p.detach().clone() for p in whole.parameters()]
+    train(whole, ce_terms, lambda epoch: [{"input_ids": data}], config(**cfg), tmp_path / "a" / "model")
+    train(split, ce_terms, lambda epoch: [{"input_ids": data[:1]}, {"input_ids": data[1:]}],
+          config(grad_accum_steps=2, **cfg), tmp_path / "b" / "model")
+    for start, a, b in zip(before, whole.parameters(), split.parameters()):
+        assert not torch.equal(a, start)
+        torch.testing.assert_close(a - start, b - start, atol=1e-4 * cfg.get("lr", 1e-2), rtol=0)
+
+
+def test_saved_model_reloads_with_from_pretrained(tmp_path):
+    model = tiny_llama()
+    train(model, ce_terms, shuffled_batches(token_data(4), 2), config(max_steps=2), tmp_path / "model")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    ids = token_data(2, seed=5)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+    assert not (tmp_path / ".model.tmp").exists()
+
+
+def test_frozen_teacher_inside_loss_fn_gets_no_gradient(tmp_path):
+    teacher = tiny_llama(seed=7).requires_grad_(False)
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+
+    def distill_terms(model, batch):
+        ids = batch["input_ids"]
+        student_logp = model(input_ids=ids).logits.log_softmax(-1)
+        teacher_logp = teacher(input_ids=ids).logits.log_softmax(-1)
+        kl = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="batchmean")
+        return {"loss": kl, "kl": kl}
+
+    student = tiny_llama()
+    student.model.embed_tokens.requires_grad_(False)  # a frozen part of the student, too
+    embed_before = student.model.embed_tokens.weight.clone()
+    result = train(student, distill_terms, shuffled_batches(token_data(4), 2), config(max_steps=3),
+                   tmp_path / "model")
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(torch.equal(v, teacher_before[k]) for k, v in teacher.state_dict().items())
+    assert torch.equal(student.model.embed_tokens.weight, embed_before)
+    assert student.model.embed_tokens.weight.grad is None
+    assert "kl" in result.log.columns
+
+
+def test_loss_fn_without_loss_key_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="key 'loss'"):
+        train(tiny_llama(), lambda model, batch: {"ce": ce_terms(model, batch)["ce"]},
+              shuffled_batches(token_data(2), 2), config(), tmp_path / "model")
+
+
+def test_batch_stream_skips_consumed_batches_and_cycles_epochs():
+    factory = lambda epoch: [(epoch, i) for i in range(3)]  # noqa: E731
+    assert [next(BatchStream(factory, 0, 2)) for _ in range(1)] == [(0, 2)]
+    stream = BatchStream(factory, 1, 3)  # a checkpoint taken right at the end of epoch 1
+    assert [next(stream) for _ in range(4)] == [(2, 0), (2, 1), (2, 2), (3, 0)]
+    assert (stream.epoch, stream.index) == (3, 1)
+    with pytest.raises(ValueError, match="no batches"):
+        next(BatchStream(lambda epoch: [], 0, 0))
+
+
+def test_precision_on_cpu():
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == (None, False)
+    assert resolve_precision("fp32", cpu) == (None, False)
+    assert resolve_precision("bf16", cpu) == (torch.bfloat16, False)
+    with pytest.raises(ValueError, match="CUDA"):
+        resolve_precision("fp16", cpu)
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(precision="int8")
+
+
+def test_recover_dir_restores_a_checkpoint_renamed_aside(tmp_path):
+    (tmp_path / "ckpt.old").mkdir()
+    (tmp_path / "ckpt.old" / "x").write_text("1")
+    recover_dir(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "x").read_text() == "1" and not (tmp_path / "ckpt.old").exists()
+
+
+def test_zero3_config_has_the_standard_keys():
+    ds = zero3_config(TrainConfig(grad_accum_steps=4, micro_batch_size=2, max_grad_norm=0.5, precision="bf16"))
+    assert ds["train_micro_batch_size_per_gpu"] == 2
+    assert ds["gradient_accumulation_steps"] == 4
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False}
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == 3
+    assert zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "none"
+    assert zero["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+def test_deepspeed_without_the_package_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # import fails even where it is installed
+    cfg = config()
+    with pytest.raises(ImportError, match="DeepSpeed is not installed"):
+        train(tiny_llama(), ce_terms, shuffled_batches(token_data(2), 2), cfg, tmp_path / "model",
+              deepspeed_config=zero3_config(cfg))
