@@ -118,3 +118,79 @@ def figure7(refine: pd.DataFrame, out_png: str | os.PathLike, title: str, top_k:
     axes[1].legend(fontsize=7)
     fig.suptitle(title)
     save_figure(fig, out_png)
+
+
+PATCHING_SETS = {"top": ("top-ranked heads", "C0"), "random": ("random heads (count-matched)", "C7"),
+                 "lowest": ("lowest-ranked heads", "C3")}
+
+
+def patching_figure(summary: pd.DataFrame, out_png: str | os.PathLike, title: str, relative: bool = False) -> None:
+    """Figs 5 and 8: patching effect vs cumulative bin (top-k heads) for top / random / lowest heads,
+    denoising (left) and noising (right) panels, bootstrap 95% CI bars.
+
+    summary: patching/{phase}.parquet (direction, head_set, k, metric, effect, ci_low, ci_high, n_docs).
+    relative=False plots restoration / disruption fractions; True the relative change of the metric
+    (Fig. 8 reports Confusion's change in %).
+    """
+    fig = Figure(figsize=(10, 4))
+    axes = fig.subplots(1, 2)
+    panels = {"denoise": ("Denoising (clean patterns -> corrupted run)", "restoration"),
+              "noise": ("Noising (corrupted patterns -> clean run)", "disruption")}
+    for ax, (direction, (panel_title, fraction)) in zip(axes, panels.items()):
+        metric = "relative_change" if relative else fraction
+        data = summary[(summary["direction"] == direction) & (summary["metric"] == metric)]
+        ks = sorted(data["k"].unique())
+        x_of = {k: i for i, k in enumerate(ks)}
+        for j, (kind, (label, color)) in enumerate(PATCHING_SETS.items()):
+            s = data[data["head_set"] == kind].sort_values("k")
+            if s.empty:
+                continue
+            x = [x_of[k] + (j - 1) * 0.08 for k in s["k"]]
+            scale = 100.0 if relative else 1.0
+            err = [(s["effect"] - s["ci_low"]).clip(lower=0) * scale, (s["ci_high"] - s["effect"]).clip(lower=0) * scale]
+            ax.errorbar(x, s["effect"] * scale, yerr=err, color=color, marker="o", capsize=3, label=label)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(ks)), [f"Top {k}" for k in ks])
+        ax.set_xlabel("cumulative bin (k heads patched)")
+        ax.set_ylabel("relative change of the metric (%)" if relative else f"{fraction} fraction")
+        ax.set_title(panel_title, fontsize="medium")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+        else:
+            ax.text(0.5, 0.5, "no aligned clean/corrupted pairs", ha="center", va="center", transform=ax.transAxes)
+    n_docs = int(summary["n_docs"].max()) if len(summary) else 0
+    fig.suptitle(f"{title} (n<={n_docs} documents)")
+    save_figure(fig, out_png)
+
+
+def _ablation_color(method: str) -> str:
+    """Bar colour of an ablation method: ours green, vanilla grey, Phase-1 blue, Phase-2 orange."""
+    if method == "mech":
+        return "C2"
+    if method == "vanilla":
+        return "C7"
+    return "C0" if "phase1" in method else "C1" if "phase2" in method else "C4"
+
+
+def figure9(data: pd.DataFrame, out_png: str | os.PathLike, title: str) -> None:
+    """Fig. 9: LAS per ablation method (vanilla, mech, phase/term ablations) with 95% bootstrap CI.
+
+    data: method, mean, ci_low, ci_high, n (from `evaluate.tables.figure9_data`), in plot order;
+    a method without a CI (NaN) is drawn without an error bar.
+    """
+    fig = Figure(figsize=(max(4.0, 0.9 * len(data) + 1.5), 4), layout="constrained")
+    ax = fig.subplots()
+    if data.empty:
+        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+    else:
+        x = range(len(data))
+        low = (data["mean"] - data["ci_low"]).fillna(0).clip(lower=0)
+        high = (data["ci_high"] - data["mean"]).fillna(0).clip(lower=0)
+        ax.bar(x, data["mean"], yerr=[low, high], capsize=4, color=[_ablation_color(m) for m in data["method"]])
+        ax.set_xticks(x, [f"{m}\n(n={n})" for m, n in zip(data["method"], data["n"])], rotation=30, ha="right",
+                      fontsize=8)
+        ax.axhline(0, color="black", linewidth=0.8)
+    ax.set(ylabel="LAS (teacher faithfulness)", title=title)
+    ax.grid(axis="y", alpha=0.3)
+    save_figure(fig, out_png)
