@@ -36,6 +36,7 @@ NEUTRAL_TERMS: tuple[str, ...] = (
     "finding", "issue", "condition", "matter", "item", "problem", "event", "status", "detail",
     "factor", "aspect", "feature", "note", "point", "topic", "thing", "case", "element", "entry",
     "record", "observation", "situation", "circumstance", "consideration",
+    "findings", "problems", "features", "elements", "conditions", "situations", "observations",
 )
 """Clinically empty words used as replacements and fillers in Phase-1 corruptions."""
 
@@ -397,3 +398,52 @@ def control_head_sets(ranked_heads: Sequence[Head], bins: Sequence[int] = DEFAUL
                 "random": random_head_sets(ranked_heads, k, min(n_random, math.comb(len(ranked_heads), k)),
                                            seed=seed + k)}
             for k, top in cumulative_bins(ranked_heads, bins).items()}
+
+
+# ---------------------------------------------------------------- effects table
+
+EFFECT_BY_DIRECTION = {"denoise": "restoration", "noise": "disruption"}
+
+
+def document_effects(runs, min_gap: float = 0.01):
+    """Per-document effects from patched-run values (pandas DataFrame in, DataFrame out).
+
+    runs: one row per patched run with doc_id, direction (denoise | noise), kind (top | lowest |
+    random), k, seed, value, clean_value, corrupt_value. Random sets are averaged over seeds per
+    document first. Effects per (doc_id, direction, kind, k):
+        denoise: restoration = (M_p - M_corrupt) / (M_clean - M_corrupt), relative_change vs M_corrupt
+        noise:   disruption  = (M_clean - M_p) / (M_clean - M_corrupt), relative_change vs M_clean
+        value:   M_p itself
+    Documents whose corruption moved the metric by less than `min_gap` get NaN restoration /
+    disruption (a ratio of two near-zero numbers is noise), but keep value and relative_change.
+    Returns long format: doc_id, direction, kind, k, metric, effect.
+    """
+    import pandas as pd
+
+    keys = ["doc_id", "direction", "kind", "k"]
+    per_doc = runs.groupby(keys, as_index=False).agg(value=("value", "mean"), clean=("clean_value", "first"),
+                                                     corrupt=("corrupt_value", "first"))
+    gap_ok = (per_doc["clean"] - per_doc["corrupt"]).abs() >= min_gap
+    denoise = per_doc["direction"] == "denoise"
+    fraction = np.where(denoise, restoration(per_doc["value"], per_doc["clean"], per_doc["corrupt"]),
+                        disruption(per_doc["value"], per_doc["clean"], per_doc["corrupt"]))
+    reference = np.where(denoise, per_doc["corrupt"], per_doc["clean"])
+    frames = [per_doc[keys].assign(metric=per_doc["direction"].map(EFFECT_BY_DIRECTION),
+                                   effect=np.where(gap_ok, fraction, np.nan)),
+              per_doc[keys].assign(metric="relative_change", effect=relative_change(per_doc["value"], reference)),
+              per_doc[keys].assign(metric="value", effect=per_doc["value"])]
+    return pd.concat(frames, ignore_index=True)
+
+
+def summarize_effects(effects, n_resamples: int = 1000, seed: int = 0):
+    """Mean effect over documents with a percentile bootstrap 95% CI, per (direction, kind, k, metric)
+    -> DataFrame: direction, head_set, k, metric, effect, ci_low, ci_high, n_docs."""
+    import pandas as pd
+
+    rows = []
+    for (direction, kind, k, metric), group in effects.groupby(["direction", "kind", "k", "metric"], sort=True):
+        mean, low, high = bootstrap_ci(group["effect"], n_resamples=n_resamples, seed=seed)
+        rows.append(dict(direction=direction, head_set=kind, k=int(k), metric=metric, effect=mean,
+                         ci_low=low, ci_high=high, n_docs=int(group["effect"].notna().sum())))
+    return pd.DataFrame(rows, columns=["direction", "head_set", "k", "metric", "effect", "ci_low", "ci_high",
+                                       "n_docs"])

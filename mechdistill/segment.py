@@ -69,6 +69,13 @@ def token_offsets(tokenizer, text: str) -> list[Span]:
     return [(int(s), int(e)) for s, e in enc["offset_mapping"]]
 
 
+def token_units(tokenizer, text: str) -> list[str]:
+    """`text` cut at its token starts: contiguous pieces whose concatenation is `text` (one per
+    token, leading whitespace kept), the units of Focus / Confusion."""
+    starts = [a for a, _ in token_offsets(tokenizer, text)]
+    return [text[a:b] for a, b in zip(starts, starts[1:] + [len(text)])]
+
+
 def char_span_to_tokens(offsets: list[Span], span: Span) -> list[int]:
     """Indices of the tokens that overlap the character span (zero-width tokens never do)."""
     s, e = span

@@ -122,7 +122,7 @@ def run_trajectories(config: dict, model: str, cot_path: str | Path, anchors_pat
     """-> trajectories.parquet (doc_id, phase, t, value) and trajectories_summary.parquet."""
     from .embed import SentenceEmbedder
     from .models import load_tokenizer
-    from .segment import token_offsets
+    from .segment import token_units
     from .trajectories import document_trajectories, needed_texts
 
     tcfg, early_tokens = config["trajectories"], config["anchors"]["early_tokens"]
@@ -134,8 +134,7 @@ def run_trajectories(config: dict, model: str, cot_path: str | Path, anchors_pat
     docs = []
     for row in anchors.itertuples(index=False):
         text = cot.loc[row.doc_id, "cot"] if row.doc_id in cot.index else ""
-        starts = [a for a, _ in token_offsets(tok, text)]
-        units = [text[a:b] for a, b in zip(starts, starts[1:] + [len(text)])]  # contiguous: join == text
+        units = token_units(tok, text)  # contiguous: join == text
         docs.append((row.doc_id, units[:early_tokens], units[early_tokens:], list(row.anchors), row.anchor_text,
                      [space.title[lab] for lab in row.near_misses]))
     # One batched, de-duplicated pass over every text the curves need; the loop then hits the cache.
@@ -206,3 +205,141 @@ def run_head_figures(config: dict, dataset: str, coarse_path: str | Path, refine
     figure4(read_parquet(coarse_path), read_parquet(example_path), figure4_path,
             f"{dataset}, {teacher}: Phase 1 heads", top_k=top_k)
     figure7(read_parquet(refine_path), figure7_path, f"{dataset}, {teacher}: Phase 2 heads", top_k=top_k)
+
+
+def patching_paths(summary_path: str | Path) -> dict[str, Path]:
+    """patching/{phase}.parquet -> its companions {phase}_runs.parquet (every run) and
+    {phase}_pairs.parquet (the clean/corrupted documents, rejected ones with the reason)."""
+    summary = Path(summary_path)
+    return {"summary": summary, "runs": summary.with_name(summary.stem + "_runs.parquet"),
+            "pairs": summary.with_name(summary.stem + "_pairs.parquet")}
+
+
+def run_patching(config: dict, phase: str, docs_path: str | Path, prompts_path: str | Path,
+                 cot_path: str | Path, anchors_path: str | Path, labels_path: str | Path,
+                 head_scores_path: str | Path, summary_path: str | Path) -> None:
+    """Activation patching of the teacher for one phase -> patching/{phase}.parquet (+ _runs, _pairs)."""
+    import json
+    import time
+
+    from tqdm.auto import tqdm
+
+    from .embed import SentenceEmbedder
+    from .models import load_model
+    from .patch_experiment import (
+        anchor_words,
+        confusion_metric,
+        document_region,
+        early_cot_prefix,
+        encode,
+        focus_metric,
+        peak_terms,
+        phase1_pair,
+        phase2_pair,
+        run_document,
+    )
+    from .patch_runs import DocumentRuns, HeadSet
+    from .patching import control_head_sets, document_effects, summarize_effects
+    from .prompts import render_prompt
+    from .segment import token_offsets
+
+    pcfg, teacher = config["patching"], config["teacher"]
+    early_tokens = pcfg.get("early_tokens") or config["anchors"]["early_tokens"]
+    n_steps = early_tokens if phase == "phase1" else pcfg["late_tokens"]
+    started = time.perf_counter()
+    model, tok = load_model(config, teacher, device=pcfg["device"], dtype=pcfg["dtype"])
+    embedder = SentenceEmbedder(config["embedder"])
+    docs = read_parquet(docs_path, "documents").set_index("doc_id")
+    prompts = read_parquet(prompts_path, "prompts").set_index("doc_id")
+    cot = read_parquet(cot_path, "cot").set_index("doc_id")
+    space = LabelSpace(read_parquet(labels_path, "labels"))
+    anchors = read_parquet(anchors_path)
+    if pcfg.get("max_docs"):
+        anchors = anchors.head(pcfg["max_docs"])
+    scores = read_parquet(head_scores_path).dropna(subset=["score"]).sort_values("score", ascending=False, kind="stable")
+    ranked = [(int(r.layer), int(r.head)) for r in scores.itertuples()]
+    paths_out = patching_paths(summary_path)
+    if not ranked:  # e.g. no document has refinement positions: nothing to rank, say so and move on
+        log.warning("%s: no head has a finite score, so there is nothing to patch for %s; writing empty tables "
+                    "(check the head_scores log: the documents may have no early / refinement positions)",
+                    head_scores_path, phase)
+        write_parquet(pd.DataFrame(columns=["doc_id", "phase", "aligned", "reason"]), paths_out["pairs"])
+        write_parquet(pd.DataFrame(columns=["doc_id", "direction", "kind", "k", "seed", "value"]), paths_out["runs"])
+        empty = summarize_effects(pd.DataFrame(columns=["direction", "kind", "k", "metric", "effect"]))
+        write_parquet(empty.assign(phase=phase)[["phase", *empty.columns]], paths_out["summary"])
+        return
+    head_sets = [HeadSet(kind, k, seed, heads)
+                 for k, sets in control_head_sets(ranked, pcfg["bins"], pcfg["n_random"], config["seed"]).items()
+                 for kind, seed, heads in [("top", 0, sets["top"]), ("lowest", 0, sets["lowest"])]
+                 + [("random", i, s) for i, s in enumerate(sets["random"])]]
+    record_heads = sorted({h for s in head_sets for h in s.heads} | set(ranked[:pcfg["peak_heads"]]))
+    rep_penalty = config["generation"]["repetition_penalty"]
+    log.info("patching %s %s: %d documents, %d ranked heads, %d head sets per direction (bins %s), %d steps",
+             teacher, phase, len(anchors), len(ranked), len(head_sets), sorted({s.k for s in head_sets}), n_steps)
+    rows, pairs = [], []
+    bar = tqdm(total=len(anchors) * 2 * len(head_sets), desc=f"patching {phase} (document x head set x direction)",
+               unit="run")
+    for row in anchors.itertuples(index=False):
+        doc_id = row.doc_id
+        prompt_text = render_prompt(tok, json.loads(prompts.loc[doc_id, "messages"]))
+        document = docs.loc[doc_id, "text"]
+        runs = DocumentRuns(model, n_steps, record_heads, rep_penalty)
+        if phase == "phase1":
+            runs.reference("clean", encode(tok, prompt_text))
+            region = document_region(prompt_text, document)
+            peaks = (peak_terms(runs, ranked[:pcfg["peak_heads"]], prompt_text, token_offsets(tok, prompt_text),
+                                region, pcfg["peak_terms"]) if region else [])
+            pair = phase1_pair(doc_id, prompt_text, document, anchor_words(list(row.anchors)) + peaks, tok,
+                               pad=pcfg["pad"])
+            metric = focus_metric(tok, embedder, list(row.anchors))
+        else:
+            near_titles = [space.title[n] for n in row.near_misses]
+            pair = phase2_pair(doc_id, prompt_text, document, early_cot_prefix(tok, cot.loc[doc_id, "cot"], early_tokens),
+                               list(docs.loc[doc_id, "labels"]), list(row.near_misses), space.title, tok,
+                               value_swaps=pcfg["value_swaps"], pad=pcfg["pad"])
+            if pair.aligned and not near_titles:
+                pair.aligned, pair.reason = False, "no near-misses (Confusion undefined)"
+            if pair.aligned:
+                runs.reference("clean", pair.clean_ids)
+            metric = confusion_metric(tok, embedder, row.anchor_text, near_titles)
+        if pair.aligned:
+            rows += run_document(runs, pair, head_sets, pcfg["batch_size"], tok, metric, on_batch=bar.update)
+        else:
+            bar.update(2 * len(head_sets))
+        pairs.append(pair.record())
+    bar.close()
+    pairs_df = pd.DataFrame(pairs)
+    runs_df = pd.DataFrame(rows, columns=["doc_id", "direction", "kind", "k", "seed", "value", "clean_value",
+                                          "corrupt_value", "text"])
+    patched = runs_df[runs_df["direction"] != "reference"]
+    summary = (summarize_effects(document_effects(patched, pcfg["min_gap"]), pcfg["n_bootstrap"], config["seed"])
+               if len(patched) else summarize_effects(pd.DataFrame(columns=["direction", "kind", "k", "metric", "effect"])))
+    summary.insert(0, "phase", phase)
+    n_aligned = int(pairs_df["aligned"].sum()) if len(pairs_df) else 0
+    log.info("patching %s: %d/%d pairs aligned; rejected: %s", phase, n_aligned, len(pairs_df),
+             pairs_df.loc[~pairs_df["aligned"], "reason"].str.split(":").str[0].value_counts().to_dict()
+             if len(pairs_df) else {})
+    if not n_aligned:
+        log.warning("patching %s: no aligned clean/corrupted pair; the effects table is empty", phase)
+    else:
+        refs = runs_df[runs_df["direction"] == "reference"].pivot(index="doc_id", columns="kind", values="value")
+        log.info("patching %s: mean metric clean %.4f, corrupted %.4f (over %d documents)", phase,
+                 refs["clean"].mean(), refs["corrupt"].mean(), len(refs))
+        main = summary[summary["metric"].isin(["restoration", "disruption"])]
+        for r in main.itertuples():
+            log.info("  %-7s %-6s k=%-3d %s %.3f [%.3f, %.3f] (n=%d)", r.direction, r.head_set, r.k, r.metric,
+                     r.effect, r.ci_low, r.ci_high, r.n_docs)
+    log.info("patching %s took %.1f s", phase, time.perf_counter() - started)
+    write_parquet(pairs_df, paths_out["pairs"])
+    write_parquet(runs_df, paths_out["runs"])
+    write_parquet(summary, paths_out["summary"])
+
+
+def run_patching_figure(config: dict, dataset: str, phase: str, summary_path: str | Path, out_png: str | Path) -> None:
+    from .plots import patching_figure
+
+    number = {"phase1": 5, "phase2": 8}[phase]
+    what = {"phase1": "Reasoning Focus (CoarseScore heads)", "phase2": "Near-Miss Confusion (RefineScore heads)"}[phase]
+    patching_figure(read_parquet(summary_path), out_png,
+                    f"Figure {number} - {dataset}, {config['teacher']}: patching {what}",
+                    relative=phase == "phase2")
