@@ -75,6 +75,22 @@ class HeadCapture:
     z: dict[int, Tensor] = field(default_factory=dict)
     scaling: dict[int, float] = field(default_factory=dict)
 
+    def select_queries(self, index: Sequence[int] | Tensor) -> HeadCapture:
+        """The capture restricted to some of its queries (positions into the n_query axis), so one
+        forward can serve several query sets (e.g. Phase-1 early queries and Phase-2 refinement
+        positions); keys, values and value writes are shared."""
+        idx = torch.as_tensor(index, dtype=torch.long, device=self.query_positions.device)
+        return HeadCapture(
+            query_positions=self.query_positions[:, idx], key_positions=self.key_positions,
+            n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
+            rows={k: v[:, :, idx] for k, v in self.rows.items()},
+            queries={k: v[:, :, idx] for k, v in self.queries.items()},
+            keys=self.keys, values=self.values,
+            writes={k: v[:, idx] for k, v in self.writes.items()},
+            value_writes=self.value_writes,
+            z={k: v[:, idx] for k, v in self.z.items()},
+            scaling=self.scaling)
+
     def nbytes(self) -> int:
         """Bytes held by all captured tensors."""
         total = 0

@@ -63,7 +63,7 @@ def stage_targets(config: dict) -> dict[str, tuple[tuple[str, ...], list[str]]]:
         "head_scores": (("head_scores",), each(HEAD_SCORES, dataset=datasets, model=[teacher] + students,
                                                 kind=["coarse", "refine"])),
         "patching": (("patching",), each(PATCHING, dataset=datasets, teacher=[teacher], phase=list(PHASES))),
-        "teacher_targets": (("teacher_targets",), each(TARGETS, dataset=datasets, teacher=[teacher], split=["train"])),
+        "teacher_targets": (("teacher_targets",), each(TARGETS, dataset=datasets, teacher=[teacher], split=["train", "val"])),
         "distill": (("distill",), each(STUDENT_MODEL, dataset=datasets, student=students, method=methods)),
         "student_predict": (("student_predict",), each(STUDENT_PRED, dataset=datasets, student=students,
                                                        method=methods, split=["test"])),

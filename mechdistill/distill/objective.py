@@ -1,0 +1,166 @@
+"""Teacher targets and the student's training objective (paper Sec. 3, App. B).
+
+`teacher_targets` runs the teacher once over [prompt; CoT] and keeps what the losses need, as
+flat tensors (saved with safetensors, so training never needs the teacher in memory):
+
+    input_ids [seq], offsets [seq, 2]            the teacher's tokens and their char spans
+    topk_values / topk_indices [n_cot, k]        teacher logits at CoT positions (KL term)
+    p1.rows [n_early, seq], p1.align, p1.kurtosis, p1.mask [n_early]   Phase 1 signals
+    p1.queries [n_early]                         early query positions
+    p2.loopback, p2.helpfulness, p2.mask, p2.span [n_refine]          Phase 2 signals
+
+`student_loss` computes the student's own signals with gradients and compares them with the
+targets (precomputed or computed online by the same function: both give the same loss).
+Same tokenizer: positions correspond one to one. Different tokenizers: the CoT KL becomes the
+cross-tokenizer loss at character-aligned positions (`losses.cross_tokenizer_kl`), Phase 1
+rows are mapped onto the teacher's token spans (`map_rows_to_spans`) at early queries whose
+tokens end on the same character, and Phase 2 values are paired by refinement span.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .losses import (
+    TERMS,
+    aligned_positions,
+    cot_loss,
+    cross_tokenizer_kl,
+    phase1_losses,
+    phase2_losses,
+    topk_targets,
+    total_loss,
+)
+from .methods import Method
+from .pools import HeadPool
+from .signals import Example, forward_signals
+
+P1_KEYS = ("rows", "align", "kurtosis", "mask")
+P2_KEYS = ("loopback", "helpfulness", "mask")
+
+
+@torch.no_grad()
+def teacher_targets(model: nn.Module, ex: Example, pools: dict[str, HeadPool], tau: float, top_k: int,
+                    phases: tuple[str, ...] = ("phase1", "phase2")) -> dict[str, Tensor]:
+    """The teacher's side of every loss for one document (flat dict of CPU tensors)."""
+    logits, signals = forward_signals(model, ex, pools, tau, phases)
+    cot = torch.tensor(list(ex.cot_positions), dtype=torch.long)
+    values, indices = topk_targets(logits[0, cot.to(logits.device)], top_k)  # [n_cot, k]
+    out = {"input_ids": ex.input_ids.cpu(), "offsets": torch.tensor(ex.offsets, dtype=torch.long).reshape(-1, 2),
+           "text": torch.tensor(list(ex.text.encode("utf-8")), dtype=torch.uint8),
+           "topk_values": values.cpu(), "topk_indices": indices.to(torch.int64).cpu()}
+    if "phase1" in signals:
+        out.update({f"p1.{k}": signals["phase1"][k][0].detach().cpu() for k in P1_KEYS})
+        out["p1.queries"] = torch.tensor(ex.early_queries, dtype=torch.long)
+    if "phase2" in signals:
+        out.update({f"p2.{k}": signals["phase2"][k][0].detach().cpu() for k in P2_KEYS})
+        out["p2.span"] = torch.tensor(ex.refine_span, dtype=torch.long)
+    return out
+
+
+def _zeros(group: str, like: Tensor) -> dict[str, Tensor]:
+    return {name: like.new_zeros(()) for name in TERMS[group]}
+
+
+def _pick(sig: Mapping[str, Tensor], idx: Tensor, keys: tuple[str, ...]) -> dict[str, Tensor]:
+    """Signals (batch 1) restricted to positions `idx` of their query axis (dim 1)."""
+    return {k: sig[k].index_select(1, idx.to(sig[k].device)) for k in keys}
+
+
+def _paired(t_values: list[int], s_values: list[int]) -> tuple[Tensor, Tensor]:
+    """Index pairs (i, j) with t_values[i] == s_values[j]."""
+    where = {v: j for j, v in enumerate(s_values)}
+    pairs = [(i, where[v]) for i, v in enumerate(t_values) if v in where]
+    if not pairs:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    ti, si = zip(*pairs)
+    return torch.tensor(ti), torch.tensor(si)
+
+
+def student_loss(model: nn.Module, ex: Example, targets: Mapping[str, Tensor], pools: dict[str, HeadPool],
+                 method: Method, tau: float, temperature: float, weights: Mapping[str, float] | None = None
+                 ) -> dict[str, Tensor]:
+    """Total loss and every term for one document: {"loss", "cot.ce", "cot.kl", "phase1.attn", ...}."""
+    phases = tuple(p for p in ("phase1", "phase2") if method.uses(p))
+    same_tokens = torch.equal(targets["input_ids"].cpu(), ex.input_ids.cpu())
+    student_spans = None if same_tokens else spans_in_teacher_text(ex, targets)  # [seq, 2]
+    p1_spans = None if same_tokens else (student_spans, targets["offsets"])
+    logits, signals = forward_signals(model, ex, pools, tau, phases, p1_spans=p1_spans)  # [1, seq, V]
+    device = logits.device
+    cot = torch.tensor(list(ex.cot_positions), dtype=torch.long, device=device)
+    cot_mask = torch.ones(1, len(cot), dtype=torch.bool, device=device)
+    t_values, t_indices = targets["topk_values"].to(device), targets["topk_indices"].to(device)
+    labels = ex.input_ids.to(device)[cot + 1]
+    if same_tokens:
+        terms: dict[str, dict[str, Tensor]] = {
+            "cot": cot_loss(logits[:, cot], cot_mask, t_values[None], t_indices[None], temperature, labels=labels[None])}
+    else:  # CE on the student's own tokens; the KL term becomes the cross-tokenizer loss
+        ce = F.cross_entropy(logits[0, cot].float(), labels)
+        t_pos, s_pos = aligned_positions(targets["offsets"][_teacher_cot_positions(targets)], student_spans[cot.cpu()])
+        kl = cross_tokenizer_kl(logits[:, cot], t_values[None], s_pos.to(device), t_pos.to(device), temperature)
+        terms = {"cot": {"ce": ce, "kl": kl}}
+    zero = logits.new_zeros(())
+    for phase, prefix, keys, losses_fn in (("phase1", "p1", P1_KEYS, phase1_losses),
+                                           ("phase2", "p2", P2_KEYS, phase2_losses)):
+        if phase not in signals or f"{prefix}.mask" not in targets:
+            terms[phase] = _zeros(phase, zero)  # the document does not define this phase
+            continue
+        t_sig = {k: targets[f"{prefix}.{k}"][None].to(device) for k in keys}
+        s_sig = signals[phase]
+        if not same_tokens:
+            ti, si = _cross_tokenizer_pairs(phase, ex, targets)
+            t_sig, s_sig = _pick(t_sig, ti, keys), _pick(s_sig, si, keys)
+        terms[phase] = losses_fn(t_sig, s_sig) if t_sig["mask"].numel() else _zeros(phase, zero)
+    loss = total_loss(terms, weights, method.switches)
+    flat = {f"{g}.{k}": v.detach() for g, group in terms.items() for k, v in group.items() if k != "loss"}
+    return {"loss": loss, **flat}
+
+
+def spans_in_teacher_text(ex: Example, targets: Mapping[str, Tensor]) -> Tensor:
+    """The student's token char spans moved into the teacher's text: [seq, 2] (zero-width where a token
+    covers characters the teacher's text lacks, e.g. chat-template markup of another model family).
+
+    Texts are aligned character by character (difflib matching blocks over prompt + CoT), so the
+    same document and CoT characters get the same index whatever the two chat templates add.
+    """
+    teacher_text = bytes(targets["text"].tolist()).decode("utf-8")
+    to_teacher = char_map(ex.text, teacher_text)  # [len(student text)] -> teacher index or -1
+    spans = []
+    for a, b in ex.offsets:
+        inside = [to_teacher[i] for i in range(a, b) if to_teacher[i] >= 0]
+        spans.append((min(inside), max(inside) + 1) if inside and len(inside) == b - a else (0, 0))
+    return torch.tensor(spans, dtype=torch.long).reshape(-1, 2)
+
+
+@functools.lru_cache(maxsize=4096)
+def char_map(source: str, target: str) -> tuple[int, ...]:
+    """For each character of `source`, its index in `target` under difflib's matching blocks, or -1."""
+    import difflib
+
+    out = [-1] * len(source)
+    matcher = difflib.SequenceMatcher(a=source, b=target, autojunk=False)
+    for block in matcher.get_matching_blocks():
+        for i in range(block.size):
+            out[block.a + i] = block.b + i
+    return tuple(out)
+
+
+def _teacher_cot_positions(targets: Mapping[str, Tensor]) -> Tensor:
+    """The teacher's CoT positions (cot_start-1 .. seq-2), recovered from its targets."""
+    seq, n_cot = len(targets["input_ids"]), len(targets["topk_values"])
+    return torch.arange(seq - 1 - n_cot, seq - 1)
+
+
+def _cross_tokenizer_pairs(phase: str, ex: Example, targets: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """Which teacher and student positions compare when tokenizers differ: Phase 1 early queries
+    whose tokens end on the same character; Phase 2 refinement positions of the same span."""
+    if phase == "phase2":
+        return _paired(targets["p2.span"].tolist(), ex.refine_span)
+    t_ends = [int(targets["offsets"][q][1]) for q in targets["p1.queries"].tolist()]
+    s_spans = spans_in_teacher_text(ex, targets)
+    return _paired(t_ends, [int(s_spans[q][1]) if s_spans[q][1] > 0 else -1 for q in ex.early_queries])

@@ -1,0 +1,136 @@
+"""Phase signals of one model on one teacher-forced document: what the distillation losses compare.
+
+One forward of [prompt; CoT] gives, at once (`forward_signals`):
+
+    logits                                   [1, seq, vocab]        CoT loss
+    phase1: rows, align, kurtosis, mask      at the early queries   (losses.phase1_signals)
+    phase2: loopback, helpfulness, mask      at refinement positions (losses.phase2_signals)
+
+The capture covers only the pooled heads' layers and the few query positions the losses need
+(heads.capture_heads); the margin gradient of Phase 2 comes from the residual entering the
+final norm in the same forward. The teacher runs it under no_grad (teacher_targets, or the
+online mode), the student with gradients; evaluation (Sharpness, AnchorAlign, LoopBack,
+Helpfulness) reuses it. Batch size 1: one document per call.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..characterize import final_residual
+from ..heads import capture_heads
+from ..prompts import render_prompt
+from ..scores import anchor_centroid
+from ..segment import char_span_to_tokens, shift_spans, token_offsets
+from ..teacher_forcing import forced_sequence, label_first_tokens
+from .losses import phase1_signals, phase2_signals, refine_margin_grad
+from .pools import HeadPool
+
+PHASES = ("phase1", "phase2")
+
+
+@dataclass
+class Example:
+    """One document teacher-forced for one model (its own tokenizer)."""
+
+    doc_id: str
+    input_ids: Tensor                     # [seq]
+    text: str                             # the rendered prompt + CoT (this model's chat template)
+    offsets: list[tuple[int, int]]        # char span of each token in `text`
+    cot_start: int                        # first CoT token
+    early_queries: list[int]              # positions producing the early CoT tokens
+    refine: list[int]                     # refinement positions with an earlier S and N mention
+    refine_span: list[int]                # index of the refinement span of each (cross-tokenizer pairing)
+    keys: list[int]                       # shortlist (S) mention tokens, then near-miss (N) ones
+    n_shortlist: int
+    anchor_token_ids: list[list[int]] = field(default_factory=list)
+    target_first: list[int] = field(default_factory=list)
+    nearmiss_first: list[int] = field(default_factory=list)
+
+    @property
+    def cot_positions(self) -> range:
+        """Positions whose logits predict a CoT token (cot_start-1 .. seq-2)."""
+        return range(max(self.cot_start - 1, 0), len(self.input_ids) - 1)
+
+
+def make_example(tokenizer, doc_id: str, messages_json: str, cot: str, anchors_row, anchors: list[str],
+                 gold_titles: list[str], nearmiss_titles: list[str]) -> Example:
+    """Tokenise [prompt; CoT] for `tokenizer` and map the anchors row's char spans to its tokens."""
+    seq = forced_sequence(tokenizer, messages_json, cot, anchors_row)
+    prompt = render_prompt(tokenizer, json.loads(messages_json))
+    offsets = [tuple(o) for o in token_offsets(tokenizer, prompt + cot)]
+    keys = seq.shortlist_positions + seq.nearmiss_positions
+    refine, refine_span = [], []
+    for i, span in enumerate(shift_spans(list(anchors_row["refine_spans"]), len(prompt))):
+        tokens = char_span_to_tokens(offsets, tuple(span))
+        if not tokens:
+            continue
+        t = max(tokens)
+        if any(p < t for p in seq.shortlist_positions) and any(p < t for p in seq.nearmiss_positions) \
+                and t not in refine:
+            refine.append(t)
+            refine_span.append(i)
+    return Example(
+        doc_id=doc_id, input_ids=seq.input_ids, text=prompt + cot, offsets=offsets, cot_start=seq.cot_token_start,
+        early_queries=list(seq.early_queries), refine=refine, refine_span=refine_span, keys=keys,
+        n_shortlist=len(seq.shortlist_positions),
+        anchor_token_ids=[ids for ids in (tokenizer(a, add_special_tokens=False)["input_ids"] for a in anchors) if ids],
+        target_first=label_first_tokens(tokenizer, gold_titles),
+        nearmiss_first=label_first_tokens(tokenizer, nearmiss_titles))
+
+
+def has_phase(ex: Example, phase: str) -> bool:
+    """Whether the document defines the phase's signals (early queries and anchors; refinement
+    positions with target and near-miss first tokens)."""
+    if phase == "phase1":
+        return bool(ex.early_queries and ex.anchor_token_ids)
+    return bool(ex.refine and ex.target_first and ex.nearmiss_first)
+
+
+def mention_masks(ex: Example, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """Earlier shortlist / near-miss mention masks over the keys: two [1, n_refine, n_key] bool."""
+    keys = torch.tensor(ex.keys, device=device)
+    refine = torch.tensor(ex.refine, device=device)
+    before = keys[None, None, :] < refine[None, :, None]  # [1, nr, nk]
+    is_s = torch.arange(len(ex.keys), device=device) < ex.n_shortlist  # [nk]
+    return before & is_s, before & ~is_s
+
+
+def forward_signals(model: nn.Module, ex: Example, pools: dict[str, HeadPool], tau: float,
+                    phases: tuple[str, ...] = PHASES, p1_spans: tuple[Tensor, Tensor] | None = None
+                    ) -> tuple[Tensor, dict[str, dict[str, Tensor]]]:
+    """One teacher-forced forward -> (logits [1, seq, vocab], {phase: signals}) for the phases
+    asked for that the document defines. Gradients flow unless the caller disables them.
+    p1_spans: (this model's token char spans, shared unit spans) maps Phase-1 rows onto shared
+    units (a student whose tokenizer differs from the teacher's)."""
+    device = next(model.parameters()).device
+    ids = ex.input_ids[None].to(device)
+    active = [p for p in phases if p in pools and has_phase(ex, p)]
+    if not active:
+        return model(input_ids=ids, use_cache=False).logits, {}
+    early = ex.early_queries if "phase1" in active else []
+    refine = ex.refine if "phase2" in active else []
+    what = set()
+    if early:
+        what |= {"rows", "writes"}
+    if refine:
+        what |= {"rows", "qk", "value_writes"}
+    layers = sorted({layer for p in active for layer in pools[p].layers})
+    with final_residual(model) as residual:
+        out, cap = capture_heads(model, ids, query_positions=[early + refine],
+                                 key_positions=[ex.keys] if refine else None, layers=layers, what=what)
+    signals: dict[str, dict[str, Tensor]] = {}
+    if early:
+        centroid = anchor_centroid(model.lm_head.weight, ex.anchor_token_ids)  # [d], own unembedding
+        signals["phase1"] = phase1_signals(model, cap.select_queries(range(len(early))), pools["phase1"], centroid,
+                                           spans=p1_spans)
+    if refine:
+        grad = refine_margin_grad(model, residual.h[:, refine], ex.target_first, ex.nearmiss_first)  # [1, nr, d]
+        s_mask, n_mask = mention_masks(ex, device)
+        signals["phase2"] = phase2_signals(model, cap.select_queries(range(len(early), len(early) + len(refine))),
+                                           pools["phase2"], grad, s_mask, n_mask, tau)
+    return out.logits, signals
