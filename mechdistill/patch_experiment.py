@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .patch_runs import DocumentRuns, Head, HeadSet, run_patching
-from .patching import Corruption, near_miss_swaps, phase1_corruption, swap_corruption
+from .patching import Corruption, near_miss_swaps, occurrences_in, phase1_corruption, swap_corruption
 from .segment import token_offsets, token_units
 from .trajectories import centroid, confusion_prefixes, cosine, focus_curve
 
@@ -151,9 +151,9 @@ def phase2_pair(doc_id: str, prompt_text: str, document: str, cot_prefix: str, g
             swaps = {**near_miss_swaps(g, nm, title), **(value_swaps or {})}
             if not swaps:
                 continue
-            corruption = swap_corruption(prompt_text, swaps, tokenizer, pad=pad, region=region)
-            if not corruption.replacements:
+            if not occurrences_in(prompt_text, swaps, region):
                 continue
+            corruption = swap_corruption(prompt_text, swaps, tokenizer, pad=pad, region=region)
             pair = Pair(doc_id, "phase2", False, corruption.reason, encode(tokenizer, prompt_text + cot_prefix),
                         corruption=corruption, region=region, terms=sorted(swaps), detail=f"{g} -> {nm}")
             if not corruption.aligned:
@@ -195,8 +195,8 @@ def confusion_metric(tokenizer, embedder, anchor_text: str, nearmiss_texts: Sequ
     near_c = centroid(list(nearmiss_texts), embedder)
 
     def metric(texts: list[str]) -> np.ndarray:
-        prefixes = [confusion_prefixes(anchor_text, token_units(tokenizer, t), [1])[0] if t else anchor_text
-                    for t in texts]
+        units = [token_units(tokenizer, t) for t in texts]
+        prefixes = [confusion_prefixes(anchor_text, us, [len(us)])[0] for us in units]  # anchor text + whole late CoT
         return cosine(embedder.encode(prefixes).astype(np.float64), near_c)
 
     return metric
