@@ -106,7 +106,7 @@ def test_summarize_and_per_instance():
     table = xmc.summarize(gold, pred, train, ks=(1, 5))
     assert list(table.columns) == ["metric", "value"]
     assert list(table.metric) == ["P@1", "P@5", "nDCG@1", "nDCG@5", "PSP@1", "PSP@5", "R@1", "R@5",
-                                  "macro_f1", "micro_f1", "exact_match", "n_docs"]
+                                  "macro_f1", "micro_f1", "exact_match", "instance_f1", "n_docs"]
     value = dict(zip(table.metric, table.value))
     assert value["P@5"] == pytest.approx(xmc.precision_at_k(gold, pred, 5).mean())
     assert value["macro_f1"] == pytest.approx(xmc.macro_f1(gold, pred))

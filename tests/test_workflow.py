@@ -27,8 +27,11 @@ def job_counts(output: str) -> dict[str, int]:
 
 def test_dry_run_demo(tmp_path):
     jobs = job_counts(snakemake(tmp_path, "-n"))
-    assert jobs == {"prepare_dataset": 1, "build_prompts": 3, "teacher_cot": 3, "anchors": 3, "trajectories": 1,
-                    "figure1": 1, "head_scores": 2, "head_figures": 1, "all": 1, "total": 16}
+    # 4 methods x 1 student: distill, predict, evaluate and the student's trajectories each
+    assert jobs == {"prepare_dataset": 1, "build_prompts": 3, "teacher_cot": 3, "anchors": 3, "trajectories": 5,
+                    "figure1": 1, "head_scores": 2, "head_figures": 1, "patching": 2, "patching_figures": 1,
+                    "teacher_targets": 2, "distill": 4, "student_predict": 4, "evaluate": 4, "tables": 1,
+                    "figure9": 1, "all": 1, "total": 39}
 
 
 def test_dry_run_paper_with_slurm_profile(tmp_path):
@@ -79,8 +82,41 @@ def test_tiny_end_to_end_then_incremental(tmp_path):
         assert coarse["score"].notna().all() and (coarse["n_queries"] > 0).all()
         refine = pd.read_parquet(tmp_path / f"results/tiny_icd/{model}/heads/refine.parquet")
         assert len(refine) == n_layers * 4  # NaN scores: random CoT has no refinement positions
-    for n in (4, 7):
+    for n in (4, 5, 7, 8):
         assert (tmp_path / f"results/figures/figure{n}_tiny_icd.png").stat().st_size > 10_000
+
+    # patching: Phase 1 pairs aligned and patched; Phase 2 has no ranked head (no refinement positions)
+    pairs = pd.read_parquet(tmp_path / "results/tiny_icd/tiny_llama/patching/phase1_pairs.parquet")
+    assert len(pairs) == 2 and pairs["aligned"].all()
+    runs = pd.read_parquet(tmp_path / "results/tiny_icd/tiny_llama/patching/phase1_runs.parquet")
+    assert len(runs) == 2 * (2 + 2 * 2 * (2 + 2))  # docs x (2 references + 2 directions x 2 bins x 4 sets)
+    effects = pd.read_parquet(tmp_path / "results/tiny_icd/tiny_llama/patching/phase1.parquet")
+    assert {"direction", "head_set", "k", "metric", "effect", "ci_low", "ci_high"} <= set(effects.columns)
+    assert set(effects["k"]) == {2, 4} and set(effects["head_set"]) == {"top", "random", "lowest"}
+    assert pd.read_parquet(tmp_path / "results/tiny_icd/tiny_llama/patching/phase2.parquet").empty
+
+    # distillation: targets, both methods trained (2 steps), saved, predicted and evaluated
+    targets = pd.read_parquet(tmp_path / "results/tiny_icd/tiny_llama/targets/train.parquet")
+    assert len(targets) == 3 and targets["has_phase1"].all() and (targets["n_cot"] > 0).all()
+    for method in ("vanilla", "mech"):
+        base = tmp_path / f"results/tiny_icd/tiny_student/{method}"
+        log = pd.read_parquet(base / "train_log.parquet")
+        assert list(log.loc[log["split"] == "train", "step"]) == [1, 2]
+        assert (base / "model/config.json").exists() and not (base / "ckpt").exists()
+        pred = pd.read_parquet(base / "pred/test.parquet")
+        assert len(pred) == 3
+        metrics = pd.read_parquet(base / "metrics.parquet")
+        assert {"P@1", "macro_f1", "focus", "bleu4", "perplexity", "sharpness"} <= set(metrics["metric"])
+    mech_log = pd.read_parquet(tmp_path / "results/tiny_icd/tiny_student/mech/train_log.parquet")
+    attn = mech_log.loc[mech_log["split"] == "train", "phase1.attn"].to_numpy()
+    # the 1-layer student IS the teacher's layer 0, and both Phase-1 pools sit in layer 0: identical
+    # pooled rows at step 1, apart once the first update has changed the student
+    assert attn[0] < 1e-6 < attn[1]
+    vanilla_log = pd.read_parquet(tmp_path / "results/tiny_icd/tiny_student/vanilla/train_log.parquet")
+    assert (vanilla_log["phase1.attn"] == 0).all()  # vanilla never computes the head signals
+    table1 = (tmp_path / "results/tables/table1.md").read_text()
+    assert "| tiny_icd | tiny_student | mech |" in table1 and "Δ vs best baseline" in table1
+    assert (tmp_path / "results/figures/figure9.png").stat().st_size > 10_000
 
     assert "Nothing to be done" in snakemake(tmp_path, "--cores", "2", "--configfile", tiny)
 

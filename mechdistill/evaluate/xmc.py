@@ -301,6 +301,9 @@ def _per_document(golds, answers, ranking, ks, propensity) -> dict[str, np.ndarr
     for k in ks:
         out[f"R@{k}"] = hits[:, :k].sum(1) / n_gold
     out["exact_match"] = np.array([float(set(a) == g) for g, a in zip(golds, answers)])
+    # instance F1 of the answer set, 2|A & G| / (|A| + |G|): the per-document partner of macro-F1
+    # for paired significance tests (macro-F1 itself has no per-document value)
+    out["f1"] = np.array([2 * len(set(a) & g) / (len(set(a)) + len(g)) for g, a in zip(golds, answers)])
     return out
 
 
@@ -310,7 +313,8 @@ def per_instance(gold: Labels, pred: Labels, train_labels: Labels | None = None,
                  candidates: Labels | None = None) -> pd.DataFrame:
     """Long table of per-document metrics: columns doc (position in the input), doc_id, metric, value.
 
-    Metrics: P@k, nDCG@k, PSP@k (only when `train_labels` is given), R@k, exact_match.
+    Metrics: P@k, nDCG@k, PSP@k (only when `train_labels` is given), R@k, exact_match, f1 (instance F1
+    of the answer set, 2|A & G| / (|A| + |G|)).
     `excluded_pairs` ((doc_id, label) pairs, needs `doc_ids`) are removed from gold and
     predictions first; documents left without gold labels are dropped. `candidates` extends the
     ranking beyond the answer (module docstring).
@@ -345,6 +349,8 @@ def summarize(gold: Labels, pred: Labels, train_labels: Labels | None = None, ks
     rows = {name: float(values.mean()) for name, values in
             _per_document(golds, answers, ranking, ks, propensity).items()}
     match = rows.pop("exact_match")
+    instance_f1 = rows.pop("f1")
     counts = _label_counts(golds, answers)
-    rows.update(macro_f1=_macro_f1(*counts), micro_f1=_micro_f1(*counts), exact_match=match, n_docs=float(len(keep)))
+    rows.update(macro_f1=_macro_f1(*counts), micro_f1=_micro_f1(*counts), exact_match=match, instance_f1=instance_f1,
+                n_docs=float(len(keep)))
     return pd.DataFrame({"metric": list(rows), "value": list(rows.values())})
