@@ -1,7 +1,8 @@
 # mechdistill: Characterize Then Distill, end to end.
 #   snakemake --cores all                                    # the offline CPU demo (config/config.yaml)
 #   snakemake --configfile config/paper.yaml --workflow-profile profiles/slurm
-#   snakemake results/tables/table1.md                       # one target
+#   snakemake table1                                         # one target (table1..4, figure9, ...)
+#   snakemake --cores 1 --report report.html                 # tables and figures with captions
 import json
 import os
 import sys
@@ -22,6 +23,8 @@ if "datasets" not in config:
     config.update({**load_config(f"{workflow.basedir}/config/config.yaml"), **config})
 validate_config(config, source=", ".join(map(str, workflow.configfiles)) or "config/config.yaml")
 validate(config, "config/schema.yaml")
+
+report: "report/workflow.rst"
 
 wildcard_constraints:
     dataset="|".join(config["datasets"]),

@@ -59,7 +59,8 @@ rule figure1:
         lambda wc: [t for t in group_targets("trajectories", "student_trajectories")
                     if t.startswith(f"{paths.R}/{wc.dataset}/")],
     output:
-        paths.FIGURE.replace("{figure}", "figure1_{dataset}"),
+        report(paths.FIGURE.replace("{figure}", "figure1_{dataset}"), caption="../report/figure1.rst",
+               category="Characterize", subcategory="{dataset}"),
     log:
         "logs/figure1/{dataset}.log",
     conda:

@@ -43,8 +43,10 @@ rule head_figures:
         refine=paths.HEAD_SCORES.replace("{model}", config["teacher"]).replace("{kind}", "refine"),
         example=paths.HEAD_EXAMPLE.replace("{model}", config["teacher"]),
     output:
-        figure4=paths.FIGURE.replace("{figure}", "figure4_{dataset}"),
-        figure7=paths.FIGURE.replace("{figure}", "figure7_{dataset}"),
+        figure4=report(paths.FIGURE.replace("{figure}", "figure4_{dataset}"), caption="../report/head_figures.rst",
+                       category="Characterize", subcategory="{dataset}"),
+        figure7=report(paths.FIGURE.replace("{figure}", "figure7_{dataset}"), caption="../report/head_figures.rst",
+                       category="Characterize", subcategory="{dataset}"),
     params:
         top_k=config["heads"]["top_k"],
     log:

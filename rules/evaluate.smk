@@ -44,6 +44,8 @@ rule tables:
         group_targets("evaluate"),
     output:
         [paths.TABLE.replace("{table}", t) for t in ("table1", "table2", "table3", "table4")],
+        [report(paths.TABLE.replace("{table}", t).replace(".md", ".csv"), caption="../report/tables.rst",
+                category="Tables") for t in ("table1", "table2", "table3", "table4")],
     params:
         evaluate=canonical(config["evaluate"]),
     log:
@@ -58,7 +60,7 @@ rule figure9:
     input:
         group_targets("evaluate"),
     output:
-        paths.FIGURE.replace("{figure}", "figure9"),
+        report(paths.FIGURE.replace("{figure}", "figure9"), caption="../report/figure9.rst", category="Distill"),
     log:
         "logs/figure9/figure9.log",
     conda:

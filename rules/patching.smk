@@ -51,8 +51,10 @@ rule patching_figures:
         phase1=paths.PATCHING.replace("{teacher}", config["teacher"]).replace("{phase}", "phase1"),
         phase2=paths.PATCHING.replace("{teacher}", config["teacher"]).replace("{phase}", "phase2"),
     output:
-        figure5=paths.FIGURE.replace("{figure}", "figure5_{dataset}"),
-        figure8=paths.FIGURE.replace("{figure}", "figure8_{dataset}"),
+        figure5=report(paths.FIGURE.replace("{figure}", "figure5_{dataset}"), caption="../report/patching.rst",
+                       category="Patching", subcategory="{dataset}"),
+        figure8=report(paths.FIGURE.replace("{figure}", "figure8_{dataset}"), caption="../report/patching.rst",
+                       category="Patching", subcategory="{dataset}"),
     log:
         "logs/patching_figures/{dataset}.log",
     conda:

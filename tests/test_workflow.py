@@ -117,6 +117,9 @@ def test_tiny_end_to_end_then_incremental(tmp_path):
     table1 = (tmp_path / "results/tables/table1.md").read_text()
     assert "| tiny_icd | tiny_student | mech |" in table1 and "Δ vs best baseline" in table1
     assert (tmp_path / "results/figures/figure9.png").stat().st_size > 10_000
+    snakemake(tmp_path, "--cores", "1", "--configfile", tiny, "--report", str(tmp_path / "report.html"))
+    report = (tmp_path / "report.html").read_text()
+    assert "Figure 9: LAS" in report and "tiny_llama" in report  # captions rendered with the config
 
     assert "Nothing to be done" in snakemake(tmp_path, "--cores", "2", "--configfile", tiny)
 
