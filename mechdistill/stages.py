@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 
@@ -19,6 +20,27 @@ from .labels import LabelSpace
 from .prompts import build_prompts
 
 log = logging.getLogger(__name__)
+
+
+class SplitArtifacts(NamedTuple):
+    """One split's artifacts, indexed by doc_id (anchors keep their row order, cut to max_docs)."""
+
+    docs: pd.DataFrame
+    prompts: pd.DataFrame
+    cot: pd.DataFrame
+    anchors: pd.DataFrame
+    space: LabelSpace
+
+
+def load_split(docs_path, prompts_path, cot_path, anchors_path, labels_path, max_docs: int | None = None
+               ) -> SplitArtifacts:
+    """Read the documents, prompts, teacher CoT, anchors and label space of one split."""
+    anchors = read_parquet(anchors_path)
+    return SplitArtifacts(docs=read_parquet(docs_path, "documents").set_index("doc_id"),
+                          prompts=read_parquet(prompts_path, "prompts").set_index("doc_id"),
+                          cot=read_parquet(cot_path, "cot").set_index("doc_id"),
+                          anchors=anchors.head(max_docs) if max_docs else anchors,
+                          space=LabelSpace(read_parquet(labels_path, "labels")))
 
 
 def run_prepare_dataset(config: dict, dataset: str, out_dir: str | Path | None = None) -> None:
@@ -173,13 +195,8 @@ def run_head_scores(config: dict, model: str, cot_path: str | Path, anchors_path
 
     hcfg = config["heads"]
     model_obj, tok = load_model(config, model, device=hcfg["device"], dtype=hcfg["dtype"])
-    cot = read_parquet(cot_path, "cot").set_index("doc_id")
-    prompts = read_parquet(prompts_path, "prompts").set_index("doc_id")
-    docs = read_parquet(docs_path, "documents").set_index("doc_id")
-    space = LabelSpace(read_parquet(labels_path, "labels"))
-    anchors = read_parquet(anchors_path)
-    if hcfg.get("max_docs"):
-        anchors = anchors.head(hcfg["max_docs"])
+    docs, prompts, cot, anchors, space = load_split(docs_path, prompts_path, cot_path, anchors_path, labels_path,
+                                                    hcfg.get("max_docs"))
     documents = [dict(doc_id=row["doc_id"],
                       seq=forced_sequence(tok, prompts.loc[row["doc_id"], "messages"], cot.loc[row["doc_id"], "cot"], row),
                       anchors=list(row["anchors"]),
@@ -249,13 +266,8 @@ def run_patching(config: dict, phase: str, docs_path: str | Path, prompts_path: 
     started = time.perf_counter()
     model, tok = load_model(config, teacher, device=pcfg["device"], dtype=pcfg["dtype"])
     embedder = SentenceEmbedder(config["embedder"])
-    docs = read_parquet(docs_path, "documents").set_index("doc_id")
-    prompts = read_parquet(prompts_path, "prompts").set_index("doc_id")
-    cot = read_parquet(cot_path, "cot").set_index("doc_id")
-    space = LabelSpace(read_parquet(labels_path, "labels"))
-    anchors = read_parquet(anchors_path)
-    if pcfg.get("max_docs"):
-        anchors = anchors.head(pcfg["max_docs"])
+    docs, prompts, cot, anchors, space = load_split(docs_path, prompts_path, cot_path, anchors_path, labels_path,
+                                                    pcfg.get("max_docs"))
     scores = read_parquet(head_scores_path).dropna(subset=["score"]).sort_values("score", ascending=False, kind="stable")
     ranked = [(int(r.layer), int(r.head)) for r in scores.itertuples()]
     paths_out = patching_paths(summary_path)

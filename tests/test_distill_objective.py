@@ -8,6 +8,7 @@ import json
 import pandas as pd
 import pytest
 import torch
+from test_losses import tiny_llama
 
 from mechdistill.distill.methods import METHODS, resolve_method
 from mechdistill.distill.objective import student_loss, teacher_targets
@@ -35,16 +36,6 @@ ANCHORS_ROW = {
     "shortlist_spans": _spans("[I50.22]"),
     "nearmiss_spans": _spans("[I50.32]"),
 }
-
-
-def tiny_llama(vocab: int, seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-                      max_position_embeddings=512)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(cfg).eval()
 
 
 def pools(seed: int) -> dict:

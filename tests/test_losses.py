@@ -56,7 +56,7 @@ def tiny_llama(vocab: int, seed: int):
 
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-                      max_position_embeddings=256)
+                      max_position_embeddings=512)
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg).eval()
 

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from test_trajectories import StubEmbedder
 
 from mechdistill.patch_experiment import (
     anchor_words,
@@ -24,28 +25,20 @@ from mechdistill.patching import document_effects, summarize_effects
 R2 = math.sqrt(2)
 
 
-class StubEmbedder:
-    def __init__(self, vectors: dict[str, tuple[float, ...]]) -> None:
-        self.vectors = {k: np.asarray(v, np.float64) for k, v in vectors.items()}
-
-    def encode(self, texts: list[str]) -> np.ndarray:
-        return np.stack([self.vectors[t] for t in texts])
-
-
 def test_focus_metric_is_final_running_mean_per_text(byte_tok):
     # byte tokenizer: one unit per character
     emb = StubEmbedder({"heart": (1, 0), "lung": (0, 1), "a": (1, 0), "b": (0, 1), "c": (0.6, 0.8)})
     metric = focus_metric(byte_tok, emb, ["heart", "lung"])  # c(x) = (.5, .5)
     values = metric(["ab", "ac", "", "c"])
-    np.testing.assert_allclose(values[:2], [(R2 / 2 + R2 / 2) / 2, (R2 / 2 + 0.7 * R2) / 2])
+    np.testing.assert_allclose(values[:2], [(R2 / 2 + R2 / 2) / 2, (R2 / 2 + 0.7 * R2) / 2], rtol=1e-6)
     assert math.isnan(values[2])
-    np.testing.assert_allclose(values[3], 0.7 * R2)
+    np.testing.assert_allclose(values[3], 0.7 * R2, rtol=1e-6)
 
 
 def test_confusion_metric_embeds_anchor_text_plus_whole_late_text(byte_tok):
     emb = StubEmbedder({"HFpEF": (0, 1), "Key: HF": (1, 0), "Key: HF xy": (0, 1), "Key: HF xz": (1, 1)})
     metric = confusion_metric(byte_tok, emb, "Key: HF", ["HFpEF"])
-    np.testing.assert_allclose(metric([" xy", " xz", ""]), [1.0, 1 / R2, 0.0])
+    np.testing.assert_allclose(metric([" xy", " xz", ""]), [1.0, 1 / R2, 0.0], rtol=1e-6, atol=1e-7)
 
 
 def test_generated_text_stops_at_special_token(byte_tok):

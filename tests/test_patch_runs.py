@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_heads import VOCAB, tiny_model
 
 from mechdistill.heads import PatternPatch, attention_hooks, attention_modules
 from mechdistill.patch_runs import DocumentRuns, HeadSet, greedy_from, head_mask, prefill, run_patching
-
-from test_heads import VOCAB, tiny_model
 
 STEPS = 6
 ARCHS = ["llama", "qwen2", "gemma3"]

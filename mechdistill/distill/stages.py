@@ -38,13 +38,10 @@ def load_examples(config: dict, model_name: str, tokenizer, docs_path, prompts_p
                   labels_path, max_docs: int | None = None) -> list[Example]:
     """Teacher-forced examples of one split for `model_name`'s tokenizer (documents with an empty
     CoT are skipped with a warning)."""
-    cot = read_parquet(cot_path, "cot").set_index("doc_id")
-    prompts = read_parquet(prompts_path, "prompts").set_index("doc_id")
-    docs = read_parquet(docs_path, "documents").set_index("doc_id")
-    space = LabelSpace(read_parquet(labels_path, "labels"))
-    anchors = read_parquet(anchors_path)
-    if max_docs:
-        anchors = anchors.head(max_docs)
+    from ..stages import load_split
+
+    docs, prompts, cot, anchors, space = load_split(docs_path, prompts_path, cot_path, anchors_path, labels_path,
+                                                    max_docs)
     examples, empty = [], []
     for _, row in anchors.iterrows():
         doc_id = row["doc_id"]
@@ -217,6 +214,7 @@ def run_distill(config: dict, student: str, method_name: str, paths: dict, model
              student, method_name, method.switches or "all on", len(batches["train"]), len(batches["val"]),
              {p: len(pool.heads) for p, pool in pools.items()}, tcfg.max_steps)
     model_dir = Path(model_dir)
+    before = _mechanism(model, examples["val"], pools, config)
     result = train(model, loss_fn, train_batches, tcfg, model_dir, val_batches=batches["val"] or None,
                    tokenizer=tok, log_path=model_dir.parent / "train_log.parquet", ckpt_dir=model_dir.parent / "ckpt",
                    deepspeed_config=zero3_config(tcfg) if dcfg["deepspeed"] else None, keep_checkpoint=False)
@@ -225,6 +223,25 @@ def run_distill(config: dict, student: str, method_name: str, paths: dict, model
     last = train_log[train_log["split"] == "train"].tail(1)
     log.info("distill %s/%s: %d steps in %.1f s; loss %.4f -> %.4f", student, method_name, result.steps,
              time.perf_counter() - started, float(first["loss"].iloc[0]), float(last["loss"].iloc[0]))
+    after = _mechanism(model, examples["val"], pools, config)
+    change = pd.concat([before.assign(when="before"), after.assign(when="after")], ignore_index=True)
+    write_parquet(change, model_dir.parent / "mechanism_val.parquet")
+    means = change.groupby(["metric", "when"])["value"].mean().unstack()
+    for metric in means.index:
+        log.info("  %s on val (student's own pools): before %.4f, after %.4f", metric, means.loc[metric, "before"],
+                 means.loc[metric, "after"])
+
+
+def _mechanism(model, examples: list[Example], pools: dict[str, HeadPool], config: dict) -> pd.DataFrame:
+    """Sharpness, AnchorAlign, LoopBack, Helpfulness of the model's pools on teacher-forced examples."""
+    from ..evaluate.stages import mechanism_metrics
+
+    was_training = model.training
+    model.eval()
+    try:
+        return mechanism_metrics(model, examples, pools, config["heads"]["tau"])
+    finally:
+        model.train(was_training)
 
 
 def run_student_predict(config: dict, dataset: str, student: str, method: str, model_dir, prompts_path,
