@@ -236,13 +236,15 @@ def run_patching(config: dict, phase: str, docs_path: str | Path, prompts_path: 
                  cot_path: str | Path, anchors_path: str | Path, labels_path: str | Path,
                  head_scores_path: str | Path, summary_path: str | Path) -> None:
     """Activation patching of the teacher for one phase -> patching/{phase}.parquet (+ _runs, _pairs)."""
+    import hashlib
     import json
+    import shutil
     import time
 
     from tqdm.auto import tqdm
 
     from .embed import SentenceEmbedder
-    from .models import load_model
+    from .models import load_model, spec_key
     from .patch_experiment import (
         anchor_words,
         confusion_metric,
@@ -289,10 +291,24 @@ def run_patching(config: dict, phase: str, docs_path: str | Path, prompts_path: 
     log.info("patching %s %s: %d documents, %d ranked heads, %d head sets per direction (bins %s), %d steps",
              teacher, phase, len(anchors), len(ranked), len(head_sets), sorted({s.k for s in head_sets}), n_steps)
     rows, pairs = [], []
+    # one JSON file per finished document: a killed job resumes after its last finished document
+    key = hashlib.sha1(json.dumps([phase, pcfg, early_tokens, spec_key(config, teacher), config["embedder"],
+                                   rep_penalty, ranked, config["seed"]], sort_keys=True).encode()).hexdigest()[:16]
+    shard_dir = paths_out["summary"].parent / f".{phase}.docs-{key}"
+    for stale in paths_out["summary"].parent.glob(f".{phase}.docs-*"):
+        if stale != shard_dir:
+            shutil.rmtree(stale, ignore_errors=True)
     bar = tqdm(total=len(anchors) * 2 * len(head_sets), desc=f"patching {phase} (document x head set x direction)",
                unit="run")
     for row in anchors.itertuples(index=False):
         doc_id = row.doc_id
+        shard = shard_dir / f"{hashlib.sha1(str(doc_id).encode()).hexdigest()[:16]}.json"
+        if shard.exists():
+            done = json.loads(shard.read_text())
+            rows += done["rows"]
+            pairs.append(done["pair"])
+            bar.update(2 * len(head_sets))
+            continue
         prompt_text = render_prompt(tok, json.loads(prompts.loc[doc_id, "messages"]))
         document = docs.loc[doc_id, "text"]
         runs = DocumentRuns(model, n_steps, record_heads, rep_penalty)
@@ -314,11 +330,14 @@ def run_patching(config: dict, phase: str, docs_path: str | Path, prompts_path: 
             if pair.aligned:
                 runs.reference("clean", pair.clean_ids)
             metric = confusion_metric(tok, embedder, row.anchor_text, near_titles)
+        doc_rows = []
         if pair.aligned:
-            rows += run_document(runs, pair, head_sets, pcfg["batch_size"], tok, metric, on_batch=bar.update)
+            doc_rows = run_document(runs, pair, head_sets, pcfg["batch_size"], tok, metric, on_batch=bar.update)
         else:
             bar.update(2 * len(head_sets))
+        rows += doc_rows
         pairs.append(pair.record())
+        write_json(shard, {"rows": doc_rows, "pair": pairs[-1]})
     bar.close()
     pairs_df = pd.DataFrame(pairs)
     runs_df = pd.DataFrame(rows, columns=["doc_id", "direction", "kind", "k", "seed", "value", "clean_value",
@@ -345,6 +364,7 @@ def run_patching(config: dict, phase: str, docs_path: str | Path, prompts_path: 
     write_parquet(pairs_df, paths_out["pairs"])
     write_parquet(runs_df, paths_out["runs"])
     write_parquet(summary, paths_out["summary"])
+    shutil.rmtree(shard_dir, ignore_errors=True)
 
 
 def run_patching_figure(config: dict, dataset: str, phase: str, summary_path: str | Path, out_png: str | Path) -> None:

@@ -53,7 +53,7 @@ def test_bad_config_stops_at_start(tmp_path):
     assert "'generation.backend' is 'vlm'; allowed values: 'transformers', 'vllm', 'file'" in proc.stdout + proc.stderr
 
 
-def test_tiny_end_to_end_then_incremental(tmp_path):
+def test_tiny_end_to_end_then_incremental(tmp_path, monkeypatch):
     tiny = str(REPO / "config/tiny.yaml")
     snakemake(tmp_path, "--cores", "2", "--configfile", tiny)
     for split, n in [("train", 3), ("val", 2), ("test", 3)]:
@@ -117,6 +117,7 @@ def test_tiny_end_to_end_then_incremental(tmp_path):
     table1 = (tmp_path / "results/tables/table1.md").read_text()
     assert "| tiny_icd | tiny_student | mech |" in table1 and "Δ vs best baseline" in table1
     assert (tmp_path / "results/figures/figure9.png").stat().st_size > 10_000
+    check_patching_resumes(tmp_path, monkeypatch)
     snakemake(tmp_path, "--cores", "1", "--configfile", tiny, "--report", str(tmp_path / "report.html"))
     report = (tmp_path / "report.html").read_text()
     assert "Figure 9: LAS" in report and "tiny_llama" in report  # captions rendered with the config
@@ -146,3 +147,37 @@ def test_llm_anchor_mode_on_tiny_model(tmp_path, tiny_config):
     out = pd.read_parquet(tmp_path / "anchors.parquet")
     assert len(out) == 2
     assert all(len(a) <= 3 and all(isinstance(c, str) and c.strip() for c in a) for a in out["anchors"])
+
+
+def check_patching_resumes(workdir, monkeypatch):
+    """A patching job killed after its first document resumes there and gives the same table."""
+    from mechdistill import patch_experiment
+    from mechdistill.config import load_config
+    from mechdistill.stages import run_patching
+
+    monkeypatch.chdir(workdir)
+    config = load_config(REPO / "config/tiny.yaml")
+    base = "results/tiny_icd"
+    args = dict(docs_path=f"{base}/data/test.parquet", prompts_path=f"{base}/prompts/test.parquet",
+                cot_path=f"{base}/tiny_llama/cot/test.parquet", anchors_path=f"{base}/tiny_llama/anchors/test.parquet",
+                labels_path=f"{base}/data/labels.parquet", head_scores_path=f"{base}/tiny_llama/heads/coarse.parquet",
+                summary_path="resume/phase1.parquet")
+    real, calls = patch_experiment.run_document, []
+
+    def dies_on_second(*a, **kw):
+        calls.append(a[1].doc_id)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(patch_experiment, "run_document", dies_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_patching(config, "phase1", **args)
+    assert len(list((workdir / "resume").glob(".phase1.docs-*/*.json"))) == 1
+    calls.clear()
+    monkeypatch.setattr(patch_experiment, "run_document", lambda *a, **kw: calls.append(a[1].doc_id) or real(*a, **kw))
+    run_patching(config, "phase1", **args)
+    assert len(calls) == 1  # only the document the kill interrupted
+    assert not list((workdir / "resume").glob(".phase1.docs-*"))  # shards removed once the table is written
+    pd.testing.assert_frame_equal(pd.read_parquet(workdir / "resume/phase1.parquet"),
+                                  pd.read_parquet(workdir / f"{base}/tiny_llama/patching/phase1.parquet"))

@@ -143,3 +143,148 @@ def leakage_adjusted_simulatability(make_simulator: Callable[[], Simulator],
     correct = simulator_correctness(make_simulator, train_inputs, train_rationales, train_targets,
                                     test_inputs, test_rationales, test_targets, sep)
     return {**las_from_correctness(correct["x"], correct["xr"], correct["r"]), "n_docs": int(len(correct["x"]))}
+
+
+def snap_to_label(text: str, labels: Sequence[str], cutoff: float = 0.6) -> str:
+    """Map a generated string onto a known label: itself if it is one, else the closest label by
+    `difflib` similarity (at least `cutoff`), else the string unchanged."""
+    import difflib
+
+    if text in labels:
+        return text
+    close = difflib.get_close_matches(text, list(labels), n=1, cutoff=cutoff)
+    return close[0] if close else text
+
+
+class Seq2SeqSimulator:
+    """A fine-tuned seq2seq simulator (Hase et al. 2020 fine-tune T5): text -> target label string.
+
+    Give either `model_name_or_path` (a hub id or local directory, loaded with
+    `AutoModelForSeq2SeqLM` / `AutoTokenizer` from the local cache only, at `fit`) or an
+    already-built `model` + `tokenizer`. Every `fit` fine-tunes a fresh copy of the starting
+    weights (the given model is left untouched), with AdamW and teacher forcing, under `seed`
+    (batch order and dropout), so two fits with one seed give the same simulator.
+
+    `predict` decodes greedily. As LAS compares predictions with targets as strings, each
+    generation is snapped to the labels seen in training (`snap_to_label`): an exact match is
+    kept, otherwise the closest label by difflib similarity (>= `snap_cutoff`), otherwise the
+    generated string itself (then counted wrong).
+    """
+
+    snap_cutoff: float = 0.6
+
+    def __init__(self, model_name_or_path: str | None = None, model=None, tokenizer=None, epochs: int = 3,
+                 lr: float = 1e-4, batch_size: int = 8, max_source_length: int = 512,
+                 max_target_length: int = 16, device: str = "auto", seed: int = 0) -> None:
+        if (model_name_or_path is None) == (model is None) or (model is not None and tokenizer is None):
+            raise ValueError("give either model_name_or_path, or model and tokenizer")
+        self.model_name_or_path, self.base_model, self.tokenizer = model_name_or_path, model, tokenizer
+        self.epochs, self.lr, self.batch_size, self.seed = epochs, lr, batch_size, seed
+        self.max_source_length, self.max_target_length = max_source_length, max_target_length
+        self.device_name = device
+        self.model = None
+        self.labels: list[str] = []
+
+    def _fresh_model(self):
+        """A trainable copy of the starting weights (loaded from the local cache on first use)."""
+        import copy
+
+        import torch
+
+        if self.base_model is None:
+            from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+            kw = {"trust_remote_code": False, "local_files_only": True}
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_name_or_path, **kw)
+            self.base_model = AutoModelForSeq2SeqLM.from_pretrained(self.model_name_or_path,
+                                                                    dtype=torch.float32, **kw)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        device = self.device_name
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        return copy.deepcopy(self.base_model).to(self.device)
+
+    def _encode_sources(self, texts: Sequence[str]) -> dict:
+        enc = self.tokenizer(list(texts), max_length=self.max_source_length, truncation=True, padding=True,
+                             return_tensors="pt")
+        return {k: enc[k].to(self.device) for k in ("input_ids", "attention_mask")}
+
+    def _encode_targets(self, targets: Sequence[str]):
+        """Label ids ending in EOS (appended when the tokenizer does not), padded with -100."""
+        import torch
+
+        eos, rows = self.tokenizer.eos_token_id, []
+        for ids in self.tokenizer(list(targets), add_special_tokens=True)["input_ids"]:
+            ids = list(ids)[: self.max_target_length]
+            if eos is not None and (not ids or ids[-1] != eos):
+                ids = ids[: self.max_target_length - 1] + [eos]
+            rows.append(ids)
+        labels = torch.full((len(rows), max(map(len, rows))), -100, dtype=torch.long)
+        for i, ids in enumerate(rows):
+            labels[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return labels.to(self.device)
+
+    def fit(self, texts: Sequence[str], targets: Sequence[str]) -> Seq2SeqSimulator:
+        import torch
+        from tqdm.auto import tqdm
+
+        if len(texts) != len(targets) or not texts:
+            raise ValueError(f"fit needs as many targets as texts, at least one; got {len(texts)}, {len(targets)}")
+        texts, targets = list(texts), [str(t) for t in targets]
+        self.labels = sorted(set(targets))
+        model = self._fresh_model()
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed)
+            order_rng = torch.Generator().manual_seed(self.seed)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=self.lr)
+            n_batches = -(-len(texts) // self.batch_size)
+            model.train()
+            with tqdm(total=self.epochs * n_batches, desc="seq2seq simulator", unit="step", leave=False) as bar:
+                for _ in range(self.epochs):
+                    order = torch.randperm(len(texts), generator=order_rng).tolist()
+                    for start in range(0, len(texts), self.batch_size):
+                        batch = order[start: start + self.batch_size]
+                        loss = model(**self._encode_sources([texts[i] for i in batch]),
+                                     labels=self._encode_targets([targets[i] for i in batch])).loss
+                        optimizer.zero_grad()
+                        loss.backward()
+                        optimizer.step()
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{loss.item():.4f}")
+        self.model = model.eval()
+        return self
+
+    def predict(self, texts: Sequence[str]) -> list[str]:
+        import torch
+
+        if self.model is None:
+            raise RuntimeError("Seq2SeqSimulator.predict called before fit")
+        out: list[str] = []
+        with torch.no_grad():
+            for start in range(0, len(texts), self.batch_size):
+                generated = self.model.generate(**self._encode_sources(texts[start: start + self.batch_size]),
+                                                max_new_tokens=self.max_target_length, do_sample=False,
+                                                num_beams=1)
+                decoded = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+                out += [snap_to_label(d.strip(), self.labels, self.snap_cutoff) for d in decoded]
+        return out
+
+
+SIMULATOR_KINDS = ("logreg", "centroid", "seq2seq")
+
+
+def make_simulator(kind: str, encoder: Encoder | None = None, **kwargs) -> Simulator:
+    """A fresh simulator of one kind: "logreg" / "centroid" (`EmbeddingSimulator` over `encoder`,
+    kwargs to it) or "seq2seq" (`Seq2SeqSimulator(**kwargs)`). For the zero-argument factory that
+    `leakage_adjusted_simulatability` takes, bind the arguments: `functools.partial(make_simulator, ...)`.
+    """
+    if kind in ("logreg", "centroid"):
+        if encoder is None:
+            raise ValueError(f"simulator kind {kind!r} needs an encoder")
+        return EmbeddingSimulator(encoder, kind=kind, **kwargs)
+    if kind == "seq2seq":
+        return Seq2SeqSimulator(**kwargs)
+    raise ValueError(f"unknown simulator kind {kind!r}; expected one of {', '.join(SIMULATOR_KINDS)}")

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..errors import ConfigError
 from ..io import read_parquet, write_parquet
 
 log = logging.getLogger(__name__)
@@ -69,9 +70,8 @@ def run_evaluate(config: dict, dataset: str, student: str, method: str, paths: d
     """paths: pred, test_docs, train_docs, test_prompts, teacher_test_cot, teacher_train_cot,
     test_anchors, labels, trajectory_summary, student_coarse, student_refine, model (dir)."""
     from ..distill.stages import head_pools, load_examples
-    from ..embed import SentenceEmbedder
     from ..prompts import render_prompt
-    from .las import EmbeddingSimulator, las_from_correctness, simulator_correctness, target_label
+    from .las import las_from_correctness, simulator_correctness, target_label
     from .text import bleu4, sentence_bleu4, trace_perplexity
     from .xmc import per_instance, summarize
 
@@ -119,8 +119,8 @@ def run_evaluate(config: dict, dataset: str, student: str, method: str, paths: d
     frames.append(pd.DataFrame({"doc_id": [ids[i] for i in has_trace], "metric": "perplexity", "value": ppl}))
 
     # LAS (Hase et al. 2020) with the light embedding simulator
-    frames.append(_las_frame(config, paths, ids, docs, student_cot, answers, SentenceEmbedder(config["embedder"]),
-                             EmbeddingSimulator, simulator_correctness, las_from_correctness, target_label))
+    frames.append(_las_frame(config, paths, ids, docs, student_cot, answers, simulator_factory(config),
+                             simulator_correctness, las_from_correctness, target_label))
 
     # mechanism: the student's pooled heads on the teacher's test CoT
     pools = head_pools(config, model, paths["student_coarse"], paths["student_refine"])
@@ -152,7 +152,24 @@ def _load_student(config: dict, student: str, method: str, model_dir):
     return load_model(cfg, name, device=config["evaluate"]["device"], dtype="float32")
 
 
-def _las_frame(config, paths, ids, docs, student_cot, answers, embedder, simulator_cls, correctness_fn,
+def simulator_factory(config: dict):
+    """A no-argument factory of fresh LAS simulators, as `evaluate.las_simulator` says."""
+    from ..embed import SentenceEmbedder
+    from .las import make_simulator
+
+    kind = config["evaluate"]["las_simulator"]
+    if kind == "seq2seq":
+        settings = dict(config["evaluate"]["las_seq2seq"])
+        if not settings.get("model"):
+            raise ConfigError("evaluate.las_simulator is seq2seq but evaluate.las_seq2seq.model is not set. "
+                              "Fix: give a seq2seq model (hub id in the local cache, or a directory), e.g. t5-base")
+        settings["model_name_or_path"] = settings.pop("model")
+        return lambda: make_simulator("seq2seq", seed=config["seed"], **settings)
+    embedder = SentenceEmbedder(config["embedder"])
+    return lambda: make_simulator(kind, encoder=embedder)
+
+
+def _las_frame(config, paths, ids, docs, student_cot, answers, make_simulator, correctness_fn,
                las_fn, target_fn) -> pd.DataFrame:
     train_docs = read_parquet(paths["train_docs"], "documents").set_index("doc_id")
     teacher_train = read_parquet(paths["teacher_train_cot"], "cot").set_index("doc_id")
@@ -164,7 +181,7 @@ def _las_frame(config, paths, ids, docs, student_cot, answers, embedder, simulat
         log.warning("LAS: no simulation target (no predicted label) on the %s split; LAS is NaN",
                     "test" if not keep else "train")
         return pd.DataFrame({"doc_id": [""], "metric": ["las"], "value": [float("nan")]})
-    correct = correctness_fn(lambda: simulator_cls(embedder, kind=config["evaluate"]["las_simulator"]),
+    correct = correctness_fn(make_simulator,
                              [train_docs.loc[d, "text"] for d in train_ids],
                              [str(teacher_train.loc[d, "cot"]) for d in train_ids], train_targets,
                              [docs.loc[ids[i], "text"] for i in keep], [student_cot[i] for i in keep],
