@@ -37,7 +37,7 @@ a an and are as at be been but by for from had has have he her his in into is it
 she that the their there these they this to was were which while who with without also after before
 than then other other unspecified specified patient admitted admission discharge discharged summary
 history hospital course reason year years old woman man male female known stable condition follow
-specialty treated focused work note""".split())
+specialty treated focused work note year-old follow-up work-up""".split())
 
 
 @dataclass
