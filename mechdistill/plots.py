@@ -160,7 +160,7 @@ def patching_figure(summary: pd.DataFrame, out_png: str | os.PathLike, title: st
         else:
             ax.text(0.5, 0.5, "no aligned clean/corrupted pairs", ha="center", va="center", transform=ax.transAxes)
     n_docs = int(summary["n_docs"].max()) if len(summary) else 0
-    fig.suptitle(f"{title} (n<={n_docs} documents)")
+    fig.suptitle(f"{title}\n(documents per point: up to {n_docs})", y=1.04)
     save_figure(fig, out_png)
 
 
