@@ -54,7 +54,7 @@ rule distill:
     output:
         model=paths.STUDENT_MODEL,
         log=paths.STUDENT_MODEL.replace("model/config.json", "train_log.parquet"),
-        mechanism=paths.STUDENT_MODEL.replace("model/config.json", "mechanism_val.parquet"),
+        mechanism=paths.STUDENT_MODEL.replace("model/config.json", "mechanism.parquet"),
     params:
         distill=canonical(config["distill"]),
         method=lambda wc: canonical(config["methods"][wc.method]),

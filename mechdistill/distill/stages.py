@@ -214,7 +214,8 @@ def run_distill(config: dict, student: str, method_name: str, paths: dict, model
              student, method_name, method.switches or "all on", len(batches["train"]), len(batches["val"]),
              {p: len(pool.heads) for p, pool in pools.items()}, tcfg.max_steps)
     model_dir = Path(model_dir)
-    before = _mechanism(model, examples["val"], pools, config)
+    scored = examples["train"] + examples["val"]  # val alone rarely has refinement positions on small data
+    before = _mechanism(model, scored, pools, config)
     result = train(model, loss_fn, train_batches, tcfg, model_dir, val_batches=batches["val"] or None,
                    tokenizer=tok, log_path=model_dir.parent / "train_log.parquet", ckpt_dir=model_dir.parent / "ckpt",
                    deepspeed_config=zero3_config(tcfg) if dcfg["deepspeed"] else None, keep_checkpoint=False)
@@ -223,13 +224,13 @@ def run_distill(config: dict, student: str, method_name: str, paths: dict, model
     last = train_log[train_log["split"] == "train"].tail(1)
     log.info("distill %s/%s: %d steps in %.1f s; loss %.4f -> %.4f", student, method_name, result.steps,
              time.perf_counter() - started, float(first["loss"].iloc[0]), float(last["loss"].iloc[0]))
-    after = _mechanism(model, examples["val"], pools, config)
+    after = _mechanism(model, scored, pools, config)
     change = pd.concat([before.assign(when="before"), after.assign(when="after")], ignore_index=True)
-    write_parquet(change, model_dir.parent / "mechanism_val.parquet")
+    write_parquet(change, model_dir.parent / "mechanism.parquet")
     means = change.groupby(["metric", "when"])["value"].mean().unstack()
     for metric in means.index:
-        log.info("  %s on val (student's own pools): before %.4f, after %.4f", metric, means.loc[metric, "before"],
-                 means.loc[metric, "after"])
+        log.info("  %s on train+val (student's own pools): before %.4f, after %.4f", metric,
+                 means.loc[metric, "before"], means.loc[metric, "after"])
 
 
 def _mechanism(model, examples: list[Example], pools: dict[str, HeadPool], config: dict) -> pd.DataFrame:
