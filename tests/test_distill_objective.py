@@ -159,3 +159,12 @@ def test_cross_tokenizer_student(teacher, ex, bpe_tok):
         assert torch.isfinite(out[term]) and float(out[term]) > 0, term
     out["loss"].backward()
     assert student.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_auto_pool_temperature_is_score_std():
+    table = pd.DataFrame({"layer": [0, 0, 0, 1], "head": [0, 1, 2, 0], "score": [80.0, 60.0, 40.0, 90.0]})
+    pool = select_pool(table, n_layers=2, k=3, temperature="auto", layer_range=(0.0, 0.5))
+    scores = torch.tensor([80.0, 60.0, 40.0])
+    assert pool.heads == [(0, 0), (0, 1), (0, 2)]
+    torch.testing.assert_close(pool.weights, torch.softmax(scores / scores.std(), 0))
+    assert float(select_pool(table, 2, 3, 1.0, (0.0, 0.5)).weights[0]) > 0.999  # T = 1 on raw scores: one head

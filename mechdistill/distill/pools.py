@@ -53,18 +53,20 @@ class HeadPool:
         return {layer: (heads, self.weights[idx]) for layer, (heads, idx) in sorted(out.items())}
 
 
-def select_pool(head_table: pd.DataFrame, n_layers: int, k: int, temperature: float,
+def select_pool(head_table: pd.DataFrame, n_layers: int, k: int, temperature: float | str,
                 layer_range: tuple[float, float]) -> HeadPool:
     """Top-k heads by `score` among layers l with lo <= l / n_layers < hi (hi = 1.0: up to the last layer).
 
     head_table: columns layer, head, score (e.g. heads/coarse.parquet); NaN scores are excluded.
     Ties break by (layer, head). Fewer than k qualifying heads: all of them are used.
-    Weights: w_h = softmax(score_h / temperature) over the selected heads.
+    Weights: w_h = softmax(score_h / temperature) over the selected heads. temperature="auto" uses the
+    standard deviation of the selected scores (softmax of z-scores): raw scores have model-dependent
+    scales (CoarseScore ~ kurtosis ~ 10-100), and T = 1 on such scores puts all weight on one head.
     """
     if k < 1:
         raise ValueError(f"select_pool: k must be >= 1, got {k}")
-    if temperature <= 0:
-        raise ValueError(f"select_pool: temperature must be > 0, got {temperature}")
+    if temperature != "auto" and not (isinstance(temperature, int | float) and temperature > 0):
+        raise ValueError(f"select_pool: temperature must be > 0 or 'auto', got {temperature!r}")
     lo, hi = layer_range
     layers = [layer for layer in range(n_layers) if lo <= layer / n_layers < hi]
     table = head_table[head_table["layer"].isin(layers) & head_table["score"].notna()]
@@ -74,6 +76,9 @@ def select_pool(head_table: pd.DataFrame, n_layers: int, k: int, temperature: fl
     table = table.sort_values(["score", "layer", "head"], ascending=[False, True, True]).head(k)
     scores = torch.tensor(table["score"].to_numpy(), dtype=torch.float32)  # [n]
     heads = [(int(layer), int(head)) for layer, head in zip(table["layer"], table["head"])]
+    if temperature == "auto":
+        spread = float(scores.std()) if len(scores) > 1 else 0.0
+        temperature = spread if spread > 0 else 1.0
     return HeadPool(heads=heads, weights=torch.softmax(scores / temperature, dim=0), scores=scores)
 
 
