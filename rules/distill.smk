@@ -26,8 +26,8 @@ rule teacher_targets:
     output:
         table=paths.TARGETS,
         tensors=paths.TARGETS.replace(".parquet", ".safetensors"),
-    params:
-        distill=canonical(config["distill"]),
+    params:  # what the targets depend on (not the loss weights or training settings)
+        distill=canonical({k: config["distill"].get(k) for k in ("top_k", "pools", "teacher_dtype", "max_docs")}),
         model=lambda wc: canonical(config["models"][wc.teacher]),
     wildcard_constraints:
         teacher=config["teacher"],
