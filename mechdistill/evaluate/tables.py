@@ -190,7 +190,9 @@ def table_spec(config: dict, table: str) -> dict:
     extra = students[1:]
     half = (len(extra) + 1) // 2
     specs = {
-        "table1": ([n for n in names if adapter[n] in TABLE1_ADAPTERS], students, "MIMIC-IV (clinical coding)"),
+        "table1": ([n for n in names if adapter[n] in TABLE1_ADAPTERS], students,
+                   "clinical coding (MIMIC-IV in the paper" + ("; here the SYNTHETIC ICD-10-CM demo vignettes)"
+                                                               if "icd10cm_controlled" in adapter.values() else ")")),
         "table2": ([n for n in names if adapter[n] in TABLE2_ADAPTERS], students, "LF-WikiSeeAlso"),
         "table3": (names[:1], extra[:half], "other student backbones (first half)"),
         "table4": (names[:1], extra[half:], "other student backbones (second half)"),
