@@ -216,7 +216,7 @@ def run_figure9(config: dict, metrics_paths: list[str], out_png) -> None:
     data = figure9_data(metrics, dataset, student, list(config.get("methods", {})),
                         n_resamples=config["evaluate"]["n_bootstrap"], seed=config["seed"])
     title = f"Figure 9 - LAS of the ablations ({dataset}, {student}; teacher {config['teacher']})"
-    missing = [m for m in config.get("methods", {}) if m not in set(data["method"])]
+    missing = [m for m in config.get("methods", {}) if m not in set(data.dropna(subset=["mean"])["method"])]
     if missing:  # e.g. students that predicted no label: LAS has no simulation target
         title += f"\nno LAS for: {', '.join(missing)}"
     figure9(data, out_png, title)
