@@ -29,7 +29,7 @@ import torch
 
 from .patch_runs import DocumentRuns, Head, HeadSet, run_patching
 from .patching import Corruption, near_miss_swaps, occurrences_in, phase1_corruption, swap_corruption
-from .segment import token_offsets, token_units
+from .segment import token_units
 from .trajectories import centroid, confusion_prefixes, cosine, focus_curve
 
 STOPWORDS = frozenset("""
@@ -219,7 +219,3 @@ def run_document(runs: DocumentRuns, pair: Pair, head_sets: Sequence[HeadSet], b
                   value=float(v), clean_value=clean_value, corrupt_value=corrupt_value, text=t)
              for r, v, t in zip(records, values[2:], texts[2:])]
     return rows
-
-
-def prompt_offsets(tokenizer, text: str) -> list[tuple[int, int]]:
-    return token_offsets(tokenizer, text)

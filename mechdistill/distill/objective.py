@@ -113,7 +113,7 @@ def student_loss(model: nn.Module, ex: Example, targets: Mapping[str, Tensor], p
         t_sig = {k: targets[f"{prefix}.{k}"][None].to(device) for k in keys}
         s_sig = signals[phase]
         if not same_tokens:
-            ti, si = _cross_tokenizer_pairs(phase, ex, targets)
+            ti, si = _cross_tokenizer_pairs(phase, ex, targets, student_spans)
             t_sig, s_sig = _pick(t_sig, ti, keys), _pick(s_sig, si, keys)
         terms[phase] = losses_fn(t_sig, s_sig) if t_sig["mask"].numel() else _zeros(phase, zero)
     loss = total_loss(terms, weights, method.switches)
@@ -156,11 +156,11 @@ def _teacher_cot_positions(targets: Mapping[str, Tensor]) -> Tensor:
     return torch.arange(seq - 1 - n_cot, seq - 1)
 
 
-def _cross_tokenizer_pairs(phase: str, ex: Example, targets: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+def _cross_tokenizer_pairs(phase: str, ex: Example, targets: Mapping[str, Tensor], student_spans: Tensor
+                           ) -> tuple[Tensor, Tensor]:
     """Which teacher and student positions compare when tokenizers differ: Phase 1 early queries
     whose tokens end on the same character; Phase 2 refinement positions of the same span."""
     if phase == "phase2":
         return _paired(targets["p2.span"].tolist(), ex.refine_span)
     t_ends = [int(targets["offsets"][q][1]) for q in targets["p1.queries"].tolist()]
-    s_spans = spans_in_teacher_text(ex, targets)
-    return _paired(t_ends, [int(s_spans[q][1]) if s_spans[q][1] > 0 else -1 for q in ex.early_queries])
+    return _paired(t_ends, [int(student_spans[q][1]) if student_spans[q][1] > 0 else -1 for q in ex.early_queries])

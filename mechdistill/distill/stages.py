@@ -245,15 +245,21 @@ def _mechanism(model, examples: list[Example], pools: dict[str, HeadPool], confi
         model.train(was_training)
 
 
+def with_distilled_model(config: dict, student: str, method: str, model_dir) -> tuple[dict, str]:
+    """(a copy of config with a `local` model entry for the trained student, that entry's name)."""
+    name = f"{student}__{method}"
+    cfg = copy.deepcopy(config)
+    cfg["models"][name] = {"source": "local", "path": str(Path(model_dir))}
+    return cfg, name
+
+
 def run_student_predict(config: dict, dataset: str, student: str, method: str, model_dir, prompts_path,
                         labels_path, out_path) -> None:
     """Greedy CoT + answer of a distilled student on the test prompts (same prompt, settings and
     parser as the teacher) -> pred/{split}.parquet."""
     from ..generate import generate_cot
 
-    name = f"{student}__{method}"
-    cfg = copy.deepcopy(config)
-    cfg["models"][name] = {"source": "local", "path": str(Path(model_dir))}
+    cfg, name = with_distilled_model(config, student, method, model_dir)
     prompts = read_parquet(prompts_path, "prompts")
     space = LabelSpace(read_parquet(labels_path, "labels"))
     pred = generate_cot(cfg, name, prompts, space, out_path, dataset=dataset, split="test")

@@ -119,7 +119,7 @@ def run_evaluate(config: dict, dataset: str, student: str, method: str, paths: d
     frames.append(pd.DataFrame({"doc_id": [ids[i] for i in has_trace], "metric": "perplexity", "value": ppl}))
 
     # LAS (Hase et al. 2020) with the light embedding simulator
-    frames.append(_las_frame(config, paths, ids, docs, student_cot, answers, simulator_factory(config),
+    frames.append(_las_frame(paths, train_docs, ids, docs, student_cot, answers, simulator_factory(config),
                              simulator_correctness, las_from_correctness, target_label))
 
     # mechanism: the student's pooled heads on the teacher's test CoT
@@ -142,13 +142,10 @@ def run_evaluate(config: dict, dataset: str, student: str, method: str, paths: d
 
 
 def _load_student(config: dict, student: str, method: str, model_dir):
-    import copy
-
+    from ..distill.stages import with_distilled_model
     from ..models import load_model
 
-    cfg = copy.deepcopy(config)
-    name = f"{student}__{method}"
-    cfg["models"][name] = {"source": "local", "path": str(Path(model_dir))}
+    cfg, name = with_distilled_model(config, student, method, model_dir)
     return load_model(cfg, name, device=config["evaluate"]["device"], dtype="float32")
 
 
@@ -169,9 +166,9 @@ def simulator_factory(config: dict):
     return lambda: make_simulator(kind, encoder=embedder)
 
 
-def _las_frame(config, paths, ids, docs, student_cot, answers, make_simulator, correctness_fn,
+def _las_frame(paths, train_docs, ids, docs, student_cot, answers, make_simulator, correctness_fn,
                las_fn, target_fn) -> pd.DataFrame:
-    train_docs = read_parquet(paths["train_docs"], "documents").set_index("doc_id")
+    train_docs = train_docs.set_index("doc_id")
     teacher_train = read_parquet(paths["teacher_train_cot"], "cot").set_index("doc_id")
     train_ids = [d for d in train_docs.index if d in teacher_train.index]
     train_targets = [target_fn(list(teacher_train.loc[d, "pred_labels"])) for d in train_ids]
