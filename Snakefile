@@ -5,6 +5,7 @@
 #   snakemake --cores 1 --report report.html                 # tables and figures with captions
 import json
 import os
+import re
 import sys
 
 from snakemake.utils import min_version, validate
@@ -26,26 +27,12 @@ validate(config, "config/schema.yaml")
 
 report: "report/workflow.rst"
 
+include: "rules/common.smk"
+
+
 wildcard_constraints:
-    dataset="|".join(config["datasets"]),
-    split="|".join(paths.SPLITS),
-
-
-def canonical(obj) -> str:
-    """Params as sorted JSON: Snakemake compares params as text, so key order must not matter."""
-    return json.dumps(obj, sort_keys=True)
-
-
-def group_targets(*names):
-    """The targets of the named groups (all groups if none) whose rules are all defined."""
-    defined = {r.name for r in workflow.rules}
-    groups = paths.stage_targets(config)
-    return [t for name in (names or groups) if set(groups[name][0]) <= defined for t in groups[name][1]]
-
-
-def defined_targets(_wildcards=None):
-    """Every target of every stage that has a rule in this workflow (see mechdistill/paths.py)."""
-    return group_targets()
+    dataset=one_of(config["datasets"]),
+    split=one_of(paths.SPLITS),
 
 
 rule all:

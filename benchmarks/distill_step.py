@@ -32,11 +32,13 @@ import torch  # noqa: E402
 from head_capture import peak_above, timed  # noqa: E402
 
 from mechdistill import paths  # noqa: E402
+from mechdistill.characterize.attention import attention_modules  # noqa: E402
 from mechdistill.config import load_config  # noqa: E402
 from mechdistill.distill.methods import METHODS  # noqa: E402
 from mechdistill.distill.objective import student_loss, teacher_targets  # noqa: E402
-from mechdistill.distill.signals import has_phase  # noqa: E402
-from mechdistill.distill.stages import head_pools, load_examples  # noqa: E402
+from mechdistill.distill.pools import head_pools  # noqa: E402
+from mechdistill.distill.signals import has_phase, make_examples  # noqa: E402
+from mechdistill.io import read_parquet, read_split  # noqa: E402
 from mechdistill.models import load_model  # noqa: E402
 
 
@@ -50,21 +52,23 @@ def main() -> None:
 
     cfg = load_config(ROOT / "config/config.yaml")
     dataset, teacher_name, student_name = next(iter(cfg["datasets"])), cfg["teacher"], cfg["students"][0]
-    split = {k: (paths.DATA, paths.PROMPTS, paths.COT, paths.ANCHORS)[i].format(
-        dataset=dataset, split="train", teacher=teacher_name) for i, k in enumerate(("docs", "prompts", "cot", "anchors"))}
-    labels = paths.LABELS.format(dataset=dataset)
-    for p in [*split.values(), labels]:
+    split = [paths.data(dataset, "train"), paths.prompts(dataset, "train"), paths.cot(dataset, teacher_name, "train"),
+             paths.anchors(dataset, teacher_name, "train"), paths.labels(dataset)]
+    for p in split:
         if not Path(p).exists():
             sys.exit(f"{p} is missing: run `snakemake --cores all` (demo config) first")
-    heads = {(m, k): paths.HEAD_SCORES.format(dataset=dataset, model=m, kind=k)
-             for m in (teacher_name, student_name) for k in ("coarse", "refine")}
     teacher, t_tok = load_model(cfg, teacher_name, device="cpu", dtype="float32")
     student, s_tok = load_model(cfg, student_name, device="cpu", dtype="float32")
-    t_pools = head_pools(cfg, teacher, heads[(teacher_name, "coarse")], heads[(teacher_name, "refine")])
-    s_pools = head_pools(cfg, student, heads[(student_name, "coarse")], heads[(student_name, "refine")])
-    args_ex = (split["docs"], split["prompts"], split["cot"], split["anchors"], labels)
-    t_examples = load_examples(cfg, teacher_name, t_tok, *args_ex)
-    s_examples = {e.doc_id: e for e in load_examples(cfg, student_name, s_tok, *args_ex)}
+
+    def pools(model, name):
+        return head_pools(cfg["distill"]["pools"], len(attention_modules(model)),
+                          read_parquet(paths.head_scores(dataset, name, "coarse")),
+                          read_parquet(paths.head_scores(dataset, name, "refine")))
+
+    t_pools, s_pools = pools(teacher, teacher_name), pools(student, student_name)
+    train = read_split(*split)
+    t_examples = make_examples(t_tok, train, teacher_name)
+    s_examples = {e.doc_id: e for e in make_examples(s_tok, train, student_name)}
     both = [e for e in t_examples if has_phase(e, "phase1") and has_phase(e, "phase2")]
     if not both:
         sys.exit("no training document has both Phase-1 and Phase-2 positions")

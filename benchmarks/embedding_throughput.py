@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout
 
 import torch  # noqa: E402
 
-from mechdistill.embed import SentenceEmbedder  # noqa: E402
-from mechdistill.trajectories import document_trajectories, needed_texts  # noqa: E402
+from mechdistill.anchors.embed import SentenceEmbedder  # noqa: E402
+from mechdistill.anchors.trajectories import document_trajectories, needed_texts  # noqa: E402
 
 SENTENCES = [
     "The patient presents with progressive dyspnea and bilateral leg edema.",

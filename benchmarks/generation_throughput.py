@@ -15,9 +15,9 @@ import time
 
 from mechdistill.config import load_config
 from mechdistill.data import prepare_dataset
-from mechdistill.generate import TransformersBackend
 from mechdistill.labels import LabelSpace
-from mechdistill.prompts import build_prompts
+from mechdistill.teacher.backends import TransformersBackend
+from mechdistill.teacher.prompts import build_prompts
 
 
 def main() -> None:

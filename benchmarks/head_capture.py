@@ -35,8 +35,9 @@ sys.path.insert(0, str(ROOT))  # this checkout's mechdistill
 
 import torch  # noqa: E402
 
+from mechdistill.characterize.attention import attention_modules  # noqa: E402
+from mechdistill.characterize.capture import capture_heads, capture_nbytes  # noqa: E402
 from mechdistill.config import load_config  # noqa: E402
-from mechdistill.heads import attention_modules, capture_heads, capture_nbytes  # noqa: E402
 from mechdistill.models import load_model  # noqa: E402
 
 TEXT = ("Patient presents with chest pain radiating to the left arm, shortness of breath and "

@@ -1,7 +1,7 @@
 """`mechdistill <stage> ...`: run one stage by hand, outside Snakemake.
 
-Paths default to the artifact layout of DESIGN.md (results/...), so a stage run by hand and by
-Snakemake write the same files.
+Paths default to the artifact layout of `mechdistill.paths` (results/..., see docs/pipeline.md),
+so a stage run by hand and by Snakemake write the same files.
 """
 
 from __future__ import annotations
@@ -9,7 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+import yaml
+
+from .config import load_config
 from .errors import MechdistillError
+from .logutil import rule_logging
 
 STAGES = {
     "validate-config": "check a config file against config/schema.yaml and print it with defaults",
@@ -43,9 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .config import load_config
-    from .logutil import rule_logging
-
     try:
         config = load_config(args.config)
         for key in ("dataset", "model"):
@@ -56,19 +57,20 @@ def main(argv: list[str] | None = None) -> int:
                                        f"(defined: {', '.join(config[section])}).")
         with rule_logging(None):
             if args.stage == "validate-config":
-                import yaml
                 print(yaml.safe_dump(config, sort_keys=False))
-            elif args.stage == "prepare-model":
-                from .models import resolve_model_path
+                return 0
+            # The stages import torch and transformers (seconds): only a command that runs one loads them.
+            from .models import resolve_model_path
+            from .stages.data import run_build_prompts, run_prepare_dataset
+            from .stages.teacher import run_teacher_cot
+
+            if args.stage == "prepare-model":
                 print(resolve_model_path(config, args.model))
             elif args.stage == "prepare-dataset":
-                from .stages import run_prepare_dataset
                 run_prepare_dataset(config, args.dataset)
             elif args.stage == "build-prompts":
-                from .stages import run_build_prompts
                 run_build_prompts(config, args.dataset, args.split)
             elif args.stage == "teacher-cot":
-                from .stages import run_teacher_cot
                 run_teacher_cot(config, args.dataset, args.split, model=args.model)
     except MechdistillError as exc:
         print(f"mechdistill: error: {exc}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Parquet I/O with explicit Arrow schemas and atomic writes.
+"""Parquet I/O with explicit Arrow schemas and atomic writes, and the reader of a split's artifacts.
 
 Every artifact is written to a temporary file in the destination directory and then renamed,
 so a killed job never leaves a half-written file that Snakemake would take as done.
@@ -11,6 +11,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -18,12 +19,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import InputError
+from .labels import LabelSpace
 
 STR_LIST = pa.list_(pa.string())
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
-# Artifact contracts (see DESIGN.md). Extra columns are allowed; these must be present.
+# Artifact contracts (docs/pipeline.md). Extra columns are allowed; these must be present.
 SCHEMAS: dict[str, pa.Schema] = {
     "documents": pa.schema([("doc_id", pa.string()), ("text", pa.string()), ("labels", STR_LIST)]),
     "labels": pa.schema([
@@ -105,3 +107,28 @@ def read_parquet(path: str | os.PathLike, kind: str | None = None,
                              f"(has {list(df.columns)}).", file=str(path),
                              fix="regenerate it with this version of mechdistill.")
     return df
+
+
+@dataclass(frozen=True)
+class SplitArtifacts:
+    """One split's documents, prompts and teacher CoT (indexed by doc_id), its anchors (in file
+    order, cut to max_docs) and the label space; `source` names the CoT file for messages."""
+
+    docs: pd.DataFrame
+    prompts: pd.DataFrame
+    cot: pd.DataFrame
+    anchors: pd.DataFrame
+    space: LabelSpace
+    source: str = ""
+
+
+def read_split(docs_path: str | os.PathLike, prompts_path: str | os.PathLike, cot_path: str | os.PathLike,
+               anchors_path: str | os.PathLike, labels_path: str | os.PathLike,
+               max_docs: int | None = None) -> SplitArtifacts:
+    """Read the documents, prompts, teacher CoT, anchors and label space of one split."""
+    anchors = read_parquet(anchors_path)
+    return SplitArtifacts(docs=read_parquet(docs_path, "documents").set_index("doc_id"),
+                          prompts=read_parquet(prompts_path, "prompts").set_index("doc_id"),
+                          cot=read_parquet(cot_path, "cot").set_index("doc_id"),
+                          anchors=anchors.head(max_docs) if max_docs else anchors,
+                          space=LabelSpace(read_parquet(labels_path, "labels")), source=str(cot_path))

@@ -16,6 +16,7 @@ converting at once, or a killed conversion, never leave a broken cache entry.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import json
@@ -26,7 +27,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import tokenizers
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from .errors import ConfigError
 
@@ -125,8 +128,6 @@ def _materialize(config: dict, name: str, spec: dict, target: Path) -> None:
 
 
 def _from_gguf(config: dict, spec: dict):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     path = gguf_package_file(spec)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
@@ -174,14 +175,11 @@ def _layer_subset(config: dict, spec: dict):
 
 def byte_tokenizer():
     """A byte-level BPE tokenizer with no merges (256 byte tokens + ChatML specials), built in code."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
     vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
+    core = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = tokenizers.decoders.ByteLevel()
     tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|pad|>",
                                   additional_special_tokens=["<|im_start|>"])
     tok.chat_template = CHATML_TEMPLATE
@@ -189,8 +187,6 @@ def byte_tokenizer():
 
 
 def _random_init(config: dict, spec: dict):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     tok_name = spec.get("tokenizer", "byte")
     tokenizer = byte_tokenizer() if tok_name == "byte" else load_tokenizer(config, tok_name)
     fields = {**TINY_ARCH_DEFAULTS[spec["arch"]], **spec.get("config", {})}
@@ -222,8 +218,6 @@ def pick_device(device: str = "auto") -> str:
 
 
 def load_tokenizer(config: dict, name: str):
-    from transformers import AutoTokenizer
-
     spec = model_spec(config, name)
     tok = AutoTokenizer.from_pretrained(resolve_model_path(config, name),
                                         trust_remote_code=spec.get("trust_remote_code", False))
@@ -234,8 +228,6 @@ def load_tokenizer(config: dict, name: str):
 
 def load_model(config: dict, name: str, device: str = "auto", dtype: str | None = None):
     """Load (materialising once if needed) model `name`; returns (model, tokenizer), eval mode."""
-    from transformers import AutoModelForCausalLM
-
     spec = model_spec(config, name)
     device = pick_device(device)
     path = resolve_model_path(config, name)
@@ -243,3 +235,12 @@ def load_model(config: dict, name: str, device: str = "auto", dtype: str | None 
         path, dtype=torch_dtype(dtype or spec.get("dtype"), device),
         trust_remote_code=spec.get("trust_remote_code", False))
     return model.to(device).eval(), load_tokenizer(config, name)
+
+
+def with_distilled_model(config: dict, student: str, method: str, model_dir: str | os.PathLike) -> tuple[dict, str]:
+    """(a copy of `config` with a `local` entry for the student distilled with `method`, saved in
+    `model_dir`; that entry's name "{student}__{method}"), so it loads like any other model."""
+    name = f"{student}__{method}"
+    cfg = copy.deepcopy(config)
+    cfg["models"][name] = {"source": "local", "path": str(Path(model_dir))}
+    return cfg, name

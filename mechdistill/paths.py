@@ -1,34 +1,212 @@
-"""Artifact paths (the contract of DESIGN.md), shared by the Snakefile and the library.
+"""Every artifact path of the pipeline, in one place (rules, stages and tests all call these).
 
-Templates use Snakemake wildcards; `stage_targets(config)` expands them for a config, keyed by
-the rule that produces them, so `rule all` can ask for every target of every defined rule and
-adding a stage is adding a rule.
+Each function returns the path of one artifact, relative to the working directory. An argument
+left out stays a Snakemake wildcard, so one function gives both the rule's pattern and a
+concrete file:
+
+    cot()                               -> "results/{dataset}/{teacher}/cot/{split}.parquet"
+    cot("icd10_demo", "smollm2", "test") -> "results/icd10_demo/smollm2/cot/test.parquet"
+    cot(split="train")                  -> "results/{dataset}/{teacher}/cot/train.parquet"
+
+`stage_targets(config)` lists the concrete files of every stage for a config, keyed by the rule
+that produces them, so `rule all` asks for every target of every defined rule.
+See docs/pipeline.md for what each file holds.
 """
 
 from __future__ import annotations
 
-R = "results"
+RESULTS = "results"
+LOGS = "logs"
 SPLITS = ("train", "val", "test")
 PHASES = ("phase1", "phase2")
+HEAD_SCORE_KINDS = ("coarse", "refine")
+TABLES = ("table1", "table2", "table3", "table4")
+TABLE_FORMATS = ("md", "csv", "tex")
+PATCHING_SCORES = {"phase1": "coarse", "phase2": "refine"}  # which head ranking each phase patches
+FIGURE_OF_PHASE = {"phase1": 5, "phase2": 8}  # patching figure number of each phase
 
-DATA = R + "/{dataset}/data/{split}.parquet"
-LABELS = R + "/{dataset}/data/labels.parquet"
-DATA_STATS = R + "/{dataset}/data/stats.json"
-PROMPTS = R + "/{dataset}/prompts/{split}.parquet"
-COT = R + "/{dataset}/{teacher}/cot/{split}.parquet"
-ANCHORS = R + "/{dataset}/{teacher}/anchors/{split}.parquet"
-TRAJECTORIES = R + "/{dataset}/{model}/trajectories.parquet"
-TRAJECTORY_SUMMARY = R + "/{dataset}/{model}/trajectories_summary.parquet"
-HEAD_SCORES = R + "/{dataset}/{model}/heads/{kind}.parquet"
-HEAD_EXAMPLE = R + "/{dataset}/{model}/heads/coarse_example.parquet"
-PATCHING = R + "/{dataset}/{teacher}/patching/{phase}.parquet"
-TARGETS = R + "/{dataset}/{teacher}/targets/{split}.parquet"
-STUDENT_MODEL = R + "/{dataset}/{student}/{method}/model/config.json"
-STUDENT_PRED = R + "/{dataset}/{student}/{method}/pred/{split}.parquet"
-METRICS = R + "/{dataset}/{student}/{method}/metrics.parquet"
-TABLE = R + "/tables/{table}.md"
-FIGURE = R + "/figures/{figure}.png"
-LOG = "logs/{rule}/{name}.log"
+D, T, M, S, SPLIT, METHOD = "{dataset}", "{teacher}", "{model}", "{student}", "{split}", "{method}"
+
+
+# ---------------------------------------------------------------- data and prompts
+
+def data_dir(dataset: str = D) -> str:
+    """Folder of a prepared dataset: the splits, the label table, stats and excluded pairs."""
+    return f"{RESULTS}/{dataset}/data"
+
+
+def data(dataset: str = D, split: str = SPLIT) -> str:
+    """Documents of one split: doc_id, text, labels."""
+    return f"{data_dir(dataset)}/{split}.parquet"
+
+
+def labels(dataset: str = D) -> str:
+    """The label space: label_id, title, parent, ancestors, assignable."""
+    return f"{data_dir(dataset)}/labels.parquet"
+
+
+def data_stats(dataset: str = D) -> str:
+    return f"{data_dir(dataset)}/stats.json"
+
+
+def excluded_pairs(dataset: str = D) -> str:
+    """(doc_id, label) pairs left out of scoring (LF-WikiSeeAlso's filter_labels_test), if any."""
+    return f"{data_dir(dataset)}/excluded_pairs.parquet"
+
+
+def prompts(dataset: str = D, split: str = SPLIT) -> str:
+    return f"{RESULTS}/{dataset}/prompts/{split}.parquet"
+
+
+# ---------------------------------------------------------------- teacher CoT, anchors, trajectories
+
+def cot(dataset: str = D, teacher: str = T, split: str = SPLIT) -> str:
+    return f"{RESULTS}/{dataset}/{teacher}/cot/{split}.parquet"
+
+
+def anchors(dataset: str = D, teacher: str = T, split: str = SPLIT) -> str:
+    return f"{RESULTS}/{dataset}/{teacher}/anchors/{split}.parquet"
+
+
+def trajectories(dataset: str = D, model: str = M) -> str:
+    """Focus / Confusion curves of a model's CoT; `model` is the teacher or "{student}/{method}"."""
+    return f"{RESULTS}/{dataset}/{model}/trajectories.parquet"
+
+
+def trajectory_summary(dataset: str = D, model: str = M) -> str:
+    return f"{RESULTS}/{dataset}/{model}/trajectories_summary.parquet"
+
+
+# ---------------------------------------------------------------- characterization and patching
+
+def head_scores(dataset: str = D, model: str = M, kind: str = "{kind}") -> str:
+    """CoarseScore (kind="coarse") or RefineScore (kind="refine") of every head of `model`."""
+    return f"{RESULTS}/{dataset}/{model}/heads/{kind}.parquet"
+
+
+def head_example(dataset: str = D, model: str = M) -> str:
+    """Figure 4's example: the top Phase-1 head's attention over one prompt."""
+    return f"{RESULTS}/{dataset}/{model}/heads/coarse_example.parquet"
+
+
+def patching(dataset: str = D, teacher: str = T, phase: str = "{phase}") -> str:
+    """Patching effects of one phase (summary over documents, with bootstrap CIs)."""
+    return f"{RESULTS}/{dataset}/{teacher}/patching/{phase}.parquet"
+
+
+def patching_runs(dataset: str = D, teacher: str = T, phase: str = "{phase}") -> str:
+    """Every reference and patched run of one phase: generated text and metric value."""
+    return f"{RESULTS}/{dataset}/{teacher}/patching/{phase}_runs.parquet"
+
+
+def patching_pairs(dataset: str = D, teacher: str = T, phase: str = "{phase}") -> str:
+    """The clean / corrupted document pairs of one phase (rejected ones with the reason)."""
+    return f"{RESULTS}/{dataset}/{teacher}/patching/{phase}_pairs.parquet"
+
+
+# ---------------------------------------------------------------- distillation
+
+def targets(dataset: str = D, teacher: str = T, split: str = SPLIT) -> str:
+    """Teacher targets of one split: one row per document (the tensors are in `targets_tensors`)."""
+    return f"{RESULTS}/{dataset}/{teacher}/targets/{split}.parquet"
+
+
+def targets_tensors(dataset: str = D, teacher: str = T, split: str = SPLIT) -> str:
+    """Top-k logits and pooled phase signals of the teacher, per document (safetensors)."""
+    return f"{RESULTS}/{dataset}/{teacher}/targets/{split}.safetensors"
+
+
+def student_dir(dataset: str = D, student: str = S, method: str = METHOD) -> str:
+    """Everything of one distilled student: model/, train_log, mechanism, predictions, metrics."""
+    return f"{RESULTS}/{dataset}/{student}/{method}"
+
+
+def student_model_dir(dataset: str = D, student: str = S, method: str = METHOD) -> str:
+    """The trained student (save_pretrained): loads with AutoModelForCausalLM.from_pretrained."""
+    return f"{student_dir(dataset, student, method)}/model"
+
+
+def student_model(dataset: str = D, student: str = S, method: str = METHOD) -> str:
+    """The file that marks a finished student (Snakemake tracks it; the model is its folder)."""
+    return f"{student_model_dir(dataset, student, method)}/config.json"
+
+
+def checkpoint_dir(dataset: str = D, student: str = S, method: str = METHOD) -> str:
+    """Resumable training state (removed once the student is saved)."""
+    return f"{student_dir(dataset, student, method)}/ckpt"
+
+
+def train_log(dataset: str = D, student: str = S, method: str = METHOD) -> str:
+    return f"{student_dir(dataset, student, method)}/train_log.parquet"
+
+
+def mechanism(dataset: str = D, student: str = S, method: str = METHOD) -> str:
+    """The student's pooled-head Sharpness / AnchorAlign / LoopBack / Helpfulness before vs after training."""
+    return f"{student_dir(dataset, student, method)}/mechanism.parquet"
+
+
+def student_pred(dataset: str = D, student: str = S, method: str = METHOD, split: str = SPLIT) -> str:
+    return f"{student_dir(dataset, student, method)}/pred/{split}.parquet"
+
+
+# ---------------------------------------------------------------- evaluation, tables and figures
+
+def metrics(dataset: str = D, student: str = S, method: str = METHOD) -> str:
+    return f"{student_dir(dataset, student, method)}/metrics.parquet"
+
+
+def tables_dir() -> str:
+    return f"{RESULTS}/tables"
+
+
+def table(table: str = "{table}", fmt: str = "md") -> str:
+    """One of Tables 1-4 (`table` = "table1" ...) as Markdown, CSV or LaTeX (`fmt`)."""
+    return f"{tables_dir()}/{table}.{fmt}"
+
+
+def figure(name: str = "{figure}") -> str:
+    """A figure by name, e.g. figure("figure1_icd10_demo")."""
+    return f"{RESULTS}/figures/{name}.png"
+
+
+def figure1(dataset: str = D) -> str:
+    return figure(f"figure1_{dataset}")
+
+
+def head_figure(number: int, dataset: str = D) -> str:
+    """Figure 4 (Phase-1 heads) or Figure 7 (Phase-2 heads) of a dataset."""
+    return figure(f"figure{number}_{dataset}")
+
+
+def patching_figure(phase: str, dataset: str = D) -> str:
+    """Figure 5 (phase1) or Figure 8 (phase2) of a dataset."""
+    return figure(f"figure{FIGURE_OF_PHASE[phase]}_{dataset}")
+
+
+def figure9() -> str:
+    return figure("figure9")
+
+
+def log(rule: str, name: str) -> str:
+    """A rule's log file; `name` joins the rule's wildcards, e.g. "{dataset}.{split}"."""
+    return f"{LOGS}/{rule}/{name}.log"
+
+
+# ---------------------------------------------------------------- every target of a config
+
+def student_models(config: dict) -> list[str]:
+    """The `{model}` values of the distilled students: "{student}/{method}" for every pair."""
+    return [f"{s}/{m}" for s in config.get("students", []) for m in config.get("methods", {})]
+
+
+def model_cot(config: dict, dataset: str, model: str) -> str:
+    """The CoT `model` wrote on the trajectory split: the teacher's traces, or the predictions of a
+    distilled student (`model` = "{student}/{method}")."""
+    split = config["trajectories"]["split"]
+    if model == config["teacher"]:
+        return cot(dataset, model, split)
+    student, method = model.split("/")
+    return student_pred(dataset, student, method, split)
 
 
 def stage_targets(config: dict) -> dict[str, tuple[tuple[str, ...], list[str]]]:
@@ -41,37 +219,27 @@ def stage_targets(config: dict) -> dict[str, tuple[tuple[str, ...], list[str]]]:
     teacher = config["teacher"]
     students = list(config.get("students", []))
     methods = list(config.get("methods", {}))
-    # Students are evaluated per distillation method: their CoT-derived artifacts live under
-    # {student}/{method}; `student_models` are the wildcard values of {model} for them.
-    student_models = [f"{s}/{m}" for s in students for m in methods]
-
-    def each(template: str, **axes: list[str]) -> list[str]:
-        out = [template]
-        for key, values in axes.items():
-            out = [t.replace("{" + key + "}", v) for t in out for v in values]
-        return out
-
+    distilled = [(d, s, m) for d in datasets for s in students for m in methods]
     return {
-        "prepare_dataset": (("prepare_dataset",), each(DATA, dataset=datasets, split=list(SPLITS))
-                            + each(LABELS, dataset=datasets)),
-        "build_prompts": (("build_prompts",), each(PROMPTS, dataset=datasets, split=list(SPLITS))),
-        "teacher_cot": (("teacher_cot",), each(COT, dataset=datasets, teacher=[teacher], split=list(SPLITS))),
-        "anchors": (("anchors",), each(ANCHORS, dataset=datasets, teacher=[teacher], split=list(SPLITS))),
-        "trajectories": (("trajectories",), each(TRAJECTORIES, dataset=datasets, model=[teacher])),
+        "prepare_dataset": (("prepare_dataset",), [data(d, s) for d in datasets for s in SPLITS]
+                            + [labels(d) for d in datasets]),
+        "build_prompts": (("build_prompts",), [prompts(d, s) for d in datasets for s in SPLITS]),
+        "teacher_cot": (("teacher_cot",), [cot(d, teacher, s) for d in datasets for s in SPLITS]),
+        "anchors": (("anchors",), [anchors(d, teacher, s) for d in datasets for s in SPLITS]),
+        "trajectories": (("trajectories",), [trajectories(d, teacher) for d in datasets]),
         "student_trajectories": (("trajectories", "student_predict"),
-                                 each(TRAJECTORIES, dataset=datasets, model=student_models)),
-        "head_scores": (("head_scores",), each(HEAD_SCORES, dataset=datasets, model=[teacher] + students,
-                                                kind=["coarse", "refine"])),
-        "patching": (("patching",), each(PATCHING, dataset=datasets, teacher=[teacher], phase=list(PHASES))),
-        "teacher_targets": (("teacher_targets",), each(TARGETS, dataset=datasets, teacher=[teacher], split=["train", "val"])),
-        "distill": (("distill",), each(STUDENT_MODEL, dataset=datasets, student=students, method=methods)),
-        "student_predict": (("student_predict",), each(STUDENT_PRED, dataset=datasets, student=students,
-                                                       method=methods, split=["test"])),
-        "evaluate": (("evaluate",), each(METRICS, dataset=datasets, student=students, method=methods)),
-        "figure1": (("figure1",), each(FIGURE, figure=[f"figure1_{d}" for d in datasets])),
-        "head_figures": (("head_figures",), each(FIGURE, figure=[f"figure{n}_{d}" for n in (4, 7) for d in datasets])),
-        "patching_figures": (("patching_figures",),
-                             each(FIGURE, figure=[f"figure{n}_{d}" for n in (5, 8) for d in datasets])),
-        "tables": (("tables",), each(TABLE, table=["table1", "table2", "table3", "table4"])),
-        "figure9": (("figure9",), each(FIGURE, figure=["figure9"])),
+                                 [trajectories(d, m) for d in datasets for m in student_models(config)]),
+        "head_scores": (("head_scores",), [head_scores(d, m, k) for d in datasets for m in [teacher] + students
+                                           for k in HEAD_SCORE_KINDS]),
+        "patching": (("patching",), [patching(d, teacher, p) for d in datasets for p in PHASES]),
+        "teacher_targets": (("teacher_targets",), [targets(d, teacher, s) for d in datasets
+                                                   for s in ("train", "val")]),
+        "distill": (("distill",), [student_model(*x) for x in distilled]),
+        "student_predict": (("student_predict",), [student_pred(*x, "test") for x in distilled]),
+        "evaluate": (("evaluate",), [metrics(*x) for x in distilled]),
+        "figure1": (("figure1",), [figure1(d) for d in datasets]),
+        "head_figures": (("head_figures",), [head_figure(n, d) for n in (4, 7) for d in datasets]),
+        "patching_figures": (("patching_figures",), [patching_figure(p, d) for p in PHASES for d in datasets]),
+        "tables": (("tables",), [table(t) for t in TABLES]),
+        "figure9": (("figure9",), [figure9()]),
     }

@@ -3,43 +3,33 @@
 
 rule anchors:
     input:
-        cot=paths.COT,
-        prompts=paths.PROMPTS,
-        docs=paths.DATA,
-        labels=paths.LABELS,
+        cot=paths.cot(),
+        prompts=paths.prompts(),
+        docs=paths.data(),
+        labels=paths.labels(),
     output:
-        paths.ANCHORS,
+        paths.anchors(),
     params:
         anchors=canonical(config["anchors"]),
         embedder=config["embedder"],
     wildcard_constraints:
-        teacher="|".join(config["models"]),
+        teacher=one_of(config["models"]),
     log:
-        "logs/anchors/{dataset}.{teacher}.{split}.log",
+        paths.log("anchors", "{dataset}.{teacher}.{split}"),
     conda:
         "../envs/cpu.yaml"
     script:
         "../workflow_scripts/anchors.py"
 
 
-def model_cot(wildcards):
-    """The CoT a model wrote on the trajectory split: the teacher's, or a student's predictions."""
-    split = config["trajectories"]["split"]
-    if wildcards.model == config["teacher"]:
-        return paths.COT.format(dataset=wildcards.dataset, teacher=wildcards.model, split=split)
-    student, method = wildcards.model.split("/")
-    return paths.STUDENT_PRED.format(dataset=wildcards.dataset, student=student, method=method, split=split)
-
-
 rule trajectories:
     input:
-        cot=model_cot,
-        anchors=lambda wc: paths.ANCHORS.format(dataset=wc.dataset, teacher=config["teacher"],
-                                                split=config["trajectories"]["split"]),
-        labels=paths.LABELS,
+        cot=lambda wc: paths.model_cot(config, wc.dataset, wc.model),
+        anchors=lambda wc: paths.anchors(wc.dataset, config["teacher"], config["trajectories"]["split"]),
+        labels=paths.labels(),
     output:
-        curves=paths.TRAJECTORIES,
-        summary=paths.TRAJECTORY_SUMMARY,
+        curves=paths.trajectories(),
+        summary=paths.trajectory_summary(),
     params:
         trajectories=canonical(config["trajectories"]),
         early_tokens=config["anchors"]["early_tokens"],
@@ -47,7 +37,7 @@ rule trajectories:
     wildcard_constraints:
         model="[^/]+(/[^/]+)?",
     log:
-        "logs/trajectories/{dataset}.{model}.log",
+        paths.log("trajectories", "{dataset}.{model}"),
     conda:
         "../envs/cpu.yaml"
     script:
@@ -56,13 +46,12 @@ rule trajectories:
 
 rule figure1:
     input:
-        lambda wc: [t for t in group_targets("trajectories", "student_trajectories")
-                    if t.startswith(f"{paths.R}/{wc.dataset}/")],
+        lambda wc: [paths.trajectories(wc.dataset, model) for model in [config["teacher"]] + paths.student_models(config)
+                    if paths.trajectories(wc.dataset, model) in group_targets("trajectories", "student_trajectories")],
     output:
-        report(paths.FIGURE.replace("{figure}", "figure1_{dataset}"), caption="../report/figure1.rst",
-               category="Characterize", subcategory="{dataset}"),
+        report(paths.figure1(), caption="../report/figure1.rst", category="Characterize", subcategory="{dataset}"),
     log:
-        "logs/figure1/{dataset}.log",
+        paths.log("figure1", "{dataset}"),
     conda:
         "../envs/cpu.yaml"
     script:

@@ -3,13 +3,13 @@
 
 rule prepare_dataset:
     output:
-        data=expand(paths.DATA, split=paths.SPLITS, allow_missing=True),
-        labels=paths.LABELS,
+        data=[paths.data(split=split) for split in paths.SPLITS],
+        labels=paths.labels(),
     params:
         entry=lambda wc: canonical({k: v for k, v in config["datasets"][wc.dataset].items() if k != "candidates"}),
         seed=config["seed"],
     log:
-        "logs/prepare_dataset/{dataset}.log",
+        paths.log("prepare_dataset", "{dataset}"),
     conda:
         "../envs/cpu.yaml"
     script:
@@ -18,17 +18,17 @@ rule prepare_dataset:
 
 rule build_prompts:
     input:
-        docs=paths.DATA,
-        train=lambda wc: paths.DATA.format(dataset=wc.dataset, split="train"),
-        labels=paths.LABELS,
+        docs=paths.data(),
+        train=paths.data(split="train"),
+        labels=paths.labels(),
     output:
-        paths.PROMPTS,
+        paths.prompts(),
     params:
         candidates=lambda wc: canonical(config["datasets"][wc.dataset]["candidates"]),
         prompts=canonical(config["prompts"]),
         embedder=config["embedder"],
     log:
-        "logs/build_prompts/{dataset}.{split}.log",
+        paths.log("build_prompts", "{dataset}.{split}"),
     conda:
         "../envs/cpu.yaml"
     script:

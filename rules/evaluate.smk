@@ -2,21 +2,20 @@
 
 
 def evaluate_inputs(wc):
-    teacher = config["teacher"]
-    traj_split = config["trajectories"]["split"]
+    teacher, dataset = config["teacher"], wc.dataset
     return {
-        "pred": paths.STUDENT_PRED.format(dataset=wc.dataset, student=wc.student, method=wc.method, split="test"),
-        "model": paths.STUDENT_MODEL.format(dataset=wc.dataset, student=wc.student, method=wc.method),
-        "test_docs": paths.DATA.format(dataset=wc.dataset, split="test"),
-        "train_docs": paths.DATA.format(dataset=wc.dataset, split="train"),
-        "test_prompts": paths.PROMPTS.format(dataset=wc.dataset, split="test"),
-        "teacher_test_cot": paths.COT.format(dataset=wc.dataset, teacher=teacher, split="test"),
-        "teacher_train_cot": paths.COT.format(dataset=wc.dataset, teacher=teacher, split="train"),
-        "test_anchors": paths.ANCHORS.format(dataset=wc.dataset, teacher=teacher, split="test"),
-        "labels": paths.LABELS.format(dataset=wc.dataset),
-        "trajectory_summary": paths.TRAJECTORY_SUMMARY.format(dataset=wc.dataset, model=f"{wc.student}/{wc.method}"),
-        "student_coarse": paths.HEAD_SCORES.format(dataset=wc.dataset, model=wc.student, kind="coarse"),
-        "student_refine": paths.HEAD_SCORES.format(dataset=wc.dataset, model=wc.student, kind="refine"),
+        "pred": paths.student_pred(dataset, wc.student, wc.method, "test"),
+        "model": paths.student_model(dataset, wc.student, wc.method),
+        "test_docs": paths.data(dataset, "test"),
+        "train_docs": paths.data(dataset, "train"),
+        "test_prompts": paths.prompts(dataset, "test"),
+        "teacher_test_cot": paths.cot(dataset, teacher, "test"),
+        "teacher_train_cot": paths.cot(dataset, teacher, "train"),
+        "test_anchors": paths.anchors(dataset, teacher, "test"),
+        "labels": paths.labels(dataset),
+        "trajectory_summary": paths.trajectory_summary(dataset, f"{wc.student}/{wc.method}"),
+        "student_coarse": paths.head_scores(dataset, wc.student, "coarse"),
+        "student_refine": paths.head_scores(dataset, wc.student, "refine"),
     }
 
 
@@ -24,15 +23,16 @@ rule evaluate:
     input:
         unpack(evaluate_inputs),
     output:
-        paths.METRICS,
+        paths.metrics(),
     params:
         evaluate=canonical(config["evaluate"]),
+        tau=config["heads"]["tau"],
     wildcard_constraints:
-        student="|".join(config.get("students", [])) or "NO_STUDENT",
-        method="|".join(config.get("methods", {})) or "NO_METHOD",
+        student=one_of(config["students"]),
+        method=one_of(config["methods"]),
     threads: workflow.cores
     log:
-        "logs/evaluate/{dataset}.{student}.{method}.log",
+        paths.log("evaluate", "{dataset}.{student}.{method}"),
     conda:
         "../envs/train.yaml"
     script:
@@ -43,13 +43,13 @@ rule tables:
     input:
         group_targets("evaluate"),
     output:
-        [paths.TABLE.replace("{table}", t) for t in ("table1", "table2", "table3", "table4")],
-        [report(paths.TABLE.replace("{table}", t).replace(".md", ".csv"), caption="../report/tables.rst",
-                category="Tables") for t in ("table1", "table2", "table3", "table4")],
+        [paths.table(t, "md") for t in paths.TABLES],
+        [report(paths.table(t, "csv"), caption="../report/tables.rst", category="Tables") for t in paths.TABLES],
+        [paths.table(t, "tex") for t in paths.TABLES],
     params:
         evaluate=canonical(config["evaluate"]),
     log:
-        "logs/tables/tables.log",
+        paths.log("tables", "tables"),
     conda:
         "../envs/cpu.yaml"
     script:
@@ -60,20 +60,20 @@ rule figure9:
     input:
         group_targets("evaluate"),
     output:
-        report(paths.FIGURE.replace("{figure}", "figure9"), caption="../report/figure9.rst", category="Distill"),
+        report(paths.figure9(), caption="../report/figure9.rst", category="Distill"),
     log:
-        "logs/figure9/figure9.log",
+        paths.log("figure9", "figure9"),
     conda:
         "../envs/cpu.yaml"
     script:
         "../workflow_scripts/figure9.py"
 
 
-for _table in ("table1", "table2", "table3", "table4"):
+for _table in paths.TABLES:
 
     rule:  # `snakemake table1` builds just that table (and everything it needs)
         name:
             _table
         input:
-            paths.TABLE.replace("{table}", _table),
+            paths.table(_table),
         localrule: True

@@ -1,45 +1,27 @@
 # Activation patching of the teacher (Figs 5 and 8): denoising / noising of attention patterns of
 # cumulative bins of top-ranked heads vs count-matched random and lowest-ranked heads.
 
-PATCHING_SCORES = {"phase1": "coarse", "phase2": "refine"}
-
-
-def patching_input(name):
-    split = config["patching"]["split"]
-    return lambda wc: {
-        "docs": paths.DATA.format(dataset=wc.dataset, split=split),
-        "prompts": paths.PROMPTS.format(dataset=wc.dataset, split=split),
-        "cot": paths.COT.format(dataset=wc.dataset, teacher=wc.teacher, split=split),
-        "anchors": paths.ANCHORS.format(dataset=wc.dataset, teacher=wc.teacher, split=split),
-        "labels": paths.LABELS.format(dataset=wc.dataset),
-        "scores": paths.HEAD_SCORES.format(dataset=wc.dataset, model=wc.teacher, kind=PATCHING_SCORES[wc.phase]),
-    }[name]
-
 
 rule patching:
     input:
-        docs=patching_input("docs"),
-        prompts=patching_input("prompts"),
-        cot=patching_input("cot"),
-        anchors=patching_input("anchors"),
-        labels=patching_input("labels"),
-        scores=patching_input("scores"),
+        unpack(teacher_split(config["patching"]["split"])),
+        scores=lambda wc: paths.head_scores(wc.dataset, wc.teacher, paths.PATCHING_SCORES[wc.phase]),
     output:
-        summary=paths.PATCHING,
-        runs=paths.PATCHING.replace("{phase}.parquet", "{phase}_runs.parquet"),
-        pairs=paths.PATCHING.replace("{phase}.parquet", "{phase}_pairs.parquet"),
+        summary=paths.patching(),
+        runs=paths.patching_runs(),
+        pairs=paths.patching_pairs(),
     params:
         patching=canonical(config["patching"]),
         anchors=canonical(config["anchors"]),
         model=lambda wc: canonical(config["models"][wc.teacher]),
     wildcard_constraints:
-        phase="phase1|phase2",
-        teacher=config["teacher"],
+        phase=one_of(paths.PHASES),
+        teacher=one_of([config["teacher"]]),
     threads: workflow.cores
     resources:
         gpu=1,
     log:
-        "logs/patching/{dataset}.{teacher}.{phase}.log",
+        paths.log("patching", "{dataset}.{teacher}.{phase}"),
     conda:
         "../envs/train.yaml"
     script:
@@ -48,15 +30,15 @@ rule patching:
 
 rule patching_figures:
     input:
-        phase1=paths.PATCHING.replace("{teacher}", config["teacher"]).replace("{phase}", "phase1"),
-        phase2=paths.PATCHING.replace("{teacher}", config["teacher"]).replace("{phase}", "phase2"),
+        phase1=paths.patching(teacher=config["teacher"], phase="phase1"),
+        phase2=paths.patching(teacher=config["teacher"], phase="phase2"),
     output:
-        figure5=report(paths.FIGURE.replace("{figure}", "figure5_{dataset}"), caption="../report/patching.rst",
-                       category="Patching", subcategory="{dataset}"),
-        figure8=report(paths.FIGURE.replace("{figure}", "figure8_{dataset}"), caption="../report/patching.rst",
-                       category="Patching", subcategory="{dataset}"),
+        figure5=report(paths.patching_figure("phase1"), caption="../report/patching.rst", category="Patching",
+                       subcategory="{dataset}"),
+        figure8=report(paths.patching_figure("phase2"), caption="../report/patching.rst", category="Patching",
+                       subcategory="{dataset}"),
     log:
-        "logs/patching_figures/{dataset}.log",
+        paths.log("patching_figures", "{dataset}"),
     conda:
         "../envs/cpu.yaml"
     script:

@@ -3,20 +3,20 @@
 
 rule teacher_cot:
     input:
-        prompts=paths.PROMPTS,
-        labels=paths.LABELS,
+        prompts=paths.prompts(),
+        labels=paths.labels(),
     output:
-        paths.COT,
+        paths.cot(),
     params:
         generation=canonical(config["generation"]),
         model=lambda wc: canonical(config["models"][wc.teacher]),
     wildcard_constraints:
-        teacher="|".join(config["models"]),
+        teacher=one_of(config["models"]),
     threads: workflow.cores
     resources:
         gpu=lambda wc: config["generation"]["tensor_parallel_size"] if config["generation"]["backend"] == "vllm" else 0,
     log:
-        "logs/teacher_cot/{dataset}.{teacher}.{split}.log",
+        paths.log("teacher_cot", "{dataset}.{teacher}.{split}"),
     conda:
         "../envs/vllm.yaml" if config["generation"]["backend"] == "vllm" else "../envs/cpu.yaml"
     script:

@@ -1,13 +1,14 @@
 import os
 from pathlib import Path
 
-import pytest
-
+# Before anything imports transformers / huggingface_hub, which read these once: no hub access.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-REPO = Path(__file__).resolve().parent.parent
+import pytest  # noqa: E402
+
+from tests.helpers import REPO  # noqa: E402
 
 
 @pytest.fixture(scope="session")

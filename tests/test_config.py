@@ -1,11 +1,12 @@
 import copy
+import re
 
 import pytest
 import yaml
-from conftest import REPO
 
 from mechdistill.config import load_config, validate_config
 from mechdistill.errors import ConfigError
+from tests.helpers import REPO
 
 
 def base() -> dict:
@@ -57,3 +58,40 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("datasets: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_schema_enumerates_exactly_what_the_library_accepts():
+    """distill.weights, distill.train and method switches list the keys the loss and trainer know, so the
+    schema (checked at start-up) and the library can't drift apart."""
+    from dataclasses import fields
+
+    from mechdistill.config import load_schema
+    from mechdistill.distill.losses import TERMS
+    from mechdistill.distill.trainer import TrainConfig
+
+    defs = load_schema()["$defs"]
+    terms = {f"{group}.{term}" for group, names in TERMS.items() for term in names}
+    assert set(defs["loss_weights"]["properties"]) == terms | {"alpha", "beta"}
+    assert set(defs["method"]["properties"]["switches"]["properties"]) == terms | set(TERMS)
+    assert set(defs["train_settings"]["properties"]) == {f.name for f in fields(TrainConfig)}
+    assert not any("default" in v for v in defs["train_settings"]["properties"].values())  # TrainConfig's
+
+
+def test_pool_layers_default_per_phase(tiny_config):
+    pools = tiny_config["distill"]["pools"]  # tiny.yaml sets only k
+    assert pools["phase1"] == {"k": 4, "temperature": "auto", "layers": [0.0, 0.5]}
+    assert pools["phase2"] == {"k": 4, "temperature": "auto", "layers": [0.33, 1.0]}
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"distill": {"weights": {"alpha": 1.0, "phase2.ov.x": 2}}}, "unknown key 'phase2.ov.x' under 'distill.weights'"),
+    ({"distill": {"train": {"lr": 1e-4, "lr_warmup": 3}}}, "unknown key 'lr_warmup' under 'distill.train'"),
+    ({"methods": {"mech": {"switches": {"phase1.atention": False}}}},
+     "unknown key 'phase1.atention' under 'methods.mech.switches'"),
+    ({"methods": {"mech": {"weights": {"gamma": 1.0}}}}, "unknown key 'gamma' under 'methods.mech.weights'"),
+    ({"methods": {"mech": {"train": {"steps": 3}}}}, "unknown key 'steps' under 'methods.mech.train'"),
+    ({"distill": {"train": {"max_steps": 0}}}, "'distill.train.max_steps': 0 is less than the minimum of 1"),
+])
+def test_typos_in_distillation_settings_stop_loading(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(REPO / "config" / "tiny.yaml", override)

@@ -7,7 +7,8 @@ import sys
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO
+
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +54,27 @@ def test_bad_config_stops_at_start(tmp_path):
     assert "'generation.backend' is 'vlm'; allowed values: 'transformers', 'vllm', 'file'" in proc.stdout + proc.stderr
 
 
-def test_tiny_end_to_end_then_incremental(tmp_path, monkeypatch):
+@pytest.mark.parametrize("section, key, allowed", [
+    ("weights", "phase1.atn", "alpha, beta, cot.ce, cot.kl, phase1.attn, phase1.interaction, phase1.write, "
+                              "phase2.interaction, phase2.ov, phase2.qk"),
+    ("train", "max_step", "adam_eps, betas, checkpoint_every, deterministic, device, eval_every, grad_accum_steps, "
+                          "log_every, lr, max_grad_norm, max_steps, micro_batch_size, min_lr_ratio, precision, seed, "
+                          "warmup_ratio, warmup_steps, weight_decay"),
+])
+def test_misspelt_distill_key_stops_the_dry_run(tmp_path, section, key, allowed):
+    """A typo in distill.weights / distill.train stops `snakemake -n`, naming the key path and the allowed
+    keys (not hours later, after the teacher, head scores and targets)."""
+    cfg = yaml.safe_load((REPO / "config/tiny.yaml").read_text())
+    cfg["distill"][section] = {**cfg["distill"].get(section, {}), key: 1}
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
+                           "-n", "--configfile", str(path)], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert f"unknown key '{key}' under 'distill.{section}'. Allowed keys here: {allowed}." in proc.stdout + proc.stderr
+
+
+def test_tiny_end_to_end_then_incremental(tmp_path):
     tiny = str(REPO / "config/tiny.yaml")
     snakemake(tmp_path, "--cores", "2", "--configfile", tiny)
     for split, n in [("train", 3), ("val", 2), ("test", 3)]:
@@ -117,7 +138,6 @@ def test_tiny_end_to_end_then_incremental(tmp_path, monkeypatch):
     table1 = (tmp_path / "results/tables/table1.md").read_text()
     assert "| tiny_icd | tiny_student | mech |" in table1 and "Δ vs best baseline" in table1
     assert (tmp_path / "results/figures/figure9.png").stat().st_size > 10_000
-    check_patching_resumes(tmp_path, monkeypatch)
     snakemake(tmp_path, "--cores", "1", "--configfile", tiny, "--report", str(tmp_path / "report.html"))
     report = (tmp_path / "report.html").read_text()
     assert "Figure 9: LAS" in report and "tiny_llama" in report  # captions rendered with the config
@@ -131,53 +151,3 @@ def test_tiny_end_to_end_then_incremental(tmp_path, monkeypatch):
     jobs = job_counts(snakemake(tmp_path, "-n", "--configfile", str(changed)))
     assert jobs.get("prepare_dataset", 0) == 0
     assert jobs["build_prompts"] == 3 and jobs["teacher_cot"] == 3 and jobs["anchors"] == 3
-
-
-def test_llm_anchor_mode_on_tiny_model(tmp_path, tiny_config):
-    """App. B's no-label mode: concepts come from an auxiliary LLM (the tiny model's junk, parsed)."""
-    from mechdistill import stages
-
-    snakemake(tmp_path, "results/tiny_icd/tiny_llama/cot/val.parquet", "--cores", "2",
-              "--configfile", str(REPO / "config/tiny.yaml"))
-    tiny_config["anchors"].update(mode="llm", llm={"max_concepts": 3, "max_new_tokens": 8})
-    base = tmp_path / "results/tiny_icd"
-    stages.run_anchors(tiny_config, "tiny_icd", "tiny_llama", cot_path=base / "tiny_llama/cot/val.parquet",
-                       prompts_path=base / "prompts/val.parquet", docs_path=base / "data/val.parquet",
-                       labels_path=base / "data/labels.parquet", out_path=tmp_path / "anchors.parquet")
-    out = pd.read_parquet(tmp_path / "anchors.parquet")
-    assert len(out) == 2
-    assert all(len(a) <= 3 and all(isinstance(c, str) and c.strip() for c in a) for a in out["anchors"])
-
-
-def check_patching_resumes(workdir, monkeypatch):
-    """A patching job killed after its first document resumes there and gives the same table."""
-    from mechdistill import patch_experiment
-    from mechdistill.config import load_config
-    from mechdistill.stages import run_patching
-
-    monkeypatch.chdir(workdir)
-    config = load_config(REPO / "config/tiny.yaml")
-    base = "results/tiny_icd"
-    args = dict(docs_path=f"{base}/data/test.parquet", prompts_path=f"{base}/prompts/test.parquet",
-                cot_path=f"{base}/tiny_llama/cot/test.parquet", anchors_path=f"{base}/tiny_llama/anchors/test.parquet",
-                labels_path=f"{base}/data/labels.parquet", head_scores_path=f"{base}/tiny_llama/heads/coarse.parquet",
-                summary_path="resume/phase1.parquet")
-    real, calls = patch_experiment.run_document, []
-
-    def dies_on_second(*a, **kw):
-        calls.append(a[1].doc_id)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("killed")
-        return real(*a, **kw)
-
-    monkeypatch.setattr(patch_experiment, "run_document", dies_on_second)
-    with pytest.raises(KeyboardInterrupt):
-        run_patching(config, "phase1", **args)
-    assert len(list((workdir / "resume").glob(".phase1.docs-*/*.json"))) == 1
-    calls.clear()
-    monkeypatch.setattr(patch_experiment, "run_document", lambda *a, **kw: calls.append(a[1].doc_id) or real(*a, **kw))
-    run_patching(config, "phase1", **args)
-    assert len(calls) == 1  # only the document the kill interrupted
-    assert not list((workdir / "resume").glob(".phase1.docs-*"))  # shards removed once the table is written
-    pd.testing.assert_frame_equal(pd.read_parquet(workdir / "resume/phase1.parquet"),
-                                  pd.read_parquet(workdir / f"{base}/tiny_llama/patching/phase1.parquet"))

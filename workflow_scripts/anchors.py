@@ -1,7 +1,7 @@
 from mechdistill.logutil import rule_logging
-from mechdistill.stages import run_anchors
+from mechdistill.stages.anchors import run_anchors
 
+wc, inp = snakemake.wildcards, snakemake.input
 with rule_logging(snakemake.log[0]):
-    run_anchors(snakemake.config, snakemake.wildcards.dataset, snakemake.wildcards.teacher,
-                cot_path=snakemake.input.cot, prompts_path=snakemake.input.prompts,
-                docs_path=snakemake.input.docs, labels_path=snakemake.input.labels, out_path=snakemake.output[0])
+    run_anchors(snakemake.config, wc.dataset, wc.teacher, wc.split, cot_path=inp.cot, prompts_path=inp.prompts,
+                docs_path=inp.docs, labels_path=inp.labels, out_path=snakemake.output[0])

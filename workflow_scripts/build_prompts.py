@@ -1,8 +1,7 @@
-from pathlib import Path
-
 from mechdistill.logutil import rule_logging
-from mechdistill.stages import run_build_prompts
+from mechdistill.stages.data import run_build_prompts
 
+wc, inp = snakemake.wildcards, snakemake.input
 with rule_logging(snakemake.log[0]):
-    run_build_prompts(snakemake.config, snakemake.wildcards.dataset, snakemake.wildcards.split,
-                      data_dir=Path(snakemake.input.labels).parent, out_path=snakemake.output[0])
+    run_build_prompts(snakemake.config, wc.dataset, wc.split, docs_path=inp.docs, train_path=inp.train,
+                      labels_path=inp.labels, out_path=snakemake.output[0])

@@ -1,13 +1,11 @@
-from pathlib import Path
-
-from mechdistill.distill.stages import run_distill
 from mechdistill.logutil import rule_logging
+from mechdistill.stages.distill import SPLIT_FILES, run_distill
 
-inp = snakemake.input
-paths = {key: inp[key] for key in ("train_targets", "val_targets", "student_coarse", "student_refine",
-                                   "teacher_coarse", "teacher_refine")}
-paths.update({split: {k: inp[f"{split}_{k}"] for k in ("docs", "prompts", "cot", "anchors", "labels")}
-              for split in ("train", "val")})
+wc, inp, out = snakemake.wildcards, snakemake.input, snakemake.output
 with rule_logging(snakemake.log[0]):
-    run_distill(snakemake.config, snakemake.wildcards.student, snakemake.wildcards.method, paths,
-                model_dir=Path(snakemake.output.model).parent)
+    run_distill(snakemake.config, wc.dataset, wc.student, wc.method,
+                inputs={split: {k: inp[f"{split}_{k}"] for k in SPLIT_FILES} for split in ("train", "val")},
+                train_targets_path=inp.train_targets, val_targets_path=inp.val_targets,
+                student_coarse=inp.student_coarse, student_refine=inp.student_refine,
+                teacher_coarse=inp.teacher_coarse, teacher_refine=inp.teacher_refine,
+                log_path=out.log, mechanism_path=out.mechanism)

@@ -1,10 +1,7 @@
-from pathlib import Path
-
-from mechdistill.evaluate.stages import run_evaluate
 from mechdistill.logutil import rule_logging
+from mechdistill.stages.evaluate import run_evaluate
 
 wc = snakemake.wildcards
-paths = {key: snakemake.input[key] for key in snakemake.input.keys()}
-paths["model"] = str(Path(paths["model"]).parent)
+inputs = {key: snakemake.input[key] for key in snakemake.input.keys() if key != "model"}
 with rule_logging(snakemake.log[0]):
-    run_evaluate(snakemake.config, wc.dataset, wc.student, wc.method, paths, snakemake.output[0])
+    run_evaluate(snakemake.config, wc.dataset, wc.student, wc.method, inputs=inputs, out_path=snakemake.output[0])

@@ -1,6 +1,7 @@
 from mechdistill.logutil import rule_logging
-from mechdistill.stages import run_head_figures
+from mechdistill.stages.characterize import run_head_figures
 
+inp, out = snakemake.input, snakemake.output
 with rule_logging(snakemake.log[0]):
-    run_head_figures(snakemake.config, snakemake.wildcards.dataset, snakemake.input.coarse, snakemake.input.refine,
-                     snakemake.input.example, snakemake.output.figure4, snakemake.output.figure7)
+    run_head_figures(snakemake.config, snakemake.wildcards.dataset, coarse_path=inp.coarse, refine_path=inp.refine,
+                     example_path=inp.example, figure4_path=out.figure4, figure7_path=out.figure7)

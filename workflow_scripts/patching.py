@@ -1,8 +1,8 @@
 from mechdistill.logutil import rule_logging
-from mechdistill.stages import run_patching
+from mechdistill.stages.patching import run_patching
 
+wc, inp, out = snakemake.wildcards, snakemake.input, snakemake.output
 with rule_logging(snakemake.log[0]):
-    run_patching(snakemake.config, snakemake.wildcards.phase, docs_path=snakemake.input.docs,
-                 prompts_path=snakemake.input.prompts, cot_path=snakemake.input.cot,
-                 anchors_path=snakemake.input.anchors, labels_path=snakemake.input.labels,
-                 head_scores_path=snakemake.input.scores, summary_path=snakemake.output.summary)
+    run_patching(snakemake.config, wc.dataset, wc.phase, docs_path=inp.docs, prompts_path=inp.prompts,
+                 cot_path=inp.cot, anchors_path=inp.anchors, labels_path=inp.labels, head_scores_path=inp.scores,
+                 summary_path=out.summary, runs_path=out.runs, pairs_path=out.pairs)

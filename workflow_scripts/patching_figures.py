@@ -1,6 +1,7 @@
 from mechdistill.logutil import rule_logging
-from mechdistill.stages import run_patching_figure
+from mechdistill.stages.patching import run_patching_figure
 
+inp, out = snakemake.input, snakemake.output
 with rule_logging(snakemake.log[0]):
-    for phase, figure in (("phase1", snakemake.output.figure5), ("phase2", snakemake.output.figure8)):
-        run_patching_figure(snakemake.config, snakemake.wildcards.dataset, phase, snakemake.input[phase], figure)
+    for phase, figure in (("phase1", out.figure5), ("phase2", out.figure8)):
+        run_patching_figure(snakemake.config, snakemake.wildcards.dataset, phase, summary_path=inp[phase], out_png=figure)

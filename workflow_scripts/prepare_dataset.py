@@ -1,7 +1,5 @@
-from pathlib import Path
-
 from mechdistill.logutil import rule_logging
-from mechdistill.stages import run_prepare_dataset
+from mechdistill.stages.data import run_prepare_dataset
 
 with rule_logging(snakemake.log[0]):
-    run_prepare_dataset(snakemake.config, snakemake.wildcards.dataset, Path(snakemake.output.labels).parent)
+    run_prepare_dataset(snakemake.config, snakemake.wildcards.dataset)

@@ -1,9 +1,7 @@
-from pathlib import Path
-
-from mechdistill.distill.stages import run_student_predict
 from mechdistill.logutil import rule_logging
+from mechdistill.stages.distill import run_student_predict
 
-wc = snakemake.wildcards
+wc, inp = snakemake.wildcards, snakemake.input
 with rule_logging(snakemake.log[0]):
-    run_student_predict(snakemake.config, wc.dataset, wc.student, wc.method, Path(snakemake.input.model).parent,
-                        snakemake.input.prompts, snakemake.input.labels, snakemake.output[0])
+    run_student_predict(snakemake.config, wc.dataset, wc.student, wc.method, prompts_path=inp.prompts,
+                        labels_path=inp.labels, out_path=snakemake.output[0])

@@ -1,9 +1,7 @@
-from mechdistill.distill.stages import run_teacher_targets
 from mechdistill.logutil import rule_logging
+from mechdistill.stages.distill import SPLIT_FILES, run_teacher_targets
 
-split = snakemake.wildcards.split
+wc, inp, out = snakemake.wildcards, snakemake.input, snakemake.output
 with rule_logging(snakemake.log[0]):
-    run_teacher_targets(snakemake.config, *(snakemake.input[f"{split}_{k}"] for k in ("docs", "prompts", "cot",
-                                                                                       "anchors", "labels")),
-                        coarse_path=snakemake.input.teacher_coarse, refine_path=snakemake.input.teacher_refine,
-                        out_path=snakemake.output.table)
+    run_teacher_targets(snakemake.config, wc.dataset, wc.split, inputs={k: inp[k] for k in SPLIT_FILES},
+                        coarse_path=inp.coarse, refine_path=inp.refine, out_path=out.table, tensors_path=out.tensors)

@@ -1,7 +1,7 @@
 from mechdistill.logutil import rule_logging
-from mechdistill.stages import run_trajectories
+from mechdistill.stages.anchors import run_trajectories
 
+wc, inp, out = snakemake.wildcards, snakemake.input, snakemake.output
 with rule_logging(snakemake.log[0]):
-    run_trajectories(snakemake.config, snakemake.wildcards.model, cot_path=snakemake.input.cot,
-                     anchors_path=snakemake.input.anchors, labels_path=snakemake.input.labels,
-                     curves_path=snakemake.output.curves, summary_path=snakemake.output.summary)
+    run_trajectories(snakemake.config, wc.dataset, wc.model, cot_path=inp.cot, anchors_path=inp.anchors,
+                     labels_path=inp.labels, curves_path=out.curves, summary_path=out.summary)

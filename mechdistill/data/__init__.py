@@ -13,29 +13,17 @@ import pandas as pd
 
 from ..errors import InputError
 from .base import SPLITS, PreparedDataset
+from .icd10cm_controlled import load_icd10cm_controlled
+from .mimic4_icd10 import load_mimic4_icd10
+from .wikiseealso import load_wikiseealso
 
 log = logging.getLogger(__name__)
 
 
-def _icd10cm_controlled(**params) -> PreparedDataset:
-    from .icd10cm_controlled import load_icd10cm_controlled
-    return load_icd10cm_controlled(**params)
-
-
-def _mimic4_icd10(**params) -> PreparedDataset:
-    from .mimic4_icd10 import load_mimic4_icd10
-    return load_mimic4_icd10(**params)
-
-
-def _wikiseealso(**params) -> PreparedDataset:
-    from .wikiseealso import load_wikiseealso
-    return load_wikiseealso(**params)
-
-
 ADAPTERS: dict[str, Callable[..., PreparedDataset]] = {
-    "icd10cm_controlled": _icd10cm_controlled,
-    "mimic4_icd10": _mimic4_icd10,
-    "wikiseealso": _wikiseealso,
+    "icd10cm_controlled": load_icd10cm_controlled,
+    "mimic4_icd10": load_mimic4_icd10,
+    "wikiseealso": load_wikiseealso,
 }
 
 

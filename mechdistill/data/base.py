@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-SPLITS = ("train", "val", "test")
+from ..paths import SPLITS  # noqa: F401 (re-exported: the split names of every adapter)
 
 
 @dataclass

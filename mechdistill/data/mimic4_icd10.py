@@ -32,8 +32,8 @@ Deliberate differences, and what could not be verified:
   ones they are joined in note_seq order into one document (Edin keeps them as separate rows).
 - Without `split_file` the split is a seeded random permutation of subject_ids (no iterative
   stratification), so it is patient-level and reproducible but not Edin's split. The published
-  feather file is binary in the repository and its content (122,279 notes; 7,942 codes per
-  DESIGN.md) could not be checked here.
+  feather file is binary in the repository and its content (122,279 notes and 7,942 codes,
+  as Edin et al. 2023 report) could not be checked here.
 - The code filter runs on all notes before the split, as Edin does.
 """
 
@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import simple_icd_10_cm as cm
 
 from ..errors import ConfigError, InputError
 from .base import SPLITS, PreparedDataset
@@ -332,8 +333,6 @@ def _titles(root: str, stem: str) -> tuple[dict[str, str], Path]:
 
 def _label_table(kept: dict[str, list[str]], root: str, first_row: dict, code_paths: dict,
                  systems: list) -> pd.DataFrame:
-    import simple_icd_10_cm as cm  # slow import (~1.5 s), only needed here
-
     rows = []
     for kind, _, d_stem, is_diag in systems:
         titles, d_path = _titles(root, d_stem)

@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..heads import HeadCapture
-from ..scores import anchor_alignment, excess_kurtosis, margin_gradient
+from ..characterize.capture import HeadCapture
+from ..characterize.scores import anchor_alignment, excess_kurtosis, margin_gradient
 from .pools import HeadPool, pooled_helpfulness, pooled_loopback, pooled_rows, pooled_writes
 
 Spans = Tensor | Sequence[Sequence[int]]
@@ -53,8 +53,9 @@ TERMS: dict[str, tuple[str, ...]] = {
 PHASE_WEIGHT = {"cot": None, "phase1": "alpha", "phase2": "beta"}
 
 
-def _masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
-    """Mean of x over entries where mask is True; 0 (still attached to the graph) when none is."""
+def mean_or_zero(x: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean of x over all its entries where mask is True; 0 (still attached to the graph) when none
+    is, so a loss term with nothing to compare contributes nothing (cf. scores.masked_mean_or_nan)."""
     if mask is None:
         return x.mean() if x.numel() else x.sum()
     mask = mask.to(torch.bool).expand_as(x)
@@ -190,9 +191,9 @@ def phase1_losses(teacher_sig: Mapping[str, Tensor], student_sig: Mapping[str, T
     mask = _joint_mask(t, s, s["align"])  # [batch, n_query]
     coarse_t, coarse_s = t["kurtosis"] * t["align"], s["kurtosis"] * s["align"]
     return {
-        "attn": _masked_mean(attention_kl(t["rows"].to(s["rows"]), s["rows"]), mask),
-        "write": _masked_mean((t["align"] - s["align"]).pow(2), mask),
-        "interaction": _masked_mean((coarse_t - coarse_s).pow(2), mask),
+        "attn": mean_or_zero(attention_kl(t["rows"].to(s["rows"]), s["rows"]), mask),
+        "write": mean_or_zero((t["align"] - s["align"]).pow(2), mask),
+        "interaction": mean_or_zero((coarse_t - coarse_s).pow(2), mask),
     }
 
 
@@ -250,9 +251,9 @@ def phase2_losses(teacher_sig: Mapping[str, Tensor], student_sig: Mapping[str, T
     mask = _joint_mask(t, s, s["loopback"])  # [batch, n_refine]
     refine_t, refine_s = t["loopback"] * t["helpfulness"], s["loopback"] * s["helpfulness"]
     return {
-        "qk": _masked_mean((t["loopback"] - s["loopback"]).pow(2), mask),
-        "ov": _masked_mean((t["helpfulness"] - s["helpfulness"]).pow(2), mask),
-        "interaction": _masked_mean((refine_t - refine_s).pow(2), mask),
+        "qk": mean_or_zero((t["loopback"] - s["loopback"]).pow(2), mask),
+        "ov": mean_or_zero((t["helpfulness"] - s["helpfulness"]).pow(2), mask),
+        "interaction": mean_or_zero((refine_t - refine_s).pow(2), mask),
     }
 
 
@@ -301,7 +302,7 @@ def cot_loss(student_logits: Tensor, labels_mask: Tensor, teacher_topk_values: T
     independent of tau. Positions outside labels_mask are ignored; with none, every term is 0.
     """
     mask = labels_mask.to(torch.bool)
-    kl = temperature ** 2 * _masked_mean(
+    kl = temperature ** 2 * mean_or_zero(
         topk_kl(student_logits, teacher_topk_values, teacher_topk_indices, temperature), mask)
     if labels is None:
         if ce_weight != 0:
@@ -310,7 +311,7 @@ def cot_loss(student_logits: Tensor, labels_mask: Tensor, teacher_topk_values: T
         ce = torch.zeros((), dtype=kl.dtype, device=kl.device)
     else:
         nll = F.cross_entropy(student_logits.float().flatten(0, -2), labels.flatten(), reduction="none")
-        ce = _masked_mean(nll.view(labels.shape), mask)
+        ce = mean_or_zero(nll.view(labels.shape), mask)
     return {"ce": ce, "kl": kl, "loss": ce_weight * ce + kl_weight * kl}
 
 
@@ -363,7 +364,7 @@ def cross_tokenizer_kl(student_logits: Tensor, teacher_topk_values: Tensor, stud
         p_s = F.pad(p_s, (0, k - k_s))
     if s_pos.shape[1] == 0:
         warnings.warn("cross_tokenizer_kl: no aligned positions; the term is 0", stacklevel=2)
-    return _masked_mean((p_t - p_s).abs().sum(-1), pair_mask)
+    return mean_or_zero((p_t - p_s).abs().sum(-1), pair_mask)
 
 
 # ---------------------------------------------------------------------------------------------

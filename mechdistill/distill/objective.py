@@ -19,6 +19,7 @@ tokens end on the same character, and Phase 2 values are paired by refinement sp
 
 from __future__ import annotations
 
+import difflib
 import functools
 from collections.abc import Mapping
 
@@ -140,8 +141,6 @@ def spans_in_teacher_text(ex: Example, targets: Mapping[str, Tensor]) -> Tensor:
 @functools.lru_cache(maxsize=4096)
 def char_map(source: str, target: str) -> tuple[int, ...]:
     """For each character of `source`, its index in `target` under difflib's matching blocks, or -1."""
-    import difflib
-
     out = [-1] * len(source)
     matcher = difflib.SequenceMatcher(a=source, b=target, autojunk=False)
     for block in matcher.get_matching_blocks():

@@ -1,6 +1,6 @@
 """Head pools for mechanistic distillation and the pooled quantities computed from a HeadCapture.
 
-DESIGN.md "Head pools" / paper Sec. 3: for each phase, the top-k heads by their phase score
+Paper Sec. 3 (docs/equations.md, "Head pools"): for each phase, the top-k heads by their phase score
 (CoarseScore for Phase 1, RefineScore for Phase 2), restricted to a band of layers given as
 fractions of the depth, weighted by
 
@@ -20,21 +20,26 @@ pooled per head first, then weighted ("per-head-then-pooled").
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass
 
 import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from ..heads import HeadCapture, attention_modules, head_out_proj
-from ..scores import ov_helpfulness_cos, qk_loopback
+from ..characterize.attention import Head, attention_modules, head_out_proj
+from ..characterize.capture import HeadCapture
+from ..characterize.scores import ov_helpfulness_cos, qk_loopback
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class HeadPool:
     """A weighted set of heads. heads: [(layer, head)], weights: [n] (sum to 1), scores: [n]."""
 
-    heads: list[tuple[int, int]]
+    heads: list[Head]
     weights: Tensor
     scores: Tensor | None = None
 
@@ -80,6 +85,31 @@ def select_pool(head_table: pd.DataFrame, n_layers: int, k: int, temperature: fl
         spread = float(scores.std()) if len(scores) > 1 else 0.0
         temperature = spread if spread > 0 else 1.0
     return HeadPool(heads=heads, weights=torch.softmax(scores / temperature, dim=0), scores=scores)
+
+
+def head_pools(settings: dict, n_layers: int, coarse: pd.DataFrame, refine: pd.DataFrame,
+               source: str = "") -> dict[str, HeadPool]:
+    """A model's Phase 1 pool from its CoarseScore table and Phase 2 pool from its RefineScore table.
+
+    settings: config["distill"]["pools"] ({phase: {k, temperature, layers}}). A phase whose table
+    has no finite score gets no pool (its losses are then off for this model, with a warning that
+    names `source`).
+    """
+    pools = {}
+    for phase, table in (("phase1", coarse), ("phase2", refine)):
+        if table["score"].notna().any():
+            cfg = settings[phase]
+            pools[phase] = select_pool(table, n_layers, cfg["k"], cfg["temperature"], tuple(cfg["layers"]))
+        else:
+            log.warning("%s: no finite %s head score; %s losses are off for this model", source,
+                        "CoarseScore" if phase == "phase1" else "RefineScore", phase)
+    return pools
+
+
+def pools_json(pools: dict[str, HeadPool]) -> str:
+    """{phase: [[layer, head, weight], ...]} as JSON (stored with the teacher targets)."""
+    return json.dumps({p: [[layer, head, float(w)] for (layer, head), w in zip(pool.heads, pool.weights.tolist())]
+                       for p, pool in pools.items()})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,28 +9,35 @@ One forward of [prompt; CoT] gives, at once (`forward_signals`):
 The capture covers only the pooled heads' layers and the few query positions the losses need
 (heads.capture_heads); the margin gradient of Phase 2 comes from the residual entering the
 final norm in the same forward. The teacher runs it under no_grad (teacher_targets, or the
-online mode), the student with gradients; evaluation (Sharpness, AnchorAlign, LoopBack,
-Helpfulness) reuses it. Batch size 1: one document per call.
+online mode), the student with gradients; the mechanism metrics (Sharpness, AnchorAlign,
+LoopBack, Helpfulness: `mechanism_metrics`) reuse it. Batch size 1: one document per call.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 
+import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from ..characterize import final_residual
-from ..heads import capture_heads
-from ..prompts import render_prompt
-from ..scores import anchor_centroid
-from ..segment import char_span_to_tokens, shift_spans, token_offsets
-from ..teacher_forcing import forced_sequence, label_first_tokens
+from ..anchors.segment import char_span_to_tokens, shift_spans, token_offsets
+from ..characterize.capture import capture_heads, final_residual
+from ..characterize.scores import anchor_centroid
+from ..characterize.teacher_forcing import forced_sequence, label_first_tokens
+from ..io import SplitArtifacts
+from ..teacher.prompts import render_prompt
 from .losses import phase1_signals, phase2_signals, refine_margin_grad
 from .pools import HeadPool
 
+log = logging.getLogger(__name__)
+
 PHASES = ("phase1", "phase2")
+# Tables 1 and 4's mechanism metrics: (metric, phase signal it averages) per phase.
+MECHANISM_METRICS = {"phase1": (("sharpness", "kurtosis"), ("anchor_align", "align")),
+                     "phase2": (("loopback", "loopback"), ("helpfulness", "helpfulness"))}
 
 
 @dataclass
@@ -81,6 +88,30 @@ def make_example(tokenizer, doc_id: str, messages_json: str, cot: str, anchors_r
         anchor_token_ids=[ids for ids in (tokenizer(a, add_special_tokens=False)["input_ids"] for a in anchors) if ids],
         target_first=label_first_tokens(tokenizer, gold_titles),
         nearmiss_first=label_first_tokens(tokenizer, nearmiss_titles))
+
+
+def make_examples(tokenizer, split: SplitArtifacts, model_name: str = "") -> list[Example]:
+    """Teacher-forced examples of every document of a split (in anchors order) for `tokenizer`.
+
+    Documents with an empty CoT are skipped with a warning naming them.
+    """
+    docs, prompts, cot, space = split.docs, split.prompts, split.cot, split.space
+    examples, empty = [], []
+    for _, row in split.anchors.iterrows():
+        doc_id = row["doc_id"]
+        text = cot.loc[doc_id, "cot"] if doc_id in cot.index else ""
+        if not text.strip():
+            empty.append(doc_id)
+            continue
+        examples.append(make_example(tokenizer, doc_id, prompts.loc[doc_id, "messages"], text, row,
+                                     list(row["anchors"]), [space.title[g] for g in docs.loc[doc_id, "labels"]],
+                                     [space.title[n] for n in row["near_misses"]]))
+    if empty:
+        log.warning("%s: %d documents have an empty CoT and are skipped: %s", split.source, len(empty), empty[:5])
+    log.info("%s: %d examples for %s (%d with Phase 1 positions, %d with Phase 2 positions)", split.source,
+             len(examples), model_name, sum(has_phase(e, "phase1") for e in examples),
+             sum(has_phase(e, "phase2") for e in examples))
+    return examples
 
 
 def has_phase(ex: Example, phase: str) -> bool:
@@ -134,3 +165,27 @@ def forward_signals(model: nn.Module, ex: Example, pools: dict[str, HeadPool], t
         signals["phase2"] = phase2_signals(model, cap.select_queries(range(len(early), len(early) + len(refine))),
                                            pools["phase2"], grad, s_mask, n_mask, tau)
     return out.logits, signals
+
+
+@torch.no_grad()
+def mechanism_metrics(model: nn.Module, examples: list[Example], pools: dict[str, HeadPool], tau: float
+                      ) -> pd.DataFrame:
+    """Sharpness, AnchorAlign (Phase 1) and LoopBack, Helpfulness (Phase 2) of the model's pooled heads,
+    per document: the mean over the document's valid positions of kurtosis, align, loopback and
+    helpfulness from `forward_signals` -> doc_id, metric, value. Runs in eval mode (the model's
+    mode is restored)."""
+    was_training = model.training
+    model.eval()
+    rows = []
+    try:
+        for ex in examples:
+            _, signals = forward_signals(model, ex, pools, tau)
+            for phase, names in MECHANISM_METRICS.items():
+                sig = signals.get(phase)
+                if sig is None or not sig["mask"].any():
+                    continue
+                mask = sig["mask"][0]
+                rows += [(ex.doc_id, metric, float(sig[key][0][mask].double().mean())) for metric, key in names]
+    finally:
+        model.train(was_training)
+    return pd.DataFrame(rows, columns=["doc_id", "metric", "value"])

@@ -46,7 +46,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -54,9 +54,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from ..errors import ConfigError
 from ..io import write_parquet
 
 logger = logging.getLogger(__name__)
@@ -123,6 +125,19 @@ class TrainConfig:
         if self.warmup_steps is not None:
             return self.warmup_steps
         return round(self.warmup_ratio * self.max_steps)
+
+
+def train_config(settings: Mapping[str, Any], overrides: Mapping[str, Any] | None = None,
+                 seed: int = 0) -> TrainConfig:
+    """TrainConfig from `distill.train` (`settings`) with a method's own `train:` entries on top;
+    `seed` unless either sets one."""
+    merged = {**settings, **(overrides or {})}
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = set(merged) - known
+    if unknown:
+        raise ConfigError(f"distill.train: unknown keys {sorted(unknown)}; allowed: {sorted(known)}")
+    merged.setdefault("seed", seed)
+    return TrainConfig(**merged)
 
 
 @dataclass
@@ -225,7 +240,7 @@ def zero3_config(config: TrainConfig) -> dict[str, Any]:
 
 def _import_deepspeed() -> Any:
     try:
-        import deepspeed
+        import deepspeed  # optional and heavy: only multi-GPU training needs it
     except ImportError as err:
         raise ImportError(
             "deepspeed_config was given but DeepSpeed is not installed. Install the training "
@@ -434,16 +449,12 @@ class TorchBackend:
         return float(grad_norm)
 
     def save_checkpoint(self, directory: Path, trainer_state: dict[str, Any]) -> None:
-        from safetensors.torch import save_model
-
         save_model(self.model, str(directory / MODEL_FILE))
         torch.save({**trainer_state, "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()},
                    directory / STATE_FILE)
 
     def load_checkpoint(self, directory: Path) -> dict[str, Any]:
-        from safetensors.torch import load_model
-
         load_model(self.model, directory / MODEL_FILE, device=str(self.device))
         state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])

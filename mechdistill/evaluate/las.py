@@ -22,10 +22,22 @@ seq2seq simulator can be dropped in through the same protocol.
 
 from __future__ import annotations
 
+import copy
+import difflib
+import logging
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import numpy as np
+import pandas as pd
+import torch
+from sklearn.linear_model import LogisticRegression
+from tqdm.auto import tqdm
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 VIEWS = ("x", "xr", "r")
 
@@ -76,8 +88,6 @@ class EmbeddingSimulator:
             centroids = np.stack([features[targets == c].mean(0) for c in self.classes])
             self.centroids = centroids / np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
         else:
-            from sklearn.linear_model import LogisticRegression
-
             self.model = LogisticRegression(C=self.C, max_iter=self.max_iter).fit(features, targets)
         return self
 
@@ -148,8 +158,6 @@ def leakage_adjusted_simulatability(make_simulator: Callable[[], Simulator],
 def snap_to_label(text: str, labels: Sequence[str], cutoff: float = 0.6) -> str:
     """Map a generated string onto a known label: itself if it is one, else the closest label by
     `difflib` similarity (at least `cutoff`), else the string unchanged."""
-    import difflib
-
     if text in labels:
         return text
     close = difflib.get_close_matches(text, list(labels), n=1, cutoff=cutoff)
@@ -187,13 +195,7 @@ class Seq2SeqSimulator:
 
     def _fresh_model(self):
         """A trainable copy of the starting weights (loaded from the local cache on first use)."""
-        import copy
-
-        import torch
-
         if self.base_model is None:
-            from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
-
             kw = {"trust_remote_code": False, "local_files_only": True}
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_name_or_path, **kw)
             self.base_model = AutoModelForSeq2SeqLM.from_pretrained(self.model_name_or_path,
@@ -213,8 +215,6 @@ class Seq2SeqSimulator:
 
     def _encode_targets(self, targets: Sequence[str]):
         """Label ids ending in EOS (appended when the tokenizer does not), padded with -100."""
-        import torch
-
         eos, rows = self.tokenizer.eos_token_id, []
         for ids in self.tokenizer(list(targets), add_special_tokens=True)["input_ids"]:
             ids = list(ids)[: self.max_target_length]
@@ -227,9 +227,6 @@ class Seq2SeqSimulator:
         return labels.to(self.device)
 
     def fit(self, texts: Sequence[str], targets: Sequence[str]) -> Seq2SeqSimulator:
-        import torch
-        from tqdm.auto import tqdm
-
         if len(texts) != len(targets) or not texts:
             raise ValueError(f"fit needs as many targets as texts, at least one; got {len(texts)}, {len(targets)}")
         texts, targets = list(texts), [str(t) for t in targets]
@@ -258,8 +255,6 @@ class Seq2SeqSimulator:
         return self
 
     def predict(self, texts: Sequence[str]) -> list[str]:
-        import torch
-
         if self.model is None:
             raise RuntimeError("Seq2SeqSimulator.predict called before fit")
         out: list[str] = []
@@ -288,3 +283,57 @@ def make_simulator(kind: str, encoder: Encoder | None = None, **kwargs) -> Simul
     if kind == "seq2seq":
         return Seq2SeqSimulator(**kwargs)
     raise ValueError(f"unknown simulator kind {kind!r}; expected one of {', '.join(SIMULATOR_KINDS)}")
+
+
+def simulator_factory(settings: dict, seed: int = 0, encoder: Encoder | None = None) -> Callable[[], Simulator]:
+    """A no-argument factory of fresh simulators, as `evaluate.las_simulator` says.
+
+    settings: config["evaluate"]; encoder: the sentence embedder of the "logreg" / "centroid" kinds.
+    """
+    kind = settings["las_simulator"]
+    if kind == "seq2seq":
+        seq2seq = dict(settings["las_seq2seq"])
+        if not seq2seq.get("model"):
+            raise ConfigError("evaluate.las_simulator is seq2seq but evaluate.las_seq2seq.model is not set. "
+                              "Fix: give a seq2seq model (hub id in the local cache, or a directory), e.g. t5-base")
+        seq2seq["model_name_or_path"] = seq2seq.pop("model")
+        return lambda: make_simulator("seq2seq", seed=seed, **seq2seq)
+    return lambda: make_simulator(kind, encoder=encoder)
+
+
+def las_contributions(correct: dict[str, np.ndarray]) -> np.ndarray:
+    """Per-document LAS terms w_i (c_xr,i - c_x,i), w = 0.5 n / n_group, so their mean is LAS (a group
+    with no document gives the other group weight n / n_group, i.e. LAS = that group's mean)."""
+    x, xr, leak = (np.asarray(correct[k], dtype=bool) for k in ("x", "xr", "r"))
+    gain = xr.astype(float) - x.astype(float)
+    n = len(gain)
+    groups = [g for g in (leak, ~leak) if g.any()]
+    weight = np.zeros(n)
+    for g in groups:
+        weight[g] = n / (len(groups) * int(g.sum()))
+    return weight * gain
+
+
+def las_table(make_simulator: Callable[[], Simulator], train_inputs: Sequence[str],
+              train_rationales: Sequence[str], train_targets: Sequence[str | None], doc_ids: Sequence[str],
+              test_inputs: Sequence[str], test_rationales: Sequence[str],
+              test_targets: Sequence[str | None]) -> pd.DataFrame:
+    """LAS rows of the metrics artifact: doc_id, metric, value.
+
+    Per test document with a target: metric "las" = its contribution (`las_contributions`, whose
+    mean is LAS); corpus rows (doc_id ""): las_corpus, sim_acc_xr, sim_acc_x, sim_acc_r. Without a
+    target on either split: one corpus "las" row with NaN (and a warning).
+    """
+    keep = [i for i, t in enumerate(test_targets) if t is not None]
+    if not keep or not any(t is not None for t in train_targets):
+        log.warning("LAS: no simulation target (no predicted label) on the %s split; LAS is NaN",
+                    "test" if not keep else "train")
+        return pd.DataFrame({"doc_id": [""], "metric": ["las"], "value": [float("nan")]})
+    correct = simulator_correctness(make_simulator, train_inputs, train_rationales, train_targets,
+                                    [test_inputs[i] for i in keep], [test_rationales[i] for i in keep],
+                                    [test_targets[i] for i in keep])
+    stats = las_from_correctness(correct["x"], correct["xr"], correct["r"])
+    rows = pd.DataFrame({"doc_id": [doc_ids[i] for i in keep], "metric": "las", "value": las_contributions(correct)})
+    corpus = pd.DataFrame({"doc_id": "", "metric": ["las_corpus", "sim_acc_xr", "sim_acc_x", "sim_acc_r"],
+                           "value": [stats["las"], stats["sim_acc_xr"], stats["sim_acc_x"], stats["sim_acc_r"]]})
+    return pd.concat([rows, corpus], ignore_index=True)

@@ -21,14 +21,14 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from ..errors import InputError
 from ..io import atomic_path, read_parquet, write_text
-from .stats import significant_gain
+from ..stats import bootstrap_ci
+from .significance import significant_gain
 
 # (column label, metric name, higher is better), in the order of Tables 1 and 2.
 TABLE_COLUMNS: list[tuple[str, str, bool]] = [
@@ -288,28 +288,18 @@ def to_latex(table: pd.DataFrame, caption: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_table(table: pd.DataFrame, stem: str | os.PathLike, caption: str = "") -> None:
-    """Write `stem`.csv (full precision, with the stat columns), .md and .tex, each atomically."""
-    stem = Path(stem)
+def write_table(table: pd.DataFrame, files: dict[str, str | os.PathLike], caption: str = "") -> None:
+    """Write the table to files["csv"] (full precision, with the stat columns), files["md"] and
+    files["tex"], each atomically."""
     csv = table if len(table) else pd.DataFrame({"note": [NO_ROWS]})
-    with atomic_path(stem.with_name(stem.name + ".csv")) as tmp:
+    with atomic_path(files["csv"]) as tmp:
         csv.to_csv(tmp, index=False)
-    write_text(stem.with_name(stem.name + ".md"), to_markdown(table, caption))
-    write_text(stem.with_name(stem.name + ".tex"), to_latex(table, caption))
+    write_text(files["md"], to_markdown(table, caption))
+    write_text(files["tex"], to_latex(table, caption))
 
 
 # -----------------------------------------------------------------------------
 # Figure 9
-
-
-def bootstrap_mean_ci(values: np.ndarray, n_resamples: int = 1000, level: float = 0.95,
-                      seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean of `values` (resampling documents, seeded)."""
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), size=(n_resamples, len(values)))].mean(1)
-    tail = (1.0 - level) / 2.0
-    low, high = np.quantile(means, [tail, 1.0 - tail])
-    return float(low), float(high)
 
 
 def figure9_data(metrics: pd.DataFrame, dataset: str, student: str, methods: Sequence[str],
@@ -326,7 +316,7 @@ def figure9_data(metrics: pd.DataFrame, dataset: str, student: str, methods: Seq
         part = sel[sel["method"] == method].dropna(subset=["value"])
         per_doc = part[part["doc_id"].fillna("") != ""].groupby("doc_id")["value"].mean().to_numpy()
         if len(per_doc):
-            low, high = bootstrap_mean_ci(per_doc, n_resamples, level, seed)
+            _, low, high = bootstrap_ci(per_doc, n_resamples, level, seed)
             rows.append({"method": method, "mean": float(per_doc.mean()), "ci_low": low, "ci_high": high,
                          "n": len(per_doc)})
         elif len(part):

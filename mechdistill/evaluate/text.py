@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from sacrebleu.metrics import BLEU
 
-from ..segment import token_offsets
+from ..anchors.segment import token_offsets
 
 
 def _check_lengths(hypotheses: Sequence[str], references: Sequence[str]) -> None:

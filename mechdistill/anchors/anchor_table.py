@@ -1,0 +1,53 @@
+"""The anchors artifact: one row per document with its anchors, near-misses, shortlist and CoT spans.
+
+Columns: doc_id, anchors, anchor_text, near_misses, shortlist, early_span, refine_spans,
+shortlist_spans, nearmiss_spans (character offsets into the CoT), reason ("" when every span
+could be found; otherwise why a later stage will get NaN, e.g. "empty CoT", "no near-misses").
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from ..labels import LabelSpace
+from .concepts import anchor_text, label_anchors
+from .near_misses import near_misses, shortlist
+from .segment import segment_cot, token_offsets
+
+COLUMNS = ["doc_id", "anchors", "anchor_text", "near_misses", "shortlist", "early_span", "refine_spans",
+           "shortlist_spans", "nearmiss_spans", "reason"]
+
+
+def _spans(spans) -> list[list[int]]:
+    return [[int(a), int(b)] for a, b in spans]
+
+
+def anchor_table(docs: pd.DataFrame, cot: pd.DataFrame, prompts: pd.DataFrame, space: LabelSpace, tokenizer,
+                 settings: dict, embedder=None, concepts: list[list[str]] | None = None) -> pd.DataFrame:
+    """Anchor rows of every document of `docs` (in its order).
+
+    docs: doc_id, labels (gold); cot and prompts: indexed by doc_id (a document without a CoT
+    row gets an empty CoT); tokenizer: the teacher's (the early span is its first
+    `settings["early_tokens"]` CoT tokens); settings: config["anchors"]; embedder: needed by the
+    "embedding" near-miss strategy; concepts: per document, anchors extracted by an LLM (None:
+    the gold label titles, `label_anchors`).
+    """
+    strategies, n = settings["near_miss"]["strategies"], settings["near_miss"]["n"]
+    rows = []
+    for i, (doc_id, gold) in enumerate(zip(docs["doc_id"], docs["labels"])):
+        text = cot.loc[doc_id, "cot"] if doc_id in cot.index else ""
+        candidates, gold = list(prompts.loc[doc_id, "candidates"]), list(gold)
+        anchors = concepts[i] if concepts is not None else label_anchors(gold, space, settings["ancestor_levels"])
+        kept = shortlist(text, candidates, space)
+        # Near-misses are alternatives the CoT does not keep: disjoint from the shortlist, so the
+        # shortlist (S) and near-miss (N) positions of RefineScore never share a mention.
+        near = [lab for lab in near_misses(gold, text, candidates, space, strategies, n + len(kept), embedder)
+                if lab not in kept][:n]
+        seg = segment_cot(text, token_offsets(tokenizer, text), settings["early_tokens"], kept, near, space,
+                          candidates=candidates, patterns=settings.get("refine_patterns"))
+        reason = seg["reason"] or ("no anchors" if not anchors else "")
+        rows.append(dict(doc_id=doc_id, anchors=anchors, anchor_text=anchor_text(anchors), near_misses=near,
+                         shortlist=kept, early_span=list(seg["early_span"]),
+                         refine_spans=_spans(seg["refine_spans"]), shortlist_spans=_spans(seg["shortlist_spans"]),
+                         nearmiss_spans=_spans(seg["nearmiss_spans"]), reason=reason))
+    return pd.DataFrame(rows, columns=COLUMNS)

@@ -1,0 +1,155 @@
+"""Score every attention head of a model on teacher-forced [prompt; CoT] sequences.
+
+CoarseScore (Eq. 1) on early-CoT queries; RefineScore (Eq. 3) at refinement positions with
+their earlier shortlist (S) and near-miss (N) mentions as keys; plus, for Fig. 7 right, the
+per-stage (early -> late bins of refinement positions) QK to S, QK to N and OV helpfulness of
+every head. One document at a time (batch 1): memory stays bounded by one capture.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from ..io import SplitArtifacts
+from .capture import capture_heads, final_residual
+from .scores import (
+    anchor_centroid,
+    coarse_score_components,
+    head_table,
+    margin_gradient,
+    ov_helpfulness,
+    qk_loopback,
+    refine_score_components,
+)
+from .teacher_forcing import ForcedSequence, forced_sequence, label_first_tokens
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def score_document(model, tokenizer, seq: ForcedSequence, anchors: list[str], gold_titles: list[str],
+                   nearmiss_titles: list[str], tau: float, n_stages: int) -> dict:
+    """Per-head values of one document; arrays are [layers, heads] (or [layers, heads, stages])."""
+    out: dict = {"n_queries": len(seq.early_queries), "n_positions": 0}
+    ids = seq.input_ids
+    if seq.early_queries and anchors:
+        _, cap = capture_heads(model, ids[None], query_positions=[seq.early_queries], what=("rows", "writes"))
+        centroid = anchor_centroid(model.lm_head.weight,
+                                   [tokenizer(a, add_special_tokens=False)["input_ids"] for a in anchors])
+        qpos = torch.tensor(seq.early_queries)
+        key_mask = (torch.arange(len(ids))[None, :] <= qpos[:, None])[None]          # [1, nq, seq] causal
+        comps = [coarse_score_components(cap.rows[layer], cap.writes[layer], centroid[None],
+                                         torch.ones(1, len(qpos), dtype=torch.bool), key_mask)
+                 for layer in sorted(cap.rows)]
+        out["coarse"] = {k: torch.stack([c[k][0] for c in comps]).numpy() for k in ("coarse", "kurtosis", "alignment")}
+        out["example_rows"] = torch.stack([cap.rows[layer][0, :, 0, :seq.cot_token_start]
+                                           for layer in sorted(cap.rows)]).numpy()  # [L, H, prompt]
+    keys = seq.shortlist_positions + seq.nearmiss_positions
+    refine = [t for t in seq.refine_positions
+              if any(p < t for p in seq.shortlist_positions) and any(p < t for p in seq.nearmiss_positions)]
+    targets = label_first_tokens(tokenizer, gold_titles)
+    nearmisses = label_first_tokens(tokenizer, nearmiss_titles)
+    if refine and targets and nearmisses:
+        with final_residual(model) as residual:
+            _, cap = capture_heads(model, ids[None], query_positions=[refine], key_positions=[keys],
+                                   what=("rows", "qk", "value_writes"))
+        h_final = residual.h[0, refine]                                                 # [nr, d]
+        grad = margin_gradient(h_final, model.model.norm, model.lm_head, targets, nearmisses)[None]  # [1, nr, d]
+        is_s = torch.tensor([i < len(seq.shortlist_positions) for i in range(len(keys))])    # [nk]
+        before = torch.tensor(keys)[None, None, :] < torch.tensor(refine)[None, :, None]      # [1, nr, nk]
+        s_mask, n_mask = before & is_s, before & ~is_s            # earlier shortlist / near-miss mentions
+        none = torch.zeros_like(s_mask)
+        stage = np.minimum(n_stages - 1, (n_stages * (np.array(refine) - seq.cot_token_start)
+                                          / max(1, len(ids) - seq.cot_token_start)).astype(int))
+        per_layer = {k: [] for k in ("refine", "qk", "ov", "qk_s", "qk_n", "ov_t")}
+        for layer in sorted(cap.rows):
+            rows_at_t = cap.rows[layer][..., torch.tensor(keys)]                        # [1, H, nr, nk]
+            q, k, vw, scale = cap.queries[layer], cap.keys[layer], cap.value_writes[layer], cap.scaling[layer]
+            comps = refine_score_components(q, k, rows_at_t, vw, s_mask, n_mask, grad,
+                                            torch.ones(1, len(refine), dtype=torch.bool), scale, tau)
+            for name in ("refine", "qk", "ov"):
+                per_layer[name].append(comps[name][0])
+            per_layer["qk_s"].append(qk_loopback(q, k, s_mask, none, scale, empty=0.0)[0])      # [H, nr]
+            per_layer["qk_n"].append(-qk_loopback(q, k, none, n_mask, scale, empty=0.0)[0])
+            per_layer["ov_t"].append(ov_helpfulness(rows_at_t, vw, s_mask, grad, tau)[0])
+        out["refine"] = {k: torch.stack(per_layer[k]).numpy() for k in ("refine", "qk", "ov")}
+        out["stages"] = {name: _stage_means(torch.stack(per_layer[src]).numpy(), stage, n_stages)
+                         for name, src in (("qk_shortlist", "qk_s"), ("qk_nearmiss", "qk_n"), ("ov", "ov_t"))}
+        out["n_positions"] = len(refine)
+    return out
+
+
+def _stage_means(values: np.ndarray, stage: np.ndarray, n_stages: int) -> np.ndarray:
+    """values [L, H, nr], stage [nr] -> [L, H, n_stages] mean per stage (NaN where a stage is empty)."""
+    out = np.full(values.shape[:2] + (n_stages,), np.nan)
+    for b in range(n_stages):
+        if (stage == b).any():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                out[..., b] = np.nanmean(values[..., stage == b], -1)
+    return out
+
+
+def forced_documents(tokenizer, split: SplitArtifacts) -> list[dict]:
+    """The documents `score_heads` takes, for `tokenizer`: every anchors row of the split, teacher-forced
+    on the teacher's CoT (so students are scored on the same sequences as the teacher)."""
+    docs, prompts, cot, space = split.docs, split.prompts, split.cot, split.space
+    return [dict(doc_id=row["doc_id"],
+                 seq=forced_sequence(tokenizer, prompts.loc[row["doc_id"], "messages"], cot.loc[row["doc_id"], "cot"],
+                                     row),
+                 anchors=list(row["anchors"]),
+                 gold_titles=[space.title[g] for g in docs.loc[row["doc_id"], "labels"]],
+                 nearmiss_titles=[space.title[n] for n in row["near_misses"]])
+            for _, row in split.anchors.iterrows()]
+
+
+def score_heads(model, tokenizer, documents: Iterable[dict], tau: float = 0.01, n_stages: int = 4,
+                desc: str = "head scores") -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Score all heads over `documents` (dicts: doc_id, seq, anchors, gold_titles, nearmiss_titles).
+
+    Returns (coarse table, refine table, Fig. 4 example: the top coarse head's attention over the
+    prompt tokens from the first early query of the first scored document).
+    """
+    docs = list(documents)
+    results = [score_document(model, tokenizer, d["seq"], d["anchors"], d["gold_titles"], d["nearmiss_titles"],
+                              tau, n_stages) for d in tqdm(docs, desc=desc, unit="doc")]
+    coarse_docs = [r for r in results if "coarse" in r]
+    refine_docs = [r for r in results if "refine" in r]
+    log.info("%s: %d documents, %d with early queries and anchors, %d with refinement positions "
+             "(earlier shortlist and near-miss mentions)", desc, len(docs), len(coarse_docs), len(refine_docs))
+    coarse = _table(coarse_docs, "coarse", "coarse", "n_queries", model)
+    refine = _table(refine_docs, "refine", "refine", "n_positions", model)
+    if len(refine_docs):
+        for name in ("qk_shortlist", "qk_nearmiss", "ov"):
+            stacked = np.stack([r["stages"][name] for r in refine_docs])                  # [E, L, H, S]
+            with warnings.catch_warnings():  # an all-NaN stage stays NaN
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean = np.nanmean(stacked, 0).reshape(-1, stacked.shape[-1])            # [L*H, S]
+            refine[f"{name}_by_stage"] = list(mean)
+    example = pd.DataFrame(columns=["doc_id", "layer", "head", "position", "token", "weight"])
+    if coarse_docs and coarse["score"].notna().any():
+        top = coarse.loc[coarse["score"].idxmax()]
+        first = next(i for i, r in enumerate(results) if "coarse" in r)
+        weights = results[first]["example_rows"][int(top["layer"]), int(top["head"])]
+        ids = docs[first]["seq"].input_ids[: len(weights)].tolist()
+        example = pd.DataFrame({"doc_id": docs[first]["doc_id"], "layer": int(top["layer"]), "head": int(top["head"]),
+                                "position": range(len(ids)), "token": [tokenizer.decode([i]) for i in ids],
+                                "weight": weights})
+    return coarse, refine, example
+
+
+def _table(docs: list[dict], key: str, score: str, count: str, model) -> pd.DataFrame:
+    if not docs:
+        cfg = model.config
+        grid = [(layer, head) for layer in range(cfg.num_hidden_layers) for head in range(cfg.num_attention_heads)]
+        return pd.DataFrame({"layer": [g[0] for g in grid], "head": [g[1] for g in grid], "score": np.nan, count: 0})
+    per_example = {k: torch.tensor(np.stack([d[key][k] for d in docs])) for k in docs[0][key]}   # [E, L, H]
+    n = torch.tensor([d[count] for d in docs])
+    return head_table(per_example, n, score=score, count_name=count)

@@ -1,0 +1,374 @@
+"""Per-head scores of the two reasoning phases: CoarseScore (Eq. 1) and RefineScore (Eq. 3).
+
+Pure tensor functions: they keep the autograd graph (no ``.item()``, no NumPy), so the
+distillation losses (Eqs. 5, 6) reuse them with gradients. Shapes are written in the docstrings;
+``b`` = examples in a batch, ``H`` = heads of one layer (after the GQA repeat), ``nq`` = query
+positions, ``k``/``nk`` = key positions, ``nr`` = refinement positions, ``d`` = d_model.
+
+Missing values: a mean over an empty set is NaN (never a silent 0), so that aggregation can drop
+it; `weighted_mean` ignores NaN entries. All NaNs are produced by ``torch.where`` on finite
+intermediates, so gradients of the finite entries stay finite. Callers that combine outputs
+(e.g. a product, as in Eq. 3) must zero the NaN entries with ``torch.where`` first: 0 * NaN in a
+backward pass is NaN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Labels = Sequence[int] | Sequence[Sequence[int]]
+
+# ---------------------------------------------------------------- helpers
+
+
+def _nan_like(x: Tensor) -> Tensor:
+    return torch.full_like(x, float("nan"))
+
+
+def masked_mean_or_nan(x: Tensor, mask: Tensor | None, dim: int = -1, fill: float = float("nan")) -> Tensor:
+    """Mean of `x` over `dim` restricted to `mask` (broadcast to x); `fill` (NaN) where nothing is
+    valid, so aggregation can drop it (cf. distill.losses.mean_or_zero for loss terms).
+
+    Masked-out entries may hold NaN/inf: they are replaced before summing, so they reach neither
+    the value nor the gradient.
+    """
+    if mask is None:
+        return x.mean(dim)
+    mask = mask.to(torch.bool).expand_as(x)
+    n = mask.sum(dim)
+    total = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum(dim)
+    mean = total / n.clamp(min=1).to(x.dtype)
+    return torch.where(n > 0, mean, torch.full_like(mean, fill))
+
+
+def _upcast(x: Tensor) -> Tensor:
+    """float16/bfloat16 -> float32 (fourth moments of attention weights underflow in half precision)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+# ---------------------------------------------------------------- Phase 1 (Eq. 1)
+
+
+def excess_kurtosis(p: Tensor, eps: float = 1e-6, mask: Tensor | None = None) -> Tensor:
+    """Excess kurtosis of the entries of `p` over its last dim (App. B):
+
+        kappa(p) = m4 / (m2 + eps)^2 - 3,   m_r = (1/n) sum_j (p_j - mean(p))^r
+
+    p: [..., k] (e.g. one attention row per query); mask: bool, broadcastable to p, True = valid
+    key (causal / padding); then n and the mean count only valid keys. Returns [...];
+    NaN where a row has no valid key. A uniform row has m2 = m4 = 0, so kappa = -3 exactly.
+    Note: eps is absolute, so for rows over thousands of keys (m2 ~ 1/n^2) it damps kappa.
+    """
+    p = _upcast(p)
+    if mask is None:
+        mask = torch.ones_like(p, dtype=torch.bool)
+    mask = mask.to(torch.bool).expand_as(p)
+    zero = torch.zeros((), dtype=p.dtype, device=p.device)
+    n = mask.sum(-1).clamp(min=1).to(p.dtype)  # [...]
+    mu = torch.where(mask, p, zero).sum(-1, keepdim=True) / n.unsqueeze(-1)
+    dev = torch.where(mask, p - mu, zero)  # [..., k]
+    m2 = dev.pow(2).sum(-1) / n
+    m4 = dev.pow(4).sum(-1) / n
+    kappa = m4 / (m2 + eps).pow(2) - 3.0
+    return torch.where(mask.any(-1), kappa, _nan_like(kappa))
+
+
+def anchor_centroid(unembed: Tensor | nn.Module, label_token_ids: Sequence[Sequence[int]]) -> Tensor:
+    """c_anchor = mean_{a in A} e(a), e(a) = mean of the unembedding rows of label a's tokens.
+
+    unembed: [vocab, d] (or a module with such a `.weight`, e.g. `lm_head`);
+    label_token_ids: one token-id list per anchor (empty lists are skipped). Returns [d].
+    """
+    weight = unembed.weight if isinstance(unembed, nn.Module) else unembed
+    rows = [weight[list(ids)].mean(0) for ids in label_token_ids if len(ids) > 0]
+    if not rows:
+        raise ValueError("anchor_centroid: no anchor has any token")
+    return torch.stack(rows).mean(0)
+
+
+def anchor_alignment(writes: Tensor, anchor_centroid: Tensor) -> Tensor:
+    """Align = cos(Delta, c_anchor) over the last dim.
+
+    writes: [..., d] head writes Delta^h_q = (A^h_q V^h) W_O^h; anchor_centroid: [d] or
+    broadcastable to writes (e.g. [b, 1, 1, d]). Returns [...] (0 for a zero write).
+    """
+    return F.cosine_similarity(writes, anchor_centroid, dim=-1)
+
+
+def coarse_score_components(
+    rows: Tensor,
+    writes: Tensor,
+    centroid: Tensor,
+    query_mask: Tensor,
+    key_mask: Tensor | None = None,
+    eps: float = 1e-6,
+) -> dict[str, Tensor]:
+    """Per-example CoarseScore of every head of one layer (Eq. 1):
+
+        coarse[b, h] = mean_{q in E, valid} kappa(A^h_q) * cos(Delta^h_q, c_anchor(x_b))
+
+    rows: [b, H, nq, k] attention rows (after softmax and GQA repeat) of the early queries E;
+    writes: [b, nq, H, d] per-head writes Delta^h_q; centroid: [b, d];
+    query_mask: [b, nq] bool (False = padding); key_mask: [b, nq, k] bool (causal/padding) or None.
+    Returns kurtosis, alignment, coarse: [b, H] (means over valid queries; NaN for an example
+    with no valid query) and n_queries: [b].
+    """
+    kmask = None if key_mask is None else key_mask[:, None]  # [b, 1, nq, k]
+    kappa = excess_kurtosis(rows, eps=eps, mask=kmask)  # [b, H, nq]
+    align = anchor_alignment(writes, centroid[:, None, None, :]).transpose(1, 2)  # [b, H, nq]
+    align = align.to(kappa.dtype)
+    qmask = query_mask.to(torch.bool)[:, None, :]  # [b, 1, nq]
+    return {
+        "kurtosis": masked_mean_or_nan(kappa, qmask),
+        "alignment": masked_mean_or_nan(align, qmask),
+        "coarse": masked_mean_or_nan(kappa * align, qmask),
+        "n_queries": query_mask.to(torch.bool).sum(-1),
+    }
+
+
+# ---------------------------------------------------------------- margin (Eq. 7)
+
+
+def _margin_weights(targets: Labels, nearmisses: Labels, vocab: int, like: Tensor) -> Tensor:
+    """w with margin = logits @ w: +1/|T| on target first tokens, -1/|N| on near-miss ones.
+
+    Flat lists give w: [vocab]; lists of per-example lists give w: [b, vocab].
+    """
+    def one(t: Sequence[int], n: Sequence[int]) -> Tensor:
+        if len(t) == 0 or len(n) == 0:
+            raise ValueError("margin needs at least one target and one near-miss token")
+        w = torch.zeros(vocab, dtype=like.dtype, device=like.device)
+        w.index_add_(0, torch.as_tensor(list(t), device=like.device), like.new_full((len(t),), 1 / len(t)))
+        w.index_add_(0, torch.as_tensor(list(n), device=like.device), like.new_full((len(n),), -1 / len(n)))
+        return w
+
+    nested = len(targets) > 0 and hasattr(targets[0], "__len__")  # lists, tuples, numpy arrays
+    if not nested:
+        return one(targets, nearmisses)
+    if len(targets) != len(nearmisses):
+        raise ValueError("per-example targets and near-misses differ in length")
+    return torch.stack([one(t, n) for t, n in zip(targets, nearmisses)])
+
+
+def margin(logits_t: Tensor, target_first_tokens: Labels, nearmiss_first_tokens: Labels) -> Tensor:
+    """M_t = mean_{a in targets} z_t[a_1] - mean_{a in near-misses} z_t[a_1] (Eq. 7).
+
+    logits_t: [..., vocab]; the token lists hold the FIRST token of each label (one entry per
+    label; repeats count). Either flat lists shared by all rows, or one list per example, in
+    which case logits_t is [b, ..., vocab]. Returns [...].
+    """
+    w = _margin_weights(target_first_tokens, nearmiss_first_tokens, logits_t.shape[-1], logits_t)
+    if w.dim() == 1:
+        return logits_t @ w
+    w = w.reshape(w.shape[0], *([1] * (logits_t.dim() - 2)), w.shape[-1])  # [b, 1.., vocab]
+    return (logits_t * w).sum(-1)
+
+
+def _unembed(h: Tensor, unembed: Tensor | nn.Module) -> Tensor:
+    return unembed(h) if isinstance(unembed, nn.Module) else h @ unembed.T
+
+
+def margin_gradient(
+    h_final: Tensor,
+    final_norm: nn.Module,
+    unembed: Tensor | nn.Module,
+    target_first_tokens: Labels,
+    nearmiss_first_tokens: Labels,
+    create_graph: bool = False,
+) -> Tensor:
+    """grad_{h_final,t} M_t through the final norm and the unembedding.
+
+    h_final: [b, d] residual stream before the final norm at position t (one row per example);
+    final_norm: e.g. `model.model.norm`; unembed: `lm_head` or a [vocab, d] matrix.
+    Differentiates a detached leaf copy of h_final (its history is not touched); with
+    create_graph=True the result stays differentiable w.r.t. the norm/unembedding parameters.
+    Rows are independent (the norm acts per row), so the gradient of the sum is per row. Returns [b, d].
+    """
+    with torch.enable_grad():
+        h = h_final.detach().clone().requires_grad_(True)
+        m = margin(_unembed(final_norm(h), unembed), target_first_tokens, nearmiss_first_tokens)  # [b]
+        (grad,) = torch.autograd.grad(m.sum(), h, create_graph=create_graph)
+    return grad
+
+
+# ---------------------------------------------------------------- Phase 2 (Eq. 3)
+
+
+def earlier_mask(mention_mask: Tensor, query_positions: Tensor) -> Tensor:
+    """Mentions strictly before each refinement position: S/N masks for `qk_loopback`.
+
+    mention_mask: [b, nk] bool (key position is a shortlist / near-miss mention);
+    query_positions: [b, nr] long token index of each refinement query (key index space),
+    negative = padding. Returns [b, nr, nk] bool.
+    """
+    keys = torch.arange(mention_mask.shape[-1], device=mention_mask.device)
+    before = keys[None, None, :] < query_positions[:, :, None]  # [b, nr, nk]
+    return before & mention_mask.to(torch.bool)[:, None, :] & (query_positions[:, :, None] >= 0)
+
+
+def qk_loopback(
+    q: Tensor,
+    k: Tensor,
+    shortlist_mask: Tensor,
+    nearmiss_mask: Tensor,
+    scaling: float,
+    empty: float = float("nan"),
+) -> Tensor:
+    """QK loop-back of each head at each refinement position t:
+
+        QK_t = mean_{j in S_t} q_t.k_j * scaling - mean_{j in N_t} q_t.k_j * scaling
+
+    q: [b, H, nr, dh] queries at refinement positions; k: [b, H, nk, dh] keys (after RoPE and the
+    GQA repeat, i.e. the vectors whose dot product makes the attention logits); scaling: usually
+    1/sqrt(dh); shortlist_mask, nearmiss_mask: [b, nr, nk] bool selecting the EARLIER shortlist /
+    near-miss mention keys of each refinement position (see `earlier_mask`; the function does not
+    check causality). Returns [b, H, nr]; NaN where S_t or N_t is empty (or `empty` as the mean
+    of an empty set, e.g. 0.0 to keep the other term).
+    """
+    scores = torch.einsum("bhrd,bhkd->bhrk", q, k) * scaling  # [b, H, nr, nk]
+    s = masked_mean_or_nan(scores, shortlist_mask[:, None], fill=empty)
+    n = masked_mean_or_nan(scores, nearmiss_mask[:, None], fill=empty)
+    return s - n
+
+
+def _attended_write(rows_at_t: Tensor, value_writes: Tensor, shortlist_mask: Tensor, tau: float) -> Tensor:
+    """sum_{j in S_t, A_tj > tau} A_tj v_j W_O^h: [b, H, nr, d]."""
+    if rows_at_t.shape[-1] != value_writes.shape[-2]:
+        raise ValueError("rows_at_t and value_writes must index the same key positions")
+    keep = shortlist_mask.to(torch.bool)[:, None] & (rows_at_t > tau)  # [b, H, nr, nk]
+    weights = torch.where(keep, rows_at_t, torch.zeros((), dtype=rows_at_t.dtype, device=rows_at_t.device))
+    return torch.einsum("bhrk,bhkd->bhrd", weights.to(value_writes.dtype), value_writes)
+
+
+def _no_shortlist_to_nan(x: Tensor, shortlist_mask: Tensor) -> Tensor:
+    has_s = shortlist_mask.to(torch.bool).any(-1)[:, None]  # [b, 1, nr]
+    return torch.where(has_s, x, _nan_like(x))
+
+
+def ov_helpfulness(
+    rows_at_t: Tensor, value_writes: Tensor, shortlist_mask: Tensor, grad: Tensor, tau: float
+) -> Tensor:
+    """OV helpfulness of each head at each refinement position t (Sec. 2, Eq. 3):
+
+        OV_t = < sum_{j in S_t, A_tj > tau} A_tj v_j W_O^h , grad_{h_final,t} M_t >
+
+    rows_at_t: [b, H, nr, nk] attention weights of refinement query t on the key positions
+    (after softmax and GQA repeat); value_writes: [b, H, nk, d] per-key v_j W_O^h on the same key
+    positions; shortlist_mask: [b, nr, nk] bool (earlier shortlist mentions); grad: [b, nr, d]
+    (`margin_gradient` at t). Returns [b, H, nr]: 0 when S_t is non-empty but no key of it has
+    A_tj > tau (the empty sum: the head wrote nothing there), NaN when S_t is empty.
+    """
+    write = _attended_write(rows_at_t, value_writes, shortlist_mask, tau)  # [b, H, nr, d]
+    ov = (write * grad[:, None].to(write.dtype)).sum(-1)
+    return _no_shortlist_to_nan(ov, shortlist_mask)
+
+
+def ov_helpfulness_cos(
+    rows_at_t: Tensor, value_writes: Tensor, shortlist_mask: Tensor, grad: Tensor, tau: float
+) -> Tensor:
+    """Cosine form of `ov_helpfulness` (scale-free; used to compare teacher and student, Eq. 6):
+
+        OVcos_t = cos(sum_{j in S_t, A_tj > tau} A_tj v_j W_O^h, grad_{h_final,t} M_t)
+
+    Same shapes and NaN rule; 0 when no shortlist key passes tau (cosine of a zero vector).
+    """
+    write = _attended_write(rows_at_t, value_writes, shortlist_mask, tau)
+    cos = F.cosine_similarity(write, grad[:, None].to(write.dtype), dim=-1)
+    return _no_shortlist_to_nan(cos, shortlist_mask)
+
+
+def refine_score_components(
+    q: Tensor,
+    k: Tensor,
+    rows_at_t: Tensor,
+    value_writes: Tensor,
+    shortlist_mask: Tensor,
+    nearmiss_mask: Tensor,
+    grad: Tensor,
+    position_mask: Tensor,
+    scaling: float,
+    tau: float,
+    cosine: bool = False,
+) -> dict[str, Tensor]:
+    """Per-example RefineScore of every head of one layer (Eq. 3), mean of per-position products:
+
+        refine[b, h] = mean_{t in R_b} QK_t(h) * OV_t(h)
+
+    q, k, rows_at_t, value_writes, shortlist_mask, nearmiss_mask, grad: as in `qk_loopback` /
+    `ov_helpfulness`; position_mask: [b, nr] bool (False = padding). A refinement position counts
+    only when it is valid and has both an earlier shortlist and an earlier near-miss mention
+    (otherwise QK_t is undefined); qk, ov and refine average over the same positions, so
+    refine = mean(qk*ov) pairs with qk, ov. The product of means (the paper's Sec. 2 wording
+    "compute QK, OV averaged over positions and examples, then take the product") is
+    weighted_mean(qk) * weighted_mean(ov) after aggregation.
+    cosine=True uses `ov_helpfulness_cos`. Returns qk, ov, refine: [b, H] (NaN for an example
+    with no counted position) and n_positions: [b].
+    """
+    qk = qk_loopback(q, k, shortlist_mask, nearmiss_mask, scaling)  # [b, H, nr]
+    ov_fn = ov_helpfulness_cos if cosine else ov_helpfulness
+    ov = ov_fn(rows_at_t, value_writes, shortlist_mask, grad, tau).to(qk.dtype)  # [b, H, nr]
+    valid = (
+        position_mask.to(torch.bool)
+        & shortlist_mask.to(torch.bool).any(-1)
+        & nearmiss_mask.to(torch.bool).any(-1)
+    )  # [b, nr]
+    vmask = valid[:, None, :]  # [b, 1, nr]
+    zero = torch.zeros((), dtype=qk.dtype, device=qk.device)
+    qk, ov = torch.where(vmask, qk, zero), torch.where(vmask, ov, zero)  # no NaN in the product's backward
+    return {
+        "qk": masked_mean_or_nan(qk, vmask),
+        "ov": masked_mean_or_nan(ov, vmask),
+        "refine": masked_mean_or_nan(qk * ov, vmask),
+        "n_positions": valid.sum(-1),
+    }
+
+
+# ---------------------------------------------------------------- aggregation over examples
+
+
+def weighted_mean(values: Tensor, n: Tensor) -> Tensor:
+    """Mean over examples weighted by their number of positions, ignoring NaN entries.
+
+    values: [E, ...] (e.g. [E, H]); n: [E]. Returns [...]: sum_e n_e v_e / sum_e n_e over the
+    examples where v_e is finite and n_e > 0; NaN where there is none.
+    """
+    w = n.to(values.dtype).reshape(-1, *([1] * (values.dim() - 1))).expand_as(values)
+    ok = torch.isfinite(values) & (w > 0)
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    total_w = torch.where(ok, w, zero).sum(0)
+    mean = torch.where(ok, values * w, zero).sum(0) / total_w.clamp(min=torch.finfo(values.dtype).tiny)
+    return torch.where(total_w > 0, mean, _nan_like(mean))
+
+
+def head_table(
+    per_example: dict[str, Tensor], n: Tensor, score: str, count_name: str = "n_queries"
+) -> pd.DataFrame:
+    """Aggregate per-example head scores into the `heads/{coarse,refine}.parquet` table.
+
+    per_example: name -> [E, H] (one layer) or [E, L, H] (all layers), e.g. the output of
+    `coarse_score_components` concatenated over batches (count entries are skipped); n: [E]
+    positions per example; score: the key that becomes column `score` (e.g. "coarse", "refine").
+    Returns columns layer (when 3-D), head, score, the other components, `count_name` (positions
+    summed over the examples where the score is finite).
+    """
+    comps = {k: v for k, v in per_example.items() if k not in ("n_queries", "n_positions")}
+    main = comps[score].detach()
+    shape = main.shape[1:]
+    w = n.reshape(-1, *([1] * len(shape))).expand_as(main)
+    counts = torch.where(torch.isfinite(main), w, torch.zeros_like(w)).sum(0)
+    index = torch.cartesian_prod(*[torch.arange(s) for s in shape]).reshape(-1, len(shape))
+    cols: dict[str, list] = {}
+    if len(shape) == 2:
+        cols["layer"] = index[:, 0].tolist()
+    cols["head"] = index[:, -1].tolist()
+    cols["score"] = weighted_mean(main.double(), n).reshape(-1).tolist()
+    for name, v in comps.items():
+        if name != score:
+            cols[name] = weighted_mean(v.detach().double(), n).reshape(-1).tolist()
+    cols[count_name] = counts.reshape(-1).tolist()
+    return pd.DataFrame(cols)

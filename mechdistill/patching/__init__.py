@@ -1,0 +1,10 @@
+"""Phase 5: activation patching of the teacher's attention patterns (Figures 5 and 8).
+
+corruptions.py  token-aligned Phase-1 (neutral terms) and Phase-2 (near-miss swaps) corruptions
+head_sets.py    cumulative bins of top-ranked heads and count-matched random / lowest controls
+patterns.py     step-by-step pattern recording (PatternTape) and replacement (PatternPatch)
+runs.py         cached reference runs and batched patched greedy runs of one document
+experiment.py   one document's clean/corrupted pair, its metric and all of its runs
+effects.py      restoration, disruption and relative change, per document and summarised
+plots.py        Figures 5 and 8
+"""

@@ -1,0 +1,276 @@
+"""The activation-patching experiment of one document (Sec. 2, Figs 5 and 8).
+
+Phase 1 (CoarseScore heads, metric Reasoning Focus F at the end of the generated early CoT):
+    clean input     = the rendered prompt
+    corrupted input = the prompt with the document's semantically loaded terms made neutral: the
+                      words of the anchors (gold label texts or LLM concepts) plus the document
+                      words the top Phase-1 heads attend to most in the clean run ("peak terms")
+    generated       = the first `early_tokens` CoT tokens
+Phase 2 (RefineScore heads, metric Near-Miss Confusion C of anchor text + generated late CoT):
+    clean input     = the rendered prompt + the teacher's early CoT (its first `early_tokens` tokens)
+    corrupted input = the same with the document steered toward a near-miss (the words that tell a
+                      gold label from a near-miss sibling swapped, plus configured value swaps)
+    generated       = the next `late_tokens` tokens (the late CoT)
+
+Corruptions are made on the rendered prompt, only inside the document, and must keep the input's
+token count in the patched model's tokenizer; pairs that cannot be aligned are rejected with a
+reason (`Pair.reason`) and counted.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..anchors.segment import token_offsets, token_units
+from ..anchors.trajectories import centroid, confusion_prefixes, cosine, focus_curve
+from ..characterize.attention import Head
+from .corruptions import Corruption, near_miss_swaps, occurrences_in, phase1_corruption, swap_corruption
+from .head_sets import control_head_sets
+from .runs import DocumentRuns, HeadSet, patched_runs
+
+STOPWORDS = frozenset("""
+a an and are as at be been but by for from had has have he her his in into is it its not of on or
+she that the their there these they this to was were which while who with without also after before
+than then other other unspecified specified patient admitted admission discharge discharged summary
+history hospital course reason year years old woman man male female known stable condition follow
+specialty treated focused work note year-old follow-up work-up""".split())
+
+
+@dataclass
+class Pair:
+    """A clean/corrupted input pair of one document and phase, or why there is none."""
+
+    doc_id: str
+    phase: str
+    aligned: bool
+    reason: str
+    clean_ids: torch.Tensor | None = None
+    corrupt_ids: torch.Tensor | None = None
+    corruption: Corruption | None = None
+    region: tuple[int, int] = (0, 0)
+    terms: list[str] = field(default_factory=list)
+    detail: str = ""  # Phase 2: "gold -> near-miss" used for the swaps
+
+    def record(self) -> dict:
+        """A Parquet row: the clean and corrupted document text and how they were made."""
+        c = self.corruption
+        start, end = self.region
+        shift = len(c.corrupted) - len(c.clean) if c is not None else 0
+        return dict(doc_id=self.doc_id, phase=self.phase, aligned=self.aligned, reason=self.reason,
+                    clean=c.clean[start:end] if c else "", corrupted=c.corrupted[start:end + shift] if c else "",
+                    n_replacements=len(c.replacements) if c else 0,
+                    replacements=[f"{r.old} -> {r.new}" for r in c.replacements] if c else [],
+                    terms=list(self.terms), detail=self.detail,
+                    n_tokens=int(self.clean_ids.numel()) if self.clean_ids is not None else 0)
+
+
+def document_region(prompt_text: str, document: str) -> tuple[int, int] | None:
+    """Char span of the document inside the rendered prompt (the last occurrence: a one-shot
+    exemplar comes first), or None."""
+    doc = document.strip()
+    start = prompt_text.rfind(doc) if doc else -1
+    return None if start < 0 else (start, start + len(doc))
+
+
+def anchor_words(anchors: Sequence[str], min_len: int = 4) -> list[str]:
+    """Content words of the anchor texts: the anchors' surface forms, word by word (one neutral word
+    per replaced word keeps the token alignment easy)."""
+    words = {w.lower() for a in anchors for w in re.findall(r"[A-Za-z][A-Za-z-]+", a)}
+    return sorted(w for w in words if len(w) >= min_len and w not in STOPWORDS)
+
+
+def peak_terms(runs: DocumentRuns, heads: Sequence[Head], text: str, offsets: list[tuple[int, int]],
+               region: tuple[int, int], n_terms: int, min_len: int = 4) -> list[str]:
+    """Document words the given heads attend to most in the clean reference run.
+
+    Attention mass of every (head, generated step) on the tokens inside `region` is summed per word
+    (lower-cased) and the `n_terms` heaviest content words are returned. Sliding-window layers
+    record only their window: key index i of a row at step t is absolute position P + t - kv + i.
+    """
+    tape, length = runs.refs["clean"].tape, runs.refs["clean"].prefix.length
+    token_mass = np.zeros(len(offsets))
+    for layer, head in heads:
+        for t, row in enumerate(tape.rows.get(layer, [])):
+            weights = row[0, head].double().cpu().numpy()  # [kv]
+            first = length + t - weights.shape[0]
+            inside = slice(max(first, 0), min(first + weights.shape[0], len(offsets)))
+            token_mass[inside] += weights[inside.start - first: inside.stop - first]
+    words = Counter()
+    spans = [(m.start(), m.end(), m.group().lower()) for m in re.finditer(r"[A-Za-z][A-Za-z-]+", text[slice(*region)])]
+    for (a, _end), mass in zip(offsets, token_mass):
+        if mass <= 0 or not region[0] <= a < region[1]:
+            continue
+        for ws, we, word in spans:
+            if ws <= a - region[0] < we:
+                words[word] += mass
+                break
+    return [w for w, _ in words.most_common() if len(w) >= min_len and w not in STOPWORDS][:n_terms]
+
+
+def encode(tokenizer, text: str) -> torch.Tensor:
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def phase1_pair(doc_id: str, prompt_text: str, document: str, terms: Sequence[str], tokenizer,
+                pad: bool = True) -> Pair:
+    """Clean prompt and its Phase-1 corruption (terms made neutral inside the document)."""
+    region = document_region(prompt_text, document)
+    if region is None:
+        return Pair(doc_id, "phase1", False, "document text not found in the rendered prompt")
+    corruption = phase1_corruption(prompt_text, terms, tokenizer=tokenizer, pad=pad, region=region)
+    pair = Pair(doc_id, "phase1", corruption.aligned, corruption.reason, encode(tokenizer, prompt_text),
+                corruption=corruption, region=region, terms=list(terms))
+    if corruption.aligned:
+        pair.corrupt_ids = encode(tokenizer, corruption.corrupted)
+    return pair
+
+
+def early_cot_prefix(tokenizer, cot: str, early_tokens: int) -> str:
+    """The CoT's first `early_tokens` tokens as text (the Phase-2 runs start after them)."""
+    return "".join(token_units(tokenizer, cot)[:early_tokens])
+
+
+def phase2_pair(doc_id: str, prompt_text: str, document: str, cot_prefix: str, gold: Sequence[str],
+                near_misses: Sequence[str], title: dict[str, str], tokenizer,
+                value_swaps: dict[str, str] | None = None, pad: bool = True) -> Pair:
+    """Clean prompt + early CoT and its Phase-2 corruption toward a near-miss.
+
+    (gold, near-miss) pairs are tried in order; the first whose swaps occur in the document and keep
+    the token count is used. The CoT prefix is appended to both texts and the whole must still align.
+    """
+    region = document_region(prompt_text, document)
+    if region is None:
+        return Pair(doc_id, "phase2", False, "document text not found in the rendered prompt")
+    reasons = []
+    for g in gold:
+        for nm in near_misses:
+            swaps = {**near_miss_swaps(g, nm, title), **(value_swaps or {})}
+            if not swaps:
+                continue
+            if not occurrences_in(prompt_text, swaps, region):
+                continue
+            corruption = swap_corruption(prompt_text, swaps, tokenizer, pad=pad, region=region)
+            pair = Pair(doc_id, "phase2", False, corruption.reason, encode(tokenizer, prompt_text + cot_prefix),
+                        corruption=corruption, region=region, terms=sorted(swaps), detail=f"{g} -> {nm}")
+            if not corruption.aligned:
+                reasons.append(f"{g} -> {nm}: {corruption.reason}")
+                continue
+            pair.corrupt_ids = encode(tokenizer, corruption.corrupted + cot_prefix)
+            if pair.corrupt_ids.numel() != pair.clean_ids.numel():
+                reasons.append(f"{g} -> {nm}: the CoT prefix tokenizes differently after the document")
+                continue
+            pair.aligned, pair.reason = True, "aligned"
+            return pair
+    reason = "; ".join(reasons) if reasons else "no distinguishing words of a near-miss occur in the document"
+    return Pair(doc_id, "phase2", False, reason)
+
+
+def generated_text(tokenizer, tokens: torch.Tensor) -> str:
+    """Decode generated tokens up to (not including) the first special token (end of turn, EOS)."""
+    ids = tokens.tolist()
+    special = set(tokenizer.all_special_ids)
+    cut = next((i for i, t in enumerate(ids) if t in special), len(ids))
+    return tokenizer.decode(ids[:cut], skip_special_tokens=True)
+
+
+def focus_metric(tokenizer, embedder, anchors: Sequence[str]) -> Callable[[list[str]], np.ndarray]:
+    """texts -> Reasoning Focus F(T) of each generated early CoT (NaN for an empty one)."""
+    anchor_c = centroid(list(anchors), embedder)
+
+    def metric(texts: list[str]) -> np.ndarray:
+        units = [token_units(tokenizer, t) for t in texts]
+        embedder.encode(sorted({u for us in units for u in us}))  # one batched pass, then cached
+        return np.array([focus_curve(us, anchor_c, embedder)[-1] if us else np.nan for us in units])
+
+    return metric
+
+
+def confusion_metric(tokenizer, embedder, anchor_text: str, nearmiss_texts: Sequence[str]
+                     ) -> Callable[[list[str]], np.ndarray]:
+    """texts -> Near-Miss Confusion C of anchor text + each generated late CoT."""
+    near_c = centroid(list(nearmiss_texts), embedder)
+
+    def metric(texts: list[str]) -> np.ndarray:
+        units = [token_units(tokenizer, t) for t in texts]
+        prefixes = [confusion_prefixes(anchor_text, us, [len(us)])[0] for us in units]  # anchor text + whole late CoT
+        return cosine(embedder.encode(prefixes).astype(np.float64), near_c)
+
+    return metric
+
+
+def run_document(runs: DocumentRuns, pair: Pair, head_sets: Sequence[HeadSet], batch_size: int, tokenizer,
+                 metric: Callable[[list[str]], np.ndarray], on_batch=None) -> list[dict]:
+    """Corrupted reference run + every patched run of an aligned pair (the clean reference must
+    exist) -> one row per run: doc_id, direction, kind, k, seed, value, clean_value, corrupt_value, text."""
+    runs.reference("corrupt", pair.corrupt_ids)
+    records = patched_runs(runs, head_sets, batch_size, on_batch=on_batch)
+    texts = [generated_text(tokenizer, runs.refs[n].tokens) for n in ("clean", "corrupt")]
+    texts += [generated_text(tokenizer, r["tokens"]) for r in records]
+    values = metric(texts)
+    clean_value, corrupt_value = float(values[0]), float(values[1])
+    rows = [dict(doc_id=pair.doc_id, direction="reference", kind=name, k=0, seed=0, value=float(v),
+                 clean_value=clean_value, corrupt_value=corrupt_value, text=t)
+            for name, v, t in zip(("clean", "corrupt"), values[:2], texts[:2])]
+    rows += [dict(doc_id=pair.doc_id, direction=r["direction"], kind=r["kind"], k=r["k"], seed=r["seed"],
+                  value=float(v), clean_value=clean_value, corrupt_value=corrupt_value, text=t)
+             for r, v, t in zip(records, values[2:], texts[2:])]
+    return rows
+
+
+def control_sets(ranked: Sequence[Head], bins: Sequence[int], n_random: int, seed: int) -> list[HeadSet]:
+    """Every head set one direction patches: per cumulative bin k, the top-k heads, the k lowest-ranked
+    and `n_random` count-matched random sets (`head_sets.control_head_sets`)."""
+    return [HeadSet(kind, k, set_seed, heads)
+            for k, sets in control_head_sets(ranked, bins, n_random, seed).items()
+            for kind, set_seed, heads in [("top", 0, sets["top"]), ("lowest", 0, sets["lowest"])]
+            + [("random", i, s) for i, s in enumerate(sets["random"])]]
+
+
+def patch_document(phase: str, model, tokenizer, embedder, doc_id: str, prompt_text: str, document: str,
+                   anchors: Sequence[str], anchor_text: str, cot: str, gold: Sequence[str],
+                   near_misses: Sequence[str], titles: dict[str, str], ranked: Sequence[Head],
+                   head_sets: Sequence[HeadSet], settings: dict, early_tokens: int, repetition_penalty: float,
+                   on_batch=None) -> tuple[list[dict], dict]:
+    """One document's experiment for `phase` -> (run rows, its pair record).
+
+    Phase 1: clean prompt vs the prompt with anchor words and the top heads' peak terms made
+    neutral; `early_tokens` tokens generated; metric Reasoning Focus. Phase 2: prompt + the
+    teacher's early CoT vs the same steered toward a near-miss; `settings["late_tokens"]`
+    generated; metric Near-Miss Confusion. settings: config["patching"]. A pair that cannot be
+    aligned gives no runs (its record says why); `on_batch(n)` counts the head-set runs done
+    (or skipped) of the 2 x len(head_sets).
+    """
+    n_steps = early_tokens if phase == "phase1" else settings["late_tokens"]
+    peak_heads = list(ranked[:settings["peak_heads"]])
+    record_heads = sorted({h for s in head_sets for h in s.heads} | set(peak_heads))
+    runs = DocumentRuns(model, n_steps, record_heads, repetition_penalty)
+    if phase == "phase1":
+        runs.reference("clean", encode(tokenizer, prompt_text))
+        region = document_region(prompt_text, document)
+        peaks = (peak_terms(runs, peak_heads, prompt_text, token_offsets(tokenizer, prompt_text), region,
+                            settings["peak_terms"]) if region else [])
+        pair = phase1_pair(doc_id, prompt_text, document, anchor_words(list(anchors)) + peaks, tokenizer,
+                           pad=settings["pad"])
+        metric = focus_metric(tokenizer, embedder, list(anchors))
+    else:
+        near_titles = [titles[n] for n in near_misses]
+        pair = phase2_pair(doc_id, prompt_text, document, early_cot_prefix(tokenizer, cot, early_tokens),
+                           list(gold), list(near_misses), titles, tokenizer,
+                           value_swaps=settings["value_swaps"], pad=settings["pad"])
+        if pair.aligned and not near_titles:
+            pair.aligned, pair.reason = False, "no near-misses (Confusion undefined)"
+        if pair.aligned:
+            runs.reference("clean", pair.clean_ids)
+        metric = confusion_metric(tokenizer, embedder, anchor_text, near_titles)
+    rows = []
+    if pair.aligned:
+        rows = run_document(runs, pair, head_sets, settings["batch_size"], tokenizer, metric, on_batch=on_batch)
+    elif on_batch is not None:
+        on_batch(2 * len(head_sets))
+    return rows, pair.record()

@@ -1,0 +1,75 @@
+"""rules/anchors.smk: anchors, trajectories, figure1."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pandas as pd
+
+from .. import paths
+from ..anchors.anchor_table import anchor_table
+from ..anchors.concepts import extract_concepts
+from ..anchors.embed import SentenceEmbedder
+from ..anchors.plots import figure1
+from ..anchors.trajectories import trajectory_tables
+from ..io import read_parquet, write_parquet
+from ..labels import LabelSpace
+from ..models import load_tokenizer
+from ..teacher.backends import TransformersBackend
+
+log = logging.getLogger(__name__)
+PathLike = str | os.PathLike
+
+
+def run_anchors(config: dict, dataset: str, teacher: str, split: str, *, cot_path: PathLike | None = None,
+                prompts_path: PathLike | None = None, docs_path: PathLike | None = None,
+                labels_path: PathLike | None = None, out_path: PathLike | None = None) -> None:
+    """Teacher CoT + prompts + documents of a split -> {teacher}/anchors/{split}.parquet."""
+    settings = config["anchors"]
+    cot = read_parquet(cot_path or paths.cot(dataset, teacher, split), "cot").set_index("doc_id")
+    prompts = read_parquet(prompts_path or paths.prompts(dataset, split), "prompts").set_index("doc_id")
+    docs = read_parquet(docs_path or paths.data(dataset, split), "documents")
+    space = LabelSpace(read_parquet(labels_path or paths.labels(dataset), "labels"))
+    tokenizer = load_tokenizer(config, teacher)
+    needs_embedder = "embedding" in settings["near_miss"]["strategies"]
+    embedder = SentenceEmbedder(config["embedder"]) if needs_embedder else None
+    concepts = None
+    if settings["mode"] == "llm":
+        generation = {**config["generation"], "max_new_tokens": settings["llm"]["max_new_tokens"]}
+        backend = TransformersBackend(config, settings["llm"].get("model", teacher), generation)
+        concepts = extract_concepts(lambda chats: [g.text for g in backend(chats)], docs["text"].tolist(),
+                                    settings["llm"]["max_concepts"])
+    out = anchor_table(docs, cot, prompts, space, tokenizer, settings, embedder, concepts)
+    log.info("anchors %s: %d documents; %d with refinement positions; reasons %s", dataset, len(out),
+             int(out["refine_spans"].map(len).gt(0).sum()) if len(out) else 0,
+             out["reason"].replace("", "ok").value_counts().to_dict() if len(out) else {})
+    write_parquet(out, out_path or paths.anchors(dataset, teacher, split))
+
+
+def run_trajectories(config: dict, dataset: str, model: str, *, cot_path: PathLike | None = None,
+                     anchors_path: PathLike | None = None,
+                     labels_path: PathLike | None = None, curves_path: PathLike | None = None,
+                     summary_path: PathLike | None = None) -> None:
+    """A model's CoT (the teacher's, or a student's predictions: `model` = "{student}/{method}") on
+    the trajectory split -> {model}/trajectories.parquet and trajectories_summary.parquet."""
+    split = config["trajectories"]["split"]
+    settings = config["trajectories"]
+    cot = read_parquet(cot_path or paths.model_cot(config, dataset, model)).set_index("doc_id")
+    anchors = read_parquet(anchors_path or paths.anchors(dataset, config["teacher"], split))
+    space = LabelSpace(read_parquet(labels_path or paths.labels(dataset), "labels"))
+    tokenizer = load_tokenizer(config, model.split("/")[0])
+    curves, summary = trajectory_tables(model, cot, anchors, space, tokenizer, SentenceEmbedder(config["embedder"]),
+                                        config["anchors"]["early_tokens"], n_grid=settings["n_grid"],
+                                        max_points=settings["max_points"])
+    log.info("trajectories %s: %d documents, mean Focus %.3f, mean Confusion %.3f, NaN reasons %s",
+             model, len(summary), summary["focus"].mean(), summary["confusion"].mean(),
+             summary["reason"].replace("", "ok").value_counts().to_dict())
+    write_parquet(summary, summary_path or paths.trajectory_summary(dataset, model))
+    write_parquet(curves, curves_path or paths.trajectories(dataset, model))
+
+
+def run_figure1(config: dict, dataset: str, curve_paths: list[PathLike], out_png: PathLike | None = None) -> None:
+    """The trajectories of every model on a dataset -> Figure 1."""
+    curves = pd.concat([read_parquet(p) for p in curve_paths], ignore_index=True)
+    figure1(curves, out_png or paths.figure1(dataset), title=f"{dataset}: Reasoning Focus and Near-Miss Confusion")

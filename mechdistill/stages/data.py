@@ -1,0 +1,47 @@
+"""rules/data.smk: prepare_dataset, build_prompts."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from .. import paths
+from ..anchors.embed import SentenceEmbedder
+from ..data import prepare_dataset
+from ..io import read_parquet, write_json, write_parquet
+from ..labels import LabelSpace
+from ..teacher.prompts import build_prompts
+
+log = logging.getLogger(__name__)
+PathLike = str | os.PathLike
+
+
+def run_prepare_dataset(config: dict, dataset: str) -> None:
+    """Config entry -> data/{train,val,test}.parquet, data/labels.parquet, data/stats.json
+    (+ data/excluded_pairs.parquet when the adapter gives some)."""
+    prepared = prepare_dataset(config, dataset)
+    for split in paths.SPLITS:
+        write_parquet(prepared.splits[split], paths.data(dataset, split), "documents")
+    if prepared.excluded_pairs is not None:
+        write_parquet(prepared.excluded_pairs, paths.excluded_pairs(dataset))
+    write_json(paths.data_stats(dataset), prepared.stats)
+    write_parquet(prepared.labels, paths.labels(dataset), "labels")  # last: the rule's marker
+
+
+def run_build_prompts(config: dict, dataset: str, split: str, *, docs_path: PathLike | None = None,
+                      train_path: PathLike | None = None, labels_path: PathLike | None = None,
+                      out_path: PathLike | None = None) -> None:
+    """Documents of a split (+ the first training document as exemplar) -> prompts/{split}.parquet."""
+    docs = read_parquet(docs_path or paths.data(dataset, split), "documents")
+    space = LabelSpace(read_parquet(labels_path or paths.labels(dataset), "labels"))
+    train = read_parquet(train_path or paths.data(dataset, "train"), "documents")
+    entry = config["datasets"][dataset]
+    retrieval = entry["candidates"]["strategy"] == "retrieval"
+    embedder = SentenceEmbedder(config["embedder"]) if retrieval else None
+    exemplar = train.iloc[0] if len(train) else None
+    prompts = build_prompts(docs, space, entry["candidates"], config["prompts"], config["seed"],
+                            exemplar_doc=exemplar, embedder=embedder)
+    recall = float(prompts["gold_in_candidates"].mean()) if len(prompts) else float("nan")
+    log.info("prompts %s/%s: %d documents, %d candidates each, candidate recall = %.3f",
+             dataset, split, len(prompts), entry["candidates"]["size"], recall)
+    write_parquet(prompts, out_path or paths.prompts(dataset, split), "prompts")

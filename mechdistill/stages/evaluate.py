@@ -1,0 +1,163 @@
+"""rules/evaluate.smk: evaluate, tables, figure9.
+
+`run_evaluate` writes results/{dataset}/{student}/{method}/metrics.parquet in long format
+(dataset, student, method, doc_id, metric, value); a corpus-level value (macro-F1, corpus BLEU,
+LAS) has doc_id "". Metrics:
+
+    task        P@k, nDCG@k, PSP@k, R@k, f1 (instance), exact_match; corpus macro_f1, micro_f1
+    behaviour   focus, confusion (the student's own CoT, trajectories rule)
+    fidelity    bleu4 vs the teacher's trace; perplexity of the teacher's trace under the student
+    LAS         per-document contributions w_i (c_xr - c_x), whose mean is LAS; corpus las, sim_acc_*
+    mechanism   sharpness, anchor_align, loopback, helpfulness of the student's pooled heads
+                (its pre-training pools) under teacher forcing on the teacher's test CoT
+
+LAS simulator: trained on the TRAIN split with the teacher's traces as rationales and the
+teacher's first predicted label as target, then asked to simulate the student on the test split
+from the student's own rationale and answer (the student has no train-split traces).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from .. import paths
+from ..anchors.embed import SentenceEmbedder
+from ..characterize.attention import attention_modules
+from ..distill.pools import head_pools
+from ..distill.signals import make_examples, mechanism_metrics
+from ..evaluate.las import las_table, simulator_factory, target_label
+from ..evaluate.plots import figure9
+from ..evaluate.tables import METRIC_COLUMNS, build_table, figure9_data, load_metrics, table_spec, write_table
+from ..evaluate.text import bleu4, sentence_bleu4, trace_perplexity
+from ..evaluate.xmc import per_instance, summarize
+from ..io import read_parquet, read_split, write_parquet
+from ..models import load_model, with_distilled_model
+from ..teacher.prompts import render_prompt
+
+log = logging.getLogger(__name__)
+PathLike = str | os.PathLike
+LOGGED = ("P@1", "macro_f1", "focus", "confusion", "las", "bleu4", "perplexity", "sharpness", "anchor_align",
+          "loopback", "helpfulness")
+
+
+def run_evaluate(config: dict, dataset: str, student: str, method: str, *,
+                 inputs: dict[str, PathLike] | None = None, out_path: PathLike | None = None) -> None:
+    """Every metric of one distilled student on the test split -> {student}/{method}/metrics.parquet.
+
+    inputs (each defaults to its artifact path): pred, model (the student's folder), test_docs,
+    train_docs, test_prompts, teacher_test_cot, teacher_train_cot, test_anchors, labels,
+    trajectory_summary, student_coarse, student_refine, excluded_pairs.
+    """
+    teacher, settings = config["teacher"], config["evaluate"]
+    p = {"pred": paths.student_pred(dataset, student, method, "test"),
+         "model": paths.student_model_dir(dataset, student, method),
+         "test_docs": paths.data(dataset, "test"), "train_docs": paths.data(dataset, "train"),
+         "test_prompts": paths.prompts(dataset, "test"), "teacher_test_cot": paths.cot(dataset, teacher, "test"),
+         "teacher_train_cot": paths.cot(dataset, teacher, "train"),
+         "test_anchors": paths.anchors(dataset, teacher, "test"), "labels": paths.labels(dataset),
+         "trajectory_summary": paths.trajectory_summary(dataset, f"{student}/{method}"),
+         "student_coarse": paths.head_scores(dataset, student, "coarse"),
+         "student_refine": paths.head_scores(dataset, student, "refine"),
+         "excluded_pairs": paths.excluded_pairs(dataset), **(inputs or {})}
+    pred = read_parquet(p["pred"]).set_index("doc_id")
+    docs = read_parquet(p["test_docs"], "documents").set_index("doc_id")
+    train_docs = read_parquet(p["train_docs"], "documents").set_index("doc_id")
+    prompts = read_parquet(p["test_prompts"], "prompts").set_index("doc_id")
+    teacher_cot = read_parquet(p["teacher_test_cot"], "cot").set_index("doc_id")
+    ids = [d for d in docs.index if d in pred.index]
+    missing = sorted(set(docs.index) - set(pred.index))
+    if missing:
+        log.warning("%s: %d test documents have no prediction (scored as empty answers): %s", p["pred"],
+                    len(missing), missing[:5])
+        ids = list(docs.index)
+    answers = [list(pred.loc[d, "pred_labels"]) if d in pred.index else [] for d in ids]
+    gold = [list(docs.loc[d, "labels"]) for d in ids]
+
+    # task: XMC metrics, without the excluded (doc, label) pairs when the adapter wrote them (ECLARE)
+    excluded = None
+    if Path(p["excluded_pairs"]).exists():
+        pairs = read_parquet(p["excluded_pairs"])
+        excluded = set(zip(pairs["doc_id"], pairs[[c for c in pairs.columns if c != "doc_id"][0]]))
+        log.info("%s: removing %d excluded (doc, label) pairs before scoring", p["excluded_pairs"], len(excluded))
+    propensity = settings["propensity"].get(dataset, {})
+    kw = dict(train_labels=[list(x) for x in train_docs["labels"]], ks=settings["ks"], A=propensity.get("A", 0.55),
+              B=propensity.get("B", 1.5), doc_ids=ids, excluded_pairs=excluded,
+              candidates=[list(prompts.loc[d, "candidates"]) for d in ids])
+    frames = [per_instance(gold, answers, **kw)[["doc_id", "metric", "value"]],
+              summarize(gold, answers, **kw).query("metric in ['macro_f1', 'micro_f1']").assign(doc_id="")]
+
+    # behaviour: the student's own Focus / Confusion
+    summary = read_parquet(p["trajectory_summary"])
+    frames.append(summary.melt(id_vars="doc_id", value_vars=["focus", "confusion"], var_name="metric"))
+
+    # fidelity to the teacher's trace
+    student_cot = [str(pred.loc[d, "cot"]) if d in pred.index else "" for d in ids]
+    teacher_text = [str(teacher_cot.loc[d, "cot"]) if d in teacher_cot.index else "" for d in ids]
+    frames.append(pd.DataFrame({"doc_id": ids, "metric": "bleu4", "value": sentence_bleu4(student_cot, teacher_text)}))
+    frames.append(pd.DataFrame({"doc_id": [""], "metric": ["bleu4_corpus"], "value": [bleu4(student_cot, teacher_text)]}))
+    cfg, name = with_distilled_model(config, student, method, p["model"])
+    model, tokenizer = load_model(cfg, name, device=settings["device"], dtype="float32")
+    prompt_texts = [render_prompt(tokenizer, json.loads(prompts.loc[d, "messages"])) for d in ids]
+    has_trace = [i for i, c in enumerate(teacher_text) if c.strip()]
+    ppl = trace_perplexity(model, tokenizer, [prompt_texts[i] for i in has_trace], [teacher_text[i] for i in has_trace],
+                           batch_size=1, device=str(next(model.parameters()).device))
+    frames.append(pd.DataFrame({"doc_id": [ids[i] for i in has_trace], "metric": "perplexity", "value": ppl}))
+
+    # LAS (Hase et al. 2020): simulators trained on the teacher's train traces, tested on the student's
+    teacher_train = read_parquet(p["teacher_train_cot"], "cot").set_index("doc_id")
+    train_ids = [d for d in train_docs.index if d in teacher_train.index]
+    encoder = None if settings["las_simulator"] == "seq2seq" else SentenceEmbedder(config["embedder"])
+    frames.append(las_table(simulator_factory(settings, config["seed"], encoder),
+                            [train_docs.loc[d, "text"] for d in train_ids],
+                            [str(teacher_train.loc[d, "cot"]) for d in train_ids],
+                            [target_label(list(teacher_train.loc[d, "pred_labels"])) for d in train_ids],
+                            ids, [docs.loc[d, "text"] for d in ids], student_cot, [target_label(a) for a in answers]))
+
+    # mechanism: the student's pooled heads on the teacher's test CoT
+    pools = head_pools(config["distill"]["pools"], len(attention_modules(model)), read_parquet(p["student_coarse"]),
+                       read_parquet(p["student_refine"]), source=f"{p['student_coarse']} / {p['student_refine']}")
+    test_split = read_split(p["test_docs"], p["test_prompts"], p["teacher_test_cot"], p["test_anchors"], p["labels"])
+    frames.append(mechanism_metrics(model, make_examples(tokenizer, test_split, student), pools, config["heads"]["tau"]))
+
+    out = pd.concat(frames, ignore_index=True)
+    out.insert(0, "method", method)
+    out.insert(0, "student", student)
+    out.insert(0, "dataset", dataset)
+    out["value"] = out["value"].astype(float)
+    means = out.groupby("metric")["value"].mean()
+    log.info("evaluate %s/%s on %s (%d documents): %s", student, method, dataset, len(ids),
+             ", ".join(f"{m}={means[m]:.4g}" for m in LOGGED if m in means))
+    write_parquet(out[METRIC_COLUMNS], out_path or paths.metrics(dataset, student, method))
+
+
+def _metrics(metrics_paths: list[PathLike]) -> pd.DataFrame:
+    return load_metrics(metrics_paths) if metrics_paths else pd.DataFrame(columns=METRIC_COLUMNS)
+
+
+def run_tables(config: dict, metrics_paths: list[PathLike]) -> None:
+    """Every metrics file of the config -> results/tables/table{1..4}.{csv,md,tex}."""
+    metrics = _metrics(metrics_paths)
+    for table in paths.TABLES:
+        spec = table_spec(config, table)
+        built = build_table(metrics, spec["datasets"], spec["students"], spec["methods"],
+                            n_resamples=config["evaluate"]["n_bootstrap"], seed=config["seed"])
+        write_table(built, {fmt: paths.table(table, fmt) for fmt in paths.TABLE_FORMATS}, caption=spec["caption"])
+        log.info("%s: %d rows (%s)", table, len(built), spec["caption"])
+
+
+def run_figure9(config: dict, metrics_paths: list[PathLike], out_png: PathLike | None = None) -> None:
+    """Figure 9: LAS of the phase and term ablations (first dataset and student of the config)."""
+    dataset, student = next(iter(config["datasets"])), (config.get("students") or [""])[0]
+    methods = list(config.get("methods", {}))
+    data = figure9_data(_metrics(metrics_paths), dataset, student, methods,
+                        n_resamples=config["evaluate"]["n_bootstrap"], seed=config["seed"])
+    title = f"Figure 9 - LAS of the ablations ({dataset}, {student}; teacher {config['teacher']})"
+    missing = [m for m in methods if m not in set(data.dropna(subset=["mean"])["method"])]
+    if missing:  # e.g. students that predicted no label: LAS has no simulation target
+        title += f"\nno LAS for: {', '.join(missing)}"
+    figure9(data, out_png or paths.figure9(), title)

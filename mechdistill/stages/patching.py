@@ -1,0 +1,125 @@
+"""rules/patching.smk: patching, patching_figures."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from .. import paths
+from ..anchors.embed import SentenceEmbedder
+from ..io import read_parquet, read_split, write_parquet
+from ..models import load_model, spec_key
+from ..patching import experiment
+from ..patching.effects import summarize_patching
+from ..patching.plots import patching_figure
+from ..shards import Shards, content_key, name_of
+from ..teacher.prompts import render_prompt
+
+log = logging.getLogger(__name__)
+PathLike = str | os.PathLike
+
+RUN_COLUMNS = ["doc_id", "direction", "kind", "k", "seed", "value", "clean_value", "corrupt_value", "text"]
+
+
+def run_patching(config: dict, dataset: str, phase: str, *, docs_path: PathLike | None = None,
+                 prompts_path: PathLike | None = None, cot_path: PathLike | None = None,
+                 anchors_path: PathLike | None = None, labels_path: PathLike | None = None,
+                 head_scores_path: PathLike | None = None, summary_path: PathLike | None = None,
+                 runs_path: PathLike | None = None, pairs_path: PathLike | None = None) -> None:
+    """Activation patching of the teacher for one phase, on the `patching.split` documents ranked by
+    the phase's head score -> patching/{phase}.parquet (+ {phase}_runs, {phase}_pairs).
+
+    One finished document at a time is kept (`shards.Shards`): a killed job resumes after its last
+    finished document.
+    """
+    settings, teacher, seed = config["patching"], config["teacher"], config["seed"]
+    split = settings["split"]
+    summary_path = summary_path or paths.patching(dataset, teacher, phase)
+    runs_path = runs_path or paths.patching_runs(dataset, teacher, phase)
+    pairs_path = pairs_path or paths.patching_pairs(dataset, teacher, phase)
+    head_scores_path = head_scores_path or paths.head_scores(dataset, teacher, paths.PATCHING_SCORES[phase])
+    early_tokens = settings.get("early_tokens") or config["anchors"]["early_tokens"]
+    repetition_penalty = config["generation"]["repetition_penalty"]
+    started = time.perf_counter()
+    model, tokenizer = load_model(config, teacher, device=settings["device"], dtype=settings["dtype"])
+    embedder = SentenceEmbedder(config["embedder"])
+    data = read_split(docs_path or paths.data(dataset, split), prompts_path or paths.prompts(dataset, split),
+                      cot_path or paths.cot(dataset, teacher, split), anchors_path or paths.anchors(dataset, teacher, split),
+                      labels_path or paths.labels(dataset), settings.get("max_docs"))
+    scores = read_parquet(head_scores_path).dropna(subset=["score"]).sort_values("score", ascending=False, kind="stable")
+    ranked = [(int(r.layer), int(r.head)) for r in scores.itertuples()]
+    if not ranked:  # e.g. no document has refinement positions: nothing to rank, say so and move on
+        log.warning("%s: no head has a finite score, so there is nothing to patch for %s; writing empty tables "
+                    "(check the head_scores log: the documents may have no early / refinement positions)",
+                    head_scores_path, phase)
+        write_parquet(pd.DataFrame(columns=["doc_id", "phase", "aligned", "reason"]), pairs_path)
+        write_parquet(pd.DataFrame(columns=["doc_id", "direction", "kind", "k", "seed", "value"]), runs_path)
+        write_parquet(summarize_patching(pd.DataFrame(), phase), summary_path)
+        return
+    head_sets = experiment.control_sets(ranked, settings["bins"], settings["n_random"], seed)
+    log.info("patching %s %s: %d documents, %d ranked heads, %d head sets per direction (bins %s), %d steps",
+             teacher, phase, len(data.anchors), len(ranked), len(head_sets), sorted({s.k for s in head_sets}),
+             early_tokens if phase == "phase1" else settings["late_tokens"])
+    shards = Shards(summary_path, "docs", content_key(phase, settings, early_tokens, spec_key(config, teacher),
+                                                       config["embedder"], repetition_penalty, ranked, seed))
+    rows, pairs = [], []
+    bar = tqdm(total=len(data.anchors) * 2 * len(head_sets),
+               desc=f"patching {phase} (document x head set x direction)", unit="run")
+    for row in data.anchors.itertuples(index=False):
+        shard = f"{name_of(row.doc_id)}.json"
+        if shards.done(shard):
+            done = shards.read_json(shard)
+            bar.update(2 * len(head_sets))
+        else:
+            doc_rows, pair = experiment.patch_document(
+                phase, model, tokenizer, embedder, row.doc_id,
+                render_prompt(tokenizer, json.loads(data.prompts.loc[row.doc_id, "messages"])),
+                data.docs.loc[row.doc_id, "text"], list(row.anchors), row.anchor_text,
+                data.cot.loc[row.doc_id, "cot"] if row.doc_id in data.cot.index else "",
+                list(data.docs.loc[row.doc_id, "labels"]), list(row.near_misses),
+                data.space.title, ranked, head_sets, settings, early_tokens, repetition_penalty, on_batch=bar.update)
+            done = {"rows": doc_rows, "pair": pair}
+            shards.write_json(shard, done)
+        rows += done["rows"]
+        pairs.append(done["pair"])
+    bar.close()
+    pairs_df = pd.DataFrame(pairs)
+    runs_df = pd.DataFrame(rows, columns=RUN_COLUMNS)
+    summary = summarize_patching(runs_df, phase, settings["min_gap"], settings["n_bootstrap"], seed)
+    _log_patching(phase, pairs_df, runs_df, summary)
+    log.info("patching %s took %.1f s", phase, time.perf_counter() - started)
+    write_parquet(pairs_df, pairs_path)
+    write_parquet(runs_df, runs_path)
+    write_parquet(summary, summary_path)
+    shards.clear()
+
+
+def _log_patching(phase: str, pairs: pd.DataFrame, runs: pd.DataFrame, summary: pd.DataFrame) -> None:
+    n_aligned = int(pairs["aligned"].sum()) if len(pairs) else 0
+    log.info("patching %s: %d/%d pairs aligned; rejected: %s", phase, n_aligned, len(pairs),
+             pairs.loc[~pairs["aligned"], "reason"].str.split(":").str[0].value_counts().to_dict()
+             if len(pairs) else {})
+    if not n_aligned:
+        log.warning("patching %s: no aligned clean/corrupted pair; the effects table is empty", phase)
+        return
+    refs = runs[runs["direction"] == "reference"].pivot(index="doc_id", columns="kind", values="value")
+    log.info("patching %s: mean metric clean %.4f, corrupted %.4f (over %d documents)", phase,
+             refs["clean"].mean(), refs["corrupt"].mean(), len(refs))
+    for r in summary[summary["metric"].isin(["restoration", "disruption"])].itertuples():
+        log.info("  %-7s %-6s k=%-3d %s %.3f [%.3f, %.3f] (n=%d)", r.direction, r.head_set, r.k, r.metric,
+                 r.effect, r.ci_low, r.ci_high, r.n_docs)
+
+
+def run_patching_figure(config: dict, dataset: str, phase: str, *, summary_path: PathLike | None = None,
+                        out_png: PathLike | None = None) -> None:
+    """patching/{phase}.parquet -> Figure 5 (phase1) or Figure 8 (phase2)."""
+    what = {"phase1": "Reasoning Focus (CoarseScore heads)", "phase2": "Near-Miss Confusion (RefineScore heads)"}[phase]
+    patching_figure(read_parquet(summary_path or paths.patching(dataset, config["teacher"], phase)),
+                    out_png or paths.patching_figure(phase, dataset),
+                    f"Figure {paths.FIGURE_OF_PHASE[phase]} - {dataset}, {config['teacher']}: patching {what}",
+                    relative=phase == "phase2")

@@ -1,0 +1,93 @@
+"""Answer parsing: the reasoning before `<answer>`, and the label ids of the answer block.
+
+A model closes its chain of thought with `<answer>ID; ID</answer>`. Each item of the block is
+mapped to a label id (`AnswerParser.map_item`); items that map to nothing are kept as `unmapped`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from rapidfuzz import fuzz, process
+
+from ..labels import LabelSpace
+
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+
+
+@dataclass
+class ParsedAnswer:
+    cot: str
+    answer: str
+    pred_labels: list[str] = field(default_factory=list)
+    unmapped: list[str] = field(default_factory=list)
+    has_answer_block: bool = False
+
+
+_ITEM_SPLIT = re.compile(r"[;\n,]+")
+_ID_HEAD = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:[:(\-–]|$)")
+_ID_BRACKET = re.compile(r"\[([A-Za-z0-9][A-Za-z0-9._-]*)\]\s*$")
+
+
+def _norm_id(s: str) -> str:
+    return re.sub(r"[\s.]", "", s).upper()
+
+
+def _norm_text(s: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", s.casefold()).split())
+
+
+class AnswerParser:
+    """Maps answer items to label ids: exact id, normalised id, exact title, then fuzzy title.
+
+    Exact and normalised matches search the whole label space; fuzzy matching searches only
+    the document's candidates (score >= `fuzzy_threshold`, rapidfuzz WRatio, 0-100).
+    """
+
+    def __init__(self, space: LabelSpace, fuzzy_threshold: float = 90.0) -> None:
+        self.space = space
+        self.threshold = fuzzy_threshold
+        self.by_norm_id = {_norm_id(lab): lab for lab in space.assignable}
+        self.by_norm_title: dict[str, str] = {}
+        for lab in space.assignable:
+            self.by_norm_title.setdefault(_norm_text(space.title[lab]), lab)
+
+    def map_item(self, item: str, candidates: list[str]) -> str | None:
+        item = item.strip().strip("-*•\"'`[]").strip()
+        if not item:
+            return None
+        if item in self.space:
+            return item
+        ids = [m.group(1) for m in (_ID_BRACKET.search(item), _ID_HEAD.match(item)) if m]
+        for key in [_norm_id(i) for i in ids] + [_norm_id(item)]:
+            if key in self.by_norm_id:
+                return self.by_norm_id[key]
+        if _norm_text(item) in self.by_norm_title:
+            return self.by_norm_title[_norm_text(item)]
+        if candidates:
+            choices = {lab: self.space.title.get(lab, "") for lab in candidates}
+            best = process.extractOne(item, choices, scorer=fuzz.WRatio)
+            if best is not None and best[1] >= self.threshold:
+                return best[2]
+        return None
+
+    def parse(self, output: str, candidates: list[str] | None = None) -> ParsedAnswer:
+        """Split a generation into CoT and answer; map the answer items to label ids."""
+        start = output.rfind(ANSWER_OPEN)
+        if start < 0:
+            return ParsedAnswer(cot=output.strip(), answer="")
+        cot = output[:start].strip()
+        answer = output[start + len(ANSWER_OPEN):]
+        end = answer.find(ANSWER_CLOSE)
+        answer = (answer[:end] if end >= 0 else answer).strip()
+        parsed = ParsedAnswer(cot=cot, answer=answer, has_answer_block=True)
+        for item in _ITEM_SPLIT.split(answer):
+            if not item.strip():
+                continue
+            lab = self.map_item(item, candidates or [])
+            if lab is None:
+                parsed.unmapped.append(item.strip())
+            elif lab not in parsed.pred_labels:
+                parsed.pred_labels.append(lab)
+        return parsed

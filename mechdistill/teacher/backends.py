@@ -1,0 +1,160 @@
+"""Generation backends: `transformers` (CPU or GPU), `vllm` (GPUs, or its CPU build) and `file`
+(traces a user brings). Each turns chats into `Generation`s; `make_backend` picks one by config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from ..errors import InputError
+from ..models import load_model, load_tokenizer, model_spec, pick_device, resolve_model_path
+from .answers import ANSWER_CLOSE, ANSWER_OPEN
+from .prompts import render_prompt
+
+
+@dataclass
+class Generation:
+    text: str
+    n_tokens: int
+    finish_reason: str  # "stop" (end of turn), "length" (hit max_new_tokens), "file"
+    forced_answer: bool = False  # the answer block was started for the model (budget forcing)
+
+
+class TransformersBackend:
+    """Batched generation with transformers (CPU or GPU); greedy unless temperature > 0."""
+
+    def __init__(self, config: dict, model_name: str, gen: dict) -> None:
+        device = pick_device(gen.get("device", "auto"))
+        self.model, self.tok = load_model(config, model_name, device=device, dtype=gen.get("dtype"))
+        self.tok.padding_side = "left"
+        self.gen = gen
+        stop = {self.tok.eos_token_id, self.tok.convert_tokens_to_ids("<|im_end|>")}
+        self.stop_ids = sorted(i for i in stop if isinstance(i, int) and i >= 0)
+
+    def __call__(self, chats: list[list[dict]]) -> list[Generation]:
+        return self.complete([render_prompt(self.tok, m) for m in chats], self.gen["max_new_tokens"])
+
+    @torch.no_grad()
+    def complete(self, texts: list[str], max_new_tokens: int) -> list[Generation]:
+        """Continue already-rendered texts (chat template applied) by up to `max_new_tokens`."""
+        # The chat template already holds any BOS token: do not add special tokens twice.
+        enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
+        temperature = self.gen.get("temperature", 0.0)
+        out = self.model.generate(
+            **enc, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+            temperature=temperature if temperature > 0 else None, top_p=None, top_k=None,
+            repetition_penalty=self.gen.get("repetition_penalty", 1.0),
+            eos_token_id=self.stop_ids, pad_token_id=self.tok.pad_token_id)
+        new = out[:, enc["input_ids"].shape[1]:]                            # [batch, new_tokens]
+        results = []
+        for row in new.tolist():
+            stop_at = next((i for i, t in enumerate(row) if t in self.stop_ids), None)
+            kept = row if stop_at is None else row[: stop_at + 1]
+            results.append(Generation(self.tok.decode(kept, skip_special_tokens=True),
+                                      n_tokens=len(kept),
+                                      finish_reason="length" if stop_at is None else "stop"))
+        return results
+
+
+class VllmBackend:
+    """vLLM on GPU(s), `LLM.chat` with tensor parallelism; imported only when used."""
+
+    def __init__(self, config: dict, model_name: str, gen: dict) -> None:
+        try:  # optional (the GPU environment) and heavy: only the vllm backend needs it
+            from vllm import LLM, SamplingParams
+        except ImportError as exc:
+            raise ImportError("generation.backend is 'vllm' but vllm is not installed. Fix: use the "
+                              "GPU environment (envs/vllm.yaml) or generation.backend: transformers.") from exc
+        spec = model_spec(config, model_name)
+        kwargs = dict(model=resolve_model_path(config, model_name),
+                      tensor_parallel_size=gen.get("tensor_parallel_size", 1),
+                      gpu_memory_utilization=gen.get("gpu_memory_utilization", 0.9),
+                      dtype=gen.get("dtype", "auto"), seed=config.get("seed", 0),
+                      trust_remote_code=spec.get("trust_remote_code", False))
+        if gen.get("max_model_len"):
+            kwargs["max_model_len"] = gen["max_model_len"]
+        self.llm = LLM(**kwargs)
+        self.tok = load_tokenizer(config, model_name)
+        self.sampling = lambda max_tokens: SamplingParams(
+            temperature=gen.get("temperature", 0.0), max_tokens=max_tokens,
+            repetition_penalty=gen.get("repetition_penalty", 1.0), seed=config.get("seed", 0))
+        self.params = self.sampling(gen["max_new_tokens"])
+
+    def __call__(self, chats: list[list[dict]]) -> list[Generation]:
+        return self._read(self.llm.chat(chats, self.params, use_tqdm=False))
+
+    def complete(self, texts: list[str], max_new_tokens: int) -> list[Generation]:
+        """Continue already-rendered texts; token ids are passed so no second BOS is added."""
+        prompts = [{"prompt_token_ids": self.tok(t, add_special_tokens=False)["input_ids"]} for t in texts]
+        return self._read(self.llm.generate(prompts, self.sampling(max_new_tokens), use_tqdm=False))
+
+    @staticmethod
+    def _read(outputs) -> list[Generation]:
+        return [Generation(o.outputs[0].text, n_tokens=len(o.outputs[0].token_ids),
+                           finish_reason="length" if o.outputs[0].finish_reason == "length" else "stop")
+                for o in outputs]
+
+
+def read_traces(path: str) -> pd.DataFrame:
+    """User-supplied traces: Parquet or JSON lines with `doc_id` and `output` or `cot` (+ `answer`)."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError("traces file does not exist.", file=path,
+                         fix="set generation.traces to a Parquet/JSONL file with doc_id and cot columns.")
+    try:
+        df = pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_json(p, lines=True, dtype={"doc_id": str})
+    except ValueError as exc:
+        raise InputError(f"cannot read traces ({exc}).", file=path,
+                         fix="write one JSON object per line, or a Parquet file.") from exc
+    if "doc_id" not in df.columns or not ({"output", "cot"} & set(df.columns)):
+        raise InputError(f"traces need columns doc_id and output (or cot, optionally answer); found "
+                         f"{list(df.columns)}.", file=path)
+    df["doc_id"] = df["doc_id"].astype(str)
+    return df
+
+
+class FileBackend:
+    """Traces a user brings; each row's text becomes the 'generation' and is parsed like one."""
+
+    def __init__(self, config: dict, model_name: str, gen: dict, dataset: str, split: str) -> None:
+        self.path = gen["traces"].format(dataset=dataset, split=split)
+        df = read_traces(self.path)
+        self.rows = {d: i for i, d in enumerate(df["doc_id"])}
+        self.df = df
+        self.tok = load_tokenizer(config, model_name)
+
+    def text(self, doc_id: str) -> str:
+        if doc_id not in self.rows:
+            raise InputError(f"no trace for doc_id {doc_id!r}.", file=self.path,
+                             fix="add a row for every document of the split.")
+        i = self.rows[doc_id]
+        row = self.df.iloc[i]
+        if "output" in self.df.columns and isinstance(row["output"], str):
+            text = row["output"]
+        else:
+            text = row["cot"] if isinstance(row["cot"], str) else ""
+            if isinstance(row.get("answer"), str):
+                text += f"\n{ANSWER_OPEN}{row['answer']}{ANSWER_CLOSE}"
+        cot = text.split(ANSWER_OPEN)[0]
+        if not cot.strip():
+            raise InputError(f"empty chain of thought for doc_id {doc_id!r}.", file=self.path, row=i,
+                             fix="drop the document or supply its reasoning text.")
+        return text
+
+    def __call__(self, doc_ids: list[str]) -> list[Generation]:
+        texts = [self.text(d) for d in doc_ids]
+        return [Generation(t, len(self.tok(t, add_special_tokens=False)["input_ids"]), "file") for t in texts]
+
+
+def make_backend(config: dict, model_name: str, gen: dict, dataset: str = "", split: str = "") -> Callable:
+    """The backend `gen["backend"]` names, for model `model_name` (file: the traces of dataset/split)."""
+    if gen["backend"] == "vllm":
+        return VllmBackend(config, model_name, gen)
+    if gen["backend"] == "file":
+        return FileBackend(config, model_name, gen, dataset, split)
+    return TransformersBackend(config, model_name, gen)

@@ -1,0 +1,125 @@
+"""Teacher chain-of-thought generation, resumable by shard, with budget forcing.
+
+`generate_cot` splits the prompts into shards of `shard_size` documents and runs the configured
+backend (`backends.py`) on each. Every finished shard is kept (`shards.Shards`) under a key of
+(model, generation settings, prompts); the shards are concatenated at the end. A rerun after a
+kill skips finished shards; a change of model, settings or prompts starts afresh.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from ..io import write_parquet
+from ..models import spec_key
+from ..shards import Shards, content_key
+from .answers import ANSWER_OPEN, AnswerParser
+from .backends import FileBackend, Generation, VllmBackend, make_backend
+from .prompts import render_prompt
+
+log = logging.getLogger(__name__)
+
+# Settings that change what is generated (batch size and device do not, under greedy decoding).
+FINGERPRINT_KEYS = ("backend", "max_new_tokens", "temperature", "repetition_penalty", "shard_size",
+                    "dtype", "traces", "force_answer_tokens")
+
+
+def fingerprint(config: dict, model_name: str, gen: dict, prompts: pd.DataFrame) -> str:
+    """Key of the shards: the model entry, the settings that change the text, every prompt."""
+    return content_key(spec_key(config, model_name), {k: gen.get(k) for k in FINGERPRINT_KEYS},
+                       list(zip(prompts["doc_id"], prompts["messages"])))
+
+
+def generate_cot(config: dict, model_name: str, prompts: pd.DataFrame, space, out_path: str | Path,
+                 dataset: str = "", split: str = "",
+                 backend_factory: Callable[[], Callable] | None = None) -> pd.DataFrame:
+    """Generate, parse and write the CoT artifact for `prompts`; resumable by shard.
+
+    Output columns: doc_id, cot, answer, pred_labels, unmapped, n_tokens, finish_reason, raw,
+    has_answer_block, forced_answer.
+    """
+    gen = config["generation"]
+    shards = Shards(out_path, "shards", fingerprint(config, model_name, gen, prompts))
+    size = gen["shard_size"]
+    names = {start: f"shard-{start // size:05d}.parquet" for start in range(0, len(prompts), size)}
+    todo = [start for start, name in names.items() if not shards.done(name)]
+    if len(todo) < len(names):
+        log.info("resuming: %d of %d shards already done in %s", len(names) - len(todo), len(names), shards.dir)
+    parser = AnswerParser(space, gen.get("fuzzy_threshold", 90))
+    if todo:
+        backend = (backend_factory or (lambda: make_backend(config, model_name, gen, dataset, split)))()
+        bar = tqdm(total=len(prompts), initial=len(prompts) - sum(min(size, len(prompts) - s) for s in todo),
+                   desc=f"teacher CoT {dataset}/{split}", unit="doc")
+        for start in todo:
+            shard = prompts.iloc[start:start + size]
+            outputs = _run_backend(backend, shard, gen)
+            rows = []
+            for (doc_id, cands), g in zip(shard[["doc_id", "candidates"]].itertuples(index=False), outputs):
+                parsed = parser.parse(g.text, list(cands))
+                rows.append(dict(doc_id=doc_id, cot=parsed.cot, answer=parsed.answer,
+                                 pred_labels=parsed.pred_labels, unmapped=parsed.unmapped,
+                                 n_tokens=g.n_tokens, finish_reason=g.finish_reason, raw=g.text,
+                                 has_answer_block=parsed.has_answer_block, forced_answer=g.forced_answer))
+            shards.write_parquet(names[start], pd.DataFrame(rows, columns=COT_COLUMNS), "cot")
+            bar.update(len(shard))
+        bar.close()
+    parts = [shards.read_parquet(name) for name in names.values()]
+    result = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=COT_COLUMNS)
+    write_parquet(result, out_path, "cot")
+    shards.clear()
+    summarize_cot(result, dataset, split)
+    return result
+
+
+COT_COLUMNS = ["doc_id", "cot", "answer", "pred_labels", "unmapped", "n_tokens", "finish_reason", "raw",
+               "has_answer_block", "forced_answer"]
+
+
+def _run_backend(backend, shard: pd.DataFrame, gen: dict) -> list[Generation]:
+    if isinstance(backend, FileBackend):
+        return backend(shard["doc_id"].tolist())
+    chats = [json.loads(m) for m in shard["messages"]]
+    bs = len(chats) if isinstance(backend, VllmBackend) else gen.get("batch_size", 8)  # vLLM batches itself
+    outputs = [g for i in range(0, len(chats), bs) for g in backend(chats[i:i + bs])]
+    if gen.get("force_answer_tokens", 0):
+        outputs = force_answers(backend, chats, outputs, gen["force_answer_tokens"], bs)
+    return outputs
+
+
+def force_answers(backend, chats: list[list[dict]], outputs: list[Generation], n_tokens: int,
+                  batch_size: int) -> list[Generation]:
+    """Budget forcing: a trace cut off by max_new_tokens before its answer block gets
+    "\n<answer>" appended and `n_tokens` more tokens to write the answer. The reasoning (cot)
+    is unchanged; the row is marked `forced_answer`."""
+    todo = [i for i, g in enumerate(outputs) if g.finish_reason == "length" and ANSWER_OPEN not in g.text]
+    prefixes = [render_prompt(backend.tok, chats[i]) + outputs[i].text + "\n" + ANSWER_OPEN for i in todo]
+    for start in range(0, len(todo), batch_size):
+        conts = backend.complete(prefixes[start:start + batch_size], n_tokens)
+        for i, cont in zip(todo[start:start + batch_size], conts):
+            g = outputs[i]
+            outputs[i] = Generation(g.text + "\n" + ANSWER_OPEN + cont.text, g.n_tokens + cont.n_tokens,
+                                    g.finish_reason, forced_answer=True)
+    return outputs
+
+
+def summarize_cot(df: pd.DataFrame, dataset: str = "", split: str = "") -> dict:
+    """Counts for the rule log: how many traces are usable downstream."""
+    n = len(df)
+    stats = {
+        "documents": n,
+        "with_answer_block": int(df["has_answer_block"].sum()) if n else 0,
+        "with_mapped_labels": int((df["pred_labels"].map(len) > 0).sum()) if n else 0,
+        "empty_cot": int((df["cot"].str.strip() == "").sum()) if n else 0,
+        "hit_max_new_tokens": int((df["finish_reason"] == "length").sum()) if n else 0,
+        "forced_answer": int(df["forced_answer"].sum()) if n else 0,
+        "mean_tokens": float(df["n_tokens"].mean()) if n else 0.0,
+        "unmapped_items": int(df["unmapped"].map(len).sum()) if n else 0,
+    }
+    log.info("teacher CoT %s/%s: %s", dataset, split, stats)
+    return stats

@@ -1,0 +1,34 @@
+# Helpers and input functions shared by the rules. Every path comes from mechdistill/paths.py.
+
+
+def canonical(obj) -> str:
+    """Params as sorted JSON: Snakemake compares params as text, so key order must not matter."""
+    return json.dumps(obj, sort_keys=True)
+
+
+def group_targets(*names):
+    """The targets of the named groups (all groups if none) whose rules are all defined."""
+    defined = {r.name for r in workflow.rules}
+    groups = paths.stage_targets(config)
+    return [t for name in (names or groups) if set(groups[name][0]) <= defined for t in groups[name][1]]
+
+
+def defined_targets(_wildcards=None):
+    """Every target of every stage that has a rule in this workflow (see mechdistill/paths.py)."""
+    return group_targets()
+
+
+def teacher_split(split, prefix=""):
+    """Input function: docs, prompts, teacher CoT, anchors and labels of one split, keys prefixed."""
+    def inputs(wc):
+        teacher = config["teacher"]
+        return {f"{prefix}docs": paths.data(wc.dataset, split), f"{prefix}prompts": paths.prompts(wc.dataset, split),
+                f"{prefix}cot": paths.cot(wc.dataset, teacher, split),
+                f"{prefix}anchors": paths.anchors(wc.dataset, teacher, split),
+                f"{prefix}labels": paths.labels(wc.dataset)}
+    return inputs
+
+
+def one_of(names):
+    """Wildcard constraint matching exactly one of `names` (a name that matches nothing if empty)."""
+    return "|".join(re.escape(n) for n in names) or "NO_MATCH"

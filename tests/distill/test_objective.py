@@ -1,0 +1,170 @@
+"""The distillation objective end to end on tiny models: teacher targets -> student loss -> training."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from mechdistill.distill.methods import METHODS, resolve_method
+from mechdistill.distill.objective import student_loss, teacher_targets
+from mechdistill.distill.pools import select_pool
+from mechdistill.distill.signals import has_phase, make_example
+from tests.helpers import tiny_llama
+
+NOTE = "Note: progressive dyspnea, EF 35%, chronic systolic heart failure."
+COT = (" The work-up focused on heart failure. Chronic systolic [I50.22] fits rather than diastolic [I50.32];"
+       " so systolic [I50.22] rather than diastolic [I50.32] here.")
+MESSAGES = json.dumps([{"role": "user", "content": NOTE}])
+TAU, TEMPERATURE = 0.0, 2.0
+
+
+def _spans(sub: str) -> list[list[int]]:
+    out, start = [], 0
+    while (i := COT.find(sub, start)) >= 0:
+        out.append([i, i + len(sub)])
+        start = i + 1
+    return out
+
+
+ANCHORS_ROW = {
+    "early_span": [0, 20],
+    "refine_spans": [[COT.index("Chronic"), COT.index(";")], [COT.index(" so") + 1, len(COT) - 1]],
+    "shortlist_spans": _spans("[I50.22]"),
+    "nearmiss_spans": _spans("[I50.32]"),
+}
+
+
+def pools(seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    table = pd.DataFrame({"layer": [layer for layer in range(2) for _ in range(4)], "head": list(range(4)) * 2,
+                          "score": torch.rand(8, generator=g).tolist()})
+    return {"phase1": select_pool(table, 2, 3, 0.5, (0.0, 0.5)), "phase2": select_pool(table, 2, 3, 0.5, (0.5, 1.0))}
+
+
+def example(tok):
+    return make_example(tok, "d0", MESSAGES, COT, ANCHORS_ROW, ["heart failure", "systolic"],
+                        ["Systolic heart failure"], ["Diastolic heart failure"])
+
+
+@pytest.fixture(scope="module")
+def teacher(byte_tok):
+    return tiny_llama(len(byte_tok), seed=0)
+
+
+@pytest.fixture(scope="module")
+def ex(byte_tok):
+    out = example(byte_tok)
+    assert has_phase(out, "phase1") and has_phase(out, "phase2")
+    assert len(out.refine) == 2 and out.refine_span == [0, 1]
+    return out
+
+
+def test_example_positions(byte_tok, ex):
+    text = byte_tok.decode(ex.input_ids)
+    assert text.endswith(COT)
+    assert text[ex.offsets[ex.cot_start][0]:].startswith(COT[:5])
+    assert [ex.offsets[q + 1][0] - ex.offsets[ex.cot_start][0] for q in ex.early_queries] == list(range(20))
+    assert len(ex.cot_positions) == len(ex.input_ids) - ex.cot_start
+
+
+def test_identical_student_has_zero_distillation_terms(teacher, byte_tok, ex):
+    targets = teacher_targets(teacher, ex, pools(0), TAU, top_k=8)
+    student = copy.deepcopy(teacher)
+    out = student_loss(student, ex, targets, pools(0), METHODS["mech"], TAU, TEMPERATURE)
+    for term in ("cot.kl", "phase1.attn", "phase1.write", "phase1.interaction", "phase2.qk", "phase2.ov",
+                 "phase2.interaction"):
+        assert abs(float(out[term])) < 1e-6, term
+    assert float(out["cot.ce"]) > 0
+    with torch.no_grad():
+        for p in student.model.layers.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    out = student_loss(student, ex, targets, pools(0), METHODS["mech"], TAU, TEMPERATURE)
+    for term in ("cot.kl", "phase1.attn", "phase1.write", "phase1.interaction", "phase2.qk", "phase2.ov"):
+        assert float(out[term]) > 1e-8, term
+
+
+def test_precomputed_targets_give_the_online_loss(teacher, ex, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    student = tiny_llama(teacher.config.vocab_size, seed=1)
+    online = teacher_targets(teacher, ex, pools(0), TAU, top_k=8)
+    save_file({k: v.contiguous() for k, v in online.items()}, str(tmp_path / "t.safetensors"))
+    loaded = load_file(str(tmp_path / "t.safetensors"))
+    a = student_loss(student, ex, online, pools(1), METHODS["mech"], TAU, TEMPERATURE)
+    b = student_loss(student, ex, loaded, pools(1), METHODS["mech"], TAU, TEMPERATURE)
+    assert torch.equal(a["loss"], b["loss"])
+
+
+def test_gradients_only_into_the_student(teacher, ex):
+    student = tiny_llama(teacher.config.vocab_size, seed=2).train()
+    targets = teacher_targets(teacher, ex, pools(0), TAU, top_k=8)
+    student_loss(student, ex, targets, pools(1), METHODS["mech"], TAU, TEMPERATURE)["loss"].backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert student.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_vanilla_switches_phase_terms_off(teacher, ex):
+    student = tiny_llama(teacher.config.vocab_size, seed=3)
+    targets = teacher_targets(teacher, ex, pools(0), TAU, top_k=8)
+    vanilla = student_loss(student, ex, targets, pools(1), METHODS["vanilla"], TAU, TEMPERATURE)
+    torch.testing.assert_close(vanilla["loss"], vanilla["cot.ce"] + vanilla["cot.kl"])
+    mech = student_loss(student, ex, targets, pools(1), METHODS["mech"], TAU, TEMPERATURE)
+    assert float(mech["loss"].detach()) > float(vanilla["loss"].detach())
+    assert resolve_method("mine", {"base": "mech", "switches": {"phase2": False}}).switches == {"phase2": False}
+    with pytest.raises(KeyError, match="unknown method"):
+        resolve_method("unknown", {})
+
+
+def test_mech_losses_decrease_over_20_steps(teacher, ex, tmp_path):
+    from mechdistill.distill.trainer import TrainConfig, train
+
+    student = tiny_llama(teacher.config.vocab_size, seed=4)
+    targets = teacher_targets(teacher, ex, pools(0), TAU, top_k=8)
+    result = train(student, lambda m, b: student_loss(m, ex, targets, pools(1), METHODS["mech"], TAU, TEMPERATURE),
+                   lambda epoch: [0], TrainConfig(lr=3e-3, max_steps=20, seed=0, device="cpu", log_every=1),
+                   tmp_path / "model")
+    log = result.log[result.log["split"] == "train"]
+    phase = log[["phase1.attn", "phase1.write", "phase2.qk", "phase2.ov"]].sum(axis=1)
+    assert log["loss"].iloc[-1] < 0.8 * log["loss"].iloc[0]
+    assert phase.iloc[-5:].mean() < phase.iloc[:5].mean()
+
+
+@pytest.fixture(scope="module")
+def bpe_tok():
+    """A second tokenizer (BPE with merges, another vocabulary), trained in code."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.train_from_iterator([NOTE + COT] * 20, trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=core)
+
+
+def test_cross_tokenizer_student(teacher, ex, bpe_tok):
+    """A student with another tokenizer: CE on its tokens, ULD instead of KL, Phase-1 rows over the
+    teacher's token spans at character-aligned queries, Phase 2 paired by refinement span."""
+    student_ex = example(bpe_tok)
+    assert len(student_ex.input_ids) < len(ex.input_ids)  # merges: fewer tokens than bytes
+    student = tiny_llama(len(bpe_tok), seed=5).train()
+    targets = teacher_targets(teacher, ex, pools(0), TAU, top_k=8)
+    out = student_loss(student, student_ex, targets, pools(1), METHODS["mech"], TAU, TEMPERATURE)
+    for term in ("cot.kl", "phase1.attn", "phase1.write", "phase2.qk"):
+        assert torch.isfinite(out[term]) and float(out[term]) > 0, term
+    out["loss"].backward()
+    assert student.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_auto_pool_temperature_is_score_std():
+    table = pd.DataFrame({"layer": [0, 0, 0, 1], "head": [0, 1, 2, 0], "score": [80.0, 60.0, 40.0, 90.0]})
+    pool = select_pool(table, n_layers=2, k=3, temperature="auto", layer_range=(0.0, 0.5))
+    scores = torch.tensor([80.0, 60.0, 40.0])
+    assert pool.heads == [(0, 0), (0, 1), (0, 2)]
+    torch.testing.assert_close(pool.weights, torch.softmax(scores / scores.std(), 0))
+    assert float(select_pool(table, 2, 3, 1.0, (0.0, 0.5)).weights[0]) > 0.999  # T = 1 on raw scores: one head

@@ -1,0 +1,207 @@
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mechdistill.errors import InputError
+from mechdistill.evaluate.plots import figure9
+from mechdistill.evaluate.tables import (
+    NO_ROWS,
+    TABLE_COLUMNS,
+    build_table,
+    figure9_data,
+    load_metrics,
+    table_spec,
+    write_table,
+)
+from mechdistill.io import write_parquet
+
+DATASETS, STUDENTS, METHODS = ["mimic_like", "wiki_like"], ["s1", "s2"], ["vanilla", "mech", "phase1_only"]
+N_DOCS = 40
+# Per-doc offset of each method from vanilla, per metric (sharpness is absent everywhere).
+# mech: clear consistent gain on focus/las/anchor_align/f1, clear drop of confusion (good),
+# pure symmetric noise on loopback (no mark), a consistent loss on helpfulness (no mark: wrong sign).
+# phase1_only is worse than vanilla everywhere except anchor_align, where it is the best baseline.
+OFFSETS = {
+    "mech": {"focus": 0.10, "confusion": -0.10, "las": 0.05, "anchor_align": 0.07, "loopback": "noise",
+             "helpfulness": -0.05, "f1": 0.08},
+    "phase1_only": {"focus": -0.05, "confusion": 0.05, "las": -0.05, "anchor_align": 0.05, "loopback": -0.05,
+                    "helpfulness": -0.10, "f1": -0.05},
+}
+MACRO_F1 = {"vanilla": 0.40, "mech": 0.50, "phase1_only": 0.30}
+
+
+def files(folder, stem: str) -> dict:
+    return {fmt: folder / f"{stem}.{fmt}" for fmt in ("md", "csv", "tex")}
+
+
+def synthetic_metrics() -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    rows = []
+    for dataset in DATASETS:
+        for student in STUDENTS:
+            docs = [f"d{i}" for i in range(N_DOCS)]
+            for metric in ["focus", "confusion", "las", "anchor_align", "loopback", "helpfulness", "f1"]:
+                base = rng.uniform(0.2, 0.6, N_DOCS)
+                half = rng.uniform(0.01, 0.05, N_DOCS // 2)
+                noise = rng.permutation(np.concatenate([half, -half]))  # mean exactly 0, symmetric
+                for method in METHODS:
+                    if dataset == "wiki_like" and method == "phase1_only":
+                        continue  # the missing method
+                    off = OFFSETS.get(method, {}).get(metric, 0.0)
+                    jitter = rng.uniform(0.0, 0.01, N_DOCS)  # keeps gains consistent in sign
+                    values = base + (noise if off == "noise" else off + np.sign(off) * jitter)
+                    rows += [(dataset, student, method, d, metric, v) for d, v in zip(docs, values)]
+            for method, f1 in MACRO_F1.items():
+                if not (dataset == "wiki_like" and method == "phase1_only"):
+                    rows.append((dataset, student, method, "", "macro_f1", f1))
+    return pd.DataFrame(rows, columns=["dataset", "student", "method", "doc_id", "metric", "value"])
+
+
+@pytest.fixture(scope="module")
+def metrics():
+    return synthetic_metrics()
+
+
+@pytest.fixture(scope="module")
+def table(metrics):
+    return build_table(metrics, DATASETS, STUDENTS, METHODS, n_resamples=500)
+
+
+def expected_means(metrics: pd.DataFrame) -> dict:
+    """Cell values computed independently: corpus value if stored, else the per-document mean."""
+    corpus = metrics[metrics["doc_id"] == ""].groupby(["dataset", "student", "method", "metric"])["value"].mean()
+    docs = metrics[metrics["doc_id"] != ""].groupby(["dataset", "student", "method", "metric"])["value"].mean()
+    return {**docs.to_dict(), **corpus.to_dict()}
+
+
+def row(table, dataset, student, method):
+    sel = table[(table["dataset"] == dataset) & (table["student"] == student) & (table["method"] == method)]
+    assert len(sel) == 1
+    return sel.iloc[0]
+
+
+def test_rows_in_given_order_and_cell_values(metrics, table):
+    keys = list(zip(table["dataset"], table["student"], table["method"]))
+    assert keys == [(d, s, m) for d in DATASETS for s in STUDENTS for m in METHODS]
+    means = expected_means(metrics)
+    for (d, s, m, metric), value in means.items():
+        label = {metric: label for label, metric, _ in TABLE_COLUMNS}.get(metric)
+        if label:
+            assert row(table, d, s, m)[label] == pytest.approx(value)
+    assert row(table, "mimic_like", "s1", "mech")["F1"] == pytest.approx(0.50)  # corpus-level value
+
+
+def test_missing_method_and_metric_are_empty(table, tmp_path):
+    missing = row(table, "wiki_like", "s1", "phase1_only")
+    assert all(math.isnan(missing[label]) for label, _, _ in TABLE_COLUMNS)
+    assert table["Sharp"].isna().all() and table["Sharp_delta"].isna().all()
+    write_table(table, files(tmp_path, "t"))
+    line = next(x for x in (tmp_path / "t.md").read_text().splitlines() if "| wiki_like | s1 | phase1_only |" in x)
+    assert line.replace("|", "").split() == ["wiki_like", "s1", "phase1_only"]
+
+
+def test_delta_vs_best_baseline(metrics, table):
+    means = expected_means(metrics)
+    for d in DATASETS:
+        for s in STUDENTS:
+            mech = row(table, d, s, "mech")
+            for label, metric, higher in TABLE_COLUMNS:
+                base = [means[(d, s, m, metric)] for m in ("vanilla", "phase1_only") if (d, s, m, metric) in means]
+                if not base:
+                    assert math.isnan(mech[f"{label}_delta"])
+                    continue
+                best = max(base) if higher else min(base)
+                assert mech[f"{label}_delta"] == pytest.approx(means[(d, s, "mech", metric)] - best)
+            assert math.isnan(row(table, d, s, "vanilla")["Foc_delta"])
+    # anchor_align: phase1_only (not vanilla) is the best baseline on mimic_like
+    assert row(table, "mimic_like", "s1", "mech")["Align_delta"] == pytest.approx(0.02, abs=0.01)
+
+
+def test_significance_marks(table):
+    for d in DATASETS:
+        for s in STUDENTS:
+            mech = row(table, d, s, "mech")
+            for label in ["Foc", "Conf", "LAS", "Align", "F1"]:  # consistent gains (F1 paired on per-doc f1)
+                assert mech[f"{label}_sig"] == "*", (d, s, label)
+            assert mech["Loop_sig"] == ""  # symmetric noise
+            assert mech["Help_sig"] == ""  # consistent, but a loss
+            assert mech["Conf_delta"] < 0 and mech["Help_delta"] < 0
+            assert row(table, d, s, "vanilla")["Foc_sig"] == ""
+
+
+def test_corpus_only_metric_has_no_mark(metrics):
+    no_f1 = metrics[metrics["metric"] != "f1"]
+    t = build_table(no_f1, "mimic_like", ["s1"], METHODS, n_resamples=200)
+    mech = row(t, "mimic_like", "s1", "mech")
+    assert mech["F1_delta"] == pytest.approx(0.10) and mech["F1_sig"] == ""
+
+
+def test_writers(metrics, table, tmp_path):
+    write_table(table, files(tmp_path, "table1"), caption="Table 1: synthetic")
+    md, csv, tex = (tmp_path / f"table1.{ext}" for ext in ("md", "csv", "tex"))
+    assert md.exists() and csv.exists() and tex.exists()
+    mech = row(table, "mimic_like", "s1", "mech")
+    text = md.read_text()
+    assert text.splitlines()[0] == "Table 1: synthetic"
+    assert f"{mech['Foc']:.3f}" in text and f"{mech['Foc_delta']:+.3f}*" in text
+    assert f"{mech['Conf_delta']:+.3f}*" in text and f"{mech['Help_delta']:+.3f} " in text
+    back = pd.read_csv(csv)
+    assert back["Foc"].to_numpy() == pytest.approx(table["Foc"].to_numpy(), nan_ok=True)
+    latex = tex.read_text()
+    assert "\\caption{Table 1: synthetic}" in latex and "\\toprule" in latex and "\\bottomrule" in latex
+    assert "phase1\\_only" in latex and "mimic\\_like" in latex and "phase1_only" not in latex
+    assert f"\\textbf{{{mech['Foc']:.3f}}}" in latex  # mech has the best Focus
+    assert f"{mech['Foc_delta']:+.3f}$^{{*}}$" in latex
+
+
+def test_empty_table_gets_note_row(metrics, tmp_path):
+    empty = build_table(metrics, "mimic_like", [], METHODS)
+    assert empty.empty
+    write_table(empty, files(tmp_path, "table3"), caption="Table 3")
+    for ext in ("md", "csv", "tex"):
+        assert NO_ROWS in (tmp_path / f"table3.{ext}").read_text()
+
+
+def test_table_spec():
+    config = {
+        "datasets": {"demo": {"adapter": "icd10cm_controlled"}, "wiki": {"adapter": "wikiseealso"},
+                     "mimic": {"adapter": "mimic4_icd10"}},
+        "students": ["a", "b", "c", "d"],
+        "methods": {"vanilla": {}, "mech": {}, "phase1_only": {}},
+    }
+    t1, t2, t3, t4 = (table_spec(config, f"table{i}") for i in range(1, 5))
+    assert t1["datasets"] == ["demo", "mimic"] and t1["students"] == ["a", "b", "c", "d"]
+    assert t2["datasets"] == ["wiki"]
+    assert t3["datasets"] == t4["datasets"] == ["demo"]
+    assert t3["students"] == ["b", "c"] and t4["students"] == ["d"]
+    assert t1["methods"] == ["vanilla", "mech", "phase1_only"]
+    assert t1["caption"].startswith("Table 1")
+    one = {**config, "students": ["a"]}
+    assert table_spec(one, "table3")["students"] == [] and table_spec(one, "table4")["students"] == []
+    with pytest.raises(ValueError, match="unknown table"):
+        table_spec(config, "table5")
+
+
+def test_load_metrics(metrics, tmp_path):
+    good, bad = tmp_path / "good.parquet", tmp_path / "bad.parquet"
+    write_parquet(metrics.head(10), good)
+    write_parquet(metrics.head(10).drop(columns=["doc_id"]), bad)
+    assert load_metrics([good, good]).shape == (20, 6)
+    with pytest.raises(InputError, match="bad.parquet.*doc_id"):
+        load_metrics([good, bad])
+
+
+def test_figure9(metrics, tmp_path):
+    methods = ["vanilla", "mech", "phase1_only", "phase2_only"]  # phase2_only absent
+    data = figure9_data(metrics, "mimic_like", "s1", methods, n_resamples=500)
+    assert list(data["method"]) == ["vanilla", "mech", "phase1_only"]
+    assert (data["n"] == N_DOCS).all()
+    assert ((data["ci_low"] <= data["mean"]) & (data["mean"] <= data["ci_high"])).all()
+    las = metrics[(metrics["dataset"] == "mimic_like") & (metrics["student"] == "s1") & (metrics["metric"] == "las")]
+    assert data["mean"].to_numpy() == pytest.approx(las.groupby("method")["value"].mean()[data["method"]].to_numpy())
+    assert data.equals(figure9_data(metrics, "mimic_like", "s1", methods, n_resamples=500))  # seeded
+    out = tmp_path / "figure9.png"
+    figure9(data, out, "LAS ablation (synthetic)")
+    assert out.stat().st_size > 0

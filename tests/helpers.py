@@ -1,0 +1,68 @@
+"""Builders shared by several test modules (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import simple_icd_10_cm as icd
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from mechdistill.characterize.attention import attention_modules
+from mechdistill.data.icd10cm import title
+from mechdistill.labels import LabelSpace
+from mechdistill.models import TINY_ARCH_DEFAULTS
+
+REPO = Path(__file__).resolve().parent.parent
+VOCAB = 97
+WINDOW = 8  # gemma3 sliding window, shorter than the test sequences so it matters
+
+
+def icd_subtree(code: str) -> LabelSpace:
+    """A real ICD-10-CM subtree (with its ancestors' rows), built fast without the whole table."""
+    codes = icd.get_ancestors(code)[::-1] + [code] + icd.get_descendants(code)
+    return LabelSpace(pd.DataFrame(
+        [(c, title(c), icd.get_parent(c) or None, icd.get_ancestors(c), icd.is_leaf(c)) for c in codes],
+        columns=["label_id", "title", "parent", "ancestors", "assignable"]))
+
+
+def tiny_llama(vocab: int, seed: int):
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                      max_position_embeddings=512)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_model(arch: str, attn: str = "sdpa"):
+    fields = dict(TINY_ARCH_DEFAULTS[arch])
+    model_type = fields.pop("model_type")
+    fields.update(vocab_size=VOCAB, num_hidden_layers=3)
+    if arch == "llama":
+        fields["attention_bias"] = True  # o_proj bias: must not be part of the head writes
+    if arch == "gemma3":
+        fields.update(sliding_window=WINDOW,
+                      layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    cfg = AutoConfig.for_model(model_type, **fields)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).eval()
+    with torch.no_grad():  # random biases (default init is zero) so the bias test means something
+        for m in attention_modules(model):
+            for proj in (m.q_proj, m.k_proj, m.v_proj, m.o_proj):
+                if proj.bias is not None:
+                    proj.bias.normal_(0, 0.5)
+    return model
+
+
+class StubEmbedder:
+    """Looks texts up in a dict (KeyError on any unexpected text); records what it was asked."""
+
+    def __init__(self, vectors: dict[str, tuple[float, ...]]) -> None:
+        self.vectors = {k: np.asarray(v, np.float32) for k, v in vectors.items()}
+        self.seen: list[str] = []
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        self.seen += texts
+        return np.stack([self.vectors[t] for t in texts])

@@ -1,0 +1,160 @@
+import json
+import sys
+import types
+
+import pandas as pd
+import pytest
+
+from mechdistill.errors import InputError
+from mechdistill.teacher.backends import TransformersBackend
+from mechdistill.teacher.generate import generate_cot
+from mechdistill.teacher.prompts import build_prompts
+
+
+@pytest.fixture()
+def prompts(icd_space):
+    docs = pd.DataFrame({
+        "doc_id": [f"d{i}" for i in range(5)],
+        "text": [f"Note {i}: chronic systolic heart failure." for i in range(5)],
+        "labels": [["I50.22"]] * 5,
+    })
+    cfg = {"strategy": "hierarchy", "size": 4, "n_near_miss": 2}
+    pcfg = {"exemplar": False, "system": "S", "instruction": "Pick."}
+    return build_prompts(docs, icd_space, cfg, pcfg, seed=0)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interrupted_generation(tiny_config, icd_space, prompts, tmp_path):
+    reference = generate_cot(tiny_config, "tiny_llama", prompts, icd_space, tmp_path / "ref" / "test.parquet")
+    assert len(reference) == 5
+    # The random model never writes "<answer>": every trace hits max_new_tokens=12 and is
+    # budget-forced (force_answer_tokens=4) to write an answer block.
+    assert reference["forced_answer"].all() and (reference["finish_reason"] == "length").all()
+    assert reference["n_tokens"].between(13, 16).all()
+    assert all("\n<answer>" in raw for raw in reference["raw"])
+    assert all(raw.startswith(cot) for raw, cot in zip(reference["raw"], reference["cot"]))
+
+    calls = []
+
+    class Flaky(TransformersBackend):
+        fail_on_call = 0
+
+        def __call__(self, chats):
+            calls.append(len(chats))
+            if len(calls) == self.fail_on_call:
+                raise Interrupt("killed")
+            return super().__call__(chats)
+
+    def flaky_factory(fail_on_call):
+        backend = Flaky(tiny_config, "tiny_llama", tiny_config["generation"])
+        backend.fail_on_call = fail_on_call
+        return backend
+
+    out = tmp_path / "run" / "test.parquet"
+    with pytest.raises(Interrupt):  # killed while generating the second shard (shard_size=2)
+        generate_cot(tiny_config, "tiny_llama", prompts, icd_space, out, backend_factory=lambda: flaky_factory(2))
+    assert not out.exists()
+    shards = list(out.parent.glob(".test.shards-*/shard-*.parquet"))
+    assert [p.name for p in shards] == ["shard-00000.parquet"]
+
+    calls.clear()
+    resumed = generate_cot(tiny_config, "tiny_llama", prompts, icd_space, out, backend_factory=lambda: flaky_factory(0))
+    assert calls == [2, 1]  # only the two unfinished shards (2 + 1 documents) were generated
+    pd.testing.assert_frame_equal(resumed, reference)
+    pd.testing.assert_frame_equal(pd.read_parquet(out), reference)
+    assert not list(out.parent.glob(".test.shards-*"))  # cleaned up after success
+
+
+def test_changed_settings_do_not_reuse_shards(tiny_config, icd_space, prompts, tmp_path):
+    out = tmp_path / "test.parquet"
+    stale = out.parent / ".test.shards-0000000000000000"
+    stale.mkdir(parents=True)
+    (stale / "shard-00000.parquet").write_text("from an earlier configuration")
+    tiny_config["generation"].update(max_new_tokens=3, force_answer_tokens=0)
+    df = generate_cot(tiny_config, "tiny_llama", prompts, icd_space, out)
+    assert not stale.exists() and df["n_tokens"].max() <= 3 and not df["forced_answer"].any()
+
+
+def test_file_backend(tiny_config, icd_space, prompts, tmp_path):
+    traces = tmp_path / "traces.jsonl"
+    rows = [{"doc_id": f"d{i}", "cot": f"Heart failure, systolic rather than diastolic {i}.", "answer": "I50.22"}
+            for i in range(5)]
+    traces.write_text("\n".join(json.dumps(r) for r in rows))
+    tiny_config["generation"].update(backend="file", traces=str(traces))
+    df = generate_cot(tiny_config, "tiny_llama", prompts, icd_space, tmp_path / "out.parquet")
+    assert df["pred_labels"].map(list).tolist() == [["I50.22"]] * 5
+    assert df["cot"][3] == "Heart failure, systolic rather than diastolic 3."
+    assert (df["finish_reason"] == "file").all()
+    # byte tokenizer: one token per byte of the trace text
+    assert df["n_tokens"][0] == len(df["raw"][0].encode())
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"doc_id": "d0", "cot": "ok", "answer": "I10"}], "no trace for doc_id 'd1'"),
+    ([{"doc_id": f"d{i}", "cot": "" if i == 2 else "ok"} for i in range(5)], "row 2: empty chain of thought"),
+    ([{"doc": "d0"}], "traces need columns doc_id"),
+])
+def test_file_backend_bad_traces(tiny_config, icd_space, prompts, tmp_path, rows, message):
+    traces = tmp_path / "traces.jsonl"
+    traces.write_text("\n".join(json.dumps(r) for r in rows))
+    tiny_config["generation"].update(backend="file", traces=str(traces))
+    with pytest.raises(InputError) as err:
+        generate_cot(tiny_config, "tiny_llama", prompts, icd_space, tmp_path / "out.parquet")
+    assert message in str(err.value) and str(traces) in str(err.value)
+
+
+def test_vllm_backend_wiring(tiny_config, icd_space, prompts, tmp_path, monkeypatch):
+    """vLLM itself needs a GPU; check the calls we make and how its outputs are read,
+    including budget forcing through `LLM.generate` on token ids."""
+    seen = {"sampling": [], "chats": [], "generate": []}
+
+    def result(text, n, reason):
+        out = types.SimpleNamespace(text=text, token_ids=list(range(n)), finish_reason=reason)
+        return types.SimpleNamespace(outputs=[out])
+
+    class SamplingParams:
+        def __init__(self, **kw):
+            seen["sampling"].append(kw)
+            self.kw = kw
+
+    class LLM:
+        def __init__(self, **kw):
+            seen["llm"] = kw
+
+        def chat(self, chats, params, use_tqdm=False):
+            seen["chats"].append(chats)  # first doc of each shard answers; the others run out of tokens
+            return [result("Heart. <answer>I50.22</answer>", 3, "stop")] + \
+                [result("Heart, systolic.", 12, "length") for _ in chats[1:]]
+
+        def generate(self, prompts, params, use_tqdm=False):
+            seen["generate"].append((prompts, params.kw))
+            return [result("I50.22</answer>", 2, "stop") for _ in prompts]
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams))
+    tiny_config["generation"].update(backend="vllm", tensor_parallel_size=8, max_model_len=4096)
+    df = generate_cot(tiny_config, "tiny_llama", prompts, icd_space, tmp_path / "out.parquet")
+    assert seen["llm"]["tensor_parallel_size"] == 8 and seen["llm"]["max_model_len"] == 4096
+    assert seen["llm"]["trust_remote_code"] is False
+    assert seen["sampling"][0]["temperature"] == 0.0 and seen["sampling"][0]["max_tokens"] == 12
+    assert [len(c) for c in seen["chats"]] == [2, 2, 1]  # one call per shard
+    assert seen["chats"][0][0][-1]["role"] == "user"
+    assert [len(p) for p, _ in seen["generate"]] == [1, 1]  # the two cut-off traces, forced
+    forced_prompt, forced_params = seen["generate"][0]
+    assert forced_params["max_tokens"] == 4
+    from mechdistill.models import load_tokenizer
+    text = load_tokenizer(tiny_config, "tiny_llama").decode(forced_prompt[0]["prompt_token_ids"])
+    assert text.endswith("<|im_start|>assistant\nHeart, systolic.\n<answer>")
+    assert df["pred_labels"].map(list).tolist() == [["I50.22"]] * 5
+    assert df["forced_answer"].tolist() == [False, True, False, True, False]
+    assert df["n_tokens"].tolist() == [3, 14, 3, 14, 3]
+    assert df["cot"][1] == "Heart, systolic."
+
+
+def test_vllm_missing_is_explained(tiny_config, icd_space, prompts, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    tiny_config["generation"]["backend"] = "vllm"
+    with pytest.raises(ImportError, match="envs/vllm.yaml"):
+        generate_cot(tiny_config, "tiny_llama", prompts, icd_space, tmp_path / "out.parquet")
