@@ -1,0 +1,37 @@
+"""rules/characterize.smk stages: head_scores of the tiny teacher and student, head_figures."""
+
+import pandas as pd
+import pytest
+
+from mechdistill import paths
+from mechdistill.stages.characterize import run_head_figures
+from tests.stages.conftest import DATASET, STUDENT, TEACHER
+
+
+def test_head_scores_cover_every_head_and_agree_on_the_shared_layer(tiny):
+    tiny.upto("head_scores").run("head_scores")
+    tables = {}
+    for model, n_layers in [(TEACHER, 2), (STUDENT, 1)]:
+        coarse = pd.read_parquet(tiny.path(paths.head_scores(DATASET, model, "coarse")))
+        refine = pd.read_parquet(tiny.path(paths.head_scores(DATASET, model, "refine")))
+        grid = [(layer, head) for layer in range(n_layers) for head in range(4)]
+        assert list(zip(coarse["layer"], coarse["head"])) == grid == list(zip(refine["layer"], refine["head"]))
+        assert coarse["score"].notna().all() and (coarse["n_queries"] > 0).all()
+        assert refine["score"].isna().all()  # a random model's CoT has no refinement positions
+        tables[model] = coarse
+    # The student IS the teacher's layer 0 (same embeddings, same unembedding): that layer's heads see
+    # the same inputs on the same teacher-forced sequences, so their CoarseScores are the teacher's.
+    teacher_l0 = tables[TEACHER][tables[TEACHER]["layer"] == 0]
+    assert tables[STUDENT]["score"].tolist() == pytest.approx(teacher_l0["score"].tolist(), rel=1e-4)
+    example = pd.read_parquet(tiny.path(paths.head_example(DATASET, TEACHER)))
+    top = tables[TEACHER].loc[tables[TEACHER]["score"].idxmax()]
+    assert (example["layer"] == top["layer"]).all() and (example["head"] == top["head"]).all()
+    assert example["weight"].between(0, 1).all() and 0 < example["weight"].sum() <= 1 + 1e-6
+
+
+def test_head_figures(tiny):
+    tiny.upto("patching")  # the head tables exist
+    with tiny.inside():
+        run_head_figures(tiny.config, DATASET)
+    for number in (4, 7):
+        assert tiny.path(paths.head_figure(number, DATASET)).read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,66 @@
+"""rules/patching.smk stages: patching of the tiny teacher (phase 1 patched, phase 2 with nothing to
+rank), a killed job resuming, and the patching figures."""
+
+import pandas as pd
+import pytest
+
+from mechdistill import paths
+from mechdistill.patching import experiment
+from mechdistill.stages.patching import run_patching, run_patching_figure
+from tests.stages.conftest import DATASET, TEACHER
+
+N_DOCS, BINS, SETS_PER_BIN = 2, 2, 4  # patching.max_docs 2; bins [2, 4]; top + lowest + 2 random
+
+
+def test_patching_runs_every_head_set_in_both_directions(tiny):
+    tiny.upto("patching").run("patching")
+    pairs = pd.read_parquet(tiny.path(paths.patching_pairs(DATASET, TEACHER, "phase1")))
+    runs = pd.read_parquet(tiny.path(paths.patching_runs(DATASET, TEACHER, "phase1")))
+    summary = pd.read_parquet(tiny.path(paths.patching(DATASET, TEACHER, "phase1")))
+    assert len(pairs) == N_DOCS and pairs["aligned"].all()
+    assert len(runs) == N_DOCS * (2 + 2 * BINS * SETS_PER_BIN)  # 2 references + every set, both directions
+    refs = runs[runs["direction"] == "reference"]
+    assert (refs.loc[refs["kind"] == "clean", "value"].to_numpy()
+            == refs.loc[refs["kind"] == "clean", "clean_value"].to_numpy()).all()
+    assert set(summary["k"]) == {2, 4} and set(summary["head_set"]) == {"top", "random", "lowest"}
+    # the summary's mean "value" of a head set is the mean over documents of that set's runs
+    top2 = runs[(runs["direction"] == "denoise") & (runs["kind"] == "top") & (runs["k"] == 2)]
+    row = summary[(summary["direction"] == "denoise") & (summary["head_set"] == "top") & (summary["k"] == 2)
+                  & (summary["metric"] == "value")]
+    assert row["effect"].item() == pytest.approx(top2["value"].mean())
+    assert pd.read_parquet(tiny.path(paths.patching(DATASET, TEACHER, "phase2"))).empty  # no RefineScore
+
+
+def test_killed_patching_resumes_after_its_last_finished_document(tiny, monkeypatch, tmp_path):
+    tiny.upto("teacher_targets")  # the uninterrupted run to compare with
+    real, calls = experiment.run_document, []
+    out = {"summary_path": tmp_path / "phase1.parquet", "runs_path": tmp_path / "phase1_runs.parquet",
+           "pairs_path": tmp_path / "phase1_pairs.parquet"}
+
+    def dies_on_second(*args, **kwargs):
+        calls.append(args[1].doc_id)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(experiment, "run_document", dies_on_second)
+    with tiny.inside(), pytest.raises(KeyboardInterrupt):
+        run_patching(tiny.config, DATASET, "phase1", **out)
+    assert len(list(tmp_path.glob(".phase1.docs-*/*.json"))) == 1
+    calls.clear()
+    monkeypatch.setattr(experiment, "run_document", lambda *a, **kw: calls.append(a[1].doc_id) or real(*a, **kw))
+    with tiny.inside():
+        run_patching(tiny.config, DATASET, "phase1", **out)
+    assert len(calls) == 1  # only the document the kill interrupted
+    assert not list(tmp_path.glob(".phase1.docs-*"))  # pieces removed once the table is written
+    pd.testing.assert_frame_equal(pd.read_parquet(out["summary_path"]),
+                                  pd.read_parquet(tiny.path(paths.patching(DATASET, TEACHER, "phase1"))))
+
+
+def test_patching_figures(tiny):
+    tiny.upto("teacher_targets")  # both phases patched
+    with tiny.inside():
+        for phase in paths.PHASES:
+            run_patching_figure(tiny.config, DATASET, phase)
+    for phase in paths.PHASES:
+        assert tiny.path(paths.patching_figure(phase, DATASET)).read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,121 @@
+"""The house plan: import layers, no import cycles, no path surgery, no pointer outside the repository."""
+
+from __future__ import annotations
+
+import ast
+import re
+
+import grimp
+import pytest
+from importlinter.cli import lint_imports
+
+from tests.helpers import REPO
+
+PACKAGE = REPO / "mechdistill"
+# Imports that may stay inside a function, each keeping a heavy optional dependency (or the stages,
+# for an instant `mechdistill --help`) off the start-up path; the line must say why.
+LAZY_IMPORTS = {"vllm", "deepspeed", "sentence_transformers", "mechdistill.models", "mechdistill.stages.data",
+                "mechdistill.stages.teacher"}
+
+
+def test_lint_imports_layers_contract(capsys, monkeypatch):
+    """pyproject.toml's import-linter contracts: stages above the phases (in pipeline order) above the
+    shared modules; stage modules independent; no cycles between siblings."""
+    monkeypatch.chdir(REPO)
+    exit_code = lint_imports(config_filename=str(REPO / "pyproject.toml"), no_cache=True, no_logo=True)
+    out = capsys.readouterr().out
+    assert exit_code == 0, out[-3000:]
+    assert "3 kept, 0 broken" in out
+
+
+def strongly_connected(graph: grimp.ImportGraph, modules: set[str]) -> list[set[str]]:
+    """Tarjan's strongly connected components of the module import graph with more than one module."""
+    index, low, stack, on_stack, out = {}, {}, [], set(), []
+
+    def visit(m: str) -> None:
+        index[m] = low[m] = len(index)
+        stack.append(m)
+        on_stack.add(m)
+        for n in graph.find_modules_directly_imported_by(m) & modules:
+            if n not in index:
+                visit(n)
+                low[m] = min(low[m], low[n])
+            elif n in on_stack:
+                low[m] = min(low[m], index[n])
+        if low[m] == index[m]:
+            component = set()
+            while True:
+                n = stack.pop()
+                on_stack.discard(n)
+                component.add(n)
+                if n == m:
+                    break
+            if len(component) > 1:
+                out.append(component)
+
+    for m in sorted(modules):
+        if m not in index:
+            visit(m)
+    return out
+
+
+def test_no_module_is_part_of_an_import_cycle():
+    """Every import counts, function-local ones included (grimp reads them all)."""
+    graph = grimp.build_graph("mechdistill", cache_dir=None)
+    assert strongly_connected(graph, set(graph.modules)) == []
+
+
+def test_strongly_connected_finds_a_planted_cycle():
+    graph = grimp.ImportGraph()
+    for m in ("p", "p.a", "p.b", "p.c"):
+        graph.add_module(m)
+    graph.add_import(importer="p.a", imported="p.b")
+    graph.add_import(importer="p.b", imported="p.c")
+    graph.add_import(importer="p.c", imported="p.a")
+    assert strongly_connected(graph, set(graph.modules)) == [{"p.a", "p.b", "p.c"}]
+
+
+def function_local_imports() -> list[tuple[str, int, str, str]]:
+    """(file, line, imported module, the line's text) of every import inside a function of mechdistill/."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        lines = path.read_text().splitlines()
+        for func in (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)):
+            for node in ast.walk(func):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom):
+                    base = node.module or ""
+                    if node.level:  # relative: resolve against the file's package
+                        package = path.relative_to(REPO).with_suffix("").parts[:-node.level]
+                        base = ".".join(package + ((base,) if base else ()))
+                    names = [base]
+                else:
+                    continue
+                around = " ".join(lines[max(0, node.lineno - 4): node.lineno])
+                found += [(str(path.relative_to(REPO)), node.lineno, name, around) for name in names]
+    return found
+
+
+def test_function_local_imports_only_keep_heavy_dependencies_off_the_start_up_path():
+    local = function_local_imports()
+    unexpected = [f"{f}:{line} imports {name}" for f, line, name, _ in local if name not in LAZY_IMPORTS]
+    assert unexpected == []
+    unexplained = [f"{f}:{line}" for f, line, _, text in local if "#" not in text]
+    assert unexplained == []  # each says why, on its line or just above its import block
+
+
+@pytest.mark.parametrize("folder", ["rules", "workflow_scripts"])
+def test_no_string_surgery_on_paths(folder):
+    """Paths come from mechdistill.paths; nothing edits a path template with str.replace."""
+    hits = [f"{p.name}:{i}" for p in sorted((REPO / folder).iterdir()) if p.is_file()
+            for i, line in enumerate(p.read_text().splitlines(), 1) if ".replace(" in line]
+    assert hits == []
+
+
+def test_nothing_points_outside_the_repository():
+    """No docstring sends the reader to a design file that is not in this repository."""
+    pattern = re.compile(r"DESIGN\.md|\.\./shared")
+    hits = [str(p.relative_to(REPO)) for p in sorted(PACKAGE.rglob("*.py")) if pattern.search(p.read_text())]
+    assert hits == []

@@ -1,0 +1,43 @@
+"""Artifact paths: one function per artifact, a wildcard pattern or a concrete file."""
+
+from __future__ import annotations
+
+from mechdistill import paths
+from mechdistill.config import load_config
+from tests.helpers import REPO
+
+
+def test_left_out_arguments_stay_wildcards():
+    assert paths.cot() == "results/{dataset}/{teacher}/cot/{split}.parquet"
+    assert paths.cot("d", "t", "test") == "results/d/t/cot/test.parquet"
+    assert paths.cot(split="train") == "results/{dataset}/{teacher}/cot/train.parquet"
+    assert paths.head_scores(model="{student}", kind="coarse") == "results/{dataset}/{student}/heads/coarse.parquet"
+
+
+def test_companions_live_next_to_their_artifact():
+    assert paths.patching_runs("d", "t", "phase1") == "results/d/t/patching/phase1_runs.parquet"
+    assert paths.patching_pairs("d", "t", "phase2") == "results/d/t/patching/phase2_pairs.parquet"
+    assert paths.targets_tensors("d", "t", "val") == "results/d/t/targets/val.safetensors"
+    assert paths.student_model("d", "s", "m") == paths.student_model_dir("d", "s", "m") + "/config.json"
+    assert paths.train_log("d", "s", "m") == "results/d/s/m/train_log.parquet"
+    assert paths.patching_figure("phase2", "d") == "results/figures/figure8_d.png"
+    assert paths.table("table3", "tex") == "results/tables/table3.tex"
+    assert paths.log("anchors", "{dataset}.{split}") == "logs/anchors/{dataset}.{split}.log"
+
+
+def test_model_cot_is_the_teacher_trace_or_the_student_prediction():
+    config = load_config(REPO / "config" / "tiny.yaml")
+    assert paths.model_cot(config, "d", "tiny_llama") == "results/d/tiny_llama/cot/test.parquet"
+    assert paths.model_cot(config, "d", "tiny_student/mech") == "results/d/tiny_student/mech/pred/test.parquet"
+
+
+def test_stage_targets_of_the_tiny_config():
+    config = load_config(REPO / "config" / "tiny.yaml")
+    groups = paths.stage_targets(config)
+    counts = {name: len(files) for name, (_, files) in groups.items()}
+    assert counts == {"prepare_dataset": 4, "build_prompts": 3, "teacher_cot": 3, "anchors": 3, "trajectories": 1,
+                      "student_trajectories": 2, "head_scores": 4, "patching": 2, "teacher_targets": 2,
+                      "distill": 2, "student_predict": 2, "evaluate": 2, "figure1": 1, "head_figures": 2,
+                      "patching_figures": 2, "tables": 4, "figure9": 1}
+    assert "results/tiny_icd/tiny_student/vanilla/pred/test.parquet" in groups["student_predict"][1]
+    assert all("{" not in f for _, files in groups.values() for f in files)  # every target is concrete
