@@ -52,9 +52,8 @@ def main() -> None:
 
     cfg = load_config(ROOT / "config/config.yaml")
     dataset, teacher_name, student_name = next(iter(cfg["datasets"])), cfg["teacher"], cfg["students"][0]
-    split = [paths.data(dataset, "train"), paths.prompts(dataset, "train"), paths.cot(dataset, teacher_name, "train"),
-             paths.anchors(dataset, teacher_name, "train"), paths.labels(dataset)]
-    for p in split:
+    split = paths.split_files(dataset, teacher_name, "train")
+    for p in split.values():
         if not Path(p).exists():
             sys.exit(f"{p} is missing: run `snakemake --cores all` (demo config) first")
     teacher, t_tok = load_model(cfg, teacher_name, device="cpu", dtype="float32")
@@ -66,7 +65,7 @@ def main() -> None:
                           read_parquet(paths.head_scores(dataset, name, "refine")))
 
     t_pools, s_pools = pools(teacher, teacher_name), pools(student, student_name)
-    train = read_split(*split)
+    train = read_split(split)
     t_examples = make_examples(t_tok, train, teacher_name)
     s_examples = {e.doc_id: e for e in make_examples(s_tok, train, student_name)}
     both = [e for e in t_examples if has_phase(e, "phase1") and has_phase(e, "phase2")]

@@ -10,7 +10,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,13 +122,17 @@ class SplitArtifacts:
     source: str = ""
 
 
-def read_split(docs_path: str | os.PathLike, prompts_path: str | os.PathLike, cot_path: str | os.PathLike,
-               anchors_path: str | os.PathLike, labels_path: str | os.PathLike,
-               max_docs: int | None = None) -> SplitArtifacts:
-    """Read the documents, prompts, teacher CoT, anchors and label space of one split."""
-    anchors = read_parquet(anchors_path)
-    return SplitArtifacts(docs=read_parquet(docs_path, "documents").set_index("doc_id"),
-                          prompts=read_parquet(prompts_path, "prompts").set_index("doc_id"),
-                          cot=read_parquet(cot_path, "cot").set_index("doc_id"),
+def read_split(files: Mapping[str, str | os.PathLike], max_docs: int | None = None) -> SplitArtifacts:
+    """Read one split's documents, prompts, teacher CoT, anchors and label space.
+
+    files: their paths under the keys docs, prompts, cot, anchors, labels (`paths.split_files`).
+    """
+    missing = {"docs", "prompts", "cot", "anchors", "labels"} - set(files)
+    if missing:
+        raise ValueError(f"read_split: no path for {sorted(missing)}")
+    anchors = read_parquet(files["anchors"])
+    return SplitArtifacts(docs=read_parquet(files["docs"], "documents").set_index("doc_id"),
+                          prompts=read_parquet(files["prompts"], "prompts").set_index("doc_id"),
+                          cot=read_parquet(files["cot"], "cot").set_index("doc_id"),
                           anchors=anchors.head(max_docs) if max_docs else anchors,
-                          space=LabelSpace(read_parquet(labels_path, "labels")), source=str(cot_path))
+                          space=LabelSpace(read_parquet(files["labels"], "labels")), source=str(files["cot"]))

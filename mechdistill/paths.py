@@ -22,6 +22,7 @@ PHASES = ("phase1", "phase2")
 HEAD_SCORE_KINDS = ("coarse", "refine")
 TABLES = ("table1", "table2", "table3", "table4")
 TABLE_FORMATS = ("md", "csv", "tex")
+SPLIT_FILES = ("docs", "prompts", "cot", "anchors", "labels")  # what io.read_split reads
 PATCHING_SCORES = {"phase1": "coarse", "phase2": "refine"}  # which head ranking each phase patches
 FIGURE_OF_PHASE = {"phase1": 5, "phase2": 8}  # patching figure number of each phase
 
@@ -56,6 +57,13 @@ def excluded_pairs(dataset: str = D) -> str:
 
 def prompts(dataset: str = D, split: str = SPLIT) -> str:
     return f"{RESULTS}/{dataset}/prompts/{split}.parquet"
+
+
+def split_files(dataset: str = D, teacher: str = T, split: str = SPLIT) -> dict[str, str]:
+    """A split as the teacher-forced stages read it (`io.read_split`): docs, prompts, the teacher's
+    CoT and anchors, and the label space."""
+    return {"docs": data(dataset, split), "prompts": prompts(dataset, split), "cot": cot(dataset, teacher, split),
+            "anchors": anchors(dataset, teacher, split), "labels": labels(dataset)}
 
 
 # ---------------------------------------------------------------- teacher CoT, anchors, trajectories

@@ -19,14 +19,9 @@ def defined_targets(_wildcards=None):
 
 
 def teacher_split(split, prefix=""):
-    """Input function: docs, prompts, teacher CoT, anchors and labels of one split, keys prefixed."""
-    def inputs(wc):
-        teacher = config["teacher"]
-        return {f"{prefix}docs": paths.data(wc.dataset, split), f"{prefix}prompts": paths.prompts(wc.dataset, split),
-                f"{prefix}cot": paths.cot(wc.dataset, teacher, split),
-                f"{prefix}anchors": paths.anchors(wc.dataset, teacher, split),
-                f"{prefix}labels": paths.labels(wc.dataset)}
-    return inputs
+    """Input function: a split's files as the teacher-forced stages read them (paths.split_files),
+    keys prefixed."""
+    return lambda wc: {prefix + key: path for key, path in paths.split_files(wc.dataset, config["teacher"], split).items()}
 
 
 def one_of(names):

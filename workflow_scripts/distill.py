@@ -1,5 +1,6 @@
 from mechdistill.logutil import rule_logging
-from mechdistill.stages.distill import SPLIT_FILES, run_distill
+from mechdistill.paths import SPLIT_FILES
+from mechdistill.stages.distill import run_distill
 
 wc, inp, out = snakemake.wildcards, snakemake.input, snakemake.output
 with rule_logging(snakemake.log[0]):

@@ -1,5 +1,6 @@
 from mechdistill.logutil import rule_logging
-from mechdistill.stages.distill import SPLIT_FILES, run_teacher_targets
+from mechdistill.paths import SPLIT_FILES
+from mechdistill.stages.distill import run_teacher_targets
 
 wc, inp, out = snakemake.wildcards, snakemake.input, snakemake.output
 with rule_logging(snakemake.log[0]):

@@ -1,4 +1,4 @@
-"""Dataset adapters and the generic `prepare_dataset` step.
+"""Phase 1: the documents and the label space (dataset adapters and the generic `prepare_dataset` step).
 
 An adapter is a function `(**params) -> PreparedDataset`. Register new ones in ADAPTERS (and in
 `config/schema.yaml`'s adapter enum with their params).

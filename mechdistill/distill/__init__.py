@@ -1,1 +1,12 @@
-"""Mechanistic distillation: head pools, loss terms and the trainer."""
+"""Phase 6: mechanistic distillation of the teacher into a student (Sec. 3, App. B).
+
+pools.py      head pools per phase (top-k heads by CoarseScore / RefineScore in a band of layers)
+              and the pooled quantities: attention rows, writes, QK loop-back, OV helpfulness
+signals.py    one teacher-forced forward -> logits and both phases' pooled signals; examples of a
+              split; the mechanism metrics (Sharpness, AnchorAlign, LoopBack, Helpfulness)
+losses.py     CoT loss (CE + top-k KL, cross-tokenizer variant), Phase 1 (Eq. 5), Phase 2 (Eq. 6), total
+objective.py  the teacher's side of every loss for one document, and the student's loss
+methods.py    named sets of loss-term switches (vanilla, mech, phase and term ablations)
+targets.py    teacher targets computed once and stored (or online), so training needs no teacher
+trainer.py    the optimisation loop: AdamW, schedule, accumulation, exact resume, DeepSpeed ZeRO-3
+"""

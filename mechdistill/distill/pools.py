@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 
 import pandas as pd
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 from ..characterize.attention import Head, attention_modules, head_out_proj
 from ..characterize.capture import HeadCapture
 from ..characterize.scores import ov_helpfulness_cos, qk_loopback
+from ..io import read_parquet
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +106,13 @@ def head_pools(settings: dict, n_layers: int, coarse: pd.DataFrame, refine: pd.D
             log.warning("%s: no finite %s head score; %s losses are off for this model", source,
                         "CoarseScore" if phase == "phase1" else "RefineScore", phase)
     return pools
+
+
+def model_pools(settings: dict, model: nn.Module, coarse_path: str | os.PathLike,
+                refine_path: str | os.PathLike) -> dict[str, HeadPool]:
+    """`head_pools` of a loaded model, from its heads/coarse.parquet and heads/refine.parquet."""
+    return head_pools(settings, len(attention_modules(model)), read_parquet(coarse_path), read_parquet(refine_path),
+                      source=f"{coarse_path} / {refine_path}")
 
 
 def pools_json(pools: dict[str, HeadPool]) -> str:

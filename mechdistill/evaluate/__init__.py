@@ -1,5 +1,11 @@
-"""Evaluation metrics: task metrics (xmc), significance (stats), trace imitation (text), and LAS (las).
+"""Phase 7: how good and how faithful a distilled student is (App. D, E), and the paper's tables.
 
-Pure functions on Python lists / numpy arrays; reading artifacts and writing tables is done by
-the workflow scripts.
+xmc.py           task metrics of multi-label answers: P@k, nDCG@k, PSP@k, R@k, F1, macro/micro-F1
+text.py          trace imitation: BLEU-4 against the teacher's trace, perplexity of that trace
+las.py           Leakage-Adjusted Simulatability: simulators, per-document contributions, the LAS table
+significance.py  paired Wilcoxon signed-rank test and paired bootstrap CI of a difference
+tables.py        Tables 1-4 (Δ vs best baseline, significance marks) and Figure 9's data
+plots.py         Figure 9
+
+Functions take lists, arrays and DataFrames; `mechdistill.stages.evaluate` reads the artifacts.
 """

@@ -1,4 +1,4 @@
-"""Phase 5: activation patching of the teacher's attention patterns (Figures 5 and 8).
+"""Phase 5 (beside distillation): activation patching of the teacher's attention patterns (Figures 5 and 8).
 
 corruptions.py  token-aligned Phase-1 (neutral terms) and Phase-2 (near-miss swaps) corruptions
 head_sets.py    cumulative bins of top-ranked heads and count-matched random / lowest controls

@@ -15,19 +15,15 @@ log = logging.getLogger(__name__)
 PathLike = str | os.PathLike
 
 
-def run_head_scores(config: dict, dataset: str, model: str, *, docs_path: PathLike | None = None,
-                    prompts_path: PathLike | None = None, cot_path: PathLike | None = None,
-                    anchors_path: PathLike | None = None, labels_path: PathLike | None = None,
+def run_head_scores(config: dict, dataset: str, model: str, *, inputs: dict[str, PathLike] | None = None,
                     coarse_path: PathLike | None = None, refine_path: PathLike | None = None,
                     example_path: PathLike | None = None) -> None:
     """CoarseScore and RefineScore of every head of `model` (teacher or student), teacher-forced on
     the teacher's CoT of the `heads.split` split -> {model}/heads/coarse.parquet, refine.parquet
-    and coarse_example.parquet."""
+    and coarse_example.parquet. inputs: the split's files (default `paths.split_files`)."""
     settings, teacher, split = config["heads"], config["teacher"], config["heads"]["split"]
     model_obj, tokenizer = load_model(config, model, device=settings["device"], dtype=settings["dtype"])
-    data = read_split(docs_path or paths.data(dataset, split), prompts_path or paths.prompts(dataset, split),
-                      cot_path or paths.cot(dataset, teacher, split), anchors_path or paths.anchors(dataset, teacher, split),
-                      labels_path or paths.labels(dataset), settings.get("max_docs"))
+    data = read_split({**paths.split_files(dataset, teacher, split), **(inputs or {})}, settings.get("max_docs"))
     coarse, refine, example = score_heads(model_obj, tokenizer, forced_documents(tokenizer, data), tau=settings["tau"],
                                           n_stages=settings["n_stages"], desc=f"head scores {model}")
     for name, table in (("CoarseScore", coarse), ("RefineScore", refine)):

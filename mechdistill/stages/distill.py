@@ -10,10 +10,9 @@ import time
 import pandas as pd
 
 from .. import paths
-from ..characterize.attention import attention_modules
 from ..distill.methods import resolve_method
 from ..distill.objective import student_loss
-from ..distill.pools import HeadPool, head_pools
+from ..distill.pools import HeadPool, model_pools
 from ..distill.signals import make_examples, mechanism_metrics
 from ..distill.targets import OnlineTargets, load_targets, save_targets, target_tensors
 from ..distill.trainer import train, train_config, zero3_config
@@ -25,22 +24,11 @@ from ..teacher.generate import generate_cot
 
 log = logging.getLogger(__name__)
 PathLike = str | os.PathLike
-SPLIT_FILES = ("docs", "prompts", "cot", "anchors", "labels")
 
-
-def split_paths(dataset: str, teacher: str, split: str) -> dict[str, str]:
-    """docs / prompts / cot / anchors / labels of one split (the teacher's CoT and anchors)."""
-    return {"docs": paths.data(dataset, split), "prompts": paths.prompts(dataset, split),
-            "cot": paths.cot(dataset, teacher, split), "anchors": paths.anchors(dataset, teacher, split),
-            "labels": paths.labels(dataset)}
-
-
-def _model_pools(config: dict, model, dataset: str, model_name: str, coarse_path: PathLike | None = None,
-                 refine_path: PathLike | None = None) -> dict[str, HeadPool]:
-    coarse_path = coarse_path or paths.head_scores(dataset, model_name, "coarse")
-    refine_path = refine_path or paths.head_scores(dataset, model_name, "refine")
-    return head_pools(config["distill"]["pools"], len(attention_modules(model)), read_parquet(coarse_path),
-                      read_parquet(refine_path), source=f"{coarse_path} / {refine_path}")
+def _pools(config: dict, model, dataset: str, model_name: str, coarse_path: PathLike | None = None,
+           refine_path: PathLike | None = None) -> dict[str, HeadPool]:
+    return model_pools(config["distill"]["pools"], model, coarse_path or paths.head_scores(dataset, model_name, "coarse"),
+                       refine_path or paths.head_scores(dataset, model_name, "refine"))
 
 
 def run_teacher_targets(config: dict, dataset: str, split: str, *, inputs: dict[str, PathLike] | None = None,
@@ -49,13 +37,13 @@ def run_teacher_targets(config: dict, dataset: str, split: str, *, inputs: dict[
     """The teacher's top-k logits and pooled phase signals on a split, teacher-forced on its own
     CoT -> targets/{split}.parquet (one row per document) + targets/{split}.safetensors.
 
-    inputs: docs / prompts / cot / anchors / labels paths (default `split_paths`).
+    inputs: the split's files (default `paths.split_files`).
     """
     settings, teacher = config["distill"], config["teacher"]
-    inputs = {**split_paths(dataset, teacher, split), **(inputs or {})}
+    inputs = {**paths.split_files(dataset, teacher, split), **(inputs or {})}
     model, tokenizer = load_model(config, teacher, device=settings["train"]["device"], dtype=settings["teacher_dtype"])
-    pools = _model_pools(config, model, dataset, teacher, coarse_path, refine_path)
-    examples = make_examples(tokenizer, read_split(*(inputs[k] for k in SPLIT_FILES), settings.get("max_docs")),
+    pools = _pools(config, model, dataset, teacher, coarse_path, refine_path)
+    examples = make_examples(tokenizer, read_split(inputs, settings.get("max_docs")),
                              teacher)
     tensors, table = target_tensors(model, examples, pools, config["heads"]["tau"], settings["top_k"],
                                     desc=f"teacher targets {teacher}")
@@ -75,25 +63,25 @@ def run_distill(config: dict, dataset: str, student: str, method_name: str, *,
     """Train `student` with `method_name` on the teacher's train traces (validating on val) ->
     {student}/{method}/model/ (save_pretrained) + train_log.parquet + mechanism.parquet.
 
-    inputs: per split ("train", "val"), docs / prompts / cot / anchors / labels paths (default
-    `split_paths`). Resumes from ckpt_dir when a checkpoint is there.
+    inputs: per split ("train", "val"), the split's files (default `paths.split_files`). Resumes from
+    ckpt_dir when a checkpoint is there.
     """
     settings, teacher, tau = config["distill"], config["teacher"], config["heads"]["tau"]
-    inputs = {split: {**split_paths(dataset, teacher, split), **((inputs or {}).get(split) or {})}
+    inputs = {split: {**paths.split_files(dataset, teacher, split), **((inputs or {}).get(split) or {})}
               for split in ("train", "val")}
     method_settings = config["methods"].get(method_name) or {}
     method = resolve_method(method_name, method_settings)
     tcfg = train_config(settings["train"], method_settings.get("train"), config["seed"])
     started = time.perf_counter()
     model, tokenizer = load_model(config, student, device="cpu", dtype=settings["student_dtype"])
-    pools = _model_pools(config, model, dataset, student, student_coarse, student_refine)
-    splits = {split: read_split(*(inputs[split][k] for k in SPLIT_FILES), settings.get("max_docs"))
+    pools = _pools(config, model, dataset, student, student_coarse, student_refine)
+    splits = {split: read_split(inputs[split], settings.get("max_docs"))
               for split in ("train", "val")}
     examples = {split: make_examples(tokenizer, splits[split], student) for split in splits}
     if settings["targets"] == "online":
         teacher_model, teacher_tok = load_model(config, teacher, device=settings["train"]["device"],
                                                 dtype=settings["teacher_dtype"])
-        online = OnlineTargets(teacher_model, _model_pools(config, teacher_model, dataset, teacher, teacher_coarse,
+        online = OnlineTargets(teacher_model, _pools(config, teacher_model, dataset, teacher, teacher_coarse,
                                                            teacher_refine), tau, settings["top_k"])
         for split in splits:
             online.add(make_examples(teacher_tok, splits[split], teacher))

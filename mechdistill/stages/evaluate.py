@@ -27,8 +27,7 @@ import pandas as pd
 
 from .. import paths
 from ..anchors.embed import SentenceEmbedder
-from ..characterize.attention import attention_modules
-from ..distill.pools import head_pools
+from ..distill.pools import model_pools
 from ..distill.signals import make_examples, mechanism_metrics
 from ..evaluate.las import las_table, simulator_factory, target_label
 from ..evaluate.plots import figure9
@@ -119,9 +118,9 @@ def run_evaluate(config: dict, dataset: str, student: str, method: str, *,
                             ids, [docs.loc[d, "text"] for d in ids], student_cot, [target_label(a) for a in answers]))
 
     # mechanism: the student's pooled heads on the teacher's test CoT
-    pools = head_pools(config["distill"]["pools"], len(attention_modules(model)), read_parquet(p["student_coarse"]),
-                       read_parquet(p["student_refine"]), source=f"{p['student_coarse']} / {p['student_refine']}")
-    test_split = read_split(p["test_docs"], p["test_prompts"], p["teacher_test_cot"], p["test_anchors"], p["labels"])
+    pools = model_pools(config["distill"]["pools"], model, p["student_coarse"], p["student_refine"])
+    test_split = read_split({"docs": p["test_docs"], "prompts": p["test_prompts"], "cot": p["teacher_test_cot"],
+                             "anchors": p["test_anchors"], "labels": p["labels"]})
     frames.append(mechanism_metrics(model, make_examples(tokenizer, test_split, student), pools, config["heads"]["tau"]))
 
     out = pd.concat(frames, ignore_index=True)

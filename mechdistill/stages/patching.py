@@ -26,13 +26,12 @@ PathLike = str | os.PathLike
 RUN_COLUMNS = ["doc_id", "direction", "kind", "k", "seed", "value", "clean_value", "corrupt_value", "text"]
 
 
-def run_patching(config: dict, dataset: str, phase: str, *, docs_path: PathLike | None = None,
-                 prompts_path: PathLike | None = None, cot_path: PathLike | None = None,
-                 anchors_path: PathLike | None = None, labels_path: PathLike | None = None,
+def run_patching(config: dict, dataset: str, phase: str, *, inputs: dict[str, PathLike] | None = None,
                  head_scores_path: PathLike | None = None, summary_path: PathLike | None = None,
                  runs_path: PathLike | None = None, pairs_path: PathLike | None = None) -> None:
     """Activation patching of the teacher for one phase, on the `patching.split` documents ranked by
     the phase's head score -> patching/{phase}.parquet (+ {phase}_runs, {phase}_pairs).
+    inputs: the split's files (default `paths.split_files`).
 
     One finished document at a time is kept (`shards.Shards`): a killed job resumes after its last
     finished document.
@@ -48,9 +47,7 @@ def run_patching(config: dict, dataset: str, phase: str, *, docs_path: PathLike 
     started = time.perf_counter()
     model, tokenizer = load_model(config, teacher, device=settings["device"], dtype=settings["dtype"])
     embedder = SentenceEmbedder(config["embedder"])
-    data = read_split(docs_path or paths.data(dataset, split), prompts_path or paths.prompts(dataset, split),
-                      cot_path or paths.cot(dataset, teacher, split), anchors_path or paths.anchors(dataset, teacher, split),
-                      labels_path or paths.labels(dataset), settings.get("max_docs"))
+    data = read_split({**paths.split_files(dataset, teacher, split), **(inputs or {})}, settings.get("max_docs"))
     scores = read_parquet(head_scores_path).dropna(subset=["score"]).sort_values("score", ascending=False, kind="stable")
     ranked = [(int(r.layer), int(r.head)) for r in scores.itertuples()]
     if not ranked:  # e.g. no document has refinement positions: nothing to rank, say so and move on

@@ -1,4 +1,4 @@
-"""Phase 2 of the pipeline: prompts and the teacher's chains of thought.
+"""Phase 2: prompts and the teacher's chains of thought.
 
 prompts.py    candidate label lists, the one-shot exemplar, chat rendering
 answers.py    the answer block of a generation -> label ids

@@ -2,9 +2,10 @@
 
 `tiny` is a working folder shared by every stage test of the session (config/tiny.yaml: a random
 2-layer LLaMA teacher, its 1-layer student, 8 documents). A test asks for the stages it needs with
-`tiny.upto("anchors")`: every earlier stage runs once, in pipeline order, through its `run_*`
-function, so each stage module's tests read real artifacts of the stages before it, and the
-artifacts land where Snakemake would put them (`mechdistill.paths`, relative to the folder).
+`tiny.upto("anchors")` (the stages before it) or `tiny.ensure("anchors")` (and that stage): each stage
+runs once per session, in pipeline order, through its `run_*` function, so each stage's test reads
+what its function wrote from real artifacts of the stages before it, where Snakemake would put
+them (`mechdistill.paths`, relative to the folder).
 """
 
 from __future__ import annotations
@@ -61,20 +62,20 @@ class TinyPipeline:
         finally:
             os.chdir(old)
 
-    def run(self, stage: str) -> None:
-        """Run one stage (again) and mark it done."""
-        with self.inside():
-            self.stages[stage]()
-        self.done.add(stage)
-
-    def upto(self, stage: str) -> TinyPipeline:
-        """Make sure every stage before `stage` has run (each at most once per session)."""
-        for name in self.stages:
-            if name == stage:
-                break
+    def upto(self, stage: str, inclusive: bool = False) -> TinyPipeline:
+        """Make sure every stage before `stage` (and `stage` itself if `inclusive`) has run, in
+        pipeline order; each runs at most once per session."""
+        names = list(self.stages)
+        for name in names[: names.index(stage) + inclusive]:
             if name not in self.done:
-                self.run(name)
+                with self.inside():
+                    self.stages[name]()
+                self.done.add(name)
         return self
+
+    def ensure(self, stage: str) -> TinyPipeline:
+        """`stage` and everything before it have run: the stage's own test reads what it wrote."""
+        return self.upto(stage, inclusive=True)
 
     def path(self, relative: str) -> Path:
         return self.root / relative

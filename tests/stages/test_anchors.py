@@ -11,7 +11,7 @@ from tests.stages.conftest import DATASET, TEACHER
 
 
 def test_anchors_are_gold_titles_and_spans_lie_in_the_cot(tiny):
-    tiny.upto("anchors").run("anchors")
+    tiny.ensure("anchors")
     titles = pd.read_parquet(tiny.path(paths.labels(DATASET))).set_index("label_id")["title"]
     for split in paths.SPLITS:
         docs = pd.read_parquet(tiny.path(paths.data(DATASET, split)))
@@ -32,7 +32,7 @@ def test_anchors_are_gold_titles_and_spans_lie_in_the_cot(tiny):
 
 def test_anchors_from_an_llm_when_asked(tiny, tmp_path):
     """App. B's no-label mode: concepts come from an auxiliary LLM (the tiny model's junk, parsed)."""
-    tiny.upto("anchors")
+    tiny.ensure("anchors")
     config = json.loads(json.dumps(tiny.config))
     config["anchors"].update(mode="llm", llm={"max_concepts": 3, "max_new_tokens": 8})
     with tiny.inside():
@@ -43,7 +43,7 @@ def test_anchors_from_an_llm_when_asked(tiny, tmp_path):
 
 
 def test_trajectories_of_the_teacher_and_figure1(tiny):
-    tiny.upto("trajectories").run("trajectories")
+    tiny.ensure("trajectories")
     summary = pd.read_parquet(tiny.path(paths.trajectory_summary(DATASET, TEACHER)))
     curves = pd.read_parquet(tiny.path(paths.trajectories(DATASET, TEACHER)))
     test_ids = list(pd.read_parquet(tiny.path(paths.data(DATASET, "test")))["doc_id"])

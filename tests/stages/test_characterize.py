@@ -9,7 +9,7 @@ from tests.stages.conftest import DATASET, STUDENT, TEACHER
 
 
 def test_head_scores_cover_every_head_and_agree_on_the_shared_layer(tiny):
-    tiny.upto("head_scores").run("head_scores")
+    tiny.ensure("head_scores")
     tables = {}
     for model, n_layers in [(TEACHER, 2), (STUDENT, 1)]:
         coarse = pd.read_parquet(tiny.path(paths.head_scores(DATASET, model, "coarse")))
@@ -30,7 +30,7 @@ def test_head_scores_cover_every_head_and_agree_on_the_shared_layer(tiny):
 
 
 def test_head_figures(tiny):
-    tiny.upto("patching")  # the head tables exist
+    tiny.ensure("head_scores")
     with tiny.inside():
         run_head_figures(tiny.config, DATASET)
     for number in (4, 7):

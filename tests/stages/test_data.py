@@ -64,7 +64,7 @@ def test_wikiseealso_through_config_with_real_embedder(tmp_path, caplog, monkeyp
 
 
 def test_prepare_dataset_writes_every_split_and_the_label_space(tiny):
-    tiny.run("prepare_dataset")
+    tiny.ensure("prepare_dataset")
     labels = pd.read_parquet(tiny.path(paths.labels(DATASET)))
     assignable = set(labels.loc[labels["assignable"], "label_id"])
     seen = set()
@@ -81,7 +81,7 @@ def test_prepare_dataset_writes_every_split_and_the_label_space(tiny):
 
 
 def test_build_prompts_lists_every_gold_code_among_the_candidates(tiny):
-    tiny.upto("build_prompts").run("build_prompts")
+    tiny.ensure("build_prompts")
     for split in paths.SPLITS:
         docs = pd.read_parquet(tiny.path(paths.data(DATASET, split)))
         prompts = pd.read_parquet(tiny.path(paths.prompts(DATASET, split)))

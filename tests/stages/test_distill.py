@@ -13,7 +13,7 @@ from tests.stages.conftest import DATASET, STUDENT, TEACHER
 
 
 def test_teacher_targets_hold_the_cot_logits_and_phase1_signals(tiny):
-    tiny.upto("teacher_targets").run("teacher_targets")
+    tiny.ensure("teacher_targets")
     tokenizer = load_tokenizer(tiny.config, TEACHER)
     for split, n_docs in [("train", 3), ("val", 2)]:
         table = pd.read_parquet(tiny.path(paths.targets(DATASET, TEACHER, split)))
@@ -35,7 +35,7 @@ def test_teacher_targets_hold_the_cot_logits_and_phase1_signals(tiny):
 
 
 def test_distill_mech_trains_and_saves_the_student(tiny):
-    tiny.upto("distill").run("distill")
+    tiny.ensure("distill")
     log = pd.read_parquet(tiny.path(paths.train_log(DATASET, STUDENT, "mech")))
     train = log[log["split"] == "train"]
     assert list(train["step"]) == [1, 2]
@@ -59,7 +59,7 @@ def test_distill_vanilla_never_computes_head_signals(tiny):
 
 
 def test_student_predict_runs_the_distilled_student(tiny):
-    tiny.upto("student_predict").run("student_predict")
+    tiny.ensure("student_predict")
     pred = pd.read_parquet(tiny.path(paths.student_pred(DATASET, STUDENT, "mech", "test")))
     prompts = pd.read_parquet(tiny.path(paths.prompts(DATASET, "test")))
     assert list(pred["doc_id"]) == list(prompts["doc_id"])

@@ -9,7 +9,7 @@ from tests.stages.conftest import DATASET, STUDENT
 
 
 def test_evaluate_scores_the_student_against_gold_and_its_own_trajectories(tiny):
-    tiny.upto("evaluate").run("evaluate")
+    tiny.ensure("evaluate")
     metrics = pd.read_parquet(tiny.path(paths.metrics(DATASET, STUDENT, "mech")))
     assert (metrics[["dataset", "student", "method"]] == [DATASET, STUDENT, "mech"]).all().all()
     assert {"P@1", "f1", "macro_f1", "focus", "confusion", "bleu4", "perplexity", "sharpness",
@@ -28,9 +28,7 @@ def test_evaluate_scores_the_student_against_gold_and_its_own_trajectories(tiny)
 
 
 def test_tables_and_figure9(tiny):
-    tiny.upto("evaluate")
-    if "evaluate" not in tiny.done:  # this test alone: metrics of the mech student first
-        tiny.run("evaluate")
+    tiny.ensure("evaluate")  # the mech student's metrics
     metrics = [paths.metrics(DATASET, STUDENT, "mech")]
     with tiny.inside():
         run_tables(tiny.config, metrics)

@@ -13,7 +13,7 @@ N_DOCS, BINS, SETS_PER_BIN = 2, 2, 4  # patching.max_docs 2; bins [2, 4]; top + 
 
 
 def test_patching_runs_every_head_set_in_both_directions(tiny):
-    tiny.upto("patching").run("patching")
+    tiny.ensure("patching")
     pairs = pd.read_parquet(tiny.path(paths.patching_pairs(DATASET, TEACHER, "phase1")))
     runs = pd.read_parquet(tiny.path(paths.patching_runs(DATASET, TEACHER, "phase1")))
     summary = pd.read_parquet(tiny.path(paths.patching(DATASET, TEACHER, "phase1")))
@@ -32,7 +32,7 @@ def test_patching_runs_every_head_set_in_both_directions(tiny):
 
 
 def test_killed_patching_resumes_after_its_last_finished_document(tiny, monkeypatch, tmp_path):
-    tiny.upto("teacher_targets")  # the uninterrupted run to compare with
+    tiny.ensure("patching")  # the uninterrupted run to compare with
     real, calls = experiment.run_document, []
     out = {"summary_path": tmp_path / "phase1.parquet", "runs_path": tmp_path / "phase1_runs.parquet",
            "pairs_path": tmp_path / "phase1_pairs.parquet"}
@@ -58,7 +58,7 @@ def test_killed_patching_resumes_after_its_last_finished_document(tiny, monkeypa
 
 
 def test_patching_figures(tiny):
-    tiny.upto("teacher_targets")  # both phases patched
+    tiny.ensure("patching")
     with tiny.inside():
         for phase in paths.PHASES:
             run_patching_figure(tiny.config, DATASET, phase)

@@ -7,7 +7,7 @@ from tests.stages.conftest import DATASET, TEACHER
 
 
 def test_teacher_cot_parses_one_trace_per_prompt(tiny):
-    tiny.upto("teacher_cot").run("teacher_cot")
+    tiny.ensure("teacher_cot")
     labels = pd.read_parquet(tiny.path(paths.labels(DATASET)))
     for split in paths.SPLITS:
         prompts = pd.read_parquet(tiny.path(paths.prompts(DATASET, split)))
