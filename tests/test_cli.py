@@ -1,0 +1,44 @@
+"""`python -m mechdistill <stage>`: a stage by hand, at the paths Snakemake uses."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pandas as pd
+import yaml
+
+from mechdistill import paths
+from mechdistill.cli import main
+from tests.helpers import REPO
+
+TINY = str(REPO / "config" / "tiny.yaml")
+
+
+def test_help_does_not_load_the_models():
+    """--help and validate-config stay instant: the stages (torch, transformers) load only to run one."""
+    code = (f"import sys; from mechdistill.cli import main; main(['validate-config', '--config', {TINY!r}]); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("False")
+    assert "prepare-dataset" in subprocess.run([sys.executable, "-m", "mechdistill", "--help"], capture_output=True,
+                                               text=True, check=True).stdout
+
+
+def test_validate_config_prints_it_with_defaults(capsys):
+    assert main(["validate-config", "--config", TINY]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["distill"]["pools"]["phase2"]["layers"] == [0.33, 1.0]  # a schema default
+
+
+def test_unknown_dataset_names_the_defined_ones(capsys):
+    assert main(["prepare-dataset", "nope", "--config", TINY]) == 2
+    err = capsys.readouterr().err
+    assert "dataset 'nope' is not a key of 'datasets'" in err and "(defined: tiny_icd)" in err
+
+
+def test_prepare_dataset_by_hand_writes_where_snakemake_would(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["prepare-dataset", "tiny_icd", "--config", TINY]) == 0
+    assert len(pd.read_parquet(paths.data("tiny_icd", "train"))) == 3
+    assert (tmp_path / paths.labels("tiny_icd")).exists()
