@@ -13,17 +13,35 @@ import pandas as pd
 
 from ..errors import InputError
 from .base import SPLITS, PreparedDataset
-from .icd10cm_controlled import load_icd10cm_controlled
-from .mimic4_icd10 import load_mimic4_icd10
-from .wikiseealso import load_wikiseealso
 
 log = logging.getLogger(__name__)
 
+# The ICD-10 adapters import simple-icd-10-cm, which parses all of ICD-10-CM at import (~5 s):
+# each adapter module is imported only when a config names it.
+
+
+def _icd10cm_controlled(**params) -> PreparedDataset:
+    from .icd10cm_controlled import load_icd10cm_controlled  # simple-icd-10-cm: see above
+
+    return load_icd10cm_controlled(**params)
+
+
+def _mimic4_icd10(**params) -> PreparedDataset:
+    from .mimic4_icd10 import load_mimic4_icd10  # simple-icd-10-cm: see above
+
+    return load_mimic4_icd10(**params)
+
+
+def _wikiseealso(**params) -> PreparedDataset:
+    from .wikiseealso import load_wikiseealso  # imported like the others, on demand
+
+    return load_wikiseealso(**params)
+
 
 ADAPTERS: dict[str, Callable[..., PreparedDataset]] = {
-    "icd10cm_controlled": load_icd10cm_controlled,
-    "mimic4_icd10": load_mimic4_icd10,
-    "wikiseealso": load_wikiseealso,
+    "icd10cm_controlled": _icd10cm_controlled,
+    "mimic4_icd10": _mimic4_icd10,
+    "wikiseealso": _wikiseealso,
 }
 
 

@@ -23,8 +23,6 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
-import simple_icd_10_cm as icd
-
 NEUTRAL_TERMS: tuple[str, ...] = (
     "finding", "issue", "condition", "matter", "item", "problem", "event", "status", "detail",
     "factor", "aspect", "feature", "note", "point", "topic", "thing", "case", "element", "entry",
@@ -227,7 +225,16 @@ def distinguishing_swaps(gold_text: str, sibling_text: str) -> dict[str, str]:
             for op, i1, i2, j1, j2 in matcher.get_opcodes() if op == "replace"}
 
 
+def _icd():
+    """simple-icd-10-cm, imported on first use: it parses all of ICD-10-CM at import (~5 s), and only
+    Phase-2 swaps between ICD-10-CM codes need it."""
+    import simple_icd_10_cm  # heavy at import: see the docstring
+
+    return simple_icd_10_cm
+
+
 def _icd_texts(code: str) -> tuple[str, list[str]]:
+    icd = _icd()
     return icd.get_description(code), list(icd.get_inclusion_term(code))
 
 
@@ -273,6 +280,6 @@ def phase2_corruption(text: str, gold_code: str, sibling_code: str, tokenizer,
 def near_miss_swaps(gold: str, near_miss: str, title: dict[str, str]) -> dict[str, str]:
     """Swaps steering a document from `gold` toward `near_miss`: ICD-10-CM descriptions and
     inclusion terms when both are ICD-10-CM codes, otherwise the diff of their titles."""
-    if icd.is_valid_item(gold) and icd.is_valid_item(near_miss):
+    if _icd().is_valid_item(gold) and _icd().is_valid_item(near_miss):
         return icd_sibling_swaps(gold, near_miss)
     return distinguishing_swaps(title.get(gold, ""), title.get(near_miss, ""))
