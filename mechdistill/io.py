@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from .errors import InputError
 from .labels import LabelSpace
+from .paths import SPLIT_FILES
 
 STR_LIST = pa.list_(pa.string())
 _UMASK = os.umask(0)
@@ -127,7 +128,7 @@ def read_split(files: Mapping[str, str | os.PathLike], max_docs: int | None = No
 
     files: their paths under the keys docs, prompts, cot, anchors, labels (`paths.split_files`).
     """
-    missing = {"docs", "prompts", "cot", "anchors", "labels"} - set(files)
+    missing = set(SPLIT_FILES) - set(files)
     if missing:
         raise ValueError(f"read_split: no path for {sorted(missing)}")
     anchors = read_parquet(files["anchors"])

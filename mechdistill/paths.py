@@ -217,6 +217,19 @@ def model_cot(config: dict, dataset: str, model: str) -> str:
     return student_pred(dataset, student, method, split)
 
 
+def evaluate_inputs(config: dict, dataset: str = D, student: str = S, method: str = METHOD) -> dict[str, str]:
+    """What the evaluation of one distilled student reads (the evaluate rule's inputs, the defaults
+    of stages.evaluate.run_evaluate)."""
+    teacher = config["teacher"]
+    return {"pred": student_pred(dataset, student, method, "test"), "model": student_model(dataset, student, method),
+            "test_docs": data(dataset, "test"), "train_docs": data(dataset, "train"),
+            "test_prompts": prompts(dataset, "test"), "teacher_test_cot": cot(dataset, teacher, "test"),
+            "teacher_train_cot": cot(dataset, teacher, "train"), "test_anchors": anchors(dataset, teacher, "test"),
+            "labels": labels(dataset), "trajectory_summary": trajectory_summary(dataset, f"{student}/{method}"),
+            "student_coarse": head_scores(dataset, student, "coarse"),
+            "student_refine": head_scores(dataset, student, "refine")}
+
+
 def stage_targets(config: dict) -> dict[str, tuple[tuple[str, ...], list[str]]]:
     """target group -> (rules that must all be defined, the concrete files of that group).
 

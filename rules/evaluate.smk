@@ -1,27 +1,9 @@
 # Evaluation: per-instance metrics of each (student, method); Tables 1-4 and Figure 9.
 
 
-def evaluate_inputs(wc):
-    teacher, dataset = config["teacher"], wc.dataset
-    return {
-        "pred": paths.student_pred(dataset, wc.student, wc.method, "test"),
-        "model": paths.student_model(dataset, wc.student, wc.method),
-        "test_docs": paths.data(dataset, "test"),
-        "train_docs": paths.data(dataset, "train"),
-        "test_prompts": paths.prompts(dataset, "test"),
-        "teacher_test_cot": paths.cot(dataset, teacher, "test"),
-        "teacher_train_cot": paths.cot(dataset, teacher, "train"),
-        "test_anchors": paths.anchors(dataset, teacher, "test"),
-        "labels": paths.labels(dataset),
-        "trajectory_summary": paths.trajectory_summary(dataset, f"{wc.student}/{wc.method}"),
-        "student_coarse": paths.head_scores(dataset, wc.student, "coarse"),
-        "student_refine": paths.head_scores(dataset, wc.student, "refine"),
-    }
-
-
 rule evaluate:
     input:
-        unpack(evaluate_inputs),
+        unpack(lambda wc: paths.evaluate_inputs(config, wc.dataset, wc.student, wc.method)),
     output:
         paths.metrics(),
     params:

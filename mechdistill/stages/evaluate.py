@@ -48,21 +48,12 @@ def run_evaluate(config: dict, dataset: str, student: str, method: str, *,
                  inputs: dict[str, PathLike] | None = None, out_path: PathLike | None = None) -> None:
     """Every metric of one distilled student on the test split -> {student}/{method}/metrics.parquet.
 
-    inputs (each defaults to its artifact path): pred, model (the student's folder), test_docs,
-    train_docs, test_prompts, teacher_test_cot, teacher_train_cot, test_anchors, labels,
-    trajectory_summary, student_coarse, student_refine, excluded_pairs.
+    inputs: overrides of `paths.evaluate_inputs` (model: the student's config.json, whose folder is
+    loaded) and of excluded_pairs.
     """
-    teacher, settings = config["teacher"], config["evaluate"]
-    p = {"pred": paths.student_pred(dataset, student, method, "test"),
-         "model": paths.student_model_dir(dataset, student, method),
-         "test_docs": paths.data(dataset, "test"), "train_docs": paths.data(dataset, "train"),
-         "test_prompts": paths.prompts(dataset, "test"), "teacher_test_cot": paths.cot(dataset, teacher, "test"),
-         "teacher_train_cot": paths.cot(dataset, teacher, "train"),
-         "test_anchors": paths.anchors(dataset, teacher, "test"), "labels": paths.labels(dataset),
-         "trajectory_summary": paths.trajectory_summary(dataset, f"{student}/{method}"),
-         "student_coarse": paths.head_scores(dataset, student, "coarse"),
-         "student_refine": paths.head_scores(dataset, student, "refine"),
-         "excluded_pairs": paths.excluded_pairs(dataset), **(inputs or {})}
+    settings = config["evaluate"]
+    p = {**paths.evaluate_inputs(config, dataset, student, method), "excluded_pairs": paths.excluded_pairs(dataset),
+         **(inputs or {})}
     pred = read_parquet(p["pred"]).set_index("doc_id")
     docs = read_parquet(p["test_docs"], "documents").set_index("doc_id")
     train_docs = read_parquet(p["train_docs"], "documents").set_index("doc_id")
@@ -99,7 +90,7 @@ def run_evaluate(config: dict, dataset: str, student: str, method: str, *,
     teacher_text = [str(teacher_cot.loc[d, "cot"]) if d in teacher_cot.index else "" for d in ids]
     frames.append(pd.DataFrame({"doc_id": ids, "metric": "bleu4", "value": sentence_bleu4(student_cot, teacher_text)}))
     frames.append(pd.DataFrame({"doc_id": [""], "metric": ["bleu4_corpus"], "value": [bleu4(student_cot, teacher_text)]}))
-    cfg, name = with_distilled_model(config, student, method, p["model"])
+    cfg, name = with_distilled_model(config, student, method, Path(p["model"]).parent)
     model, tokenizer = load_model(cfg, name, device=settings["device"], dtype="float32")
     prompt_texts = [render_prompt(tokenizer, json.loads(prompts.loc[d, "messages"])) for d in ids]
     has_trace = [i for i, c in enumerate(teacher_text) if c.strip()]
