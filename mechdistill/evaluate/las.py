@@ -1,23 +1,47 @@
-"""Leakage-Adjusted Simulatability (LAS; Hase et al. 2020, App. D.1).
+"""Leakage-Adjusted Simulatability (LAS; paper App. D.1, Eq. 8; Hase et al. 2020; Wang et al. 2023).
 
-A simulator learns to predict a model's output y_hat from three views of a document:
-x (the input), x+r (input, then the rationale r) and r alone. A rationale *leaks* the answer on
-a document when the simulator given r alone is correct there. With acc_v(i) = [sim_v(i) = y_hat_i],
+A simulator learns to predict a target answer y from three views of a document: x (the input),
+x+r (input, then the rationale r) and r alone. A rationale *leaks* the answer on a document when
+the simulator given r alone is correct there. With acc_v(i) = [sim_v(i) = y_i],
     LAS = 1/2 ( mean_{i: leak}    [acc_xr(i) - acc_x(i)]
               + mean_{i: no leak} [acc_xr(i) - acc_x(i)] ),
 so rationales are rewarded for helping the simulator beyond what merely stating the answer
-does. If one group is empty, LAS is the mean over the other group alone.
+does (Hase et al.'s `compute_sim`: the unweighted mean of the two bins' gains). Two deviations:
+if one bin is empty LAS is the other bin's mean (Hase et al. get NaN), and one simulator is
+trained per view, each on the view it is tested on (Hase et al. train one T5 on x+e with
+explanation dropout and query it with x+e, x and e alone).
 
-Targets: our outputs are label sets; each document is reduced to ONE target, the model's first
-predicted label (`target_label`; the answer's first-named label). Documents without a
-prediction are dropped. Which model's output is the target is the caller's choice: Hase et al.
-simulate the model that wrote the rationale; the paper (teacher-faithfulness, after Wang et al.
-2023) simulates the teacher's answer from the student's rationale.
+Target (`simulation_targets`, config `evaluate.las.target`). The paper's teacher-faithfulness
+LAS (after Wang et al. 2023) asks whether the STUDENT's rationale helps a simulator recover the
+TEACHER's answer. Simulators are always trained on the train split with the teacher's rationales
+(the student writes nothing on it); the targets follow the choice:
+    teacher (default)  train: the teacher's answers   test: the teacher's answers
+    gold               train: the gold labels         test: the gold labels
+    student            train: the teacher's answers   test: the student's answers
+("student" is Hase et al.'s self-simulation; it trains on the teacher's answers because the
+student has no train-split outputs, so the simulator learns the teacher's mapping.)
 
-The simulator is anything with `fit(texts, targets)` / `predict(texts)` (`Simulator`); one is
-trained per view. The default `EmbeddingSimulator` is a light stand-in for the paper's
-fine-tuned T5: a classifier over frozen sentence embeddings that trains on CPU in seconds. A
-seq2seq simulator can be dropped in through the same protocol.
+One target per document (`target_label`): our answers are label sets and a simulator predicts
+one label, so each set is reduced to its label that is most frequent among the training targets'
+sets (ties: the first-named). A simulator can only name labels it has seen in training; in an
+extreme label space the first-named label is often one it never saw (and MIMIC's gold codes are
+sorted alphabetically, so "first" means nothing), which would score every view wrong by
+construction. Documents without a label are left out.
+
+Input length. Simulators read a bounded number of tokens (T5: `max_source_length`; the MiniLM
+sentence embedder: 256 word-pieces), while a note with its candidate list is thousands. The
+rationale comes after the document, so the model's own truncation would cut it away and LAS
+would be ~0 by construction. So every simulator exposes a `Truncator` (its tokenizer and token
+budget), and `view_texts` fits each view into that budget at token boundaries: x is the
+document's start; x+r keeps the WHOLE rationale and cuts the document to the room left (we keep
+the document-first order of Hase et al. and trim the document rather than the rationale); if the
+rationale alone is longer than the budget, its END (where the conclusion is) is kept, in x+r and
+in r alike, and the number of such rationales is logged once per split.
+
+The simulator is anything with `fit(texts, targets)` / `predict(texts)` and optionally a
+`truncator` (`Simulator`). `EmbeddingSimulator` (default) is a light stand-in for the paper's
+fine-tuned T5-large: a classifier over frozen sentence embeddings that trains on CPU in seconds;
+`Seq2SeqSimulator` fine-tunes a seq2seq model as Hase et al. do.
 """
 
 from __future__ import annotations
@@ -25,7 +49,8 @@ from __future__ import annotations
 import copy
 import difflib
 import logging
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -40,6 +65,8 @@ from ..errors import ConfigError
 log = logging.getLogger(__name__)
 
 VIEWS = ("x", "xr", "r")
+TARGETS = ("teacher", "gold", "student")
+SIMULATOR_KINDS = ("logreg", "centroid", "seq2seq")
 
 
 class Encoder(Protocol):
@@ -47,33 +74,144 @@ class Encoder(Protocol):
 
 
 class Simulator(Protocol):
+    truncator: Truncator | None  # optional: the simulator's tokenizer and input budget
+
     def fit(self, texts: Sequence[str], targets: Sequence[str]) -> Simulator: ...
     def predict(self, texts: Sequence[str]) -> list[str]: ...
 
 
-def target_label(pred_labels: Sequence[str] | None) -> str | None:
-    """The simulation target of one document: its first predicted label (None if none)."""
-    return None if pred_labels is None or len(pred_labels) == 0 else str(pred_labels[0])
+# ----------------------------------------------------------------------------- input budget
+
+class Truncator:
+    """Cuts texts at token boundaries so that a model with `tokenizer` and `max_length` input
+    tokens (special tokens included) reads all of what is left: `budget` = max_length minus the
+    special tokens the tokenizer adds. Needs a fast (offset-mapping) HF tokenizer."""
+
+    def __init__(self, tokenizer, max_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.budget = int(max_length) - tokenizer.num_special_tokens_to_add(pair=False)
+        if self.budget < 1:
+            raise ValueError(f"max_length {max_length} leaves no room for text")
+
+    def _offsets(self, text: str) -> list[tuple[int, int]]:
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        return enc["offset_mapping"]
+
+    def count(self, text: str) -> int:
+        return len(self._offsets(text))
+
+    def _head(self, text: str, n: int) -> str:
+        """text up to the end of its n-th token."""
+        offsets = self._offsets(text)
+        if n >= len(offsets):
+            return text
+        return text[: offsets[n - 1][1]] if n > 0 else ""
+
+    def _tail(self, text: str, n: int) -> str:
+        """text from the start of its n-th token from the end."""
+        offsets = self._offsets(text)
+        if n >= len(offsets):
+            return text
+        return text[offsets[-n][0]:] if n > 0 else ""
+
+    def _largest(self, make: Callable[[int], str], start: int) -> str:
+        """make(k) for the largest k <= start whose text fits the budget; make(0) if none does
+        (re-tokenizing a cut text can take a few more tokens than were kept)."""
+        k = start
+        while k > 0:
+            text = make(k)
+            over = self.count(text) - self.budget
+            if over <= 0:
+                return text
+            k -= over
+        return make(0)
+
+    def first(self, text: str) -> str:
+        """The start of `text` that fits the budget."""
+        return self._largest(lambda k: self._head(text, k), self.budget)
+
+    def last(self, text: str) -> str:
+        """The end of `text` that fits the budget."""
+        return self._largest(lambda k: self._tail(text, k), self.budget)
+
+    def joined(self, document: str, rationale: str, sep: str) -> str:
+        """document + sep + rationale in the budget: the whole rationale (its end if it alone is
+        too long), after as much of the document's start as fits."""
+        rationale = self.last(rationale)
+        room = self.budget - self.count(sep + rationale)
+        return self._largest(lambda k: self._head(document, k) + sep + rationale if k else rationale, room)
 
 
-def view_texts(inputs: Sequence[str], rationales: Sequence[str], sep: str = "\n\n") -> dict[str, list[str]]:
-    """The simulator's three inputs per document: x, x + sep + r, and r."""
+def encoder_truncator(encoder: Encoder) -> Truncator | None:
+    """The truncator of a sentence-transformers encoder (`SentenceEmbedder`: `.model.tokenizer`,
+    `.model.max_seq_length`); None for an encoder without a token limit."""
+    model = getattr(encoder, "model", None)
+    tokenizer, max_length = getattr(model, "tokenizer", None), getattr(model, "max_seq_length", None)
+    return None if tokenizer is None or max_length is None else Truncator(tokenizer, max_length)
+
+
+def view_texts(inputs: Sequence[str], rationales: Sequence[str], truncator: Truncator | None = None,
+               sep: str = "\n\n") -> dict[str, list[str]]:
+    """The simulator's three inputs per document: x, x + sep + r, and r, each fitted to the
+    truncator's budget (module docstring); without a truncator, uncut."""
     if len(inputs) != len(rationales):
         raise ValueError(f"{len(inputs)} inputs but {len(rationales)} rationales")
-    return {"x": list(inputs), "xr": [x + sep + r for x, r in zip(inputs, rationales)], "r": list(rationales)}
+    if truncator is None:
+        return {"x": list(inputs), "xr": [x + sep + r for x, r in zip(inputs, rationales)], "r": list(rationales)}
+    n_cut = sum(truncator.count(r) > truncator.budget for r in rationales)
+    if n_cut:
+        log.info("LAS: %d of %d rationales are longer than the simulator's %d-token input; kept their ends",
+                 n_cut, len(rationales), truncator.budget)
+    return {"x": [truncator.first(x) for x in inputs],
+            "xr": [truncator.joined(x, r, sep) for x, r in zip(inputs, rationales)],
+            "r": [truncator.last(r) for r in rationales]}
 
+
+# ----------------------------------------------------------------------------- targets
+
+def label_frequencies(label_sets: Sequence[Sequence[str] | None]) -> Counter:
+    """label -> number of sets naming it."""
+    return Counter(str(label) for labels in label_sets if labels is not None for label in dict.fromkeys(labels))
+
+
+def target_label(labels: Sequence[str] | None, frequency: Mapping[str, int] | None = None) -> str | None:
+    """The simulation target of one document: its label most frequent in `frequency` (ties and
+    no frequencies: the first-named); None without labels."""
+    if labels is None or len(labels) == 0:
+        return None
+    labels = [str(label) for label in labels]
+    return max(labels, key=lambda label: frequency.get(label, 0)) if frequency else labels[0]
+
+
+def simulation_targets(target: str, *, train_teacher: Sequence[Sequence[str]], train_gold: Sequence[Sequence[str]],
+                       test_teacher: Sequence[Sequence[str]], test_gold: Sequence[Sequence[str]],
+                       test_student: Sequence[Sequence[str]]) -> tuple[list[str | None], list[str | None]]:
+    """(train targets, test targets), one label or None per document, for `target` in TARGETS
+    (module docstring). Label sets are reduced by their frequency among the training sets."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown LAS target {target!r}; expected one of {', '.join(TARGETS)}")
+    train_sets = train_gold if target == "gold" else train_teacher
+    test_sets = {"teacher": test_teacher, "gold": test_gold, "student": test_student}[target]
+    frequency = label_frequencies(train_sets)
+    return [target_label(s, frequency) for s in train_sets], [target_label(s, frequency) for s in test_sets]
+
+
+# ----------------------------------------------------------------------------- simulators
 
 class EmbeddingSimulator:
     """Classifier over frozen sentence embeddings, predicting among the targets seen in training.
 
     kind="logreg": multinomial logistic regression (scikit-learn, L2, strength 1/C).
     kind="centroid": nearest class centroid by cosine similarity (fast with many classes).
+    truncator: the encoder's input budget (default `encoder_truncator(encoder)`).
     """
 
-    def __init__(self, encoder: Encoder, kind: str = "logreg", C: float = 1.0, max_iter: int = 1000) -> None:
+    def __init__(self, encoder: Encoder, kind: str = "logreg", C: float = 1.0, max_iter: int = 1000,
+                 truncator: Truncator | None = None) -> None:
         if kind not in ("logreg", "centroid"):
             raise ValueError(f"kind must be 'logreg' or 'centroid', got {kind!r}")
         self.encoder, self.kind, self.C, self.max_iter = encoder, kind, C, max_iter
+        self.truncator = truncator or encoder_truncator(encoder)
 
     def _features(self, texts: Sequence[str]) -> np.ndarray:
         return np.asarray(self.encoder.encode(list(texts)), dtype=np.float64)
@@ -100,61 +238,6 @@ class EmbeddingSimulator:
         return [str(self.classes[j]) for j in (features @ self.centroids.T).argmax(1)]
 
 
-def simulator_correctness(make_simulator: Callable[[], Simulator],
-                          train_inputs: Sequence[str], train_rationales: Sequence[str],
-                          train_targets: Sequence[str | None],
-                          test_inputs: Sequence[str], test_rationales: Sequence[str],
-                          test_targets: Sequence[str | None], sep: str = "\n\n") -> dict[str, np.ndarray]:
-    """Train one simulator per view on the training split; per test document, is it correct?
-
-    Returns boolean arrays {"x", "xr", "r"} over the test documents whose target is not None.
-    """
-    train_keep = [i for i, t in enumerate(train_targets) if t is not None]
-    test_keep = [i for i, t in enumerate(test_targets) if t is not None]
-    if not train_keep or not test_keep:
-        raise ValueError("LAS needs at least one training and one test document with a target")
-    pick = lambda xs, keep: [xs[i] for i in keep]  # noqa: E731
-    train = view_texts(pick(train_inputs, train_keep), pick(train_rationales, train_keep), sep)
-    test = view_texts(pick(test_inputs, test_keep), pick(test_rationales, test_keep), sep)
-    y_train = [str(t) for t in pick(train_targets, train_keep)]
-    y_test = np.array([str(t) for t in pick(test_targets, test_keep)], dtype=object)
-    correct = {}
-    for view in VIEWS:
-        simulator = make_simulator().fit(train[view], y_train)
-        correct[view] = np.array(simulator.predict(test[view]), dtype=object) == y_test
-    return correct
-
-
-def las_from_correctness(correct_x: Sequence[bool], correct_xr: Sequence[bool],
-                         correct_r: Sequence[bool]) -> dict:
-    """LAS from per-document simulator correctness on the x, x+r and r views (module docstring).
-
-    Returns las, las_leak, las_nonleak (NaN for an empty group), n_leak, n_nonleak,
-    sim_acc_xr, sim_acc_x, sim_acc_r (= leakage rate).
-    """
-    x, xr, leak = (np.asarray(v, dtype=bool) for v in (correct_x, correct_xr, correct_r))
-    if not (x.shape == xr.shape == leak.shape) or x.ndim != 1 or len(x) == 0:
-        raise ValueError(f"correctness arrays must be 1-D, non-empty, of one length; got {x.shape}, "
-                         f"{xr.shape}, {leak.shape}")
-    gain = xr.astype(float) - x.astype(float)
-    las_leak = float(gain[leak].mean()) if leak.any() else float("nan")
-    las_nonleak = float(gain[~leak].mean()) if (~leak).any() else float("nan")
-    return {"las": float(np.nanmean([las_leak, las_nonleak])), "las_leak": las_leak, "las_nonleak": las_nonleak,
-            "n_leak": int(leak.sum()), "n_nonleak": int((~leak).sum()),
-            "sim_acc_xr": float(xr.mean()), "sim_acc_x": float(x.mean()), "sim_acc_r": float(leak.mean())}
-
-
-def leakage_adjusted_simulatability(make_simulator: Callable[[], Simulator],
-                                    train_inputs: Sequence[str], train_rationales: Sequence[str],
-                                    train_targets: Sequence[str | None],
-                                    test_inputs: Sequence[str], test_rationales: Sequence[str],
-                                    test_targets: Sequence[str | None], sep: str = "\n\n") -> dict:
-    """LAS end to end: `simulator_correctness` then `las_from_correctness`, plus n_docs scored."""
-    correct = simulator_correctness(make_simulator, train_inputs, train_rationales, train_targets,
-                                    test_inputs, test_rationales, test_targets, sep)
-    return {**las_from_correctness(correct["x"], correct["xr"], correct["r"]), "n_docs": int(len(correct["x"]))}
-
-
 def snap_to_label(text: str, labels: Sequence[str], cutoff: float = 0.6) -> str:
     """Map a generated string onto a known label: itself if it is one, else the closest label by
     `difflib` similarity (at least `cutoff`), else the string unchanged."""
@@ -168,10 +251,11 @@ class Seq2SeqSimulator:
     """A fine-tuned seq2seq simulator (Hase et al. 2020 fine-tune T5): text -> target label string.
 
     Give either `model_name_or_path` (a hub id or local directory, loaded with
-    `AutoModelForSeq2SeqLM` / `AutoTokenizer` from the local cache only, at `fit`) or an
-    already-built `model` + `tokenizer`. Every `fit` fine-tunes a fresh copy of the starting
-    weights (the given model is left untouched), with AdamW and teacher forcing, under `seed`
-    (batch order and dropout), so two fits with one seed give the same simulator.
+    `AutoModelForSeq2SeqLM` / `AutoTokenizer` from the local cache only) or an already-built
+    `model` + `tokenizer`. Every `fit` fine-tunes a fresh copy of the starting weights (the given
+    model is left untouched), with AdamW and teacher forcing, under `seed` (batch order and
+    dropout), so two fits with one seed give the same simulator. Inputs are read up to
+    `max_source_length` tokens; `truncator` says so to `view_texts`.
 
     `predict` decodes greedily. As LAS compares predictions with targets as strings, each
     generation is snapped to the labels seen in training (`snap_to_label`): an exact match is
@@ -193,15 +277,24 @@ class Seq2SeqSimulator:
         self.model = None
         self.labels: list[str] = []
 
-    def _fresh_model(self):
-        """A trainable copy of the starting weights (loaded from the local cache on first use)."""
-        if self.base_model is None:
-            kw = {"trust_remote_code": False, "local_files_only": True}
-            self.tokenizer = AutoTokenizer.from_pretrained(self.model_name_or_path, **kw)
-            self.base_model = AutoModelForSeq2SeqLM.from_pretrained(self.model_name_or_path,
-                                                                    dtype=torch.float32, **kw)
+    def _load_tokenizer(self):
+        if self.tokenizer is None:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_name_or_path, trust_remote_code=False,
+                                                           local_files_only=True)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        return self.tokenizer
+
+    @property
+    def truncator(self) -> Truncator:
+        return Truncator(self._load_tokenizer(), self.max_source_length)
+
+    def _fresh_model(self):
+        """A trainable copy of the starting weights (loaded from the local cache on first use)."""
+        self._load_tokenizer()
+        if self.base_model is None:
+            self.base_model = AutoModelForSeq2SeqLM.from_pretrained(
+                self.model_name_or_path, dtype=torch.float32, trust_remote_code=False, local_files_only=True)
         device = self.device_name
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -268,9 +361,6 @@ class Seq2SeqSimulator:
         return out
 
 
-SIMULATOR_KINDS = ("logreg", "centroid", "seq2seq")
-
-
 def make_simulator(kind: str, encoder: Encoder | None = None, **kwargs) -> Simulator:
     """A fresh simulator of one kind: "logreg" / "centroid" (`EmbeddingSimulator` over `encoder`,
     kwargs to it) or "seq2seq" (`Seq2SeqSimulator(**kwargs)`). For the zero-argument factory that
@@ -286,19 +376,79 @@ def make_simulator(kind: str, encoder: Encoder | None = None, **kwargs) -> Simul
 
 
 def simulator_factory(settings: dict, seed: int = 0, encoder: Encoder | None = None) -> Callable[[], Simulator]:
-    """A no-argument factory of fresh simulators, as `evaluate.las_simulator` says.
+    """A no-argument factory of fresh simulators, as `evaluate.las.simulator` says.
 
-    settings: config["evaluate"]; encoder: the sentence embedder of the "logreg" / "centroid" kinds.
+    settings: config["evaluate"]["las"]; encoder: the sentence embedder of the "logreg" / "centroid" kinds.
     """
-    kind = settings["las_simulator"]
+    kind = settings["simulator"]
     if kind == "seq2seq":
-        seq2seq = dict(settings["las_seq2seq"])
+        seq2seq = dict(settings["seq2seq"])
         if not seq2seq.get("model"):
-            raise ConfigError("evaluate.las_simulator is seq2seq but evaluate.las_seq2seq.model is not set. "
-                              "Fix: give a seq2seq model (hub id in the local cache, or a directory), e.g. t5-base")
+            raise ConfigError("evaluate.las.simulator is seq2seq but evaluate.las.seq2seq.model is not set. "
+                              "Fix: give a seq2seq model (hub id in the local cache, or a directory), e.g. t5-large")
         seq2seq["model_name_or_path"] = seq2seq.pop("model")
         return lambda: make_simulator("seq2seq", seed=seed, **seq2seq)
     return lambda: make_simulator(kind, encoder=encoder)
+
+
+# ----------------------------------------------------------------------------- LAS
+
+def simulator_correctness(make_simulator: Callable[[], Simulator],
+                          train_inputs: Sequence[str], train_rationales: Sequence[str],
+                          train_targets: Sequence[str | None],
+                          test_inputs: Sequence[str], test_rationales: Sequence[str],
+                          test_targets: Sequence[str | None], sep: str = "\n\n") -> dict[str, np.ndarray]:
+    """Train one simulator per view on the training split; per test document, is it correct?
+
+    The views are fitted to the first simulator's `truncator` (if it has one). Returns boolean
+    arrays {"x", "xr", "r"} over the test documents whose target is not None.
+    """
+    train_keep = [i for i, t in enumerate(train_targets) if t is not None]
+    test_keep = [i for i, t in enumerate(test_targets) if t is not None]
+    if not train_keep or not test_keep:
+        raise ValueError("LAS needs at least one training and one test document with a target")
+    pick = lambda xs, keep: [xs[i] for i in keep]  # noqa: E731
+    simulator = make_simulator()
+    truncator = getattr(simulator, "truncator", None)
+    train = view_texts(pick(train_inputs, train_keep), pick(train_rationales, train_keep), truncator, sep)
+    test = view_texts(pick(test_inputs, test_keep), pick(test_rationales, test_keep), truncator, sep)
+    y_train = [str(t) for t in pick(train_targets, train_keep)]
+    y_test = np.array([str(t) for t in pick(test_targets, test_keep)], dtype=object)
+    correct = {}
+    for view in VIEWS:
+        simulator = simulator if view == VIEWS[0] else make_simulator()  # one at a time: seq2seq holds a model
+        correct[view] = np.array(simulator.fit(train[view], y_train).predict(test[view]), dtype=object) == y_test
+    return correct
+
+
+def las_from_correctness(correct_x: Sequence[bool], correct_xr: Sequence[bool],
+                         correct_r: Sequence[bool]) -> dict:
+    """LAS from per-document simulator correctness on the x, x+r and r views (module docstring).
+
+    Returns las, las_leak, las_nonleak (NaN for an empty group), n_leak, n_nonleak,
+    sim_acc_xr, sim_acc_x, sim_acc_r (= leakage rate).
+    """
+    x, xr, leak = (np.asarray(v, dtype=bool) for v in (correct_x, correct_xr, correct_r))
+    if not (x.shape == xr.shape == leak.shape) or x.ndim != 1 or len(x) == 0:
+        raise ValueError(f"correctness arrays must be 1-D, non-empty, of one length; got {x.shape}, "
+                         f"{xr.shape}, {leak.shape}")
+    gain = xr.astype(float) - x.astype(float)
+    las_leak = float(gain[leak].mean()) if leak.any() else float("nan")
+    las_nonleak = float(gain[~leak].mean()) if (~leak).any() else float("nan")
+    return {"las": float(np.nanmean([las_leak, las_nonleak])), "las_leak": las_leak, "las_nonleak": las_nonleak,
+            "n_leak": int(leak.sum()), "n_nonleak": int((~leak).sum()),
+            "sim_acc_xr": float(xr.mean()), "sim_acc_x": float(x.mean()), "sim_acc_r": float(leak.mean())}
+
+
+def leakage_adjusted_simulatability(make_simulator: Callable[[], Simulator],
+                                    train_inputs: Sequence[str], train_rationales: Sequence[str],
+                                    train_targets: Sequence[str | None],
+                                    test_inputs: Sequence[str], test_rationales: Sequence[str],
+                                    test_targets: Sequence[str | None], sep: str = "\n\n") -> dict:
+    """LAS end to end: `simulator_correctness` then `las_from_correctness`, plus n_docs scored."""
+    correct = simulator_correctness(make_simulator, train_inputs, train_rationales, train_targets,
+                                    test_inputs, test_rationales, test_targets, sep)
+    return {**las_from_correctness(correct["x"], correct["xr"], correct["r"]), "n_docs": int(len(correct["x"]))}
 
 
 def las_contributions(correct: dict[str, np.ndarray]) -> np.ndarray:
@@ -326,7 +476,7 @@ def las_table(make_simulator: Callable[[], Simulator], train_inputs: Sequence[st
     """
     keep = [i for i, t in enumerate(test_targets) if t is not None]
     if not keep or not any(t is not None for t in train_targets):
-        log.warning("LAS: no simulation target (no predicted label) on the %s split; LAS is NaN",
+        log.warning("LAS: no simulation target (no label in the target answers) on the %s split; LAS is NaN",
                     "test" if not keep else "train")
         return pd.DataFrame({"doc_id": [""], "metric": ["las"], "value": [float("nan")]})
     correct = simulator_correctness(make_simulator, train_inputs, train_rationales, train_targets,
