@@ -1,6 +1,6 @@
 """Phase signals of one model on one teacher-forced document: what the distillation losses compare.
 
-One forward of [prompt; CoT] gives, at once (`forward_signals`):
+One forward of [prompt; CoT; answer block] (the teacher's whole output) gives, at once (`forward_signals`):
 
     logits                                   [1, seq, vocab]        CoT loss
     phase1: rows, align, kurtosis, mask      at the early queries   (losses.phase1_signals)
@@ -28,6 +28,7 @@ from ..characterize.capture import capture_heads, final_residual
 from ..characterize.scores import anchor_centroid
 from ..characterize.teacher_forcing import forced_sequence, label_first_tokens
 from ..io import SplitArtifacts
+from ..teacher.answers import supervised_output
 from ..teacher.prompts import render_prompt
 from .losses import phase1_signals, phase2_signals, refine_margin_grad
 from .pools import HeadPool
@@ -66,7 +67,10 @@ class Example:
 
 def make_example(tokenizer, doc_id: str, messages_json: str, cot: str, anchors_row, anchors: list[str],
                  gold_titles: list[str], nearmiss_titles: list[str]) -> Example:
-    """Tokenise [prompt; CoT] for `tokenizer` and map the anchors row's char spans to its tokens."""
+    """Tokenise [prompt; output] for `tokenizer` and map the anchors row's char spans to its tokens.
+
+    cot: the teacher output to force; it starts with the CoT the spans index (it may go on with the
+    answer block)."""
     seq = forced_sequence(tokenizer, messages_json, cot, anchors_row)
     prompt = render_prompt(tokenizer, json.loads(messages_json))
     offsets = [tuple(o) for o in token_offsets(tokenizer, prompt + cot)]
@@ -93,7 +97,10 @@ def make_example(tokenizer, doc_id: str, messages_json: str, cot: str, anchors_r
 def make_examples(tokenizer, split: SplitArtifacts, model_name: str = "") -> list[Example]:
     """Teacher-forced examples of every document of a split (in anchors order) for `tokenizer`.
 
-    Documents with an empty CoT are skipped with a warning naming them.
+    Each forces the teacher's whole output, its CoT and then its answer block
+    (`teacher.answers.supervised_output`), so the CoT loss also teaches the student to answer;
+    the Phase 1 / Phase 2 positions lie in the CoT. Documents with an empty CoT are skipped with a
+    warning naming them.
     """
     docs, prompts, cot, space = split.docs, split.prompts, split.cot, split.space
     examples, empty = [], []
@@ -103,7 +110,8 @@ def make_examples(tokenizer, split: SplitArtifacts, model_name: str = "") -> lis
         if not text.strip():
             empty.append(doc_id)
             continue
-        examples.append(make_example(tokenizer, doc_id, prompts.loc[doc_id, "messages"], text, row,
+        output = supervised_output(text, cot.loc[doc_id, "raw"] if "raw" in cot.columns else None)
+        examples.append(make_example(tokenizer, doc_id, prompts.loc[doc_id, "messages"], output, row,
                                      list(row["anchors"]), [space.title[g] for g in docs.loc[doc_id, "labels"]],
                                      [space.title[n] for n in row["near_misses"]]))
     if empty:

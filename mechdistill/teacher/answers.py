@@ -91,3 +91,14 @@ class AnswerParser:
             elif lab not in parsed.pred_labels:
                 parsed.pred_labels.append(lab)
         return parsed
+
+
+def supervised_output(cot: str, raw: str | None) -> str:
+    """What a student is taught to write: the CoT, then the teacher's answer block as generated.
+
+    `cot` is the reasoning before `<answer>` (stripped, as `AnswerParser.parse` leaves it) and `raw`
+    the whole generation; the result starts with `cot` exactly, so character spans into the CoT
+    (the anchors artifact) stay valid. Without an answer block in `raw` it is the CoT alone.
+    """
+    start = -1 if not raw else raw.rfind(ANSWER_OPEN)
+    return cot if start < 0 else f"{cot}\n{raw[start:].strip()}"
