@@ -1,4 +1,25 @@
-# Mechanistic distillation: teacher targets, one training job per (student, method), student predictions.
+# Mechanistic distillation: teacher targets, one training job per (student, method, grid point), the choice of
+# each method's grid point on val (select_distill), student predictions.
+
+from mechdistill.distill.methods import check_methods, grid_point, method_grid
+
+# What the schema cannot check: grid keys the method computes, the training budget shared by every method.
+check_methods(config["methods"], config["distill"]["select"]["criterion"])
+
+
+def grid_points(method):
+    """The {point} values of `method`'s distill jobs, in grid order ("default" without a grid)."""
+    return [point.name for point in method_grid(method, config["methods"][method])]
+
+
+def grid_files(path):
+    """Input function: the file `path(dataset, student, method)` of every grid point of the job's method."""
+    return lambda wc: [path(wc.dataset, wc.student, paths.grid_method(wc.method, point))
+                       for point in grid_points(wc.method)]
+
+
+localrules:
+    select_distill,
 
 
 rule teacher_targets:
@@ -37,27 +58,55 @@ rule distill:
         teacher_refine=paths.head_scores(model=config["teacher"], kind="refine"),
         train_targets=paths.targets_tensors(teacher=config["teacher"], split="train"),
         val_targets=paths.targets_tensors(teacher=config["teacher"], split="val"),
-    output:
-        model=paths.student_model(),
-        log=paths.train_log(),
-        mechanism=paths.mechanism(),
-    params:
+    output:  # one grid point's folder: {method}/grid/{point}/
+        model=paths.student_model(method=paths.grid_method()),
+        log=paths.train_log(method=paths.grid_method()),
+        mechanism=paths.mechanism(method=paths.grid_method()),
+        best=paths.best_step(method=paths.grid_method()),
+    params:  # the method's entry at this point: a value added to a grid trains only the new points
         distill=canonical(config["distill"]),
         tau=config["heads"]["tau"],
-        method=lambda wc: canonical(config["methods"][wc.method]),
+        method=lambda wc: canonical(grid_point(wc.method, config["methods"][wc.method], wc.point).settings),
         model=lambda wc: canonical(config["models"][wc.student]),
+        generation=canonical(config["generation"] if config["distill"]["select"]["criterion"] == "val_macro_f1" else None),
     wildcard_constraints:
         student=one_of(config["students"]),
         method=one_of(config["methods"]),
+        point="[^/]+",
     threads: workflow.cores
     resources:
         gpu=1,
     log:
-        paths.log("distill", "{dataset}.{student}.{method}"),
+        paths.log("distill", "{dataset}.{student}.{method}.{point}"),
     conda:
         "../envs/train.yaml"
     script:
         "../workflow_scripts/distill.py"
+
+
+rule select_distill:
+    input:
+        logs=grid_files(paths.train_log),
+        models=grid_files(paths.student_model),
+        mechanisms=grid_files(paths.mechanism),
+        best=grid_files(paths.best_step),
+    output:  # the chosen point's files as the method's (weights hard-linked) + how it was chosen
+        model=paths.student_model(),
+        log=paths.train_log(),
+        mechanism=paths.mechanism(),
+        selection=paths.selection(),
+    params:
+        criterion=config["distill"]["select"]["criterion"],
+        points=lambda wc: canonical(grid_points(wc.method)),
+    wildcard_constraints:
+        student=one_of(config["students"]),
+        method=one_of(config["methods"]),
+    log:
+        paths.log("select_distill", "{dataset}.{student}.{method}"),
+    conda:
+        "../envs/cpu.yaml"
+    script:
+        "../workflow_scripts/select_distill.py"
 
 
 rule student_predict:

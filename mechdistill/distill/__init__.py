@@ -6,7 +6,10 @@ signals.py    one teacher-forced forward -> logits and both phases' pooled signa
               split; the mechanism metrics (Sharpness, AnchorAlign, LoopBack, Helpfulness)
 losses.py     CoT loss (CE + top-k KL, cross-tokenizer variant), Phase 1 (Eq. 5), Phase 2 (Eq. 6), total
 objective.py  the teacher's side of every loss for one document, and the student's loss
-methods.py    named sets of loss-term switches (vanilla, mech, phase and term ablations)
+methods.py    named sets of loss-term switches (vanilla, mech, phase and term ablations), their
+              hyper-parameter grids
 targets.py    teacher targets computed once and stored (or online), so training needs no teacher
 trainer.py    the optimisation loop: AdamW, schedule, accumulation, exact resume, DeepSpeed ZeRO-3
+selection.py  validation criteria, the best step of a train log and the best grid point of a method,
+              publishing the chosen point as the method's model (hard links)
 """

@@ -6,18 +6,37 @@ A method is a named set of switches over the terms of `losses.total_loss` (group
 to settings; the name is looked up here unless the settings give `base:`:
 
     methods:
-      vanilla: {}                          # CoT loss only
-      mech: {alpha: 1.0, beta: 1.0}        # the paper's method
-      mech_strong: {base: mech, alpha: 5.0, train: {lr: 1e-4}}
+      vanilla: {}                                         # CoT loss only
+      mech: {grid: {alpha: [0.5, 1.0], beta: [0.5, 1.0]}}  # the paper's method, 4 grid points
+      mech_strong: {base: mech, weights: {alpha: 5.0}}
 
-Further methods (UniCoTT, MoRSD, SemCoT, CWT) register here with `register_method`; one that
-needs a different objective than switches over these terms can give its own `loss` factory.
+Every method has a kind, which decides where it is compared:
+
+    baseline   a CoT-distillation method ours is compared with (vanilla; UniCoTT, MoRSD, SemCoT, CWT)
+    ours       the paper's method (mech): the row that gets "Δ vs best baseline" in Tables 1-4
+    ablation   ours with a phase or a term switched off (Figure 9), never a baseline
+
+A method's `grid:` maps loss weights (`GRID_KEYS`) to the values to try; every combination is a
+grid point (`method_grid`), trained by its own `distill` job in `{method}/grid/{point}/`, and
+`select_distill` publishes the point with the best validation value as the method's model. No
+grid is a grid of one point, "default". The training budget and optimisation (`BUDGET_KEYS` of
+`distill.train`) are the same for every method and grid point: neither a grid nor a method's
+`train:` may change them (`check_methods`, run when the workflow starts).
+
+Further methods (UniCoTT, MoRSD, SemCoT, CWT) register here with `register_method` and kind
+"baseline"; one that needs a different objective than switches over these terms can give its own
+`loss` factory.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from ..errors import ConfigError
+
+METHOD_KINDS = ("baseline", "ours", "ablation")
 
 
 @dataclass(frozen=True)
@@ -26,6 +45,11 @@ class Method:
     switches: dict[str, bool] = field(default_factory=dict)
     description: str = ""
     loss: Callable | None = None  # custom loss factory (None: switches over losses.total_loss)
+    kind: str = "ablation"        # baseline | ours | ablation (module docstring)
+
+    def __post_init__(self) -> None:
+        if self.kind not in METHOD_KINDS:
+            raise ValueError(f"method {self.name!r}: kind must be one of {METHOD_KINDS}, got {self.kind!r}")
 
     def uses(self, phase: str) -> bool:
         """Whether any term of `phase` ("phase1" / "phase2") is on."""
@@ -46,8 +70,9 @@ def register_method(method: Method) -> Method:
 
 
 for _m in [
-    Method("vanilla", {"phase1": False, "phase2": False}, "CoT loss only (CE + KL to the teacher's top-k)"),
-    Method("mech", {}, "CoT + Phase 1 + Phase 2 losses"),
+    Method("vanilla", {"phase1": False, "phase2": False}, "CoT loss only (CE + KL to the teacher's top-k)",
+           kind="baseline"),
+    Method("mech", {}, "CoT + Phase 1 + Phase 2 losses", kind="ours"),
     Method("phase1_only", {"phase2": False}, "CoT + Phase 1 losses"),
     Method("phase2_only", {"phase1": False}, "CoT + Phase 2 losses"),
     Method("no_p1_attn", {"phase1.attn": False}, "mech without the Phase 1 attention KL"),
@@ -62,13 +87,102 @@ for _m in [
 
 def resolve_method(name: str, settings: dict | None) -> Method:
     """The registered method behind config entry `name` (settings may name a `base`), with the
-    entry's extra `switches` applied."""
+    entry's extra `switches` applied. Its kind is the base's unless the entry sets `kind`."""
     settings = settings or {}
     base = settings.get("base", name)
     if base not in METHODS:
         raise KeyError(f"methods.{name}: unknown method {base!r}; registered: {sorted(METHODS)} "
                        f"(give `base:` to name one of them)")
     method = METHODS[base]
-    extra = settings.get("switches") or {}
-    return Method(name, {**method.switches, **extra}, method.description, method.loss) if (extra or base != name) \
-        else method
+    extra, kind = settings.get("switches") or {}, settings.get("kind", method.kind)
+    if extra or base != name or kind != method.kind:
+        return Method(name, {**method.switches, **extra}, method.description, method.loss, kind)
+    return method
+
+
+def method_kinds(methods: dict[str, dict | None]) -> dict[str, str]:
+    """config["methods"] -> {name: kind}, in config order."""
+    return {name: resolve_method(name, settings).kind for name, settings in methods.items()}
+
+
+# ----------------------------------------------------------------------------- hyper-parameter grids
+
+# What a grid may vary: the loss weights (the keys of distill.weights). Not the pools, top_k or the KL
+# temperature (the teacher targets are computed once per teacher with them, and the temperature
+# changes the CoT loss that selects), nor anything of distill.train (BUDGET_KEYS).
+GRID_KEYS = ("alpha", "beta", "cot.ce", "cot.kl", "phase1.attn", "phase1.write", "phase1.interaction",
+             "phase2.qk", "phase2.ov", "phase2.interaction")
+# distill.train settings every method and grid point shares ("training budget and optimization fixed
+# across methods"); a method's `train:` may set only the others (device, precision, checkpoint_every, ...).
+BUDGET_KEYS = ("lr", "weight_decay", "betas", "adam_eps", "warmup_steps", "warmup_ratio", "min_lr_ratio",
+               "max_steps", "grad_accum_steps", "micro_batch_size", "max_grad_norm", "eval_every")
+DEFAULT_POINT = "default"  # the one point of a method without a grid
+PHASE_OF_WEIGHT = {"alpha": "phase1", "beta": "phase2"}
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    """One point of a method's grid: its name (the `{point}` wildcard, "alpha=0.5,beta=1.0"), the
+    grid's values there, and the method's config entry at that point (values in its `weights`)."""
+
+    name: str
+    values: dict[str, float]
+    settings: dict
+
+
+def method_grid(name: str, settings: dict | None) -> list[GridPoint]:
+    """Every point of config entry `name`'s grid, the first grid key varying slowest; one point
+    named DEFAULT_POINT without a grid. A point's settings are the entry without `grid`, with the
+    point's values over the entry's `weights`."""
+    settings = dict(settings or {})
+    grid = settings.pop("grid", None) or {}
+    if not grid:
+        return [GridPoint(DEFAULT_POINT, {}, settings)]
+    points = []
+    for combo in itertools.product(*grid.values()):
+        values = {key: float(value) for key, value in zip(grid, combo)}
+        point_name = ",".join(f"{key}={value!r}" for key, value in values.items())
+        weights = {**(settings.get("weights") or {}), **values}
+        points.append(GridPoint(point_name, values, {**settings, "weights": weights}))
+    return points
+
+
+def grid_point(name: str, settings: dict | None, point: str) -> GridPoint:
+    """The point named `point` of entry `name`'s grid (ConfigError naming the points if none)."""
+    points = {p.name: p for p in method_grid(name, settings)}
+    if point not in points:
+        raise ConfigError(f"methods.{name}: no grid point {point!r}; its points: {', '.join(points)}")
+    return points[point]
+
+
+def _weight_is_on(method: Method, key: str) -> bool:
+    """Whether loss weight `key` multiplies a term `method` computes."""
+    if key in PHASE_OF_WEIGHT:
+        return method.uses(PHASE_OF_WEIGHT[key])
+    group = key.split(".")[0]
+    return method.switches.get(group, True) and method.switches.get(key, True)
+
+
+def check_methods(methods: dict[str, dict | None], criterion: str) -> None:
+    """Start-up checks of config["methods"] that the schema cannot express (ConfigError naming the
+    key path): a grid varies only GRID_KEYS and only weights of terms the method computes (else its
+    points would train the same model), no method changes BUDGET_KEYS, and the total validation loss
+    (`criterion` "val_loss") selects no grid point (each point weighs its terms differently)."""
+    for name, settings in methods.items():
+        settings = settings or {}
+        method = resolve_method(name, settings)
+        grid = settings.get("grid") or {}
+        for key in grid:
+            if key not in GRID_KEYS:
+                raise ConfigError(f"methods.{name}.grid: unknown key {key!r}; a grid varies loss weights: "
+                                  f"{', '.join(GRID_KEYS)}")
+            if not _weight_is_on(method, key):
+                raise ConfigError(f"methods.{name}.grid.{key}: {name} switches that term off, so every grid "
+                                  "point would train the same model; drop the key")
+        fixed = sorted(set(settings.get("train") or {}) & set(BUDGET_KEYS))
+        if fixed:
+            raise ConfigError(f"methods.{name}.train.{fixed[0]}: the training budget and optimisation "
+                              f"({', '.join(BUDGET_KEYS)}) are the same for every method; set them in distill.train")
+        if criterion == "val_loss" and len(method_grid(name, settings)) > 1:
+            raise ConfigError(f"methods.{name}.grid: distill.select.criterion 'val_loss' cannot compare grid "
+                              "points (each weighs the loss terms differently); use val_cot_loss or val_macro_f1")

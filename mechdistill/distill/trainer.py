@@ -15,25 +15,40 @@ optimizer steps; a checkpoint stores (epoch, batch index) and a resumed run skip
 already consumed, so an interrupted run ends with the same weights as an uninterrupted one
 (bit for bit on CPU).
 
+Best step. Every evaluation on `val_batches` (every `eval_every` steps and at the end) computes
+a `Criterion` (default: the mean validation loss), logged in the val row under its name; the
+weights of the best evaluation (strictly better; ties keep the earliest step) are saved as they
+appear, and those are the weights written to `out_dir`, not the last ones. Without val_batches
+(or with criterion=None) the last weights are written.
+
 Files (written atomically: temp file/dir, then rename):
 
     ckpt_dir/   model.safetensors   model weights (safetensors.torch.save_model: handles tied weights)
                 trainer_state.pt    optimizer, scheduler, GradScaler, RNG states, data position,
-                                    step counters; tensors and primitive containers only, loaded
-                                    with torch.load(weights_only=True)
+                                    step counters, the best step so far; tensors and primitive
+                                    containers only, loaded with torch.load(weights_only=True)
                 train_log.parquet   the log rows up to this checkpoint
+    ckpt_dir.best/step-NNNNNNNN/    the best evaluation's weights (model.safetensors; under DeepSpeed
+                                    the consolidated state dict, weights.pt), kept for the best step
+                                    of the last checkpoint and the best step since
     log_path    train_log.parquet   one row per optimizer step (split="train") and per evaluation
-                                    (split="val"): step, lr, grad_norm, elapsed_s, loss terms
-    out_dir/    model.save_pretrained (+ tokenizer.save_pretrained); loads with
-                transformers.AutoModelForCausalLM.from_pretrained(out_dir)
+                                    (split="val"): step, lr, grad_norm, elapsed_s, loss terms, criterion
+    out_dir/    model.save_pretrained (+ tokenizer.save_pretrained) of the best step's weights; loads
+                with transformers.AutoModelForCausalLM.from_pretrained(out_dir)
+    record_path best_step.json      the choice: criterion, maximize, step, value, last_step,
+                                    evaluated_steps
 
-`train` resumes automatically when `ckpt_dir` holds a checkpoint.
+`train` resumes automatically when `ckpt_dir` holds a checkpoint, with the best step so far (its
+weights stay in ckpt_dir.best until a later checkpoint records a better one).
 
 Multi-GPU: pass `deepspeed_config` (e.g. `zero3_config(config)`) and launch the script with
 `deepspeed` or `torchrun`; the model is wrapped with `deepspeed.initialize`. For ZeRO-3 the
 model must be created after `transformers.integrations.HfDeepSpeedConfig(ds_config)` so that
 its weights are partitioned at load time, and each rank's `train_batches` must yield its own
-shard of the data.
+shard of the data. A new best gathers the 16-bit weights onto rank 0 (a collective, as the final
+save is) and rank 0 writes them; the criterion runs on every rank with the unwrapped module
+(a criterion that generates must let every rank take part). The engine keeps the last step's
+weights in memory; out_dir gets the best step's.
 """
 
 from __future__ import annotations
@@ -59,7 +74,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..errors import ConfigError
-from ..io import write_parquet
+from ..io import write_json, write_parquet
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +87,8 @@ MODEL_FILE = "model.safetensors"
 STATE_FILE = "trainer_state.pt"
 LOG_FILE = "train_log.parquet"
 DEEPSPEED_TAG = "engine"
+DEEPSPEED_WEIGHTS_FILE = "weights.pt"  # a best step's consolidated state dict under DeepSpeed
+RECORD_FILE = "best_step.json"
 LOG_COLUMNS = ["split", "step", "epoch", "lr", "grad_norm", "elapsed_s"]
 
 
@@ -140,14 +157,55 @@ def train_config(settings: Mapping[str, Any], overrides: Mapping[str, Any] | Non
     return TrainConfig(**merged)
 
 
+@dataclass(frozen=True)
+class Criterion:
+    """What makes an evaluation the best so far.
+
+    value(model, val_row) -> float runs after each evaluation, with the model in eval mode and
+    val_row the evaluation's log row so far (split, step, epoch and the mean loss terms "loss",
+    "<term>", ...); the value is logged in that row under `name`. Lower is better unless
+    `maximize`. Only a strictly better value wins, so ties keep the earliest step; NaN never wins
+    (the first evaluation stands until a value that is not NaN comes).
+    """
+
+    name: str
+    value: Callable[[nn.Module, Mapping[str, float]], float]
+    maximize: bool = False
+
+    def better(self, value: float, best: float | None) -> bool:
+        """Whether `value` replaces `best` (None: nothing evaluated yet)."""
+        if best is None:
+            return True
+        if math.isnan(value):
+            return False
+        if math.isnan(best):
+            return True
+        return value > best if self.maximize else value < best
+
+
+VAL_LOSS = Criterion("val_loss", lambda model, row: float(row["loss"]))
+
+
+@dataclass(frozen=True)
+class BestStep:
+    """The best evaluation so far: its step and criterion value."""
+
+    criterion: str
+    maximize: bool
+    step: int
+    value: float
+
+
 @dataclass
 class TrainResult:
-    """What `train` did: steps done (in total, over resumes), whether it stopped early, the log."""
+    """What `train` did: steps done (in total, over resumes), whether it stopped early, the log,
+    and the best evaluation, whose weights are in out_dir (None: no evaluation, the last weights)."""
 
     steps: int
     stopped_early: bool
     log: pd.DataFrame
     out_dir: Path | None
+    best: BestStep | None = None
 
 
 # ----------------------------------------------------------------------------- schedule, precision
@@ -352,17 +410,17 @@ def restore_rng_states(states: Mapping[str, Any]) -> None:
 # ----------------------------------------------------------------------------- atomic directories
 
 
-def _temp_dir_for(target: Path) -> Path:
+def temp_dir_for(target: Path) -> Path:
     """The temp dir next to `target` that is published onto it (the same name on every rank)."""
     return target.with_name(f".{target.name}.tmp")
 
 
-def _make_empty_dir(path: Path) -> None:
+def make_empty_dir(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
 
 
-def _publish_dir(tmp: Path, target: Path) -> None:
+def publish_dir(tmp: Path, target: Path) -> None:
     """Move the finished dir `tmp` onto `target`.
 
     rename(2) cannot replace a non-empty directory, so the old `target` is first renamed to
@@ -377,7 +435,7 @@ def _publish_dir(tmp: Path, target: Path) -> None:
 
 
 def recover_dir(target: Path) -> None:
-    """Undo a half-done `_publish_dir`: restore `target.old` when `target` is missing."""
+    """Undo a half-done `publish_dir`: restore `target.old` when `target` is missing."""
     old = target.with_name(f"{target.name}.old")
     if not target.exists() and old.exists():
         os.replace(old, target)
@@ -419,7 +477,7 @@ class TorchBackend:
     def __init__(self, model: nn.Module, config: TrainConfig) -> None:
         self.config = config
         self.device = resolve_device(config.device)
-        self.model = model.to(self.device)
+        self.model = self.module = model.to(self.device)
         self.autocast_dtype, use_scaler = resolve_precision(config.precision, self.device)
         self.optimizer = build_optimizer(model, config)
         self.scheduler = build_scheduler(self.optimizer, config)
@@ -462,7 +520,15 @@ class TorchBackend:
         self.scaler.load_state_dict(state["scaler"])
         return state
 
-    def save_pretrained(self, directory: Path, tokenizer: Any | None) -> None:
+    def save_weights(self, directory: Path) -> None:
+        """The current weights, for a best step (`save_pretrained(weights=directory)` reads them)."""
+        save_model(self.model, str(directory / MODEL_FILE))
+
+    def save_pretrained(self, directory: Path, tokenizer: Any | None, weights: Path | None = None) -> None:
+        """save_pretrained of the current weights, or of those `save_weights` wrote to `weights`
+        (loaded into the model first: it then holds what was written)."""
+        if weights is not None:
+            load_model(self.model, weights / MODEL_FILE, device=str(self.device))
         self.model.save_pretrained(directory)
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
@@ -493,6 +559,7 @@ class DeepSpeedBackend:
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
             config={**ds_config, "gradient_accumulation_steps": config.grad_accum_steps})
         self.model = self.engine
+        self.module = self.engine.module
         self.device = self.engine.device
         self.zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
         self.is_main = torch.distributed.get_rank() == 0
@@ -520,14 +587,27 @@ class DeepSpeedBackend:
         self.engine.load_checkpoint(str(directory), tag=DEEPSPEED_TAG)
         return torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
 
-    def save_pretrained(self, directory: Path, tokenizer: Any | None) -> None:
-        module = self.engine.module
+    def _state_dict(self) -> dict[str, Tensor]:
         if self.zero_stage == 3:  # gather the partitioned weights onto rank 0 (collective)
-            state_dict = self.engine._zero3_consolidated_16bit_state_dict()
-        else:
-            state_dict = module.state_dict()
+            return self.engine._zero3_consolidated_16bit_state_dict()
+        return self.engine.module.state_dict()
+
+    def save_weights(self, directory: Path) -> None:
+        """The current weights, consolidated on rank 0, for a best step (every rank calls this)."""
+        state_dict = self._state_dict()
         if self.is_main:
-            module.save_pretrained(directory, state_dict=state_dict)
+            torch.save({name: tensor.detach().cpu() for name, tensor in state_dict.items()},
+                       directory / DEEPSPEED_WEIGHTS_FILE)
+
+    def save_pretrained(self, directory: Path, tokenizer: Any | None, weights: Path | None = None) -> None:
+        """save_pretrained on rank 0 of the current weights, or of those `save_weights` wrote to
+        `weights` (the engine keeps its current weights)."""
+        if weights is None:
+            state_dict = self._state_dict()
+        elif self.is_main:
+            state_dict = torch.load(weights / DEEPSPEED_WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        if self.is_main:
+            self.engine.module.save_pretrained(directory, state_dict=state_dict)
             if tokenizer is not None:
                 tokenizer.save_pretrained(directory)
 
@@ -566,10 +646,13 @@ class _Run:
     ckpt_dir: Path
     log_path: Path
     val_batches: Iterable[Batch] | None
+    criterion: Criterion | None = None
     progress: Progress = field(default_factory=Progress)
     rows: list[dict[str, Any]] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
     elapsed_before: float = 0.0
+    best: BestStep | None = None
+    checkpoint_best: int | None = None  # the best step the last checkpoint recorded
 
     # -- steps
 
@@ -610,14 +693,63 @@ class _Run:
             for name, value in checked_loss_terms(output, needs_grad=False).items():
                 sums[name] = sums.get(name, 0.0) + float(value)
                 counts[name] = counts.get(name, 0) + 1
-        model.train()
         if not counts:
             raise ValueError("val_batches yielded no batches.")
         means = self.backend.mean_across_ranks({n: sums[n] / counts[n] for n in sums})
-        row = {"split": "val", "step": self.progress.step, "epoch": self.progress.epoch,
-               "elapsed_s": self.elapsed(), **means}
+        row = {"split": "val", "step": self.progress.step, "epoch": self.progress.epoch, **means}
+        if self.criterion is not None:  # in eval mode and autocast, like the loss
+            with self.backend.autocast():
+                value = float(self.criterion.value(self.backend.module, row))
+            row[self.criterion.name] = self.backend.mean_across_ranks({"value": value})["value"]
+        model.train()
+        row["elapsed_s"] = self.elapsed()
         self.rows.append(row)
+        if self.criterion is not None:
+            self.update_best(row[self.criterion.name])
         return row
+
+    # -- the best step
+
+    @property
+    def best_dir(self) -> Path:
+        return self.ckpt_dir.with_name(f"{self.ckpt_dir.name}.best")
+
+    def best_weights(self, step: int) -> Path:
+        return self.best_dir / f"step-{step:08d}"
+
+    def update_best(self, value: float) -> None:
+        """Make the current step the best if `value` beats the best so far, and save its weights."""
+        if not self.criterion.better(value, self.best.value if self.best else None):
+            return
+        self.best = BestStep(self.criterion.name, self.criterion.maximize, self.progress.step, value)
+        target = self.best_weights(self.progress.step)
+        tmp = temp_dir_for(target)
+        if self.backend.is_main:
+            make_empty_dir(tmp)
+        self.backend.barrier()
+        self.backend.save_weights(tmp)
+        self.backend.barrier()
+        if self.backend.is_main:
+            publish_dir(tmp, target)
+            self.prune_best()
+        self.backend.barrier()
+
+    def prune_best(self) -> None:
+        """Delete the saved weights of every step but the current best and the last checkpoint's
+        best (a resumed run needs those); at most two copies of the weights stay."""
+        keep = {self.best_weights(s).name for s in (self.best and self.best.step, self.checkpoint_best) if s}
+        if self.best_dir.exists():
+            for path in self.best_dir.iterdir():
+                if path.name not in keep:
+                    shutil.rmtree(path, ignore_errors=True)
+
+    def best_record(self) -> dict[str, Any]:
+        """The choice, for best_step.json: without evaluations, the last step with no criterion."""
+        best, evaluated = self.best, [row["step"] for row in self.rows if row["split"] == "val"]
+        value = None if best is None or math.isnan(best.value) else best.value
+        return {"criterion": best and best.criterion, "maximize": best and best.maximize,
+                "step": best.step if best else self.progress.step, "value": value,
+                "last_step": self.progress.step, "evaluated_steps": evaluated}
 
     # -- files
 
@@ -636,18 +768,20 @@ class _Run:
 
     def save_checkpoint(self) -> None:
         """Write model, optimizer, RNG, data position and log into a temp dir, then publish it."""
-        tmp = _temp_dir_for(self.ckpt_dir)
+        tmp = temp_dir_for(self.ckpt_dir)
         if self.backend.is_main:
-            _make_empty_dir(tmp)
+            make_empty_dir(tmp)
         self.backend.barrier()
-        state = {"format": 1, "progress": asdict(self.progress), "rng": capture_rng_states(),
-                 "config": _primitive_config(self.config)}
+        state = {"format": 2, "progress": asdict(self.progress), "rng": capture_rng_states(),
+                 "config": _primitive_config(self.config), "best": self.best and asdict(self.best)}
         self.backend.save_checkpoint(tmp, state)
         if self.backend.is_main:
             self.log_frame().to_parquet(tmp / LOG_FILE, index=False)
         self.backend.barrier()
+        self.checkpoint_best = self.best and self.best.step
         if self.backend.is_main:
-            _publish_dir(tmp, self.ckpt_dir)
+            publish_dir(tmp, self.ckpt_dir)
+            self.prune_best()
         self.backend.barrier()
         logger.info("checkpoint at step %d -> %s", self.progress.step, self.ckpt_dir)
 
@@ -658,6 +792,16 @@ class _Run:
         self.elapsed_before = self.progress.elapsed_s
         self.started = time.perf_counter()
         restore_rng_states(state["rng"])
+        self.best = BestStep(**state["best"]) if state.get("best") else None
+        self.checkpoint_best = self.best and self.best.step
+        if self.best is not None and self.best.criterion != getattr(self.criterion, "name", None):
+            raise ValueError(f"the checkpoint in {self.ckpt_dir} chose its best step by {self.best.criterion!r}, "
+                             f"this run by {getattr(self.criterion, 'name', None)!r}; delete {self.ckpt_dir} to "
+                             "train from scratch")
+        if self.best is not None and not self.best_weights(self.best.step).exists():
+            raise FileNotFoundError(f"the checkpoint in {self.ckpt_dir} names best step {self.best.step}, but "
+                                    f"{self.best_weights(self.best.step)} is missing; delete {self.ckpt_dir} to "
+                                    "train from scratch")
         log = pd.read_parquet(self.ckpt_dir / LOG_FILE)
         log = log[log["step"] <= self.progress.step]
         self.rows = [{k: v for k, v in row.items() if not _is_missing(v)} for row in log.to_dict("records")]
@@ -708,6 +852,8 @@ def train(
     log_path: str | os.PathLike | None = None,
     ckpt_dir: str | os.PathLike | None = None,
     deepspeed_config: dict[str, Any] | None = None,
+    criterion: Criterion | None = VAL_LOSS,
+    record_path: str | os.PathLike | None = None,
     stop_after: int | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
     keep_checkpoint: bool = True,
@@ -717,34 +863,41 @@ def train(
     Seeds python, numpy and torch with `config.seed` (a resumed run then restores the RNG states
     of its checkpoint) and moves `model` to `config.device`.
 
-    out_dir: where `save_pretrained` writes the final model (atomically, at the end).
-    log_path, ckpt_dir: default to `train_log.parquet` and `ckpt/` next to `out_dir`.
+    out_dir: where `save_pretrained` writes the weights of the best evaluation (atomically, at the
+        end); the last weights without val_batches or criterion.
+    log_path, ckpt_dir, record_path: default to `train_log.parquet`, `ckpt/` and `best_step.json`
+        next to `out_dir` (best weights in `ckpt_dir` + ".best").
     val_batches: a re-iterable of batches; validated every `eval_every` steps and at the end.
+    criterion: what makes an evaluation the best (module docstring); None keeps the last weights.
     stop_after: stop gracefully after this optimizer step (a checkpoint is saved, the final model
         is not); calling `train` again continues. Useful under a wall-clock limit.
     on_step: called with each train log row after the step's evaluation and checkpoint; an
         exception raised there aborts training as a kill would.
-    keep_checkpoint: False deletes `ckpt_dir` once the final model is written.
+    keep_checkpoint: False deletes `ckpt_dir` and the best weights once the final model is written.
     """
     out_dir = Path(out_dir)
     ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else out_dir.parent / "ckpt"
     log_path = Path(log_path) if log_path is not None else out_dir.parent / LOG_FILE
+    record_path = Path(record_path) if record_path is not None else out_dir.parent / RECORD_FILE
     _check_reiterable(val_batches)
     seed_everything(config.seed, config.deterministic)
     run = _Run(_make_backend(model, config, deepspeed_config), loss_fn, config, ckpt_dir, log_path,
-               val_batches)
+               val_batches, criterion if val_batches is not None else None)
     if run.backend.is_main:
         recover_dir(ckpt_dir)
     run.backend.barrier()
     if (ckpt_dir / STATE_FILE).exists():
         run.load_checkpoint()
+    if run.backend.is_main:
+        run.prune_best()  # a fresh run drops stale weights; a resumed one those after its checkpoint
+    run.backend.barrier()
     stream = BatchStream(train_batches, run.progress.epoch, run.progress.batch_index)
     run.backend.model.train()
     stopped_early = _train_loop(run, stream, stop_after, on_step)
     if stopped_early:
-        return TrainResult(run.progress.step, True, run.log_frame(), None)
-    _finish(run, out_dir, tokenizer, keep_checkpoint)
-    return TrainResult(run.progress.step, False, run.log_frame(), out_dir)
+        return TrainResult(run.progress.step, True, run.log_frame(), None, run.best)
+    _finish(run, out_dir, record_path, tokenizer, keep_checkpoint)
+    return TrainResult(run.progress.step, False, run.log_frame(), out_dir, run.best)
 
 
 def _train_loop(run: _Run, stream: BatchStream, stop_after: int | None,
@@ -763,7 +916,7 @@ def _train_loop(run: _Run, stream: BatchStream, stop_after: int | None,
                 logger.info("step %d/%d loss %.4f lr %.3e grad_norm %.3f", step, config.max_steps,
                             row["loss"], row["lr"], row["grad_norm"])
             if run.val_batches is not None and _due(step, config.eval_every):
-                logger.info("step %d val loss %.4f", step, run.evaluate()["loss"])
+                _log_evaluation(run, run.evaluate())
             stop_now = stop_after is not None and step >= stop_after and step < config.max_steps
             if _due(step, config.checkpoint_every) or stop_now:
                 run.write_log()
@@ -776,21 +929,33 @@ def _train_loop(run: _Run, stream: BatchStream, stop_after: int | None,
     return False
 
 
-def _finish(run: _Run, out_dir: Path, tokenizer: Any | None, keep_checkpoint: bool) -> None:
-    """Final evaluation (unless just done), log, and the model in `out_dir` (atomically)."""
+def _log_evaluation(run: _Run, row: Mapping[str, Any]) -> None:
+    name = run.criterion.name if run.criterion is not None else "loss"
+    logger.info("step %d val loss %.4f, %s %.4f (best: step %s)", row["step"], row["loss"], name, row[name],
+                run.best.step if run.best else "-")
+
+
+def _finish(run: _Run, out_dir: Path, record_path: Path, tokenizer: Any | None, keep_checkpoint: bool) -> None:
+    """Final evaluation (unless just done), log, the best step's model in `out_dir` (atomically),
+    then its record."""
     last = run.rows[-1] if run.rows else {}
     if run.val_batches is not None and not (last.get("split") == "val" and last.get("step") == run.progress.step):
-        logger.info("final val loss %.4f", run.evaluate()["loss"])
+        _log_evaluation(run, run.evaluate())
     run.write_log()
-    tmp = _temp_dir_for(out_dir)
+    best = run.best
+    weights = run.best_weights(best.step) if best is not None and best.step != run.progress.step else None
+    tmp = temp_dir_for(out_dir)
     if run.backend.is_main:
-        _make_empty_dir(tmp)
+        make_empty_dir(tmp)
     run.backend.barrier()
-    run.backend.save_pretrained(tmp, tokenizer)
+    run.backend.save_pretrained(tmp, tokenizer, weights)
     run.backend.barrier()
     if run.backend.is_main:
-        _publish_dir(tmp, out_dir)
+        publish_dir(tmp, out_dir)
+        write_json(record_path, run.best_record())
         if not keep_checkpoint:
             shutil.rmtree(run.ckpt_dir, ignore_errors=True)
+            shutil.rmtree(run.best_dir, ignore_errors=True)
     run.backend.barrier()
-    logger.info("saved the trained model to %s", out_dir)
+    logger.info("saved the model of step %d (%s) to %s", best.step if best else run.progress.step,
+                f"best {best.criterion} {best.value:.4f}" if best else "the last step", out_dir)

@@ -1,23 +1,28 @@
-"""rules/distill.smk: teacher_targets, distill, student_predict."""
+"""rules/distill.smk: teacher_targets, distill (one job per grid point), select_distill, student_predict."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import random
+import tempfile
 import time
+from pathlib import Path
 
 import pandas as pd
 
 from .. import paths
-from ..distill.methods import resolve_method
+from ..distill.methods import check_methods, grid_point, method_grid, resolve_method
 from ..distill.objective import student_loss
 from ..distill.pools import HeadPool, model_pools
+from ..distill.selection import LoadedModelBackend, copy_file, link_dir, make_criterion, select_point
 from ..distill.signals import make_examples, mechanism_metrics
 from ..distill.targets import OnlineTargets, load_targets, save_targets, target_tensors
-from ..distill.trainer import train, train_config, zero3_config
+from ..distill.trainer import Criterion, train, train_config, zero3_config
 from ..errors import ConfigError
-from ..io import read_parquet, read_split, write_parquet
+from ..evaluate.xmc import macro_f1
+from ..io import SplitArtifacts, read_parquet, read_split, write_json, write_parquet
 from ..labels import LabelSpace
 from ..models import load_model, with_distilled_model
 from ..teacher.generate import generate_cot
@@ -53,25 +58,42 @@ def run_teacher_targets(config: dict, dataset: str, split: str, *, inputs: dict[
     log.info("teacher targets: %d documents, %.1f MB of tensors", len(table), os.path.getsize(tensors_path) / 2**20)
 
 
-def run_distill(config: dict, dataset: str, student: str, method_name: str, *,
+def run_distill(config: dict, dataset: str, student: str, method_name: str, point: str | None = None, *,
                 inputs: dict[str, dict[str, PathLike]] | None = None,
                 train_targets_path: PathLike | None = None, val_targets_path: PathLike | None = None,
                 student_coarse: PathLike | None = None, student_refine: PathLike | None = None,
                 teacher_coarse: PathLike | None = None, teacher_refine: PathLike | None = None,
                 model_dir: PathLike | None = None, log_path: PathLike | None = None,
-                mechanism_path: PathLike | None = None, ckpt_dir: PathLike | None = None) -> None:
-    """Train `student` with `method_name` on the teacher's train traces (validating on val) ->
-    {student}/{method}/model/ (save_pretrained) + train_log.parquet + mechanism.parquet.
+                mechanism_path: PathLike | None = None, ckpt_dir: PathLike | None = None,
+                best_path: PathLike | None = None) -> None:
+    """Train `student` with grid point `point` of `method_name` on the teacher's train traces,
+    validating on val every `eval_every` steps and at the end -> {student}/{method}/grid/{point}/:
+    model/ (save_pretrained of the best evaluation's weights under distill.select.criterion) +
+    train_log.parquet + mechanism.parquet (before training vs the saved weights) + best_step.json.
 
+    point None: every point of the method's grid, then `run_select_distill` (what Snakemake does for
+    the method: its model at paths.student_model_dir); the output paths cannot be given then.
     inputs: per split ("train", "val"), the split's files (default `paths.split_files`). Resumes from
     ckpt_dir when a checkpoint is there.
     """
+    if point is None:
+        if any(p is not None for p in (model_dir, log_path, mechanism_path, ckpt_dir, best_path)):
+            raise ValueError("run_distill: output paths belong to one grid point; give `point`")
+        for each in method_grid(method_name, config["methods"].get(method_name)):
+            run_distill(config, dataset, student, method_name, each.name, inputs=inputs,
+                        train_targets_path=train_targets_path, val_targets_path=val_targets_path,
+                        student_coarse=student_coarse, student_refine=student_refine,
+                        teacher_coarse=teacher_coarse, teacher_refine=teacher_refine)
+        run_select_distill(config, dataset, student, method_name)
+        return
     settings, teacher, tau = config["distill"], config["teacher"], config["heads"]["tau"]
+    check_methods(config["methods"], settings["select"]["criterion"])
     inputs = {split: {**paths.split_files(dataset, teacher, split), **((inputs or {}).get(split) or {})}
               for split in ("train", "val")}
-    method_settings = config["methods"].get(method_name) or {}
+    method_settings = grid_point(method_name, config["methods"].get(method_name), point).settings
     method = resolve_method(method_name, method_settings)
     tcfg = train_config(settings["train"], method_settings.get("train"), config["seed"])
+    where = paths.grid_method(method_name, point)  # the point's folder, as a `method` argument of paths
     started = time.perf_counter()
     model, tokenizer = load_model(config, student, device="cpu", dtype=settings["student_dtype"])
     pools = _pools(config, model, dataset, student, student_coarse, student_refine)
@@ -105,26 +127,80 @@ def run_distill(config: dict, dataset: str, student: str, method_name: str, *,
         random.Random(f"{tcfg.seed}:{epoch}").shuffle(order)
         return order
 
-    log.info("distill %s with %s (switches %s): %d train / %d val documents, pools %s, %d steps",
-             student, method_name, method.switches or "all on", len(batches["train"]), len(batches["val"]),
-             {p: len(pool.heads) for p, pool in pools.items()}, tcfg.max_steps)
+    criterion_name = settings["select"]["criterion"]
+    criterion = (_macro_f1_criterion(config, dataset, student, where, splits["val"], tokenizer)
+                 if criterion_name == "val_macro_f1" else make_criterion(criterion_name))
+    log.info("distill %s with %s at grid point %s (switches %s, weights %s): %d train / %d val documents, "
+             "pools %s, %d steps, best step by %s every %s steps", student, method_name, point,
+             method.switches or "all on", weights, len(batches["train"]), len(batches["val"]),
+             {p: len(pool.heads) for p, pool in pools.items()}, tcfg.max_steps, criterion_name,
+             tcfg.eval_every or tcfg.max_steps)
     scored = examples["train"] + examples["val"]  # val alone rarely has refinement positions on small data
     before = mechanism_metrics(model, scored, pools, tau)
-    result = train(model, loss_fn, train_batches, tcfg, model_dir or paths.student_model_dir(dataset, student, method_name),
+    result = train(model, loss_fn, train_batches, tcfg, model_dir or paths.student_model_dir(dataset, student, where),
                    val_batches=batches["val"] or None, tokenizer=tokenizer,
-                   log_path=log_path or paths.train_log(dataset, student, method_name),
-                   ckpt_dir=ckpt_dir or paths.checkpoint_dir(dataset, student, method_name),
-                   deepspeed_config=zero3_config(tcfg) if settings["deepspeed"] else None, keep_checkpoint=False)
+                   log_path=log_path or paths.train_log(dataset, student, where),
+                   ckpt_dir=ckpt_dir or paths.checkpoint_dir(dataset, student, where),
+                   deepspeed_config=zero3_config(tcfg) if settings["deepspeed"] else None, criterion=criterion,
+                   record_path=best_path or paths.best_step(dataset, student, where), keep_checkpoint=False)
     train_log = result.log[result.log["split"] == "train"]
-    log.info("distill %s/%s: %d steps in %.1f s; loss %.4f -> %.4f", student, method_name, result.steps,
-             time.perf_counter() - started, float(train_log["loss"].iloc[0]), float(train_log["loss"].iloc[-1]))
-    after = mechanism_metrics(model, scored, pools, tau)
+    log.info("distill %s/%s/%s: %d steps in %.1f s; loss %.4f -> %.4f; saved step %s (%s)", student, method_name,
+             point, result.steps, time.perf_counter() - started, float(train_log["loss"].iloc[0]),
+             float(train_log["loss"].iloc[-1]), result.best.step if result.best else result.steps,
+             f"{criterion_name} {result.best.value:.4f}" if result.best else "no validation: the last step")
+    after = mechanism_metrics(model, scored, pools, tau)  # the saved weights (restored; DeepSpeed: the last)
     change = pd.concat([before.assign(when="before"), after.assign(when="after")], ignore_index=True)
-    write_parquet(change, mechanism_path or paths.mechanism(dataset, student, method_name))
+    write_parquet(change, mechanism_path or paths.mechanism(dataset, student, where))
     means = change.groupby(["metric", "when"])["value"].mean().unstack()
     for metric in means.index:
         log.info("  %s on train+val (student's own pools): before %.4f, after %.4f", metric,
                  means.loc[metric, "before"], means.loc[metric, "after"])
+
+
+def _macro_f1_criterion(config: dict, dataset: str, student: str, where: str, val: SplitArtifacts,
+                        tokenizer) -> Criterion:
+    """val_macro_f1: the student, as it is at the evaluation, answers the val prompts greedily with
+    student_predict's generation settings, code and parser (`generate_cot` with the in-memory model),
+    scored by evaluate.xmc.macro_f1 against the gold labels. A full generation per evaluation: slow."""
+    doc_ids = list(val.anchors["doc_id"])
+    prompts = val.prompts.loc[doc_ids].reset_index()
+    gold = [list(val.docs.loc[doc_id, "labels"]) for doc_id in doc_ids]
+    cfg, name = with_distilled_model(config, student, where, paths.student_model_dir(dataset, student, where))
+    tok = copy.deepcopy(tokenizer)  # the backend pads on the left; the saved tokenizer stays as it is
+
+    def value(model, row) -> float:
+        with tempfile.TemporaryDirectory(prefix="val-generation-") as tmp:
+            pred = generate_cot(cfg, name, prompts, val.space, Path(tmp) / "val.parquet", dataset=dataset,
+                                split="val", backend_factory=lambda: LoadedModelBackend(model, tok, cfg["generation"]))
+        return macro_f1(gold, list(pred["pred_labels"]))
+
+    return make_criterion("val_macro_f1", value)
+
+
+def run_select_distill(config: dict, dataset: str, student: str, method_name: str, *,
+                       model_dir: PathLike | None = None, log_path: PathLike | None = None,
+                       mechanism_path: PathLike | None = None, selection_path: PathLike | None = None) -> dict:
+    """Publish the grid point of `method_name` with the best validation value (distill.select.criterion,
+    from each point's train log; ties: the first point) as the method's model/ (weights hard-linked),
+    train_log.parquet and mechanism.parquet, and write the selection record (`paths.selection`; see
+    `distill.selection.select_point`). Reads each point's files at paths.*(..., grid_method(method, point)).
+    Returns the record."""
+    points = method_grid(method_name, config["methods"].get(method_name))
+    where = {point.name: paths.grid_method(method_name, point.name) for point in points}
+    logs = {name: read_parquet(paths.train_log(dataset, student, folder)) for name, folder in where.items()}
+    criterion = config["distill"]["select"]["criterion"]
+    record = select_point(logs, {point.name: point.values for point in points}, criterion)
+    chosen = where[record["point"]]
+    link_dir(paths.student_model_dir(dataset, student, chosen),
+             model_dir or paths.student_model_dir(dataset, student, method_name))
+    for path, target in ((paths.train_log, log_path), (paths.mechanism, mechanism_path)):
+        copy_file(path(dataset, student, chosen), target or path(dataset, student, method_name))
+    record = {"dataset": dataset, "student": student, "method": method_name, **record}
+    write_json(selection_path or paths.selection(dataset, student, method_name), record)
+    log.info("select %s/%s: grid point %s, step %s, %s %s (of %d points: %s)", student, method_name, record["point"],
+             record["step"], record["criterion"], record["value"], len(points),
+             ", ".join(f"{c['point']}: {c['value']}" for c in record["candidates"]))
+    return record
 
 
 def run_student_predict(config: dict, dataset: str, student: str, method: str, *, model_dir: PathLike | None = None,

@@ -71,6 +71,33 @@ def test_example_positions(byte_tok, ex):
     assert len(ex.cot_positions) == len(ex.input_ids) - ex.cot_start
 
 
+def test_the_loss_covers_the_answer_block(byte_tok, ex):
+    """The student is taught the teacher's whole output: CoT, then the answer block; the phase
+    positions (spans into the CoT) are those of the CoT alone."""
+    from mechdistill.distill.signals import make_examples
+    from mechdistill.io import SplitArtifacts
+    from tests.helpers import icd_subtree
+
+    answer = "<answer>I50.22</answer>"
+    split = SplitArtifacts(
+        docs=pd.DataFrame({"doc_id": ["d0"], "labels": [["I50.22"]]}).set_index("doc_id"),
+        prompts=pd.DataFrame({"doc_id": ["d0"], "messages": [MESSAGES]}).set_index("doc_id"),
+        cot=pd.DataFrame({"doc_id": ["d0"], "cot": [COT], "raw": [COT + "\n" + answer + "\n"]}).set_index("doc_id"),
+        anchors=pd.DataFrame([{"doc_id": "d0", **ANCHORS_ROW, "anchors": ["heart failure", "systolic"],
+                               "near_misses": ["I50.32"]}]),
+        space=icd_subtree("I50"))
+    (full,) = make_examples(byte_tok, split)
+    assert full.text.endswith(COT + "\n" + answer)
+    predicted = byte_tok.decode(full.input_ids[[p + 1 for p in full.cot_positions]])  # what the CE/KL positions predict
+    assert predicted == COT + "\n" + answer
+    for field in ("cot_start", "early_queries", "refine", "keys", "n_shortlist"):
+        assert getattr(full, field) == getattr(ex, field), field
+    no_answer = split.cot.assign(raw=COT)  # a trace cut before any answer block: the CoT alone
+    (cot_only,) = make_examples(byte_tok, SplitArtifacts(split.docs, split.prompts, no_answer, split.anchors,
+                                                         split.space))
+    assert cot_only.text.endswith(COT) and len(cot_only.input_ids) == len(ex.input_ids)
+
+
 def test_identical_student_has_zero_distillation_terms(teacher, byte_tok, ex):
     targets = teacher_targets(teacher, ex, pools(0), TAU, top_k=8)
     student = copy.deepcopy(teacher)
@@ -168,3 +195,15 @@ def test_auto_pool_temperature_is_score_std():
     assert pool.heads == [(0, 0), (0, 1), (0, 2)]
     torch.testing.assert_close(pool.weights, torch.softmax(scores / scores.std(), 0))
     assert float(select_pool(table, 2, 3, 1.0, (0.0, 0.5)).weights[0]) > 0.999  # T = 1 on raw scores: one head
+
+
+def test_method_kinds():
+    from mechdistill.distill.methods import Method, method_kinds
+
+    kinds = method_kinds({"vanilla": {}, "mech": {}, "phase1_only": {}, "no_p2_ov": {},
+                          "mech_strong": {"base": "mech"}, "mine": {"base": "mech", "kind": "ablation"}})
+    assert kinds == {"vanilla": "baseline", "mech": "ours", "phase1_only": "ablation", "no_p2_ov": "ablation",
+                     "mech_strong": "ours", "mine": "ablation"}
+    assert resolve_method("mine", {"base": "vanilla", "kind": "ours"}).switches == METHODS["vanilla"].switches
+    with pytest.raises(ValueError, match="kind must be one of"):
+        Method("x", kind="teacher")

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.machinery
+import json
 import math
 import sys
+import types
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -13,6 +17,7 @@ import transformers
 
 from mechdistill.distill.trainer import (
     BatchStream,
+    Criterion,
     TrainConfig,
     lr_factor,
     recover_dir,
@@ -261,3 +266,205 @@ def test_deepspeed_without_the_package_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match="DeepSpeed is not installed"):
         train(tiny_llama(), ce_terms, shuffled_batches(token_data(2), 2), cfg, tmp_path / "model",
               deepspeed_config=zero3_config(cfg))
+
+
+# ----------------------------------------------------------------------------- the best evaluation's weights
+
+
+def scripted(values: dict[int, float], maximize: bool = False) -> Criterion:
+    """A criterion whose value at each evaluated step is given (independent of the model)."""
+    return Criterion("scripted", lambda model, row: values[row["step"]], maximize)
+
+
+def snapshot_each_step(model, snapshots: dict[int, dict[str, torch.Tensor]]):
+    """on_step: the weights after each step (what that step's evaluation saw)."""
+    return lambda row: snapshots.__setitem__(row["step"], {k: v.clone() for k, v in model.state_dict().items()})
+
+
+def saved_weights(out_dir) -> dict[str, torch.Tensor]:
+    return transformers.AutoModelForCausalLM.from_pretrained(out_dir).state_dict()
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.parametrize("values, maximize, best", [
+    ({2: 3.0, 4: 1.0, 6: 2.0, 8: 5.0}, False, 4),           # the lowest value, not the last step
+    ({2: 3.0, 4: 1.0, 6: 2.0, 8: 5.0}, True, 8),
+    ({2: 2.0, 4: 1.0, 6: 1.0, 8: 1.0}, False, 4),           # ties keep the earliest step
+    ({2: math.nan, 4: 2.0, 6: math.nan, 8: 3.0}, False, 4),  # NaN never wins
+])
+def test_the_written_model_is_the_best_evaluation(tmp_path, values, maximize, best):
+    model, snapshots = tiny_llama(), {}
+    cfg = config(max_steps=8, eval_every=2, checkpoint_every=3)
+    result = train(model, ce_terms, shuffled_batches(token_data(4), 2), cfg, tmp_path / "model",
+                   val_batches=[{"input_ids": token_data(2, seed=2)}], criterion=scripted(values, maximize),
+                   on_step=snapshot_each_step(model, snapshots), keep_checkpoint=False)
+
+    assert result.best.step == best
+    assert best == 8 or not torch.equal(snapshots[best]["lm_head.weight"], snapshots[8]["lm_head.weight"])
+    assert_same_weights(saved_weights(tmp_path / "model"), snapshots[best])
+    assert_same_weights(model.state_dict(), snapshots[best])  # the model object ends with them too
+    log = pd.read_parquet(tmp_path / "train_log.parquet")
+    val = log[log["split"] == "val"]
+    assert val["step"].tolist() == [2, 4, 6, 8]
+    assert val["scripted"].tolist() == pytest.approx([values[s] for s in (2, 4, 6, 8)], nan_ok=True)
+    record = json.loads((tmp_path / "best_step.json").read_text())
+    assert record == {"criterion": "scripted", "maximize": maximize, "step": best, "value": values[best],
+                      "last_step": 8, "evaluated_steps": [2, 4, 6, 8]}
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "ckpt.best").exists()
+
+
+def test_without_validation_the_last_weights_are_written(tmp_path):
+    model, snapshots = tiny_llama(), {}
+    train(model, ce_terms, shuffled_batches(token_data(4), 2), config(max_steps=3, eval_every=1), tmp_path / "model",
+          on_step=snapshot_each_step(model, snapshots))
+    assert_same_weights(saved_weights(tmp_path / "model"), snapshots[3])
+    record = json.loads((tmp_path / "best_step.json").read_text())
+    assert record == {"criterion": None, "maximize": None, "step": 3, "value": None, "last_step": 3,
+                      "evaluated_steps": []}
+
+
+@pytest.mark.parametrize("values, kills, best, kept_after_kill", [
+    # best at step 2, checkpointed at step 4; killed at 6: the resumed run must keep step 2's weights
+    ({2: 1.0, 4: 3.0, 6: 2.0, 8: 4.0}, [6], 2, ["step-00000002"]),
+    # best at 4 (checkpointed), a better one at 6 before the kill at 7: resumed from step 4, the run
+    # finds step 6 again; the files kept are those of the checkpoint's best and the newest best
+    ({2: 3.0, 4: 2.0, 6: 1.0, 8: 5.0}, [7], 6, ["step-00000004", "step-00000006"]),
+    # killed twice before the next checkpoint: the second resume still needs the checkpoint's best (2)
+    ({2: 2.0, 4: 3.0, 6: 1.0, 8: 4.0}, [5, 7], 6, ["step-00000002", "step-00000006"]),
+])
+def test_resume_after_a_kill_keeps_the_best_so_far(tmp_path, values, kills, best, kept_after_kill):
+    data, val = token_data(6, seed=1), [{"input_ids": token_data(2, seed=2)}]
+    cfg = config(max_steps=8, eval_every=2, checkpoint_every=4)
+    batches = shuffled_batches(data, 2)
+    full_model, snapshots = tiny_llama(), {}
+    train(full_model, noisy_ce_terms, batches, cfg, tmp_path / "full" / "model", val_batches=val,
+          criterion=scripted(values), on_step=snapshot_each_step(full_model, snapshots))
+
+    def kill_at(step: int):
+        def kill(row):
+            if row["step"] == step:
+                raise KeyboardInterrupt("simulated kill")
+        return kill
+
+    run = tmp_path / "killed"
+    for step in kills:
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny_llama(), noisy_ce_terms, batches, cfg, run / "model", val_batches=val,
+                  criterion=scripted(values), on_step=kill_at(step))
+    assert sorted(p.name for p in (run / "ckpt.best").iterdir()) == kept_after_kill
+    resumed = tiny_llama(seed=123)
+    result = train(resumed, noisy_ce_terms, batches, cfg, run / "model", val_batches=val, criterion=scripted(values))
+
+    assert result.best.step == best
+    assert_same_weights(saved_weights(run / "model"), snapshots[best])
+    log = pd.read_parquet(run / "train_log.parquet")
+    assert log.loc[log["split"] == "val", "step"].tolist() == [2, 4, 6, 8]
+    assert json.loads((run / "best_step.json").read_text())["step"] == best
+    assert [p.name for p in (run / "ckpt.best").iterdir()] == [f"step-{best:08d}"]  # keep_checkpoint=True
+
+
+def test_criterion_better_is_strict_and_never_prefers_nan():
+    low, high = scripted({}), scripted({}, maximize=True)
+    assert low.better(5.0, None) and low.better(math.nan, None)  # the first evaluation stands
+    assert low.better(1.0, 2.0) and not low.better(2.0, 2.0) and not low.better(3.0, 2.0)
+    assert high.better(3.0, 2.0) and not high.better(2.0, 2.0)
+    assert low.better(1.0, math.nan) and not low.better(math.nan, 1.0) and not low.better(math.nan, math.nan)
+
+
+# ----------------------------------------------------------------------------- the DeepSpeed path, faked
+
+# DeepSpeed is not installed here (and ZeRO-3 needs GPUs): a stand-in engine with the calls the trainer
+# makes checks the DeepSpeed backend's own logic (best weights consolidated on rank 0 into weights.pt,
+# resume, the final save from them) on one CPU process; DeepSpeed itself is not exercised.
+
+
+class FakeZero3Engine:
+    """The slice of deepspeed.DeepSpeedEngine the trainer uses: forward, backward + step with
+    accumulation, grad norm, engine checkpoints, the consolidated 16-bit state dict."""
+
+    def __init__(self, model, optimizer, lr_scheduler, config):
+        self.module, self.optimizer, self.scheduler = model, optimizer, lr_scheduler
+        self.accum, self.micro_steps, self.grad_norm = config["gradient_accumulation_steps"], 0, None
+        self.clip = config["gradient_clipping"] or math.inf
+        self.device = torch.device("cpu")
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def train(self):
+        self.module.train()
+
+    def eval(self):
+        self.module.eval()
+
+    def backward(self, loss):
+        (loss / self.accum).backward()
+
+    def step(self):
+        self.micro_steps += 1
+        if self.micro_steps % self.accum == 0:
+            self.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip))
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def get_global_grad_norm(self):
+        return self.grad_norm
+
+    def save_checkpoint(self, directory, tag):
+        (Path(directory) / tag).mkdir(parents=True)
+        torch.save({"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict()}, Path(directory) / tag / "state.pt")
+
+    def load_checkpoint(self, directory, tag):
+        state = torch.load(Path(directory) / tag / "state.pt", weights_only=True)
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def _zero3_consolidated_16bit_state_dict(self):
+        return {name: tensor.detach().clone() for name, tensor in self.module.state_dict().items()}
+
+
+@pytest.fixture()
+def fake_deepspeed(tmp_path, monkeypatch):
+    """A one-process gloo group and the stand-in engine as `deepspeed.initialize`."""
+    def initialize(model, optimizer, lr_scheduler, config):
+        return FakeZero3Engine(model, optimizer, lr_scheduler, config), optimizer, None, lr_scheduler
+
+    module = types.ModuleType("deepspeed")
+    module.__spec__ = importlib.machinery.ModuleSpec("deepspeed", None)  # find_spec works; no metadata
+    module.initialize = initialize
+    monkeypatch.setitem(sys.modules, "deepspeed", module)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
+def test_deepspeed_backend_writes_and_resumes_the_best_evaluation(tmp_path, fake_deepspeed):
+    values, val = {2: 3.0, 4: 1.0, 6: 2.0}, [{"input_ids": token_data(2, seed=2)}]
+    cfg = config(max_steps=6, eval_every=2, checkpoint_every=2, precision="fp32")
+    batches, ds_config = shuffled_batches(token_data(4), 2), zero3_config(cfg)
+    full, snapshots = tiny_llama(), {}
+    result = train(full, ce_terms, batches, cfg, tmp_path / "full" / "model", val_batches=val,
+                   criterion=scripted(values), deepspeed_config=ds_config, on_step=snapshot_each_step(full, snapshots))
+    assert result.best.step == 4
+    assert_same_weights(saved_weights(tmp_path / "full" / "model"), snapshots[4])
+    assert [p.name for p in (tmp_path / "full" / "ckpt.best" / "step-00000004").iterdir()] == ["weights.pt"]
+
+    def kill_at_5(row):
+        if row["step"] == 5:
+            raise KeyboardInterrupt("simulated kill")
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_llama(), ce_terms, batches, cfg, tmp_path / "killed" / "model", val_batches=val,
+              criterion=scripted(values), deepspeed_config=ds_config, on_step=kill_at_5)
+    train(tiny_llama(seed=123), ce_terms, batches, cfg, tmp_path / "killed" / "model", val_batches=val,
+          criterion=scripted(values), deepspeed_config=ds_config)
+    assert_same_weights(saved_weights(tmp_path / "killed" / "model"), snapshots[4])
+    assert json.loads((tmp_path / "killed" / "best_step.json").read_text())["step"] == 4

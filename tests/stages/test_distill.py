@@ -1,14 +1,21 @@
-"""rules/distill.smk stages: teacher_targets, distill (mech and vanilla), student_predict."""
+"""rules/distill.smk stages: teacher_targets, distill (mech, vanilla, by val macro-F1), select_distill, student_predict."""
 
+import copy
 import json
+import os
 
 import pandas as pd
+import pytest
 from safetensors import safe_open
 
 from mechdistill import paths
 from mechdistill.characterize.teacher_forcing import forced_sequence
-from mechdistill.models import load_tokenizer
-from mechdistill.stages.distill import run_distill
+from mechdistill.evaluate.xmc import macro_f1
+from mechdistill.io import read_split
+from mechdistill.models import load_tokenizer, with_distilled_model
+from mechdistill.stages.distill import run_distill, run_select_distill
+from mechdistill.teacher.answers import supervised_output
+from mechdistill.teacher.generate import generate_cot
 from tests.stages.conftest import DATASET, STUDENT, TEACHER
 
 
@@ -24,9 +31,10 @@ def test_teacher_targets_hold_the_cot_logits_and_phase1_signals(tiny):
         with safe_open(tiny.path(paths.targets_tensors(DATASET, TEACHER, split)), "pt") as tensors:
             assert json.loads(tensors.metadata()["pools"]) == json.loads(table["pools"].iloc[0])
             for row in table.itertuples():
-                seq = forced_sequence(tokenizer, prompts.loc[row.doc_id, "messages"], cot.loc[row.doc_id, "cot"],
+                output = supervised_output(cot.loc[row.doc_id, "cot"], cot.loc[row.doc_id, "raw"])
+                seq = forced_sequence(tokenizer, prompts.loc[row.doc_id, "messages"], output,
                                       anchors.loc[row.doc_id].to_dict())
-                # one top-k row per position that predicts a CoT token
+                # one top-k row per position that predicts a token of the teacher's output (CoT, answer block)
                 assert row.n_tokens == len(seq.input_ids) and row.n_cot == len(seq.input_ids) - seq.cot_token_start
                 values = tensors.get_tensor(f"{row.doc_id}/topk_values")
                 assert tuple(values.shape) == (row.n_cot, 8)  # distill.top_k: 8
@@ -36,17 +44,37 @@ def test_teacher_targets_hold_the_cot_logits_and_phase1_signals(tiny):
 
 def test_distill_mech_trains_and_saves_the_student(tiny):
     tiny.ensure("distill")
-    log = pd.read_parquet(tiny.path(paths.train_log(DATASET, STUDENT, "mech")))
+    point = paths.grid_method("mech", "default")  # no grid in tiny.yaml: one point
+    log = pd.read_parquet(tiny.path(paths.train_log(DATASET, STUDENT, point)))
     train = log[log["split"] == "train"]
     assert list(train["step"]) == [1, 2]
     # The 1-layer student IS the teacher's layer 0 and both Phase-1 pools sit in layer 0: identical pooled
     # rows at step 1, apart once the first update has changed the student.
     assert train["phase1.attn"].iloc[0] < 1e-6 < train["phase1.attn"].iloc[1]
-    assert tiny.path(paths.student_model(DATASET, STUDENT, "mech")).exists()
-    assert not tiny.path(paths.checkpoint_dir(DATASET, STUDENT, "mech")).exists()
-    mechanism = pd.read_parquet(tiny.path(paths.mechanism(DATASET, STUDENT, "mech")))
+    assert tiny.path(paths.student_model(DATASET, STUDENT, point)).exists()
+    assert not tiny.path(paths.checkpoint_dir(DATASET, STUDENT, point)).exists()
+    assert not tiny.path(paths.checkpoint_dir(DATASET, STUDENT, point) + ".best").exists()
+    mechanism = pd.read_parquet(tiny.path(paths.mechanism(DATASET, STUDENT, point)))
     assert set(mechanism["when"]) == {"before", "after"}
     assert set(mechanism["metric"]) == {"sharpness", "anchor_align"}  # no refinement positions: no Phase 2
+
+    # eval_every 1: both steps validated; the saved step has the lowest unweighted CE + KL (the earliest on ties)
+    val = log[log["split"] == "val"].set_index("step")
+    cot = val["cot.ce"] + val["cot.kl"]
+    assert list(val.index) == [1, 2] and val["val_cot_loss"].tolist() == pytest.approx(cot.tolist())
+    best = 1 if cot[1] <= cot[2] else 2
+    record = json.loads(tiny.path(paths.best_step(DATASET, STUDENT, point)).read_text())
+    assert record == {"criterion": "val_cot_loss", "maximize": False, "step": best, "value": pytest.approx(cot[best]),
+                      "last_step": 2, "evaluated_steps": [1, 2]}
+
+    # the selection published the one point as the method's model, log and mechanism, with its record
+    selection = json.loads(tiny.path(paths.selection(DATASET, STUDENT, "mech")).read_text())
+    assert (selection["point"], selection["step"], selection["criterion"]) == ("default", best, "val_cot_loss")
+    assert [c["point"] for c in selection["candidates"]] == ["default"]
+    for name in ("model.safetensors", "config.json"):
+        published = tiny.path(paths.student_model_dir(DATASET, STUDENT, "mech")) / name
+        assert published.read_bytes() == (tiny.path(paths.student_model_dir(DATASET, STUDENT, point)) / name).read_bytes()
+    pd.testing.assert_frame_equal(pd.read_parquet(tiny.path(paths.train_log(DATASET, STUDENT, "mech"))), log)
 
 
 def test_distill_vanilla_never_computes_head_signals(tiny):
@@ -66,3 +94,65 @@ def test_student_predict_runs_the_distilled_student(tiny):
     teacher = pd.read_parquet(tiny.path(paths.cot(DATASET, TEACHER, "test")))
     assert pred["raw"].tolist() != teacher["raw"].tolist()  # its own generations, not the teacher's
     assert pred["n_tokens"].between(1, 16).all()
+
+
+def test_distill_selects_by_val_macro_f1_with_student_predicts_generation(tiny):
+    """val_macro_f1: at each evaluation the student generates the val answers; the value logged at the
+    saved step is the macro-F1 of what the saved model generates on val by student_predict's code path."""
+    tiny.upto("distill")
+    config = copy.deepcopy(tiny.config)
+    config["distill"]["select"]["criterion"] = "val_macro_f1"
+    with tiny.inside():
+        run_distill(config, DATASET, STUDENT, "phase1_only")  # not in tiny.yaml's methods: its own folder
+        record = json.loads(open(paths.selection(DATASET, STUDENT, "phase1_only")).read())
+        log = pd.read_parquet(paths.train_log(DATASET, STUDENT, "phase1_only"))
+        val = read_split(paths.split_files(DATASET, TEACHER, "val"))
+        cfg, name = with_distilled_model(config, STUDENT, "phase1_only",
+                                         paths.student_model_dir(DATASET, STUDENT, "phase1_only"))
+        pred = generate_cot(cfg, name, val.prompts.reset_index(), val.space, "val_pred.parquet")
+    assert (record["criterion"], record["maximize"]) == ("val_macro_f1", True)
+    scores = log.loc[log["split"] == "val", "val_macro_f1"]
+    assert len(scores) == 2 and scores.between(0, 1).all()
+    gold = [list(val.docs.loc[d, "labels"]) for d in pred["doc_id"]]
+    assert record["value"] == pytest.approx(macro_f1(gold, list(pred["pred_labels"])))
+
+
+def write_point(root, point: str, values: dict[int, float], weights: bytes) -> None:
+    """A finished grid point of mech, by hand: a model folder, a train log with val_cot_loss, mechanism."""
+    where = paths.grid_method("mech", point)
+    model_dir = root / paths.student_model_dir(DATASET, STUDENT, where)
+    model_dir.mkdir(parents=True)
+    (model_dir / "config.json").write_text(json.dumps({"point": point}))
+    (model_dir / "model.safetensors").write_bytes(weights)
+    rows = [{"split": "train", "step": s, "loss": 5.0} for s in (1, 2, 3, 4)]
+    rows += [{"split": "val", "step": s, "loss": 9.0, "val_cot_loss": v} for s, v in values.items()]
+    pd.DataFrame(rows).to_parquet(root / paths.train_log(DATASET, STUDENT, where))
+    pd.DataFrame({"doc_id": ["d"], "metric": ["sharpness"], "value": [len(point)], "when": ["after"]}).to_parquet(
+        root / paths.mechanism(DATASET, STUDENT, where))
+
+
+def test_select_distill_publishes_the_best_grid_point(tiny_config, tmp_path, monkeypatch):
+    config = copy.deepcopy(tiny_config)
+    config["methods"]["mech"] = {"grid": {"alpha": [0.5, 1.0, 2.0], "beta": [1.0]}}
+    points = {"alpha=0.5,beta=1.0": {2: 3.0, 4: 2.5}, "alpha=1.0,beta=1.0": {2: 2.4, 4: 1.5},
+              "alpha=2.0,beta=1.0": {2: 1.5, 4: 2.0}}  # ties with the second point: the first in grid order wins
+    for point, values in points.items():
+        write_point(tmp_path, point, values, os.urandom(2 << 20))
+    monkeypatch.chdir(tmp_path)
+    record = run_select_distill(config, DATASET, STUDENT, "mech")
+
+    chosen = paths.grid_method("mech", "alpha=1.0,beta=1.0")
+    assert json.loads(open(paths.selection(DATASET, STUDENT, "mech")).read()) == record == {
+        "dataset": DATASET, "student": STUDENT, "method": "mech", "criterion": "val_cot_loss", "maximize": False,
+        "point": "alpha=1.0,beta=1.0", "values": {"alpha": 1.0, "beta": 1.0}, "step": 4, "value": 1.5,
+        "candidates": [
+            {"point": "alpha=0.5,beta=1.0", "values": {"alpha": 0.5, "beta": 1.0}, "step": 4, "value": 2.5},
+            {"point": "alpha=1.0,beta=1.0", "values": {"alpha": 1.0, "beta": 1.0}, "step": 4, "value": 1.5},
+            {"point": "alpha=2.0,beta=1.0", "values": {"alpha": 2.0, "beta": 1.0}, "step": 2, "value": 1.5}]}
+    published, source = (tmp_path / paths.student_model_dir(DATASET, STUDENT, m) for m in ("mech", chosen))
+    assert (published / "model.safetensors").stat().st_ino == (source / "model.safetensors").stat().st_ino
+    assert json.loads((published / "config.json").read_text()) == {"point": "alpha=1.0,beta=1.0"}
+    assert (published / "config.json").stat().st_mtime_ns >= (source / "config.json").stat().st_mtime_ns
+    for path in (paths.train_log, paths.mechanism):
+        pd.testing.assert_frame_equal(pd.read_parquet(path(DATASET, STUDENT, "mech")),
+                                      pd.read_parquet(path(DATASET, STUDENT, chosen)))
