@@ -96,6 +96,9 @@ def _check_references(config: dict, source: str) -> None:
                               f"defined (defined: {names}).")
         if spec["source"] == "layer_subset" and ("n_layers" in spec) == ("layers" in spec):
             raise ConfigError(f"{source}: models.{name} needs exactly one of 'n_layers' or 'layers'.")
+    if "teacher" in config.get("methods", {}):
+        raise ConfigError(f"{source}: methods.teacher: 'teacher' is reserved for the teacher's own evaluation "
+                          "(results/<dataset>/<teacher>/teacher/); give the method another name.")
     llm_model = config["anchors"]["llm"].get("model")
     if llm_model is not None and llm_model not in models:
         raise ConfigError(f"{source}: anchors.llm.model names model {llm_model!r}, which is not "

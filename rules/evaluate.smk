@@ -9,9 +9,9 @@ rule evaluate:
     params:
         evaluate=canonical(config["evaluate"]),
         tau=config["heads"]["tau"],
-    wildcard_constraints:
-        student=one_of(config["students"]),
-        method=one_of(config["methods"]),
+    wildcard_constraints:  # the distilled students, and the teacher's own row (method "teacher")
+        student=one_of(config["students"] + [config["teacher"]]),
+        method=one_of(list(config["methods"]) + [paths.TEACHER_METHOD]),
     threads: workflow.cores
     log:
         paths.log("evaluate", "{dataset}.{student}.{method}"),
@@ -23,7 +23,9 @@ rule evaluate:
 
 rule tables:
     input:
-        group_targets("evaluate"),
+        metrics=group_targets("evaluate"),
+        selections=[paths.selection(d, s, m) for d in config["datasets"] for s in config["students"]
+                    for m in config["methods"]],  # the captions say which grid point and step were kept
     output:
         [paths.table(t, "md") for t in paths.TABLES],
         [report(paths.table(t, "csv"), caption="../report/tables.rst", category="Tables") for t in paths.TABLES],

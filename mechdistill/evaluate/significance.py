@@ -10,6 +10,12 @@ functions, so test and interval always see the same documents.
 - Paired bootstrap: resample documents with replacement S times, d_s = mean_s(b) - mean_s(a);
   the level-CI is the percentile interval of {d_s}, e.g. the 2.5th and 97.5th percentiles.
 - A difference is significant only when p < alpha AND the CI excludes 0.
+
+An aggregate metric (macro-F1) has no per-document score: each system's metric is recomputed on
+the same bootstrap resamples of the test set (`stats.resample_indices`, `xmc.macro_f1_resamples`)
+and `resampled_gain` takes the percentile CI of the paired differences. App. E uses Wilcoxon only
+where independent replicates exist (resamples drawn with replacement are not), so there the mark
+rests on the CI alone and p is NaN.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import stats
 
-from ..stats import bootstrap_ci
+from ..stats import bootstrap_ci, percentile_interval
 
 ArrayLike = Sequence[float] | np.ndarray
 
@@ -71,3 +77,18 @@ def significant_gain(a: ArrayLike, b: ArrayLike, alpha: float = 0.05, n_resample
     p = paired_wilcoxon(a, b)
     return {"diff": diff, "ci_low": low, "ci_high": high, "p_value": p,
             "significant": bool(p < alpha and (low > 0 or high < 0)), "n": int(len(a))}
+
+
+def resampled_gain(a_resamples: ArrayLike, b_resamples: ArrayLike, a_value: float, b_value: float,
+                   level: float = 0.95) -> dict:
+    """Gain of b over a on an aggregate metric from paired resamples (module docstring).
+
+    a_resamples, b_resamples: the metric of each system on the same S resamples (resample s of one
+    is resample s of the other). Returns {diff, ci_low, ci_high, p_value (NaN), significant, n}:
+    diff = b_value - a_value (the full test set's values), the CI the percentile interval of
+    b_s - a_s, significant when the CI excludes 0; n = resamples used.
+    """
+    a, b = paired(a_resamples, b_resamples)
+    low, high = percentile_interval(b - a, level)
+    return {"diff": float(b_value - a_value), "ci_low": low, "ci_high": high, "p_value": float("nan"),
+            "significant": bool(low > 0 or high < 0), "n": int(len(a))}

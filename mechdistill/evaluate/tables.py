@@ -1,26 +1,32 @@
 """Result tables (Tables 1-4) and Figure 9's data, computed from per-instance metric files.
 
-Input: the long-format `results/{dataset}/{student}/{method}/metrics.parquet` files, columns
+Input: the long-format `results/{dataset}/{model}/{method}/metrics.parquet` files, columns
 dataset, student, method, doc_id, metric, value (one row per document and metric; a corpus-level
-metric such as macro-F1 is stored once with doc_id "").
+metric such as macro-F1 is stored once with doc_id "", and its values on the bootstrap resamples
+of the test set with doc_id "resample:<s>"). The teacher's file has method "teacher".
 
 A cell is the metric's corpus-level value when one is stored (doc_id ""), else the mean of its
 per-document values. So a metric whose corpus value is not the mean of per-document values
 (macro-F1; LAS, averaged over leakage groups) is reported as its evaluator computed it.
 
-The `ours` row also gets, per column, its delta to the best baseline (the best mean among the
-other methods present for that dataset and student; lowest for lower-is-better columns) and a
-significance mark (App. E): "*" only when the paired Wilcoxon test has p < alpha, the paired
-bootstrap CI of the difference excludes 0, and the difference favours ours. The test pairs
-per-document values by doc_id: the column's own metric, or the per-instance stand-in named in
-`PAIRED_METRIC` (instance F1 for macro-F1); a column with only a corpus value gets no mark.
+Rows, as in the paper's tables: per dataset, per student, one row per method; each method of kind
+"ours" carries per column its gain over the best BASELINE (methods of kind "baseline"; ablations
+never count; highest mean, lowest for lower-is-better columns), shown "0.620 (+0.090*)"; then per
+dataset an "Avg. gain" row (the mean gain of the ours rows) and the teacher's row.
+Significance (App. E), "*" only when the difference favours ours and:
+  - a metric with per-document values: paired Wilcoxon p < alpha AND the paired bootstrap CI of
+    the mean difference excludes 0 (documents paired by doc_id);
+  - an aggregate metric with resamples (macro-F1): the percentile CI of the paired resample
+    differences excludes 0 (Wilcoxon is not applicable to bootstrap resamples; p is NaN);
+  - a metric with only a corpus value: no mark.
+The gain is the difference of the two cells (what the table shows).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -28,7 +34,8 @@ import pandas as pd
 from ..errors import InputError
 from ..io import atomic_path, read_parquet, write_text
 from ..stats import bootstrap_ci
-from .significance import significant_gain
+from .significance import resampled_gain, significant_gain
+from .xmc import RESAMPLE
 
 # (column label, metric name, higher is better), in the order of Tables 1 and 2.
 TABLE_COLUMNS: list[tuple[str, str, bool]] = [
@@ -41,17 +48,23 @@ TABLE_COLUMNS: list[tuple[str, str, bool]] = [
     ("Loop", "loopback", True),
     ("Help", "helpfulness", True),
 ]
-# Per-instance metric used for the paired test of a corpus-level metric.
-PAIRED_METRIC: dict[str, str] = {"macro_f1": "f1"}
+LABELS = [label for label, _, _ in TABLE_COLUMNS]
+# Columns of each table (Table 3: the behaviour and task metrics of the further students;
+# Table 4: their mechanism scores).
+TABLE_LABELS = {"table1": LABELS, "table2": LABELS, "table3": LABELS[:4], "table4": LABELS[4:]}
 METRIC_COLUMNS = ["dataset", "student", "method", "doc_id", "metric", "value"]
 KEYS = ["dataset", "student", "method"]
-STATS = ["delta", "ci_low", "ci_high", "p", "sig"]  # per-column extras, filled on the ours row
+ROW_KINDS = ("baseline", "ours", "ablation", "avg_gain", "teacher")
+STATS = ["delta", "ci_low", "ci_high", "p", "sig"]  # per-column extras, filled on the ours rows
+TEACHER_METHOD = "teacher"
+AVG_GAIN = "Avg. gain"
 NO_ROWS = "no rows for this config"
 TABLE1_ADAPTERS = ("mimic4_icd10", "icd10cm_controlled")
 TABLE2_ADAPTERS = ("wikiseealso",)
 LATEX_ESCAPES = {"\\": "\\textbackslash{}", "&": "\\&", "%": "\\%", "$": "\\$", "#": "\\#", "_": "\\_",
                  "{": "\\{", "}": "\\}", "~": "\\textasciitilde{}", "^": "\\textasciicircum{}", "<": "$<$", ">": "$>$"}
-SIG_NOTE = "* = significant (paired Wilcoxon p < 0.05 and 95% bootstrap CI of the difference excludes 0)"
+SIG_NOTE = ("* = significant (per-document metrics: paired Wilcoxon p < 0.05 and 95% bootstrap CI of the "
+            "difference excludes 0; macro-F1: 95% CI over paired bootstrap resamples of the test set excludes 0)")
 
 
 # -----------------------------------------------------------------------------
@@ -80,129 +93,165 @@ def load_metrics(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
 # Building a table
 
 
-def stat_columns() -> list[str]:
+def stat_columns(labels: Sequence[str] = LABELS) -> list[str]:
     """Extra columns of `build_table`: `{label}_{stat}` for stat in delta, ci_low, ci_high, p, sig."""
-    return [f"{label}_{stat}" for label, _, _ in TABLE_COLUMNS for stat in STATS]
+    return [f"{label}_{stat}" for label in labels for stat in STATS]
 
 
-def _summaries(block: pd.DataFrame) -> tuple[pd.Series, pd.DataFrame]:
-    """(corpus value per metric, per-document values [doc_id x metric]) of one method's rows."""
-    doc_id = block["doc_id"].fillna("").astype(str)
-    corpus = block[doc_id == ""].groupby("metric")["value"].mean().dropna()
-    docs = block[doc_id != ""].assign(doc_id=doc_id[doc_id != ""])
-    per_doc = docs.pivot_table(index="doc_id", columns="metric", values="value", aggfunc="mean")
-    return corpus, per_doc
+class _Summary:
+    """One method's values: corpus value per metric, per-document values [doc_id x metric] and
+    per-resample values [resample x metric]."""
+
+    def __init__(self, block: pd.DataFrame) -> None:
+        block = block.reset_index(drop=True)
+        doc_id = block["doc_id"].fillna("").astype(str)
+        self.corpus = block[doc_id == ""].groupby("metric")["value"].mean().dropna()
+        is_resample = doc_id.str.startswith(RESAMPLE)
+        pivot = lambda rows: rows.pivot_table(index="doc_id", columns="metric", values="value",  # noqa: E731
+                                              aggfunc="mean")
+        self.per_doc = pivot(block[(doc_id != "") & ~is_resample].assign(doc_id=doc_id))
+        self.resamples = pivot(block[is_resample].assign(doc_id=doc_id))
+
+    def cell(self, metric: str) -> float:
+        """The corpus-level value if stored, else the mean over documents (NaN if neither)."""
+        if metric in self.corpus.index:
+            return float(self.corpus[metric])
+        if metric in self.per_doc.columns:
+            return float(self.per_doc[metric].mean())
+        return math.nan
+
+    def values(self, table: str, metric: str) -> pd.Series | None:
+        """Per-document ("per_doc") or per-resample ("resamples") values of `metric`, if any."""
+        frame = getattr(self, table)
+        if metric in frame.columns and frame[metric].notna().any():
+            return frame[metric]
+        return None
 
 
-def _cell(corpus: pd.Series, per_doc: pd.DataFrame, metric: str) -> float:
-    """The corpus-level value if stored, else the mean over documents (NaN if neither)."""
-    if metric in corpus.index:
-        return float(corpus[metric])
-    if metric in per_doc.columns:
-        return float(per_doc[metric].mean())
-    return math.nan
-
-
-def _instances(per_doc: pd.DataFrame, metric: str) -> pd.Series | None:
-    """Per-document values used to test `metric` (its own, or its PAIRED_METRIC stand-in)."""
-    for name in (metric, PAIRED_METRIC.get(metric)):
-        if name in per_doc.columns and per_doc[name].notna().any():
-            return per_doc[name]
-    return None
-
-
-def _compare(ours: pd.Series | None, base: pd.Series | None, higher_is_better: bool, alpha: float,
+def _compare(ours: _Summary, base: _Summary, metric: str, higher_is_better: bool, alpha: float,
              n_resamples: int, seed: int) -> dict:
-    """CI, p-value and mark of ours over the baseline, paired by doc_id; NaN / "" when untestable."""
-    empty = {"ci_low": math.nan, "ci_high": math.nan, "p": math.nan, "sig": ""}
-    if ours is None or base is None:
-        return empty
-    both = pd.concat([base.rename("a"), ours.rename("b")], axis=1, join="inner").dropna()
-    if len(both) < 2:
-        return empty
-    r = significant_gain(both["a"], both["b"], alpha=alpha, n_resamples=n_resamples, seed=seed)
+    """CI, p-value and mark of ours over the baseline on one metric; NaN / "" when untestable."""
+    out = {"ci_low": math.nan, "ci_high": math.nan, "p": math.nan, "sig": ""}
+    mine, theirs = ours.values("resamples", metric), base.values("resamples", metric)
+    if mine is not None and theirs is not None:
+        both = pd.concat([theirs.rename("a"), mine.rename("b")], axis=1, join="inner").dropna()
+        if len(both) < 2:
+            return out
+        r = resampled_gain(both["a"], both["b"], base.cell(metric), ours.cell(metric))
+    else:
+        mine, theirs = ours.values("per_doc", metric), base.values("per_doc", metric)
+        if mine is None or theirs is None:
+            return out
+        both = pd.concat([theirs.rename("a"), mine.rename("b")], axis=1, join="inner").dropna()
+        if len(both) < 2:
+            return out
+        r = significant_gain(both["a"], both["b"], alpha=alpha, n_resamples=n_resamples, seed=seed)
     favours = r["diff"] > 0 if higher_is_better else r["diff"] < 0
-    sig = r["p_value"] < alpha and (r["ci_low"] > 0 or r["ci_high"] < 0) and favours
-    return {"ci_low": r["ci_low"], "ci_high": r["ci_high"], "p": r["p_value"], "sig": "*" if sig else ""}
+    return {"ci_low": r["ci_low"], "ci_high": r["ci_high"], "p": r["p_value"],
+            "sig": "*" if r["significant"] and favours else ""}
 
 
-def _block_rows(block: pd.DataFrame, dataset: str, student: str, methods: Sequence[str], ours: str,
+def _row(dataset: str, student: str, method: str, kind: str, summary: _Summary | None) -> dict:
+    row = {"dataset": dataset, "student": student, "method": method, "kind": kind}
+    row |= {label: (summary.cell(metric) if summary else math.nan) for label, metric, _ in TABLE_COLUMNS}
+    return row | {c: ("" if c.endswith("_sig") else math.nan) for c in stat_columns()}
+
+
+def _block_rows(block: pd.DataFrame, dataset: str, student: str, methods: Sequence[str], kinds: Mapping[str, str],
                 alpha: float, n_resamples: int, seed: int) -> list[dict]:
-    """Rows of one (dataset, student): a cell per column and method, the ours row's comparison."""
-    summaries = {m: _summaries(block[block["method"] == m]) for m in methods}
-    rows = []
-    for method in methods:
-        row = {"dataset": dataset, "student": student, "method": method}
-        row |= {label: _cell(*summaries[method], metric) for label, metric, _ in TABLE_COLUMNS}
-        row |= {c: ("" if c.endswith("_sig") else math.nan) for c in stat_columns()}
-        rows.append(row)
-    if ours not in methods:
-        return rows
-    mine = rows[list(methods).index(ours)]
-    for label, metric, higher in TABLE_COLUMNS:
-        base = {r["method"]: r[label] for r in rows if r["method"] != ours and not math.isnan(r[label])}
-        if not base or math.isnan(mine[label]):
-            continue
-        best = (max if higher else min)(base, key=base.get)
-        mine[f"{label}_delta"] = mine[label] - base[best]
-        test = _compare(_instances(summaries[ours][1], metric), _instances(summaries[best][1], metric),
-                        higher, alpha, n_resamples, seed)
-        mine |= {f"{label}_{k}": v for k, v in test.items()}
+    """Rows of one (dataset, student): a cell per column and method; each ours row's gain over the
+    best baseline of that column, with its test."""
+    summaries = {m: _Summary(block[block["method"] == m]) for m in methods}
+    rows = [_row(dataset, student, m, kinds.get(m, "ablation"), summaries[m]) for m in methods]
+    for mine in (r for r in rows if r["kind"] == "ours"):
+        for label, metric, higher in TABLE_COLUMNS:
+            base = {r["method"]: r[label] for r in rows if r["kind"] == "baseline" and not math.isnan(r[label])}
+            if not base or math.isnan(mine[label]):
+                continue
+            best = (max if higher else min)(base, key=base.get)
+            mine[f"{label}_delta"] = mine[label] - base[best]
+            test = _compare(summaries[mine["method"]], summaries[best], metric, higher, alpha, n_resamples, seed)
+            mine |= {f"{label}_{k}": v for k, v in test.items()}
     return rows
 
 
-def build_table(metrics: pd.DataFrame, dataset: str | Sequence[str], students: Sequence[str],
-                methods: Sequence[str], ours: str = "mech", alpha: float = 0.05, n_resamples: int = 1000,
-                seed: int = 0) -> pd.DataFrame:
-    """One row per (dataset, student, method), in the given orders; see the module docstring.
+def _avg_gain_row(rows: list[dict], dataset: str) -> dict | None:
+    """Mean gain of the dataset's ours rows per column (None when no ours row has a gain)."""
+    ours = [r for r in rows if r["kind"] == "ours"]
+    gains = {label: [r[f"{label}_delta"] for r in ours if not math.isnan(r[f"{label}_delta"])] for label in LABELS}
+    if not any(gains.values()):
+        return None
+    row = _row(dataset, "", AVG_GAIN, "avg_gain", None)
+    return row | {f"{label}_delta": float(np.mean(g)) for label, g in gains.items() if g}
 
-    Columns: dataset, student, method, the TABLE_COLUMNS labels (cell values), and
-    `stat_columns()`: per label the ours row's delta to the best baseline, CI and p-value of
-    the paired difference, and its mark ("*" or ""). Missing data are NaN / "", never errors.
+
+def build_table(metrics: pd.DataFrame, dataset: str | Sequence[str], students: Sequence[str],
+                methods: Sequence[str], kinds: Mapping[str, str] | None = None, teacher: str | None = None,
+                alpha: float = 0.05, n_resamples: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """The rows of a table, in the given orders; see the module docstring.
+
+    kinds: method -> baseline | ours | ablation (default: mech is ours, vanilla a baseline, the rest
+    ablations). teacher: the teacher's model name; its row (method "teacher") closes each dataset
+    when its metrics are present.
+    Columns: dataset, student, method, kind (ROW_KINDS), the TABLE_COLUMNS labels (cell values), and
+    `stat_columns()`: per label the ours rows' gain over the best baseline, CI and p-value of the
+    paired difference, and its mark ("*" or ""); the avg-gain row holds gains in its `_delta`
+    columns. Missing data are NaN / "", never errors.
     """
+    kinds = dict(kinds) if kinds is not None else {"mech": "ours", "vanilla": "baseline"}
     datasets = [dataset] if isinstance(dataset, str) else list(dataset)
     rows = []
     for ds in datasets:
+        in_dataset = metrics[metrics["dataset"] == ds]
+        block_rows = []
         for student in students:
-            block = metrics[(metrics["dataset"] == ds) & (metrics["student"] == student)]
-            rows += _block_rows(block, ds, student, list(methods), ours, alpha, n_resamples, seed)
-    columns = KEYS + [label for label, _, _ in TABLE_COLUMNS] + stat_columns()
-    return pd.DataFrame(rows, columns=columns)
+            block = in_dataset[in_dataset["student"] == student]
+            block_rows += _block_rows(block, ds, student, list(methods), kinds, alpha, n_resamples, seed)
+        avg = _avg_gain_row(block_rows, ds)
+        rows += block_rows + ([avg] if avg else [])
+        mine = in_dataset[(in_dataset["method"] == TEACHER_METHOD) & (in_dataset["student"] == teacher)]
+        if teacher and len(mine):
+            rows.append(_row(ds, teacher, TEACHER_METHOD, "teacher", _Summary(mine)))
+    return pd.DataFrame(rows, columns=KEYS + ["kind"] + LABELS + stat_columns())
 
 
 # -----------------------------------------------------------------------------
 # Which table shows what
 
 
-def table_spec(config: dict, table: str) -> dict:
-    """Datasets, students, methods and caption of `table` ("table1".."table4") for a config.
+def table_spec(config: dict, table: str, kinds: Mapping[str, str] | None = None) -> dict:
+    """Datasets, students, methods, kinds, teacher, columns and caption of `table` for a config.
 
     table1: datasets with adapter mimic4_icd10 (MIMIC-IV) or icd10cm_controlled (the demo);
-    table2: datasets with adapter wikiseealso (LF-WikiSeeAlso); both with all students.
-    table3 / table4 (other student backbones): the first dataset, with the students after the
-    first (students[1:]) split in two halves, the first (larger, if odd) half in table3. With
-    fewer than two students these are empty, and `write_table` writes a note row instead.
-    Methods are the keys of config["methods"], in config order.
+    table2: datasets with adapter wikiseealso (LF-WikiSeeAlso); both with the first two students
+    and every column. table3 / table4: the further students (students[2:]) on every dataset,
+    Table 3 with Focus, Confusion, LAS and macro-F1, Table 4 with the four mechanism scores. With
+    no further student, Tables 3 and 4 hold the teacher's rows only. Methods: the keys of
+    config["methods"], in config order; kinds: method -> kind (`distill.methods.method_kinds`).
     """
     names = list(config.get("datasets", {}))
     adapter = {n: config["datasets"][n].get("adapter") for n in names}
     students, methods = list(config.get("students", [])), list(config.get("methods", {}))
-    extra = students[1:]
-    half = (len(extra) + 1) // 2
+    demo = "; here the SYNTHETIC ICD-10-CM demo vignettes" if "icd10cm_controlled" in adapter.values() else ""
     specs = {
-        "table1": ([n for n in names if adapter[n] in TABLE1_ADAPTERS], students,
-                   "clinical coding (MIMIC-IV in the paper" + ("; here the SYNTHETIC ICD-10-CM demo vignettes)"
-                                                               if "icd10cm_controlled" in adapter.values() else ")")),
-        "table2": ([n for n in names if adapter[n] in TABLE2_ADAPTERS], students, "LF-WikiSeeAlso"),
-        "table3": (names[:1], extra[:half], "other student backbones (first half)"),
-        "table4": (names[:1], extra[half:], "other student backbones (second half)"),
+        "table1": ([n for n in names if adapter[n] in TABLE1_ADAPTERS], students[:2],
+                   f"clinical coding (MIMIC-IV in the paper{demo})"),
+        "table2": ([n for n in names if adapter[n] in TABLE2_ADAPTERS], students[:2], "LF-WikiSeeAlso"),
+        "table3": (names, students[2:], "further student backbones: behaviour, LAS and macro-F1"),
+        "table4": (names, students[2:], "further student backbones: mechanism scores"),
     }
     if table not in specs:
         raise ValueError(f"unknown table {table!r}; expected one of {sorted(specs)}")
     datasets, chosen, what = specs[table]
+    kinds = dict(kinds) if kinds is not None else {}
+    ours = [m for m in methods if kinds.get(m) == "ours"]
+    baselines = [m for m in methods if kinds.get(m) == "baseline"]
     caption = (f"{table[:5].capitalize()} {table[5:]}: {what}; datasets: {', '.join(datasets) or 'none'}; "
-               f"students: {', '.join(chosen) or 'none'}. Delta = ours minus the best baseline; {SIG_NOTE}.")
-    return {"datasets": datasets, "students": chosen, "methods": methods, "caption": caption}
+               f"students: {', '.join(chosen) or 'none in this config'}; teacher: {config.get('teacher', '')}. "
+               f"(+gain) = {', '.join(ours) or 'ours'} minus the best baseline ({', '.join(baselines) or 'none'}) "
+               f"per column; {SIG_NOTE}.")
+    return {"datasets": datasets, "students": chosen, "methods": methods, "kinds": kinds,
+            "teacher": config.get("teacher"), "labels": TABLE_LABELS[table], "caption": caption}
 
 
 # -----------------------------------------------------------------------------
@@ -213,22 +262,39 @@ def _fmt(x: float) -> str:
     return "" if pd.isna(x) else f"{x:.3f}"
 
 
-def _fmt_delta(delta: float, sig: str) -> str:
+def _fmt_delta(delta: float, sig: str = "") -> str:
     return "" if pd.isna(delta) else f"{round(delta, 3) + 0.0:+.3f}{sig}"  # + 0.0: no "-0.000"
 
 
-def _has_delta(row: pd.Series) -> bool:
-    return any(pd.notna(row[f"{label}_delta"]) for label, _, _ in TABLE_COLUMNS)
+def _cell_text(row: pd.Series, label: str, latex: bool = False, bold: bool = False) -> str:
+    """A cell as the paper prints it: value, and "(+gain)" on ours rows; the avg-gain row: gain."""
+    if row["kind"] == "avg_gain":
+        return _fmt_delta(row[f"{label}_delta"])
+    text = _fmt(row[label])
+    if bold and text:
+        text = f"\\textbf{{{text}}}"
+    if row["kind"] == "ours" and pd.notna(row[f"{label}_delta"]):
+        sig = ("$^{*}$" if latex else "*") if row[f"{label}_sig"] else ""
+        text += f" ({_fmt_delta(row[f'{label}_delta'])}{sig})"
+    return text
 
 
-def _best(table: pd.DataFrame) -> set[tuple[int, str]]:
-    """(row index, label) of the best value per column within each (dataset, student) block."""
+def _row_name(row: pd.Series) -> list[str]:
+    if row["kind"] == "avg_gain":
+        return [row["dataset"], "", f"{AVG_GAIN} (ours vs best baseline)"]
+    return [row["dataset"], row["student"], row["method"]]
+
+
+def _best(table: pd.DataFrame, labels: Sequence[str]) -> set[tuple[int, str]]:
+    """(row index, label) of the best student value per column within each (dataset, student) block."""
     best = set()
-    for _, block in table.groupby(["dataset", "student"], sort=False):
-        for label, _, higher in TABLE_COLUMNS:
+    higher = {label: h for label, _, h in TABLE_COLUMNS}
+    students = table[table["kind"].isin(["baseline", "ours", "ablation"])]
+    for _, block in students.groupby(["dataset", "student"], sort=False):
+        for label in labels:
             values = block[label].dropna()
             if len(values):
-                top = values.max() if higher else values.min()
+                top = values.max() if higher[label] else values.min()
                 best |= {(i, label) for i in values.index[np.isclose(values, top)]}
     return best
 
@@ -239,19 +305,20 @@ def _arrow(higher: bool, latex: bool = False) -> str:
     return "↑" if higher else "↓"
 
 
-def to_markdown(table: pd.DataFrame, caption: str = "") -> str:
-    """Markdown table: values to 3 decimals, a "Δ vs best baseline" row under the ours row."""
-    header = ["Dataset", "Student", "Method"] + [f"{lab} {_arrow(h)}" for lab, _, h in TABLE_COLUMNS]
+def _header(labels: Sequence[str], latex: bool = False) -> list[str]:
+    higher = {label: h for label, _, h in TABLE_COLUMNS}
+    return ["Dataset", "Student", "Method"] + [f"{label} {_arrow(higher[label], latex)}" for label in labels]
+
+
+def to_markdown(table: pd.DataFrame, caption: str = "", labels: Sequence[str] = LABELS) -> str:
+    """Markdown table: values to 3 decimals, "(+gain)" on ours rows, avg-gain and teacher rows."""
+    header = _header(labels)
     lines = [caption, ""] if caption else []
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * 3 + "---:|" * len(TABLE_COLUMNS)]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * 3 + "---:|" * len(labels)]
     if table.empty:
         lines.append("| " + " | ".join([NO_ROWS] + [""] * (len(header) - 1)) + " |")
     for _, row in table.iterrows():
-        cells = [row["dataset"], row["student"], row["method"]] + [_fmt(row[lab]) for lab, _, _ in TABLE_COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
-        if _has_delta(row):
-            deltas = [_fmt_delta(row[f"{lab}_delta"], row[f"{lab}_sig"]) for lab, _, _ in TABLE_COLUMNS]
-            lines.append("| " + " | ".join(["", "", "Δ vs best baseline"] + deltas) + " |")
+        lines.append("| " + " | ".join(_row_name(row) + [_cell_text(row, label) for label in labels]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -260,42 +327,41 @@ def latex_escape(text: str) -> str:
     return text.translate(str.maketrans(LATEX_ESCAPES))
 
 
-def to_latex(table: pd.DataFrame, caption: str = "") -> str:
-    """booktabs tabular in a table float; best value per column per (dataset, student) in bold."""
-    header = ["Dataset", "Student", "Method"] + [f"{lab} {_arrow(h, True)}" for lab, _, h in TABLE_COLUMNS]
+def to_latex(table: pd.DataFrame, caption: str = "", labels: Sequence[str] = LABELS) -> str:
+    """booktabs tabular in a table float; best student value per column per (dataset, student) in
+    bold; ours rows shaded as in the paper (needs \\usepackage[table]{xcolor})."""
+    header = _header(labels, latex=True)
     lines = ["\\begin{table}[t]", "\\centering"]
     if caption:
         lines.append(f"\\caption{{{latex_escape(caption)}}}")
-    lines += ["\\begin{tabular}{lll" + "r" * len(TABLE_COLUMNS) + "}", "\\toprule", " & ".join(header) + " \\\\",
+    lines += ["\\begin{tabular}{lll" + "r" * len(labels) + "}", "\\toprule", " & ".join(header) + " \\\\",
               "\\midrule"]
     if table.empty:
         lines.append(f"\\multicolumn{{{len(header)}}}{{c}}{{{NO_ROWS}}} \\\\")
-    best, previous = _best(table), None
+    best, previous = _best(table, labels), None
     for i, row in table.iterrows():
-        if previous is not None and previous != (row["dataset"], row["student"]):
+        block = (row["dataset"], row["student"])
+        if previous is not None and previous != block:
             lines.append("\\midrule")
-        previous = (row["dataset"], row["student"])
-        cells = [latex_escape(str(row[k])) for k in KEYS]
-        for label, _, _ in TABLE_COLUMNS:
-            text = _fmt(row[label])
-            cells.append(f"\\textbf{{{text}}}" if (i, label) in best else text)
-        lines.append(" & ".join(cells) + " \\\\")
-        if _has_delta(row):
-            deltas = [_fmt_delta(row[f"{lab}_delta"], "") + ("$^{*}$" if row[f"{lab}_sig"] else "")
-                      for lab, _, _ in TABLE_COLUMNS]
-            lines.append(" & ".join(["", "", "$\\Delta$ vs.\\ best baseline"] + deltas) + " \\\\")
+        previous = block
+        cells = [latex_escape(str(c)) for c in _row_name(row)]
+        for label in labels:
+            cells.append(_cell_text(row, label, latex=True, bold=(i, label) in best))
+        shade = "\\rowcolor{green!15} " if row["kind"] in ("ours", "avg_gain") else ""
+        lines.append(shade + " & ".join(cells) + " \\\\")
     lines += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
     return "\n".join(lines) + "\n"
 
 
-def write_table(table: pd.DataFrame, files: dict[str, str | os.PathLike], caption: str = "") -> None:
-    """Write the table to files["csv"] (full precision, with the stat columns), files["md"] and
-    files["tex"], each atomically."""
+def write_table(table: pd.DataFrame, files: dict[str, str | os.PathLike], caption: str = "",
+                labels: Sequence[str] = LABELS) -> None:
+    """Write the table to files["csv"] (full precision, every column and stat), files["md"] and
+    files["tex"] (the table's `labels` columns), each atomically."""
     csv = table if len(table) else pd.DataFrame({"note": [NO_ROWS]})
     with atomic_path(files["csv"]) as tmp:
         csv.to_csv(tmp, index=False)
-    write_text(files["md"], to_markdown(table, caption))
-    write_text(files["tex"], to_latex(table, caption))
+    write_text(files["md"], to_markdown(table, caption, labels))
+    write_text(files["tex"], to_latex(table, caption, labels))
 
 
 # -----------------------------------------------------------------------------

@@ -37,8 +37,12 @@ from collections.abc import Collection, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
+from scipy import sparse
+
+from ..stats import resample_indices
 
 DEFAULT_KS = (1, 3, 5, 8, 15)
+RESAMPLE = "resample:"  # doc_id prefix of a corpus metric's value on one bootstrap resample
 
 Labels = Sequence[Iterable[str]]
 
@@ -246,6 +250,36 @@ def macro_f1(gold: Labels, pred: Labels, label_space: Sequence[str] | None = Non
     return _macro_f1(*_label_counts(golds, ranked))
 
 
+def macro_f1_resamples(gold: Labels, pred: Labels, resamples: np.ndarray) -> np.ndarray:
+    """Macro-F1 recomputed on each bootstrap resample of the documents (App. E: an aggregate metric
+    has no per-document value, so its paired test resamples the test set).
+
+    resamples: [S, n] document indices (`stats.resample_indices`); a document drawn twice counts
+    twice in TP/FP/FN. Returns [S]; each value equals `macro_f1` on that resample's documents.
+    """
+    golds, ranked = _checked(gold, pred)
+    resamples = np.asarray(resamples)
+    if resamples.ndim != 2 or (resamples.size and (resamples.min() < 0 or resamples.max() >= len(golds))):
+        raise ValueError(f"resamples must be [S, n] indices into {len(golds)} documents; got shape {resamples.shape}")
+    labels = sorted(set().union(*golds, *map(set, ranked))) if golds else []
+    if not labels:
+        return np.zeros(len(resamples))
+    column = {lab: j for j, lab in enumerate(labels)}
+    cells: list[list[tuple[int, int]]] = [[], [], []]  # (doc, label) of each TP, FP, FN
+    for i, (g, r) in enumerate(zip(golds, ranked)):
+        p = set(r)
+        for kind, part in enumerate((g & p, p - g, g - p)):
+            cells[kind] += [(i, column[lab]) for lab in part]
+    shape = (len(golds), len(labels))
+    counts = [sparse.csr_matrix((np.ones(len(c)), ([i for i, _ in c], [j for _, j in c])), shape=shape)
+              for c in cells]  # [doc, label] indicators, sparse: MIMIC-IV has ~10^4 docs x ~10^4 labels
+    weights = np.stack([np.bincount(row, minlength=len(golds)) for row in resamples]).astype(float)  # [S, n]
+    tp, fp, fn = (np.asarray((c.T @ weights.T).T) for c in counts)  # each [S, labels]
+    support = tp + fp + fn
+    f1 = np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros_like(tp), where=support > 0)
+    return f1.sum(1) / np.maximum((support > 0).sum(1), 1)
+
+
 def micro_f1(gold: Labels, pred: Labels, label_space: Sequence[str] | None = None) -> float:
     """Micro-F1: 2 sum TP / (2 sum TP + sum FP + sum FN) over all (document, label) pairs.
 
@@ -354,3 +388,21 @@ def summarize(gold: Labels, pred: Labels, train_labels: Labels | None = None, ks
     rows.update(macro_f1=_macro_f1(*counts), micro_f1=_micro_f1(*counts), exact_match=match, instance_f1=instance_f1,
                 n_docs=float(len(keep)))
     return pd.DataFrame({"metric": list(rows), "value": list(rows.values())})
+
+
+def macro_f1_resample_rows(gold: Labels, pred: Labels, n_resamples: int = 1000, seed: int = 0,
+                           doc_ids: Sequence[str] | None = None,
+                           excluded_pairs: Collection[tuple[str, str]] | None = None) -> pd.DataFrame:
+    """Macro-F1 on `n_resamples` bootstrap resamples of the scored documents (those `summarize`
+    scores), as metrics rows: doc_id "resample:<s>", metric "macro_f1", value.
+
+    The resamples depend only on (number of scored documents, n_resamples, seed), so two systems
+    evaluated on one test set with one seed are paired resample by resample (App. E).
+    """
+    keep, _, golds, answers, _ = _scored_documents(gold, pred, doc_ids, excluded_pairs, None)
+    if not keep:
+        return pd.DataFrame({"doc_id": pd.Series(dtype=str), "metric": pd.Series(dtype=str),
+                             "value": pd.Series(dtype=float)})
+    values = macro_f1_resamples(golds, answers, resample_indices(len(keep), n_resamples, seed))
+    return pd.DataFrame({"doc_id": [f"{RESAMPLE}{s}" for s in range(n_resamples)], "metric": "macro_f1",
+                         "value": values})

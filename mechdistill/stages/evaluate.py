@@ -2,18 +2,23 @@
 
 `run_evaluate` writes results/{dataset}/{student}/{method}/metrics.parquet in long format
 (dataset, student, method, doc_id, metric, value); a corpus-level value (macro-F1, corpus BLEU,
-LAS) has doc_id "". Metrics:
+LAS) has doc_id "", macro-F1 on bootstrap resample s of the test set doc_id "resample:<s>".
+With method "teacher" (student = the teacher) it is the teacher's row of the tables. Metrics:
 
-    task        P@k, nDCG@k, PSP@k, R@k, f1 (instance), exact_match; corpus macro_f1, micro_f1
+    task        P@k, nDCG@k, PSP@k, R@k, f1 (instance), exact_match; corpus macro_f1, micro_f1;
+                macro_f1 per resample (the paired bootstrap of App. E)
     behaviour   focus, confusion (the student's own CoT, trajectories rule)
-    fidelity    bleu4 vs the teacher's trace; perplexity of the teacher's trace under the student
+    fidelity    bleu4 vs the teacher's trace (not for the teacher); perplexity of the teacher's trace
     LAS         per-document contributions w_i (c_xr - c_x), whose mean is LAS; corpus las, sim_acc_*
     mechanism   sharpness, anchor_align, loopback, helpfulness of the student's pooled heads
                 (its pre-training pools) under teacher forcing on the teacher's test CoT
 
-LAS simulator: trained on the TRAIN split with the teacher's traces as rationales and the
-teacher's first predicted label as target, then asked to simulate the student on the test split
-from the student's own rationale and answer (the student has no train-split traces).
+LAS simulator (`evaluate.las`): trained on the TRAIN split with the teacher's traces as
+rationales, then scored on the test split with the student's own rationale (the student has no
+train-split traces). Target (`evaluate.las.target`): the teacher's answer (default, the paper's
+teacher-faithfulness), the gold labels, or the student's answer; one label per document
+(`simulation_targets` in evaluate/las.py). The x+r input keeps the whole rationale within the
+simulator's token budget (the document is cut to fit).
 """
 
 from __future__ import annotations
@@ -27,13 +32,14 @@ import pandas as pd
 
 from .. import paths
 from ..anchors.embed import SentenceEmbedder
+from ..distill.methods import method_kinds
 from ..distill.pools import model_pools
 from ..distill.signals import make_examples, mechanism_metrics
-from ..evaluate.las import las_table, simulator_factory, target_label
+from ..evaluate.las import las_table, simulation_targets, simulator_factory
 from ..evaluate.plots import figure9
 from ..evaluate.tables import METRIC_COLUMNS, build_table, figure9_data, load_metrics, table_spec, write_table
 from ..evaluate.text import bleu4, sentence_bleu4, trace_perplexity
-from ..evaluate.xmc import per_instance, summarize
+from ..evaluate.xmc import RESAMPLE, macro_f1_resample_rows, per_instance, summarize
 from ..io import read_parquet, read_split, write_parquet
 from ..models import load_model, with_distilled_model
 from ..teacher.prompts import render_prompt
@@ -46,12 +52,14 @@ LOGGED = ("P@1", "macro_f1", "focus", "confusion", "las", "bleu4", "perplexity",
 
 def run_evaluate(config: dict, dataset: str, student: str, method: str, *,
                  inputs: dict[str, PathLike] | None = None, out_path: PathLike | None = None) -> None:
-    """Every metric of one distilled student on the test split -> {student}/{method}/metrics.parquet.
+    """Every metric of one distilled student on the test split -> {student}/{method}/metrics.parquet;
+    with method "teacher" and student = the teacher, the teacher's row of Tables 1-4 (its own test
+    CoT as prediction, its own pooled heads, no BLEU).
 
     inputs: overrides of `paths.evaluate_inputs` (model: the student's config.json, whose folder is
     loaded) and of excluded_pairs.
     """
-    settings = config["evaluate"]
+    settings, is_teacher = config["evaluate"], method == paths.TEACHER_METHOD
     p = {**paths.evaluate_inputs(config, dataset, student, method), "excluded_pairs": paths.excluded_pairs(dataset),
          **(inputs or {})}
     pred = read_parquet(p["pred"]).set_index("doc_id")
@@ -79,18 +87,22 @@ def run_evaluate(config: dict, dataset: str, student: str, method: str, *,
               B=propensity.get("B", 1.5), doc_ids=ids, excluded_pairs=excluded,
               candidates=[list(prompts.loc[d, "candidates"]) for d in ids])
     frames = [per_instance(gold, answers, **kw)[["doc_id", "metric", "value"]],
-              summarize(gold, answers, **kw).query("metric in ['macro_f1', 'micro_f1']").assign(doc_id="")]
+              summarize(gold, answers, **kw).query("metric in ['macro_f1', 'micro_f1']").assign(doc_id=""),
+              macro_f1_resample_rows(gold, answers, settings["n_bootstrap"], config["seed"], ids, excluded)]
 
-    # behaviour: the student's own Focus / Confusion
+    # behaviour: the model's own Focus / Confusion
     summary = read_parquet(p["trajectory_summary"])
     frames.append(summary.melt(id_vars="doc_id", value_vars=["focus", "confusion"], var_name="metric"))
 
-    # fidelity to the teacher's trace
+    # fidelity to the teacher's trace (BLEU against itself would be 100: not for the teacher)
     student_cot = [str(pred.loc[d, "cot"]) if d in pred.index else "" for d in ids]
     teacher_text = [str(teacher_cot.loc[d, "cot"]) if d in teacher_cot.index else "" for d in ids]
-    frames.append(pd.DataFrame({"doc_id": ids, "metric": "bleu4", "value": sentence_bleu4(student_cot, teacher_text)}))
-    frames.append(pd.DataFrame({"doc_id": [""], "metric": ["bleu4_corpus"], "value": [bleu4(student_cot, teacher_text)]}))
-    cfg, name = with_distilled_model(config, student, method, Path(p["model"]).parent)
+    if not is_teacher:
+        frames.append(pd.DataFrame({"doc_id": ids, "metric": "bleu4", "value": sentence_bleu4(student_cot, teacher_text)}))
+        frames.append(pd.DataFrame({"doc_id": [""], "metric": ["bleu4_corpus"],
+                                    "value": [bleu4(student_cot, teacher_text)]}))
+    cfg, name = (config, student) if is_teacher else with_distilled_model(config, student, method,
+                                                                          Path(p["model"]).parent)
     model, tokenizer = load_model(cfg, name, device=settings["device"], dtype="float32")
     prompt_texts = [render_prompt(tokenizer, json.loads(prompts.loc[d, "messages"])) for d in ids]
     has_trace = [i for i, c in enumerate(teacher_text) if c.strip()]
@@ -99,16 +111,21 @@ def run_evaluate(config: dict, dataset: str, student: str, method: str, *,
     frames.append(pd.DataFrame({"doc_id": [ids[i] for i in has_trace], "metric": "perplexity", "value": ppl}))
 
     # LAS (Hase et al. 2020): simulators trained on the teacher's train traces, tested on the student's
+    las = settings["las"]
     teacher_train = read_parquet(p["teacher_train_cot"], "cot").set_index("doc_id")
     train_ids = [d for d in train_docs.index if d in teacher_train.index]
-    encoder = None if settings["las_simulator"] == "seq2seq" else SentenceEmbedder(config["embedder"])
-    frames.append(las_table(simulator_factory(settings, config["seed"], encoder),
+    train_targets, test_targets = simulation_targets(
+        las["target"], train_teacher=[list(teacher_train.loc[d, "pred_labels"]) for d in train_ids],
+        train_gold=[list(train_docs.loc[d, "labels"]) for d in train_ids],
+        test_teacher=[list(teacher_cot.loc[d, "pred_labels"]) if d in teacher_cot.index else [] for d in ids],
+        test_gold=gold, test_student=answers)
+    encoder = None if las["simulator"] == "seq2seq" else SentenceEmbedder(config["embedder"])
+    frames.append(las_table(simulator_factory(las, config["seed"], encoder),
                             [train_docs.loc[d, "text"] for d in train_ids],
-                            [str(teacher_train.loc[d, "cot"]) for d in train_ids],
-                            [target_label(list(teacher_train.loc[d, "pred_labels"])) for d in train_ids],
-                            ids, [docs.loc[d, "text"] for d in ids], student_cot, [target_label(a) for a in answers]))
+                            [str(teacher_train.loc[d, "cot"]) for d in train_ids], train_targets,
+                            ids, [docs.loc[d, "text"] for d in ids], student_cot, test_targets))
 
-    # mechanism: the student's pooled heads on the teacher's test CoT
+    # mechanism: the model's pooled heads (its own head scores) on the teacher's test CoT
     pools = model_pools(config["distill"]["pools"], model, p["student_coarse"], p["student_refine"])
     test_split = read_split({"docs": p["test_docs"], "prompts": p["test_prompts"], "cot": p["teacher_test_cot"],
                              "anchors": p["test_anchors"], "labels": p["labels"]})
@@ -119,7 +136,7 @@ def run_evaluate(config: dict, dataset: str, student: str, method: str, *,
     out.insert(0, "student", student)
     out.insert(0, "dataset", dataset)
     out["value"] = out["value"].astype(float)
-    means = out.groupby("metric")["value"].mean()
+    means = out[~out["doc_id"].str.startswith(RESAMPLE)].groupby("metric")["value"].mean()
     log.info("evaluate %s/%s on %s (%d documents): %s", student, method, dataset, len(ids),
              ", ".join(f"{m}={means[m]:.4g}" for m in LOGGED if m in means))
     write_parquet(out[METRIC_COLUMNS], out_path or paths.metrics(dataset, student, method))
@@ -129,21 +146,37 @@ def _metrics(metrics_paths: list[PathLike]) -> pd.DataFrame:
     return load_metrics(metrics_paths) if metrics_paths else pd.DataFrame(columns=METRIC_COLUMNS)
 
 
-def run_tables(config: dict, metrics_paths: list[PathLike]) -> None:
-    """Every metrics file of the config -> results/tables/table{1..4}.{csv,md,tex}."""
-    metrics = _metrics(metrics_paths)
+def selection_note(records: list[dict], datasets: list[str], students: list[str]) -> str:
+    """The caption's sentence on how each shown model was chosen on validation (selection.json)."""
+    shown = [r for r in records if r["dataset"] in datasets and r["student"] in students]
+    if not shown:
+        return ""
+    criteria = ", ".join(sorted({r["criterion"] for r in shown}))
+    picks = "; ".join(f"{r['student']}/{r['method']}: {r['point']} at step {r['step']}"
+                      + (f" (of {len(r['candidates'])} grid points)" if len(r.get("candidates", [])) > 1 else "")
+                      for r in shown)
+    return f" Selected on validation ({criteria}): {picks}."
+
+
+def run_tables(config: dict, metrics_paths: list[PathLike], selection_paths: list[PathLike] | None = None) -> None:
+    """Every metrics file of the config -> results/tables/table{1..4}.{csv,md,tex}; the captions say
+    which grid point and step of each student was selected (selection.json files, when given)."""
+    metrics, kinds = _metrics(metrics_paths), method_kinds(config.get("methods", {}))
+    records = [json.loads(Path(p).read_text()) for p in selection_paths or []]
     for table in paths.TABLES:
-        spec = table_spec(config, table)
-        built = build_table(metrics, spec["datasets"], spec["students"], spec["methods"],
+        spec = table_spec(config, table, kinds)
+        built = build_table(metrics, spec["datasets"], spec["students"], spec["methods"], kinds, spec["teacher"],
                             n_resamples=config["evaluate"]["n_bootstrap"], seed=config["seed"])
-        write_table(built, {fmt: paths.table(table, fmt) for fmt in paths.TABLE_FORMATS}, caption=spec["caption"])
+        caption = spec["caption"] + selection_note(records, spec["datasets"], spec["students"])
+        write_table(built, {fmt: paths.table(table, fmt) for fmt in paths.TABLE_FORMATS}, caption=caption,
+                    labels=spec["labels"])
         log.info("%s: %d rows (%s)", table, len(built), spec["caption"])
 
 
 def run_figure9(config: dict, metrics_paths: list[PathLike], out_png: PathLike | None = None) -> None:
-    """Figure 9: LAS of the phase and term ablations (first dataset and student of the config)."""
+    """Figure 9: LAS of ours and its phase and term ablations (first dataset and student of the config)."""
     dataset, student = next(iter(config["datasets"])), (config.get("students") or [""])[0]
-    methods = list(config.get("methods", {}))
+    methods = [m for m, kind in method_kinds(config.get("methods", {})).items() if kind in ("ours", "ablation")]
     data = figure9_data(_metrics(metrics_paths), dataset, student, methods,
                         n_resamples=config["evaluate"]["n_bootstrap"], seed=config["seed"])
     title = f"Figure 9 - LAS of the ablations ({dataset}, {student}; teacher {config['teacher']})"

@@ -15,14 +15,19 @@ from mechdistill.evaluate.tables import (
     table_spec,
     write_table,
 )
+from mechdistill.evaluate.xmc import macro_f1, macro_f1_resample_rows
 from mechdistill.io import write_parquet
+from mechdistill.stats import resample_indices
 
 DATASETS, STUDENTS, METHODS = ["mimic_like", "wiki_like"], ["s1", "s2"], ["vanilla", "mech", "phase1_only"]
+KINDS = {"vanilla": "baseline", "mech": "ours", "phase1_only": "ablation"}
+TEACHER = "big"
 N_DOCS = 40
 # Per-doc offset of each method from vanilla, per metric (sharpness is absent everywhere).
 # mech: clear consistent gain on focus/las/anchor_align/f1, clear drop of confusion (good),
 # pure symmetric noise on loopback (no mark), a consistent loss on helpfulness (no mark: wrong sign).
-# phase1_only is worse than vanilla everywhere except anchor_align, where it is the best baseline.
+# phase1_only (an ablation) is worse than vanilla everywhere except anchor_align, where it beats every
+# baseline: it must not become the reference of mech's gain. The teacher has its own row per dataset.
 OFFSETS = {
     "mech": {"focus": 0.10, "confusion": -0.10, "las": 0.05, "anchor_align": 0.07, "loopback": "noise",
              "helpfulness": -0.05, "f1": 0.08},
@@ -56,6 +61,7 @@ def synthetic_metrics() -> pd.DataFrame:
             for method, f1 in MACRO_F1.items():
                 if not (dataset == "wiki_like" and method == "phase1_only"):
                     rows.append((dataset, student, method, "", "macro_f1", f1))
+        rows += [(dataset, TEACHER, "teacher", "", "macro_f1", 0.9), (dataset, TEACHER, "teacher", "d0", "focus", 0.8)]
     return pd.DataFrame(rows, columns=["dataset", "student", "method", "doc_id", "metric", "value"])
 
 
@@ -66,7 +72,7 @@ def metrics():
 
 @pytest.fixture(scope="module")
 def table(metrics):
-    return build_table(metrics, DATASETS, STUDENTS, METHODS, n_resamples=500)
+    return build_table(metrics, DATASETS, STUDENTS, METHODS, KINDS, TEACHER, n_resamples=500)
 
 
 def expected_means(metrics: pd.DataFrame) -> dict:
@@ -84,7 +90,11 @@ def row(table, dataset, student, method):
 
 def test_rows_in_given_order_and_cell_values(metrics, table):
     keys = list(zip(table["dataset"], table["student"], table["method"]))
-    assert keys == [(d, s, m) for d in DATASETS for s in STUDENTS for m in METHODS]
+    assert keys == [key for d in DATASETS for key in [(d, s, m) for s in STUDENTS for m in METHODS]
+                    + [(d, "", "Avg. gain"), (d, TEACHER, "teacher")]]
+    assert list(table["kind"][:4]) == ["baseline", "ours", "ablation", "baseline"]
+    teacher = row(table, "wiki_like", TEACHER, "teacher")
+    assert teacher["kind"] == "teacher" and teacher["F1"] == 0.9 and teacher["Foc"] == 0.8
     means = expected_means(metrics)
     for (d, s, m, metric), value in means.items():
         label = {metric: label for label, metric, _ in TABLE_COLUMNS}.get(metric)
@@ -102,29 +112,40 @@ def test_missing_method_and_metric_are_empty(table, tmp_path):
     assert line.replace("|", "").split() == ["wiki_like", "s1", "phase1_only"]
 
 
-def test_delta_vs_best_baseline(metrics, table):
+@pytest.mark.parametrize("phase1_only", ["ablation", "baseline"])
+def test_delta_vs_best_baseline_only(metrics, phase1_only):
+    kinds = {**KINDS, "phase1_only": phase1_only}
+    table = build_table(metrics, DATASETS, STUDENTS, METHODS, kinds, TEACHER, n_resamples=200)
+    baselines = [m for m, kind in kinds.items() if kind == "baseline"]
     means = expected_means(metrics)
     for d in DATASETS:
         for s in STUDENTS:
             mech = row(table, d, s, "mech")
             for label, metric, higher in TABLE_COLUMNS:
-                base = [means[(d, s, m, metric)] for m in ("vanilla", "phase1_only") if (d, s, m, metric) in means]
+                base = [means[(d, s, m, metric)] for m in baselines if (d, s, m, metric) in means]
                 if not base:
                     assert math.isnan(mech[f"{label}_delta"])
                     continue
                 best = max(base) if higher else min(base)
                 assert mech[f"{label}_delta"] == pytest.approx(means[(d, s, "mech", metric)] - best)
             assert math.isnan(row(table, d, s, "vanilla")["Foc_delta"])
-    # anchor_align: phase1_only (not vanilla) is the best baseline on mimic_like
-    assert row(table, "mimic_like", "s1", "mech")["Align_delta"] == pytest.approx(0.02, abs=0.01)
+            assert math.isnan(row(table, d, s, "phase1_only")["Foc_delta"])
+    # anchor_align: phase1_only beats vanilla on mimic_like; it is the reference only as a baseline
+    align = row(table, "mimic_like", "s1", "mech")["Align_delta"]
+    assert align == pytest.approx(0.02 if phase1_only == "baseline" else 0.07, abs=0.01)
+    # the average-gain row: the mean of the ours rows' gains of the dataset
+    avg = row(table, "mimic_like", "", "Avg. gain")
+    gains = [row(table, "mimic_like", s, "mech")["Foc_delta"] for s in STUDENTS]
+    assert avg["kind"] == "avg_gain" and avg["Foc_delta"] == pytest.approx(np.mean(gains))
 
 
 def test_significance_marks(table):
     for d in DATASETS:
         for s in STUDENTS:
             mech = row(table, d, s, "mech")
-            for label in ["Foc", "Conf", "LAS", "Align", "F1"]:  # consistent gains (F1 paired on per-doc f1)
+            for label in ["Foc", "Conf", "LAS", "Align"]:  # consistent gains
                 assert mech[f"{label}_sig"] == "*", (d, s, label)
+            assert mech["F1_sig"] == ""  # macro-F1 has no resamples here: corpus value only
             assert mech["Loop_sig"] == ""  # symmetric noise
             assert mech["Help_sig"] == ""  # consistent, but a loss
             assert mech["Conf_delta"] < 0 and mech["Help_delta"] < 0
@@ -132,10 +153,35 @@ def test_significance_marks(table):
 
 
 def test_corpus_only_metric_has_no_mark(metrics):
-    no_f1 = metrics[metrics["metric"] != "f1"]
-    t = build_table(no_f1, "mimic_like", ["s1"], METHODS, n_resamples=200)
+    t = build_table(metrics, "mimic_like", ["s1"], METHODS, KINDS, n_resamples=200)
     mech = row(t, "mimic_like", "s1", "mech")
-    assert mech["F1_delta"] == pytest.approx(0.10) and mech["F1_sig"] == ""
+    assert mech["F1_delta"] == pytest.approx(0.10) and mech["F1_sig"] == "" and math.isnan(mech["F1_ci_low"])
+
+
+def resampled_system(gold, pred, method, n_resamples, seed, value=None) -> pd.DataFrame:
+    rows = macro_f1_resample_rows(gold, pred, n_resamples, seed)
+    corpus = pd.DataFrame({"doc_id": [""], "metric": ["macro_f1"], "value": [macro_f1(gold, pred)]})
+    return pd.concat([rows, corpus]).assign(dataset="ds", student="s", method=method)
+
+
+def test_macro_f1_paired_bootstrap_ci_matches_direct_computation():
+    rng = np.random.default_rng(3)
+    labels = [f"L{i}" for i in range(12)]
+    gold = [list(rng.choice(labels, 2, replace=False)) for _ in range(60)]
+    weak = [g[:1] if rng.random() < 0.6 else [str(rng.choice(labels))] for g in gold]
+    strong = [g if rng.random() < 0.8 else w for g, w in zip(gold, weak)]
+    metrics = pd.concat([resampled_system(gold, weak, "vanilla", 400, 7), resampled_system(gold, strong, "mech", 400, 7)])
+    mech = row(build_table(metrics, "ds", ["s"], ["vanilla", "mech"], KINDS), "ds", "s", "mech")
+    # direct: macro-F1 of both systems on each resample of the documents, then the percentile interval
+    diffs = [macro_f1([gold[i] for i in idx], [strong[i] for i in idx])
+             - macro_f1([gold[i] for i in idx], [weak[i] for i in idx]) for idx in resample_indices(60, 400, 7)]
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    assert mech["F1_delta"] == pytest.approx(macro_f1(gold, strong) - macro_f1(gold, weak))
+    assert (mech["F1_ci_low"], mech["F1_ci_high"]) == pytest.approx((low, high))
+    assert low > 0 and mech["F1_sig"] == "*" and math.isnan(mech["F1_p"])  # no Wilcoxon on resamples
+    # the same system against itself: every paired difference is 0, the CI does not exclude it
+    same = pd.concat([resampled_system(gold, weak, "vanilla", 400, 7), resampled_system(gold, weak, "mech", 400, 7)])
+    assert row(build_table(same, "ds", ["s"], ["vanilla", "mech"], KINDS), "ds", "s", "mech")["F1_sig"] == ""
 
 
 def test_writers(metrics, table, tmp_path):
@@ -145,15 +191,16 @@ def test_writers(metrics, table, tmp_path):
     mech = row(table, "mimic_like", "s1", "mech")
     text = md.read_text()
     assert text.splitlines()[0] == "Table 1: synthetic"
-    assert f"{mech['Foc']:.3f}" in text and f"{mech['Foc_delta']:+.3f}*" in text
-    assert f"{mech['Conf_delta']:+.3f}*" in text and f"{mech['Help_delta']:+.3f} " in text
+    assert f"{mech['Foc']:.3f} ({mech['Foc_delta']:+.3f}*)" in text  # the paper's "value (+gain)" cell
+    assert f"({mech['Conf_delta']:+.3f}*)" in text and f"({mech['Help_delta']:+.3f})" in text
+    assert "| mimic_like |  | Avg. gain (ours vs best baseline) |" in text and f"| mimic_like | {TEACHER} | teacher |" in text
     back = pd.read_csv(csv)
     assert back["Foc"].to_numpy() == pytest.approx(table["Foc"].to_numpy(), nan_ok=True)
     latex = tex.read_text()
     assert "\\caption{Table 1: synthetic}" in latex and "\\toprule" in latex and "\\bottomrule" in latex
     assert "phase1\\_only" in latex and "mimic\\_like" in latex and "phase1_only" not in latex
     assert f"\\textbf{{{mech['Foc']:.3f}}}" in latex  # mech has the best Focus
-    assert f"{mech['Foc_delta']:+.3f}$^{{*}}$" in latex
+    assert f"({mech['Foc_delta']:+.3f}$^{{*}}$)" in latex and "\\rowcolor{green!15}" in latex
 
 
 def test_empty_table_gets_note_row(metrics, tmp_path):
@@ -172,10 +219,11 @@ def test_table_spec():
         "methods": {"vanilla": {}, "mech": {}, "phase1_only": {}},
     }
     t1, t2, t3, t4 = (table_spec(config, f"table{i}") for i in range(1, 5))
-    assert t1["datasets"] == ["demo", "mimic"] and t1["students"] == ["a", "b", "c", "d"]
-    assert t2["datasets"] == ["wiki"]
-    assert t3["datasets"] == t4["datasets"] == ["demo"]
-    assert t3["students"] == ["b", "c"] and t4["students"] == ["d"]
+    assert t1["datasets"] == ["demo", "mimic"] and t1["students"] == ["a", "b"]
+    assert t2["datasets"] == ["wiki"] and t2["students"] == ["a", "b"]
+    assert t3["datasets"] == t4["datasets"] == ["demo", "wiki", "mimic"]
+    assert t3["students"] == t4["students"] == ["c", "d"]
+    assert t3["labels"] == ["Foc", "Conf", "LAS", "F1"] and t4["labels"] == ["Sharp", "Align", "Loop", "Help"]
     assert t1["methods"] == ["vanilla", "mech", "phase1_only"]
     assert t1["caption"].startswith("Table 1")
     one = {**config, "students": ["a"]}

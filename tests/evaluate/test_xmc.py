@@ -143,3 +143,21 @@ def test_candidates_extend_ranking_but_not_the_answer():
     assert value["P@3"] == pytest.approx(2 / 3)
     assert value["R@3"] == pytest.approx(1.0)
     assert value["micro_f1"] == pytest.approx(2 / 3)  # F1 sees the answer only: tp 1, fn 1
+
+
+def test_macro_f1_on_resamples_equals_macro_f1_of_each_resample():
+    from mechdistill.evaluate.xmc import macro_f1_resample_rows, macro_f1_resamples
+    from mechdistill.stats import resample_indices
+
+    gold = [["a", "b"], ["c"], ["a"], ["d", "e"], ["b"]]
+    pred = [["a"], ["c", "x"], [], ["d"], ["a", "b"]]
+    resamples = resample_indices(len(gold), 40, seed=5)
+    direct = [xmc.macro_f1([gold[i] for i in idx], [pred[i] for i in idx]) for idx in resamples]
+    assert macro_f1_resamples(gold, pred, resamples) == pytest.approx(direct)
+    # hand-computed: documents 0 and 1 once each -> labels a (tp), b (fn), c (tp), x (fp): F1 = (1+0+1+0)/4
+    assert macro_f1_resamples(gold, pred, np.array([[0, 1]]))[0] == pytest.approx(0.5)
+    rows = macro_f1_resample_rows(gold, pred, 40, seed=5)
+    assert list(rows["doc_id"][:2]) == ["resample:0", "resample:1"] and set(rows["metric"]) == {"macro_f1"}
+    assert rows["value"].to_numpy() == pytest.approx(direct)  # same draws for the same (n, S, seed)
+    with pytest.raises(ValueError, match="indices into 5 documents"):
+        macro_f1_resamples(gold, pred, np.array([[0, 7]]))

@@ -1,11 +1,14 @@
 """rules/evaluate.smk stages: evaluate one distilled tiny student, then Tables 1-4 and Figure 9."""
 
+import json
+
 import pandas as pd
 import pytest
 
 from mechdistill import paths
-from mechdistill.stages.evaluate import run_figure9, run_tables
-from tests.stages.conftest import DATASET, STUDENT
+from mechdistill.evaluate.xmc import macro_f1
+from mechdistill.stages.evaluate import run_evaluate, run_figure9, run_tables
+from tests.stages.conftest import DATASET, STUDENT, TEACHER
 
 
 def test_evaluate_scores_the_student_against_gold_and_its_own_trajectories(tiny):
@@ -14,7 +17,8 @@ def test_evaluate_scores_the_student_against_gold_and_its_own_trajectories(tiny)
     assert (metrics[["dataset", "student", "method"]] == [DATASET, STUDENT, "mech"]).all().all()
     assert {"P@1", "f1", "macro_f1", "focus", "confusion", "bleu4", "perplexity", "sharpness",
             "anchor_align"} <= set(metrics["metric"])
-    per_doc = metrics[metrics["doc_id"] != ""].pivot(index="doc_id", columns="metric", values="value")
+    documents = (metrics["doc_id"] != "") & ~metrics["doc_id"].str.startswith("resample:")
+    per_doc = metrics[documents].pivot(index="doc_id", columns="metric", values="value")
     pred = pd.read_parquet(tiny.path(paths.student_pred(DATASET, STUDENT, "mech", "test"))).set_index("doc_id")
     docs = pd.read_parquet(tiny.path(paths.data(DATASET, "test"))).set_index("doc_id")
     prompts = pd.read_parquet(tiny.path(paths.prompts(DATASET, "test"))).set_index("doc_id")
@@ -27,14 +31,38 @@ def test_evaluate_scores_the_student_against_gold_and_its_own_trajectories(tiny)
     assert (per_doc["perplexity"] > 1).all()
 
 
+def test_teacher_is_evaluated_on_its_own_cot(tiny):
+    tiny.ensure("evaluate")
+    with tiny.inside():
+        run_evaluate(tiny.config, DATASET, TEACHER, paths.TEACHER_METHOD)
+    metrics = pd.read_parquet(tiny.path(paths.metrics(DATASET, TEACHER, "teacher")))
+    assert (metrics[["student", "method"]] == [TEACHER, "teacher"]).all().all()
+    assert {"macro_f1", "focus", "confusion", "perplexity", "sharpness"} <= set(metrics["metric"])
+    assert "bleu4" not in set(metrics["metric"])  # against itself it would be 100
+    cot = pd.read_parquet(tiny.path(paths.cot(DATASET, TEACHER, "test"))).set_index("doc_id")
+    docs = pd.read_parquet(tiny.path(paths.data(DATASET, "test")))
+    expected = macro_f1(list(docs["labels"]), [list(cot.loc[d, "pred_labels"]) for d in docs["doc_id"]])
+    corpus = metrics[(metrics["doc_id"] == "") & (metrics["metric"] == "macro_f1")]["value"]
+    assert corpus.tolist() == pytest.approx([expected])
+    resamples = metrics[metrics["doc_id"].str.startswith("resample:")]
+    assert len(resamples) == tiny.config["evaluate"]["n_bootstrap"] and set(resamples["metric"]) == {"macro_f1"}
+
+
 def test_tables_and_figure9(tiny):
     tiny.ensure("evaluate")  # the mech student's metrics
     metrics = [paths.metrics(DATASET, STUDENT, "mech")]
     with tiny.inside():
-        run_tables(tiny.config, metrics)
+        if not tiny.path(paths.metrics(DATASET, TEACHER, "teacher")).exists():
+            run_evaluate(tiny.config, DATASET, TEACHER, paths.TEACHER_METHOD)
+        run_tables(tiny.config, metrics + [paths.metrics(DATASET, TEACHER, "teacher")],
+                   [paths.selection(DATASET, STUDENT, "mech")])
         run_figure9(tiny.config, metrics)
     table1 = tiny.path(paths.table("table1")).read_text()
-    assert f"| {DATASET} | {STUDENT} | mech |" in table1
+    assert f"| {DATASET} | {STUDENT} | mech |" in table1 and f"| {DATASET} | {TEACHER} | teacher |" in table1
+    step = json.loads(tiny.path(paths.selection(DATASET, STUDENT, "mech")).read_text())["step"]
+    assert f"Selected on validation (val_cot_loss): {STUDENT}/mech: default at step {step}." in table1
+    for table in ("table3", "table4"):  # no further student in the tiny config: the teacher's row only
+        assert f"| {DATASET} | {TEACHER} | teacher |" in tiny.path(paths.table(table)).read_text()
     for fmt in paths.TABLE_FORMATS:
         assert tiny.path(paths.table("table2", fmt)).exists()
     assert tiny.path(paths.figure9()).read_bytes()[:4] == b"\x89PNG"
