@@ -6,6 +6,7 @@ las.py           Leakage-Adjusted Simulatability: simulators, per-document contr
 significance.py  paired Wilcoxon signed-rank test and paired bootstrap CI of a difference
 tables.py        Tables 1-4 (Δ vs best baseline, significance marks) and Figure 9's data
 plots.py         Figure 9
+claims.py        a verdict on each claim of the paper from this run's artifacts (results/claims.md)
 
 Functions take lists, arrays and DataFrames; `mechdistill.stages.evaluate` reads the artifacts.
 """

@@ -6,6 +6,7 @@ teacher.py       teacher_cot
 anchors.py       anchors, trajectories, figure1
 characterize.py  head_scores, head_figures
 patching.py      patching, patching_figures
-distill.py       teacher_targets, distill, student_predict
+distill.py       teacher_targets, distill, select_distill, student_predict
 evaluate.py      evaluate, tables, figure9
+claims.py        claims
 """
