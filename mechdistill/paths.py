@@ -25,8 +25,10 @@ TABLE_FORMATS = ("md", "csv", "tex")
 SPLIT_FILES = ("docs", "prompts", "cot", "anchors", "labels")  # what io.read_split reads
 PATCHING_SCORES = {"phase1": "coarse", "phase2": "refine"}  # which head ranking each phase patches
 FIGURE_OF_PHASE = {"phase1": 5, "phase2": 8}  # patching figure number of each phase
+TEACHER_METHOD = "teacher"  # the {method} of the teacher's own evaluation: results/{dataset}/{teacher}/teacher/
 
 D, T, M, S, SPLIT, METHOD = "{dataset}", "{teacher}", "{model}", "{student}", "{split}", "{method}"
+POINT = "{point}"  # a grid point of a method (distill.methods.method_grid names them)
 
 
 # ---------------------------------------------------------------- data and prompts
@@ -153,6 +155,26 @@ def mechanism(dataset: str = D, student: str = S, method: str = METHOD) -> str:
     return f"{student_dir(dataset, student, method)}/mechanism.parquet"
 
 
+def grid_method(method: str = METHOD, point: str = POINT) -> str:
+    """The `method` argument that puts a file of one grid point of `method` in its own folder,
+    `{method}/grid/{point}/`: e.g. train_log(d, s, grid_method("mech", "alpha=0.5,beta=1.0")).
+    The point's distill job writes there; select_distill publishes the chosen point's files as the
+    method's own (student_model, train_log, mechanism of `method`)."""
+    return f"{method}/grid/{point}"
+
+
+def best_step(dataset: str = D, student: str = S, method: str = METHOD) -> str:
+    """The trainer's choice of the step whose weights it saved (JSON: criterion, maximize, step,
+    value, last_step, evaluated_steps); `method` is a grid point's (`grid_method`)."""
+    return f"{student_dir(dataset, student, method)}/best_step.json"
+
+
+def selection(dataset: str = D, student: str = S, method: str = METHOD) -> str:
+    """How the method's published model was chosen (JSON): criterion, maximize, point, values,
+    step, value, and `candidates` (every grid point's point, values, step, value), in grid order."""
+    return f"{student_dir(dataset, student, method)}/selection.json"
+
+
 def student_pred(dataset: str = D, student: str = S, method: str = METHOD, split: str = SPLIT) -> str:
     return f"{student_dir(dataset, student, method)}/pred/{split}.parquet"
 
@@ -195,6 +217,11 @@ def figure9() -> str:
     return figure("figure9")
 
 
+def claims(fmt: str = "md") -> str:
+    """The verdict on each claim of the paper, as Markdown ("md") or one row per test ("parquet")."""
+    return f"{RESULTS}/claims.{fmt}"
+
+
 def log(rule: str, name: str) -> str:
     """A rule's log file; `name` joins the rule's wildcards, e.g. "{dataset}.{split}"."""
     return f"{LOGS}/{rule}/{name}.log"
@@ -219,15 +246,31 @@ def model_cot(config: dict, dataset: str, model: str) -> str:
 
 def evaluate_inputs(config: dict, dataset: str = D, student: str = S, method: str = METHOD) -> dict[str, str]:
     """What the evaluation of one distilled student reads (the evaluate rule's inputs, the defaults
-    of stages.evaluate.run_evaluate)."""
+    of stages.evaluate.run_evaluate). With method "teacher" (student = the teacher's name) it is the
+    teacher's own evaluation: its test CoT is the prediction, its head scores give the pools, and its
+    weights come from config["models"] (no "model" input)."""
     teacher = config["teacher"]
-    return {"pred": student_pred(dataset, student, method, "test"), "model": student_model(dataset, student, method),
-            "test_docs": data(dataset, "test"), "train_docs": data(dataset, "train"),
-            "test_prompts": prompts(dataset, "test"), "teacher_test_cot": cot(dataset, teacher, "test"),
-            "teacher_train_cot": cot(dataset, teacher, "train"), "test_anchors": anchors(dataset, teacher, "test"),
-            "labels": labels(dataset), "trajectory_summary": trajectory_summary(dataset, f"{student}/{method}"),
-            "student_coarse": head_scores(dataset, student, "coarse"),
-            "student_refine": head_scores(dataset, student, "refine")}
+    inputs = {"test_docs": data(dataset, "test"), "train_docs": data(dataset, "train"),
+              "test_prompts": prompts(dataset, "test"), "teacher_test_cot": cot(dataset, teacher, "test"),
+              "teacher_train_cot": cot(dataset, teacher, "train"), "test_anchors": anchors(dataset, teacher, "test"),
+              "labels": labels(dataset), "student_coarse": head_scores(dataset, student, "coarse"),
+              "student_refine": head_scores(dataset, student, "refine")}
+    if method == TEACHER_METHOD:
+        return inputs | {"pred": cot(dataset, teacher, "test"), "trajectory_summary": trajectory_summary(dataset, teacher)}
+    return inputs | {"pred": student_pred(dataset, student, method, "test"),
+                     "model": student_model(dataset, student, method),
+                     "trajectory_summary": trajectory_summary(dataset, f"{student}/{method}")}
+
+
+def claims_inputs(config: dict) -> dict[str, list[str]]:
+    """What the claims rule reads: the teacher's head scores and patching files of every dataset,
+    and the metrics of every distilled student (the defaults of stages.claims.run_claims)."""
+    datasets, teacher = list(config["datasets"]), config["teacher"]
+    return {"head_scores": [head_scores(d, teacher, k) for d in datasets for k in HEAD_SCORE_KINDS],
+            "patching": [f(d, teacher, p) for d in datasets for p in PHASES
+                         for f in (patching, patching_runs, patching_pairs)],
+            "metrics": [metrics(d, s, m) for d in datasets for s in config.get("students", [])
+                        for m in config.get("methods", {})]}
 
 
 def stage_targets(config: dict) -> dict[str, tuple[tuple[str, ...], list[str]]]:
@@ -255,12 +298,14 @@ def stage_targets(config: dict) -> dict[str, tuple[tuple[str, ...], list[str]]]:
         "patching": (("patching",), [patching(d, teacher, p) for d in datasets for p in PHASES]),
         "teacher_targets": (("teacher_targets",), [targets(d, teacher, s) for d in datasets
                                                    for s in ("train", "val")]),
-        "distill": (("distill",), [student_model(*x) for x in distilled]),
+        "distill": (("distill", "select_distill"), [student_model(*x) for x in distilled]),
         "student_predict": (("student_predict",), [student_pred(*x, "test") for x in distilled]),
-        "evaluate": (("evaluate",), [metrics(*x) for x in distilled]),
+        "evaluate": (("evaluate",), [metrics(*x) for x in distilled]
+                     + [metrics(d, teacher, TEACHER_METHOD) for d in datasets]),
         "figure1": (("figure1",), [figure1(d) for d in datasets]),
         "head_figures": (("head_figures",), [head_figure(n, d) for n in (4, 7) for d in datasets]),
         "patching_figures": (("patching_figures",), [patching_figure(p, d) for p in PHASES for d in datasets]),
         "tables": (("tables",), [table(t) for t in TABLES]),
         "figure9": (("figure9",), [figure9()]),
+        "claims": (("claims",), [claims("md"), claims("parquet")]),
     }

@@ -95,3 +95,53 @@ def test_pool_layers_default_per_phase(tiny_config):
 def test_typos_in_distillation_settings_stop_loading(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(REPO / "config" / "tiny.yaml", override)
+
+
+# Published facts of the paper config's models (config.json / model cards; sources in config/paper.yaml):
+# hub id -> (positions the model takes, query heads, KV heads).
+PUBLISHED = {
+    "meta-llama/Llama-3.3-70B-Instruct": (131_072, 64, 8),
+    "meta-llama/Llama-3.1-8B-Instruct": (131_072, 32, 8),
+    "Qwen/Qwen3-14B": (40_960, 40, 8),
+    "Qwen/Qwen3-4B": (40_960, 32, 8),
+    "google/gemma-3-12b-it": (131_072, 16, 8),
+}
+# Llama 3.1 / 3.3 instruct models: one tokenizer and a chat template with a fixed "Today Date", so a
+# student among them sees the teacher's token ids and gets the paper's token-level KL.
+FIXED_DATE_LLAMA3 = {"meta-llama/Llama-3.3-70B-Instruct", "meta-llama/Llama-3.1-8B-Instruct",
+                     "meta-llama/Llama-3.1-70B-Instruct"}
+MEDIAN_MIMIC_PROMPT = 6_700  # tokens: the arithmetic in config/paper.yaml, without the CoT
+
+
+@pytest.fixture(scope="module")
+def paper():
+    return load_config(REPO / "config" / "paper.yaml")
+
+
+def test_paper_students_in_table_order(paper):
+    """Tables 1, 2 take students[:2] (the paper's "LLaMA3-7B/13B"), Tables 3, 4 the rest (Qwen3-4B, Gemma-3-12B)."""
+    hub = [paper["models"][s]["id"] for s in paper["students"]]
+    assert hub == ["meta-llama/Llama-3.1-8B-Instruct", "Qwen/Qwen3-14B", "Qwen/Qwen3-4B", "google/gemma-3-12b-it"]
+    assert {paper["models"][paper["teacher"]]["id"], hub[0]} <= FIXED_DATE_LLAMA3
+
+
+def test_paper_lengths_fit_every_model(paper):
+    """vLLM refuses a max_model_len above a model's positions, and student_predict reuses the teacher's
+    generation settings; the CoT budget must leave room for a median MIMIC-IV prompt."""
+    gen = paper["generation"]
+    models = [paper["teacher"], *paper["students"]]
+    hub = {m: paper["models"][m]["id"] for m in models}
+    assert set(hub.values()) <= set(PUBLISHED), "state the new model's published limits in PUBLISHED"
+    assert gen["max_model_len"] <= min(PUBLISHED[h][0] for h in hub.values())
+    cot = gen["max_new_tokens"] + 1 + gen["force_answer_tokens"]
+    assert gen["max_model_len"] - cot >= 3 * MEDIAN_MIMIC_PROMPT  # long notes: 3x the median prompt fits
+    tp = gen["tensor_parallel_size"]
+    for h in hub.values():
+        _, heads, kv = PUBLISHED[h]
+        assert heads % tp == 0 and (kv % tp == 0 or tp % kv == 0), h
+
+
+def test_paper_mimic_split_is_edins(paper):
+    params = paper["datasets"]["mimic4_full"]["params"]
+    assert params["split_file"] == "mimiciv_icd10_split.feather"  # Edin et al. 2023, files/data/mimiciv_icd10/
+    assert params["min_code_count"] == 10

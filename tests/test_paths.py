@@ -37,7 +37,8 @@ def test_stage_targets_of_the_tiny_config():
     counts = {name: len(files) for name, (_, files) in groups.items()}
     assert counts == {"prepare_dataset": 4, "build_prompts": 3, "teacher_cot": 3, "anchors": 3, "trajectories": 1,
                       "student_trajectories": 2, "head_scores": 4, "patching": 2, "teacher_targets": 2,
-                      "distill": 2, "student_predict": 2, "evaluate": 2, "figure1": 1, "head_figures": 2,
-                      "patching_figures": 2, "tables": 4, "figure9": 1}
+                      "distill": 2, "student_predict": 2, "evaluate": 3, "figure1": 1, "head_figures": 2,
+                      "patching_figures": 2, "tables": 4, "figure9": 1,
+                      "claims": 2}
     assert "results/tiny_icd/tiny_student/vanilla/pred/test.parquet" in groups["student_predict"][1]
     assert all("{" not in f for _, files in groups.values() for f in files)  # every target is concrete

@@ -1,5 +1,6 @@
 """Snakemake-level tests: dry runs of every shipped config, and the tiny DAG end to end."""
 
+import json
 import re
 import subprocess
 import sys
@@ -28,11 +29,17 @@ def job_counts(output: str) -> dict[str, int]:
 
 def test_dry_run_demo(tmp_path):
     jobs = job_counts(snakemake(tmp_path, "-n"))
-    # 4 methods x 1 student: distill, predict, evaluate and the student's trajectories each
+    # 4 methods x 1 student: distill (no grid: one point each), select_distill, predict, evaluate and the
+    # student's trajectories each; the teacher's own evaluation (its row of Tables 1-4)
     assert jobs == {"prepare_dataset": 1, "build_prompts": 3, "teacher_cot": 3, "anchors": 3, "trajectories": 5,
                     "figure1": 1, "head_scores": 2, "head_figures": 1, "patching": 2, "patching_figures": 1,
-                    "teacher_targets": 2, "distill": 4, "student_predict": 4, "evaluate": 4, "tables": 1,
-                    "figure9": 1, "all": 1, "total": 39}
+                    "teacher_targets": 2, "distill": 4, "select_distill": 4, "student_predict": 4, "evaluate": 5,
+                    "tables": 1, "figure9": 1, "claims": 1, "all": 1, "total": 45}
+
+
+def test_dry_run_tiny_checks_the_claims(tmp_path):
+    jobs = job_counts(snakemake(tmp_path, "-n", "--configfile", str(REPO / "config/tiny.yaml")))
+    assert jobs["claims"] == 1 and jobs["patching"] == 2
 
 
 def test_dry_run_paper_with_slurm_profile(tmp_path):
@@ -41,6 +48,45 @@ def test_dry_run_paper_with_slurm_profile(tmp_path):
     jobs = job_counts(out)
     assert jobs["prepare_dataset"] == 2 and jobs["teacher_cot"] == 6  # 2 datasets x 3 splits
     assert "icd10_demo" not in out  # the demo config is not merged into the paper config
+    # per (dataset, student): mech's 2 x 2 grid (alpha, beta) is 4 distill jobs, every other method one
+    pairs, methods = jobs["select_distill"], len(yaml.safe_load((REPO / "config/paper.yaml").read_text())["methods"])
+    assert pairs % methods == 0 and jobs["distill"] == pairs + 3 * (pairs // methods)
+    assert "mech/grid/alpha=0.5,beta=1.0/model/config.json" in out
+    # every distilled (dataset, student, method) and each dataset's teacher row is evaluated
+    assert jobs["evaluate"] == pairs + 2
+    teacher = yaml.safe_load((REPO / "config/paper.yaml").read_text())["teacher"]
+    assert re.search(rf"results/\w+/{teacher}/teacher/metrics.parquet", out)
+
+
+def test_dry_run_plans_a_distill_job_per_grid_point_and_one_selection(tmp_path):
+    cfg = yaml.safe_load((REPO / "config/tiny.yaml").read_text())
+    cfg["methods"] = {"mech": {"grid": {"alpha": [0.5, 1.0]}}}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = snakemake(tmp_path, "-n", "--configfile", str(path))
+    jobs = job_counts(out)
+    assert jobs["distill"] == 2 and jobs["select_distill"] == 1 and jobs["student_predict"] == 1  # 1 student, 1 dataset
+    for point in ("alpha=0.5", "alpha=1.0"):
+        assert f"results/tiny_icd/tiny_student/mech/grid/{point}/train_log.parquet" in out
+    assert "results/tiny_icd/tiny_student/mech/selection.json" in out
+
+
+@pytest.mark.parametrize("method, grid, message", [
+    ("mech", {"pools.phase1.k": [4, 8]}, "unknown key 'pools.phase1.k' under 'methods.mech.grid'. Allowed keys here: "
+                                         "alpha, beta, cot.ce, cot.kl, phase1.attn, phase1.interaction, phase1.write, "
+                                         "phase2.interaction, phase2.ov, phase2.qk."),
+    ("mech", {"alpha": [0.5, 1.0], "lr": [1e-4]}, "unknown key 'lr' under 'methods.mech.grid'"),
+    ("vanilla", {"beta": [0.5, 1.0]}, "methods.vanilla.grid.beta: vanilla switches that term off"),  # at start-up
+])
+def test_bad_grid_stops_the_dry_run(tmp_path, method, grid, message):
+    cfg = yaml.safe_load((REPO / "config/tiny.yaml").read_text())
+    cfg["methods"][method] = {"grid": grid}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
+                           "-n", "--configfile", str(path)], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert message in proc.stdout + proc.stderr
 
 
 def test_bad_config_stops_at_start(tmp_path):
@@ -123,7 +169,9 @@ def test_tiny_end_to_end_then_incremental(tmp_path):
         base = tmp_path / f"results/tiny_icd/tiny_student/{method}"
         log = pd.read_parquet(base / "train_log.parquet")
         assert list(log.loc[log["split"] == "train", "step"]) == [1, 2]
-        assert (base / "model/config.json").exists() and not (base / "ckpt").exists()
+        assert (base / "model/config.json").exists() and not (base / "grid/default/ckpt").exists()
+        assert json.loads((base / "selection.json").read_text())["point"] == "default"  # no grid: one point
+        assert log.loc[log["split"] == "val", "step"].tolist() == [1, 2]  # eval_every: 1
         pred = pd.read_parquet(base / "pred/test.parquet")
         assert len(pred) == 3
         metrics = pd.read_parquet(base / "metrics.parquet")
@@ -136,8 +184,14 @@ def test_tiny_end_to_end_then_incremental(tmp_path):
     vanilla_log = pd.read_parquet(tmp_path / "results/tiny_icd/tiny_student/vanilla/train_log.parquet")
     assert (vanilla_log["phase1.attn"] == 0).all()  # vanilla never computes the head signals
     table1 = (tmp_path / "results/tables/table1.md").read_text()
-    assert "| tiny_icd | tiny_student | mech |" in table1 and "Δ vs best baseline" in table1
+    assert "| tiny_icd | tiny_student | mech |" in table1 and "| tiny_icd | tiny_llama | teacher |" in table1
+    mech_row = next(line for line in table1.splitlines() if "| tiny_student | mech |" in line)
+    assert re.search(r"\d\.\d{3} \([+-]\d\.\d{3}\*?\)", mech_row)  # "value (+gain)" against vanilla
+    assert "Avg. gain (ours vs best baseline)" in table1 and "Selected on validation (val_cot_loss)" in table1
     assert (tmp_path / "results/figures/figure9.png").stat().st_size > 10_000
+    claims = pd.read_parquet(tmp_path / "results/claims.parquet")
+    assert sorted(set(claims["claim"])) == list(range(1, 10))
+    assert "## Claim 9:" in (tmp_path / "results/claims.md").read_text()
     snakemake(tmp_path, "--cores", "1", "--configfile", tiny, "--report", str(tmp_path / "report.html"))
     report = (tmp_path / "report.html").read_text()
     assert "Figure 9: LAS" in report and "tiny_llama" in report  # captions rendered with the config
