@@ -113,7 +113,9 @@ def judge(estimate: float, ci_low: float, ci_high: float, expected: int, n: int,
     if math.isnan(ci_low) or math.isnan(ci_high):
         return NOT_MEASURABLE, "no CI (nothing to pair or resample)"
     side = "above" if expected > 0 else "below"
-    if estimate * expected <= 0:
+    if estimate == 0:
+        return NOT_SUPPORTED, f"no difference at all (the claim expects {side} 0)"
+    if estimate * expected < 0:
         return NOT_SUPPORTED, f"the wrong direction (the claim expects {side} 0)"
     if (ci_low if expected > 0 else -ci_high) <= 0:
         return NOT_SUPPORTED, "the right direction, but the CI includes 0"

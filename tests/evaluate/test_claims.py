@@ -29,6 +29,11 @@ def test_judge(estimate, low, high, expected, n, verdict):
     assert claims.judge(estimate, low, high, expected, n, "documents", 5)[0] == verdict
 
 
+def test_judge_says_why():
+    assert "no difference at all" in claims.judge(0.0, 0.0, 0.0, 1, 10, "documents", 5)[1]
+    assert "wrong direction" in claims.judge(-0.5, -0.9, -0.1, 1, 10, "documents", 5)[1]
+
+
 def test_claim_verdict_needs_every_test():
     assert claims.claim_verdict([SUPPORTED, SUPPORTED]) == SUPPORTED
     assert claims.claim_verdict([SUPPORTED, NOT_MEASURABLE]) == NOT_MEASURABLE
