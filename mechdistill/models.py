@@ -226,15 +226,35 @@ def load_tokenizer(config: dict, name: str):
     return tok
 
 
+def text_only(model):
+    """The text causal LM inside a multimodal checkpoint, sharing its weights (no copy).
+
+    Gemma-3-12B-it loads through AutoModelForCausalLM as Gemma3ForConditionalGeneration, whose
+    decoder sits at model.model.language_model; head capture, patching and the losses read
+    model.model.layers / model.model.norm / model.lm_head. Any other model is returned unchanged.
+    """
+    inner = getattr(model, "model", None)
+    language = getattr(inner, "language_model", None)
+    if language is None or hasattr(inner, "norm"):
+        return model
+    causal_class = AutoModelForCausalLM._model_mapping[type(language.config)]
+    with torch.device("meta"):  # only the wrapper is built; both of its modules are replaced
+        causal = causal_class(language.config)
+    causal.model, causal.lm_head = language, model.lm_head
+    causal.generation_config = model.generation_config
+    return causal
+
+
 def load_model(config: dict, name: str, device: str = "auto", dtype: str | None = None):
-    """Load (materialising once if needed) model `name`; returns (model, tokenizer), eval mode."""
+    """Load (materialising once if needed) model `name`; returns (model, tokenizer), eval mode.
+    A multimodal checkpoint is reduced to its text model (`text_only`)."""
     spec = model_spec(config, name)
     device = pick_device(device)
     path = resolve_model_path(config, name)
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch_dtype(dtype or spec.get("dtype"), device),
         trust_remote_code=spec.get("trust_remote_code", False))
-    return model.to(device).eval(), load_tokenizer(config, name)
+    return text_only(model).to(device).eval(), load_tokenizer(config, name)
 
 
 def with_distilled_model(config: dict, student: str, method: str, model_dir: str | os.PathLike) -> tuple[dict, str]:

@@ -86,3 +86,28 @@ def test_smollm2_from_gguf_package(tiny_config, monkeypatch):
     with torch.no_grad():
         next_id = model(**ids).logits[0, -1].argmax().item()
     assert tok.decode(next_id).strip() == "Paris"  # de-quantised weights are the real model
+
+
+def test_multimodal_checkpoint_reduced_to_its_text_model_sharing_weights():
+    """Gemma-3-12B-it loads as Gemma3ForConditionalGeneration (decoder at model.model.language_model);
+    `text_only` gives the causal LM the capture code reads, with the same weights and logits."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    from mechdistill.models import text_only
+
+    config = Gemma3Config(
+        text_config=dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=8),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14), mm_tokens_per_image=4)
+    torch.manual_seed(0)
+    multimodal = Gemma3ForConditionalGeneration(config).eval()
+    assert not hasattr(multimodal.model, "norm")
+    text = text_only(multimodal).eval()
+    assert type(text).__name__ == "Gemma3ForCausalLM" and len(text.model.layers) == 2 and hasattr(text.model, "norm")
+    assert not any(p.is_meta for p in text.parameters())
+    assert text.lm_head.weight.data_ptr() == multimodal.lm_head.weight.data_ptr()  # shared, not copied
+    ids = torch.randint(0, 300, (1, 12))
+    torch.testing.assert_close(text(input_ids=ids).logits, multimodal(input_ids=ids).logits)
+    plain = text_only(text)
+    assert plain is text  # a text model is left as it is
