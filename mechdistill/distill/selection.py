@@ -15,7 +15,7 @@ better value wins, so ties keep the earliest step and the first point; NaN never
                   differently, so it only compares the steps of one run (never grid points:
                   `methods.check_methods`)
     val_macro_f1  macro-F1 of the labels the student answers on the val prompts, generated
-                  greedily as student_predict does (`LoadedModelBackend`; the stage scores it with
+                  greedily as student_predict does (`TransformersBackend.from_model`; the stage scores it with
                   evaluate.xmc). Expensive: every evaluation generates a full CoT for every val
                   document (demo, 2 CPU threads: about 15 s for its 4 val documents on top of the
                   7 s of the loss evaluation, i.e. 2-3 training steps)
@@ -35,7 +35,6 @@ import pandas as pd
 from torch import nn
 
 from ..io import atomic_path
-from ..teacher.backends import TransformersBackend
 from .trainer import VAL_LOSS, Criterion, make_empty_dir, publish_dir, temp_dir_for
 
 log = logging.getLogger(__name__)
@@ -144,18 +143,3 @@ def copy_file(source: str | os.PathLike, target: str | os.PathLike) -> None:
     """Copy a (small) file atomically."""
     with atomic_path(target) as tmp:
         shutil.copyfile(source, tmp)
-
-
-# ----------------------------------------------------------------------------- val_macro_f1 generation
-
-
-class LoadedModelBackend(TransformersBackend):
-    """The transformers generation backend around a model already in memory (the student being
-    trained), so that `teacher.generate.generate_cot(..., backend_factory=...)` decodes, stops,
-    budget-forces and parses exactly as student_predict does, without loading weights."""
-
-    def __init__(self, model: nn.Module, tok: Any, gen: dict) -> None:  # the parent would load from disk
-        self.model, self.tok, self.gen = model, tok, gen
-        self.tok.padding_side = "left"
-        stop = {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
-        self.stop_ids = sorted(i for i in stop if isinstance(i, int) and i >= 0)

@@ -16,7 +16,7 @@ from .. import paths
 from ..distill.methods import check_methods, grid_point, method_grid, resolve_method
 from ..distill.objective import student_loss
 from ..distill.pools import HeadPool, model_pools
-from ..distill.selection import LoadedModelBackend, copy_file, link_dir, make_criterion, select_point
+from ..distill.selection import copy_file, link_dir, make_criterion, select_point
 from ..distill.signals import make_examples, mechanism_metrics
 from ..distill.targets import OnlineTargets, load_targets, save_targets, target_tensors
 from ..distill.trainer import Criterion, train, train_config, zero3_config
@@ -25,6 +25,7 @@ from ..evaluate.xmc import macro_f1
 from ..io import SplitArtifacts, read_parquet, read_split, write_json, write_parquet
 from ..labels import LabelSpace
 from ..models import load_model, with_distilled_model
+from ..teacher.backends import TransformersBackend
 from ..teacher.generate import generate_cot
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ def _macro_f1_criterion(config: dict, dataset: str, student: str, where: str, va
     def value(model, row) -> float:
         with tempfile.TemporaryDirectory(prefix="val-generation-") as tmp:
             pred = generate_cot(cfg, name, prompts, val.space, Path(tmp) / "val.parquet", dataset=dataset,
-                                split="val", backend_factory=lambda: LoadedModelBackend(model, tok, cfg["generation"]))
+                                split="val", backend_factory=lambda: TransformersBackend.from_model(model, tok, cfg["generation"]))
         return macro_f1(gold, list(pred["pred_labels"]))
 
     return make_criterion("val_macro_f1", value)

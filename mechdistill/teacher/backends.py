@@ -30,10 +30,20 @@ class TransformersBackend:
 
     def __init__(self, config: dict, model_name: str, gen: dict) -> None:
         device = pick_device(gen.get("device", "auto"))
-        self.model, self.tok = load_model(config, model_name, device=device, dtype=gen.get("dtype"))
+        self._attach(*load_model(config, model_name, device=device, dtype=gen.get("dtype")), gen)
+
+    @classmethod
+    def from_model(cls, model, tok, gen: dict) -> TransformersBackend:
+        """The backend around a model already in memory (e.g. a student during training), so it
+        generates exactly as from disk without loading weights. `tok` is set to left padding."""
+        backend = cls.__new__(cls)
+        backend._attach(model, tok, gen)
+        return backend
+
+    def _attach(self, model, tok, gen: dict) -> None:
+        self.model, self.tok, self.gen = model, tok, gen
         self.tok.padding_side = "left"
-        self.gen = gen
-        stop = {self.tok.eos_token_id, self.tok.convert_tokens_to_ids("<|im_end|>")}
+        stop = {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
         self.stop_ids = sorted(i for i in stop if isinstance(i, int) and i >= 0)
 
     def __call__(self, chats: list[list[dict]]) -> list[Generation]:

@@ -10,7 +10,6 @@ import pytest
 
 from mechdistill.distill.selection import (
     LINK_MIN_BYTES,
-    LoadedModelBackend,
     best_row,
     cot_loss_value,
     link_dir,
@@ -18,6 +17,7 @@ from mechdistill.distill.selection import (
     select_point,
 )
 from mechdistill.models import load_model
+from mechdistill.teacher.backends import TransformersBackend
 from mechdistill.teacher.generate import generate_cot
 from mechdistill.teacher.prompts import build_prompts
 
@@ -103,6 +103,6 @@ def test_loaded_model_backend_generates_what_student_predict_would(tiny_config, 
     from_disk = generate_cot(tiny_config, "tiny_llama", prompts, icd_space, tmp_path / "disk.parquet")
     model, tok = load_model(tiny_config, "tiny_llama", device="cpu", dtype=gen.get("dtype"))
     in_memory = generate_cot(tiny_config, "tiny_llama", prompts, icd_space, tmp_path / "memory.parquet",
-                             backend_factory=lambda: LoadedModelBackend(model, tok, gen))
+                             backend_factory=lambda: TransformersBackend.from_model(model, tok, gen))
     assert from_disk["forced_answer"].any()  # the comparison covers budget forcing
     pd.testing.assert_frame_equal(from_disk, in_memory)
