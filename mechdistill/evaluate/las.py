@@ -60,6 +60,7 @@ from sklearn.linear_model import LogisticRegression
 from tqdm.auto import tqdm
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
+from ..anchors.segment import token_offsets
 from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -94,8 +95,7 @@ class Truncator:
             raise ValueError(f"max_length {max_length} leaves no room for text")
 
     def _offsets(self, text: str) -> list[tuple[int, int]]:
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-        return enc["offset_mapping"]
+        return token_offsets(self.tokenizer, text)
 
     def count(self, text: str) -> int:
         return len(self._offsets(text))
