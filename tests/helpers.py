@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -66,3 +67,20 @@ class StubEmbedder:
     def encode(self, texts: list[str]) -> np.ndarray:
         self.seen += texts
         return np.stack([self.vectors[t] for t in texts])
+
+
+class LetterCountEmbedder:
+    """Reads only the first `max_seq_length` tokens of each text, as a sentence-transformers model
+    does, and embeds what it read as the unit vector of its counts of a, b, c, d (zeros if none);
+    exposes `.model.tokenizer` and `.model.max_seq_length` as `SentenceEmbedder` does."""
+
+    def __init__(self, tokenizer, max_seq_length: int) -> None:
+        self.model = SimpleNamespace(tokenizer=tokenizer, max_seq_length=max_seq_length)
+        self.seen: list[str] = []
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        self.seen += texts
+        tok, limit = self.model.tokenizer, self.model.max_seq_length
+        read = [tok.decode(tok(t, add_special_tokens=False)["input_ids"][:limit]) for t in texts]
+        counts = np.array([[text.count(ch) for ch in "abcd"] for text in read], np.float64)  # [n, 4]
+        return (counts / np.maximum(np.linalg.norm(counts, axis=1, keepdims=True), 1.0)).astype(np.float32)

