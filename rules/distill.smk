@@ -33,6 +33,8 @@ rule teacher_targets:
     params:  # what the targets depend on (not the loss weights or training settings)
         distill=canonical({k: config["distill"].get(k) for k in ("top_k", "pools", "teacher_dtype", "max_docs")}),
         tau=config["heads"]["tau"],
+        coarse=canonical(config["heads"]["coarse"]),  # the Phase-1 sharpness (keys, kind) and the RefineScore ranking
+        refine=canonical(config["heads"]["refine"]),
         model=lambda wc: canonical(config["models"][wc.teacher]),
     wildcard_constraints:
         teacher=one_of([config["teacher"]]),
@@ -66,6 +68,8 @@ rule distill:
     params:  # the method's entry at this point: a value added to a grid trains only the new points
         distill=canonical(config["distill"]),
         tau=config["heads"]["tau"],
+        coarse=canonical(config["heads"]["coarse"]),  # the Phase-1 sharpness (keys, kind) and the RefineScore ranking
+        refine=canonical(config["heads"]["refine"]),
         method=lambda wc: canonical(grid_point(wc.method, config["methods"][wc.method], wc.point).settings),
         model=lambda wc: canonical(config["models"][wc.student]),
         generation=canonical(config["generation"] if config["distill"]["select"]["criterion"] == "val_macro_f1" else None),

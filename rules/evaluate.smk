@@ -9,6 +9,8 @@ rule evaluate:
     params:
         evaluate=canonical(config["evaluate"]),
         tau=config["heads"]["tau"],
+        coarse=canonical(config["heads"]["coarse"]),  # the Phase-1 sharpness (keys, kind) and the RefineScore ranking
+        refine=canonical(config["heads"]["refine"]),
     wildcard_constraints:  # the distilled students, and the teacher's own row (method "teacher")
         student=one_of(config["students"] + [config["teacher"]]),
         method=one_of(list(config["methods"]) + [paths.TEACHER_METHOD]),

@@ -20,15 +20,20 @@ from tqdm.auto import tqdm
 from ..io import SplitArtifacts
 from .capture import capture_heads, final_residual
 from .scores import (
+    DEFAULT_COARSE,
+    CoarseVariant,
     anchor_centroid,
-    coarse_score_components,
+    coarse_key_mask,
+    coarse_variants,
     head_table,
     margin_gradient,
     ov_helpfulness,
     qk_loopback,
+    refine_rankings,
     refine_score_components,
+    refine_variant,
 )
-from .teacher_forcing import ForcedSequence, forced_sequence, label_first_tokens
+from .teacher_forcing import ForcedSequence, forced_sequence, margin_tokens
 
 log = logging.getLogger(__name__)
 
@@ -36,26 +41,29 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def score_document(model, tokenizer, seq: ForcedSequence, anchors: list[str], gold_titles: list[str],
                    nearmiss_titles: list[str], tau: float, n_stages: int) -> dict:
-    """Per-head values of one document; arrays are [layers, heads] (or [layers, heads, stages])."""
+    """Per-head values of one document; arrays are [layers, heads] (or [layers, heads, stages]).
+
+    coarse: every CoarseVariant (`scores.coarse_variants`: sharpness over all causal keys and over the
+    document's keys, kurtosis and normalized) and alignment; refine: qk, ov, refine_mean_product."""
     out: dict = {"n_queries": len(seq.early_queries), "n_positions": 0}
     ids = seq.input_ids
     if seq.early_queries and anchors:
         _, cap = capture_heads(model, ids[None], query_positions=[seq.early_queries], what=("rows", "writes"))
         centroid = anchor_centroid(model.lm_head.weight,
                                    [tokenizer(a, add_special_tokens=False)["input_ids"] for a in anchors])
-        qpos = torch.tensor(seq.early_queries)
-        key_mask = (torch.arange(len(ids))[None, :] <= qpos[:, None])[None]          # [1, nq, seq] causal
-        comps = [coarse_score_components(cap.rows[layer], cap.writes[layer], centroid[None],
-                                         torch.ones(1, len(qpos), dtype=torch.bool), key_mask)
+        qpos = torch.tensor([seq.early_queries])                                          # [1, nq]
+        key_masks = {"all": coarse_key_mask(qpos, len(ids)),                              # [1, nq, seq]
+                     "document": coarse_key_mask(qpos, len(ids), seq.document_positions)}
+        comps = [coarse_variants(cap.rows[layer], cap.writes[layer], centroid[None],
+                                 torch.ones(1, qpos.shape[1], dtype=torch.bool), key_masks)
                  for layer in sorted(cap.rows)]
-        out["coarse"] = {k: torch.stack([c[k][0] for c in comps]).numpy() for k in ("coarse", "kurtosis", "alignment")}
+        out["coarse"] = {k: torch.stack([c[k][0] for c in comps]).numpy() for k in comps[0] if k != "n_queries"}
         out["example_rows"] = torch.stack([cap.rows[layer][0, :, 0, :seq.cot_token_start]
                                            for layer in sorted(cap.rows)]).numpy()  # [L, H, prompt]
     keys = seq.shortlist_positions + seq.nearmiss_positions
     refine = [t for t in seq.refine_positions
               if any(p < t for p in seq.shortlist_positions) and any(p < t for p in seq.nearmiss_positions)]
-    targets = label_first_tokens(tokenizer, gold_titles)
-    nearmisses = label_first_tokens(tokenizer, nearmiss_titles)
+    targets, nearmisses = margin_tokens(tokenizer, gold_titles, nearmiss_titles)
     if refine and targets and nearmisses:
         with final_residual(model) as residual:
             _, cap = capture_heads(model, ids[None], query_positions=[refine], key_positions=[keys],
@@ -68,18 +76,18 @@ def score_document(model, tokenizer, seq: ForcedSequence, anchors: list[str], go
         none = torch.zeros_like(s_mask)
         stage = np.minimum(n_stages - 1, (n_stages * (np.array(refine) - seq.cot_token_start)
                                           / max(1, len(ids) - seq.cot_token_start)).astype(int))
-        per_layer = {k: [] for k in ("refine", "qk", "ov", "qk_s", "qk_n", "ov_t")}
+        per_layer = {k: [] for k in ("refine_mean_product", "qk", "ov", "qk_s", "qk_n", "ov_t")}
         for layer in sorted(cap.rows):
             rows_at_t = cap.rows[layer][..., torch.tensor(keys)]                        # [1, H, nr, nk]
             q, k, vw, scale = cap.queries[layer], cap.keys[layer], cap.value_writes[layer], cap.scaling[layer]
             comps = refine_score_components(q, k, rows_at_t, vw, s_mask, n_mask, grad,
                                             torch.ones(1, len(refine), dtype=torch.bool), scale, tau)
-            for name in ("refine", "qk", "ov"):
+            for name in ("refine_mean_product", "qk", "ov"):
                 per_layer[name].append(comps[name][0])
             per_layer["qk_s"].append(qk_loopback(q, k, s_mask, none, scale, empty=0.0)[0])      # [H, nr]
             per_layer["qk_n"].append(-qk_loopback(q, k, none, n_mask, scale, empty=0.0)[0])
             per_layer["ov_t"].append(ov_helpfulness(rows_at_t, vw, s_mask, grad, tau)[0])
-        out["refine"] = {k: torch.stack(per_layer[k]).numpy() for k in ("refine", "qk", "ov")}
+        out["refine"] = {k: torch.stack(per_layer[k]).numpy() for k in ("qk", "ov", "refine_mean_product")}
         out["stages"] = {name: _stage_means(torch.stack(per_layer[src]).numpy(), stage, n_stages)
                          for name, src in (("qk_shortlist", "qk_s"), ("qk_nearmiss", "qk_n"), ("ov", "ov_t"))}
         out["n_positions"] = len(refine)
@@ -111,11 +119,16 @@ def forced_documents(tokenizer, split: SplitArtifacts) -> list[dict]:
 
 
 def score_heads(model, tokenizer, documents: Iterable[dict], tau: float = 0.01, n_stages: int = 4,
-                desc: str = "head scores") -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+                desc: str = "head scores", coarse_variant: CoarseVariant = DEFAULT_COARSE,
+                refine_ranking: str = "both_positive") -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Score all heads over `documents` (dicts: doc_id, seq, anchors, gold_titles, nearmiss_titles).
 
-    Returns (coarse table, refine table, Fig. 4 example: the top coarse head's attention over the
-    prompt tokens from the first early query of the first scored document).
+    Both tables hold every variant (coarse: coarse_{all,document}_{kurtosis,normalized} and their
+    sharpness_* factors, alignment; refine: qk, ov, refine_product, refine_both_positive from the
+    document-aggregated qk and ov, refine_mean_product); `score` is the chosen one (`coarse_variant`,
+    `refine_ranking`), named in `score_variant`. Returns (coarse table, refine table, Fig. 4
+    example: the top coarse head's attention over the prompt tokens from the first early query of
+    the first scored document).
     """
     docs = list(documents)
     results = [score_document(model, tokenizer, d["seq"], d["anchors"], d["gold_titles"], d["nearmiss_titles"],
@@ -124,8 +137,9 @@ def score_heads(model, tokenizer, documents: Iterable[dict], tau: float = 0.01, 
     refine_docs = [r for r in results if "refine" in r]
     log.info("%s: %d documents, %d with early queries and anchors, %d with refinement positions "
              "(earlier shortlist and near-miss mentions)", desc, len(docs), len(coarse_docs), len(refine_docs))
-    coarse = _table(coarse_docs, "coarse", "coarse", "n_queries", model)
-    refine = _table(refine_docs, "refine", "refine", "n_positions", model)
+    coarse = _table(coarse_docs, "coarse", coarse_variant.name, "n_queries", model)
+    refine = _table(refine_docs, "refine", refine_variant(refine_ranking), "n_positions", model,
+                    derived=lambda means: refine_rankings(means["qk"], means["ov"]))
     if len(refine_docs):
         for name in ("qk_shortlist", "qk_nearmiss", "ov"):
             stacked = np.stack([r["stages"][name] for r in refine_docs])                  # [E, L, H, S]
@@ -145,11 +159,12 @@ def score_heads(model, tokenizer, documents: Iterable[dict], tau: float = 0.01, 
     return coarse, refine, example
 
 
-def _table(docs: list[dict], key: str, score: str, count: str, model) -> pd.DataFrame:
+def _table(docs: list[dict], key: str, score: str, count: str, model, derived=None) -> pd.DataFrame:
     if not docs:
         cfg = model.config
         grid = [(layer, head) for layer in range(cfg.num_hidden_layers) for head in range(cfg.num_attention_heads)]
-        return pd.DataFrame({"layer": [g[0] for g in grid], "head": [g[1] for g in grid], "score": np.nan, count: 0})
+        return pd.DataFrame({"layer": [g[0] for g in grid], "head": [g[1] for g in grid], "score": np.nan,
+                             "score_variant": score, count: 0})
     per_example = {k: torch.tensor(np.stack([d[key][k] for d in docs])) for k in docs[0][key]}   # [E, L, H]
     n = torch.tensor([d[count] for d in docs])
-    return head_table(per_example, n, score=score, count_name=count)
+    return head_table(per_example, n, score=score, count_name=count, derived=derived)

@@ -11,6 +11,20 @@ from matplotlib.patches import Rectangle
 
 from ..plotting import save_figure
 
+VARIANT_LABELS = {"all": "all causal keys", "document": "document keys", "kurtosis": "excess kurtosis",
+                  "normalized": "normalized kurtosis", "product": "QK x OV", "both_positive": "QK x OV, both > 0",
+                  "mean_product": "mean of QK_t x OV_t"}
+
+
+def variant_label(heads: pd.DataFrame) -> str:
+    """The ranking a head table's `score` holds, in words (from its `score_variant` column), e.g.
+    "document keys, normalized kurtosis" for coarse_document_normalized; "" when the column is absent."""
+    if "score_variant" not in heads or heads.empty:
+        return ""
+    kind, _, rest = str(heads["score_variant"].iloc[0]).partition("_")
+    parts = [rest] if kind == "refine" else rest.split("_", 1)
+    return ", ".join(VARIANT_LABELS.get(p, p) for p in parts)
+
 
 def _head_heatmap(ax, heads: pd.DataFrame, value: str, title: str, top_k: int) -> None:
     """Layer x head heatmap of `value`; the top-k heads are outlined and labelled LxHy."""
@@ -32,12 +46,12 @@ def figure4(coarse: pd.DataFrame, example: pd.DataFrame, out_png: str | os.PathL
             top_k: int = 5) -> None:
     """Fig. 4: CoarseScore heatmap (left) and one top Phase-1 head's attention over the prompt (right).
 
-    coarse: layer, head, score. example: token, weight (attention of that head from an early-CoT
+    coarse: layer, head, score (the title names its `score_variant`). example: token, weight (attention of that head from an early-CoT
     query over prompt tokens) with columns layer, head, doc_id constant.
     """
     fig = Figure(figsize=(13, 4.5), layout="constrained")
     left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.4]})
-    _head_heatmap(left, coarse, "score", "CoarseScore (Eq. 1)", top_k)
+    _head_heatmap(left, coarse, "score", f"CoarseScore (Eq. 1): {variant_label(coarse)}", top_k)
     if len(example):
         peaks = example.nlargest(min(20, len(example)), "weight").sort_index()
         right.bar(range(len(peaks)), peaks["weight"], color="C3")
@@ -53,12 +67,12 @@ def figure7(refine: pd.DataFrame, out_png: str | os.PathLike, title: str, top_k:
     """Fig. 7: RefineScore heatmap (left) and the top heads' dynamics over CoT stages (right):
     QK similarity to the shortlist and to near-misses, and OV helpfulness, per early->late bin.
 
-    refine: layer, head, score, and list columns qk_shortlist_by_stage, qk_nearmiss_by_stage,
+    refine: layer, head, score (the title names its `score_variant`), and list columns qk_shortlist_by_stage, qk_nearmiss_by_stage,
     ov_by_stage (one value per CoT stage bin, NaN where a bin had no refinement position).
     """
     fig = Figure(figsize=(15, 4.5), layout="constrained")
     axes = fig.subplots(1, 4, gridspec_kw={"width_ratios": [1.4, 1, 1, 1]})
-    _head_heatmap(axes[0], refine, "score", "RefineScore (Eq. 3)", top_k)
+    _head_heatmap(axes[0], refine, "score", f"RefineScore (Eq. 3): {variant_label(refine)}", top_k)
     top = refine.dropna(subset=["score"]).nlargest(top_k, "score")
     panels = [("qk_shortlist_by_stage", "QK to shortlist"), ("qk_nearmiss_by_stage", "QK to near-misses"),
               ("ov_by_stage", "OV helpfulness")]

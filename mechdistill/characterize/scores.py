@@ -14,7 +14,8 @@ backward pass is NaN.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import pandas as pd
 import torch
@@ -54,6 +55,18 @@ def _upcast(x: Tensor) -> Tensor:
 # ---------------------------------------------------------------- Phase 1 (Eq. 1)
 
 
+def _central_moments(p: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(n, m2, m4, any valid) of the valid entries of `p` over its last dim: [...] each."""
+    if mask is None:
+        mask = torch.ones_like(p, dtype=torch.bool)
+    mask = mask.to(torch.bool).expand_as(p)
+    zero = torch.zeros((), dtype=p.dtype, device=p.device)
+    n = mask.sum(-1).clamp(min=1).to(p.dtype)  # [...]
+    mu = torch.where(mask, p, zero).sum(-1, keepdim=True) / n.unsqueeze(-1)
+    dev = torch.where(mask, p - mu, zero)  # [..., k]
+    return n, dev.pow(2).sum(-1) / n, dev.pow(4).sum(-1) / n, mask.any(-1)
+
+
 def excess_kurtosis(p: Tensor, eps: float = 1e-6, mask: Tensor | None = None) -> Tensor:
     """Excess kurtosis of the entries of `p` over its last dim (App. B):
 
@@ -63,19 +76,96 @@ def excess_kurtosis(p: Tensor, eps: float = 1e-6, mask: Tensor | None = None) ->
     key (causal / padding); then n and the mean count only valid keys. Returns [...];
     NaN where a row has no valid key. A uniform row has m2 = m4 = 0, so kappa = -3 exactly.
     Note: eps is absolute, so for rows over thousands of keys (m2 ~ 1/n^2) it damps kappa.
+    kappa grows with n (a one-hot row has kappa ~ n): see `normalized_kurtosis`.
     """
-    p = _upcast(p)
-    if mask is None:
-        mask = torch.ones_like(p, dtype=torch.bool)
-    mask = mask.to(torch.bool).expand_as(p)
-    zero = torch.zeros((), dtype=p.dtype, device=p.device)
-    n = mask.sum(-1).clamp(min=1).to(p.dtype)  # [...]
-    mu = torch.where(mask, p, zero).sum(-1, keepdim=True) / n.unsqueeze(-1)
-    dev = torch.where(mask, p - mu, zero)  # [..., k]
-    m2 = dev.pow(2).sum(-1) / n
-    m4 = dev.pow(4).sum(-1) / n
+    n, m2, m4, valid = _central_moments(_upcast(p), mask)
     kappa = m4 / (m2 + eps).pow(2) - 3.0
-    return torch.where(mask.any(-1), kappa, _nan_like(kappa))
+    return torch.where(valid, kappa, _nan_like(kappa))
+
+
+def normalized_kurtosis(p: Tensor, eps: float = 1e-6, mask: Tensor | None = None) -> Tensor:
+    """Length-independent sharpness: (kappa + 3) / n over the n valid keys of each row,
+
+        s(p) = m4 / (n (m2 + eps / n)^2)        in [0, 1)
+
+    Why: m4 / m2^2 of n numbers is at most n - 2 + 1/(n - 1) (one value apart from all the
+    others), so raw kurtosis grows linearly with the number of keys: a row with its mass on one
+    key scores ~95, ~2000, ~8000 over 100, 2000, 8000 keys, and a sequence-length difference
+    (or an attention sink over a long prompt) outweighs any difference in attention shape.
+    Dividing by n keeps the shape and drops the length: s = 0 for a uniform row, -> 1 for a
+    row whose mass sits on one key over a flat rest (whatever that key's share: kurtosis is
+    shift- and scale-free), ~1/m for m equal peaks over a flat rest. eps is taken relative to m2
+    of a one-peak row (~1/n), so it damps every length alike. Same shapes and NaN rule as
+    `excess_kurtosis`.
+    """
+    n, m2, m4, valid = _central_moments(_upcast(p), mask)
+    value = m4 / (n * (m2 + eps / n).pow(2))
+    return torch.where(valid, value, _nan_like(value))
+
+
+SHARPNESS = {"kurtosis": excess_kurtosis, "normalized": normalized_kurtosis}
+KEY_SETS = ("all", "document")
+REFINE_RANKINGS = ("product", "both_positive")
+
+
+def sharpness(p: Tensor, kind: str = "normalized", eps: float = 1e-6, mask: Tensor | None = None) -> Tensor:
+    """Sharpness of each attention row over its valid keys: [..., k] -> [...]; kind "kurtosis"
+    (`excess_kurtosis`, the paper's) or "normalized" (`normalized_kurtosis`)."""
+    if kind not in SHARPNESS:
+        raise ValueError(f"sharpness kind must be one of {sorted(SHARPNESS)}, got {kind!r}")
+    return SHARPNESS[kind](p, eps=eps, mask=mask)
+
+
+@dataclass(frozen=True)
+class CoarseVariant:
+    """Which CoarseScore ranks the heads and shapes the Phase-1 signals (config `heads.coarse`):
+    keys "all" (every causal key, the paper as written) or "document" (the keys of the final user
+    message's document and candidate list only: no BOS, chat template, instruction, exemplar or
+    CoT); sharpness "kurtosis" or "normalized" (`sharpness`)."""
+
+    keys: str = "document"
+    sharpness: str = "normalized"
+
+    def __post_init__(self) -> None:
+        if self.keys not in KEY_SETS or self.sharpness not in SHARPNESS:
+            raise ValueError(f"CoarseVariant: keys in {KEY_SETS}, sharpness in {tuple(SHARPNESS)}; "
+                             f"got {self.keys!r}, {self.sharpness!r}")
+
+    @property
+    def name(self) -> str:
+        """Its column in the coarse head table, e.g. coarse_document_normalized."""
+        return f"coarse_{self.keys}_{self.sharpness}"
+
+    @property
+    def sharpness_name(self) -> str:
+        """The column of its sharpness factor, e.g. sharpness_document_normalized."""
+        return f"sharpness_{self.keys}_{self.sharpness}"
+
+
+COARSE_VARIANTS = tuple(CoarseVariant(keys, kind) for keys in KEY_SETS for kind in SHARPNESS)
+DEFAULT_COARSE = CoarseVariant()  # the schema's default (heads.coarse): document keys, normalized
+
+
+def refine_variant(ranking: str) -> str:
+    """The refine head table's column of a RefineScore ranking (config `heads.refine.ranking`)."""
+    if ranking not in REFINE_RANKINGS:
+        raise ValueError(f"RefineScore ranking must be one of {REFINE_RANKINGS}, got {ranking!r}")
+    return f"refine_{ranking}"
+
+
+def coarse_key_mask(query_positions: Tensor, n_keys: int, document_positions: Sequence[int] | Tensor | None = None
+                    ) -> Tensor:
+    """Keys whose attention weights enter each query's sharpness: [b, nq] -> [b, nq, n_keys] bool.
+
+    Causal keys j <= q; with document_positions (token indices shared by the batch) only those
+    among them (CoarseVariant keys "document")."""
+    keys = torch.arange(n_keys, device=query_positions.device)
+    mask = keys[None, None, :] <= query_positions[:, :, None]
+    if document_positions is None:
+        return mask
+    doc = torch.zeros(n_keys, dtype=torch.bool, device=query_positions.device)
+    doc[torch.as_tensor(document_positions, dtype=torch.long, device=doc.device)] = True
+    return mask & doc
 
 
 def anchor_centroid(unembed: Tensor | nn.Module, label_token_ids: Sequence[Sequence[int]]) -> Tensor:
@@ -106,36 +196,54 @@ def coarse_score_components(
     centroid: Tensor,
     query_mask: Tensor,
     key_mask: Tensor | None = None,
+    kind: str = "normalized",
     eps: float = 1e-6,
 ) -> dict[str, Tensor]:
     """Per-example CoarseScore of every head of one layer (Eq. 1):
 
-        coarse[b, h] = mean_{q in E, valid} kappa(A^h_q) * cos(Delta^h_q, c_anchor(x_b))
+        coarse[b, h] = mean_{q in E, valid} s(A^h_q) * cos(Delta^h_q, c_anchor(x_b))
 
+    with s = `sharpness` of kind `kind` over the valid keys (kurtosis: Eq. 1 as written).
     rows: [b, H, nq, k] attention rows (after softmax and GQA repeat) of the early queries E;
     writes: [b, nq, H, d] per-head writes Delta^h_q; centroid: [b, d];
-    query_mask: [b, nq] bool (False = padding); key_mask: [b, nq, k] bool (causal/padding) or None.
-    Returns kurtosis, alignment, coarse: [b, H] (means over valid queries; NaN for an example
-    with no valid query) and n_queries: [b].
+    query_mask: [b, nq] bool (False = padding); key_mask: [b, nq, k] bool (causal/padding, or
+    `coarse_key_mask`) or None. Returns sharpness, alignment, coarse: [b, H] (means over valid
+    queries; NaN for an example with no valid query or no valid key) and n_queries: [b].
     """
     kmask = None if key_mask is None else key_mask[:, None]  # [b, 1, nq, k]
-    kappa = excess_kurtosis(rows, eps=eps, mask=kmask)  # [b, H, nq]
+    sharp = sharpness(rows, kind, eps=eps, mask=kmask)  # [b, H, nq]
     align = anchor_alignment(writes, centroid[:, None, None, :]).transpose(1, 2)  # [b, H, nq]
-    align = align.to(kappa.dtype)
+    align = align.to(sharp.dtype)
     qmask = query_mask.to(torch.bool)[:, None, :]  # [b, 1, nq]
     return {
-        "kurtosis": masked_mean_or_nan(kappa, qmask),
+        "sharpness": masked_mean_or_nan(sharp, qmask),
         "alignment": masked_mean_or_nan(align, qmask),
-        "coarse": masked_mean_or_nan(kappa * align, qmask),
+        "coarse": masked_mean_or_nan(sharp * align, qmask),
         "n_queries": query_mask.to(torch.bool).sum(-1),
     }
+
+
+def coarse_variants(rows: Tensor, writes: Tensor, centroid: Tensor, query_mask: Tensor,
+                    key_masks: dict[str, Tensor | None], eps: float = 1e-6) -> dict[str, Tensor]:
+    """`coarse_score_components` of every CoarseVariant: key set name -> key mask ([b, nq, k] or
+    None), each with every sharpness kind. Returns coarse_{keys}_{kind}, sharpness_{keys}_{kind}
+    (CoarseVariant.name / .sharpness_name), alignment: [b, H] and n_queries: [b]."""
+    out: dict[str, Tensor] = {}
+    for variant in COARSE_VARIANTS:
+        if variant.keys not in key_masks:
+            continue
+        comps = coarse_score_components(rows, writes, centroid, query_mask, key_masks[variant.keys],
+                                        variant.sharpness, eps)
+        out[variant.name], out[variant.sharpness_name] = comps["coarse"], comps["sharpness"]
+        out["alignment"], out["n_queries"] = comps["alignment"], comps["n_queries"]
+    return out
 
 
 # ---------------------------------------------------------------- margin (Eq. 7)
 
 
 def _margin_weights(targets: Labels, nearmisses: Labels, vocab: int, like: Tensor) -> Tensor:
-    """w with margin = logits @ w: +1/|T| on target first tokens, -1/|N| on near-miss ones.
+    """w with margin = logits @ w: +1/|T| on each target's margin token, -1/|N| on each near-miss's.
 
     Flat lists give w: [vocab]; lists of per-example lists give w: [b, vocab].
     """
@@ -155,14 +263,15 @@ def _margin_weights(targets: Labels, nearmisses: Labels, vocab: int, like: Tenso
     return torch.stack([one(t, n) for t, n in zip(targets, nearmisses)])
 
 
-def margin(logits_t: Tensor, target_first_tokens: Labels, nearmiss_first_tokens: Labels) -> Tensor:
-    """M_t = mean_{a in targets} z_t[a_1] - mean_{a in near-misses} z_t[a_1] (Eq. 7).
+def margin(logits_t: Tensor, target_tokens: Labels, nearmiss_tokens: Labels) -> Tensor:
+    """M_t = mean_{a in targets} z_t[a*] - mean_{a in near-misses} z_t[a*] (Eq. 7).
 
-    logits_t: [..., vocab]; the token lists hold the FIRST token of each label (one entry per
-    label; repeats count). Either flat lists shared by all rows, or one list per example, in
-    which case logits_t is [b, ..., vocab]. Returns [...].
+    logits_t: [..., vocab]; the token lists hold one token a* per label (repeats count): its first
+    token that differs from the other group's labels (`teacher_forcing.margin_tokens`). Either flat
+    lists shared by all rows, or one list per example, in which case logits_t is [b, ..., vocab].
+    Returns [...].
     """
-    w = _margin_weights(target_first_tokens, nearmiss_first_tokens, logits_t.shape[-1], logits_t)
+    w = _margin_weights(target_tokens, nearmiss_tokens, logits_t.shape[-1], logits_t)
     if w.dim() == 1:
         return logits_t @ w
     w = w.reshape(w.shape[0], *([1] * (logits_t.dim() - 2)), w.shape[-1])  # [b, 1.., vocab]
@@ -177,8 +286,8 @@ def margin_gradient(
     h_final: Tensor,
     final_norm: nn.Module,
     unembed: Tensor | nn.Module,
-    target_first_tokens: Labels,
-    nearmiss_first_tokens: Labels,
+    target_tokens: Labels,
+    nearmiss_tokens: Labels,
     create_graph: bool = False,
 ) -> Tensor:
     """grad_{h_final,t} M_t through the final norm and the unembedding.
@@ -191,7 +300,7 @@ def margin_gradient(
     """
     with torch.enable_grad():
         h = h_final.detach().clone().requires_grad_(True)
-        m = margin(_unembed(final_norm(h), unembed), target_first_tokens, nearmiss_first_tokens)  # [b]
+        m = margin(_unembed(final_norm(h), unembed), target_tokens, nearmiss_tokens)  # [b]
         (grad,) = torch.autograd.grad(m.sum(), h, create_graph=create_graph)
     return grad
 
@@ -295,19 +404,20 @@ def refine_score_components(
     tau: float,
     cosine: bool = False,
 ) -> dict[str, Tensor]:
-    """Per-example RefineScore of every head of one layer (Eq. 3), mean of per-position products:
+    """Per-example parts of the RefineScore of every head of one layer (Eq. 3):
 
-        refine[b, h] = mean_{t in R_b} QK_t(h) * OV_t(h)
+        qk[b, h] = mean_{t in R_b} QK_t(h)       ov[b, h] = mean_{t in R_b} OV_t(h)
+        refine_mean_product[b, h] = mean_{t in R_b} QK_t(h) * OV_t(h)     (a diagnostic)
 
+    The paper's RefineScore is the product of QK and OV each averaged over positions AND
+    documents (Sec. 2: "compute QK, OV averaged over positions and examples, then take the
+    product"), so it is formed after aggregation (`weighted_mean`, then `refine_rankings`).
     q, k, rows_at_t, value_writes, shortlist_mask, nearmiss_mask, grad: as in `qk_loopback` /
     `ov_helpfulness`; position_mask: [b, nr] bool (False = padding). A refinement position counts
     only when it is valid and has both an earlier shortlist and an earlier near-miss mention
-    (otherwise QK_t is undefined); qk, ov and refine average over the same positions, so
-    refine = mean(qk*ov) pairs with qk, ov. The product of means (the paper's Sec. 2 wording
-    "compute QK, OV averaged over positions and examples, then take the product") is
-    weighted_mean(qk) * weighted_mean(ov) after aggregation.
-    cosine=True uses `ov_helpfulness_cos`. Returns qk, ov, refine: [b, H] (NaN for an example
-    with no counted position) and n_positions: [b].
+    (otherwise QK_t is undefined); qk, ov and refine_mean_product average over the same positions.
+    cosine=True uses `ov_helpfulness_cos`. Returns qk, ov, refine_mean_product: [b, H] (NaN for an
+    example with no counted position) and n_positions: [b].
     """
     qk = qk_loopback(q, k, shortlist_mask, nearmiss_mask, scaling)  # [b, H, nr]
     ov_fn = ov_helpfulness_cos if cosine else ov_helpfulness
@@ -323,9 +433,23 @@ def refine_score_components(
     return {
         "qk": masked_mean_or_nan(qk, vmask),
         "ov": masked_mean_or_nan(ov, vmask),
-        "refine": masked_mean_or_nan(qk * ov, vmask),
+        "refine_mean_product": masked_mean_or_nan(qk * ov, vmask),
         "n_positions": valid.sum(-1),
     }
+
+
+def refine_rankings(qk: Tensor, ov: Tensor) -> dict[str, Tensor]:
+    """RefineScore rankings from QK and OV ALREADY averaged over positions and documents ([...] each):
+
+        refine_product       = qk * ov                               (Eq. 3 as the paper states it)
+        refine_both_positive = qk * ov where qk > 0 and ov > 0, else 0
+
+    A head that loops back to near-misses (qk < 0) AND writes against the target (ov < 0) has a
+    positive product but does neither thing Phase 2 is about; both_positive scores it 0. NaN stays NaN.
+    """
+    product = qk * ov
+    both = torch.where((qk > 0) & (ov > 0), product, torch.zeros_like(product))
+    return {"refine_product": product, "refine_both_positive": torch.where(torch.isnan(product), product, both)}
 
 
 # ---------------------------------------------------------------- aggregation over examples
@@ -346,29 +470,38 @@ def weighted_mean(values: Tensor, n: Tensor) -> Tensor:
 
 
 def head_table(
-    per_example: dict[str, Tensor], n: Tensor, score: str, count_name: str = "n_queries"
+    per_example: dict[str, Tensor],
+    n: Tensor,
+    score: str,
+    count_name: str = "n_queries",
+    derived: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
 ) -> pd.DataFrame:
     """Aggregate per-example head scores into the `heads/{coarse,refine}.parquet` table.
 
     per_example: name -> [E, H] (one layer) or [E, L, H] (all layers), e.g. the output of
-    `coarse_score_components` concatenated over batches (count entries are skipped); n: [E]
-    positions per example; score: the key that becomes column `score` (e.g. "coarse", "refine").
-    Returns columns layer (when 3-D), head, score, the other components, `count_name` (positions
-    summed over the examples where the score is finite).
+    `coarse_variants` concatenated over documents (count entries are skipped); n: [E] positions per
+    example. Every component becomes the weighted mean over examples (`weighted_mean`); derived maps
+    those MEANS to more columns (e.g. `refine_rankings`: products of means). score: the component or
+    derived column that becomes column `score`, and `score_variant` names it (Parquet keeps no
+    attrs). Returns columns layer (when 3-D), head, score, score_variant, the components, the derived
+    columns, `count_name` (positions summed over the examples where every component is finite).
     """
-    comps = {k: v for k, v in per_example.items() if k not in ("n_queries", "n_positions")}
-    main = comps[score].detach()
-    shape = main.shape[1:]
-    w = n.reshape(-1, *([1] * len(shape))).expand_as(main)
-    counts = torch.where(torch.isfinite(main), w, torch.zeros_like(w)).sum(0)
+    comps = {k: v.detach().double() for k, v in per_example.items() if k not in ("n_queries", "n_positions")}
+    shape = next(iter(comps.values())).shape[1:]
+    means = {k: weighted_mean(v, n) for k, v in comps.items()}
+    means |= derived(means) if derived else {}
+    if score not in means:
+        raise KeyError(f"head_table: score {score!r} is not among the columns {sorted(means)}")
+    finite = torch.stack([torch.isfinite(v) for v in comps.values()]).all(0)  # [E, ...]
+    w = n.reshape(-1, *([1] * len(shape))).expand(finite.shape)
+    counts = torch.where(finite, w, torch.zeros_like(w)).sum(0)
     index = torch.cartesian_prod(*[torch.arange(s) for s in shape]).reshape(-1, len(shape))
     cols: dict[str, list] = {}
     if len(shape) == 2:
         cols["layer"] = index[:, 0].tolist()
     cols["head"] = index[:, -1].tolist()
-    cols["score"] = weighted_mean(main.double(), n).reshape(-1).tolist()
-    for name, v in comps.items():
-        if name != score:
-            cols[name] = weighted_mean(v.detach().double(), n).reshape(-1).tolist()
+    cols["score"] = means[score].reshape(-1).tolist()
+    cols["score_variant"] = [score] * len(cols["head"])
+    cols |= {name: v.reshape(-1).tolist() for name, v in means.items()}
     cols[count_name] = counts.reshape(-1).tolist()
     return pd.DataFrame(cols)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..anchors.segment import char_span_to_tokens, shift_spans, token_offsets
-from ..teacher.prompts import render_prompt
+from ..teacher.prompts import document_char_span, render_prompt
 
 
 @dataclass
@@ -26,6 +26,8 @@ class ForcedSequence:
     refine_positions: list[int]      # last token of each refinement span
     shortlist_positions: list[int]   # tokens of shortlist mentions
     nearmiss_positions: list[int]    # tokens of near-miss mentions
+    document_positions: list[int]    # tokens of the last user message's document + candidate list (the
+                                     # CoarseScore's "document" keys: teacher.prompts.document_char_span)
 
 
 def _tokens(offsets, spans) -> list[int]:
@@ -34,7 +36,8 @@ def _tokens(offsets, spans) -> list[int]:
 
 def forced_sequence(tokenizer, messages_json: str, cot: str, anchors_row) -> ForcedSequence:
     """Tokenise prompt + CoT for teacher forcing and map the anchors row's CoT spans to tokens."""
-    prompt = render_prompt(tokenizer, json.loads(messages_json))
+    messages = json.loads(messages_json)
+    prompt = render_prompt(tokenizer, messages)
     text = prompt + cot
     offsets = token_offsets(tokenizer, text)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -50,9 +53,33 @@ def forced_sequence(tokenizer, messages_json: str, cot: str, anchors_row) -> For
         refine_positions=sorted(set(refine)),
         shortlist_positions=_tokens(offsets, shift_spans(list(anchors_row["shortlist_spans"]), shift)),
         nearmiss_positions=_tokens(offsets, shift_spans(list(anchors_row["nearmiss_spans"]), shift)),
+        document_positions=_tokens(offsets, [document_char_span(prompt, messages)]),
     )
 
 
-def label_first_tokens(tokenizer, texts: list[str]) -> list[int]:
-    """First token id of each label text as it starts a line in the CoT (Eq. 7 uses first tokens)."""
-    return [tokenizer(t, add_special_tokens=False)["input_ids"][0] for t in texts if t]
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def margin_tokens(tokenizer, target_titles: list[str], nearmiss_titles: list[str]) -> tuple[list[int], list[int]]:
+    """One token per label for the margin M_t (Eq. 7): its first token that tells it from the other group.
+
+    Each title is tokenised as it reads mid-sentence (" " + title, no special tokens: GPT-2 /
+    Llama-3 BPE give a space-prefixed token there). A target's token is its token i, where i is
+    its longest common token prefix with any near-miss (and vice versa for a near-miss), clamped
+    to its last token. Siblings such as "Type 2 diabetes mellitus with hyperglycemia" vs "... with
+    ketoacidosis" then put +1/|T| and -1/|N| on " hyper" and " keto", not both on " Type" (where
+    they would cancel). Empty titles are skipped. Returns (target ids, near-miss ids), one per label.
+    (A label's sequence log-probability would not avoid the cancellation: RefineScore's OV term
+    differentiates M_t through position t's final norm and unembedding only, where the sequence
+    term reduces to its first token's log-probability.)
+    """
+    def sequences(titles: list[str]) -> list[list[int]]:
+        return [ids for ids in (tokenizer(" " + t.strip(), add_special_tokens=False)["input_ids"]
+                                for t in titles if t.strip()) if ids]
+
+    def discriminating(group: list[list[int]], other: list[list[int]]) -> list[int]:
+        return [seq[min(max((_common_prefix(seq, o) for o in other), default=0), len(seq) - 1)] for seq in group]
+
+    targets, nearmisses = sequences(target_titles), sequences(nearmiss_titles)
+    return discriminating(targets, nearmisses), discriminating(nearmisses, targets)

@@ -7,16 +7,20 @@ no_grad) or loaded from a precomputed targets file. Each model uses its own head
 
 Phase 1 (early queries q in E; Pbar = pooled attention row, Deltabar = pooled write):
 
-    Align_q = cos(Deltabar_q, c_anchor)           kappa_q = excess_kurtosis(Pbar_q)
+    Align_q = cos(Deltabar_q, c_anchor)           kappa_q = sharpness(Pbar_q) over the chosen keys
     L_attn  = mean_q KL(Pbar^T_q || Pbar^S_q)
     L_write = mean_q (Align^T_q - Align^S_q)^2
-    L_int   = mean_q (kappa^T_q Align^T_q - kappa^S_q Align^S_q)^2
+    L_int   = mean_q (kappa^T_q Align^T_q - kappa^S_q Align^S_q)^2 / s1^2
+
+(kappa: `characterize.scores.sharpness` of the configured CoarseVariant, the one that ranked the
+heads; s1: the RMS of kappa^T Align^T over the teacher's training targets, `targets.interaction_scales`,
+so the term is O(1) whatever the sequence length and sharpness scale.)
 
 Phase 2 (refinement positions t in R; QKbar / OVbar = pooled loop-back / cosine helpfulness):
 
     L_qk  = mean_t (QKbar^T_t - QKbar^S_t)^2
     L_ov  = mean_t (OVbar^T_t - OVbar^S_t)^2
-    L_int = mean_t (QKbar^T_t OVbar^T_t - QKbar^S_t OVbar^S_t)^2
+    L_int = mean_t (QKbar^T_t OVbar^T_t - QKbar^S_t OVbar^S_t)^2 / s2^2    (s2: RMS of QKbar^T OVbar^T)
 
 CoT (positions of the CoT, teacher-forced next tokens y_i):
 
@@ -39,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..characterize.capture import HeadCapture
-from ..characterize.scores import anchor_alignment, excess_kurtosis, margin_gradient
+from ..characterize.scores import anchor_alignment, coarse_key_mask, margin_gradient, sharpness
 from .pools import HeadPool, pooled_helpfulness, pooled_loopback, pooled_rows, pooled_writes
 
 Spans = Tensor | Sequence[Sequence[int]]
@@ -132,33 +136,28 @@ def _map_key_mask(key_mask: Tensor, token_char_spans: Spans, target_spans: Spans
 # Phase 1 (Eq. 5)
 
 
-def causal_key_mask(query_positions: Tensor, seq: int) -> Tensor:
-    """Keys j <= q for each query: [batch, n_query] -> [batch, n_query, seq] bool."""
-    keys = torch.arange(seq, device=query_positions.device)
-    return keys[None, None, :] <= query_positions[:, :, None]
-
-
 def phase1_signals(model: nn.Module | None, cap: HeadCapture, pool: HeadPool, anchor_centroid: Tensor,
                    key_mask: Tensor | None = None, query_mask: Tensor | None = None,
-                   spans: tuple[Spans, Spans] | None = None) -> dict[str, Tensor]:
+                   spans: tuple[Spans, Spans] | None = None, kind: str = "normalized") -> dict[str, Tensor]:
     """Phase 1 signals of one model at its early queries (cap from `capture_heads(what={"rows","writes"})`).
 
-    rows:     Pbar_q = sum_h w_h A^h_q                    [batch, n_query, seq or n_units]
-    align:    cos(Deltabar_q, c_anchor)                   [batch, n_query]
-    kurtosis: excess_kurtosis(Pbar_q) over valid keys     [batch, n_query]
-    mask:     valid queries                               [batch, n_query]
+    rows:      Pbar_q = sum_h w_h A^h_q                        [batch, n_query, seq or n_units]
+    align:     cos(Deltabar_q, c_anchor)                       [batch, n_query]
+    sharpness: scores.sharpness(Pbar_q, kind) over valid keys  [batch, n_query]
+    mask:      valid queries                                   [batch, n_query]
 
     anchor_centroid: [d_model] or [batch, d_model], the model's OWN c_anchor (its unembedding
     rows, `scores.anchor_centroid`); it is detached: the loss shapes the writes, not the
-    unembedding. key_mask: [batch, n_query, seq] bool (default causal, keys <= q).
+    unembedding. key_mask: [batch, n_query, seq] bool (default causal, keys <= q; the document's keys:
+    `scores.coarse_key_mask`); kind: "kurtosis" or "normalized" (`scores.sharpness`).
     spans: (token_char_spans, target_spans) maps rows and key mask to shared units first
     (`map_rows_to_spans`; the same spans for every batch row), for teacher and student with
-    different tokenizers; kurtosis is then taken over the units. model: only needed when the
+    different tokenizers; sharpness is then taken over the units. model: only needed when the
     capture holds "z" instead of "writes".
     """
     rows = pooled_rows(cap, pool)  # [batch, n_query, seq]
     if key_mask is None:
-        key_mask = causal_key_mask(cap.query_positions, rows.shape[-1])  # [batch, n_query, seq]
+        key_mask = coarse_key_mask(cap.query_positions, rows.shape[-1])  # [batch, n_query, seq] causal
     if spans is not None:
         rows = map_rows_to_spans(rows, *spans)  # [batch, n_query, n_units]
         key_mask = _map_key_mask(key_mask, *spans)
@@ -166,10 +165,10 @@ def phase1_signals(model: nn.Module | None, cap: HeadCapture, pool: HeadPool, an
     centroid = centroid[:, None, :] if centroid.dim() == 2 else centroid  # [batch, 1, d] or [d]
     writes = pooled_writes(cap, pool, model)  # [batch, n_query, d_model]
     align = anchor_alignment(writes, centroid.to(writes)).to(rows.dtype)  # [batch, n_query]
-    kappa = excess_kurtosis(rows, mask=key_mask)  # [batch, n_query]
+    kappa = sharpness(rows, kind, mask=key_mask)  # [batch, n_query]
     mask = torch.isfinite(kappa) if query_mask is None else query_mask.to(torch.bool) & torch.isfinite(kappa)
     kappa = torch.where(mask, kappa, torch.zeros((), dtype=kappa.dtype, device=kappa.device))
-    return {"rows": rows, "align": align, "kurtosis": kappa, "mask": mask}
+    return {"rows": rows, "align": align, "sharpness": kappa, "mask": mask}
 
 
 def attention_kl(p_teacher: Tensor, p_student: Tensor) -> Tensor:
@@ -179,21 +178,23 @@ def attention_kl(p_teacher: Tensor, p_student: Tensor) -> Tensor:
     return (p_teacher * (log_t - log_s)).sum(-1)
 
 
-def phase1_losses(teacher_sig: Mapping[str, Tensor], student_sig: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def phase1_losses(teacher_sig: Mapping[str, Tensor], student_sig: Mapping[str, Tensor],
+                  interaction_scale: float = 1.0) -> dict[str, Tensor]:
     """Eq. 5 terms, means over the queries valid in both (teacher detached):
 
     attn = mean_q KL(Pbar^T_q || Pbar^S_q); write = mean_q (Align^T_q - Align^S_q)^2;
-    interaction = mean_q (kappa^T_q Align^T_q - kappa^S_q Align^S_q)^2.
+    interaction = mean_q ((kappa^T_q Align^T_q - kappa^S_q Align^S_q) / interaction_scale)^2, with
+    interaction_scale the teacher's RMS of kappa Align (`targets.interaction_scales`; 1 = raw).
     """
-    _check_shapes(teacher_sig, student_sig, ("rows", "align", "kurtosis"))
+    _check_shapes(teacher_sig, student_sig, ("rows", "align", "sharpness"))
     t = {k: v.detach() for k, v in teacher_sig.items()}
     s = student_sig
     mask = _joint_mask(t, s, s["align"])  # [batch, n_query]
-    coarse_t, coarse_s = t["kurtosis"] * t["align"], s["kurtosis"] * s["align"]
+    coarse_t, coarse_s = t["sharpness"] * t["align"], s["sharpness"] * s["align"]
     return {
         "attn": mean_or_zero(attention_kl(t["rows"].to(s["rows"]), s["rows"]), mask),
         "write": mean_or_zero((t["align"] - s["align"]).pow(2), mask),
-        "interaction": mean_or_zero((coarse_t - coarse_s).pow(2), mask),
+        "interaction": mean_or_zero(((coarse_t - coarse_s) / interaction_scale).pow(2), mask),
     }
 
 
@@ -201,17 +202,17 @@ def phase1_losses(teacher_sig: Mapping[str, Tensor], student_sig: Mapping[str, T
 # Phase 2 (Eq. 6)
 
 
-def refine_margin_grad(model: nn.Module, h_final: Tensor, target_first_tokens: Sequence[int],
-                       nearmiss_first_tokens: Sequence[int]) -> Tensor:
+def refine_margin_grad(model: nn.Module, h_final: Tensor, target_tokens: Sequence[int],
+                       nearmiss_tokens: Sequence[int]) -> Tensor:
     """grad_{h_final,t} M_t at every refinement position: [batch, n_refine, d] -> [batch, n_refine, d].
 
     h_final: residual stream entering the final norm (`characterize.final_residual`) at the
-    refinement positions; token lists: first tokens of the target / near-miss labels, shared by
-    the batch (`teacher_forcing.label_first_tokens`). The result is a constant direction (no graph).
+    refinement positions; token lists: margin tokens of the target / near-miss labels, shared by
+    the batch (`teacher_forcing.margin_tokens`). The result is a constant direction (no graph).
     """
     b, nr, d = h_final.shape
     grad = margin_gradient(h_final.reshape(b * nr, d), model.model.norm, model.lm_head,
-                           target_first_tokens, nearmiss_first_tokens)
+                           target_tokens, nearmiss_tokens)
     return grad.reshape(b, nr, d)
 
 
@@ -239,11 +240,13 @@ def phase2_signals(model: nn.Module | None, cap: HeadCapture, pool: HeadPool, gr
     return {"loopback": torch.where(mask, qk, zero), "helpfulness": torch.where(mask, ov, zero), "mask": mask}
 
 
-def phase2_losses(teacher_sig: Mapping[str, Tensor], student_sig: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def phase2_losses(teacher_sig: Mapping[str, Tensor], student_sig: Mapping[str, Tensor],
+                  interaction_scale: float = 1.0) -> dict[str, Tensor]:
     """Eq. 6 terms, means over the refinement positions valid in both (teacher detached):
 
     qk = mean_t (QKbar^T_t - QKbar^S_t)^2; ov = mean_t (OVbar^T_t - OVbar^S_t)^2;
-    interaction = mean_t (QKbar^T_t OVbar^T_t - QKbar^S_t OVbar^S_t)^2.
+    interaction = mean_t ((QKbar^T_t OVbar^T_t - QKbar^S_t OVbar^S_t) / interaction_scale)^2, with
+    interaction_scale the teacher's RMS of QKbar OVbar (`targets.interaction_scales`; 1 = raw).
     """
     _check_shapes(teacher_sig, student_sig, ("loopback", "helpfulness"))
     t = {k: v.detach() for k, v in teacher_sig.items()}
@@ -253,7 +256,7 @@ def phase2_losses(teacher_sig: Mapping[str, Tensor], student_sig: Mapping[str, T
     return {
         "qk": mean_or_zero((t["loopback"] - s["loopback"]).pow(2), mask),
         "ov": mean_or_zero((t["helpfulness"] - s["helpfulness"]).pow(2), mask),
-        "interaction": mean_or_zero((refine_t - refine_s).pow(2), mask),
+        "interaction": mean_or_zero(((refine_t - refine_s) / interaction_scale).pow(2), mask),
     }
 
 

@@ -5,12 +5,14 @@ flat tensors (saved with safetensors, so training never needs the teacher in mem
 
     input_ids [seq], offsets [seq, 2]            the teacher's tokens and their char spans
     topk_values / topk_indices [n_cot, k]        teacher logits at CoT positions (KL term)
-    p1.rows [n_early, seq], p1.align, p1.kurtosis, p1.mask [n_early]   Phase 1 signals
+    p1.rows [n_early, seq], p1.align, p1.sharpness, p1.mask [n_early]  Phase 1 signals
     p1.queries [n_early]                         early query positions
     p2.loopback, p2.helpfulness, p2.mask, p2.span [n_refine]          Phase 2 signals
 
 `student_loss` computes the student's own signals with gradients and compares them with the
-targets (precomputed or computed online by the same function: both give the same loss).
+targets (precomputed or computed online by the same function: both give the same loss). Both sides
+use the same CoarseVariant (config heads.coarse) for the Phase-1 sharpness, and the interaction
+terms are measured in units of the teacher's own scale (`targets.interaction_scales`).
 Same tokenizer: positions correspond one to one. Different tokenizers: the CoT KL becomes the
 cross-tokenizer loss at character-aligned positions (`losses.cross_tokenizer_kl`), Phase 1
 rows are mapped onto the teacher's token spans (`map_rows_to_spans`) at early queries whose
@@ -27,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..characterize.scores import DEFAULT_COARSE, CoarseVariant
 from .losses import (
     TERMS,
     aligned_positions,
@@ -41,15 +44,16 @@ from .methods import Method
 from .pools import HeadPool
 from .signals import Example, forward_signals
 
-P1_KEYS = ("rows", "align", "kurtosis", "mask")
+P1_KEYS = ("rows", "align", "sharpness", "mask")
 P2_KEYS = ("loopback", "helpfulness", "mask")
 
 
 @torch.no_grad()
 def teacher_targets(model: nn.Module, ex: Example, pools: dict[str, HeadPool], tau: float, top_k: int,
-                    phases: tuple[str, ...] = ("phase1", "phase2")) -> dict[str, Tensor]:
+                    phases: tuple[str, ...] = ("phase1", "phase2"), coarse: CoarseVariant = DEFAULT_COARSE
+                    ) -> dict[str, Tensor]:
     """The teacher's side of every loss for one document (flat dict of CPU tensors)."""
-    logits, signals = forward_signals(model, ex, pools, tau, phases)
+    logits, signals = forward_signals(model, ex, pools, tau, phases, coarse=coarse)
     cot = torch.tensor(list(ex.cot_positions), dtype=torch.long)
     values, indices = topk_targets(logits[0, cot.to(logits.device)], top_k)  # [n_cot, k]
     out = {"input_ids": ex.input_ids.cpu(), "offsets": torch.tensor(ex.offsets, dtype=torch.long).reshape(-1, 2),
@@ -84,14 +88,18 @@ def _paired(t_values: list[int], s_values: list[int]) -> tuple[Tensor, Tensor]:
 
 
 def student_loss(model: nn.Module, ex: Example, targets: Mapping[str, Tensor], pools: dict[str, HeadPool],
-                 method: Method, tau: float, temperature: float, weights: Mapping[str, float] | None = None
+                 method: Method, tau: float, temperature: float, weights: Mapping[str, float] | None = None,
+                 coarse: CoarseVariant = DEFAULT_COARSE, scales: Mapping[str, float] | None = None
                  ) -> dict[str, Tensor]:
-    """Total loss and every term for one document: {"loss", "cot.ce", "cot.kl", "phase1.attn", ...}."""
+    """Total loss and every term for one document: {"loss", "cot.ce", "cot.kl", "phase1.attn", ...}.
+
+    coarse: the Phase-1 sharpness the targets were made with; scales: {phase: the teacher's RMS
+    interaction} (`targets.interaction_scales` of the training targets; missing = 1, the raw term)."""
     phases = tuple(p for p in ("phase1", "phase2") if method.uses(p))
     same_tokens = torch.equal(targets["input_ids"].cpu(), ex.input_ids.cpu())
     student_spans = None if same_tokens else spans_in_teacher_text(ex, targets)  # [seq, 2]
     p1_spans = None if same_tokens else (student_spans, targets["offsets"])
-    logits, signals = forward_signals(model, ex, pools, tau, phases, p1_spans=p1_spans)  # [1, seq, V]
+    logits, signals = forward_signals(model, ex, pools, tau, phases, p1_spans=p1_spans, coarse=coarse)  # [1, seq, V]
     device = logits.device
     cot = torch.tensor(list(ex.cot_positions), dtype=torch.long, device=device)
     cot_mask = torch.ones(1, len(cot), dtype=torch.bool, device=device)
@@ -116,7 +124,8 @@ def student_loss(model: nn.Module, ex: Example, targets: Mapping[str, Tensor], p
         if not same_tokens:
             ti, si = _cross_tokenizer_pairs(phase, ex, targets, student_spans)
             t_sig, s_sig = _pick(t_sig, ti, keys), _pick(s_sig, si, keys)
-        terms[phase] = losses_fn(t_sig, s_sig) if t_sig["mask"].numel() else _zeros(phase, zero)
+        scale = (scales or {}).get(phase, 1.0)
+        terms[phase] = losses_fn(t_sig, s_sig, scale) if t_sig["mask"].numel() else _zeros(phase, zero)
     loss = total_loss(terms, weights, method.switches)
     flat = {f"{g}.{k}": v.detach() for g, group in terms.items() for k, v in group.items() if k != "loss"}
     return {"loss": loss, **flat}

@@ -68,7 +68,8 @@ def select_pool(head_table: pd.DataFrame, n_layers: int, k: int, temperature: fl
     Ties break by (layer, head). Fewer than k qualifying heads: all of them are used.
     Weights: w_h = softmax(score_h / temperature) over the selected heads. temperature="auto" uses the
     standard deviation of the selected scores (softmax of z-scores): raw scores have model-dependent
-    scales (CoarseScore ~ kurtosis ~ 10-100), and T = 1 on such scores puts all weight on one head.
+    scales (a CoarseScore of raw kurtosis ~ 10-10^3, of normalized kurtosis in (-1, 1)), and T = 1 on
+    large scores puts all weight on one head.
     """
     if k < 1:
         raise ValueError(f"select_pool: k must be >= 1, got {k}")

@@ -3,7 +3,7 @@
 One forward of [prompt; CoT; answer block] (the teacher's whole output) gives, at once (`forward_signals`):
 
     logits                                   [1, seq, vocab]        CoT loss
-    phase1: rows, align, kurtosis, mask      at the early queries   (losses.phase1_signals)
+    phase1: rows, align, sharpness, mask     at the early queries   (losses.phase1_signals)
     phase2: loopback, helpfulness, mask      at refinement positions (losses.phase2_signals)
 
 The capture covers only the pooled heads' layers and the few query positions the losses need
@@ -25,8 +25,8 @@ from torch import Tensor, nn
 
 from ..anchors.segment import char_span_to_tokens, shift_spans, token_offsets
 from ..characterize.capture import capture_heads, final_residual
-from ..characterize.scores import anchor_centroid
-from ..characterize.teacher_forcing import forced_sequence, label_first_tokens
+from ..characterize.scores import DEFAULT_COARSE, CoarseVariant, anchor_centroid, coarse_key_mask
+from ..characterize.teacher_forcing import forced_sequence, margin_tokens
 from ..io import SplitArtifacts
 from ..teacher.answers import supervised_output
 from ..teacher.prompts import render_prompt
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 PHASES = ("phase1", "phase2")
 # Tables 1 and 4's mechanism metrics: (metric, phase signal it averages) per phase.
-MECHANISM_METRICS = {"phase1": (("sharpness", "kurtosis"), ("anchor_align", "align")),
+MECHANISM_METRICS = {"phase1": (("sharpness", "sharpness"), ("anchor_align", "align")),
                      "phase2": (("loopback", "loopback"), ("helpfulness", "helpfulness"))}
 
 
@@ -56,8 +56,9 @@ class Example:
     keys: list[int]                       # shortlist (S) mention tokens, then near-miss (N) ones
     n_shortlist: int
     anchor_token_ids: list[list[int]] = field(default_factory=list)
-    target_first: list[int] = field(default_factory=list)
-    nearmiss_first: list[int] = field(default_factory=list)
+    target_tokens: list[int] = field(default_factory=list)    # margin token of each gold label (Eq. 7)
+    nearmiss_tokens: list[int] = field(default_factory=list)  # and of each near-miss
+    document_positions: list[int] = field(default_factory=list)  # the document + candidate-list tokens
 
     @property
     def cot_positions(self) -> range:
@@ -72,6 +73,7 @@ def make_example(tokenizer, doc_id: str, messages_json: str, cot: str, anchors_r
     cot: the teacher output to force; it starts with the CoT the spans index (it may go on with the
     answer block)."""
     seq = forced_sequence(tokenizer, messages_json, cot, anchors_row)
+    target_tokens, nearmiss_tokens = margin_tokens(tokenizer, gold_titles, nearmiss_titles)
     prompt = render_prompt(tokenizer, json.loads(messages_json))
     offsets = [tuple(o) for o in token_offsets(tokenizer, prompt + cot)]
     keys = seq.shortlist_positions + seq.nearmiss_positions
@@ -90,8 +92,7 @@ def make_example(tokenizer, doc_id: str, messages_json: str, cot: str, anchors_r
         early_queries=list(seq.early_queries), refine=refine, refine_span=refine_span, keys=keys,
         n_shortlist=len(seq.shortlist_positions),
         anchor_token_ids=[ids for ids in (tokenizer(a, add_special_tokens=False)["input_ids"] for a in anchors) if ids],
-        target_first=label_first_tokens(tokenizer, gold_titles),
-        nearmiss_first=label_first_tokens(tokenizer, nearmiss_titles))
+        target_tokens=target_tokens, nearmiss_tokens=nearmiss_tokens, document_positions=seq.document_positions)
 
 
 def make_examples(tokenizer, split: SplitArtifacts, model_name: str = "") -> list[Example]:
@@ -124,10 +125,10 @@ def make_examples(tokenizer, split: SplitArtifacts, model_name: str = "") -> lis
 
 def has_phase(ex: Example, phase: str) -> bool:
     """Whether the document defines the phase's signals (early queries and anchors; refinement
-    positions with target and near-miss first tokens)."""
+    positions with target and near-miss margin tokens)."""
     if phase == "phase1":
         return bool(ex.early_queries and ex.anchor_token_ids)
-    return bool(ex.refine and ex.target_first and ex.nearmiss_first)
+    return bool(ex.refine and ex.target_tokens and ex.nearmiss_tokens)
 
 
 def mention_masks(ex: Example, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
@@ -140,12 +141,13 @@ def mention_masks(ex: Example, device: torch.device | None = None) -> tuple[Tens
 
 
 def forward_signals(model: nn.Module, ex: Example, pools: dict[str, HeadPool], tau: float,
-                    phases: tuple[str, ...] = PHASES, p1_spans: tuple[Tensor, Tensor] | None = None
-                    ) -> tuple[Tensor, dict[str, dict[str, Tensor]]]:
+                    phases: tuple[str, ...] = PHASES, p1_spans: tuple[Tensor, Tensor] | None = None,
+                    coarse: CoarseVariant = DEFAULT_COARSE) -> tuple[Tensor, dict[str, dict[str, Tensor]]]:
     """One teacher-forced forward -> (logits [1, seq, vocab], {phase: signals}) for the phases
     asked for that the document defines. Gradients flow unless the caller disables them.
     p1_spans: (this model's token char spans, shared unit spans) maps Phase-1 rows onto shared
-    units (a student whose tokenizer differs from the teacher's)."""
+    units (a student whose tokenizer differs from the teacher's). coarse: the Phase-1 sharpness
+    (its keys and kind; config heads.coarse, the variant that ranked the heads)."""
     device = next(model.parameters()).device
     ids = ex.input_ids[None].to(device)
     active = [p for p in phases if p in pools and has_phase(ex, p)]
@@ -165,10 +167,12 @@ def forward_signals(model: nn.Module, ex: Example, pools: dict[str, HeadPool], t
     signals: dict[str, dict[str, Tensor]] = {}
     if early:
         centroid = anchor_centroid(model.lm_head.weight, ex.anchor_token_ids)  # [d], own unembedding
+        document = ex.document_positions if coarse.keys == "document" else None
+        key_mask = coarse_key_mask(torch.tensor([early], device=device), len(ex.input_ids), document)  # [1, nq, seq]
         signals["phase1"] = phase1_signals(model, cap.select_queries(range(len(early))), pools["phase1"], centroid,
-                                           spans=p1_spans)
+                                           key_mask=key_mask, spans=p1_spans, kind=coarse.sharpness)
     if refine:
-        grad = refine_margin_grad(model, residual.h[:, refine], ex.target_first, ex.nearmiss_first)  # [1, nr, d]
+        grad = refine_margin_grad(model, residual.h[:, refine], ex.target_tokens, ex.nearmiss_tokens)  # [1, nr, d]
         s_mask, n_mask = mention_masks(ex, device)
         signals["phase2"] = phase2_signals(model, cap.select_queries(range(len(early), len(early) + len(refine))),
                                            pools["phase2"], grad, s_mask, n_mask, tau)
@@ -176,18 +180,18 @@ def forward_signals(model: nn.Module, ex: Example, pools: dict[str, HeadPool], t
 
 
 @torch.no_grad()
-def mechanism_metrics(model: nn.Module, examples: list[Example], pools: dict[str, HeadPool], tau: float
-                      ) -> pd.DataFrame:
+def mechanism_metrics(model: nn.Module, examples: list[Example], pools: dict[str, HeadPool], tau: float,
+                      coarse: CoarseVariant = DEFAULT_COARSE) -> pd.DataFrame:
     """Sharpness, AnchorAlign (Phase 1) and LoopBack, Helpfulness (Phase 2) of the model's pooled heads,
-    per document: the mean over the document's valid positions of kurtosis, align, loopback and
-    helpfulness from `forward_signals` -> doc_id, metric, value. Runs in eval mode (the model's
-    mode is restored)."""
+    per document: the mean over the document's valid positions of sharpness (the `coarse` variant's:
+    its keys and kind), align, loopback and helpfulness from `forward_signals` -> doc_id, metric,
+    value. Runs in eval mode (the model's mode is restored)."""
     was_training = model.training
     model.eval()
     rows = []
     try:
         for ex in examples:
-            _, signals = forward_signals(model, ex, pools, tau)
+            _, signals = forward_signals(model, ex, pools, tau, coarse=coarse)
             for phase, names in MECHANISM_METRICS.items():
                 sig = signals.get(phase)
                 if sig is None or not sig["mask"].any():

@@ -5,33 +5,46 @@ the flat tensors ("{doc_id}/{name}") and one summary row per document; `save_tar
 (safetensors for the tensors, Parquet for the rows) and `load_targets` reads the tensors back,
 so training never needs the teacher in memory. `OnlineTargets` computes the same tensors on
 demand with the teacher in memory (`distill.targets: online`): both give the same loss.
+
+`interaction_scales` measures the teacher's interaction signals (Phase 1: kappa Align, Phase 2:
+QK OV) over a split's targets; the training split's values are stored with its tensors and divide
+the interaction differences in the losses, so those terms are O(1) whatever the sequence length
+(raw kurtosis grows with it) and the model's scale.
 """
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Iterable, Mapping
 
 import pandas as pd
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..characterize.scores import DEFAULT_COARSE, CoarseVariant
 from ..io import atomic_path, write_parquet
 from .objective import teacher_targets
 from .pools import HeadPool, pools_json
 from .signals import Example
 
 TABLE_COLUMNS = ["doc_id", "n_tokens", "n_cot", "n_early", "n_refine", "has_phase1", "has_phase2"]
+# The factors of each phase's interaction term in the targets, and the valid-position mask.
+INTERACTION_SIGNALS = {"phase1": ("p1.sharpness", "p1.align", "p1.mask"),
+                       "phase2": ("p2.loopback", "p2.helpfulness", "p2.mask")}
 
 
 def target_tensors(model: nn.Module, examples: list[Example], pools: dict[str, HeadPool], tau: float,
-                   top_k: int, desc: str = "teacher targets") -> tuple[dict[str, Tensor], pd.DataFrame]:
+                   top_k: int, desc: str = "teacher targets", coarse: CoarseVariant = DEFAULT_COARSE
+                   ) -> tuple[dict[str, Tensor], pd.DataFrame]:
     """({"{doc_id}/{name}": tensor}, one row per document: doc_id, n_tokens, n_cot, n_early,
-    n_refine, has_phase1, has_phase2)."""
+    n_refine, has_phase1, has_phase2). coarse: the Phase-1 sharpness (config heads.coarse)."""
     tensors, rows = {}, []
     for ex in tqdm(examples, desc=desc, unit="doc"):
-        t = teacher_targets(model, ex, pools, tau, top_k)
+        t = teacher_targets(model, ex, pools, tau, top_k, coarse=coarse)
         tensors.update({f"{ex.doc_id}/{k}": v.contiguous() for k, v in t.items()})
         rows.append(dict(doc_id=ex.doc_id, n_tokens=len(ex.input_ids), n_cot=len(t["topk_values"]),
                          n_early=len(t.get("p1.mask", [])), n_refine=len(t.get("p2.mask", [])),
@@ -39,29 +52,67 @@ def target_tensors(model: nn.Module, examples: list[Example], pools: dict[str, H
     return tensors, pd.DataFrame(rows, columns=TABLE_COLUMNS)
 
 
+def interaction_scales(targets: Iterable[Mapping[str, Tensor]]) -> dict[str, float]:
+    """{phase: RMS of the teacher's interaction signal} over every valid position of every document:
+
+        s1 = sqrt(mean_{d, q valid} (kappa^T_q Align^T_q)^2)     s2 = sqrt(mean_{d, t valid} (QK^T_t OV^T_t)^2)
+
+    targets: per-document target dicts (`teacher_targets`, or `by_document` of the flat tensors).
+    A phase with no valid position, or an RMS of 0, gets 1.0 (the raw term)."""
+    sums = {phase: [0.0, 0] for phase in INTERACTION_SIGNALS}
+    for t in targets:
+        for phase, (a, b, mask) in INTERACTION_SIGNALS.items():
+            if mask in t:
+                keep = t[mask].to(torch.bool)
+                sums[phase][0] += float((t[a][keep].double() * t[b][keep].double()).pow(2).sum())
+                sums[phase][1] += int(keep.sum())
+    rms = {phase: (total / n) ** 0.5 if n else 0.0 for phase, (total, n) in sums.items()}
+    return {phase: value if value > 0 else 1.0 for phase, value in rms.items()}
+
+
 def save_targets(tensors: dict[str, Tensor], table: pd.DataFrame, pools: dict[str, HeadPool], teacher: str,
-                 top_k: int, table_path: str | os.PathLike, tensors_path: str | os.PathLike) -> None:
-    """Write the tensors (safetensors, metadata: teacher, pools, top_k), then the table (the rule's
-    output, last), both atomically; the table gets the pools as a JSON column."""
+                 top_k: int, table_path: str | os.PathLike, tensors_path: str | os.PathLike,
+                 scales: Mapping[str, float] | None = None) -> None:
+    """Write the tensors (safetensors, metadata: teacher, pools, top_k, interaction_scales), then the
+    table (the rule's output, last), both atomically; the table gets the pools as a JSON column.
+    scales: `interaction_scales` of these targets (default: computed from them)."""
+    scales = dict(scales) if scales is not None else interaction_scales(by_document(tensors).values())
     with atomic_path(tensors_path) as tmp:
-        save_file(tensors, str(tmp), metadata={"teacher": teacher, "pools": pools_json(pools), "top_k": str(top_k)})
+        save_file(tensors, str(tmp), metadata={"teacher": teacher, "pools": pools_json(pools), "top_k": str(top_k),
+                                               "interaction_scales": json.dumps(scales)})
     write_parquet(table.assign(pools=pools_json(pools)), table_path)
+
+
+def by_document(tensors: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    """Flat {"{doc_id}/{name}": tensor} -> {doc_id: {name: tensor}}."""
+    out: dict[str, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        doc_id, name = key.split("/", 1)
+        out.setdefault(doc_id, {})[name] = value
+    return out
 
 
 def load_targets(tensors_path: str | os.PathLike) -> dict[str, dict[str, Tensor]]:
     """targets/{split}.safetensors -> {doc_id: {name: tensor}}."""
-    by_doc: dict[str, dict[str, Tensor]] = {}
-    for key, value in load_file(str(tensors_path)).items():
-        doc_id, name = key.split("/", 1)
-        by_doc.setdefault(doc_id, {})[name] = value
-    return by_doc
+    return by_document(load_file(str(tensors_path)))
+
+
+def load_interaction_scales(tensors_path: str | os.PathLike) -> dict[str, float]:
+    """The `interaction_scales` stored with targets/{split}.safetensors (from its metadata)."""
+    with safe_open(str(tensors_path), "pt") as f:
+        stored = (f.metadata() or {}).get("interaction_scales")
+    if stored is None:
+        raise ValueError(f"{tensors_path}: no interaction_scales in its metadata (written before they were "
+                         "stored): rerun teacher_targets")
+    return {phase: float(v) for phase, v in json.loads(stored).items()}
 
 
 class OnlineTargets:
     """Teacher targets computed on demand by a teacher in memory (distill.targets: online)."""
 
-    def __init__(self, model: nn.Module, pools: dict[str, HeadPool], tau: float, top_k: int) -> None:
-        self.model, self.pools, self.tau, self.top_k = model, pools, tau, top_k
+    def __init__(self, model: nn.Module, pools: dict[str, HeadPool], tau: float, top_k: int,
+                 coarse: CoarseVariant = DEFAULT_COARSE) -> None:
+        self.model, self.pools, self.tau, self.top_k, self.coarse = model, pools, tau, top_k, coarse
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.examples: dict[str, Example] = {}
@@ -70,4 +121,4 @@ class OnlineTargets:
         self.examples.update({e.doc_id: e for e in examples})
 
     def __call__(self, doc_id: str) -> dict[str, torch.Tensor]:
-        return teacher_targets(self.model, self.examples[doc_id], self.pools, self.tau, self.top_k)
+        return teacher_targets(self.model, self.examples[doc_id], self.pools, self.tau, self.top_k, coarse=self.coarse)

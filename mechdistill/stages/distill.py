@@ -13,12 +13,21 @@ from pathlib import Path
 import pandas as pd
 
 from .. import paths
+from ..characterize.scores import CoarseVariant
 from ..distill.methods import check_methods, grid_point, method_grid, resolve_method
 from ..distill.objective import student_loss
 from ..distill.pools import HeadPool, model_pools
 from ..distill.selection import copy_file, link_dir, make_criterion, select_point
 from ..distill.signals import make_examples, mechanism_metrics
-from ..distill.targets import OnlineTargets, load_targets, save_targets, target_tensors
+from ..distill.targets import (
+    OnlineTargets,
+    by_document,
+    interaction_scales,
+    load_interaction_scales,
+    load_targets,
+    save_targets,
+    target_tensors,
+)
 from ..distill.trainer import Criterion, train, train_config, zero3_config
 from ..errors import ConfigError
 from ..evaluate.xmc import macro_f1
@@ -52,11 +61,13 @@ def run_teacher_targets(config: dict, dataset: str, split: str, *, inputs: dict[
     examples = make_examples(tokenizer, read_split(inputs, settings.get("max_docs")),
                              teacher)
     tensors, table = target_tensors(model, examples, pools, config["heads"]["tau"], settings["top_k"],
-                                    desc=f"teacher targets {teacher}")
+                                    desc=f"teacher targets {teacher}", coarse=CoarseVariant(**config["heads"]["coarse"]))
+    scales = interaction_scales(by_document(tensors).values())
     tensors_path = tensors_path or paths.targets_tensors(dataset, teacher, split)
     save_targets(tensors, table, pools, teacher, settings["top_k"], out_path or paths.targets(dataset, teacher, split),
-                 tensors_path)
-    log.info("teacher targets: %d documents, %.1f MB of tensors", len(table), os.path.getsize(tensors_path) / 2**20)
+                 tensors_path, scales)
+    log.info("teacher targets: %d documents, %.1f MB of tensors; interaction scales (RMS of the teacher's "
+             "kappa*Align, QK*OV) %s", len(table), os.path.getsize(tensors_path) / 2**20, scales)
 
 
 def run_distill(config: dict, dataset: str, student: str, method_name: str, point: str | None = None, *,
@@ -88,6 +99,7 @@ def run_distill(config: dict, dataset: str, student: str, method_name: str, poin
         run_select_distill(config, dataset, student, method_name)
         return
     settings, teacher, tau = config["distill"], config["teacher"], config["heads"]["tau"]
+    coarse = CoarseVariant(**config["heads"]["coarse"])
     check_methods(config["methods"], settings["select"]["criterion"])
     inputs = {split: {**paths.split_files(dataset, teacher, split), **((inputs or {}).get(split) or {})}
               for split in ("train", "val")}
@@ -105,14 +117,18 @@ def run_distill(config: dict, dataset: str, student: str, method_name: str, poin
         teacher_model, teacher_tok = load_model(config, teacher, device=settings["train"]["device"],
                                                 dtype=settings["teacher_dtype"])
         online = OnlineTargets(teacher_model, _pools(config, teacher_model, dataset, teacher, teacher_coarse,
-                                                           teacher_refine), tau, settings["top_k"])
+                                                           teacher_refine), tau, settings["top_k"], coarse)
         for split in splits:
             online.add(make_examples(teacher_tok, splits[split], teacher))
         get_targets = {split: online for split in splits}
+        scales = interaction_scales(online(doc_id) for doc_id in splits["train"].anchors["doc_id"]
+                                    if doc_id in online.examples)
     else:
-        loaded = {"train": load_targets(train_targets_path or paths.targets_tensors(dataset, teacher, "train")),
+        train_path = train_targets_path or paths.targets_tensors(dataset, teacher, "train")
+        loaded = {"train": load_targets(train_path),
                   "val": load_targets(val_targets_path or paths.targets_tensors(dataset, teacher, "val"))}
         get_targets = {split: loaded[split].__getitem__ for split in splits}
+        scales = load_interaction_scales(train_path)  # the training targets' scale, for train and val alike
     batches = {split: [(ex, split) for ex in examples[split]] for split in examples}
     if not batches["train"]:
         raise ConfigError(f"distill {student}/{method_name}: no training example (all CoTs empty?)")
@@ -121,7 +137,7 @@ def run_distill(config: dict, dataset: str, student: str, method_name: str, poin
     def loss_fn(model, batch):
         ex, split = batch
         return student_loss(model, ex, get_targets[split](ex.doc_id), pools, method, tau, settings["temperature"],
-                            weights)
+                            weights, coarse=coarse, scales=scales)
 
     def train_batches(epoch: int):
         order = list(batches["train"])
@@ -131,13 +147,13 @@ def run_distill(config: dict, dataset: str, student: str, method_name: str, poin
     criterion_name = settings["select"]["criterion"]
     criterion = (_macro_f1_criterion(config, dataset, student, where, splits["val"], tokenizer)
                  if criterion_name == "val_macro_f1" else make_criterion(criterion_name))
-    log.info("distill %s with %s at grid point %s (switches %s, weights %s): %d train / %d val documents, "
-             "pools %s, %d steps, best step by %s every %s steps", student, method_name, point,
-             method.switches or "all on", weights, len(batches["train"]), len(batches["val"]),
+    log.info("distill %s with %s at grid point %s (switches %s, weights %s, interaction scales %s): %d train / "
+             "%d val documents, pools %s, %d steps, best step by %s every %s steps", student, method_name, point,
+             method.switches or "all on", weights, scales, len(batches["train"]), len(batches["val"]),
              {p: len(pool.heads) for p, pool in pools.items()}, tcfg.max_steps, criterion_name,
              tcfg.eval_every or tcfg.max_steps)
     scored = examples["train"] + examples["val"]  # val alone rarely has refinement positions on small data
-    before = mechanism_metrics(model, scored, pools, tau)
+    before = mechanism_metrics(model, scored, pools, tau, coarse)
     result = train(model, loss_fn, train_batches, tcfg, model_dir or paths.student_model_dir(dataset, student, where),
                    val_batches=batches["val"] or None, tokenizer=tokenizer,
                    log_path=log_path or paths.train_log(dataset, student, where),
@@ -149,7 +165,7 @@ def run_distill(config: dict, dataset: str, student: str, method_name: str, poin
              point, result.steps, time.perf_counter() - started, float(train_log["loss"].iloc[0]),
              float(train_log["loss"].iloc[-1]), result.best.step if result.best else result.steps,
              f"{criterion_name} {result.best.value:.4f}" if result.best else "no validation: the last step")
-    after = mechanism_metrics(model, scored, pools, tau)  # the saved weights (restored; DeepSpeed: the last)
+    after = mechanism_metrics(model, scored, pools, tau, coarse)  # the saved weights (restored; DeepSpeed: the last)
     change = pd.concat([before.assign(when="before"), after.assign(when="after")], ignore_index=True)
     write_parquet(change, mechanism_path or paths.mechanism(dataset, student, where))
     means = change.groupby(["metric", "when"])["value"].mean().unstack()

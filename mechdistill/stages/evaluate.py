@@ -32,6 +32,7 @@ import pandas as pd
 
 from .. import paths
 from ..anchors.embed import SentenceEmbedder
+from ..characterize.scores import CoarseVariant
 from ..distill.methods import method_kinds
 from ..distill.pools import model_pools
 from ..distill.signals import make_examples, mechanism_metrics
@@ -129,7 +130,8 @@ def run_evaluate(config: dict, dataset: str, student: str, method: str, *,
     pools = model_pools(config["distill"]["pools"], model, p["student_coarse"], p["student_refine"])
     test_split = read_split({"docs": p["test_docs"], "prompts": p["test_prompts"], "cot": p["teacher_test_cot"],
                              "anchors": p["test_anchors"], "labels": p["labels"]})
-    frames.append(mechanism_metrics(model, make_examples(tokenizer, test_split, student), pools, config["heads"]["tau"]))
+    frames.append(mechanism_metrics(model, make_examples(tokenizer, test_split, student), pools, config["heads"]["tau"],
+                                    CoarseVariant(**config["heads"]["coarse"])))
 
     out = pd.concat(frames, ignore_index=True)
     out.insert(0, "method", method)

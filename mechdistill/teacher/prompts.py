@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import numpy as np
 import pandas as pd
@@ -82,6 +83,32 @@ def build_messages(user_prompt: str, system: str, exemplar: tuple[str, str] | No
     if exemplar is not None:
         messages += [{"role": "user", "content": exemplar[0]}, {"role": "assistant", "content": exemplar[1]}]
     return messages + [{"role": "user", "content": user_prompt}]
+
+
+DOCUMENT_HEADER = "Document:"
+
+
+def document_char_span(rendered_prompt: str, messages: list[dict]) -> tuple[int, int]:
+    """[start, end) characters of the final user message's document and candidate list in the
+    rendered prompt: from its "Document:" line (`format_user_prompt`) through the end of the
+    message (the candidate list closes it). The instruction, system prompt, exemplar turns and the
+    chat template's own text lie outside. The part is searched from the end of the rendered text,
+    so an exemplar's identical document is never the one found. Raises ValueError naming what is
+    missing (no user message, no "Document:" line, or a chat template that rewrote the text)."""
+    users = [m["content"] for m in messages if m.get("role") == "user"]
+    if not users:
+        raise ValueError("document_char_span: the chat has no user message")
+    content = users[-1]
+    header = re.search(rf"(?m)^{re.escape(DOCUMENT_HEADER)}$", content)
+    if header is None:
+        raise ValueError(f"document_char_span: the last user message has no {DOCUMENT_HEADER!r} line "
+                         f"(prompts.format_user_prompt writes one); it starts {content[:80]!r}")
+    part = content[header.start():].rstrip()
+    start = rendered_prompt.rfind(part)
+    if start < 0:
+        raise ValueError("document_char_span: the last user message's document is not in the rendered prompt "
+                         "verbatim (the chat template changed its text)")
+    return start, start + len(part)
 
 
 def render_prompt(tokenizer, messages: list[dict]) -> str:

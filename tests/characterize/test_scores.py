@@ -105,14 +105,14 @@ def test_coarse_components_by_hand_and_padding_invariance():
     writes = torch.randn(b, nq, H, d, generator=g, dtype=D)
     centroid = torch.randn(b, d, generator=g, dtype=D)
     qmask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
-    out = scores.coarse_score_components(rows, writes, centroid, qmask)
+    out = scores.coarse_score_components(rows, writes, centroid, qmask, kind="kurtosis")
     # by hand, loop over example/head/query
     for i in range(b):
         for h in range(H):
             qs = [q for q in range(nq) if qmask[i, q]]
             ks = [scores.excess_kurtosis(rows[i, h, q]).item() for q in qs]
             cs = [torch.nn.functional.cosine_similarity(writes[i, q, h], centroid[i], dim=0).item() for q in qs]
-            assert out["kurtosis"][i, h].item() == pytest.approx(sum(ks) / len(qs))
+            assert out["sharpness"][i, h].item() == pytest.approx(sum(ks) / len(qs))
             assert out["alignment"][i, h].item() == pytest.approx(sum(cs) / len(qs))
             assert out["coarse"][i, h].item() == pytest.approx(sum(a * c for a, c in zip(ks, cs)) / len(qs))
     assert out["n_queries"].tolist() == [3, 2]
@@ -124,8 +124,8 @@ def test_coarse_components_by_hand_and_padding_invariance():
     qmask_p = torch.cat([qmask, torch.zeros(b, 2, dtype=torch.bool)], 1)
     kmask_p = torch.zeros(b, nq + 2, k + 3, dtype=torch.bool)
     kmask_p[:, :, :k] = True
-    out_p = scores.coarse_score_components(rows_p, writes_p, centroid, qmask_p, kmask_p)
-    for key in ("kurtosis", "alignment", "coarse", "n_queries"):
+    out_p = scores.coarse_score_components(rows_p, writes_p, centroid, qmask_p, kmask_p, kind="kurtosis")
+    for key in ("sharpness", "alignment", "coarse", "n_queries"):
         assert torch.allclose(out_p[key], out[key]), key
 
     empty = scores.coarse_score_components(rows, writes, centroid, torch.zeros(b, nq, dtype=torch.bool))
@@ -279,7 +279,7 @@ def test_refine_components_mean_of_products_and_padding_invariance():
             o = [ov[i, h, t].item() for t in ts]
             assert out["qk"][i, h].item() == pytest.approx(sum(a) / 2)
             assert out["ov"][i, h].item() == pytest.approx(sum(o) / 2)
-            assert out["refine"][i, h].item() == pytest.approx((a[0] * o[0] + a[1] * o[1]) / 2)
+            assert out["refine_mean_product"][i, h].item() == pytest.approx((a[0] * o[0] + a[1] * o[1]) / 2)
     cos = scores.refine_score_components(q, k, A, V, S, N, grad, pos, scale, tau, cosine=True)
     assert (cos["ov"].abs() <= 1).all()
 
@@ -308,7 +308,7 @@ def test_refine_gradients_finite_with_nan_positions():
     q.requires_grad_(True)
     V.requires_grad_(True)
     out = scores.refine_score_components(q, k, A, V, S, N, grad, pos, 0.5, 0.1, cosine=True)
-    out["refine"].sum().backward()
+    out["refine_mean_product"].sum().backward()
     assert torch.isfinite(q.grad).all() and torch.isfinite(V.grad).all()
 
 
@@ -322,15 +322,142 @@ def test_weighted_mean_ignores_nan_and_head_table():
     assert scores.weighted_mean(values, n).tolist() == pytest.approx([3.0, 2.0])
     assert math.isnan(scores.weighted_mean(torch.full((2, 1), float("nan"), dtype=D), torch.tensor([1, 1]))[0].item())
 
-    per = {"coarse": values, "kurtosis": values * 2, "n_queries": n}
-    df = scores.head_table(per, n, score="coarse")
-    assert list(df.columns) == ["head", "score", "kurtosis", "n_queries"]
-    assert df["score"].tolist() == pytest.approx([3.0, 2.0])
-    assert df["kurtosis"].tolist() == pytest.approx([6.0, 4.0])
+    per = {"coarse_all_kurtosis": values, "sharpness_all_kurtosis": values * 2, "n_queries": n}
+    df = scores.head_table(per, n, score="coarse_all_kurtosis")
+    assert list(df.columns) == ["head", "score", "score_variant", "coarse_all_kurtosis", "sharpness_all_kurtosis",
+                                "n_queries"]
+    assert df["score"].tolist() == df["coarse_all_kurtosis"].tolist() == pytest.approx([3.0, 2.0])
+    assert set(df["score_variant"]) == {"coarse_all_kurtosis"}
+    assert df["sharpness_all_kurtosis"].tolist() == pytest.approx([6.0, 4.0])
     assert df["n_queries"].tolist() == [3, 2]
 
-    layered = {"refine": torch.arange(12, dtype=D).reshape(2, 2, 3)}  # [E, L, H]
-    df2 = scores.head_table(layered, torch.tensor([1, 3]), score="refine", count_name="n_positions")
-    assert list(df2.columns) == ["layer", "head", "score", "n_positions"]
+    layered = {"x": torch.arange(12, dtype=D).reshape(2, 2, 3)}  # [E, L, H]
+    df2 = scores.head_table(layered, torch.tensor([1, 3]), score="x", count_name="n_positions")
+    assert list(df2.columns) == ["layer", "head", "score", "score_variant", "x", "n_positions"]
     assert df2[["layer", "head"]].values.tolist() == [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]]
     assert df2["score"].tolist() == pytest.approx([(0 + 3 * 6) / 4 + i for i in range(6)])
+    with pytest.raises(KeyError, match="refine_product"):
+        scores.head_table(layered, torch.tensor([1, 3]), score="refine_product")
+
+
+# ---------------------------------------------------------------- sharpness variants (heads.coarse)
+
+
+def _spike_row(n: int, share: float, at: int = 0) -> torch.Tensor:
+    """`share` of the mass on key `at`, the rest spread evenly over the other n - 1 keys."""
+    p = torch.full((n,), (1 - share) / (n - 1), dtype=D)
+    p[at] = share
+    return p
+
+
+def test_normalized_kurtosis_closed_forms_and_scipy():
+    for n in (4, 64):
+        assert scores.normalized_kurtosis(torch.full((n,), 1.0 / n, dtype=D)).item() == 0.0  # uniform
+        one_hot = torch.zeros(n, dtype=D)
+        one_hot[1] = 1.0
+        # m4 / (n m2^2) with m2 = (n-1)/n^2, m4 = ((n-1)^4 + (n-1))/n^5 (see the one-hot kurtosis test)
+        closed = ((n - 1) ** 3 + 1) / (n * n * (n - 1))
+        assert scores.normalized_kurtosis(one_hot, eps=0.0).item() == pytest.approx(closed, rel=1e-12)
+    g = torch.Generator().manual_seed(4)
+    p = torch.softmax(3 * torch.randn(3, 9, generator=g, dtype=D), -1)
+    mask = torch.rand(3, 9, generator=g) > 0.3
+    out = scores.normalized_kurtosis(p, eps=0.0, mask=mask)
+    for i in range(3):
+        sub = p[i][mask[i]].numpy()
+        assert out[i].item() == pytest.approx(scipy.stats.kurtosis(sub, fisher=False, bias=True) / len(sub), rel=1e-10)
+    assert torch.equal(scores.sharpness(p, "kurtosis", mask=mask), scores.excess_kurtosis(p, mask=mask))
+    with pytest.raises(ValueError, match="normalized"):
+        scores.sharpness(p, "pearson")
+
+
+def test_normalized_sharpness_does_not_grow_with_the_number_of_keys():
+    raw = [scores.excess_kurtosis(_spike_row(n, 0.9)).item() for n in (1000, 8000)]
+    norm = [scores.normalized_kurtosis(_spike_row(n, 0.9)).item() for n in (1000, 8000)]
+    assert raw[1] > 7 * raw[0]                           # raw kurtosis ~ n: length, not shape
+    assert norm[1] == pytest.approx(norm[0], rel=0.10)
+    # kurtosis is shift- and scale-free: one key apart from a flat rest scores as a one-hot row,
+    # whatever its share (so ~1 here, not 0.9^2)
+    for n in (1000, 8000):
+        closed = ((n - 1) ** 3 + 1) / (n * n * (n - 1))
+        assert scores.normalized_kurtosis(_spike_row(n, 0.9), eps=0.0).item() == pytest.approx(closed, rel=1e-9)
+        assert scores.normalized_kurtosis(_spike_row(n, 0.2), eps=0.0).item() == pytest.approx(closed, rel=1e-9)
+
+
+def test_coarse_key_mask_causal_and_document():
+    qpos = torch.tensor([[2, 5]])
+    causal = scores.coarse_key_mask(qpos, 7)
+    assert causal[0].int().tolist() == [[1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 0]]
+    doc = scores.coarse_key_mask(qpos, 7, [1, 2, 3, 6])
+    assert doc[0].int().tolist() == [[0, 1, 1, 0, 0, 0, 0], [0, 1, 1, 1, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("kind", ["kurtosis", "normalized"])
+def test_document_keys_rank_a_sink_below_a_document_focused_head(kind):
+    """Head 0 puts 0.9 of its attention on BOS (an attention sink) and spreads the rest evenly;
+    head 1 puts 0.6 on three document tokens. Over all keys the sink is the sharper row; over the
+    document's keys only, the sink head is flat there and the document-focused head wins."""
+    n, document, query = 300, list(range(20, 200)), 299
+    sink = _spike_row(n, 0.9, at=0)
+    focused = torch.full((n,), 0.4 / (n - 3), dtype=D)
+    focused[[40, 90, 150]] = 0.2
+    rows = torch.stack([sink, focused])[None, :, None, :]                   # [1, H=2, nq=1, n]
+    centroid = torch.tensor([[1.0, 0.0]], dtype=D)
+    writes = torch.tensor([[[[1.0, 0.0], [1.0, 0.0]]]], dtype=D)            # cos = 1: coarse = sharpness
+    qpos = torch.tensor([[query]])
+    masks = {"all": scores.coarse_key_mask(qpos, n), "document": scores.coarse_key_mask(qpos, n, document)}
+    out = scores.coarse_variants(rows, writes, centroid, torch.ones(1, 1, dtype=torch.bool), masks)
+    by_all, by_doc = out[f"coarse_all_{kind}"][0], out[f"coarse_document_{kind}"][0]
+    assert by_all[0] > by_all[1] and by_doc[0] < by_doc[1]
+
+    def reference(x):  # numpy moments of the kept keys, eps as documented (absolute / relative to 1/n)
+        dev = x - x.mean()
+        m2, m4 = (dev**2).mean(), (dev**4).mean()
+        return m4 / (m2 + 1e-6) ** 2 - 3 if kind == "kurtosis" else m4 / (len(x) * (m2 + 1e-6 / len(x)) ** 2)
+
+    for h, row in enumerate((sink, focused)):
+        for got, keys in ((by_all, list(range(n))), (by_doc, document)):
+            assert got[h].item() == pytest.approx(reference(row[keys].numpy()), rel=1e-9, abs=1e-9)
+    assert torch.equal(out[f"sharpness_document_{kind}"], out[f"coarse_document_{kind}"])
+    assert set(out) == {v.name for v in scores.COARSE_VARIANTS} | {v.sharpness_name for v in scores.COARSE_VARIANTS} \
+        | {"alignment", "n_queries"}
+
+
+def test_coarse_variant_names_and_validation():
+    assert scores.CoarseVariant().name == "coarse_document_normalized"
+    assert scores.CoarseVariant("all", "kurtosis").sharpness_name == "sharpness_all_kurtosis"
+    with pytest.raises(ValueError, match="keys"):
+        scores.CoarseVariant("prompt", "normalized")
+    assert scores.refine_variant("both_positive") == "refine_both_positive"
+    with pytest.raises(ValueError, match="product"):
+        scores.refine_variant("mean")
+
+
+# ---------------------------------------------------------------- RefineScore rankings (heads.refine)
+
+
+def test_refine_score_is_the_product_of_means_over_positions_and_documents():
+    """One head, two documents. Per refinement position (QK_t, OV_t): document A has one position
+    (1, 2); document B two, (3, -1) and (-1, 1). Over the 3 positions: mean QK = (1 + 3 - 1) / 3 = 1,
+    mean OV = (2 - 1 + 1) / 3 = 2/3, so RefineScore = 2/3; the mean of the per-position products is
+    (2 - 3 - 1) / 3 = -2/3 (the sign flips)."""
+    per_example = {"qk": torch.tensor([[1.0], [1.0]], dtype=D),                # per-document means
+                   "ov": torch.tensor([[2.0], [0.0]], dtype=D),
+                   "refine_mean_product": torch.tensor([[2.0], [-2.0]], dtype=D),
+                   "n_positions": torch.tensor([1, 2])}
+    table = scores.head_table(per_example, torch.tensor([1, 2]), score="refine_product", count_name="n_positions",
+                              derived=lambda m: scores.refine_rankings(m["qk"], m["ov"]))
+    row = table.iloc[0]
+    assert row["qk"] == pytest.approx(1.0) and row["ov"] == pytest.approx(2 / 3)
+    assert row["score"] == row["refine_product"] == pytest.approx(2 / 3)
+    assert row["refine_mean_product"] == pytest.approx(-2 / 3)
+    assert row["refine_both_positive"] == pytest.approx(2 / 3) and row["n_positions"] == 3
+    assert row["score_variant"] == "refine_product"
+
+
+def test_both_positive_scores_zero_for_a_head_negative_on_qk_and_ov():
+    qk = torch.tensor([-0.5, 0.5, 0.5, float("nan")], dtype=D)
+    ov = torch.tensor([-2.0, 2.0, -2.0, 1.0], dtype=D)
+    out = scores.refine_rankings(qk, ov)
+    assert out["refine_product"][:3].tolist() == [1.0, 1.0, -1.0]               # head 0: > 0 by the product
+    assert out["refine_both_positive"][:3].tolist() == [0.0, 1.0, 0.0]           # ... but 0 here
+    assert math.isnan(out["refine_product"][3]) and math.isnan(out["refine_both_positive"][3])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -18,7 +19,9 @@ from tests.helpers import tiny_llama
 NOTE = "Note: progressive dyspnea, EF 35%, chronic systolic heart failure."
 COT = (" The work-up focused on heart failure. Chronic systolic [I50.22] fits rather than diastolic [I50.32];"
        " so systolic [I50.22] rather than diastolic [I50.32] here.")
-MESSAGES = json.dumps([{"role": "user", "content": NOTE}])
+MESSAGES = json.dumps([{"role": "user", "content": f"Code the note.\n\nDocument:\n{NOTE}\n\nCandidate labels:\n"
+                                                  "- Chronic systolic heart failure [I50.22]\n"
+                                                  "- Chronic diastolic heart failure [I50.32]"}])
 TAU, TEMPERATURE = 0.0, 2.0
 
 
@@ -207,3 +210,64 @@ def test_method_kinds():
     assert resolve_method("mine", {"base": "vanilla", "kind": "ours"}).switches == METHODS["vanilla"].switches
     with pytest.raises(ValueError, match="kind must be one of"):
         Method("x", kind="teacher")
+
+
+def _sharp_attention(vocab: int, seed: int, factor: float = 30.0):
+    """A tiny LLaMA whose q and k projections are scaled up: peaked attention rows, as in trained models
+    (the random init attends almost uniformly, so every kurtosis would be ~ -3)."""
+    model = tiny_llama(vocab, seed=seed)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(factor)
+            layer.self_attn.k_proj.weight.mul_(factor)
+    return model
+
+
+@pytest.mark.parametrize("keys", ["all", "document"])
+@pytest.mark.parametrize("kind", ["kurtosis", "normalized"])
+def test_phase1_sharpness_is_the_chosen_variant_of_the_pooled_row(byte_tok, ex, keys, kind):
+    """p1.sharpness against eager attention: the pool's weighted row, moments over the chosen keys only."""
+    from mechdistill.characterize.scores import CoarseVariant
+    from mechdistill.distill.signals import forward_signals
+
+    model = _sharp_attention(len(byte_tok), seed=0)
+    assert ex.document_positions and max(ex.document_positions) < ex.cot_start
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        _, signals = forward_signals(model, ex, pools(0), TAU, coarse=CoarseVariant(keys, kind))
+        attn = model(ex.input_ids[None], output_attentions=True).attentions
+    pool = pools(0)["phase1"]
+    for i, q in enumerate(ex.early_queries):
+        row = sum(w * attn[layer][0, h, q, : q + 1].double() for (layer, h), w in zip(pool.heads, pool.weights.tolist()))
+        p = row[ex.document_positions] if keys == "document" else row
+        dev = p - p.mean()
+        m2, m4, n = float((dev**2).mean()), float((dev**4).mean()), len(p)
+        expected = m4 / (m2 + 1e-6) ** 2 - 3 if kind == "kurtosis" else m4 / (n * (m2 + 1e-6 / n) ** 2)
+        assert float(signals["phase1"]["sharpness"][0, i]) == pytest.approx(expected, rel=2e-3, abs=1e-5)
+
+
+def test_interaction_terms_in_units_of_the_teacher_scale(byte_tok, ex):
+    """Peaked attention: the raw Phase-1 interaction under raw kurtosis is ~100x the CE (the demo's
+    6000 vs 14) and ~1/1000 of it under normalized kurtosis; divided by the teacher's RMS of
+    kappa*Align (resp. QK*OV) both are O(1), like the other terms."""
+    from mechdistill.characterize.scores import CoarseVariant
+    from mechdistill.distill.targets import interaction_scales
+
+    teacher, student = _sharp_attention(len(byte_tok), seed=0), _sharp_attention(len(byte_tok), seed=4)
+    for variant in (CoarseVariant("all", "kurtosis"), CoarseVariant("document", "normalized")):
+        targets = teacher_targets(teacher, ex, pools(0), TAU, top_k=8, coarse=variant)
+        scales = interaction_scales([targets])
+        for phase, (a, b) in {"phase1": ("p1.sharpness", "p1.align"), "phase2": ("p2.loopback", "p2.helpfulness")}.items():
+            mask = targets[f"{a[:2]}.mask"].numpy()
+            values = (targets[a].double().numpy() * targets[b].double().numpy())[mask]
+            assert scales[phase] == pytest.approx(float(np.sqrt(np.mean(values**2))), rel=1e-9)
+        raw = student_loss(student, ex, targets, pools(1), METHODS["mech"], TAU, TEMPERATURE, coarse=variant)
+        scaled = student_loss(student, ex, targets, pools(1), METHODS["mech"], TAU, TEMPERATURE, coarse=variant,
+                              scales=scales)
+        for phase in ("phase1", "phase2"):
+            term = f"{phase}.interaction"
+            assert float(scaled[term]) == pytest.approx(float(raw[term]) / scales[phase] ** 2, rel=1e-4)
+            assert 0.01 * float(scaled["cot.ce"]) < float(scaled[term]) < 10 * float(scaled["cot.ce"]), (variant, term)
+        assert float(scaled["phase1.write"]) == float(raw["phase1.write"])          # only the interactions change
+        ratio = float(raw["phase1.interaction"]) / float(raw["cot.ce"])
+        assert ratio > 10 if variant.sharpness == "kurtosis" else ratio < 0.01

@@ -1,0 +1,35 @@
+"""Teacher targets on disk (mechdistill.distill.targets): tensors, table and the interaction scales."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from mechdistill.distill.pools import HeadPool
+from mechdistill.distill.targets import (
+    interaction_scales,
+    load_interaction_scales,
+    load_targets,
+    save_targets,
+)
+
+
+def test_interaction_scales_by_hand_and_stored_with_the_tensors(tmp_path):
+    t = torch.tensor
+    docs = {  # Phase 1 kappa*Align over valid queries: 2*0.5 = 1, 4*0.5 = 2 (doc a), 3*-1 = -3 (doc b; 100 masked)
+        "a": {"p1.sharpness": t([2.0, 4.0, 9.0]), "p1.align": t([0.5, 0.5, 9.0]), "p1.mask": t([True, True, False])},
+        "b": {"p1.sharpness": t([3.0, 10.0]), "p1.align": t([-1.0, 10.0]), "p1.mask": t([True, False])},
+    }
+    scales = interaction_scales(docs.values())
+    assert scales["phase1"] == pytest.approx(math.sqrt((1 + 4 + 9) / 3))
+    assert scales["phase2"] == 1.0                                  # no refinement position: the raw term
+    tensors = {f"{d}/{k}": v for d, sig in docs.items() for k, v in sig.items()}
+    pools = {"phase1": HeadPool(heads=[(0, 1)], weights=t([1.0]))}
+    table = pd.DataFrame({"doc_id": ["a", "b"]})
+    save_targets(tensors, table, pools, "teacher", 4, tmp_path / "t.parquet", tmp_path / "t.safetensors")
+    assert load_interaction_scales(tmp_path / "t.safetensors") == pytest.approx(scales)
+    assert torch.equal(load_targets(tmp_path / "t.safetensors")["b"]["p1.align"], docs["b"]["p1.align"])
+    assert interaction_scales([{"p1.sharpness": t([0.0]), "p1.align": t([1.0]), "p1.mask": t([True])}])["phase1"] == 1.0
