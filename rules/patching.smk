@@ -1,5 +1,5 @@
 # Activation patching of the teacher (Figs 5 and 8): denoising / noising of attention patterns of
-# cumulative bins of top-ranked heads vs count-matched random and lowest-ranked heads.
+# cumulative bins of top-ranked heads vs count-matched near-zero-score, most negative-score and random heads.
 
 
 rule patching:

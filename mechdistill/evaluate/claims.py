@@ -21,11 +21,13 @@ Claims and statistics (`CLAIMS`):
        bootstrap over heads (resample the scored heads with replacement, re-rank, recompute); p: a
        two-sided permutation test (random k-subsets of the scored heads).
  3, 4  Patching the top-ranked heads restores (denoising) and disrupts (noising) the phase's metric
-       more than count-matched random and lowest-ranked heads (Sec. 2, Figs 5 and 8). Per document:
-       the restoration / disruption fraction of the top set minus that of the control, averaged over
-       the bins k (`patching.effects.document_effects`); statistic: its mean over documents, CI:
-       percentile bootstrap over documents; expected > 0. Documents whose corruption moved the
-       metric by less than `patching.min_gap` have no fraction and do not count.
+       more than every count-matched control (`patching.head_sets.CONTROLS`: the heads whose score
+       is closest to 0, the most negative-score heads, random heads; Sec. 2, Figs 5 and 8). Per
+       document: the restoration / disruption fraction of the top set minus that of the control,
+       averaged over the bins k (`patching.effects.document_effects`); statistic: its mean over
+       documents, CI: percentile bootstrap over documents; expected > 0. Documents whose corruption
+       moved the metric by less than `patching.min_gap` have no fraction and do not count. The
+       detail of each test lists the summary's per-bin means and bootstrap CI widths of top and control.
  5-8   Mechanistic distillation raises Focus, lowers Confusion, raises LAS and macro-F1 over the
        best baseline (Sec. 4, Table 1): the ours row of `tables.build_table` (delta to the best
        method of kind "baseline", its paired-bootstrap CI and p).
@@ -46,6 +48,7 @@ import numpy as np
 import pandas as pd
 
 from ..patching.effects import document_effects
+from ..patching.head_sets import CONTROLS
 from ..stats import bootstrap_ci, percentile_interval
 from .tables import TABLE_COLUMNS, build_table
 from .xmc import RESAMPLE
@@ -53,7 +56,6 @@ from .xmc import RESAMPLE
 SUPPORTED, NOT_SUPPORTED, NOT_MEASURABLE = "supported", "not supported", "not measurable here"
 MIN_DOCS = 5
 LEVEL = 0.95
-CONTROLS = ("random", "lowest")
 EFFECT = {"denoise": "restoration", "noise": "disruption"}
 PHASE_OF_CLAIM = {1: "phase1", 2: "phase2", 3: "phase1", 4: "phase2"}
 SCORE_OF_PHASE = {"phase1": "CoarseScore", "phase2": "RefineScore"}
@@ -78,11 +80,13 @@ CLAIMS: dict[int, Claim] = {c.number: c for c in [
     Claim(2, "Phase 2 (RefineScore) heads sit in mid-to-late layers", "Sec. 2 (Phase 2), Eq. 3, Fig. 7 left",
           "mean relative depth of the top-k RefineScore heads minus that of all scored heads (expected > 0)"),
     Claim(3, "Patching the top CoarseScore heads restores (denoising) and disrupts (noising) Reasoning Focus "
-             "more than count-matched random and lowest-ranked heads", "Sec. 2 (Phase 1), Fig. 5",
+             "more than count-matched near-zero-score, most negative-score and random heads",
+          "Sec. 2 (Phase 1), Fig. 5",
           "per document, top-set minus control restoration / disruption averaged over bins; mean over documents "
           "(expected > 0)"),
     Claim(4, "Patching the top RefineScore heads restores (denoising) and disrupts (noising) Near-Miss "
-             "Confusion more than count-matched random and lowest-ranked heads", "Sec. 2 (Phase 2), Fig. 8",
+             "Confusion more than count-matched near-zero-score, most negative-score and random heads",
+          "Sec. 2 (Phase 2), Fig. 8",
           "per document, top-set minus control restoration / disruption averaged over bins; mean over documents "
           "(expected > 0)"),
     Claim(5, "Mechanistic distillation raises Reasoning Focus over the best baseline", "Sec. 4 RQ1, Table 1 (Foc)",
@@ -248,15 +252,19 @@ def _gap_note(runs: pd.DataFrame, pairs: pd.DataFrame | None, min_gap: float) ->
 
 
 def _by_bin(summary: pd.DataFrame | None, direction: str, control: str) -> str:
-    """The summary's mean effect of top vs control per bin, e.g. "k=3: 0.70 vs -0.09"."""
+    """The summary's mean effect and bootstrap CI width of top vs control per bin, e.g.
+    "k=3: 0.70 (CI width 1.91) vs -0.09 (0.22)"."""
     if summary is None or summary.empty:
         return ""
     part = summary[(summary["direction"] == direction) & (summary["metric"] == EFFECT[direction])]
-    wide = part.pivot_table(index="k", columns="head_set", values="effect", aggfunc="mean")
-    if "top" not in wide.columns or control not in wide.columns:
+    wide = part.pivot_table(index="k", columns="head_set", values=["effect", "ci_width"], aggfunc="mean",
+                            dropna=False)
+    if not {"top", control} <= set(part["head_set"]):
         return ""
-    return f"{EFFECT[direction]} top vs {control}: " + "; ".join(
-        f"k={k}: {wide.loc[k, 'top']:.2f} vs {wide.loc[k, control]:.2f}" for k in wide.index)
+    mean, width = wide["effect"], wide["ci_width"]
+    return f"{EFFECT[direction]} top vs {control}, mean (95% CI width) per bin: " + "; ".join(
+        f"k={k}: {mean.loc[k, 'top']:.2f} ({width.loc[k, 'top']:.2f}) vs {mean.loc[k, control]:.2f} "
+        f"({width.loc[k, control]:.2f})" for k in mean.index)
 
 
 def patching_claim(claim: int, dataset: str, runs: pd.DataFrame | None, pairs: pd.DataFrame | None = None,
@@ -281,6 +289,10 @@ def patching_claim(claim: int, dataset: str, runs: pd.DataFrame | None, pairs: p
                 why = "; ".join(sorted(set(pairs["reason"].astype(str)))) if pairs is not None and len(pairs) else ""
                 rows.append(_row(claim, dataset, test, control, **base,
                                  reason=f"no patched runs (no ranked head or no aligned pair{': ' + why if why else ''})"))
+                continue
+            if control not in set(runs["kind"]):
+                rows.append(_row(claim, dataset, test, control, **base,
+                                 reason=f"the runs have no {control} head set (made before it existed? rerun patching)"))
                 continue
             values = diffs.loc[(diffs["direction"] == direction) & (diffs["control"] == control), "diff"].to_numpy()
             mean, low, high = bootstrap_ci(values, n_resamples, LEVEL, seed)

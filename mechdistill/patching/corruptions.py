@@ -3,8 +3,9 @@
 Each corruption is token-aligned with the clean text (same number of tokens in the patched
 model's tokenizer), so attention patterns can be swapped position by position:
 
-- Phase 1 removes coarse semantic signal: every semantically loaded term (anchor surface forms,
-  terms a Phase-1 head peaks on) becomes a clinically empty word ("finding", "issue", ...);
+- Phase 1 removes coarse semantic signal: every semantically loaded term (anchor and gold-label
+  words, or the words all heads together attend to most) becomes a clinically empty word
+  ("finding", "issue", ...);
 - Phase 2 steers toward a near-miss: the words that tell the gold code from a sibling are
   swapped ("Chronic systolic heart failure" -> "Acute systolic heart failure"), plus optional
   explicit value swaps ({"EF 35%": "EF 55%"}).
@@ -194,8 +195,8 @@ def occurrences_in(text: str, terms: Iterable[str], region: tuple[int, int] | No
 
 def phase1_corruption(text: str, terms: Sequence[str], neutral_terms: Sequence[str] = NEUTRAL_TERMS,
                       tokenizer=None, pad: bool = True, region: tuple[int, int] | None = None) -> Corruption:
-    """Phase-1 corruption: replace every occurrence of the semantically loaded `terms` (anchor
-    surface forms, terms a Phase-1 head peaks on; case-insensitive, whole words) with a neutral term
+    """Phase-1 corruption: replace every occurrence of the semantically loaded `terms` (anchor and
+    gold-label words, or all-head peak terms; case-insensitive, whole words) with a neutral term
     keeping the document's token count in `tokenizer` (padding with neutral filler words if needed).
     `region` limits replacements to text[start:end] (the document inside a rendered prompt).
     """

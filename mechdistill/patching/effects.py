@@ -56,8 +56,8 @@ EFFECT_BY_DIRECTION = {"denoise": "restoration", "noise": "disruption"}
 def document_effects(runs: pd.DataFrame, min_gap: float = 0.01) -> pd.DataFrame:
     """Per-document effects from patched-run values (pandas DataFrame in, DataFrame out).
 
-    runs: one row per patched run with doc_id, direction (denoise | noise), kind (top | lowest |
-    random), k, seed, value, clean_value, corrupt_value. Random sets are averaged over seeds per
+    runs: one row per patched run with doc_id, direction (denoise | noise), kind (top or a control:
+    near_zero | most_negative | random), k, seed, value, clean_value, corrupt_value. Random sets are averaged over seeds per
     document first. Effects per (doc_id, direction, kind, k):
         denoise: restoration = (M_p - M_corrupt) / (M_clean - M_corrupt), relative_change vs M_corrupt
         noise:   disruption  = (M_clean - M_p) / (M_clean - M_corrupt), relative_change vs M_clean
@@ -83,20 +83,22 @@ def document_effects(runs: pd.DataFrame, min_gap: float = 0.01) -> pd.DataFrame:
 
 def summarize_effects(effects: pd.DataFrame, n_resamples: int = 1000, seed: int = 0) -> pd.DataFrame:
     """Mean effect over documents with a percentile bootstrap 95% CI, per (direction, kind, k, metric)
-    -> DataFrame: direction, head_set, k, metric, effect, ci_low, ci_high, n_docs."""
+    -> DataFrame: direction, head_set, k, metric, effect, ci_low, ci_high, ci_width (= ci_high -
+    ci_low: how much the documents say about that point), n_docs."""
     rows = []
     for (direction, kind, k, metric), group in effects.groupby(["direction", "kind", "k", "metric"], sort=True):
         mean, low, high = bootstrap_ci(group["effect"], n_resamples=n_resamples, seed=seed)
         rows.append(dict(direction=direction, head_set=kind, k=int(k), metric=metric, effect=mean,
-                         ci_low=low, ci_high=high, n_docs=int(group["effect"].notna().sum())))
+                         ci_low=low, ci_high=high, ci_width=high - low, n_docs=int(group["effect"].notna().sum())))
     return pd.DataFrame(rows, columns=["direction", "head_set", "k", "metric", "effect", "ci_low", "ci_high",
-                                       "n_docs"])
+                                       "ci_width", "n_docs"])
 
 
 def summarize_patching(runs: pd.DataFrame, phase: str, min_gap: float = 0.01, n_resamples: int = 1000,
                        seed: int = 0) -> pd.DataFrame:
     """The patching/{phase}.parquet table from every run of the phase (reference runs are skipped):
-    phase, direction, head_set, k, metric, effect, ci_low, ci_high, n_docs (empty without patched runs)."""
+    phase, direction, head_set, k, metric, effect, ci_low, ci_high, ci_width, n_docs (empty without patched
+    runs)."""
     patched = runs[runs["direction"] != "reference"] if len(runs) else runs
     effects = (document_effects(patched, min_gap) if len(patched)
                else pd.DataFrame(columns=["direction", "kind", "k", "metric", "effect"]))

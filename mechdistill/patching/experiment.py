@@ -2,9 +2,13 @@
 
 Phase 1 (CoarseScore heads, metric Reasoning Focus F at the end of the generated early CoT):
     clean input     = the rendered prompt
-    corrupted input = the prompt with the document's semantically loaded terms made neutral: the
-                      words of the anchors (gold label texts or LLM concepts) plus the document
-                      words the top Phase-1 heads attend to most in the clean run ("peak terms")
+    corrupted input = the prompt with the document's semantically loaded words made neutral: the
+                      words of the anchors (gold label texts or LLM concepts) plus, with
+                      `patching.phase1_corruption` "labels" (default), the words of the gold labels'
+                      titles, or with "all_heads", the document words with the most attention mass
+                      summed over EVERY head of the model in the clean run. Never the ranked heads':
+                      a corruption defined by the heads whose restoration is then measured would
+                      favour them (`phase1_document_pair`)
     generated       = the first `early_tokens` CoT tokens
 Phase 2 (RefineScore heads, metric Near-Miss Confusion C of anchor text + generated late CoT):
     clean input     = the rendered prompt + the teacher's early CoT (its first `early_tokens` tokens)
@@ -21,18 +25,26 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from ..anchors.embed import encode_windowed
 from ..anchors.segment import token_offsets, token_units
 from ..anchors.trajectories import centroid, confusion_prefixes, cosine, focus_curve
 from ..characterize.attention import Head
-from .corruptions import Corruption, near_miss_swaps, occurrences_in, phase1_corruption, swap_corruption
+from .corruptions import (
+    Corruption,
+    find_occurrences,
+    near_miss_swaps,
+    occurrences_in,
+    phase1_corruption,
+    swap_corruption,
+)
 from .head_sets import control_head_sets
-from .runs import DocumentRuns, HeadSet, patched_runs
+from .runs import DocumentRuns, HeadSet, heads_by_layer, model_heads, patched_runs
 
 STOPWORDS = frozenset("""
 a an and are as at be been but by for from had has have he her his in into is it its not of on or
@@ -40,6 +52,8 @@ she that the their there these they this to was were which while who with withou
 than then other other unspecified specified patient admitted admission discharge discharged summary
 history hospital course reason year years old woman man male female known stable condition follow
 specialty treated focused work note year-old follow-up work-up""".split())
+PHASE1_CORRUPTIONS = ("labels", "all_heads")
+"""`patching.phase1_corruption`: which words besides the anchors' a Phase-1 corruption neutralises."""
 
 
 @dataclass
@@ -55,6 +69,8 @@ class Pair:
     corruption: Corruption | None = None
     region: tuple[int, int] = (0, 0)
     terms: list[str] = field(default_factory=list)
+    term_sources: list[str] = field(default_factory=list)  # why each term is corrupted, as `terms`
+    mode: str = ""  # how the terms were chosen: a PHASE1_CORRUPTIONS name, or "near_miss" (Phase 2)
     detail: str = ""  # Phase 2: "gold -> near-miss" used for the swaps
 
     def record(self) -> dict:
@@ -66,7 +82,8 @@ class Pair:
                     clean=c.clean[start:end] if c else "", corrupted=c.corrupted[start:end + shift] if c else "",
                     n_replacements=len(c.replacements) if c else 0,
                     replacements=[f"{r.old} -> {r.new}" for r in c.replacements] if c else [],
-                    terms=list(self.terms), detail=self.detail,
+                    corruption_mode=self.mode, terms=list(self.terms), term_sources=list(self.term_sources),
+                    detail=self.detail,
                     n_tokens=int(self.clean_ids.numel()) if self.clean_ids is not None else 0)
 
 
@@ -78,16 +95,28 @@ def document_region(prompt_text: str, document: str) -> tuple[int, int] | None:
     return None if start < 0 else (start, start + len(doc))
 
 
-def anchor_words(anchors: Sequence[str], min_len: int = 4) -> list[str]:
-    """Content words of the anchor texts: the anchors' surface forms, word by word (one neutral word
-    per replaced word keeps the token alignment easy)."""
-    words = {w.lower() for a in anchors for w in re.findall(r"[A-Za-z][A-Za-z-]+", a)}
+def content_words(texts: Sequence[str], min_len: int = 4) -> list[str]:
+    """Content words of `texts` (anchors, label titles), lower-cased and sorted, stop-words and words
+    shorter than `min_len` left out (one neutral word per replaced word keeps the token alignment easy)."""
+    words = {w.lower() for text in texts for w in re.findall(r"[A-Za-z][A-Za-z-]+", text)}
     return sorted(w for w in words if len(w) >= min_len and w not in STOPWORDS)
+
+
+def phase1_terms(document: str, sources: Mapping[str, Sequence[str]]) -> dict[str, str]:
+    """{word: why} for the words a Phase-1 corruption neutralises: the words of each named source
+    ({"anchor": [...], "gold label": [...]}) that occur in `document` (whole words, any case), in
+    source order; a word of several sources names them all ("anchor, gold label")."""
+    why: dict[str, list[str]] = {}
+    for source, words in sources.items():
+        for word in words:
+            if find_occurrences(document, [word]):
+                why.setdefault(word, []).append(source)
+    return {word: ", ".join(names) for word, names in why.items()}
 
 
 def peak_terms(runs: DocumentRuns, heads: Sequence[Head], text: str, offsets: list[tuple[int, int]],
                region: tuple[int, int], n_terms: int, min_len: int = 4) -> list[str]:
-    """Document words the given heads attend to most in the clean reference run.
+    """Document words the given heads (all recorded in the clean reference run) attend to most there.
 
     Attention mass of every (head, generated step) on the tokens inside `region` is summed per word
     (lower-cased) and the `n_terms` heaviest content words are returned. Sliding-window layers
@@ -95,9 +124,9 @@ def peak_terms(runs: DocumentRuns, heads: Sequence[Head], text: str, offsets: li
     """
     tape, length = runs.refs["clean"].tape, runs.refs["clean"].prefix.length
     token_mass = np.zeros(len(offsets))
-    for layer, head in heads:
+    for layer, layer_heads in heads_by_layer(heads).items():
         for t, row in enumerate(tape.rows.get(layer, [])):
-            weights = row[0, head].double().cpu().numpy()  # [kv]
+            weights = row[0, layer_heads].double().sum(0).cpu().numpy()  # [kv]: summed over the heads
             first = length + t - weights.shape[0]
             inside = slice(max(first, 0), min(first + weights.shape[0], len(offsets)))
             token_mass[inside] += weights[inside.start - first: inside.stop - first]
@@ -117,15 +146,17 @@ def encode(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def phase1_pair(doc_id: str, prompt_text: str, document: str, terms: Sequence[str], tokenizer,
-                pad: bool = True) -> Pair:
-    """Clean prompt and its Phase-1 corruption (terms made neutral inside the document)."""
+def phase1_pair(doc_id: str, prompt_text: str, document: str, terms: Mapping[str, str], tokenizer,
+                pad: bool = True, mode: str = "") -> Pair:
+    """Clean prompt and its Phase-1 corruption (terms made neutral inside the document).
+    terms: {word: why it is corrupted} (`phase1_terms`); mode: how they were chosen (recorded)."""
     region = document_region(prompt_text, document)
     if region is None:
-        return Pair(doc_id, "phase1", False, "document text not found in the rendered prompt")
-    corruption = phase1_corruption(prompt_text, terms, tokenizer=tokenizer, pad=pad, region=region)
+        return Pair(doc_id, "phase1", False, "document text not found in the rendered prompt", mode=mode)
+    corruption = phase1_corruption(prompt_text, list(terms), tokenizer=tokenizer, pad=pad, region=region)
     pair = Pair(doc_id, "phase1", corruption.aligned, corruption.reason, encode(tokenizer, prompt_text),
-                corruption=corruption, region=region, terms=list(terms))
+                corruption=corruption, region=region, terms=list(terms), term_sources=list(terms.values()),
+                mode=mode)
     if corruption.aligned:
         pair.corrupt_ids = encode(tokenizer, corruption.corrupted)
     return pair
@@ -146,7 +177,7 @@ def phase2_pair(doc_id: str, prompt_text: str, document: str, cot_prefix: str, g
     """
     region = document_region(prompt_text, document)
     if region is None:
-        return Pair(doc_id, "phase2", False, "document text not found in the rendered prompt")
+        return Pair(doc_id, "phase2", False, "document text not found in the rendered prompt", mode="near_miss")
     reasons = []
     for g in gold:
         for nm in near_misses:
@@ -156,8 +187,10 @@ def phase2_pair(doc_id: str, prompt_text: str, document: str, cot_prefix: str, g
             if not occurrences_in(prompt_text, swaps, region):
                 continue
             corruption = swap_corruption(prompt_text, swaps, tokenizer, pad=pad, region=region)
+            sources = [("value swap" if term in (value_swaps or {}) else f"tells {g} from {nm}") for term in sorted(swaps)]
             pair = Pair(doc_id, "phase2", False, corruption.reason, encode(tokenizer, prompt_text + cot_prefix),
-                        corruption=corruption, region=region, terms=sorted(swaps), detail=f"{g} -> {nm}")
+                        corruption=corruption, region=region, terms=sorted(swaps), term_sources=sources,
+                        mode="near_miss", detail=f"{g} -> {nm}")
             if not corruption.aligned:
                 reasons.append(f"{g} -> {nm}: {corruption.reason}")
                 continue
@@ -168,7 +201,7 @@ def phase2_pair(doc_id: str, prompt_text: str, document: str, cot_prefix: str, g
             pair.aligned, pair.reason = True, "aligned"
             return pair
     reason = "; ".join(reasons) if reasons else "no distinguishing words of a near-miss occur in the document"
-    return Pair(doc_id, "phase2", False, reason)
+    return Pair(doc_id, "phase2", False, reason, mode="near_miss")
 
 
 def generated_text(tokenizer, tokens: torch.Tensor) -> str:
@@ -199,7 +232,7 @@ def confusion_metric(tokenizer, embedder, anchor_text: str, nearmiss_texts: Sequ
     def metric(texts: list[str]) -> np.ndarray:
         units = [token_units(tokenizer, t) for t in texts]
         prefixes = [confusion_prefixes(anchor_text, us, [len(us)])[0] for us in units]  # anchor text + whole late CoT
-        return cosine(embedder.encode(prefixes).astype(np.float64), near_c)
+        return cosine(encode_windowed(embedder, prefixes).astype(np.float64), near_c)  # whole text, in windows
 
     return metric
 
@@ -223,40 +256,64 @@ def run_document(runs: DocumentRuns, pair: Pair, head_sets: Sequence[HeadSet], b
     return rows
 
 
-def control_sets(ranked: Sequence[Head], bins: Sequence[int], n_random: int, seed: int) -> list[HeadSet]:
-    """Every head set one direction patches: per cumulative bin k, the top-k heads, the k lowest-ranked
-    and `n_random` count-matched random sets (`head_sets.control_head_sets`)."""
+def control_sets(ranked: Sequence[Head], scores: Sequence[float], bins: Sequence[int], n_random: int,
+                 seed: int, control_scores: Sequence[float] | None = None) -> list[HeadSet]:
+    """Every head set one direction patches: per cumulative bin k, the top-k heads and their controls
+    (`head_sets.control_head_sets`: near_zero, most_negative, `n_random` count-matched random sets).
+    ranked: every scored head, highest score first; scores: theirs, in the same order; control_scores:
+    the signed scores the controls read (default scores; `head_sets.SIGNED_SCORE`)."""
     return [HeadSet(kind, k, set_seed, heads)
-            for k, sets in control_head_sets(ranked, bins, n_random, seed).items()
-            for kind, set_seed, heads in [("top", 0, sets["top"]), ("lowest", 0, sets["lowest"])]
+            for k, sets in control_head_sets(ranked, scores, bins, n_random, seed, control_scores).items()
+            for kind, set_seed, heads in [(kind, 0, sets[kind]) for kind in ("top", "near_zero", "most_negative")]
             + [("random", i, s) for i, s in enumerate(sets["random"])]]
+
+
+def phase1_document_pair(runs: DocumentRuns, tokenizer, doc_id: str, prompt_text: str, document: str,
+                         anchors: Sequence[str], gold_titles: Sequence[str], mode: str, n_peak_terms: int,
+                         pad: bool = True) -> Pair:
+    """One document's Phase-1 pair. The neutralised words never depend on the ranked heads:
+
+        labels     the anchors' words and the gold labels' title words found in the document
+        all_heads  the anchors' words and the `n_peak_terms` document words with the most attention
+                   mass summed over every head of the model in the clean reference run (which this
+                   runs; `runs` must record every head)
+    """
+    if mode not in PHASE1_CORRUPTIONS:
+        raise ValueError(f"unknown Phase-1 corruption {mode!r}; expected one of {PHASE1_CORRUPTIONS}")
+    sources = {"anchor": content_words(anchors)}
+    region = document_region(prompt_text, document)
+    if mode == "labels":
+        sources["gold label"] = content_words(gold_titles)
+    elif region is not None:
+        runs.reference("clean", encode(tokenizer, prompt_text))
+        sources["all-head peak"] = peak_terms(runs, model_heads(runs.model), prompt_text,
+                                              token_offsets(tokenizer, prompt_text), region, n_peak_terms)
+    return phase1_pair(doc_id, prompt_text, document, phase1_terms(document, sources), tokenizer, pad=pad, mode=mode)
 
 
 def patch_document(phase: str, model, tokenizer, embedder, doc_id: str, prompt_text: str, document: str,
                    anchors: Sequence[str], anchor_text: str, cot: str, gold: Sequence[str],
-                   near_misses: Sequence[str], titles: dict[str, str], ranked: Sequence[Head],
-                   head_sets: Sequence[HeadSet], settings: dict, early_tokens: int, repetition_penalty: float,
+                   near_misses: Sequence[str], titles: dict[str, str], head_sets: Sequence[HeadSet],
+                   settings: dict, early_tokens: int, repetition_penalty: float,
                    on_batch=None) -> tuple[list[dict], dict]:
     """One document's experiment for `phase` -> (run rows, its pair record).
 
-    Phase 1: clean prompt vs the prompt with anchor words and the top heads' peak terms made
-    neutral; `early_tokens` tokens generated; metric Reasoning Focus. Phase 2: prompt + the
-    teacher's early CoT vs the same steered toward a near-miss; `settings["late_tokens"]`
-    generated; metric Near-Miss Confusion. settings: config["patching"]. A pair that cannot be
-    aligned gives no runs (its record says why); `on_batch(n)` counts the head-set runs done
-    (or skipped) of the 2 x len(head_sets).
+    Phase 1: clean prompt vs the prompt with the anchors' words and, per
+    `settings["phase1_corruption"]`, the gold labels' title words or the all-head peak terms made
+    neutral (`phase1_document_pair`); `early_tokens` tokens generated; metric Reasoning Focus.
+    Phase 2: prompt + the teacher's early CoT vs the same steered toward a near-miss;
+    `settings["late_tokens"]` generated; metric Near-Miss Confusion. settings: config["patching"].
+    A pair that cannot be aligned gives no runs (its record says why); `on_batch(n)` counts the
+    head-set runs done (or skipped) of the 2 x len(head_sets).
     """
     n_steps = early_tokens if phase == "phase1" else settings["late_tokens"]
-    peak_heads = list(ranked[:settings["peak_heads"]])
-    record_heads = sorted({h for s in head_sets for h in s.heads} | set(peak_heads))
+    every_head = phase == "phase1" and settings["phase1_corruption"] == "all_heads"
+    record_heads = model_heads(model) if every_head else sorted({h for s in head_sets for h in s.heads})
     runs = DocumentRuns(model, n_steps, record_heads, repetition_penalty)
     if phase == "phase1":
-        runs.reference("clean", encode(tokenizer, prompt_text))
-        region = document_region(prompt_text, document)
-        peaks = (peak_terms(runs, peak_heads, prompt_text, token_offsets(tokenizer, prompt_text), region,
-                            settings["peak_terms"]) if region else [])
-        pair = phase1_pair(doc_id, prompt_text, document, anchor_words(list(anchors)) + peaks, tokenizer,
-                           pad=settings["pad"])
+        pair = phase1_document_pair(runs, tokenizer, doc_id, prompt_text, document, anchors,
+                                    [titles[g] for g in gold if g in titles], settings["phase1_corruption"],
+                                    settings["peak_terms"], pad=settings["pad"])
         metric = focus_metric(tokenizer, embedder, list(anchors))
     else:
         near_titles = [titles[n] for n in near_misses]
@@ -265,11 +322,11 @@ def patch_document(phase: str, model, tokenizer, embedder, doc_id: str, prompt_t
                            value_swaps=settings["value_swaps"], pad=settings["pad"])
         if pair.aligned and not near_titles:
             pair.aligned, pair.reason = False, "no near-misses (Confusion undefined)"
-        if pair.aligned:
-            runs.reference("clean", pair.clean_ids)
         metric = confusion_metric(tokenizer, embedder, anchor_text, near_titles)
     rows = []
     if pair.aligned:
+        if "clean" not in runs.refs:
+            runs.reference("clean", pair.clean_ids)
         rows = run_document(runs, pair, head_sets, settings["batch_size"], tokenizer, metric, on_batch=on_batch)
     elif on_batch is not None:
         on_batch(2 * len(head_sets))

@@ -1,5 +1,15 @@
-"""Head sets to patch: cumulative bins of the top-ranked heads and count-matched controls
-(random heads, lowest-ranked heads), as in Figs 5 and 8."""
+"""Head sets to patch: cumulative bins of the top-ranked heads and count-matched controls, as in
+Figs 5 and 8. Each control answers a different question about the top set:
+
+    near_zero       the k heads whose score is closest to 0 (|score| smallest): heads the score
+                    calls inert, the negative control that should not move the metric
+    most_negative   the ranking's last k (the lowest scores): heads strongly anti-aligned with the
+                    phase's signal, which may well move the metric (the other way); not inert
+    random          count-matched random heads (n_random seeds), drawn from every ranked head
+
+near_zero and most_negative read a signed score: the ranking's own, or, for a ranking that clips
+(RefineScore's both_positive), the signed product it clips (SIGNED_SCORE).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +21,12 @@ import numpy as np
 from ..characterize.attention import Head
 
 DEFAULT_BINS: tuple[int, ...] = (3, 8, 16, 40, 100)
+SIGNED_SCORE: dict[str, str] = {"refine_both_positive": "refine_product"}
+"""Ranking variant (`score_variant` of a head table) -> the signed column the controls read instead of
+`score`. both_positive sets every head without QK > 0 and OV > 0 to 0, lumping inert heads with
+anti-aligned ones (QK < 0 or OV < 0); the product QK * OV keeps them apart."""
+CONTROLS: tuple[str, ...] = ("near_zero", "most_negative", "random")
+"""The control head sets every bin of top heads is compared with (`control_head_sets`)."""
 
 
 def cumulative_bins(ranked_heads: Sequence[Head], bins: Sequence[int] = DEFAULT_BINS) -> dict[int, list[Head]]:
@@ -21,11 +37,32 @@ def cumulative_bins(ranked_heads: Sequence[Head], bins: Sequence[int] = DEFAULT_
     return {k: heads[:k] for k in sizes if k > 0}
 
 
-def lowest_heads(ranked_heads: Sequence[Head], k: int) -> list[Head]:
-    """The k lowest-ranked heads (the ranking's last k, lowest first), capped at the head count."""
+def _check_k(k: int) -> None:
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
-    return [tuple(h) for h in reversed(ranked_heads)][:k]
+
+
+def most_negative_heads(ranked_heads: Sequence[Head], k: int, scores: Sequence[float] | None = None) -> list[Head]:
+    """The k heads with the lowest scores (lowest first), capped at the head count: the ranking's
+    last k, or, given `scores` (scores[i] of ranked_heads[i], e.g. a signed control score), the k
+    lowest of those (ties: the later-ranked first)."""
+    _check_k(k)
+    if scores is None:
+        return [tuple(h) for h in reversed(ranked_heads)][:k]
+    if len(scores) != len(ranked_heads):
+        raise ValueError(f"{len(scores)} scores for {len(ranked_heads)} ranked heads")
+    order = sorted(reversed(range(len(ranked_heads))), key=lambda i: float(scores[i]))
+    return [tuple(ranked_heads[i]) for i in order[:k]]
+
+
+def near_zero_heads(ranked_heads: Sequence[Head], scores: Sequence[float], k: int) -> list[Head]:
+    """The k heads whose scores are closest to 0 (|score| smallest first; ties in ranking order),
+    capped at the head count. scores[i] is the score of ranked_heads[i]."""
+    _check_k(k)
+    if len(scores) != len(ranked_heads):
+        raise ValueError(f"{len(scores)} scores for {len(ranked_heads)} ranked heads")
+    order = sorted(range(len(ranked_heads)), key=lambda i: abs(float(scores[i])))  # stable: ranking order on ties
+    return [tuple(ranked_heads[i]) for i in order[:k]]
 
 
 def random_head_sets(all_heads: Sequence[Head], k: int, n_seeds: int, seed: int = 0,
@@ -52,11 +89,21 @@ def random_head_sets(all_heads: Sequence[Head], k: int, n_seeds: int, seed: int 
     return sets
 
 
-def control_head_sets(ranked_heads: Sequence[Head], bins: Sequence[int] = DEFAULT_BINS, n_random: int = 3,
-                      seed: int = 0) -> dict[int, dict[str, list]]:
-    """Per bin size k: {"top": top-k, "lowest": k lowest-ranked, "random": n_random count-matched
-    random sets drawn from all ranked heads}."""
-    return {k: {"top": top, "lowest": lowest_heads(ranked_heads, k),
+def control_head_sets(ranked_heads: Sequence[Head], scores: Sequence[float], bins: Sequence[int] = DEFAULT_BINS,
+                      n_random: int = 3, seed: int = 0,
+                      control_scores: Sequence[float] | None = None) -> dict[int, dict[str, list]]:
+    """Per bin size k: {"top": top-k, "near_zero": the k scores closest to 0, "most_negative": the k
+    lowest scores, "random": n_random count-matched random sets drawn from all ranked heads}.
+
+    ranked_heads: every scored head, highest score first; scores: theirs, in the same order;
+    control_scores: the signed scores near_zero and most_negative read (default `scores`; see
+    SIGNED_SCORE), in the same order.
+    """
+    if any(a < b for a, b in zip(scores, scores[1:])):
+        raise ValueError("ranked_heads must be sorted by descending score")
+    signed = scores if control_scores is None else control_scores
+    return {k: {"top": top, "near_zero": near_zero_heads(ranked_heads, signed, k),
+                "most_negative": most_negative_heads(ranked_heads, k, signed),
                 "random": random_head_sets(ranked_heads, k, min(n_random, math.comb(len(ranked_heads), k)),
                                            seed=seed + k)}
             for k, top in cumulative_bins(ranked_heads, bins).items()}

@@ -1,4 +1,5 @@
-"""Figures 5 and 8: patching effect against cumulative bins of top-ranked heads, with the controls."""
+"""Figures 5 and 8: patching effect against cumulative bins of top-ranked heads, with the controls
+(`head_sets.CONTROLS`)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,17 @@ from matplotlib.figure import Figure
 
 from ..plotting import save_figure
 
-PATCHING_SETS = {"top": ("top-ranked heads", "C0"), "random": ("random heads (count-matched)", "C7"),
-                 "lowest": ("lowest-ranked heads", "C3")}
+PATCHING_SETS = {"top": ("top-ranked heads", "C0"),
+                 "near_zero": ("near-zero-score heads (|score| smallest)", "C2"),
+                 "most_negative": ("most negative-score heads (the ranking's last k)", "C3"),
+                 "random": ("random heads (count-matched)", "C7")}
+"""head_set -> (legend label, colour): one line per set, top and every control."""
 
 
 def patching_figure(summary: pd.DataFrame, out_png: str | os.PathLike, title: str, relative: bool = False) -> None:
-    """Figs 5 and 8: patching effect vs cumulative bin (top-k heads) for top / random / lowest heads,
-    denoising (left) and noising (right) panels, bootstrap 95% CI bars.
+    """Figs 5 and 8: patching effect vs cumulative bin (top-k heads), one line for the top heads and
+    one per control (near-zero-score, most negative-score, random), denoising (left) and noising
+    (right) panels, bootstrap 95% CI bars.
 
     summary: patching/{phase}.parquet (direction, head_set, k, metric, effect, ci_low, ci_high, n_docs).
     relative=False plots restoration / disruption fractions; True the relative change of the metric
@@ -34,7 +39,7 @@ def patching_figure(summary: pd.DataFrame, out_png: str | os.PathLike, title: st
             s = data[data["head_set"] == kind].sort_values("k")
             if s.empty:
                 continue
-            x = [x_of[k] + (j - 1) * 0.08 for k in s["k"]]
+            x = [x_of[k] + (j - (len(PATCHING_SETS) - 1) / 2) * 0.08 for k in s["k"]]  # side by side
             scale = 100.0 if relative else 1.0
             err = [(s["effect"] - s["ci_low"]).clip(lower=0) * scale, (s["ci_high"] - s["effect"]).clip(lower=0) * scale]
             ax.errorbar(x, s["effect"] * scale, yerr=err, color=color, marker="o", capsize=3, label=label)

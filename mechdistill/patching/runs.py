@@ -17,7 +17,8 @@ run, so key lengths match; patched heads write A_src V with their own run's valu
 head and layer runs normally (`patterns.PatternPatch`).
 
 Cost per document and phase: 2 prefills + 2 reference runs + ceil(n_sets / batch_size) batched
-patched runs per direction, each `n_steps` decoding steps; n_sets = bins x (top + lowest + n_random).
+patched runs per direction, each `n_steps` decoding steps; n_sets = bins x (top + near_zero +
+most_negative + n_random).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from transformers import RepetitionPenaltyLogitsProcessor
 
-from ..characterize.attention import Head, attention_hooks, attention_modules
+from ..characterize.attention import Head, attention_hooks, attention_modules, head_counts
 from .patterns import PatternPatch, PatternTape
 
 DIRECTIONS = {"denoise": ("corrupt", "clean"), "noise": ("clean", "corrupt")}  # direction: (input, pattern source)
@@ -38,7 +39,7 @@ DIRECTIONS = {"denoise": ("corrupt", "clean"), "noise": ("clean", "corrupt")}  #
 
 @dataclass
 class HeadSet:
-    """A named set of heads to patch: kind in {top, lowest, random}, k heads, seed (random sets)."""
+    """A named set of heads to patch: kind (top or a `head_sets.CONTROLS` name), k heads, seed (random sets)."""
 
     kind: str
     k: int
@@ -94,6 +95,12 @@ def greedy_from(model: nn.Module, prefix: Prefix, n_steps: int, batch: int = 1,
     return torch.cat(generated, dim=1)
 
 
+def model_heads(model: nn.Module) -> list[Head]:
+    """Every (layer, head) of the model, in order."""
+    mods = attention_modules(model)
+    return [(layer, head) for layer, mod in enumerate(mods) for head in range(head_counts(mod)[0])]
+
+
 def head_mask(head_sets: Sequence[Sequence[Head]], n_layers: int, n_heads: int) -> dict[int, Tensor]:
     """{layer: [n_sets, n_heads] bool}: row i marks the heads of set i in that layer."""
     mask = torch.zeros(n_layers, len(head_sets), n_heads, dtype=torch.bool)
@@ -134,7 +141,7 @@ class DocumentRuns:
         self.repetition_penalty = repetition_penalty
         mods = attention_modules(model)
         self.n_layers = len(mods)
-        self.n_heads = mods[0].o_proj.weight.shape[1] // mods[0].head_dim
+        self.n_heads = head_counts(mods[0])[0]
         self.refs: dict[str, Reference] = {}
 
     def reference(self, name: str, ids: Tensor) -> Reference:

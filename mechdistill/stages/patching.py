@@ -16,6 +16,7 @@ from ..io import read_parquet, read_split, write_parquet
 from ..models import load_model, spec_key
 from ..patching import experiment
 from ..patching.effects import summarize_patching
+from ..patching.head_sets import SIGNED_SCORE
 from ..patching.plots import patching_figure
 from ..shards import Shards, content_key, name_of
 from ..teacher.prompts import render_prompt
@@ -37,7 +38,7 @@ def run_patching(config: dict, dataset: str, phase: str, *, inputs: dict[str, Pa
     finished document.
     """
     settings, teacher, seed = config["patching"], config["teacher"], config["seed"]
-    split = settings["split"]
+    split = paths.characterization_split(config, settings["split"])
     summary_path = summary_path or paths.patching(dataset, teacher, phase)
     runs_path = runs_path or paths.patching_runs(dataset, teacher, phase)
     pairs_path = pairs_path or paths.patching_pairs(dataset, teacher, phase)
@@ -50,6 +51,10 @@ def run_patching(config: dict, dataset: str, phase: str, *, inputs: dict[str, Pa
     data = read_split({**paths.split_files(dataset, teacher, split), **(inputs or {})}, settings.get("max_docs"))
     scores = read_parquet(head_scores_path).dropna(subset=["score"]).sort_values("score", ascending=False, kind="stable")
     ranked = [(int(r.layer), int(r.head)) for r in scores.itertuples()]
+    ranked_scores = [float(x) for x in scores["score"]]
+    variant = scores["score_variant"].iloc[0] if "score_variant" in scores and len(scores) else "score"
+    signed = SIGNED_SCORE.get(variant, "score")  # what near_zero / most_negative read
+    control_scores = [float(x) for x in scores[signed].fillna(0.0)]
     if not ranked:  # e.g. no document has refinement positions: nothing to rank, say so and move on
         log.warning("%s: no head has a finite score, so there is nothing to patch for %s; writing empty tables "
                     "(check the head_scores log: the documents may have no early / refinement positions)",
@@ -58,12 +63,14 @@ def run_patching(config: dict, dataset: str, phase: str, *, inputs: dict[str, Pa
         write_parquet(pd.DataFrame(columns=["doc_id", "direction", "kind", "k", "seed", "value"]), runs_path)
         write_parquet(summarize_patching(pd.DataFrame(), phase), summary_path)
         return
-    head_sets = experiment.control_sets(ranked, settings["bins"], settings["n_random"], seed)
-    log.info("patching %s %s: %d documents, %d ranked heads, %d head sets per direction (bins %s), %d steps",
-             teacher, phase, len(data.anchors), len(ranked), len(head_sets), sorted({s.k for s in head_sets}),
-             early_tokens if phase == "phase1" else settings["late_tokens"])
+    head_sets = experiment.control_sets(ranked, ranked_scores, settings["bins"], settings["n_random"], seed,
+                                        control_scores)
+    log.info("patching %s %s: %d documents, %d heads ranked by %s (controls by %s), %d head sets per direction "
+             "(bins %s), %d steps", teacher, phase, len(data.anchors), len(ranked), variant, signed, len(head_sets),
+             sorted({s.k for s in head_sets}), early_tokens if phase == "phase1" else settings["late_tokens"])
     shards = Shards(summary_path, "docs", content_key(phase, settings, early_tokens, spec_key(config, teacher),
-                                                       config["embedder"], repetition_penalty, ranked, seed))
+                                                       config["embedder"], repetition_penalty, ranked, ranked_scores,
+                                                       control_scores, seed))
     rows, pairs = [], []
     bar = tqdm(total=len(data.anchors) * 2 * len(head_sets),
                desc=f"patching {phase} (document x head set x direction)", unit="run")
@@ -79,7 +86,7 @@ def run_patching(config: dict, dataset: str, phase: str, *, inputs: dict[str, Pa
                 data.docs.loc[row.doc_id, "text"], list(row.anchors), row.anchor_text,
                 data.cot.loc[row.doc_id, "cot"] if row.doc_id in data.cot.index else "",
                 list(data.docs.loc[row.doc_id, "labels"]), list(row.near_misses),
-                data.space.title, ranked, head_sets, settings, early_tokens, repetition_penalty, on_batch=bar.update)
+                data.space.title, head_sets, settings, early_tokens, repetition_penalty, on_batch=bar.update)
             done = {"rows": doc_rows, "pair": pair}
             shards.write_json(shard, done)
         rows += done["rows"]
@@ -90,9 +97,9 @@ def run_patching(config: dict, dataset: str, phase: str, *, inputs: dict[str, Pa
     summary = summarize_patching(runs_df, phase, settings["min_gap"], settings["n_bootstrap"], seed)
     _log_patching(phase, pairs_df, runs_df, summary)
     log.info("patching %s took %.1f s", phase, time.perf_counter() - started)
-    write_parquet(pairs_df, pairs_path)
+    write_parquet(pairs_df.assign(prompt_split=split), pairs_path)  # which prompts were patched
     write_parquet(runs_df, runs_path)
-    write_parquet(summary, summary_path)
+    write_parquet(summary.assign(prompt_split=split), summary_path)
     shards.clear()
 
 
@@ -108,8 +115,8 @@ def _log_patching(phase: str, pairs: pd.DataFrame, runs: pd.DataFrame, summary: 
     log.info("patching %s: mean metric clean %.4f, corrupted %.4f (over %d documents)", phase,
              refs["clean"].mean(), refs["corrupt"].mean(), len(refs))
     for r in summary[summary["metric"].isin(["restoration", "disruption"])].itertuples():
-        log.info("  %-7s %-6s k=%-3d %s %.3f [%.3f, %.3f] (n=%d)", r.direction, r.head_set, r.k, r.metric,
-                 r.effect, r.ci_low, r.ci_high, r.n_docs)
+        log.info("  %-7s %-13s k=%-3d %s %.3f [%.3f, %.3f] (CI width %.3f, n=%d)", r.direction, r.head_set, r.k,
+                 r.metric, r.effect, r.ci_low, r.ci_high, r.ci_width, r.n_docs)
 
 
 def run_patching_figure(config: dict, dataset: str, phase: str, *, summary_path: PathLike | None = None,

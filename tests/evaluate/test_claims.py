@@ -96,10 +96,14 @@ def test_head_depth_not_measurable(heads, why):
 # ----------------------------------------------------------------------------- claims 3 and 4
 
 
-def patching_runs(n_docs: int, top: dict[str, np.ndarray], gap: float = 1.0) -> pd.DataFrame:
+CONTROL_FRACTION = {"near_zero": 0.05, "most_negative": -0.3}  # random: 0.2 (seeds 0.1 and 0.3)
+
+
+def patching_runs(n_docs: int, top: dict[str, np.ndarray], gap: float = 1.0,
+                  controls: tuple[str, ...] = ("near_zero", "most_negative")) -> pd.DataFrame:
     """Runs of n_docs documents, bins k = 2 and 4, clean 1 and corrupt 1 - gap. The patched value of a
     set is chosen so that its restoration / disruption is: top[direction][doc]; random 0.2 (seeds
-    0.1 and 0.3); lowest 0."""
+    0.1 and 0.3); each of `controls` its CONTROL_FRACTION (anti-aligned heads push the other way)."""
     clean, corrupt = 1.0, 1.0 - gap
 
     def value(direction: str, fraction: float) -> float:
@@ -114,8 +118,8 @@ def patching_runs(n_docs: int, top: dict[str, np.ndarray], gap: float = 1.0) -> 
             for k in (2, 4):
                 rows += [(doc, direction, "top", k, 0, value(direction, top[direction][i])),
                          (doc, direction, "random", k, 0, value(direction, 0.1)),
-                         (doc, direction, "random", k, 1, value(direction, 0.3)),
-                         (doc, direction, "lowest", k, 0, value(direction, 0.0))]
+                         (doc, direction, "random", k, 1, value(direction, 0.3))]
+                rows += [(doc, direction, kind, k, 0, value(direction, CONTROL_FRACTION[kind])) for kind in controls]
     runs = pd.DataFrame(rows, columns=["doc_id", "direction", "kind", "k", "seed", "value"])
     return runs.assign(clean_value=clean, corrupt_value=corrupt, text="")
 
@@ -124,8 +128,10 @@ def test_top_minus_control_by_hand():
     top = {"denoise": np.array([0.5, 0.9]), "noise": np.array([0.2, 0.4])}
     diffs = claims.top_minus_control(patching_runs(2, top), min_gap=0.01).set_index(["doc_id", "direction", "control"])
     assert diffs.loc[("d0", "denoise", "random"), "diff"] == pytest.approx(0.5 - 0.2)
-    assert diffs.loc[("d1", "denoise", "lowest"), "diff"] == pytest.approx(0.9)
+    assert diffs.loc[("d1", "denoise", "near_zero"), "diff"] == pytest.approx(0.9 - 0.05)
+    assert diffs.loc[("d1", "denoise", "most_negative"), "diff"] == pytest.approx(0.9 + 0.3)
     assert diffs.loc[("d1", "noise", "random"), "diff"] == pytest.approx(0.4 - 0.2)
+    assert set(diffs.index.get_level_values("control")) == {"random", "near_zero", "most_negative"}
 
 
 def test_patching_claim_verdicts():
@@ -134,13 +140,16 @@ def test_patching_claim_verdicts():
     disrupt = 0.2 + np.array([0.3, -0.2] * (n // 2))             # vs random (0.2): +0.05 on average, noisy
     rows = claims.patching_claim(3, "d", patching_runs(n, {"denoise": restore, "noise": disrupt}), n_resamples=500)
     by_test = {(r["test"].split(" ")[0], r["compared_with"]): r for r in rows}
-    assert len(rows) == 4
+    assert sorted(by_test) == sorted((d, c) for d in ("denoise", "noise") for c in ("near_zero", "most_negative", "random"))
     assert by_test["denoise", "random"]["estimate"] == pytest.approx(restore.mean() - 0.2)
-    assert by_test["denoise", "lowest"]["estimate"] == pytest.approx(restore.mean())
+    assert by_test["denoise", "near_zero"]["estimate"] == pytest.approx(restore.mean() - 0.05)
+    assert by_test["denoise", "most_negative"]["estimate"] == pytest.approx(restore.mean() + 0.3)
     assert by_test["denoise", "random"]["verdict"] == SUPPORTED and by_test["denoise", "random"]["n"] == n
     assert by_test["noise", "random"]["estimate"] == pytest.approx(0.05)
     assert by_test["noise", "random"]["verdict"] == NOT_SUPPORTED  # the CI includes 0
-    assert by_test["noise", "lowest"]["verdict"] == SUPPORTED
+    assert by_test["noise", "near_zero"]["estimate"] == pytest.approx(disrupt.mean() - 0.05)
+    assert by_test["noise", "most_negative"]["verdict"] == SUPPORTED
+    assert "near-zero-score" in rows[0]["claim_text"] and "most negative-score" in rows[0]["claim_text"]
     table = claims.assemble(rows)
     assert set(table["claim_verdict"]) == {NOT_SUPPORTED}
 
@@ -157,6 +166,30 @@ def test_patching_claim_not_measurable():
     assert flat[0]["n"] == 0 and "0 of 8 patched documents moved" in flat[0]["reason"]
     assert "missing input phase2_runs.parquet" in missing[0]["reason"]
     assert "no patched runs" in empty[0]["reason"] and "no swap" in empty[0]["reason"]
+
+
+def test_patching_claim_says_when_the_runs_lack_a_control():
+    top = {"denoise": np.full(8, 0.9), "noise": np.full(8, 0.9)}
+    rows = claims.patching_claim(3, "d", patching_runs(8, top, controls=("most_negative",)), n_resamples=200)
+    near_zero = [r for r in rows if r["compared_with"] == "near_zero"]
+    assert len(near_zero) == 2 and all(r["verdict"] == NOT_MEASURABLE for r in near_zero)
+    assert "no near_zero head set" in near_zero[0]["reason"]
+    assert {r["verdict"] for r in rows if r["compared_with"] == "most_negative"} == {SUPPORTED}
+    assert claims.assemble(rows)["claim_verdict"].iloc[0] == NOT_MEASURABLE
+
+
+def test_patching_claim_detail_reads_the_summarys_means_and_ci_widths():
+    summary = pd.DataFrame(
+        [("denoise", kind, k, "restoration", effect, width) for kind, k, effect, width in [
+            ("top", 2, 0.7, 1.91), ("top", 4, 0.84, 0.5), ("near_zero", 2, -0.09, 0.22), ("near_zero", 4, 0.27, 0.38),
+            ("most_negative", 2, -0.15, 0.44), ("most_negative", 4, 0.4, 0.8)]],
+        columns=["direction", "head_set", "k", "metric", "effect", "ci_width"])
+    top = {"denoise": np.full(8, 0.9), "noise": np.full(8, 0.9)}
+    rows = claims.patching_claim(3, "d", patching_runs(8, top), summary=summary, n_resamples=200)
+    detail = {(r["test"].split(" ")[0], r["compared_with"]): r["detail"] for r in rows}
+    assert detail["denoise", "near_zero"].endswith("k=2: 0.70 (1.91) vs -0.09 (0.22); k=4: 0.84 (0.50) vs 0.27 (0.38)")
+    assert "k=2: 0.70 (1.91) vs -0.15 (0.44)" in detail["denoise", "most_negative"]
+    assert detail["denoise", "random"] == detail["noise", "near_zero"] == ""  # not in this summary
 
 
 # ----------------------------------------------------------------------------- claims 5-9

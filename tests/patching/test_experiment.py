@@ -1,4 +1,4 @@
-"""Per-document patching experiment: input pairs, metrics, peak terms and the effects table."""
+"""Per-document patching experiment: input pairs, Phase-1 words, metrics, peak terms and the effects table."""
 
 from __future__ import annotations
 
@@ -9,18 +9,25 @@ import pandas as pd
 import pytest
 import torch
 
+from mechdistill.anchors.segment import token_offsets
+from mechdistill.characterize.attention import attention_modules
 from mechdistill.patching.effects import document_effects, summarize_effects
 from mechdistill.patching.experiment import (
-    anchor_words,
     confusion_metric,
+    content_words,
+    control_sets,
     document_region,
+    encode,
     focus_metric,
     generated_text,
+    patch_document,
     peak_terms,
     phase1_pair,
+    phase1_terms,
     phase2_pair,
 )
-from tests.helpers import StubEmbedder
+from mechdistill.patching.runs import DocumentRuns, model_heads
+from tests.helpers import StubEmbedder, tiny_llama
 
 R2 = math.sqrt(2)
 
@@ -52,15 +59,27 @@ DOC = "Chronic systolic heart failure with progressive dyspnea."
 
 def test_phase1_pair_corrupts_only_the_document_and_keeps_length(smol_tok):
     assert document_region(PROMPT, DOC) == (PROMPT.index(DOC), PROMPT.index(DOC) + len(DOC))
-    assert anchor_words(["Chronic systolic (congestive) heart failure", "of the"]) == \
+    assert content_words(["Chronic systolic (congestive) heart failure", "of the"]) == \
         ["chronic", "congestive", "failure", "heart", "systolic"]
-    pair = phase1_pair("d", PROMPT, DOC, ["chronic", "heart failure", "dyspnea"], smol_tok)
+    pair = phase1_pair("d", PROMPT, DOC, {"chronic": "gold label", "heart failure": "anchor", "dyspnea": "x"},
+                       smol_tok, mode="labels")
     assert pair.aligned, pair.reason
     assert len(pair.clean_ids) == len(pair.corrupt_ids)
     rec = pair.record()
     assert rec["clean"] == DOC and "Chronic" not in rec["corrupted"] and "dyspnea" not in rec["corrupted"]
+    assert rec["terms"] == ["chronic", "heart failure", "dyspnea"] and rec["term_sources"] == ["gold label", "anchor", "x"]
+    assert rec["corruption_mode"] == "labels"
     assert pair.corruption.corrupted.startswith("Exemplar: chronic cough.")  # outside the document: untouched
-    assert phase1_pair("d", PROMPT, "not in the prompt", ["x"], smol_tok).reason.startswith("document text not found")
+    assert phase1_pair("d", PROMPT, "not in the prompt", {"x": "anchor"}, smol_tok).reason.startswith(
+        "document text not found")
+
+
+def test_phase1_terms_are_the_sources_words_found_in_the_document():
+    sources = {"anchor": content_words(["Heart failure", "Renal disease"]),
+               "gold label": content_words(["Chronic systolic (congestive) heart failure"])}
+    assert phase1_terms(DOC, sources) == {"failure": "anchor, gold label", "heart": "anchor, gold label",
+                                          "chronic": "gold label", "systolic": "gold label"}  # no renal, congestive
+    assert phase1_terms(DOC, {"anchor": []}) == {}
 
 
 def test_phase2_pair_swaps_toward_sibling_and_rejects_unalignable(smol_tok, byte_tok):
@@ -68,6 +87,8 @@ def test_phase2_pair_swaps_toward_sibling_and_rejects_unalignable(smol_tok, byte
     pair = phase2_pair("d", PROMPT, DOC, " The broad area", ["I50.22"], ["I50.21"], title, smol_tok)
     assert pair.aligned, pair.reason
     assert pair.detail == "I50.22 -> I50.21" and "Acute systolic" in pair.record()["corrupted"]
+    assert pair.record()["terms"] == ["Chronic"] and pair.record()["term_sources"] == ["tells I50.22 from I50.21"]
+    assert pair.record()["corruption_mode"] == "near_miss"
     assert len(pair.clean_ids) == len(pair.corrupt_ids)
     # byte-level: "Chronic" (7) -> "Acute" (5) cannot be padded to 7 characters with whole filler words
     rejected = phase2_pair("d", PROMPT, DOC, " The", ["I50.22"], ["I50.21"], title, byte_tok, pad=False)
@@ -116,3 +137,72 @@ def test_effects_table_by_hand():
     summary = summarize_effects(effects, n_resamples=200).set_index(["direction", "head_set", "k", "metric"])
     row = summary.loc[("denoise", "top", 3, "restoration")]
     assert row["effect"] == pytest.approx(0.8) and row["n_docs"] == 2 and row["ci_low"] <= 0.8 <= row["ci_high"]
+    # two documents, restorations 0.6 and 1.0: every resample mean is 0.6, 0.8 or 1.0
+    assert row["ci_width"] == pytest.approx(row["ci_high"] - row["ci_low"]) and 0 < row["ci_width"] <= 0.4
+
+
+# ----------------------------------------------------------------------------- Phase-1 words vs the ranking
+
+NOTE_PROMPT = ("Exemplar: chronic cough.\nDocument:\nChronic systolic heart failure with progressive dyspnea and "
+               "orthopnea.\nEnd.")
+NOTE = "Chronic systolic heart failure with progressive dyspnea and orthopnea."
+TITLES = {"I50.22": "Chronic systolic (congestive) heart failure"}
+
+
+class FlatEmbedder:
+    """The same vector for every text (Focus is not what these tests look at)."""
+
+    def encode(self, texts):
+        return np.ones((len(texts), 2), dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def peaky_model(byte_tok):
+    """A tiny random LLaMA whose heads attend sharply, each to its own document words."""
+    model = tiny_llama(len(byte_tok), seed=0)
+    with torch.no_grad():
+        for attn in attention_modules(model):
+            attn.q_proj.weight.mul_(30)
+            attn.k_proj.weight.mul_(30)
+    return model
+
+
+def _phase1(model, tok, head_sets, mode):
+    settings = dict(phase1_corruption=mode, peak_terms=2, pad=True, batch_size=4, late_tokens=3, value_swaps={})
+    return patch_document("phase1", model, tok, FlatEmbedder(), "d", NOTE_PROMPT, NOTE, ["Heart failure"], "", "",
+                          ["I50.22"], [], TITLES, head_sets, settings, early_tokens=3, repetition_penalty=1.0)
+
+
+def test_phase1_corrupted_words_do_not_depend_on_the_head_ranking(peaky_model, byte_tok):
+    heads = model_heads(peaky_model)                                  # 2 layers x 4 heads
+    ranking_a, ranking_b = heads, heads[::-1]
+    scores = [float(s) for s in range(len(heads), 0, -1)]
+    sets_a, sets_b = (control_sets(r, scores, bins=[2], n_random=1, seed=0) for r in (ranking_a, ranking_b))
+    assert [s.heads for s in sets_a] != [s.heads for s in sets_b]
+
+    # before: the words were the peak terms of the top ranked heads, so they moved with the ranking
+    runs = DocumentRuns(peaky_model, 3, heads)
+    runs.reference("clean", encode(byte_tok, NOTE_PROMPT))
+    offsets, region = token_offsets(byte_tok, NOTE_PROMPT), document_region(NOTE_PROMPT, NOTE)
+    old_a, old_b = (peak_terms(runs, r[:2], NOTE_PROMPT, offsets, region, 2) for r in (ranking_a, ranking_b))
+    assert old_a != old_b
+
+    # now: the same words whatever the ranking, in both modes
+    for mode in ("labels", "all_heads"):
+        (rows_a, pair_a), (rows_b, pair_b) = (_phase1(peaky_model, byte_tok, s, mode) for s in (sets_a, sets_b))
+        assert pair_a["aligned"], pair_a["reason"]
+        assert len(rows_a) == 2 + 2 * len(sets_a)                     # 2 references + every set, both directions
+        for column in ("terms", "term_sources", "corrupted", "replacements", "corruption_mode"):
+            assert pair_a[column] == pair_b[column], (mode, column)
+        assert pair_a["corruption_mode"] == mode
+        why = dict(zip(pair_a["terms"], pair_a["term_sources"]))
+        if mode == "labels":
+            assert why == {"failure": "anchor, gold label", "heart": "anchor, gold label", "chronic": "gold label",
+                           "systolic": "gold label"}
+            assert len(pair_a["corrupted"]) == len(NOTE)
+            assert pair_a["corrupted"].endswith(" with progressive dyspnea and orthopnea.")
+            assert not set(why) & set(pair_a["corrupted"].lower().split())
+        else:  # the anchor's words, then the words with the most attention mass over all 8 heads
+            assert sorted(w for w, source in why.items() if "all-head peak" in source) == \
+                sorted(peak_terms(runs, heads, NOTE_PROMPT, offsets, region, 2))
+            assert why["heart"] == "anchor"

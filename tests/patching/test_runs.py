@@ -138,11 +138,11 @@ def test_patched_runs_records_every_set_and_direction(model):
     runs = DocumentRuns(model, 3, heads)
     runs.reference("clean", _ids(8))
     runs.reference("corrupt", _ids(9))
-    sets = [HeadSet("top", 2, 0, heads[:2]), HeadSet("lowest", 2, 0, heads[-2:]),
+    sets = [HeadSet("top", 2, 0, heads[:2]), HeadSet("most_negative", 2, 0, heads[-2:]),
             HeadSet("random", 2, 1, heads[3:5])]
     seen = []
     records = patched_runs(runs, sets, batch_size=2, on_batch=seen.append)
     assert seen == [2, 1, 2, 1]
     assert [(r["direction"], r["kind"]) for r in records] == [
-        (d, k) for d in ("denoise", "noise") for k in ("top", "lowest", "random")]
+        (d, k) for d in ("denoise", "noise") for k in ("top", "most_negative", "random")]
     assert all(r["tokens"].shape == (3,) for r in records)

@@ -9,7 +9,7 @@ from mechdistill.patching import experiment
 from mechdistill.stages.patching import run_patching, run_patching_figure
 from tests.stages.conftest import DATASET, TEACHER
 
-N_DOCS, BINS, SETS_PER_BIN = 2, 2, 4  # patching.max_docs 2; bins [2, 4]; top + lowest + 2 random
+N_DOCS, BINS, SETS_PER_BIN = 2, 2, 5  # patching.max_docs 2; bins [2, 4]; top + near_zero + most_negative + 2 random
 
 
 def test_patching_runs_every_head_set_in_both_directions(tiny):
@@ -18,11 +18,15 @@ def test_patching_runs_every_head_set_in_both_directions(tiny):
     runs = pd.read_parquet(tiny.path(paths.patching_runs(DATASET, TEACHER, "phase1")))
     summary = pd.read_parquet(tiny.path(paths.patching(DATASET, TEACHER, "phase1")))
     assert len(pairs) == N_DOCS and pairs["aligned"].all()
+    assert (pairs["corruption_mode"] == "labels").all()  # the default: no ranked head chooses the words
+    assert all(len(t) == len(w) > 0 for t, w in zip(pairs["terms"], pairs["term_sources"]))
     assert len(runs) == N_DOCS * (2 + 2 * BINS * SETS_PER_BIN)  # 2 references + every set, both directions
     refs = runs[runs["direction"] == "reference"]
     assert (refs.loc[refs["kind"] == "clean", "value"].to_numpy()
             == refs.loc[refs["kind"] == "clean", "clean_value"].to_numpy()).all()
-    assert set(summary["k"]) == {2, 4} and set(summary["head_set"]) == {"top", "random", "lowest"}
+    assert set(summary["k"]) == {2, 4} and set(summary["head_set"]) == {"top", "near_zero", "most_negative", "random"}
+    assert (summary["ci_width"] - (summary["ci_high"] - summary["ci_low"])).abs().max() < 1e-12
+    assert (summary["prompt_split"] == "clean_neutral").all()  # patching.split "clean": the clean-prompt set
     # the summary's mean "value" of a head set is the mean over documents of that set's runs
     top2 = runs[(runs["direction"] == "denoise") & (runs["kind"] == "top") & (runs["k"] == 2)]
     row = summary[(summary["direction"] == "denoise") & (summary["head_set"] == "top") & (summary["k"] == 2)
