@@ -32,7 +32,7 @@ include: "rules/common.smk"
 
 wildcard_constraints:
     dataset=one_of(config["datasets"]),
-    split=one_of(paths.SPLITS),
+    split=one_of(paths.SPLITS) + "|" + paths.CLEAN_SPLIT_PATTERN,
 
 
 rule all:

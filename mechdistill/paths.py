@@ -18,6 +18,8 @@ from __future__ import annotations
 RESULTS = "results"
 LOGS = "logs"
 SPLITS = ("train", "val", "test")
+CLEAN = "clean"  # heads.split / patching.split value: the clean-prompt set of `clean_prompts.style`
+CLEAN_SPLIT_PATTERN = r"clean_[a-z_]+"  # the split names of clean-prompt sets (`clean_split`)
 PHASES = ("phase1", "phase2")
 HEAD_SCORE_KINDS = ("coarse", "refine")
 TABLES = ("table1", "table2", "table3", "table4")
@@ -61,6 +63,33 @@ def prompts(dataset: str = D, split: str = SPLIT) -> str:
     return f"{RESULTS}/{dataset}/prompts/{split}.parquet"
 
 
+def clean_split(style: str) -> str:
+    """The split name of the clean-prompt set in `style` (teacher.clean_prompts.STYLES), e.g.
+    "clean_neutral": its documents, prompts, CoT and anchors live where a split's do."""
+    return f"{CLEAN}_{style}"
+
+
+def characterization_split(config: dict, split: str) -> str:
+    """The split a characterization setting names (`heads.split`, `patching.split`): "clean" is the
+    clean-prompt set of `clean_prompts.style`; train / val / test are the task splits."""
+    return clean_split(config["clean_prompts"]["style"]) if split == CLEAN else split
+
+
+def clean_splits(config: dict) -> list[str]:
+    """Every clean-prompt split a config builds: `clean_prompts.style` when heads or patching read
+    the clean set, then `clean_prompts.compare_styles`."""
+    settings = config["clean_prompts"]
+    used = CLEAN in (config["heads"]["split"], config["patching"]["split"])
+    styles = ([settings["style"]] if used else []) + list(settings.get("compare_styles", []))
+    return [clean_split(s) for s in dict.fromkeys(styles)]
+
+
+def compared_splits(config: dict) -> list[str]:
+    """The clean-prompt splits the teacher's heads are scored on for comparison only (`style_head_scores`):
+    every one of `clean_splits` but the one `heads.split` names."""
+    return [s for s in clean_splits(config) if s != characterization_split(config, config["heads"]["split"])]
+
+
 def split_files(dataset: str = D, teacher: str = T, split: str = SPLIT) -> dict[str, str]:
     """A split as the teacher-forced stages read it (`io.read_split`): docs, prompts, the teacher's
     CoT and anchors, and the label space."""
@@ -92,6 +121,17 @@ def trajectory_summary(dataset: str = D, model: str = M) -> str:
 def head_scores(dataset: str = D, model: str = M, kind: str = "{kind}") -> str:
     """CoarseScore (kind="coarse") or RefineScore (kind="refine") of every head of `model`."""
     return f"{RESULTS}/{dataset}/{model}/heads/{kind}.parquet"
+
+
+def style_head_scores(dataset: str = D, model: str = M, split: str = SPLIT, kind: str = "{kind}") -> str:
+    """Head scores of `model` on another clean-prompt style (`clean_prompts.compare_styles`), e.g.
+    split "clean_guided_exemplar": the same table as `head_scores`, for comparison only."""
+    return f"{RESULTS}/{dataset}/{model}/heads/{split}/{kind}.parquet"
+
+
+def head_comparison(dataset: str = D, teacher: str = T, fmt: str = "md") -> str:
+    """Top heads per phase under every scoring variant and prompt style, with their layer depths."""
+    return f"{RESULTS}/{dataset}/{teacher}/heads/comparison.{fmt}"
 
 
 def head_example(dataset: str = D, model: str = M) -> str:
@@ -284,17 +324,23 @@ def stage_targets(config: dict) -> dict[str, tuple[tuple[str, ...], list[str]]]:
     students = list(config.get("students", []))
     methods = list(config.get("methods", {}))
     distilled = [(d, s, m) for d in datasets for s in students for m in methods]
+    clean = tuple(clean_splits(config))
     return {
         "prepare_dataset": (("prepare_dataset",), [data(d, s) for d in datasets for s in SPLITS]
                             + [labels(d) for d in datasets]),
         "build_prompts": (("build_prompts",), [prompts(d, s) for d in datasets for s in SPLITS]),
-        "teacher_cot": (("teacher_cot",), [cot(d, teacher, s) for d in datasets for s in SPLITS]),
-        "anchors": (("anchors",), [anchors(d, teacher, s) for d in datasets for s in SPLITS]),
+        "clean_prompts": (("clean_prompts",), [prompts(d, s) for d in datasets for s in clean]),
+        "teacher_cot": (("teacher_cot",), [cot(d, teacher, s) for d in datasets for s in SPLITS + clean]),
+        "anchors": (("anchors",), [anchors(d, teacher, s) for d in datasets for s in SPLITS + clean]),
         "trajectories": (("trajectories",), [trajectories(d, teacher) for d in datasets]),
         "student_trajectories": (("trajectories", "student_predict"),
                                  [trajectories(d, m) for d in datasets for m in student_models(config)]),
         "head_scores": (("head_scores",), [head_scores(d, m, k) for d in datasets for m in [teacher] + students
                                            for k in HEAD_SCORE_KINDS]),
+        "style_head_scores": (("style_head_scores",), [style_head_scores(d, teacher, s, k) for d in datasets
+                                                       for s in compared_splits(config) for k in HEAD_SCORE_KINDS]),
+        "head_comparison": (("head_comparison",), [head_comparison(d, teacher, f) for d in datasets
+                                                   for f in ("md", "parquet")]),
         "patching": (("patching",), [patching(d, teacher, p) for d in datasets for p in PHASES]),
         "teacher_targets": (("teacher_targets",), [targets(d, teacher, s) for d in datasets
                                                    for s in ("train", "val")]),

@@ -20,7 +20,8 @@ def defined_targets(_wildcards=None):
 
 def teacher_split(split, prefix=""):
     """Input function: a split's files as the teacher-forced stages read them (paths.split_files),
-    keys prefixed."""
+    keys prefixed; "clean" is the clean-prompt set (paths.characterization_split)."""
+    split = paths.characterization_split(config, split)
     return lambda wc: {prefix + key: path for key, path in paths.split_files(wc.dataset, config["teacher"], split).items()}
 
 

@@ -35,10 +35,25 @@ def test_stage_targets_of_the_tiny_config():
     config = load_config(REPO / "config" / "tiny.yaml")
     groups = paths.stage_targets(config)
     counts = {name: len(files) for name, (_, files) in groups.items()}
-    assert counts == {"prepare_dataset": 4, "build_prompts": 3, "teacher_cot": 3, "anchors": 3, "trajectories": 1,
-                      "student_trajectories": 2, "head_scores": 4, "patching": 2, "teacher_targets": 2,
+    # the clean-prompt set in 2 styles: 2 more prompts, CoT and anchors files; the compared style's 2 tables
+    assert counts == {"prepare_dataset": 4, "build_prompts": 3, "clean_prompts": 2, "teacher_cot": 5, "anchors": 5,
+                      "trajectories": 1, "student_trajectories": 2, "head_scores": 4, "style_head_scores": 2,
+                      "head_comparison": 2, "patching": 2, "teacher_targets": 2,
                       "distill": 2, "student_predict": 2, "evaluate": 3, "figure1": 1, "head_figures": 2,
                       "patching_figures": 2, "tables": 4, "figure9": 1,
                       "claims": 2}
     assert "results/tiny_icd/tiny_student/vanilla/pred/test.parquet" in groups["student_predict"][1]
     assert all("{" not in f for _, files in groups.values() for f in files)  # every target is concrete
+
+
+def test_clean_prompt_splits_follow_the_settings():
+    config = load_config(REPO / "config" / "tiny.yaml")
+    assert paths.characterization_split(config, "clean") == "clean_neutral"
+    assert paths.characterization_split(config, "test") == "test"
+    assert paths.clean_splits(config) == ["clean_neutral", "clean_guided_exemplar"]
+    assert paths.compared_splits(config) == ["clean_guided_exemplar"]
+    # heads and patching on task splits: only the compared styles are built, and all are compared
+    config["heads"]["split"] = config["patching"]["split"] = "train"
+    assert paths.clean_splits(config) == paths.compared_splits(config) == ["clean_guided_exemplar"]
+    config["clean_prompts"]["compare_styles"] = []
+    assert paths.clean_splits(config) == []

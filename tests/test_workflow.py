@@ -31,10 +31,13 @@ def test_dry_run_demo(tmp_path):
     jobs = job_counts(snakemake(tmp_path, "-n"))
     # 4 methods x 1 student: distill (no grid: one point each), select_distill, predict, evaluate and the
     # student's trajectories each; the teacher's own evaluation (its row of Tables 1-4)
-    assert jobs == {"prepare_dataset": 1, "build_prompts": 3, "teacher_cot": 3, "anchors": 3, "trajectories": 5,
-                    "figure1": 1, "head_scores": 2, "head_figures": 1, "patching": 2, "patching_figures": 1,
-                    "teacher_targets": 2, "distill": 4, "select_distill": 4, "student_predict": 4, "evaluate": 5,
-                    "tables": 1, "figure9": 1, "claims": 1, "all": 1, "total": 45}
+    # the clean-prompt set in two styles (neutral: characterization; guided + exemplar: comparison) adds
+    # its prompts, teacher CoT and anchors, the teacher's heads on the compared style and the comparison
+    assert jobs == {"prepare_dataset": 1, "build_prompts": 3, "clean_prompts": 2, "teacher_cot": 5, "anchors": 5,
+                    "trajectories": 5, "figure1": 1, "head_scores": 2, "style_head_scores": 1, "head_comparison": 1,
+                    "head_figures": 1, "patching": 2, "patching_figures": 1, "teacher_targets": 2, "distill": 4,
+                    "select_distill": 4, "student_predict": 4, "evaluate": 5, "tables": 1, "figure9": 1, "claims": 1,
+                    "all": 1, "total": 53}
 
 
 def test_dry_run_tiny_checks_the_claims(tmp_path):
@@ -46,8 +49,14 @@ def test_dry_run_paper_with_slurm_profile(tmp_path):
     out = snakemake(tmp_path, "-n", "--configfile", str(REPO / "config/paper.yaml"),
                     "--workflow-profile", str(REPO / "profiles/slurm"))
     jobs = job_counts(out)
-    assert jobs["prepare_dataset"] == 2 and jobs["teacher_cot"] == 6  # 2 datasets x 3 splits
+    # 2 datasets x (3 task splits + the clean-prompt set in its 2 styles)
+    assert jobs["prepare_dataset"] == 2 and jobs["teacher_cot"] == 10 and jobs["clean_prompts"] == 4
     assert "icd10_demo" not in out  # the demo config is not merged into the paper config
+    # characterization (every model's head scores, the teacher's patching) reads the neutral clean-prompt set
+    for rule in ("head_scores", "patching"):
+        blocks = re.findall(rf"rule {rule}:\n    input: ([^\n]+)", out)
+        assert blocks and all("cot/clean_neutral.parquet" in b and "cot/train.parquet" not in b
+                              and "cot/test.parquet" not in b for b in blocks), rule
     # per (dataset, student): mech's 2 x 2 grid (alpha, beta) is 4 distill jobs, every other method one
     pairs, methods = jobs["select_distill"], len(yaml.safe_load((REPO / "config/paper.yaml").read_text())["methods"])
     assert pairs % methods == 0 and jobs["distill"] == pairs + 3 * (pairs // methods)
@@ -145,7 +154,7 @@ def test_tiny_end_to_end_then_incremental(tmp_path):
     assert (tmp_path / "results/figures/figure1_tiny_icd.png").stat().st_size > 10_000
     for model, n_layers in [("tiny_llama", 2), ("tiny_student", 1)]:  # every head of teacher and student
         coarse = pd.read_parquet(tmp_path / f"results/tiny_icd/{model}/heads/coarse.parquet")
-        assert len(coarse) == n_layers * 4 and {"layer", "head", "score", "kurtosis", "alignment"} <= set(coarse.columns)
+        assert len(coarse) == n_layers * 4 and {"layer", "head", "score", "score_variant", "coarse_all_kurtosis", "alignment"} <= set(coarse.columns)
         assert coarse["score"].notna().all() and (coarse["n_queries"] > 0).all()
         refine = pd.read_parquet(tmp_path / f"results/tiny_icd/{model}/heads/refine.parquet")
         assert len(refine) == n_layers * 4  # NaN scores: random CoT has no refinement positions
@@ -156,10 +165,10 @@ def test_tiny_end_to_end_then_incremental(tmp_path):
     pairs = pd.read_parquet(tmp_path / "results/tiny_icd/tiny_llama/patching/phase1_pairs.parquet")
     assert len(pairs) == 2 and pairs["aligned"].all()
     runs = pd.read_parquet(tmp_path / "results/tiny_icd/tiny_llama/patching/phase1_runs.parquet")
-    assert len(runs) == 2 * (2 + 2 * 2 * (2 + 2))  # docs x (2 references + 2 directions x 2 bins x 4 sets)
+    assert len(runs) == 2 * (2 + 2 * 2 * (3 + 2))  # docs x (2 references + 2 directions x 2 bins x 5 sets)
     effects = pd.read_parquet(tmp_path / "results/tiny_icd/tiny_llama/patching/phase1.parquet")
     assert {"direction", "head_set", "k", "metric", "effect", "ci_low", "ci_high"} <= set(effects.columns)
-    assert set(effects["k"]) == {2, 4} and set(effects["head_set"]) == {"top", "random", "lowest"}
+    assert set(effects["k"]) == {2, 4} and set(effects["head_set"]) == {"top", "near_zero", "most_negative", "random"}
     assert pd.read_parquet(tmp_path / "results/tiny_icd/tiny_llama/patching/phase2.parquet").empty
 
     # distillation: targets, both methods trained (2 steps), saved, predicted and evaluated
@@ -204,4 +213,8 @@ def test_tiny_end_to_end_then_incremental(tmp_path):
     changed.write_text(yaml.safe_dump(cfg))
     jobs = job_counts(snakemake(tmp_path, "-n", "--configfile", str(changed)))
     assert jobs.get("prepare_dataset", 0) == 0
-    assert jobs["build_prompts"] == 3 and jobs["teacher_cot"] == 3 and jobs["anchors"] == 3
+    # the task prompts of 3 splits and the guided clean-prompt style (it reuses them) change; the neutral
+    # clean-prompt set, and so every model's head scores and the patching, do not
+    assert jobs["build_prompts"] == 3 and jobs["clean_prompts"] == 1
+    assert jobs["teacher_cot"] == 4 and jobs["anchors"] == 4 and jobs["style_head_scores"] == 1
+    assert "head_scores" not in jobs and "patching" not in jobs

@@ -1,4 +1,4 @@
-"""rules/characterize.smk: head_scores, head_figures."""
+"""rules/characterize.smk: head_scores (and style_head_scores), head_comparison, head_figures."""
 
 from __future__ import annotations
 
@@ -6,33 +6,46 @@ import logging
 import os
 
 from .. import paths
+from ..characterize.compare import compare_heads, comparison_markdown
 from ..characterize.head_scores import forced_documents, score_heads
 from ..characterize.plots import figure4, figure7
-from ..io import read_parquet, read_split, write_parquet
+from ..characterize.scores import CoarseVariant
+from ..io import read_parquet, read_split, write_parquet, write_text
 from ..models import load_model
 
 log = logging.getLogger(__name__)
 PathLike = str | os.PathLike
 
 
-def run_head_scores(config: dict, dataset: str, model: str, *, inputs: dict[str, PathLike] | None = None,
-                    coarse_path: PathLike | None = None, refine_path: PathLike | None = None,
-                    example_path: PathLike | None = None) -> None:
+def run_head_scores(config: dict, dataset: str, model: str, split: str | None = None, *,
+                    inputs: dict[str, PathLike] | None = None, coarse_path: PathLike | None = None,
+                    refine_path: PathLike | None = None, example_path: PathLike | None = None) -> None:
     """CoarseScore and RefineScore of every head of `model` (teacher or student), teacher-forced on
-    the teacher's CoT of the `heads.split` split -> {model}/heads/coarse.parquet, refine.parquet
-    and coarse_example.parquet. inputs: the split's files (default `paths.split_files`)."""
-    settings, teacher, split = config["heads"], config["teacher"], config["heads"]["split"]
+    the teacher's CoT of `split` (default `heads.split`; "clean" = the clean-prompt set) ->
+    {model}/heads/coarse.parquet, refine.parquet and coarse_example.parquet (another clean-prompt
+    style: `paths.style_head_scores`). Both tables say which prompts they measured (`prompt_split`).
+    inputs: the split's files (default `paths.split_files`)."""
+    settings, teacher = config["heads"], config["teacher"]
+    split = paths.characterization_split(config, split or settings["split"])
+    main = split == paths.characterization_split(config, settings["split"])
     model_obj, tokenizer = load_model(config, model, device=settings["device"], dtype=settings["dtype"])
     data = read_split({**paths.split_files(dataset, teacher, split), **(inputs or {})}, settings.get("max_docs"))
     coarse, refine, example = score_heads(model_obj, tokenizer, forced_documents(tokenizer, data), tau=settings["tau"],
-                                          n_stages=settings["n_stages"], desc=f"head scores {model}")
+                                          n_stages=settings["n_stages"], desc=f"head scores {model}",
+                                          coarse_variant=CoarseVariant(**settings["coarse"]),
+                                          refine_ranking=settings["refine"]["ranking"])
     for name, table in (("CoarseScore", coarse), ("RefineScore", refine)):
         top = table.dropna(subset=["score"]).nlargest(5, "score")
-        log.info("%s top-5 heads of %s: %s", name, model,
+        log.info("%s (%s) top-5 heads of %s: %s", name, table["score_variant"].iloc[0], model,
                  ", ".join(f"L{r.layer}H{r.head}={r.score:.4g}" for r in top.itertuples()))
-    write_parquet(example, example_path or paths.head_example(dataset, model))
-    write_parquet(refine, refine_path or paths.head_scores(dataset, model, "refine"))
-    write_parquet(coarse, coarse_path or paths.head_scores(dataset, model, "coarse"))
+
+    def table_path(kind: str) -> str:
+        return paths.head_scores(dataset, model, kind) if main else paths.style_head_scores(dataset, model, split, kind)
+
+    if main or example_path:  # Figure 4's example comes from the characterization split only
+        write_parquet(example, example_path or paths.head_example(dataset, model))
+    write_parquet(refine.assign(prompt_split=split), refine_path or table_path("refine"))
+    write_parquet(coarse.assign(prompt_split=split), coarse_path or table_path("coarse"))
 
 
 def run_head_figures(config: dict, dataset: str, *, coarse_path: PathLike | None = None,
@@ -45,3 +58,24 @@ def run_head_figures(config: dict, dataset: str, *, coarse_path: PathLike | None
             figure4_path or paths.head_figure(4, dataset), f"{dataset}, {teacher}: Phase 1 heads", top_k=top_k)
     figure7(read_parquet(refine_path or paths.head_scores(dataset, teacher, "refine")),
             figure7_path or paths.head_figure(7, dataset), f"{dataset}, {teacher}: Phase 2 heads", top_k=top_k)
+
+
+def run_head_comparison(config: dict, dataset: str, *, coarse_path: PathLike | None = None,
+                        refine_path: PathLike | None = None, style_paths: list[PathLike] | None = None,
+                        md_path: PathLike | None = None, parquet_path: PathLike | None = None) -> None:
+    """The teacher's head tables on the characterization split and on every compared prompt style ->
+    heads/comparison.{md,parquet}: top-k heads per phase and scoring variant, with their depths."""
+    teacher, k = config["teacher"], config["heads"]["compare_top_k"]
+    if style_paths is None:
+        style_paths = [paths.style_head_scores(dataset, teacher, s, kind)
+                       for s in paths.compared_splits(config) for kind in paths.HEAD_SCORE_KINDS]
+    files = [coarse_path or paths.head_scores(dataset, teacher, "coarse"),
+             refine_path or paths.head_scores(dataset, teacher, "refine"), *style_paths]
+    kinds = ["coarse" if str(f).endswith("coarse.parquet") else "refine" for f in files]
+    top, summary = compare_heads([(kind, read_parquet(f)) for kind, f in zip(kinds, files)], k)
+    for r in summary.itertuples():
+        log.info("%s %s %s: mean depth %.2f of the top-%d heads (%s)", r.prompt_split, r.phase, r.variant,
+                 r.mean_depth, k, r.heads)
+    write_text(md_path or paths.head_comparison(dataset, teacher, "md"),
+               comparison_markdown(summary, k, f"{dataset}, {teacher}: where the top heads sit"))
+    write_parquet(top, parquet_path or paths.head_comparison(dataset, teacher, "parquet"))

@@ -1,4 +1,4 @@
-"""rules/data.smk: prepare_dataset, build_prompts."""
+"""rules/data.smk: prepare_dataset, build_prompts, clean_prompts."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import os
 from .. import paths
 from ..anchors.embed import SentenceEmbedder
 from ..data import prepare_dataset
+from ..errors import InputError
 from ..io import read_parquet, write_json, write_parquet
 from ..labels import LabelSpace
+from ..teacher.clean_prompts import build_clean_prompts
 from ..teacher.prompts import build_prompts
 
 log = logging.getLogger(__name__)
@@ -44,4 +46,27 @@ def run_build_prompts(config: dict, dataset: str, split: str, *, docs_path: Path
     recall = float(prompts["gold_in_candidates"].mean()) if len(prompts) else float("nan")
     log.info("prompts %s/%s: %d documents, %d candidates each, candidate recall = %.3f",
              dataset, split, len(prompts), entry["candidates"]["size"], recall)
+    write_parquet(prompts, out_path or paths.prompts(dataset, split), "prompts")
+
+
+def run_clean_prompts(config: dict, dataset: str, split: str, *, source_path: PathLike | None = None,
+                      train_path: PathLike | None = None, labels_path: PathLike | None = None,
+                      docs_path: PathLike | None = None, out_path: PathLike | None = None) -> None:
+    """The clean-prompt set `split` (= paths.clean_split(style)) from `clean_prompts.source_split`
+    -> data/{split}.parquet (snippets, gold labels, source_doc_id) and prompts/{split}.parquet."""
+    settings = config["clean_prompts"]
+    style = split.removeprefix(f"{paths.CLEAN}_")
+    source = read_parquet(source_path or paths.data(dataset, settings["source_split"]), "documents")
+    train = read_parquet(train_path or paths.data(dataset, "train"), "documents")
+    space = LabelSpace(read_parquet(labels_path or paths.labels(dataset), "labels"))
+    docs, prompts = build_clean_prompts(source, space, settings, style, config["prompts"], config["seed"],
+                                        SentenceEmbedder(config["embedder"]),
+                                        exemplar_doc=train.iloc[0] if len(train) else None)
+    if docs.empty:
+        raise InputError(f"no documents for the clean-prompt set {split}: the {settings['source_split']} split is "
+                         "empty.", file=str(source_path or paths.data(dataset, settings["source_split"])),
+                         fix="set clean_prompts.source_split to a split with documents.")
+    log.info("clean prompts %s/%s (%s): %d documents, %d labels each, snippets of %d characters on average",
+             dataset, split, style, len(docs), settings["n_labels"], int(docs["text"].str.len().mean()))
+    write_parquet(docs, docs_path or paths.data(dataset, split), "documents")
     write_parquet(prompts, out_path or paths.prompts(dataset, split), "prompts")

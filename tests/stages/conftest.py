@@ -27,16 +27,21 @@ DATASET, TEACHER, STUDENT = "tiny_icd", "tiny_llama", "tiny_student"
 
 def _stages(config: dict) -> list[tuple[str, Callable[[], None]]]:
     """(name, runner) of every stage of the tiny pipeline, in DAG order."""
-    def each_split(fn, *args):
-        return lambda: [fn(config, DATASET, *args, split) for split in paths.SPLITS]
+    clean = paths.clean_splits(config)
+
+    def each_split(fn, *args, splits=paths.SPLITS + tuple(clean)):
+        return lambda: [fn(config, DATASET, *args, split) for split in splits]
 
     return [
         ("prepare_dataset", lambda: data.run_prepare_dataset(config, DATASET)),
-        ("build_prompts", each_split(data.run_build_prompts)),
+        ("build_prompts", each_split(data.run_build_prompts, splits=paths.SPLITS)),
+        ("clean_prompts", each_split(data.run_clean_prompts, splits=clean)),
         ("teacher_cot", each_split(teacher.run_teacher_cot)),
         ("anchors", each_split(anchors.run_anchors, TEACHER)),
         ("trajectories", lambda: anchors.run_trajectories(config, DATASET, TEACHER)),
-        ("head_scores", lambda: [characterize.run_head_scores(config, DATASET, m) for m in (TEACHER, STUDENT)]),
+        ("head_scores", lambda: [characterize.run_head_scores(config, DATASET, m) for m in (TEACHER, STUDENT)]
+         + [characterize.run_head_scores(config, DATASET, TEACHER, s) for s in paths.compared_splits(config)]),
+        ("head_comparison", lambda: characterize.run_head_comparison(config, DATASET)),
         ("patching", lambda: [patching.run_patching(config, DATASET, phase) for phase in paths.PHASES]),
         ("teacher_targets", lambda: [distill.run_teacher_targets(config, DATASET, s) for s in ("train", "val")]),
         ("distill", lambda: distill.run_distill(config, DATASET, STUDENT, "mech")),

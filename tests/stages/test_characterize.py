@@ -17,6 +17,7 @@ def test_head_scores_cover_every_head_and_agree_on_the_shared_layer(tiny):
         grid = [(layer, head) for layer in range(n_layers) for head in range(4)]
         assert list(zip(coarse["layer"], coarse["head"])) == grid == list(zip(refine["layer"], refine["head"]))
         assert coarse["score"].notna().all() and (coarse["n_queries"] > 0).all()
+        assert (coarse["prompt_split"] == "clean_neutral").all()  # heads.split "clean": the clean-prompt set
         assert refine["score"].isna().all()  # a random model's CoT has no refinement positions
         tables[model] = coarse
     # The student IS the teacher's layer 0 (same embeddings, same unembedding): that layer's heads see
@@ -35,3 +36,20 @@ def test_head_figures(tiny):
         run_head_figures(tiny.config, DATASET)
     for number in (4, 7):
         assert tiny.path(paths.head_figure(number, DATASET)).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compared_style_and_the_comparison_table(tiny):
+    tiny.ensure("head_comparison")
+    style = pd.read_parquet(tiny.path(paths.style_head_scores(DATASET, TEACHER, "clean_guided_exemplar", "coarse")))
+    main = pd.read_parquet(tiny.path(paths.head_scores(DATASET, TEACHER, "coarse")))
+    assert (style["prompt_split"] == "clean_guided_exemplar").all() and len(style) == len(main)
+    assert not style["score"].equals(main["score"])  # other prompts, other attention
+    top = pd.read_parquet(tiny.path(paths.head_comparison(DATASET, TEACHER, "parquet")))
+    k = tiny.config["heads"]["compare_top_k"]
+    score_top = top[(top["variant"] == "score") & (top["phase"] == "phase1")]
+    for split, table in [("clean_neutral", main), ("clean_guided_exemplar", style)]:
+        expected = table.nlargest(min(k, len(table)), "score")
+        got = score_top[score_top["prompt_split"] == split]
+        assert list(zip(got["layer"], got["head"])) == list(zip(expected["layer"], expected["head"]))
+        assert got["depth"].tolist() == pytest.approx((expected["layer"] / 1).tolist())  # 2 layers: depth = layer
+    assert "clean_guided_exemplar" in tiny.path(paths.head_comparison(DATASET, TEACHER, "md")).read_text()

@@ -91,3 +91,23 @@ def test_build_prompts_lists_every_gold_code_among_the_candidates(tiny):
             user = json.loads(msgs)[-1]["content"]
             assert text in user and all(f"[{c}]" in user for c in cands)
         assert (prompts["gold_in_candidates"] == 1.0).all()
+
+
+def test_clean_prompts_are_snippets_of_the_source_split_with_a_long_neutral_list(tiny):
+    tiny.ensure("clean_prompts")
+    settings = tiny.config["clean_prompts"]
+    assert paths.clean_splits(tiny.config) == ["clean_neutral", "clean_guided_exemplar"]
+    source = pd.read_parquet(tiny.path(paths.data(DATASET, settings["source_split"]))).set_index("doc_id")
+    for split, style in [("clean_neutral", "neutral"), ("clean_guided_exemplar", "guided_exemplar")]:
+        docs = pd.read_parquet(tiny.path(paths.data(DATASET, split)))
+        prompts = pd.read_parquet(tiny.path(paths.prompts(DATASET, split)))
+        assert len(docs) == settings["n_docs"] == len(prompts)
+        assert docs["doc_id"].tolist() == prompts["doc_id"].tolist() == [f"clean-{d}" for d in docs["source_doc_id"]]
+        for doc in docs.itertuples():
+            assert list(doc.labels) == list(source.loc[doc.source_doc_id, "labels"])
+            # every snippet line is a line of the source document
+            assert set(doc.text.split("\n")) <= {s.strip() for s in source.loc[doc.source_doc_id, "text"].split("\n")}
+        assert (prompts["prompt_style"] == style).all()
+        assert prompts["candidates"].map(len).eq(settings["n_labels"]).all()
+        guided = "rule out close alternatives" in prompts["messages"].iloc[0]
+        assert guided == (style == "guided_exemplar")
