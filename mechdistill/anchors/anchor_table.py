@@ -1,7 +1,8 @@
 """The anchors artifact: one row per document with its anchors, near-misses, shortlist and CoT spans.
 
 Columns: doc_id, anchors, anchor_text, near_misses, shortlist, early_span, refine_spans,
-shortlist_spans, nearmiss_spans (character offsets into the CoT), reason ("" when every span
+shortlist_spans, nearmiss_spans (character offsets into the CoT: mentions of the near-misses and of
+any other label the CoT rules out), reason ("" when every span
 could be found; otherwise why a later stage will get NaN, e.g. "empty CoT", "no near-misses").
 """
 
@@ -11,7 +12,7 @@ import pandas as pd
 
 from ..labels import LabelSpace
 from .concepts import anchor_text, label_anchors
-from .near_misses import near_misses, shortlist
+from .near_misses import cot_near_misses, near_misses, shortlist
 from .segment import segment_cot, token_offsets
 
 COLUMNS = ["doc_id", "anchors", "anchor_text", "near_misses", "shortlist", "early_span", "refine_spans",
@@ -43,7 +44,11 @@ def anchor_table(docs: pd.DataFrame, cot: pd.DataFrame, prompts: pd.DataFrame, s
         # shortlist (S) and near-miss (N) positions of RefineScore never share a mention.
         near = [lab for lab in near_misses(gold, text, candidates, space, strategies, n + len(kept), embedder)
                 if lab not in kept][:n]
-        seg = segment_cot(text, token_offsets(tokenizer, text), settings["early_tokens"], kept, near, space,
+        # N positions of RefineScore (Sec. 2: "subcategories previously shortlisted but since ruled out"):
+        # mentions of the near-misses and of every label the CoT rules out. The near-miss list itself
+        # (Confusion's centroid, the margin) need not read the CoT (anchors.near_miss.strategies).
+        ruled = [lab for lab in cot_near_misses(text, gold, candidates, space) if lab not in kept and lab not in near]
+        seg = segment_cot(text, token_offsets(tokenizer, text), settings["early_tokens"], kept, near + ruled, space,
                           candidates=candidates, patterns=settings.get("refine_patterns"))
         reason = seg["reason"] or ("no anchors" if not anchors else "")
         rows.append(dict(doc_id=doc_id, anchors=anchors, anchor_text=anchor_text(anchors), near_misses=near,
