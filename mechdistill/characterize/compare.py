@@ -71,4 +71,9 @@ def comparison_markdown(summary: pd.DataFrame, k: int, title: str) -> str:
     for r in summary.itertuples():
         lines.append(f"| {r.prompt_split} | {r.phase} | {r.variant} | {r.mean_depth:.2f} | {r.frac_early:.1f} | "
                      f"{r.frac_middle:.1f} | {r.frac_late:.1f} | {r.heads} |")
+    missing = [f"{split} {phase}" for split in dict.fromkeys(summary["prompt_split"]) for phase in PHASE_OF_KIND.values()
+               if not ((summary["prompt_split"] == split) & (summary["phase"] == phase)).any()]
+    if missing:
+        lines += ["", "No finite score (no document with the positions the score needs, e.g. no refinement "
+                  "position for Phase 2): " + ", ".join(missing) + "."]
     return "\n".join(lines) + "\n"

@@ -59,9 +59,9 @@ def run_patching(config: dict, dataset: str, phase: str, *, inputs: dict[str, Pa
         log.warning("%s: no head has a finite score, so there is nothing to patch for %s; writing empty tables "
                     "(check the head_scores log: the documents may have no early / refinement positions)",
                     head_scores_path, phase)
-        write_parquet(pd.DataFrame(columns=["doc_id", "phase", "aligned", "reason"]), pairs_path)
+        write_parquet(pd.DataFrame(columns=["doc_id", "phase", "aligned", "reason", "prompt_split"]), pairs_path)
         write_parquet(pd.DataFrame(columns=["doc_id", "direction", "kind", "k", "seed", "value"]), runs_path)
-        write_parquet(summarize_patching(pd.DataFrame(), phase), summary_path)
+        write_parquet(summarize_patching(pd.DataFrame(), phase).assign(prompt_split=split), summary_path)
         return
     head_sets = experiment.control_sets(ranked, ranked_scores, settings["bins"], settings["n_random"], seed,
                                         control_scores)

@@ -52,4 +52,6 @@ def test_compared_style_and_the_comparison_table(tiny):
         got = score_top[score_top["prompt_split"] == split]
         assert list(zip(got["layer"], got["head"])) == list(zip(expected["layer"], expected["head"]))
         assert got["depth"].tolist() == pytest.approx((expected["layer"] / 1).tolist())  # 2 layers: depth = layer
-    assert "clean_guided_exemplar" in tiny.path(paths.head_comparison(DATASET, TEACHER, "md")).read_text()
+    md = tiny.path(paths.head_comparison(DATASET, TEACHER, "md")).read_text()
+    assert "clean_guided_exemplar" in md
+    assert "clean_neutral phase2, clean_guided_exemplar phase2" in md  # a random teacher never refines: said
