@@ -54,10 +54,15 @@ def depth_summary(top: pd.DataFrame) -> pd.DataFrame:
     return top.groupby(keys, sort=False).apply(one, include_groups=False).reset_index()
 
 
-def compare_heads(tables: list[tuple[str, pd.DataFrame]], k: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(kind, head table) pairs, e.g. the teacher's coarse and refine tables of every prompt style ->
-    (every variant's top-k heads, `depth_summary`). The depth scale comes from each table's layers."""
-    tops = [top_heads(t, kind, k, int(t["layer"].max()) + 1) for kind, t in tables if len(t)]
+def table_kind(table: pd.DataFrame) -> str:
+    """"coarse" or "refine": the kind of a head table, from its `score_variant` (e.g. coarse_document_normalized)."""
+    return str(table["score_variant"].iloc[0]).partition("_")[0]
+
+
+def compare_heads(tables: list[pd.DataFrame], k: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Head tables, e.g. the teacher's coarse and refine tables of every prompt style -> (every
+    variant's top-k heads, `depth_summary`). The depth scale comes from each table's layers."""
+    tops = [top_heads(t, table_kind(t), k, int(t["layer"].max()) + 1) for t in tables if len(t)]
     top = pd.concat(tops, ignore_index=True) if tops else top_heads(pd.DataFrame(), "coarse", k, 1)
     return top, depth_summary(top)
 

@@ -71,8 +71,7 @@ def run_head_comparison(config: dict, dataset: str, *, coarse_path: PathLike | N
                        for s in paths.compared_splits(config) for kind in paths.HEAD_SCORE_KINDS]
     files = [coarse_path or paths.head_scores(dataset, teacher, "coarse"),
              refine_path or paths.head_scores(dataset, teacher, "refine"), *style_paths]
-    kinds = ["coarse" if str(f).endswith("coarse.parquet") else "refine" for f in files]
-    top, summary = compare_heads([(kind, read_parquet(f)) for kind, f in zip(kinds, files)], k)
+    top, summary = compare_heads([read_parquet(f) for f in files], k)
     for r in summary.itertuples():
         log.info("%s %s %s: mean depth %.2f of the top-%d heads (%s)", r.prompt_split, r.phase, r.variant,
                  r.mean_depth, k, r.heads)
