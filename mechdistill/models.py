@@ -245,16 +245,53 @@ def text_only(model):
     return causal
 
 
-def load_model(config: dict, name: str, device: str = "auto", dtype: str | None = None):
+PLACEMENT_KEYS = ("device_map", "max_memory", "offload_folder")
+
+
+def placement(settings: dict, prefix: str = "") -> dict[str, Any]:
+    """`load_model`'s placement arguments from a config section: its `{prefix}device_map`,
+    `{prefix}max_memory` and `{prefix}offload_folder` (e.g. prefix "teacher_" in `distill`)."""
+    return {key: settings.get(prefix + key) for key in PLACEMENT_KEYS}
+
+
+def _device_keys(max_memory: dict | None) -> dict | None:
+    """GPU indices as ints ({"0": "40GiB"} after a JSON round trip -> {0: "40GiB"}), as accelerate wants."""
+    if max_memory is None:
+        return None
+    return {int(k) if str(k).isdigit() else k: v for k, v in max_memory.items()}
+
+
+def load_model(config: dict, name: str, device: str = "auto", dtype: str | None = None, *,
+               device_map: str | dict | None = None, max_memory: dict | None = None,
+               offload_folder: str | os.PathLike | None = None):
     """Load (materialising once if needed) model `name`; returns (model, tokenizer), eval mode.
-    A multimodal checkpoint is reduced to its text model (`text_only`)."""
+    A multimodal checkpoint is reduced to its text model (`text_only`).
+
+    Without `device_map` the whole model moves to `device`. With one ("auto", "balanced", ..., or
+    {module name: GPU index / "cpu" / "disk"}) accelerate places the weights instead, layer by layer
+    over the GPUs (`max_memory`: {device: "40GiB"} caps each), CPU-offloaded or on disk
+    (`offload_folder`) when they do not fit, and moves activations between devices at every forward;
+    inputs then go to `input_device(model)`.
+    """
     spec = model_spec(config, name)
     device = pick_device(device)
-    path = resolve_model_path(config, name)
+    placed = {} if device_map is None else dict(device_map=device_map, max_memory=_device_keys(max_memory),
+                                                offload_folder=offload_folder)
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch_dtype(dtype or spec.get("dtype"), device),
-        trust_remote_code=spec.get("trust_remote_code", False))
-    return text_only(model).to(device).eval(), load_tokenizer(config, name)
+        resolve_model_path(config, name), dtype=torch_dtype(dtype or spec.get("dtype"), device),
+        trust_remote_code=spec.get("trust_remote_code", False), **placed)
+    model = text_only(model)
+    if device_map is None:
+        model = model.to(device)
+    return model.eval(), load_tokenizer(config, name)
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """The device input ids go to: under a device map, the execution device of the input embedding
+    (accelerate's hook; its weights may wait on the CPU or disk), else the device of its weights."""
+    embedding = model.get_input_embeddings()
+    device = getattr(getattr(embedding, "_hf_hook", None), "execution_device", None)
+    return torch.device(device) if device is not None else embedding.weight.device
 
 
 def with_distilled_model(config: dict, student: str, method: str, model_dir: str | os.PathLike) -> tuple[dict, str]:

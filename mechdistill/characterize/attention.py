@@ -20,6 +20,7 @@ convention of transformers' `repeat_kv`).
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,13 @@ _PREFIX = "mechdistill_"
 
 # ---------------------------------------------------------------------------------------------
 # Model introspection
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The HF model inside a training wrapper (a DeepSpeed engine, DDP): its `.module`."""
+    while isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -61,8 +69,54 @@ def head_out_proj(attn_module: nn.Module) -> Tensor:
     return weight.view(d_model, -1, head_dim).permute(1, 2, 0)  # [n_heads, head_dim, d_model]
 
 
+def weight_is_local(weight: Tensor) -> bool:
+    """Whether a parameter's values are here: not on the meta device (accelerate disk/CPU offload keeps
+    offloaded weights there between forwards) and not partitioned away (DeepSpeed ZeRO-3 leaves an
+    empty tensor and the real shape in `ds_shape` outside the module's forward)."""
+    full = getattr(weight, "ds_shape", weight.shape)
+    return weight.device.type != "meta" and weight.numel() == math.prod(full)
+
+
+@contextlib.contextmanager
+def local_values(weight: Tensor) -> Iterator[Tensor]:
+    """The values of a parameter, for reading outside its module's forward: the parameter itself when
+    local; under DeepSpeed ZeRO-3 its gathered values (detached: a partitioned parameter takes no
+    gradient this way), valid inside the block only."""
+    if weight_is_local(weight):
+        yield weight
+    elif hasattr(weight, "ds_id"):
+        import deepspeed  # only present when the parameter was partitioned by it
+
+        with deepspeed.zero.GatheredParameters([weight]):
+            yield weight.detach()
+    else:
+        raise ValueError("a parameter read outside its module sits on the meta device (offloaded by a "
+                         "device map); keep lm_head and the embeddings on a device in device_map")
+
+
+def head_out(attn_module: nn.Module, x: Tensor) -> Tensor:
+    """x^h W_O^h for every head h: x [..., n_heads, head_dim] -> [..., n_heads, d_model] (no bias).
+
+    Reads W_O directly when its values are local; otherwise (offloaded by accelerate, partitioned by
+    ZeRO-3) it calls the `o_proj` module on a block-diagonal input, so the module's own hooks bring the
+    weight in and gradients reach it exactly: row h of the input holds x^h in head h's slot and zeros
+    elsewhere, and o_proj(0) (the bias) is subtracted.
+    """
+    o_proj = attn_module.o_proj
+    if weight_is_local(o_proj.weight):
+        return torch.einsum("...hd,hdm->...hm", x, head_out_proj(attn_module).to(x))
+    n_heads, head_dim = x.shape[-2:]
+    eye = torch.eye(n_heads, dtype=x.dtype, device=x.device)[:, :, None]  # [H, H, 1]
+    blocks = (x[..., None, :, :] * eye).flatten(-2)  # [..., H, H * head_dim]: head h's slot only
+    out = o_proj(blocks)  # [..., H, d_model]
+    if o_proj.bias is not None:
+        out = out - o_proj(torch.zeros_like(blocks[..., :1, :]))
+    return out
+
+
 def head_counts(attn_module: nn.Module) -> tuple[int, int]:
-    n_heads = attn_module.o_proj.weight.shape[1] // attn_module.head_dim
+    weight = attn_module.o_proj.weight
+    n_heads = getattr(weight, "ds_shape", weight.shape)[1] // attn_module.head_dim  # ZeRO-3: the real shape
     return n_heads, n_heads // attn_module.num_key_value_groups
 
 
@@ -252,7 +306,7 @@ def attention_hooks(model: nn.Module, hooks: dict[int, AttentionHook | Sequence[
     patched run) and restored on exit, hooks removed, even on error.
     """
     mods = attention_modules(model)
-    base_impl = model.config._attn_implementation
+    base_impl = unwrap(model).config._attn_implementation
     if base_impl is None:
         raise RuntimeError("attention_hooks: the model has no attention implementation set")
     outermost = not base_impl.startswith(_PREFIX)

@@ -18,7 +18,11 @@ convention of transformers' `repeat_kv`). `sum_h Delta^h_q + o_proj.bias = o_pro
 How it hooks in: `head_capture(...)` records through an attention hook
 (`attention.attention_hooks`), which runs after the original attention implementation with
 unchanged arguments, so the model's output is unchanged. Head writes come from a forward
-pre-hook on each captured layer's `o_proj`. Nothing runs under `torch.no_grad`: captured
+pre-hook on each captured layer's `o_proj` (its input z); the per-head writes z^h W_O^h (and
+v^h W_O^h) are formed when the forward is done, through `attention.head_out`, so they are right
+when o_proj's weight is offloaded (accelerate device maps) or partitioned (DeepSpeed ZeRO-3):
+read them after the forward (after `capture_heads` returns or the `head_capture` block ends).
+Nothing runs under `torch.no_grad`: captured
 tensors carry gradients when the forward does (distillation losses reuse this), detaching is
 the caller's choice.
 
@@ -46,7 +50,7 @@ from .attention import (
     attention_modules,
     gather_heads,
     head_counts,
-    head_out_proj,
+    head_out,
     position_ids_from_mask,
     repeat_heads,
 )
@@ -112,6 +116,8 @@ class _Recorder:
         self.capture = capture
         self.what = what
         self.rows_dtype = rows_dtype
+        self.pending_z: dict[int, tuple[nn.Module, Tensor]] = {}  # layer -> (attention module, z at queries)
+        self.pending_values: dict[int, tuple[nn.Module, Tensor]] = {}  # layer -> (module, values at keys)
 
     def record_attention(self, call: AttentionCall) -> None:
         cap, layer, module = self.capture, call.layer, call.module
@@ -128,9 +134,8 @@ class _Recorder:
                 v = repeat_heads(gather_heads(value, kpos), n_rep)  # [b, H, nk, d]
                 if "values" in self.what:
                     cap.values[layer] = v
-                if "value_writes" in self.what:
-                    w_o = head_out_proj(module).to(v.dtype)  # [H, d, D]
-                    cap.value_writes[layer] = torch.einsum("bhkd,hdm->bhkm", v, w_o)
+                if "value_writes" in self.what:  # v^h_j W_O^h once the forward is done (`finish`)
+                    self.pending_values[layer] = (module, v)
         if "rows" in self.what:
             cap.rows[layer] = call.rows(qpos).to(self.rows_dtype or query.dtype)
 
@@ -142,17 +147,25 @@ class _Recorder:
         z_sel = torch.gather(z, 1, idx).view(b, qpos.shape[1], -1, attn_module.head_dim)  # [b, nq, H, d]
         if "z" in self.what:
             self.capture.z[layer] = z_sel
-        if "writes" not in self.what:
-            return
-        w_o = head_out_proj(attn_module).to(z.dtype)  # [H, d, D]
-        self.capture.writes[layer] = torch.einsum("bqhd,hdm->bqhm", z_sel, w_o)  # [b, nq, H, D]
+        if "writes" in self.what:  # z^h_q W_O^h once the forward is done (`finish`)
+            self.pending_z[layer] = (attn_module, z_sel)
+
+    def finish(self) -> None:
+        """Head writes of the last forward, formed after it: W_O is read (or, when offloaded or
+        partitioned, brought in by calling o_proj) outside o_proj's own forward."""
+        for layer, (module, z_sel) in self.pending_z.items():
+            self.capture.writes[layer] = head_out(module, z_sel)  # [b, nq, H, D]
+        for layer, (module, v) in self.pending_values.items():
+            self.capture.value_writes[layer] = head_out(module, v.transpose(1, 2)).transpose(1, 2)  # [b, H, nk, D]
+        self.pending_z, self.pending_values = {}, {}
 
 
 @contextlib.contextmanager
 def head_capture(model: nn.Module, query_positions: Tensor, key_positions: Tensor | None = None,
                  layers: Iterable[int] | None = None, what: Iterable[str] = ("rows", "qk", "values", "writes"),
                  rows_dtype: torch.dtype | None = torch.float32) -> Iterator[HeadCapture]:
-    """Context manager: every forward of `model` inside it fills the yielded HeadCapture.
+    """Context manager: every forward of `model` inside it fills the yielded HeadCapture (writes and
+    value_writes, of the last forward, when the block ends).
 
     query_positions: LongTensor [batch, n_query] (indices into the input sequence, padding included).
     key_positions: LongTensor [batch, n_key] or None (then no keys/values are captured).
@@ -186,6 +199,7 @@ def head_capture(model: nn.Module, query_positions: Tensor, key_positions: Tenso
     finally:
         for h in handles:
             h.remove()
+    recorder.finish()  # hooks off: head_out may call o_proj
 
 
 def capture_heads(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None, *,

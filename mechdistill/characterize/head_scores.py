@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..io import SplitArtifacts
+from ..models import input_device
 from .capture import capture_heads, final_residual
 from .scores import (
     DEFAULT_COARSE,
@@ -44,21 +45,25 @@ def score_document(model, tokenizer, seq: ForcedSequence, anchors: list[str], go
     """Per-head values of one document; arrays are [layers, heads] (or [layers, heads, stages]).
 
     coarse: every CoarseVariant (`scores.coarse_variants`: sharpness over all causal keys and over the
-    document's keys, kurtosis and normalized) and alignment; refine: qk, ov, refine_mean_product."""
+    document's keys, kurtosis and normalized) and alignment; refine: qk, ov, refine_mean_product.
+    Each layer is scored on the device its capture sits on (a device map spreads the layers)."""
     out: dict = {"n_queries": len(seq.early_queries), "n_positions": 0}
     ids = seq.input_ids
     if seq.early_queries and anchors:
-        _, cap = capture_heads(model, ids[None], query_positions=[seq.early_queries], what=("rows", "writes"))
-        centroid = anchor_centroid(model.lm_head.weight,
-                                   [tokenizer(a, add_special_tokens=False)["input_ids"] for a in anchors])
+        _, cap = capture_heads(model, ids[None].to(input_device(model)), query_positions=[seq.early_queries],
+                               what=("rows", "writes"))
+        centroid = anchor_centroid(model.lm_head, [tokenizer(a, add_special_tokens=False)["input_ids"] for a in anchors])
         qpos = torch.tensor([seq.early_queries])                                          # [1, nq]
         key_masks = {"all": coarse_key_mask(qpos, len(ids)),                              # [1, nq, seq]
                      "document": coarse_key_mask(qpos, len(ids), seq.document_positions)}
-        comps = [coarse_variants(cap.rows[layer], cap.writes[layer], centroid[None],
-                                 torch.ones(1, qpos.shape[1], dtype=torch.bool), key_masks)
-                 for layer in sorted(cap.rows)]
-        out["coarse"] = {k: torch.stack([c[k][0] for c in comps]).numpy() for k in comps[0] if k != "n_queries"}
-        out["example_rows"] = torch.stack([cap.rows[layer][0, :, 0, :seq.cot_token_start]
+        comps = []
+        for layer in sorted(cap.rows):
+            on = cap.rows[layer].device
+            comps.append(coarse_variants(cap.rows[layer], cap.writes[layer], centroid[None].to(on),
+                                         torch.ones(1, qpos.shape[1], dtype=torch.bool, device=on),
+                                         {keys: mask.to(on) for keys, mask in key_masks.items()}))
+        out["coarse"] = {k: torch.stack([c[k][0].cpu() for c in comps]).numpy() for k in comps[0] if k != "n_queries"}
+        out["example_rows"] = torch.stack([cap.rows[layer][0, :, 0, :seq.cot_token_start].cpu()
                                            for layer in sorted(cap.rows)]).numpy()  # [L, H, prompt]
     keys = seq.shortlist_positions + seq.nearmiss_positions
     refine = [t for t in seq.refine_positions
@@ -66,8 +71,8 @@ def score_document(model, tokenizer, seq: ForcedSequence, anchors: list[str], go
     targets, nearmisses = margin_tokens(tokenizer, gold_titles, nearmiss_titles)
     if refine and targets and nearmisses:
         with final_residual(model) as residual:
-            _, cap = capture_heads(model, ids[None], query_positions=[refine], key_positions=[keys],
-                                   what=("rows", "qk", "value_writes"))
+            _, cap = capture_heads(model, ids[None].to(input_device(model)), query_positions=[refine],
+                                   key_positions=[keys], what=("rows", "qk", "value_writes"))
         h_final = residual.h[0, refine]                                                 # [nr, d]
         grad = margin_gradient(h_final, model.model.norm, model.lm_head, targets, nearmisses)[None]  # [1, nr, d]
         is_s = torch.tensor([i < len(seq.shortlist_positions) for i in range(len(keys))])    # [nk]
@@ -78,15 +83,17 @@ def score_document(model, tokenizer, seq: ForcedSequence, anchors: list[str], go
                                           / max(1, len(ids) - seq.cot_token_start)).astype(int))
         per_layer = {k: [] for k in ("refine_mean_product", "qk", "ov", "qk_s", "qk_n", "ov_t")}
         for layer in sorted(cap.rows):
-            rows_at_t = cap.rows[layer][..., torch.tensor(keys)]                        # [1, H, nr, nk]
+            on = cap.rows[layer].device
+            s_on, n_on, none_on, grad_on = (t.to(on) for t in (s_mask, n_mask, none, grad))
+            rows_at_t = cap.rows[layer][..., torch.tensor(keys, device=on)]             # [1, H, nr, nk]
             q, k, vw, scale = cap.queries[layer], cap.keys[layer], cap.value_writes[layer], cap.scaling[layer]
-            comps = refine_score_components(q, k, rows_at_t, vw, s_mask, n_mask, grad,
-                                            torch.ones(1, len(refine), dtype=torch.bool), scale, tau)
+            comps = refine_score_components(q, k, rows_at_t, vw, s_on, n_on, grad_on,
+                                            torch.ones(1, len(refine), dtype=torch.bool, device=on), scale, tau)
             for name in ("refine_mean_product", "qk", "ov"):
-                per_layer[name].append(comps[name][0])
-            per_layer["qk_s"].append(qk_loopback(q, k, s_mask, none, scale, empty=0.0)[0])      # [H, nr]
-            per_layer["qk_n"].append(-qk_loopback(q, k, none, n_mask, scale, empty=0.0)[0])
-            per_layer["ov_t"].append(ov_helpfulness(rows_at_t, vw, s_mask, grad, tau)[0])
+                per_layer[name].append(comps[name][0].cpu())
+            per_layer["qk_s"].append(qk_loopback(q, k, s_on, none_on, scale, empty=0.0)[0].cpu())      # [H, nr]
+            per_layer["qk_n"].append(-qk_loopback(q, k, none_on, n_on, scale, empty=0.0)[0].cpu())
+            per_layer["ov_t"].append(ov_helpfulness(rows_at_t, vw, s_on, grad_on, tau)[0].cpu())
         out["refine"] = {k: torch.stack(per_layer[k]).numpy() for k in ("qk", "ov", "refine_mean_product")}
         out["stages"] = {name: _stage_means(torch.stack(per_layer[src]).numpy(), stage, n_stages)
                          for name, src in (("qk_shortlist", "qk_s"), ("qk_nearmiss", "qk_n"), ("ov", "ov_t"))}

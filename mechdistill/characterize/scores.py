@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .attention import local_values
+
 Labels = Sequence[int] | Sequence[Sequence[int]]
 
 # ---------------------------------------------------------------- helpers
@@ -174,11 +176,10 @@ def anchor_centroid(unembed: Tensor | nn.Module, label_token_ids: Sequence[Seque
     unembed: [vocab, d] (or a module with such a `.weight`, e.g. `lm_head`);
     label_token_ids: one token-id list per anchor (empty lists are skipped). Returns [d].
     """
-    weight = unembed.weight if isinstance(unembed, nn.Module) else unembed
-    rows = [weight[list(ids)].mean(0) for ids in label_token_ids if len(ids) > 0]
-    if not rows:
+    if not any(len(ids) > 0 for ids in label_token_ids):
         raise ValueError("anchor_centroid: no anchor has any token")
-    return torch.stack(rows).mean(0)
+    with local_values(unembed.weight if isinstance(unembed, nn.Module) else unembed) as weight:
+        return torch.stack([weight[list(ids)].mean(0) for ids in label_token_ids if len(ids) > 0]).mean(0)
 
 
 def anchor_alignment(writes: Tensor, anchor_centroid: Tensor) -> Tensor:

@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from ..characterize.attention import Head, attention_modules, head_out_proj
+from ..characterize.attention import Head, attention_modules, head_out
 from ..characterize.capture import HeadCapture
 from ..characterize.scores import ov_helpfulness_cos, qk_loopback
 from ..io import read_parquet
@@ -153,8 +153,7 @@ def pooled_writes(cap: HeadCapture, pool: HeadPool, model: nn.Module | None = No
         if layer in cap.writes:
             writes = cap.writes[layer][:, :, heads]  # [batch, n_query, n_pool_l, d_model]
         elif layer in cap.z and model is not None:
-            w_o = head_out_proj(attention_modules(model)[layer])[heads]  # [n_pool_l, head_dim, d_model]
-            writes = torch.einsum("bqhd,hdm->bqhm", cap.z[layer][:, :, heads], w_o.to(cap.z[layer]))
+            writes = head_out(attention_modules(model)[layer], cap.z[layer])[:, :, heads]  # [b, nq, n_pool_l, D]
         else:
             raise KeyError(f"capture has no 'writes' (or 'z' plus a model) for layer {layer}")
         part = (writes * w.to(writes)[None, None, :, None]).sum(2)  # [batch, n_query, d_model]
@@ -213,8 +212,8 @@ def pooled_helpfulness(cap: HeadCapture, pool: HeadPool, shortlist_mask: Tensor,
         if layer in cap.value_writes:
             vw = cap.value_writes[layer][:, heads]  # [batch, n_pool_l, n_key, d_model]
         elif layer in cap.values and model is not None:
-            w_o = head_out_proj(attention_modules(model)[layer])[heads]  # [n_pool_l, head_dim, d_model]
-            vw = torch.einsum("bhkd,hdm->bhkm", cap.values[layer][:, heads], w_o.to(cap.values[layer]))
+            values = cap.values[layer].transpose(1, 2)  # [batch, n_key, H, head_dim]
+            vw = head_out(attention_modules(model)[layer], values).transpose(1, 2)[:, heads]  # [b, n_pool_l, nk, D]
         else:
             raise KeyError(f"capture has no 'value_writes' (or 'values' plus a model) for layer {layer}")
         part = _pool_heads(ov_helpfulness_cos(rows, vw, shortlist_mask, grad, tau), w)

@@ -15,6 +15,7 @@ LoopBack, Helpfulness: `mechanism_metrics`) reuse it. Batch size 1: one document
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
@@ -24,10 +25,11 @@ import torch
 from torch import Tensor, nn
 
 from ..anchors.segment import char_span_to_tokens, shift_spans, token_offsets
-from ..characterize.capture import capture_heads, final_residual
+from ..characterize.capture import HeadCapture, capture_heads, final_residual
 from ..characterize.scores import DEFAULT_COARSE, CoarseVariant, anchor_centroid, coarse_key_mask
 from ..characterize.teacher_forcing import forced_sequence, margin_tokens
 from ..io import SplitArtifacts
+from ..models import input_device
 from ..teacher.answers import supervised_output
 from ..teacher.prompts import render_prompt
 from .losses import phase1_signals, phase2_signals, refine_margin_grad
@@ -147,8 +149,9 @@ def forward_signals(model: nn.Module, ex: Example, pools: dict[str, HeadPool], t
     asked for that the document defines. Gradients flow unless the caller disables them.
     p1_spans: (this model's token char spans, shared unit spans) maps Phase-1 rows onto shared
     units (a student whose tokenizer differs from the teacher's). coarse: the Phase-1 sharpness
-    (its keys and kind; config heads.coarse, the variant that ranked the heads)."""
-    device = next(model.parameters()).device
+    (its keys and kind; config heads.coarse, the variant that ranked the heads). Under a device map
+    the signals are formed on the input device (`models.input_device`)."""
+    device = input_device(model)
     ids = ex.input_ids[None].to(device)
     active = [p for p in phases if p in pools and has_phase(ex, p)]
     if not active:
@@ -164,19 +167,32 @@ def forward_signals(model: nn.Module, ex: Example, pools: dict[str, HeadPool], t
     with final_residual(model) as residual:
         out, cap = capture_heads(model, ids, query_positions=[early + refine],
                                  key_positions=[ex.keys] if refine else None, layers=layers, what=what)
+    cap = capture_on(cap, device)  # pools sum over layers, which a device map may spread over devices
     signals: dict[str, dict[str, Tensor]] = {}
     if early:
-        centroid = anchor_centroid(model.lm_head.weight, ex.anchor_token_ids)  # [d], own unembedding
+        # [d], the student's own unembedding, as a fixed direction: the loss moves the heads' writes
+        # towards it, not the unembedding towards them (and a ZeRO-3 partitioned lm_head reads the same)
+        centroid = anchor_centroid(model.lm_head, ex.anchor_token_ids).detach()
         document = ex.document_positions if coarse.keys == "document" else None
         key_mask = coarse_key_mask(torch.tensor([early], device=device), len(ex.input_ids), document)  # [1, nq, seq]
         signals["phase1"] = phase1_signals(model, cap.select_queries(range(len(early))), pools["phase1"], centroid,
                                            key_mask=key_mask, spans=p1_spans, kind=coarse.sharpness)
     if refine:
-        grad = refine_margin_grad(model, residual.h[:, refine], ex.target_tokens, ex.nearmiss_tokens)  # [1, nr, d]
+        h_refine = residual.h[:, refine].to(device)  # [1, nr, d], from the last layer's device
+        grad = refine_margin_grad(model, h_refine, ex.target_tokens, ex.nearmiss_tokens)  # [1, nr, d]
         s_mask, n_mask = mention_masks(ex, device)
         signals["phase2"] = phase2_signals(model, cap.select_queries(range(len(early), len(early) + len(refine))),
                                            pools["phase2"], grad, s_mask, n_mask, tau)
     return out.logits, signals
+
+
+def capture_on(cap: HeadCapture, device: torch.device) -> HeadCapture:
+    """`cap` with every captured tensor on `device` (differentiable; no copy where it is already there)."""
+    def move(value):
+        if isinstance(value, Tensor):
+            return value.to(device)
+        return {k: move(v) for k, v in value.items()} if isinstance(value, dict) else value
+    return dataclasses.replace(cap, **{f.name: move(getattr(cap, f.name)) for f in dataclasses.fields(cap)})
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from sacrebleu.metrics import BLEU
 
 from ..anchors.segment import token_offsets
+from ..models import input_device
 
 
 def _check_lengths(hypotheses: Sequence[str], references: Sequence[str]) -> None:
@@ -59,14 +60,15 @@ def cot_token_ids(tokenizer, prompt: str, cot: str) -> tuple[list[int], int]:
 
 @torch.no_grad()
 def trace_perplexity(model, tokenizer, prompt_texts: Sequence[str], cot_texts: Sequence[str],
-                     batch_size: int = 8, device: str = "cpu") -> np.ndarray:
+                     batch_size: int = 8, device: str | torch.device | None = None) -> np.ndarray:
     """Per-document perplexity of cot_texts[i] given prompt_texts[i] under a HF causal LM.
 
     Sequences are right-padded into batches of similar length. A CoT token at position 0 (empty
-    prompt) has no context and is not scored; a document with no scored token gets NaN. The model
-    must already be on `device`; sequences are not truncated (longer than the model's context is
-    the caller's concern).
+    prompt) has no context and is not scored; a document with no scored token gets NaN. Inputs go to
+    `device` (default `models.input_device(model)`); sequences are not truncated (longer than the
+    model's context is the caller's concern).
     """
+    device = device or input_device(model)
     _check_lengths(prompt_texts, cot_texts)
     seqs = [cot_token_ids(tokenizer, p, c) for p, c in zip(prompt_texts, cot_texts)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from transformers import RepetitionPenaltyLogitsProcessor
 
 from ..characterize.attention import Head, attention_hooks, attention_modules, head_counts
+from ..models import input_device
 from .patterns import PatternPatch, PatternTape
 
 DIRECTIONS = {"denoise": ("corrupt", "clean"), "noise": ("clean", "corrupt")}  # direction: (input, pattern source)
@@ -60,9 +61,8 @@ def prefill(model: nn.Module, ids: Tensor) -> Prefix:
     """Run ids[:-1] ([seq] LongTensor, seq >= 2) once and keep the cache."""
     if ids.ndim != 1 or ids.numel() < 2:
         raise ValueError(f"prefill needs a 1-D sequence of at least 2 tokens, got shape {tuple(ids.shape)}")
-    device = next(model.parameters()).device
     with torch.no_grad():
-        out = model(input_ids=ids[None, :-1].to(device), use_cache=True)
+        out = model(input_ids=ids[None, :-1].to(input_device(model)), use_cache=True)
     return Prefix(out.past_key_values, int(ids[-1]), int(ids.numel()))
 
 
@@ -73,9 +73,10 @@ def greedy_from(model: nn.Module, prefix: Prefix, n_steps: int, batch: int = 1,
 
     The prefix cache is copied, never modified. `hooks` ({layer: attention hook}) run at every
     step, e.g. a PatternTape's or PatternPatch's. `repetition_penalty` (HF semantics) penalises
-    tokens in `history` ([seq], the prefix ids) and in the tokens generated so far.
+    tokens in `history` ([seq], the prefix ids) and in the tokens generated so far. Under a device
+    map the cache holds each layer's keys and values on that layer's device.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     cache = copy.deepcopy(prefix.cache)
     if batch > 1:
         cache.batch_repeat_interleave(batch)
@@ -86,7 +87,7 @@ def greedy_from(model: nn.Module, prefix: Prefix, n_steps: int, batch: int = 1,
     generated = []
     with torch.no_grad(), attention_hooks(model, hooks or {}):
         for _ in range(n_steps):
-            logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1].float()
+            logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1].float().to(device)
             seen = torch.cat([seen, token], dim=1)
             if penalty is not None:
                 logits = penalty(seen, logits)

@@ -11,7 +11,7 @@ from ..characterize.head_scores import forced_documents, score_heads
 from ..characterize.plots import figure4, figure7
 from ..characterize.scores import CoarseVariant
 from ..io import read_parquet, read_split, write_parquet, write_text
-from ..models import load_model
+from ..models import load_model, placement
 
 log = logging.getLogger(__name__)
 PathLike = str | os.PathLike
@@ -28,7 +28,8 @@ def run_head_scores(config: dict, dataset: str, model: str, split: str | None = 
     settings, teacher = config["heads"], config["teacher"]
     split = paths.characterization_split(config, split or settings["split"])
     main = split == paths.characterization_split(config, settings["split"])
-    model_obj, tokenizer = load_model(config, model, device=settings["device"], dtype=settings["dtype"])
+    model_obj, tokenizer = load_model(config, model, device=settings["device"], dtype=settings["dtype"],
+                                      **placement(settings))
     data = read_split({**paths.split_files(dataset, teacher, split), **(inputs or {})}, settings.get("max_docs"))
     coarse, refine, example = score_heads(model_obj, tokenizer, forced_documents(tokenizer, data), tau=settings["tau"],
                                           n_stages=settings["n_stages"], desc=f"head scores {model}",

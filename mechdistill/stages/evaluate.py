@@ -42,7 +42,7 @@ from ..evaluate.tables import METRIC_COLUMNS, build_table, figure9_data, load_me
 from ..evaluate.text import bleu4, sentence_bleu4, trace_perplexity
 from ..evaluate.xmc import RESAMPLE, macro_f1_resample_rows, per_instance, summarize
 from ..io import read_parquet, read_split, write_parquet
-from ..models import load_model, with_distilled_model
+from ..models import load_model, placement, with_distilled_model
 from ..teacher.prompts import render_prompt
 
 log = logging.getLogger(__name__)
@@ -104,11 +104,11 @@ def run_evaluate(config: dict, dataset: str, student: str, method: str, *,
                                     "value": [bleu4(student_cot, teacher_text)]}))
     cfg, name = (config, student) if is_teacher else with_distilled_model(config, student, method,
                                                                           Path(p["model"]).parent)
-    model, tokenizer = load_model(cfg, name, device=settings["device"], dtype="float32")
+    model, tokenizer = load_model(cfg, name, device=settings["device"], dtype="float32", **placement(settings))
     prompt_texts = [render_prompt(tokenizer, json.loads(prompts.loc[d, "messages"])) for d in ids]
     has_trace = [i for i, c in enumerate(teacher_text) if c.strip()]
     ppl = trace_perplexity(model, tokenizer, [prompt_texts[i] for i in has_trace], [teacher_text[i] for i in has_trace],
-                           batch_size=1, device=str(next(model.parameters()).device))
+                           batch_size=1)
     frames.append(pd.DataFrame({"doc_id": [ids[i] for i in has_trace], "metric": "perplexity", "value": ppl}))
 
     # LAS (Hase et al. 2020): simulators trained on the teacher's train traces, tested on the student's

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from .. import paths
 from ..anchors.embed import SentenceEmbedder
 from ..io import read_parquet, read_split, write_parquet
-from ..models import load_model, spec_key
+from ..models import load_model, placement, spec_key
 from ..patching import experiment
 from ..patching.effects import summarize_patching
 from ..patching.head_sets import SIGNED_SCORE
@@ -46,7 +46,8 @@ def run_patching(config: dict, dataset: str, phase: str, *, inputs: dict[str, Pa
     early_tokens = settings.get("early_tokens") or config["anchors"]["early_tokens"]
     repetition_penalty = config["generation"]["repetition_penalty"]
     started = time.perf_counter()
-    model, tokenizer = load_model(config, teacher, device=settings["device"], dtype=settings["dtype"])
+    model, tokenizer = load_model(config, teacher, device=settings["device"], dtype=settings["dtype"],
+                                  **placement(settings))
     embedder = SentenceEmbedder(config["embedder"])
     data = read_split({**paths.split_files(dataset, teacher, split), **(inputs or {})}, settings.get("max_docs"))
     scores = read_parquet(head_scores_path).dropna(subset=["score"]).sort_values("score", ascending=False, kind="stable")

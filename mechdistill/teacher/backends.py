@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 
 from ..errors import InputError
-from ..models import load_model, load_tokenizer, model_spec, pick_device, resolve_model_path
+from ..models import input_device, load_model, load_tokenizer, model_spec, pick_device, resolve_model_path
 from .answers import ANSWER_CLOSE, ANSWER_OPEN
 from .prompts import render_prompt
 
@@ -53,7 +53,7 @@ class TransformersBackend:
     def complete(self, texts: list[str], max_new_tokens: int) -> list[Generation]:
         """Continue already-rendered texts (chat template applied) by up to `max_new_tokens`."""
         # The chat template already holds any BOS token: do not add special tokens twice.
-        enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
+        enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(input_device(self.model))
         temperature = self.gen.get("temperature", 0.0)
         out = self.model.generate(
             **enc, max_new_tokens=max_new_tokens, do_sample=temperature > 0,

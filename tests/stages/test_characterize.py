@@ -1,10 +1,12 @@
 """rules/characterize.smk stages: head_scores of the tiny teacher and student, head_figures."""
 
+import copy
+
 import pandas as pd
 import pytest
 
 from mechdistill import paths
-from mechdistill.stages.characterize import run_head_figures
+from mechdistill.stages.characterize import run_head_figures, run_head_scores
 from tests.stages.conftest import DATASET, STUDENT, TEACHER
 
 
@@ -55,3 +57,20 @@ def test_compared_style_and_the_comparison_table(tiny):
     md = tiny.path(paths.head_comparison(DATASET, TEACHER, "md")).read_text()
     assert "clean_guided_exemplar" in md
     assert "clean_neutral phase2, clean_guided_exemplar phase2" in md  # a random teacher never refines: said
+
+
+def test_head_scores_with_a_device_map_equal_those_on_one_device(tiny, tmp_path):
+    """heads.device_map: the teacher's layer 1 and final norm offloaded to disk, the same tables."""
+    tiny.ensure("head_scores")
+    config = copy.deepcopy(tiny.config)
+    config["heads"].update(device_map={"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+                                       "model.layers.1": "disk", "model.norm": "disk", "lm_head": "cpu"},
+                           offload_folder=str(tmp_path / "offload"))
+    out = {kind: tmp_path / f"{kind}.parquet" for kind in ("coarse", "refine", "example")}
+    with tiny.inside():
+        run_head_scores(config, DATASET, TEACHER, coarse_path=out["coarse"], refine_path=out["refine"],
+                        example_path=out["example"])
+    one_device = {kind: tiny.path(paths.head_scores(DATASET, TEACHER, kind)) for kind in ("coarse", "refine")}
+    one_device["example"] = tiny.path(paths.head_example(DATASET, TEACHER))
+    for kind, path in out.items():
+        pd.testing.assert_frame_equal(pd.read_parquet(path), pd.read_parquet(one_device[kind]), rtol=1e-5)
