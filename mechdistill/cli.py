@@ -7,11 +7,13 @@ so a stage run by hand and by Snakemake write the same files.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import yaml
 
 from .config import load_config
+from .distill.launch import rendezvous_env
 from .errors import MechdistillError
 from .logutil import rule_logging
 
@@ -21,6 +23,8 @@ STAGES = {
     "prepare-dataset": "build results/{dataset}/data/{split}.parquet and labels.parquet",
     "build-prompts": "build results/{dataset}/prompts/{split}.parquet",
     "teacher-cot": "generate results/{dataset}/{teacher}/cot/{split}.parquet (resumable)",
+    "distill": "train one grid point of a method: results/{dataset}/{student}/{method}/grid/{point}/ "
+               "(the `distill` rule starts one per rank with torchrun or srun; resumes from its checkpoint)",
 }
 
 
@@ -42,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("split", choices=["train", "val", "test"])
         if name == "teacher-cot":
             p.add_argument("--model", help="key of config 'models' (default: the config's teacher)")
+        if name == "distill":
+            p.add_argument("dataset", help="key of config 'datasets'")
+            p.add_argument("student", help="key of config 'models' listed in 'students'")
+            p.add_argument("method", help="key of config 'methods'")
+            p.add_argument("point", nargs="?", default="default",
+                           help="grid point name (default: %(default)s, a method without a grid)")
+            p.add_argument("--log-file", help="log file (rank 0; the other ranks log to stderr)")
     return parser
 
 
@@ -55,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             if value is not None and value not in config[section]:
                 raise MechdistillError(f"{key} {value!r} is not a key of '{section}' in {args.config} "
                                        f"(defined: {', '.join(config[section])}).")
+        if args.stage == "distill":
+            return _distill(config, args)
         with rule_logging(None):
             if args.stage == "validate-config":
                 print(yaml.safe_dump(config, sort_keys=False))
@@ -75,4 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     except MechdistillError as exc:
         print(f"mechdistill: error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _distill(config: dict, args: argparse.Namespace) -> int:
+    """One rank of a distillation run: rank 0 logs to --log-file, the others to stderr."""
+    from .stages.distill import run_distill  # torch, transformers, deepspeed: only when a run starts
+
+    rank = int(rendezvous_env(os.environ)["RANK"])
+    with rule_logging(args.log_file if rank == 0 else None):
+        run_distill(config, args.dataset, args.student, args.method, args.point)
     return 0

@@ -7,6 +7,10 @@ message that names the offending key, what was found and what is allowed.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +107,10 @@ def _check_references(config: dict, source: str) -> None:
     if llm_model is not None and llm_model not in models:
         raise ConfigError(f"{source}: anchors.llm.model names model {llm_model!r}, which is not "
                           f"defined (defined: {names}).")
+    distill = config["distill"]
+    if distill["launch"]["ranks"] > 1 and not distill["deepspeed"]:
+        raise ConfigError(f"{source}: distill.launch.ranks is {distill['launch']['ranks']}, but ranks train "
+                          "together only through DeepSpeed: set distill.deepspeed: true (or ranks: 1).")
     gen = config["generation"]
     if gen["backend"] == "file" and "traces" not in gen:
         raise ConfigError(f"{source}: generation.backend is 'file' but generation.traces is not set; "
@@ -121,3 +129,18 @@ def load_config(path: str | Path, overrides: dict | None = None) -> dict[str, An
     if overrides:
         config.update(overrides)
     return validate_config(config, source=str(path))
+
+
+def config_snapshot(config: dict[str, Any], directory: str | Path = ".snakemake/mechdistill") -> str:
+    """Write the validated `config` as JSON named by its content hash (once; atomically) and return
+    the path: shell rules whose processes load the config themselves (the ranks of `distill`) read it
+    with `load_config`. The same config gives the same path, so the command changes only with it."""
+    blob = json.dumps(config, sort_keys=True, indent=1, default=str)
+    path = Path(directory, f"config-{hashlib.sha1(blob.encode()).hexdigest()[:12]}.json")
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(blob)
+        os.replace(tmp, path)
+    return str(path)

@@ -1,6 +1,7 @@
 # Mechanistic distillation: teacher targets, one training job per (student, method, grid point), the choice of
 # each method's grid point on val (select_distill), student predictions.
 
+from mechdistill.distill.launch import local_launcher
 from mechdistill.distill.methods import check_methods, grid_point, method_grid
 
 # What the schema cannot check: grid keys the method computes, the training budget shared by every method.
@@ -78,14 +79,19 @@ rule distill:
         method=one_of(config["methods"]),
         point="[^/]+",
     threads: workflow.cores
-    resources:
+    resources:  # the launcher is a resource, not a param: moving a run to the cluster does not retrain it
         gpu=1,
+        mpi=local_launcher(config["distill"]["train"]["device"]),  # profiles/slurm: "srun --ntasks"
+        tasks=config["distill"]["launch"]["ranks"],
     log:
         paths.log("distill", "{dataset}.{student}.{method}.{point}"),
     conda:
         "../envs/train.yaml"
-    script:
-        "../workflow_scripts/distill.py"
+    # `tasks` ranks, started by torchrun here or srun under profiles/slurm, load the config snapshot and
+    # write the outputs at their default paths (mechdistill.paths).
+    shell:
+        "{resources.mpi} {resources.tasks} python -m mechdistill distill {wildcards.dataset} {wildcards.student} {wildcards.method} "
+        "{wildcards.point} --config {CONFIG_SNAPSHOT} --log-file {log}"
 
 
 rule select_distill:

@@ -15,6 +15,8 @@ rule evaluate:
         student=one_of(config["students"] + [config["teacher"]]),
         method=one_of(list(config["methods"]) + [paths.TEACHER_METHOD]),
     threads: workflow.cores
+    resources:  # the teacher's own row runs the teacher (as many GPUs as vLLM gives it); a student fits one
+        gpu=lambda wc: config["generation"]["tensor_parallel_size"] if wc.method == paths.TEACHER_METHOD else 1,
     log:
         paths.log("evaluate", "{dataset}.{student}.{method}"),
     conda:

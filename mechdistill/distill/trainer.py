@@ -41,14 +41,16 @@ Files (written atomically: temp file/dir, then rename):
 `train` resumes automatically when `ckpt_dir` holds a checkpoint, with the best step so far (its
 weights stay in ckpt_dir.best until a later checkpoint records a better one).
 
-Multi-GPU: pass `deepspeed_config` (e.g. `zero3_config(config)`) and launch the script with
-`deepspeed` or `torchrun`; the model is wrapped with `deepspeed.initialize`. For ZeRO-3 the
-model must be created after `transformers.integrations.HfDeepSpeedConfig(ds_config)` so that
-its weights are partitioned at load time, and each rank's `train_batches` must yield its own
-shard of the data. A new best gathers the 16-bit weights onto rank 0 (a collective, as the final
-save is) and rank 0 writes them; the criterion runs on every rank with the unwrapped module
-(a criterion that generates must let every rank take part). The engine keeps the last step's
-weights in memory; out_dir gets the best step's.
+Multi-GPU: pass `deepspeed_config` (e.g. `zero3_config(config)`) and start one process per rank
+(torchrun, srun: `distill.launch`); the model is wrapped with `deepspeed.initialize`. For ZeRO-3 the
+model must be created after `transformers.integrations.HfDeepSpeedConfig(ds_config)` so that its
+weights are partitioned at load time, and each rank's `train_batches` must yield its own shard of
+every global batch (`launch.shard`); val batches wrapped in `Padding` run but do not count, so every
+rank can run the same number of forwards. Parameters a loss reads outside their module's forward go
+in `whole_params` (kept whole on every rank). A new best gathers the 16-bit weights onto rank 0 (a
+collective, as the final save is) and rank 0 writes them; the criterion runs on every rank with the
+unwrapped module (a criterion that generates must let every rank take part). The engine keeps the
+last step's weights in memory; out_dir gets the best step's.
 """
 
 from __future__ import annotations
@@ -270,16 +272,18 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 def zero3_config(config: TrainConfig) -> dict[str, Any]:
-    """A standard DeepSpeed ZeRO-3 config for `config`: no offload, bf16 (fp16 if asked for).
+    """A standard DeepSpeed ZeRO-3 config for `config`: no offload, the precision `resolve_precision`
+    gives on the config's device (auto: bf16 on a GPU that has it, fp16 on one that has not, fp32 on CPU).
 
     Optimizer and scheduler are not in it: the trainer passes its own AdamW and cosine schedule.
     """
+    dtype, _ = resolve_precision(config.precision, resolve_device(config.device))
     return {
         "train_micro_batch_size_per_gpu": config.micro_batch_size,
         "gradient_accumulation_steps": config.grad_accum_steps,
         "gradient_clipping": float(config.max_grad_norm or 0.0),
-        "bf16": {"enabled": config.precision in ("bf16", "auto")},
-        "fp16": {"enabled": config.precision == "fp16"},
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
         "zero_optimization": {
             "stage": 3,
             "offload_optimizer": {"device": "none"},
@@ -340,6 +344,14 @@ class BatchStream:
                 raise ValueError(f"train_batches({self.epoch}) yielded no batches.")
         self.index += 1
         return batch
+
+
+@dataclass(frozen=True)
+class Padding:
+    """A val batch that only keeps ranks in step: its forward runs (ZeRO-3 ranks must run the same
+    number of forwards, since each gathers parameters with the others) but it is not counted."""
+
+    batch: Batch
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
@@ -539,6 +551,12 @@ class TorchBackend:
     def mean_across_ranks(self, values: dict[str, float]) -> dict[str, float]:
         return values
 
+    def sum_across_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        return values
+
+    def keep_whole(self, params: Iterable[nn.Parameter]) -> None:
+        """Nothing is partitioned on one device."""
+
 
 class DeepSpeedBackend:
     """Multi-GPU training through a DeepSpeed engine (ZeRO-3 by `zero3_config`).
@@ -614,12 +632,34 @@ class DeepSpeedBackend:
     def barrier(self) -> None:
         torch.distributed.barrier()
 
-    def mean_across_ranks(self, values: dict[str, float]) -> dict[str, float]:
-        names = sorted(values)
-        packed = torch.tensor([values[n] for n in names], dtype=torch.float64, device=self.device)
+    def sum_across_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        """Sums over ranks of every value; the union of the ranks' names (a name a rank lacks counts 0)."""
+        names: list[list[str]] = [[] for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather_object(names, sorted(values))
+        union = sorted(set().union(*names))
+        packed = torch.tensor([values.get(n, 0.0) for n in union], dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(packed)
-        packed /= torch.distributed.get_world_size()
-        return dict(zip(names, packed.tolist()))
+        return dict(zip(union, packed.tolist()))
+
+    def mean_across_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        world = torch.distributed.get_world_size()
+        return {n: v / world for n, v in self.sum_across_ranks(values).items()}
+
+    def keep_whole(self, params: Iterable[nn.Parameter]) -> None:
+        """Keep `params` whole on every rank under ZeRO-3, as DeepSpeed keeps its small "persistent"
+        parameters: gathered once, re-gathered after each optimizer step, never released after a
+        module's forward. Losses that read a weight outside its module's forward (head writes
+        z^h W_O^h, the anchor centroid from lm_head) then read real values, and no rank issues a
+        data-dependent gather that the others would not match. Their optimizer state stays partitioned."""
+        if self.zero_stage != 3:
+            return
+        fresh = [p for p in params if not getattr(p, "ds_persist", True)]
+        if not fresh:
+            return
+        for param in fresh:
+            param.ds_persist = True
+        fresh[0].all_gather(param_list=fresh)
+        self.engine.optimizer.persistent_parameters.extend(fresh)
 
 
 Backend = TorchBackend | DeepSpeedBackend
@@ -688,14 +728,21 @@ class _Run:
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
         for batch in self.val_batches:
+            padding = isinstance(batch, Padding)
             with self.backend.autocast():
-                output = self.loss_fn(model, to_device(batch, self.backend.device))
+                output = self.loss_fn(model, to_device(batch.batch if padding else batch, self.backend.device))
+            if padding:
+                continue
             for name, value in checked_loss_terms(output, needs_grad=False).items():
                 sums[name] = sums.get(name, 0.0) + float(value)
                 counts[name] = counts.get(name, 0) + 1
-        if not counts:
+        # every rank evaluates its shard: sums and counts over all ranks (shards may differ in size)
+        totals = self.backend.sum_across_ranks({**{f"sum/{n}": v for n, v in sums.items()},
+                                                **{f"count/{n}": float(c) for n, c in counts.items()}})
+        if not totals:
             raise ValueError("val_batches yielded no batches.")
-        means = self.backend.mean_across_ranks({n: sums[n] / counts[n] for n in sums})
+        means = {n.split("/", 1)[1]: v / totals[f"count/{n.split('/', 1)[1]}"] for n, v in totals.items()
+                 if n.startswith("sum/")}
         row = {"split": "val", "step": self.progress.step, "epoch": self.progress.epoch, **means}
         if self.criterion is not None:  # in eval mode and autocast, like the loss
             with self.backend.autocast():
@@ -857,6 +904,8 @@ def train(
     stop_after: int | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
     keep_checkpoint: bool = True,
+    whole_params: Iterable[nn.Parameter] = (),
+    on_start: Callable[[nn.Module], None] | None = None,
 ) -> TrainResult:
     """Train `model` for `config.max_steps` optimizer steps on `loss_fn`; resume from `ckpt_dir`.
 
@@ -874,6 +923,10 @@ def train(
     on_step: called with each train log row after the step's evaluation and checkpoint; an
         exception raised there aborts training as a kill would.
     keep_checkpoint: False deletes `ckpt_dir` and the best weights once the final model is written.
+    whole_params: parameters `loss_fn` reads outside their module's forward; kept whole on every rank
+        under ZeRO-3 (`DeepSpeedBackend.keep_whole`), ignored on one device.
+    on_start: called with the model (unwrapped, on its device, its initial weights, before a checkpoint is
+        loaded) once the backend is ready: under ZeRO-3 forwards work only from then on.
     """
     out_dir = Path(out_dir)
     ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else out_dir.parent / "ckpt"
@@ -883,6 +936,9 @@ def train(
     seed_everything(config.seed, config.deterministic)
     run = _Run(_make_backend(model, config, deepspeed_config), loss_fn, config, ckpt_dir, log_path,
                val_batches, criterion if val_batches is not None else None)
+    run.backend.keep_whole(whole_params)
+    if on_start is not None:
+        on_start(run.backend.module)
     if run.backend.is_main:
         recover_dir(ckpt_dir)
     run.backend.barrier()

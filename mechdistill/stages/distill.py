@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
 import random
+import signal
 import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
+from transformers.integrations import HfDeepSpeedConfig
 
 from .. import paths
+from ..characterize.attention import attention_modules
 from ..characterize.scores import CoarseVariant
+from ..distill.launch import gather_to_all, init_distributed, shard
 from ..distill.methods import check_methods, grid_point, method_grid, resolve_method
 from ..distill.objective import student_loss
 from ..distill.pools import HeadPool, model_pools
@@ -28,12 +33,12 @@ from ..distill.targets import (
     save_targets,
     target_tensors,
 )
-from ..distill.trainer import Criterion, train, train_config, zero3_config
+from ..distill.trainer import Criterion, Padding, train, train_config, zero3_config
 from ..errors import ConfigError
 from ..evaluate.xmc import macro_f1
 from ..io import SplitArtifacts, read_parquet, read_split, write_json, write_parquet
 from ..labels import LabelSpace
-from ..models import load_model, with_distilled_model
+from ..models import load_model, placement, with_distilled_model
 from ..teacher.backends import TransformersBackend
 from ..teacher.generate import generate_cot
 
@@ -56,7 +61,8 @@ def run_teacher_targets(config: dict, dataset: str, split: str, *, inputs: dict[
     """
     settings, teacher = config["distill"], config["teacher"]
     inputs = {**paths.split_files(dataset, teacher, split), **(inputs or {})}
-    model, tokenizer = load_model(config, teacher, device=settings["train"]["device"], dtype=settings["teacher_dtype"])
+    model, tokenizer = load_model(config, teacher, device=settings["train"]["device"], dtype=settings["teacher_dtype"],
+                                  **placement(settings, "teacher_"))
     pools = _pools(config, model, dataset, teacher, coarse_path, refine_path)
     examples = make_examples(tokenizer, read_split(inputs, settings.get("max_docs")),
                              teacher)
@@ -108,14 +114,20 @@ def run_distill(config: dict, dataset: str, student: str, method_name: str, poin
     tcfg = train_config(settings["train"], method_settings.get("train"), config["seed"])
     where = paths.grid_method(method_name, point)  # the point's folder, as a `method` argument of paths
     started = time.perf_counter()
-    model, tokenizer = load_model(config, student, device="cpu", dtype=settings["student_dtype"])
+    ds_config = deepspeed_config(settings, tcfg)
+    rank, world = init_distributed(tcfg.device) if ds_config else (0, 1)
+    if world > 1 and settings["select"]["criterion"] == "val_macro_f1":
+        raise ConfigError("distill.select.criterion val_macro_f1 generates with the student on every evaluation, "
+                          f"which {world} ZeRO-3 ranks cannot share; use val_cot_loss, or one rank")
+    with zero3_init(ds_config):  # ZeRO-3: each rank loads only its partition of the student
+        model, tokenizer = load_model(config, student, device="cpu", dtype=settings["student_dtype"])
     pools = _pools(config, model, dataset, student, student_coarse, student_refine)
     splits = {split: read_split(inputs[split], settings.get("max_docs"))
               for split in ("train", "val")}
     examples = {split: make_examples(tokenizer, splits[split], student) for split in splits}
     if settings["targets"] == "online":
         teacher_model, teacher_tok = load_model(config, teacher, device=settings["train"]["device"],
-                                                dtype=settings["teacher_dtype"])
+                                                dtype=settings["teacher_dtype"], **placement(settings, "teacher_"))
         online = OnlineTargets(teacher_model, _pools(config, teacher_model, dataset, teacher, teacher_coarse,
                                                            teacher_refine), tau, settings["top_k"], coarse)
         for split in splits:
@@ -132,6 +144,7 @@ def run_distill(config: dict, dataset: str, student: str, method_name: str, poin
     batches = {split: [(ex, split) for ex in examples[split]] for split in examples}
     if not batches["train"]:
         raise ConfigError(f"distill {student}/{method_name}: no training example (all CoTs empty?)")
+    val_shard = shard(batches["val"], rank, world, pad=Padding)  # every rank runs as many val forwards
     weights = {**(settings.get("weights") or {}), **(method_settings.get("weights") or {})}
 
     def loss_fn(model, batch):
@@ -139,39 +152,92 @@ def run_distill(config: dict, dataset: str, student: str, method_name: str, poin
         return student_loss(model, ex, get_targets[split](ex.doc_id), pools, method, tau, settings["temperature"],
                             weights, coarse=coarse, scales=scales)
 
-    def train_batches(epoch: int):
+    def train_batches(epoch: int):  # the same global order on every rank; each reads its shard
         order = list(batches["train"])
         random.Random(f"{tcfg.seed}:{epoch}").shuffle(order)
-        return order
+        return shard(order, rank, world)
+
+    if world > 1:
+        log.info("rank %d of %d reads %s of the training documents in epoch 0 and %s of val", rank, world,
+                 [ex.doc_id for ex, _ in train_batches(0)], [b[0].doc_id for b in val_shard if not isinstance(b, Padding)])
 
     criterion_name = settings["select"]["criterion"]
     criterion = (_macro_f1_criterion(config, dataset, student, where, splits["val"], tokenizer)
                  if criterion_name == "val_macro_f1" else make_criterion(criterion_name))
     log.info("distill %s with %s at grid point %s (switches %s, weights %s, interaction scales %s): %d train / "
-             "%d val documents, pools %s, %d steps, best step by %s every %s steps", student, method_name, point,
-             method.switches or "all on", weights, scales, len(batches["train"]), len(batches["val"]),
+             "%d val documents, pools %s, %d steps, best step by %s every %s steps, %d rank(s)", student, method_name,
+             point, method.switches or "all on", weights, scales, len(batches["train"]), len(batches["val"]),
              {p: len(pool.heads) for p, pool in pools.items()}, tcfg.max_steps, criterion_name,
-             tcfg.eval_every or tcfg.max_steps)
-    scored = examples["train"] + examples["val"]  # val alone rarely has refinement positions on small data
-    before = mechanism_metrics(model, scored, pools, tau, coarse)
+             tcfg.eval_every or tcfg.max_steps, world)
+    scored = shard(examples["train"] + examples["val"], rank, world)  # val alone rarely has refinement positions
+    before = []  # the initial weights' metrics, measured once the backend is ready (ZeRO-3 needs its hooks)
     result = train(model, loss_fn, train_batches, tcfg, model_dir or paths.student_model_dir(dataset, student, where),
-                   val_batches=batches["val"] or None, tokenizer=tokenizer,
+                   val_batches=val_shard or None, tokenizer=tokenizer,
                    log_path=log_path or paths.train_log(dataset, student, where),
                    ckpt_dir=ckpt_dir or paths.checkpoint_dir(dataset, student, where),
-                   deepspeed_config=zero3_config(tcfg) if settings["deepspeed"] else None, criterion=criterion,
-                   record_path=best_path or paths.best_step(dataset, student, where), keep_checkpoint=False)
+                   deepspeed_config=ds_config, criterion=criterion, whole_params=read_outside_forward(model, pools),
+                   on_start=lambda module: before.append(_mechanism(module, scored, pools, tau, coarse)),
+                   record_path=best_path or paths.best_step(dataset, student, where), keep_checkpoint=False,
+                   on_step=_kill_after_step(os.environ.get(KILL_AFTER_STEP)))
     train_log = result.log[result.log["split"] == "train"]
     log.info("distill %s/%s/%s: %d steps in %.1f s; loss %.4f -> %.4f; saved step %s (%s)", student, method_name,
              point, result.steps, time.perf_counter() - started, float(train_log["loss"].iloc[0]),
              float(train_log["loss"].iloc[-1]), result.best.step if result.best else result.steps,
              f"{criterion_name} {result.best.value:.4f}" if result.best else "no validation: the last step")
-    after = mechanism_metrics(model, scored, pools, tau, coarse)  # the saved weights (restored; DeepSpeed: the last)
-    change = pd.concat([before.assign(when="before"), after.assign(when="after")], ignore_index=True)
+    after = _mechanism(model, scored, pools, tau, coarse)  # the saved weights (restored; DeepSpeed: the last)
+    if rank != 0:
+        return
+    change = pd.concat([before[0].assign(when="before"), after.assign(when="after")], ignore_index=True)
     write_parquet(change, mechanism_path or paths.mechanism(dataset, student, where))
     means = change.groupby(["metric", "when"])["value"].mean().unstack()
     for metric in means.index:
         log.info("  %s on train+val (student's own pools): before %.4f, after %.4f", metric,
                  means.loc[metric, "before"], means.loc[metric, "after"])
+
+
+KILL_AFTER_STEP = "MECHDISTILL_KILL_AFTER_STEP"  # fault injection: tests kill a run to check that it resumes
+
+
+def _kill_after_step(step: str | None):
+    """on_step that SIGKILLs this process after optimizer step `step` (and its checkpoint), as a crash would."""
+    if not step:
+        return None
+    return lambda row: row["step"] == int(step) and os.kill(os.getpid(), signal.SIGKILL)
+
+
+def deepspeed_config(settings: dict, tcfg) -> dict | None:
+    """The run's DeepSpeed config (distill.deepspeed): `zero3_config` with distill.zero_optimization on top;
+    None trains on one device without DeepSpeed."""
+    if not settings["deepspeed"]:
+        return None
+    ds_config = zero3_config(tcfg)
+    ds_config["zero_optimization"].update(settings.get("zero_optimization") or {})
+    return ds_config
+
+
+@contextlib.contextmanager
+def zero3_init(ds_config: dict | None):
+    """While open, transformers' from_pretrained creates models partitioned for ZeRO-3 (no-op without)."""
+    if ds_config is None or ds_config["zero_optimization"]["stage"] != 3:
+        yield
+        return
+    keep = HfDeepSpeedConfig(ds_config)  # noqa: F841 (transformers holds a weak reference to it)
+    yield
+
+
+def read_outside_forward(model, pools: dict[str, HeadPool]) -> list:
+    """The parameters the losses read outside their module's forward: W_O of the pooled layers (head
+    writes), lm_head (the anchor centroid) and the final norm (the margin gradient)."""
+    modules = attention_modules(model)
+    layers = sorted({layer for pool in pools.values() for layer in pool.layers})
+    return ([p for layer in layers for p in modules[layer].o_proj.parameters()]
+            + list(model.lm_head.parameters()) + list(model.model.norm.parameters()))
+
+
+def _mechanism(model, examples, pools, tau, coarse) -> pd.DataFrame:
+    """mechanism_metrics of this rank's examples, gathered from every rank (one row set per document)."""
+    frames = gather_to_all(mechanism_metrics(model, examples, pools, tau, coarse))
+    return pd.concat(frames, ignore_index=True).drop_duplicates(["doc_id", "metric"], ignore_index=True)
 
 
 def _macro_f1_criterion(config: dict, dataset: str, student: str, where: str, val: SplitArtifacts,

@@ -378,9 +378,9 @@ def test_criterion_better_is_strict_and_never_prefers_nan():
 
 # ----------------------------------------------------------------------------- the DeepSpeed path, faked
 
-# DeepSpeed is not installed here (and ZeRO-3 needs GPUs): a stand-in engine with the calls the trainer
-# makes checks the DeepSpeed backend's own logic (best weights consolidated on rank 0 into weights.pt,
-# resume, the final save from them) on one CPU process; DeepSpeed itself is not exercised.
+# A stand-in engine with the calls the trainer makes checks the DeepSpeed backend's own logic (best weights
+# consolidated on rank 0 into weights.pt, resume, the final save from them) in one process, in a second;
+# the real engine, 2 ZeRO-3 ranks, is exercised by tests/stages/test_distill_ranks.py.
 
 
 class FakeZero3Engine:
@@ -440,6 +440,7 @@ def fake_deepspeed(tmp_path, monkeypatch):
     module = types.ModuleType("deepspeed")
     module.__spec__ = importlib.machinery.ModuleSpec("deepspeed", None)  # find_spec works; no metadata
     module.initialize = initialize
+    module.DeepSpeedEngine = FakeZero3Engine  # accelerate imports it when DeepSpeed looks installed
     monkeypatch.setitem(sys.modules, "deepspeed", module)
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
     yield
