@@ -16,6 +16,15 @@ from .config import load_config
 from .distill.launch import rendezvous_env
 from .errors import MechdistillError
 from .logutil import rule_logging
+from .plan import (
+    CPU_THROUGHPUT,
+    GPU_SOURCES,
+    load_cpu_throughput,
+    load_gpu_sources,
+    plan_table,
+    render_markdown,
+    stage_summary,
+)
 
 STAGES = {
     "validate-config": "check a config file against config/schema.yaml and print it with defaults",
@@ -23,6 +32,9 @@ STAGES = {
     "prepare-dataset": "build results/{dataset}/data/{split}.parquet and labels.parquet",
     "build-prompts": "build results/{dataset}/prompts/{split}.parquet",
     "teacher-cot": "generate results/{dataset}/{teacher}/cot/{split}.parquet (resumable)",
+    "plan": "the cost model of a config: per stage the tokens generated / teacher-forced / trained on, patched "
+            "runs, GPU-hours (with the cited source of each throughput), CPU-hours at the throughputs measured "
+            "here, and peak memory per GPU (mechdistill/plan.py; README, 'Paper-scale plan')",
     "distill": "train one grid point of a method: results/{dataset}/{student}/{method}/grid/{point}/ "
                "(the `distill` rule starts one per rank with torchrun or srun; resumes from its checkpoint)",
 }
@@ -37,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for name, help_text in STAGES.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--config", default="config/config.yaml", help="config YAML (default: %(default)s)")
+        p.add_argument("--config", "--configfile", dest="config", default="config/config.yaml",
+                       help="config YAML (default: %(default)s; --configfile as for snakemake)")
         if name == "prepare-model":
             p.add_argument("model", help="key of config 'models'")
         if name in ("prepare-dataset", "build-prompts", "teacher-cot"):
@@ -53,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("point", nargs="?", default="default",
                            help="grid point name (default: %(default)s, a method without a grid)")
             p.add_argument("--log-file", help="log file (rank 0; the other ranks log to stderr)")
+        if name == "plan":
+            p.add_argument("--detail", action="store_true",
+                           help="one row per stage, dataset and model instead of one per stage")
+            p.add_argument("--gpu-sources", default=GPU_SOURCES,
+                           help="cited GPU throughputs and hardware (default: %(default)s)")
+            p.add_argument("--cpu-throughput", default=CPU_THROUGHPUT,
+                           help="throughputs measured by benchmarks/throughput_cpu.py (default: %(default)s)")
     return parser
 
 
@@ -68,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
                                        f"(defined: {', '.join(config[section])}).")
         if args.stage == "distill":
             return _distill(config, args)
+        if args.stage == "plan":
+            gpu = load_gpu_sources(args.gpu_sources)
+            table = plan_table(config, gpu=gpu, cpu=load_cpu_throughput(args.cpu_throughput))
+            print(render_markdown(table if args.detail else stage_summary(table), gpu))
+            return 0
         with rule_logging(None):
             if args.stage == "validate-config":
                 print(yaml.safe_dump(config, sort_keys=False))

@@ -104,7 +104,7 @@ def run_evaluate(config: dict, dataset: str, student: str, method: str, *,
                                     "value": [bleu4(student_cot, teacher_text)]}))
     cfg, name = (config, student) if is_teacher else with_distilled_model(config, student, method,
                                                                           Path(p["model"]).parent)
-    model, tokenizer = load_model(cfg, name, device=settings["device"], dtype="float32", **placement(settings))
+    model, tokenizer = load_model(cfg, name, device=settings["device"], dtype=settings["dtype"], **placement(settings))
     prompt_texts = [render_prompt(tokenizer, json.loads(prompts.loc[d, "messages"])) for d in ids]
     has_trace = [i for i, c in enumerate(teacher_text) if c.strip()]
     ppl = trace_perplexity(model, tokenizer, [prompt_texts[i] for i in has_trace], [teacher_text[i] for i in has_trace],

@@ -1,0 +1,487 @@
+"""The cost model of a config: the work of every stage, and its GPU-hours, CPU-hours and peak memory.
+
+`mechdistill plan --configfile config/paper.yaml` prints `plan_table` (docs: README, "Paper-scale plan").
+Nothing here runs a model: work is counted from the config and the dataset sizes with the code's own
+rules, then divided by throughputs that are either cited (GPU) or measured here (CPU).
+
+Work (`stage_workloads`), one row per stage, dataset and model (`jobs` Snakemake jobs alike), in tokens:
+
+    generated     tokens generated (teacher CoT, student predictions, val macro-F1 generation)
+    prefill       prompt tokens read before generating
+    forced        teacher-forced tokens, one forward per document without gradient (`capture`: per-head capture)
+    training      tokens through forward and backward (distillation: max_steps x grad_accum_steps documents,
+                  one document per micro-batch, as distill.trainer batches; the LAS simulator)
+    decode_steps  patching's greedy decoding: batched forward calls; decode_rows: their rows, all calls together
+    patched_runs  patched generations: documents x 2 directions x head sets (patching/runs.py)
+
+GPU time (`gpu_seconds`) on the hardware of benchmarks/gpu_throughput_sources.yaml, with
+F(s) = 2 N + 4 L H d s FLOPs per token (N parameters, L layers, H heads of width d, s the sequence), the
+count of the cited MFU table:
+
+    generated          / the cited vLLM output tokens/s of the nearest model size at the job's GPU count, x GPUs
+    prefill, forced    x F(s) / (MFU x peak FLOP/s of the dtype)
+    training           x 3 F(s) / (MFU x peak)
+    decode             HBM bytes each call reads (weights, and every row's KV cache) / HBM bandwidth:
+                       a roofline lower bound; patching decodes a few rows at a time, bandwidth-bound
+    MFU: the cited training MFU nearest in |log params| + |log seq| (no forward-only figure is published)
+    A job whose model a device_map spreads over `plan.gpus_per_job` GPUs (forward, patching) runs its layers one
+    GPU at a time: its GPU-hours are its compute time x the GPUs it holds.
+
+CPU time (`cpu_seconds`): the same tokens at the throughputs measured on SmolLM2-135M by
+benchmarks/throughput_cpu.py (benchmarks/results/throughput_cpu.json: decoding, forward with and without
+capture, training), scaled by F(s) of the model over F of the measured run. For scale only.
+
+Peak memory per GPU (`peak_memory_gb`), bytes from formulas (b = bytes per value of the dtype):
+
+    vllm       max(gpu_memory_utilization x GPU memory, which vLLM reserves; weights / TP + one sequence's KV)
+    forward    weights N b + float32 logits s V 4 + captured attention rows L H q s 4 (q = anchors.early_tokens
+               queries: a lower bound, refinement positions add more); one document at a time; a device_map
+               divides all but the logits (on the last GPU) by the job's GPUs
+    generate   weights + KV cache batch s 2 L H_kv d b + last-position logits
+    patch      weights + KV caches of the batched patched run and both references (batch + 2) (s + steps)
+               2 L H_kv d b + float32 prefill logits s V 4
+    train      model states 16 N / GPUs (ZeRO, Rajbhandari et al. 2020: 16-bit weights and gradients, fp32
+               master weights, Adam m and v) + activations 34 s h L b / 2 (Korthikanti et al. 2022, Eq. 1 with
+               flash attention's s^2 term gone; no recomputation: the trainer does not checkpoint) + logits and
+               their gradient s V 8
+
+Dataset sizes and prompt lengths come from the config's `plan` section (`dataset_sizes`); a model's
+parameters and shape from `plan.models`, else from its config.json and safetensors headers on this machine
+(`model_facts`). Anchors, trajectories and LAS embeddings run on CPU and are left out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+from huggingface_hub import try_to_load_from_cache
+
+from . import paths
+from .distill.methods import method_grid
+from .errors import ConfigError
+
+GPU_SOURCES = "benchmarks/gpu_throughput_sources.yaml"
+CPU_THROUGHPUT = "benchmarks/results/throughput_cpu.json"
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+ZERO_BYTES_PER_PARAM = 16   # Rajbhandari et al. 2020 (ZeRO), Sec. 3.1: mixed-precision Adam, 2 + 2 + 12 bytes
+ACTIVATION_BYTES = 34       # Korthikanti et al. 2022, Eq. 1: s b h (34 + 5 a s / h) bytes per layer, 16-bit
+TRAIN_DEFAULTS = {"max_steps": 1000, "grad_accum_steps": 1, "eval_every": 0}  # distill.trainer.TrainConfig's
+LAS_VIEWS = 3               # evaluate.las: one simulator per view (x, x+r, r)
+WorkRow = Any  # one row of stage_workloads (a namedtuple of itertuples, or a Series): its columns as attributes
+COLUMNS = ["stage", "dataset", "scope", "model", "params", "jobs", "docs", "seq_len", "generated", "prefill",
+           "forced", "capture", "training", "patched_runs", "decode_steps", "decode_rows", "context", "batch",
+           "engine", "gpus", "precision"]
+
+
+@dataclass(frozen=True)
+class DatasetSize:
+    """A dataset as the plan sees it: documents per split (before max_docs) and mean token lengths."""
+
+    n_docs: dict[str, int]
+    prompt_tokens: float
+    cot_tokens: float
+    clean_prompt_tokens: dict[str, float] = field(default_factory=dict)
+
+    def clean_tokens(self, dataset: str, split: str) -> float:
+        style = split.removeprefix(f"{paths.CLEAN}_")
+        if style not in self.clean_prompt_tokens:
+            raise ConfigError(f"plan.datasets.{dataset}.clean_prompt_tokens has no {style!r}: the mean length of "
+                              f"its {split} prompts (benchmarks/throughput_cpu.py measures the demo's).")
+        return self.clean_prompt_tokens[style]
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the cost model needs of a model: parameters, shape and where they were read."""
+
+    params: float
+    n_layers: int = 0
+    n_heads: int = 0
+    n_kv_heads: int = 0
+    head_dim: int = 0
+    hidden_size: int = 0
+    vocab_size: int = 0
+    source: str = ""
+
+    def flops_per_token(self, seq: float) -> float:
+        """Forward FLOPs of one token at sequence length `seq`: 2 N + 4 L H d s (MosaicML's MFU count)."""
+        return 2 * self.params + 4 * self.n_layers * self.n_heads * self.head_dim * seq
+
+    def kv_bytes_per_token(self, nbytes: int) -> float:
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * nbytes
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def dataset_sizes(config: dict) -> dict[str, DatasetSize]:
+    """Per dataset: `plan.datasets.<name>` of the config; n_docs defaults to the synthetic adapter's
+    params.n_docs, cot_tokens to the generation cap max_new_tokens + force_answer_tokens."""
+    cap = config["generation"]["max_new_tokens"] + config["generation"]["force_answer_tokens"]
+    sizes = {}
+    for name, entry in config["datasets"].items():
+        given = config["plan"]["datasets"].get(name, {})
+        n_docs = given.get("n_docs") or entry.get("params", {}).get("n_docs")
+        if not n_docs or "prompt_tokens" not in given:
+            raise ConfigError(f"plan.datasets.{name}: give n_docs (documents per split) and prompt_tokens (mean "
+                              "tokens of a rendered task prompt) for the cost model (config/schema.yaml, plan).")
+        sizes[name] = DatasetSize({s: int(n_docs.get(s, 0)) for s in paths.SPLITS}, float(given["prompt_tokens"]),
+                                  float(given.get("cot_tokens", cap)), dict(given.get("clean_prompt_tokens", {})))
+    return sizes
+
+
+def safetensors_params(directory: Path) -> int:
+    """Parameters stored in a directory's safetensors files, counted from their headers alone."""
+    total = 0
+    for file in sorted(directory.glob("*.safetensors")):
+        with open(file, "rb") as fh:
+            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+        total += sum(math.prod(t["shape"]) for key, t in header.items() if key != "__metadata__")
+    return total
+
+
+def facts_from_files(config_json: Path) -> ModelFacts:
+    """ModelFacts from a model directory: its config.json (the text model's, for a multimodal one) and
+    the parameter count of its safetensors headers."""
+    cfg = json.loads(config_json.read_text())
+    text = cfg.get("text_config", cfg)
+    n_heads = text.get("num_attention_heads", text.get("num_heads", 0))
+    hidden = text.get("hidden_size", text.get("d_model", 0))
+    return ModelFacts(params=safetensors_params(config_json.parent),
+                      n_layers=text.get("num_hidden_layers", text.get("num_layers", 0)), n_heads=n_heads,
+                      n_kv_heads=text.get("num_key_value_heads") or n_heads,
+                      head_dim=text.get("head_dim") or (hidden // n_heads if n_heads else 0), hidden_size=hidden,
+                      vocab_size=text.get("vocab_size", 0), source=str(config_json.parent))
+
+
+def model_facts(config: dict, name: str) -> ModelFacts:
+    """`plan.models.<name>` when given; else the model's config.json and weights on this machine (the HF
+    cache for a hub id, the directory of a local or derived model, materialised once like every stage)."""
+    given = config["plan"]["models"].get(name)
+    if given:
+        rest = {k: v for k, v in given.items() if k != "params_b"}
+        return ModelFacts(params=given["params_b"] * 1e9, source="config plan.models", **rest)
+    spec = config["models"].get(name, {"source": "hf", "id": name})
+    if spec["source"] == "hf":
+        found = try_to_load_from_cache(spec["id"], "config.json", revision=spec.get("revision"))
+        if not isinstance(found, str):
+            raise ConfigError(f"model {name!r} ({spec['id']}) is not in the local HF cache: give plan.models.{name} "
+                              "(params_b and its shape) for the cost model.")
+        return facts_from_files(Path(found))
+    # models imports torch (seconds): only a model without plan.models facts needs its directory
+    from .models import resolve_model_path
+
+    return facts_from_files(Path(resolve_model_path(config, name)) / "config.json")
+
+
+def planned_models(config: dict) -> list[str]:
+    """Every model the plan prices: the teacher, the students and a seq2seq LAS simulator."""
+    las = config["evaluate"]["las"]
+    simulator = [las["seq2seq"]["model"]] if las["simulator"] == "seq2seq" else []
+    return list(dict.fromkeys([config["teacher"], *config["students"], *simulator]))
+
+
+def load_gpu_sources(path: str | Path = GPU_SOURCES) -> dict:
+    return yaml.safe_load(Path(path).read_text())
+
+
+def load_cpu_throughput(path: str | Path = CPU_THROUGHPUT) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+# ----------------------------------------------------------------------------- counting work
+
+def head_set_count(n_heads: int, bins: list[int], n_random: int) -> int:
+    """Head sets one patching direction runs over `n_heads` ranked heads: per cumulative bin k (capped at
+    the head count, duplicates once) the top, near_zero and most_negative sets and min(n_random, C(n, k))
+    random ones (patching.head_sets.control_head_sets; tests/test_plan.py checks the two agree)."""
+    sizes = sorted({min(int(b), n_heads) for b in bins if b > 0} - {0})
+    return sum(3 + min(n_random, math.comb(n_heads, k)) for k in sizes)
+
+
+def evaluations(train: dict) -> int:
+    """Validation passes of one training run: every eval_every steps and at the end (distill.trainer)."""
+    steps, every = train["max_steps"], train["eval_every"]
+    return steps // every + (steps % every > 0) if every > 0 else 1
+
+
+def resolve_dtype(setting: str | None, spec: dict) -> str:
+    """A stage's dtype as load_model picks it on a GPU: the setting, else the model entry's, else bfloat16."""
+    for value in (setting, spec.get("dtype")):
+        if value and value != "auto":
+            return value
+    return "bfloat16"
+
+
+def used_docs(config: dict, dataset: str, size: DatasetSize) -> dict[str, int]:
+    """Documents per split after the dataset's max_docs (the seeded sample of prepare_dataset)."""
+    cap = config["datasets"][dataset].get("max_docs") or {}
+    return {s: min(n, cap.get(s, n)) for s, n in size.n_docs.items()}
+
+
+def stage_workloads(config: dict, sizes: Mapping[str, DatasetSize],
+                    models: Mapping[str, ModelFacts] | None = None) -> pd.DataFrame:
+    """The work of every stage of `config` on datasets of `sizes` (module docstring), one row per stage,
+    dataset and model, token counts summed over the row's `jobs`."""
+    models = models or {name: model_facts(config, name) for name in planned_models(config)}
+    rows = [row for dataset, size in sizes.items() for row in _dataset_work(config, dataset, size, models)]
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _dataset_work(config: dict, dataset: str, size: DatasetSize, models: Mapping[str, ModelFacts]) -> list[dict]:
+    gen, heads, patching, distill = config["generation"], config["heads"], config["patching"], config["distill"]
+    teacher, students, specs = config["teacher"], list(config["students"]), config["models"]
+    n, cot, prompt = used_docs(config, dataset, size), size.cot_tokens, size.prompt_tokens
+    source = config["clean_prompts"]["source_split"]
+    n_clean = min(config["clean_prompts"].get("n_docs") or n[source], n[source])
+
+    def docs_of(split: str) -> int:
+        return n[split] if split in n else n_clean
+
+    def prompt_of(split: str) -> float:
+        return prompt if split in n else size.clean_tokens(dataset, split)
+
+    def row(stage: str, scope: str, model: str, **work) -> dict:
+        base = dict.fromkeys(COLUMNS, 0) | {"capture": False, "jobs": 1, "gpus": 1, "batch": 1}
+        return base | {"stage": stage, "dataset": dataset, "scope": scope, "model": model,
+                       "params": models[model].params} | work
+
+    vllm = gen["backend"] == "vllm"
+    generation = dict(engine="vllm" if vllm else "generate", gpus=gen["tensor_parallel_size"] if vllm else 1,
+                      batch=1 if vllm else gen["batch_size"])
+    rows = []
+    if gen["backend"] != "file":
+        for split in [*paths.SPLITS, *paths.clean_splits(config)]:
+            d = docs_of(split)
+            rows.append(row("teacher_cot", split, teacher, docs=d, seq_len=prompt_of(split) + cot, generated=d * cot,
+                            prefill=d * prompt_of(split), precision=resolve_dtype(gen["dtype"], specs[teacher]),
+                            **generation))
+
+    def spread(device_map) -> int:
+        """GPUs a job holds: a device_map spreads the model over the job's GPUs, else one."""
+        return config["plan"]["gpus_per_job"] if device_map else 1
+
+    def forced(stage: str, scope: str, model: str, docs: int, seq: float, dtype: str | None, device_map=None,
+               jobs: int = 1, passes: int = 1) -> dict:
+        return row(stage, scope, model, jobs=jobs, docs=docs, seq_len=seq, forced=jobs * passes * docs * seq,
+                   capture=True, engine="forward", gpus=spread(device_map),
+                   precision=resolve_dtype(dtype, specs.get(model, {})))
+
+    char = paths.characterization_split(config, heads["split"])
+    d_heads = min(heads.get("max_docs") or docs_of(char), docs_of(char))
+    for model in [teacher, *students]:
+        rows.append(forced("head_scores", char, model, d_heads, prompt_of(char) + cot, heads["dtype"],
+                           heads.get("device_map")))
+    for split in paths.compared_splits(config):
+        d = min(heads.get("max_docs") or docs_of(split), docs_of(split))
+        rows.append(forced("style_head_scores", split, teacher, d, prompt_of(split) + cot, heads["dtype"],
+                           heads.get("device_map")))
+
+    rows += _patching_work(config, dataset, row, docs_of, prompt_of, models[teacher], spread(patching.get("device_map")))
+
+    train_docs = {s: min(n[s], distill.get("max_docs") or n[s]) for s in ("train", "val")}
+    seq = prompt + cot
+    if distill["targets"] == "precomputed":
+        for split, d in train_docs.items():
+            rows.append(forced("teacher_targets", split, teacher, d, seq, distill["teacher_dtype"],
+                               distill.get("teacher_device_map")))
+    train = TRAIN_DEFAULTS | distill["train"]
+    n_evals = evaluations(train)
+    steps_docs = train["max_steps"] * train["grad_accum_steps"]
+    per_job_forced = (n_evals * train_docs["val"] + 2 * (train_docs["train"] + train_docs["val"])) * seq
+    f1_generation = distill["select"]["criterion"] == "val_macro_f1"
+    points = sum(len(method_grid(m, s)) for m, s in config["methods"].items())
+    for student in students:
+        rows.append(row("distill", "grid points", student, jobs=points, docs=train_docs["train"], seq_len=seq,
+                        training=points * steps_docs * seq, forced=points * per_job_forced, capture=True,
+                        generated=points * n_evals * train_docs["val"] * cot * f1_generation,
+                        prefill=points * n_evals * train_docs["val"] * prompt * f1_generation, engine="train",
+                        gpus=spread(distill["deepspeed"]),
+                        precision=resolve_dtype(distill["student_dtype"], specs[student])))
+        if distill["targets"] == "online":
+            rows.append(forced("distill (online targets)", "train+val", teacher, sum(train_docs.values()), seq,
+                               distill["teacher_dtype"], distill.get("teacher_device_map"), jobs=points))
+
+    n_methods, n_test = len(config["methods"]), n["test"]
+    for student in students:
+        rows.append(row("student_predict", "test", student, jobs=n_methods, docs=n_test, seq_len=seq,
+                        generated=n_methods * n_test * cot, prefill=n_methods * n_test * prompt,
+                        precision=resolve_dtype(gen["dtype"], specs[student]), **generation))
+    for model, jobs in [*((s, n_methods) for s in students), (teacher, 1)]:  # perplexity + mechanism metrics
+        # the rule gives a student's row one GPU and the teacher's row the teacher's GPUs
+        device_map = config["evaluate"].get("device_map") if model == teacher else None
+        rows.append(forced("evaluate", "test", model, n_test, seq, config["evaluate"]["dtype"], device_map,
+                           jobs=jobs, passes=2))
+    las = config["evaluate"]["las"]
+    if las["simulator"] == "seq2seq":
+        s2s, jobs = las["seq2seq"], n_methods * len(students) + 1
+        views = jobs * LAS_VIEWS * s2s["max_source_length"]
+        rows.append(row("evaluate (LAS simulator)", "train -> test", s2s["model"], jobs=jobs, docs=n["train"],
+                        seq_len=s2s["max_source_length"], training=views * s2s["epochs"] * n["train"],
+                        forced=views * n_test, engine="train", batch=s2s["batch_size"], precision="float32"))
+    return rows
+
+
+def _patching_work(config: dict, dataset: str, row, docs_of, prompt_of, teacher: ModelFacts,
+                   gpus: int) -> list[dict]:
+    """Per phase: 2 prefills and 2 reference runs per document, then per direction ceil(sets / batch)
+    batched runs, each `steps` greedy decoding calls (patching/runs.py)."""
+    settings = config["patching"]
+    split = paths.characterization_split(config, settings["split"])
+    docs = min(settings.get("max_docs") or docs_of(split), docs_of(split))
+    early = settings.get("early_tokens") or config["anchors"]["early_tokens"]
+    n_sets = head_set_count(teacher.n_layers * teacher.n_heads, settings["bins"], settings["n_random"])
+    batches = math.ceil(n_sets / settings["batch_size"])
+    rows = []
+    for phase, steps, prefix in (("phase1", early, prompt_of(split)),
+                                 ("phase2", settings["late_tokens"], prompt_of(split) + early)):
+        rows.append(row("patching", phase, config["teacher"], docs=docs, seq_len=prefix, prefill=docs * 2 * prefix,
+                        patched_runs=docs * 2 * n_sets, decode_steps=docs * (2 + 2 * batches) * steps,
+                        decode_rows=docs * (2 + 2 * n_sets) * steps, context=prefix + steps / 2,
+                        batch=min(settings["batch_size"], n_sets), engine="patch", gpus=gpus,
+                        precision=resolve_dtype(settings["dtype"], config["models"][config["teacher"]])))
+    return rows
+
+
+# ----------------------------------------------------------------------------- time and memory
+
+def nearest(rows: list[dict], **target: float) -> dict:
+    """The row nearest to `target` in the sum of |log(row[key] / value)| over its keys."""
+    return min(rows, key=lambda r: sum(abs(math.log(r[k] / v)) for k, v in target.items()))
+
+
+def gpu_seconds(work: WorkRow, facts: ModelFacts, gpu: dict) -> tuple[float, str, str]:
+    """GPU-seconds of one workload row (all its GPUs together), the source of each rate used, and how
+    each part was derived from it."""
+    hw, seconds, used, how = gpu["hardware"], 0.0, [], []
+    if work.generated:
+        same_gpus = [r for r in gpu["generation"] if r["gpus"] == work.gpus] or gpu["generation"]
+        rate = nearest(same_gpus, params_b=facts.params / 1e9)
+        seconds += work.generated / rate["output_tokens_per_s"] * rate["gpus"]
+        used.append(f"{rate['source']} {rate['model']} x{rate['gpus']} {rate['output_tokens_per_s']:,.0f} tok/s")
+        how.append("generated / cited tok/s x GPUs")
+    flops = (work.prefill + work.forced + 3 * work.training) * facts.flops_per_token(work.seq_len)
+    if flops:
+        mfu = nearest(gpu["mfu"], params=facts.params, seq_len=work.seq_len)
+        seconds += flops / (mfu["mfu"] * hw["peak_tflops"][work.precision] * 1e12)
+        used.append(f"{mfu['source']} {mfu['model']}@{mfu['seq_len']} MFU {mfu['mfu']:.0%}")
+        parts = " + ".join(n for n, v in (("prefill", work.prefill), ("forward", work.forced), ("3 x train", work.training))
+                           if v)
+        how.append(f"{parts}: F(s) FLOPs at cited MFU x {work.precision} peak")
+    if work.decode_steps:
+        nbytes = DTYPE_BYTES[work.precision]
+        read = work.decode_steps * facts.params * nbytes + work.decode_rows * facts.kv_bytes_per_token(nbytes) * work.context
+        seconds += read / (hw["hbm_gb_per_s"] * 1e9)
+        used.append(f"{hw['source']} HBM {hw['hbm_gb_per_s']:,} GB/s")
+        how.append("decode: HBM bytes / bandwidth (roofline lower bound)")
+    if work.engine in ("forward", "patch") and work.gpus > 1:  # a device_map runs one GPU at a time, holds all
+        seconds *= work.gpus
+        how.append(f"x {work.gpus} GPUs held (device_map)")
+    return seconds, "; ".join(used), "; ".join(how)
+
+
+def cpu_seconds(work: WorkRow, facts: ModelFacts, cpu: dict) -> float:
+    """Seconds on the measured CPU: each kind of token at its measured rate (decoding for generated tokens
+    and patched rows, forward for prefill and forced tokens, with or without capture, train), scaled by
+    F(s) of the model over F of the measured run."""
+    ref, rate, settings = ModelFacts(**cpu["arch"]), cpu["tokens_per_s"], cpu["settings"]
+    decode_ref = ref.flops_per_token(settings["decode"]["prompt_tokens"] + settings["decode"]["new_tokens"] / 2)
+    scale = facts.flops_per_token(work.seq_len) / ref.flops_per_token(settings["forward"]["seq_len"])
+    forced_rate = rate["forward_capture"] if work.capture else rate["forward"]
+    return ((work.generated * facts.flops_per_token(work.seq_len)
+             + work.decode_rows * facts.flops_per_token(work.context)) / decode_ref / rate["decode"]
+            + work.prefill * scale / rate["forward"] + work.forced * scale / forced_rate
+            + work.training * scale / rate["train"])
+
+
+def peak_memory_gb(work: WorkRow, facts: ModelFacts, config: dict, gpu: dict) -> float:
+    """Peak memory of one job on one GPU, in GB (1e9 bytes), by the formulas of the module docstring."""
+    b = DTYPE_BYTES[work.precision]
+    weights, logits = facts.params * b, work.seq_len * facts.vocab_size * 4
+    kv = facts.kv_bytes_per_token(b)
+    if work.engine == "vllm":
+        reserved = config["generation"]["gpu_memory_utilization"] * gpu["hardware"]["memory_gb"] * 1e9
+        return max(reserved, (weights + kv * work.seq_len) / work.gpus) / 1e9
+    if work.engine == "generate":
+        return (weights + work.batch * (kv * work.seq_len + facts.vocab_size * 4)) / 1e9
+    if work.engine == "patch":
+        steps = 2 * (work.context - work.seq_len)
+        return ((weights + (work.batch + 2) * kv * (work.seq_len + steps)) / work.gpus + logits) / 1e9
+    if work.engine == "train":
+        activations = ACTIVATION_BYTES * work.seq_len * facts.hidden_size * facts.n_layers * b / 2
+        return (ZERO_BYTES_PER_PARAM * facts.params / work.gpus + activations + 2 * logits) / 1e9
+    queries = config["anchors"]["early_tokens"] if work.capture else 0
+    rows = facts.n_layers * facts.n_heads * queries * work.seq_len * 4
+    return ((weights + rows) / work.gpus + logits) / 1e9
+
+
+def plan_table(config: dict, sizes: Mapping[str, DatasetSize] | None = None,
+               models: Mapping[str, ModelFacts] | None = None, gpu: dict | None = None,
+               cpu: dict | None = None) -> pd.DataFrame:
+    """`stage_workloads` with gpu_hours (gpu_source: the cited rows used; derivation: how), cpu_hours,
+    peak_gb (per GPU) and fits (within the GPU's memory) per row. Defaults: the config's plan section, the model facts, GPU_SOURCES, CPU_THROUGHPUT."""
+    models = models or {name: model_facts(config, name) for name in planned_models(config)}
+    gpu = gpu or load_gpu_sources()
+    cpu = cpu or load_cpu_throughput()
+    work = stage_workloads(config, sizes or dataset_sizes(config), models)
+    timed = [gpu_seconds(w, models[w.model], gpu) for w in work.itertuples()]
+    work["gpu_hours"] = [seconds / 3600 for seconds, _, _ in timed]
+    work["gpu_source"] = [source for _, source, _ in timed]
+    work["derivation"] = [how for _, _, how in timed]
+    work["cpu_hours"] = [cpu_seconds(w, models[w.model], cpu) / 3600 for w in work.itertuples()]
+    work["peak_gb"] = [peak_memory_gb(w, models[w.model], config, gpu) for w in work.itertuples()]
+    work["fits"] = work["peak_gb"] <= gpu["hardware"]["memory_gb"]
+    return work
+
+
+def stage_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """`plan_table` summed per stage (peak memory: the largest job's; fits: every job's), with a total row."""
+    sums = ["jobs", "generated", "forced", "training", "patched_runs", "gpu_hours", "cpu_hours"]
+    grouped = table.groupby("stage", sort=False)
+    out = grouped[sums].sum()
+    out["peak_gb"] = grouped["peak_gb"].max()
+    out["fits"] = grouped["fits"].all()
+    for column in ("gpu_source", "derivation"):  # each cited row / derivation once
+        out[column] = grouped[column].agg(lambda s: "; ".join(dict.fromkeys(x for v in s for x in v.split("; ") if x)))
+    out = out.reset_index()
+    total = {"stage": "total", **out[sums].sum().to_dict(), "peak_gb": out["peak_gb"].max(),
+             "fits": bool(out["fits"].all()), "gpu_source": "", "derivation": ""}
+    return pd.concat([out, pd.DataFrame([total])], ignore_index=True)
+
+
+def _count(x: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{unit}"
+    return f"{x:.0f}" if x else "-"
+
+
+def _hours(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.2g}"
+
+
+def render_markdown(table: pd.DataFrame, gpu: dict) -> str:
+    """A plan table (`plan_table` or `stage_summary`) as Markdown, with the sources it cites."""
+    scope = ["dataset", "scope", "model"] if "scope" in table else []
+    head = ["stage", *scope, "jobs", "generated", "forced", "training", "patched runs", "GPU h", "CPU h",
+            "peak GB/GPU", "GPU source", "derivation"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in table.itertuples():
+        fits = "" if r.fits else f" (> {gpu['hardware']['memory_gb']})"
+        cells = [r.stage, *[str(getattr(r, c)) for c in scope], f"{int(r.jobs):,}", _count(r.generated), _count(r.forced),
+                 _count(r.training), _count(r.patched_runs), _hours(r.gpu_hours), _hours(r.cpu_hours),
+                 f"{r.peak_gb:,.0f}{fits}", r.gpu_source, r.derivation]
+        lines.append("| " + " | ".join(cells) + " |")
+    hw = gpu["hardware"]
+    notes = [f"GPU: {hw['name']} ({hw['memory_gb']} GB, peak TFLOPS {hw['peak_tflops']}, HBM {hw['hbm_gb_per_s']} GB/s). "
+             "GPU h: all of a job's GPUs; CPU h: this repository's measured CPU (benchmarks/results/throughput_cpu.json); "
+             "tokens summed over jobs. Sources:"]
+    notes += [f"- {key}: {s['title']}, {s['url']}" for key, s in gpu["sources"].items()]
+    return "\n".join(lines + [""] + notes)

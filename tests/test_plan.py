@@ -1,0 +1,206 @@
+"""mechdistill.plan: the work each stage does, its GPU / CPU time and peak memory; `mechdistill plan`."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pandas as pd
+import pytest
+
+from mechdistill import plan
+from mechdistill.cli import main
+from mechdistill.config import load_config
+from mechdistill.distill.trainer import TrainConfig
+from mechdistill.errors import ConfigError
+from mechdistill.patching.experiment import control_sets
+from tests.helpers import REPO, tiny_llama
+
+TINY = REPO / "config" / "tiny.yaml"
+PAPER = REPO / "config" / "paper.yaml"
+TINY_FACTS = plan.ModelFacts(params=1e6, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_size=32,
+                             vocab_size=100)
+
+
+def tiny_config(**plan_section) -> dict:
+    """config/tiny.yaml with 100 new tokens (no budget forcing) and a plan section."""
+    cfg = load_config(TINY)
+    cfg["generation"].update(max_new_tokens=100, force_answer_tokens=0)
+    cfg["plan"]["datasets"] = {"tiny_icd": {"n_docs": {"train": 2, "val": 1, "test": 3}, "prompt_tokens": 50,
+                                            "clean_prompt_tokens": {"neutral": 80, "guided_exemplar": 120},
+                                            **plan_section}}
+    return cfg
+
+
+def tiny_work(cfg: dict) -> pd.DataFrame:
+    return plan.stage_workloads(cfg, plan.dataset_sizes(cfg), {"tiny_llama": TINY_FACTS, "tiny_student": TINY_FACTS})
+
+
+def one(work: pd.DataFrame, stage: str, scope: str | None = None, model: str | None = None) -> pd.Series:
+    rows = work[(work["stage"] == stage) & ((work["scope"] == scope) if scope else True)
+                & ((work["model"] == model) if model else True)]
+    assert len(rows) == 1, rows
+    return rows.iloc[0]
+
+
+@pytest.mark.parametrize("n_heads, bins, n_random", [(8, [2, 4], 2), (30, [3, 8, 16, 40, 100], 3),
+                                                     (5120, [3, 8, 16, 40, 100], 5), (3, [1, 2, 3, 8], 5)])
+def test_head_set_count_is_what_patching_runs(n_heads, bins, n_random):
+    ranked = [(0, h) for h in range(n_heads)]
+    scores = [float(n_heads - h) for h in range(n_heads)]
+    assert plan.head_set_count(n_heads, bins, n_random) == len(control_sets(ranked, scores, bins, n_random, seed=0))
+
+
+def test_train_defaults_are_the_trainers():
+    defaults = TrainConfig()
+    assert {k: getattr(defaults, k) for k in plan.TRAIN_DEFAULTS} == plan.TRAIN_DEFAULTS
+
+
+def test_token_counts_of_a_small_config():
+    work = tiny_work(tiny_config())
+    cot = one(work, "teacher_cot", "train")
+    assert (cot.docs, cot.generated, cot.prefill) == (2, 2 * 100, 2 * 50)
+    clean = one(work, "teacher_cot", "clean_neutral")  # clean_prompts.n_docs 2 of the 2 training documents
+    assert (clean.generated, clean.prefill) == (2 * 100, 2 * 80)
+    assert one(work, "teacher_cot", "clean_guided_exemplar").prefill == 2 * 120
+    heads = one(work, "head_scores", model="tiny_student")
+    assert (heads.forced, heads.capture) == (2 * (80 + 100), True)
+    assert one(work, "style_head_scores").forced == 2 * (120 + 100)
+    # patching: 8 heads, bins 2 and 4, each with top, near_zero, most_negative and 2 random sets: 10 sets,
+    # in ceil(10 / 4) = 3 batched runs per direction; 2 documents; phase 1 generates early_tokens = 4
+    p1 = one(work, "patching", "phase1")
+    assert p1.patched_runs == 2 * 2 * 10
+    assert p1.decode_steps == 2 * (2 + 2 * 3) * 4
+    assert p1.decode_rows == 2 * (2 + 2 * 10) * 4
+    assert p1.prefill == 2 * 2 * 80
+    assert one(work, "patching", "phase2").decode_steps == 2 * (2 + 2 * 3) * 4  # late_tokens = 4 too
+    assert one(work, "teacher_targets", "val").forced == 1 * 150
+    # distill: 2 methods of one point, 2 steps of 1 document, evaluated after each step on 1 val document,
+    # mechanism metrics before and after on the 2 + 1 train and val documents
+    distill = one(work, "distill", model="tiny_student")
+    assert distill.jobs == 2
+    assert distill.training == 2 * 2 * 150
+    assert distill.forced == 2 * (2 * 1 + 2 * 3) * 150
+    assert one(work, "student_predict").generated == 2 * 3 * 100
+    assert one(work, "evaluate", model="tiny_student").forced == 2 * 2 * 3 * 150
+    assert one(work, "evaluate", model="tiny_llama").forced == 2 * 3 * 150
+
+
+def test_max_docs_and_a_measured_cot_length():
+    cfg = tiny_config(cot_tokens=40)
+    cfg["datasets"]["tiny_icd"]["max_docs"] = {"test": 1}
+    work = tiny_work(cfg)
+    assert one(work, "teacher_cot", "test").generated == 1 * 40
+    assert one(work, "teacher_cot", "train").generated == 2 * 40
+
+
+def test_the_synthetic_adapter_gives_the_document_counts():
+    cfg = tiny_config()
+    del cfg["plan"]["datasets"]["tiny_icd"]["n_docs"]
+    assert plan.dataset_sizes(cfg)["tiny_icd"].n_docs == {"train": 3, "val": 2, "test": 3}  # tiny.yaml's params
+
+
+def test_missing_sizes_name_the_key():
+    cfg = tiny_config()
+    del cfg["plan"]["datasets"]["tiny_icd"]["prompt_tokens"]
+    with pytest.raises(ConfigError, match="plan.datasets.tiny_icd"):
+        plan.dataset_sizes(cfg)
+    cfg = tiny_config()
+    del cfg["plan"]["datasets"]["tiny_icd"]["clean_prompt_tokens"]["guided_exemplar"]
+    with pytest.raises(ConfigError, match="no 'guided_exemplar'"):
+        tiny_work(cfg)
+
+
+GPU = {"hardware": {"name": "test GPU", "memory_gb": 80, "hbm_gb_per_s": 1000, "peak_tflops": {"bfloat16": 100},
+                    "source": "hw"},
+       "generation": [{"model": "big", "params_b": 70, "gpus": 8, "output_tokens_per_s": 1000, "source": "a"},
+                      {"model": "small", "params_b": 8, "gpus": 8, "output_tokens_per_s": 4000, "source": "a"},
+                      {"model": "big", "params_b": 70, "gpus": 1, "output_tokens_per_s": 10, "source": "a"}],
+       "mfu": [{"model": "m", "params": 1e9, "seq_len": 100, "gpus": 8, "mfu": 0.5, "source": "b"},
+               {"model": "m", "params": 1e9, "seq_len": 10000, "gpus": 8, "mfu": 0.25, "source": "b"}],
+       "sources": {}}
+
+
+def work_row(**work) -> pd.Series:
+    base = dict.fromkeys(plan.COLUMNS, 0) | {"capture": False, "gpus": 1, "batch": 1, "precision": "bfloat16"}
+    return pd.Series(base | work)
+
+
+def test_gpu_hours_are_tokens_over_the_cited_throughput_times_gpus():
+    seconds, source, _ = plan.gpu_seconds(work_row(generated=1e6, gpus=8, engine="vllm"), plan.ModelFacts(70.6e9), GPU)
+    assert seconds / 3600 == pytest.approx(1e6 / 1000 / 3600 * 8)
+    assert "big x8 1,000 tok/s" in source
+    seconds, _, _ = plan.gpu_seconds(work_row(generated=1e6, gpus=8, engine="vllm"), plan.ModelFacts(7e9), GPU)
+    assert seconds == pytest.approx(1e6 / 4000 * 8)  # the nearest size at the same GPU count
+
+
+def test_forward_and_training_time_from_flops_at_the_nearest_mfu():
+    facts = plan.ModelFacts(1e9)  # no attention term: 2 N FLOPs per token forward
+    seconds, source, how = plan.gpu_seconds(work_row(forced=1000, seq_len=100, engine="forward"), facts, GPU)
+    assert seconds == pytest.approx(1000 * 2e9 / (0.5 * 100e12))
+    assert "MFU 50%" in source and "at cited MFU" in how
+    seconds, _, _ = plan.gpu_seconds(work_row(training=1000, seq_len=8000, engine="train", gpus=8), facts, GPU)
+    assert seconds == pytest.approx(1000 * 3 * 2e9 / (0.25 * 100e12))  # 8,000 is nearer 10,000 than 100
+    spread, _, how = plan.gpu_seconds(work_row(forced=1000, seq_len=100, engine="forward", gpus=8), facts, GPU)
+    assert spread == pytest.approx(8 * 1000 * 2e9 / (0.5 * 100e12))  # a device_map holds 8 GPUs, runs one
+    assert "8 GPUs held" in how
+
+
+def test_patching_decoding_is_bandwidth_bound():
+    facts = plan.ModelFacts(1e9, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8)
+    row = work_row(decode_steps=10, decode_rows=40, context=500, engine="patch")
+    seconds, _, how = plan.gpu_seconds(row, facts, GPU)
+    kv_per_token = 2 * 2 * 2 * 8 * 2
+    assert seconds == pytest.approx((10 * 1e9 * 2 + 40 * kv_per_token * 500) / 1000e9)
+    assert "roofline" in how
+
+
+def test_peak_memory_formulas():
+    cfg = load_config(PAPER)
+    facts = plan.ModelFacts(8e9, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_size=4096,
+                            vocab_size=128000)
+    train = plan.peak_memory_gb(work_row(engine="train", gpus=8, seq_len=8000), facts, cfg, GPU)
+    assert train == pytest.approx((16 * 8e9 / 8 + 34 * 8000 * 4096 * 32 + 2 * 8000 * 128000 * 4) / 1e9)
+    forward = plan.peak_memory_gb(work_row(engine="forward", seq_len=1000, capture=True), facts, cfg, GPU)
+    rows = 32 * 32 * cfg["anchors"]["early_tokens"] * 1000 * 4
+    assert forward == pytest.approx((8e9 * 2 + 1000 * 128000 * 4 + rows) / 1e9)
+    assert plan.peak_memory_gb(work_row(engine="vllm", gpus=8, seq_len=1000), facts, cfg, GPU) == pytest.approx(
+        cfg["generation"]["gpu_memory_utilization"] * 80)
+    huge = dataclasses.replace(facts, params=400e9)
+    assert plan.peak_memory_gb(work_row(engine="vllm", gpus=8, seq_len=1000), huge, cfg, GPU) > 80
+
+
+def test_model_facts_from_a_saved_checkpoint(tmp_path):
+    model = tiny_llama(97, 0)
+    model.save_pretrained(tmp_path)
+    facts = plan.facts_from_files(tmp_path / "config.json")
+    assert facts.params == sum(p.numel() for p in model.parameters())
+    assert (facts.n_layers, facts.n_heads, facts.n_kv_heads, facts.head_dim, facts.vocab_size) == (2, 4, 2, 8, 97)
+
+
+def test_model_facts_from_the_config():
+    facts = plan.model_facts(load_config(PAPER), "qwen3_14b")
+    assert facts.params == pytest.approx(14.8e9)
+    assert facts.kv_bytes_per_token(2) == 2 * 40 * 8 * 128 * 2
+
+
+def test_cli_plans_the_paper_config(capsys):
+    assert main(["plan", "--configfile", str(PAPER)]) == 0
+    out = capsys.readouterr().out
+    stages = ["teacher_cot", "head_scores", "style_head_scores", "patching", "teacher_targets", "distill",
+              "student_predict", "evaluate", "evaluate (LAS simulator)", "total"]
+    printed = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")][1:]
+    assert printed == stages
+    total = next(line for line in out.splitlines() if line.startswith("| total"))
+    assert float(total.split("|")[7].replace(",", "")) > 0  # GPU hours
+    assert "lambda-vllm" in out and "mosaicml" in out
+
+
+def test_cli_detail_has_a_row_per_stage_dataset_and_model(capsys):
+    assert main(["plan", "--config", str(PAPER), "--detail"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| distill |")]
+    cfg = load_config(PAPER)
+    assert len(rows) == len(cfg["datasets"]) * len(cfg["students"])
+    points = sum(1 + 3 * (m == "mech") for m in cfg["methods"])  # mech: a 2 x 2 grid
+    assert all(f"| {points:,} |" in r for r in rows)
+    assert math.isfinite(points)
