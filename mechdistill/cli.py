@@ -87,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise MechdistillError(f"{key} {value!r} is not a key of '{section}' in {args.config} "
                                        f"(defined: {', '.join(config[section])}).")
         if args.stage == "distill":
+            for value, section in ((args.student, "students"), (args.method, "methods")):
+                if value not in config[section]:
+                    raise MechdistillError(f"{value!r} is not in '{section}' of {args.config} "
+                                           f"(there: {', '.join(config[section])}).")
             return _distill(config, args)
         if args.stage == "plan":
             gpu = load_gpu_sources(args.gpu_sources)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 import yaml
 
 from mechdistill import paths
@@ -35,6 +36,14 @@ def test_unknown_dataset_names_the_defined_ones(capsys):
     assert main(["prepare-dataset", "nope", "--config", TINY]) == 2
     err = capsys.readouterr().err
     assert "dataset 'nope' is not a key of 'datasets'" in err and "(defined: tiny_icd)" in err
+
+
+@pytest.mark.parametrize("student, method, named", [("tiny_llama", "mech", "'tiny_llama' is not in 'students'"),
+                                                     ("tiny_student", "nope", "'nope' is not in 'methods'")])
+def test_distill_names_the_students_and_methods_it_knows(capsys, student, method, named):
+    assert main(["distill", "tiny_icd", student, method, "--config", TINY]) == 2
+    err = capsys.readouterr().err
+    assert named in err and "(there: " in err
 
 
 def test_prepare_dataset_by_hand_writes_where_snakemake_would(tmp_path, monkeypatch):
