@@ -65,6 +65,15 @@ def test_dry_run_paper_with_slurm_profile(tmp_path):
     assert jobs["evaluate"] == pairs + 2
     teacher = yaml.safe_load((REPO / "config/paper.yaml").read_text())["teacher"]
     assert re.search(rf"results/\w+/{teacher}/teacher/metrics.parquet", out)
+    # each distill job starts its 8 ZeRO-3 ranks through srun, which read the config snapshot
+    commands = re.findall(r"Shell command: (.*mechdistill distill .*)", out)
+    assert len(commands) == jobs["distill"]
+    assert all(c.startswith("srun --ntasks 8 python -m mechdistill distill ") for c in commands)
+    snapshot = re.search(r"--config (\S+)", commands[0]).group(1)
+    assert json.loads((tmp_path / snapshot).read_text())["teacher"] == teacher
+    # the teacher's own evaluation holds the teacher's 8 GPUs, a student's one
+    evaluate = re.findall(r"rule evaluate:.*?wildcards: [^\n]*method=(\w+)\n    resources: [^\n]*gpu=(\d+)", out, re.S)
+    assert evaluate and all(int(gpu) == (8 if method == "teacher" else 1) for method, gpu in evaluate)
 
 
 def test_dry_run_plans_a_distill_job_per_grid_point_and_one_selection(tmp_path):
