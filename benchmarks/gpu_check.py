@@ -65,15 +65,17 @@ from mechdistill.characterize.capture import HeadCapture, capture_heads  # noqa:
 from mechdistill.characterize.scores import CoarseVariant  # noqa: E402
 from mechdistill.config import load_config  # noqa: E402
 from mechdistill.data import prepare_dataset  # noqa: E402
+from mechdistill.distill.launch import init_distributed  # noqa: E402
 from mechdistill.distill.methods import resolve_method  # noqa: E402
 from mechdistill.distill.objective import student_loss, teacher_targets  # noqa: E402
 from mechdistill.distill.pools import HeadPool, select_pool  # noqa: E402
 from mechdistill.distill.signals import Example, has_phase, make_examples  # noqa: E402
 from mechdistill.distill.targets import interaction_scales  # noqa: E402
-from mechdistill.distill.trainer import train, train_config, zero3_config  # noqa: E402
+from mechdistill.distill.trainer import train, train_config  # noqa: E402
 from mechdistill.io import SplitArtifacts  # noqa: E402
 from mechdistill.labels import LabelSpace  # noqa: E402
 from mechdistill.models import load_model, load_tokenizer, pick_device  # noqa: E402
+from mechdistill.stages.distill import deepspeed_config  # noqa: E402
 from mechdistill.teacher.answers import AnswerParser  # noqa: E402
 from mechdistill.teacher.generate import generate_cot  # noqa: E402
 from mechdistill.teacher.prompts import build_prompts, exemplar_answer  # noqa: E402
@@ -311,10 +313,9 @@ def check_train(config: dict, split: SplitArtifacts, device: str, steps: int, me
 
 
 def partitioned_zero3(tcfg) -> dict:
-    """`zero3_config` with every parameter partitioned (no small "persistent" ones kept whole), so the
-    losses' reads of weights outside their module's forward meet partitioned weights."""
-    ds_config = zero3_config(tcfg)
-    return {**ds_config, "zero_optimization": {**ds_config["zero_optimization"], "stage3_param_persistence_threshold": 0}}
+    """The distill stage's ZeRO-3 config with every parameter partitioned (no small "persistent" ones
+    kept whole), so the losses' reads of weights outside their module's forward meet partitioned weights."""
+    return deepspeed_config({"deepspeed": True, "zero_optimization": {"stage3_param_persistence_threshold": 0}}, tcfg)
 
 
 def check_train_zero3(config: dict, split: SplitArtifacts, device: str, steps: int) -> tuple[str, str]:
@@ -322,12 +323,7 @@ def check_train_zero3(config: dict, split: SplitArtifacts, device: str, steps: i
     the CPU), so the pooled heads' weights are read while partitioned (`attention.local_values`)."""
     if importlib.util.find_spec("deepspeed") is None:
         return "SKIP", "deepspeed not installed (pip install 'mechdistill[train]', or envs/train.yaml)"
-    import deepspeed  # optional and heavy: only this check needs it
-
-    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29517"), ("RANK", "0"), ("LOCAL_RANK", "0"),
-                       ("WORLD_SIZE", "1")):
-        os.environ.setdefault(key, value)
-    deepspeed.init_distributed(dist_backend=None if device.startswith("cuda") else "gloo")
+    init_distributed(device)  # a group of one: this process
     return check_train(config, split, device, steps, deepspeed=True)
 
 

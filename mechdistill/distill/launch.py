@@ -39,12 +39,9 @@ def shard(items: Sequence[T], rank: int, world_size: int, pad: Callable[[T], Any
     if not items:
         return []
     total = -(-len(items) // world_size) * world_size
-    padded = [items[i] if i < len(items) else (pad or _same)(items[i % len(items)]) for i in range(total)]
+    repeats = [items[i % len(items)] for i in range(len(items), total)]
+    padded = [*items, *(map(pad, repeats) if pad else repeats)]
     return padded[rank::world_size]
-
-
-def _same(item: T) -> T:
-    return item
 
 
 def gather_to_all(value: T) -> list[T]:
