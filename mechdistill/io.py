@@ -72,6 +72,14 @@ def write_json(path: str | os.PathLike, obj: object) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def read_json(path: str | os.PathLike) -> object:
+    """A JSON artifact; a missing file names the stage to run."""
+    if not Path(path).exists():
+        raise InputError("file does not exist.", file=str(path),
+                         fix="run the stage that produces it (e.g. `snakemake <path>`).")
+    return json.loads(Path(path).read_text())
+
+
 def to_table(df: pd.DataFrame, kind: str | None = None) -> pa.Table:
     """Convert to Arrow, casting the contract columns of `kind` to their declared types."""
     if kind is None:

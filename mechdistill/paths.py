@@ -195,6 +195,18 @@ def mechanism(dataset: str = D, student: str = S, method: str = METHOD) -> str:
     return f"{student_dir(dataset, student, method)}/mechanism.parquet"
 
 
+def training_items(dataset: str = D, student: str = S, method: str = METHOD) -> str:
+    """What the student trained and validated on, one row per item (split, epoch, doc_id, n_tokens,
+    n_supervised, and a baseline recipe's own columns: selected rationales, chunks, skip labels...)."""
+    return f"{student_dir(dataset, student, method)}/training_items.parquet"
+
+
+def baseline_data(dataset: str = D, teacher: str = T, method: str = METHOD, split: str = SPLIT) -> str:
+    """A baseline method's extra teacher output for one split (MoRSD's sampled CoTs, UniCoTT's
+    structured explanations, SemCoT's condensed reasoning): `distill.baselines.<recipe>.teacher_data`."""
+    return f"{RESULTS}/{dataset}/{teacher}/baseline_data/{method}/{split}.parquet"
+
+
 def grid_method(method: str = METHOD, point: str = POINT) -> str:
     """The `method` argument that puts a file of one grid point of `method` in its own folder,
     `{method}/grid/{point}/`: e.g. train_log(d, s, grid_method("mech", "alpha=0.5,beta=1.0")).

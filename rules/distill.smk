@@ -1,8 +1,8 @@
-# Mechanistic distillation: teacher targets, one training job per (student, method, grid point), the choice of
-# each method's grid point on val (select_distill), student predictions.
+# Mechanistic distillation: teacher targets, the baselines' extra teacher data, one training job per (student,
+# method, grid point), the choice of each method's grid point on val (select_distill), student predictions.
 
 from mechdistill.distill.launch import local_launcher
-from mechdistill.distill.methods import check_methods, grid_point, method_grid
+from mechdistill.distill.methods import check_methods, grid_point, method_grid, resolve_method
 
 # What the schema cannot check: grid keys the method computes, the training budget shared by every method.
 check_methods(config["methods"], config["distill"]["select"]["criterion"])
@@ -11,6 +11,20 @@ check_methods(config["methods"], config["distill"]["select"]["criterion"])
 def grid_points(method):
     """The {point} values of `method`'s distill jobs, in grid order ("default" without a grid)."""
     return [point.name for point in method_grid(method, config["methods"][method])]
+
+
+def teacher_data_methods():
+    """The configured baselines whose recipe asks the teacher for extra data (the {method} of baseline_teacher_data)."""
+    return [m for m, s in config["methods"].items()
+            if (r := resolve_method(m, s).recipe) is not None and r.teacher_data is not None]
+
+
+def baseline_inputs(wc):
+    """Input function of distill: the method's teacher data for train and val, if it has any."""
+    if wc.method not in teacher_data_methods():
+        return {}
+    return {f"{split}_baseline_data": paths.baseline_data(wc.dataset, config["teacher"], wc.method, split)
+            for split in ("train", "val")}
 
 
 def grid_files(path):
@@ -51,10 +65,37 @@ rule teacher_targets:
         "../workflow_scripts/teacher_targets.py"
 
 
+rule baseline_teacher_data:
+    input:
+        unpack(lambda wc: teacher_split(wc.split)(wc)),
+    output:
+        paths.baseline_data(),
+    params:  # what the data depends on: the generation settings and the method's teacher-data settings
+        generation=canonical(config["generation"]),
+        settings=lambda wc: canonical({k: v for k, v in (config["methods"][wc.method] or {}).get("params", {}).items()
+                                       if k in resolve_method(wc.method, config["methods"][wc.method]).recipe.teacher_data_keys}),
+        max_docs=config["distill"].get("max_docs"),
+        model=lambda wc: canonical(config["models"][wc.teacher]),
+    wildcard_constraints:
+        teacher=one_of([config["teacher"]]),
+        method=one_of(teacher_data_methods() or ["(none)"]),
+        split="train|val",
+    threads: workflow.cores
+    resources:
+        gpu=config["generation"]["tensor_parallel_size"] if config["generation"]["backend"] == "vllm" else 0,
+    log:
+        paths.log("baseline_teacher_data", "{dataset}.{teacher}.{method}.{split}"),
+    conda:
+        "../envs/train.yaml"
+    script:
+        "../workflow_scripts/baseline_teacher_data.py"
+
+
 rule distill:
     input:
         unpack(teacher_split("train", prefix="train_")),
         unpack(teacher_split("val", prefix="val_")),
+        unpack(baseline_inputs),
         student_coarse=paths.head_scores(model="{student}", kind="coarse"),
         student_refine=paths.head_scores(model="{student}", kind="refine"),
         teacher_coarse=paths.head_scores(model=config["teacher"], kind="coarse"),
@@ -66,6 +107,7 @@ rule distill:
         log=paths.train_log(method=paths.grid_method()),
         mechanism=paths.mechanism(method=paths.grid_method()),
         best=paths.best_step(method=paths.grid_method()),
+        training_items=paths.training_items(method=paths.grid_method()),
     params:  # the method's entry at this point: a value added to a grid trains only the new points
         distill=canonical(config["distill"]),
         tau=config["heads"]["tau"],
@@ -100,11 +142,13 @@ rule select_distill:
         models=grid_files(paths.student_model),
         mechanisms=grid_files(paths.mechanism),
         best=grid_files(paths.best_step),
+        training_items=grid_files(paths.training_items),
     output:  # the chosen point's files as the method's (weights hard-linked) + how it was chosen
         model=paths.student_model(),
         log=paths.train_log(),
         mechanism=paths.mechanism(),
         selection=paths.selection(),
+        training_items=paths.training_items(),
     params:
         criterion=config["distill"]["select"]["criterion"],
         points=lambda wc: canonical(grid_points(wc.method)),
@@ -122,6 +166,7 @@ rule select_distill:
 rule student_predict:
     input:
         model=paths.student_model(),
+        selection=paths.selection(),
         prompts=paths.prompts(),
         labels=paths.labels(),
     output:

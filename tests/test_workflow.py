@@ -29,15 +29,16 @@ def job_counts(output: str) -> dict[str, int]:
 
 def test_dry_run_demo(tmp_path):
     jobs = job_counts(snakemake(tmp_path, "-n"))
-    # 4 methods x 1 student: distill (no grid: one point each), select_distill, predict, evaluate and the
-    # student's trajectories each; the teacher's own evaluation (its row of Tables 1-4)
+    # 6 methods (vanilla, mech, the 4 baselines) x 1 student: distill (no grid: one point each), select_distill,
+    # predict, evaluate and the student's trajectories each; the teacher's own evaluation (its row of Tables 1-4);
+    # the baselines' teacher data: MoRSD's sampled CoTs, UniCoTT's structures, SemCoT's condensations (train, val)
     # the clean-prompt set in two styles (neutral: characterization; guided + exemplar: comparison) adds
     # its prompts, teacher CoT and anchors, the teacher's heads on the compared style and the comparison
     assert jobs == {"prepare_dataset": 1, "build_prompts": 3, "clean_prompts": 2, "teacher_cot": 5, "anchors": 5,
-                    "trajectories": 5, "figure1": 1, "head_scores": 2, "style_head_scores": 1, "head_comparison": 1,
-                    "head_figures": 1, "patching": 2, "patching_figures": 1, "teacher_targets": 2, "distill": 4,
-                    "select_distill": 4, "student_predict": 4, "evaluate": 5, "tables": 1, "figure9": 1, "claims": 1,
-                    "all": 1, "total": 53}
+                    "trajectories": 7, "figure1": 1, "head_scores": 2, "style_head_scores": 1, "head_comparison": 1,
+                    "head_figures": 1, "patching": 2, "patching_figures": 1, "teacher_targets": 2, "distill": 6,
+                    "select_distill": 6, "student_predict": 6, "evaluate": 7, "tables": 1, "figure9": 1, "claims": 1,
+                    "baseline_teacher_data": 6, "all": 1, "total": 69}
 
 
 def test_dry_run_tiny_checks_the_claims(tmp_path):
@@ -57,9 +58,13 @@ def test_dry_run_paper_with_slurm_profile(tmp_path):
         blocks = re.findall(rf"rule {rule}:\n    input: ([^\n]+)", out)
         assert blocks and all("cot/clean_neutral.parquet" in b and "cot/train.parquet" not in b
                               and "cot/test.parquet" not in b for b in blocks), rule
-    # per (dataset, student): mech's 2 x 2 grid (alpha, beta) is 4 distill jobs, every other method one
+    # per (dataset, student): mech's 2 x 2 grid (alpha, beta) is 4 distill jobs, semcot's 3 values of alpha 3,
+    # every other method one
     pairs, methods = jobs["select_distill"], len(yaml.safe_load((REPO / "config/paper.yaml").read_text())["methods"])
-    assert pairs % methods == 0 and jobs["distill"] == pairs + 3 * (pairs // methods)
+    assert pairs % methods == 0 and jobs["distill"] == pairs + (3 + 2) * (pairs // methods)
+    assert "semcot/grid/params.alpha=0.25/model/config.json" in out
+    # MoRSD's samples, UniCoTT's trees and SemCoT's condensations: 2 datasets x train, val
+    assert jobs["baseline_teacher_data"] == 3 * 2 * 2 and "baseline_data/unicott/train.parquet" in out
     assert "mech/grid/alpha=0.5,beta=1.0/model/config.json" in out
     # every distilled (dataset, student, method) and each dataset's teacher row is evaluated
     assert jobs["evaluate"] == pairs + 2
@@ -194,6 +199,16 @@ def test_tiny_end_to_end_then_incremental(tmp_path):
         assert len(pred) == 3
         metrics = pd.read_parquet(base / "metrics.parquet")
         assert {"P@1", "macro_f1", "focus", "bleu4", "perplexity", "sharpness"} <= set(metrics["metric"])
+    for method in ("unicott", "morsd", "semcot", "cwt"):  # the baselines: trained, predicted, evaluated, in Table 1
+        base = tmp_path / f"results/tiny_icd/tiny_student/{method}"
+        log = pd.read_parquet(base / "train_log.parquet")
+        assert list(log.loc[log["split"] == "train", "step"]) == [1, 2] and (log["cot.kl"] == 0).all()
+        assert len(pd.read_parquet(base / "pred/test.parquet")) == 3
+        assert not pd.read_parquet(base / "training_items.parquet").empty
+        assert {"P@1", "macro_f1", "sharpness"} <= set(pd.read_parquet(base / "metrics.parquet")["metric"])
+    for method in ("unicott", "morsd", "semcot"):  # their teacher data, cached per split
+        for split in ("train", "val"):
+            assert (tmp_path / f"results/tiny_icd/tiny_llama/baseline_data/{method}/{split}.parquet").exists()
     mech_log = pd.read_parquet(tmp_path / "results/tiny_icd/tiny_student/mech/train_log.parquet")
     attn = mech_log.loc[mech_log["split"] == "train", "phase1.attn"].to_numpy()
     # the 1-layer student IS the teacher's layer 0, and both Phase-1 pools sit in layer 0: identical
@@ -202,7 +217,9 @@ def test_tiny_end_to_end_then_incremental(tmp_path):
     vanilla_log = pd.read_parquet(tmp_path / "results/tiny_icd/tiny_student/vanilla/train_log.parquet")
     assert (vanilla_log["phase1.attn"] == 0).all()  # vanilla never computes the head signals
     table1 = (tmp_path / "results/tables/table1.md").read_text()
-    assert "| tiny_icd | tiny_student | mech |" in table1 and "| tiny_icd | tiny_llama | teacher |" in table1
+    assert "| tiny_icd | tiny_llama | teacher |" in table1
+    for method in ("vanilla", "mech", "unicott", "morsd", "semcot", "cwt"):
+        assert f"| tiny_icd | tiny_student | {method} |" in table1
     mech_row = next(line for line in table1.splitlines() if "| tiny_student | mech |" in line)
     assert re.search(r"\d\.\d{3} \([+-]\d\.\d{3}\*?\)", mech_row)  # "value (+gain)" against vanilla
     assert "Avg. gain (ours vs best baseline)" in table1 and "Selected on validation (val_cot_loss)" in table1

@@ -4,4 +4,5 @@ from mechdistill.stages.distill import run_select_distill
 wc, out = snakemake.wildcards, snakemake.output
 with rule_logging(snakemake.log[0]):
     run_select_distill(snakemake.config, wc.dataset, wc.student, wc.method, log_path=out.log,
-                       mechanism_path=out.mechanism, selection_path=out.selection)
+                       mechanism_path=out.mechanism, selection_path=out.selection,
+                       items_path=out.training_items)

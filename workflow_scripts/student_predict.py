@@ -4,4 +4,5 @@ from mechdistill.stages.distill import run_student_predict
 wc, inp = snakemake.wildcards, snakemake.input
 with rule_logging(snakemake.log[0]):
     run_student_predict(snakemake.config, wc.dataset, wc.student, wc.method, prompts_path=inp.prompts,
-                        labels_path=inp.labels, out_path=snakemake.output[0])
+                        labels_path=inp.labels, selection_path=inp.selection,
+                        out_path=snakemake.output[0])

@@ -23,9 +23,12 @@ grid is a grid of one point, "default". The training budget and optimisation (`B
 `distill.train`) are the same for every method and grid point: neither a grid nor a method's
 `train:` may change them (`check_methods`, run when the workflow starts).
 
-Further methods (UniCoTT, MoRSD, SemCoT, CWT) register here with `register_method` and kind
-"baseline"; one that needs a different objective than switches over these terms can give its own
-`loss` factory.
+The four CoT-distillation baselines (UniCoTT, MoRSD, SemCoT, CWT) are registered here with kind
+"baseline" and a `recipe` (`distill.baselines`): what they train on, their loss and, for some, extra
+teacher data and their own inference. Their settings are the entry's `params:` (the recipe's
+`defaults` overridden), and their grid may vary a setting as `params.<name>`:
+
+      semcot: {grid: {params.alpha: [0.25, 0.5, 0.75]}}
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
+from .baselines import cwt, morsd, semcot, unicott
+from .baselines.recipe import Recipe
 
 METHOD_KINDS = ("baseline", "ours", "ablation")
 
@@ -46,6 +51,7 @@ class Method:
     description: str = ""
     loss: Callable | None = None  # custom loss factory (None: switches over losses.total_loss)
     kind: str = "ablation"        # baseline | ours | ablation (module docstring)
+    recipe: Recipe | None = None  # a baseline's own data, loss and inference (None: the switches above)
 
     def __post_init__(self) -> None:
         if self.kind not in METHOD_KINDS:
@@ -53,6 +59,8 @@ class Method:
 
     def uses(self, phase: str) -> bool:
         """Whether any term of `phase` ("phase1" / "phase2") is on."""
+        if self.recipe is not None:
+            return False
         if not self.switches.get(phase, True):
             return False
         terms = {"phase1": ("attn", "write", "interaction"), "phase2": ("qk", "ov", "interaction")}[phase]
@@ -81,6 +89,11 @@ for _m in [
     Method("no_p2_qk", {"phase2.qk": False}, "mech without the Phase 2 QK loop-back term"),
     Method("no_p2_ov", {"phase2.ov": False}, "mech without the Phase 2 OV helpfulness term"),
     Method("no_p2_interaction", {"phase2.interaction": False}, "mech without the Phase 2 interaction term"),
+    *(Method(recipe.name, {}, description, kind="baseline", recipe=recipe) for recipe, description in (
+        (unicott.RECIPE, "UniCoTT: structured explanations, node contrastive + structural-consistency losses"),
+        (morsd.RECIPE, "MoRSD: sampled teacher rationales selected by the student's Rationale Difficulty"),
+        (semcot.RECIPE, "SemCoT: implicit thought tokens aligned with the reasoning, answered from"),
+        (cwt.RECIPE, "CWT: chunk-wise CoT supervision, then learning to skip chunks"))),
 ]:
     register_method(_m)
 
@@ -96,7 +109,7 @@ def resolve_method(name: str, settings: dict | None) -> Method:
     method = METHODS[base]
     extra, kind = settings.get("switches") or {}, settings.get("kind", method.kind)
     if extra or base != name or kind != method.kind:
-        return Method(name, {**method.switches, **extra}, method.description, method.loss, kind)
+        return Method(name, {**method.switches, **extra}, method.description, method.loss, kind, method.recipe)
     return method
 
 
@@ -117,6 +130,7 @@ GRID_KEYS = ("alpha", "beta", "cot.ce", "cot.kl", "phase1.attn", "phase1.write",
 BUDGET_KEYS = ("lr", "weight_decay", "betas", "adam_eps", "warmup_steps", "warmup_ratio", "min_lr_ratio",
                "max_steps", "grad_accum_steps", "micro_batch_size", "max_grad_norm", "eval_every")
 DEFAULT_POINT = "default"  # the one point of a method without a grid
+PARAMS = "params."  # grid keys of a baseline's own settings: params.<name>
 PHASE_OF_WEIGHT = {"alpha": "phase1", "beta": "phase2"}
 
 
@@ -133,17 +147,20 @@ class GridPoint:
 def method_grid(name: str, settings: dict | None) -> list[GridPoint]:
     """Every point of config entry `name`'s grid, the first grid key varying slowest; one point
     named DEFAULT_POINT without a grid. A point's settings are the entry without `grid`, with the
-    point's values over the entry's `weights`."""
+    point's values over the entry's `weights` (a baseline's `params.<name>` keys: over its `params`)."""
     settings = dict(settings or {})
     grid = settings.pop("grid", None) or {}
     if not grid:
         return [GridPoint(DEFAULT_POINT, {}, settings)]
     points = []
     for combo in itertools.product(*grid.values()):
-        values = {key: float(value) for key, value in zip(grid, combo)}
+        values = {key: value if key.startswith(PARAMS) else float(value) for key, value in zip(grid, combo)}
         point_name = ",".join(f"{key}={value!r}" for key, value in values.items())
-        weights = {**(settings.get("weights") or {}), **values}
-        points.append(GridPoint(point_name, values, {**settings, "weights": weights}))
+        weights = {**(settings.get("weights") or {}), **{k: v for k, v in values.items() if not k.startswith(PARAMS)}}
+        params = {**(settings.get("params") or {}),
+                  **{k[len(PARAMS):]: v for k, v in values.items() if k.startswith(PARAMS)}}
+        points.append(GridPoint(point_name, values, {**settings, "weights": weights}
+                                | ({"params": params} if params else {})))
     return points
 
 
@@ -172,7 +189,14 @@ def check_methods(methods: dict[str, dict | None], criterion: str) -> None:
         settings = settings or {}
         method = resolve_method(name, settings)
         grid = settings.get("grid") or {}
+        _check_params(name, method, settings.get("params"), [k[len(PARAMS):] for k in grid if k.startswith(PARAMS)])
         for key in grid:
+            if key.startswith(PARAMS):
+                continue
+            if method.recipe is not None:
+                raise ConfigError(f"methods.{name}.grid.{key}: {name} is a baseline with its own loss, which "
+                                  f"distill.weights do not weigh; its grid varies its settings: "
+                                  f"{', '.join(PARAMS + k for k in method.recipe.defaults)}")
             if key not in GRID_KEYS:
                 raise ConfigError(f"methods.{name}.grid: unknown key {key!r}; a grid varies loss weights: "
                                   f"{', '.join(GRID_KEYS)}")
@@ -186,3 +210,21 @@ def check_methods(methods: dict[str, dict | None], criterion: str) -> None:
         if criterion == "val_loss" and len(method_grid(name, settings)) > 1:
             raise ConfigError(f"methods.{name}.grid: distill.select.criterion 'val_loss' cannot compare grid "
                               "points (each weighs the loss terms differently); use val_cot_loss or val_macro_f1")
+
+
+def _check_params(name: str, method: Method, params: dict | None, grid_keys: list[str]) -> None:
+    """A baseline's `params` and `params.*` grid keys name settings of its recipe; the settings its
+    teacher data depends on are fixed per method (the data is made once per method and split)."""
+    if method.recipe is None:
+        if params or grid_keys:
+            raise ConfigError(f"methods.{name}: `params` are the settings of a baseline (unicott, morsd, semcot, "
+                              f"cwt); {name} has none")
+        return
+    for key in [*(params or {}), *grid_keys]:
+        if key not in method.recipe.defaults:
+            raise ConfigError(f"methods.{name}.params.{key}: unknown setting of {method.recipe.name}; its settings: "
+                              f"{', '.join(method.recipe.defaults)}")
+    fixed = sorted(set(grid_keys) & set(method.recipe.teacher_data_keys))
+    if fixed:
+        raise ConfigError(f"methods.{name}.grid.params.{fixed[0]}: the teacher data depends on it, and is made once "
+                          f"per method; add a method entry per value instead (base: {method.recipe.name})")

@@ -1,4 +1,5 @@
-"""rules/distill.smk: teacher_targets, distill (one job per grid point), select_distill, student_predict."""
+"""rules/distill.smk: teacher_targets, baseline_teacher_data, distill (one job per grid point),
+select_distill, student_predict."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from .. import paths
 from ..characterize.attention import attention_modules
 from ..characterize.scores import CoarseVariant
+from ..distill.baselines.recipe import Item, RecipeContext, TeacherDataContext, items_frame
 from ..distill.launch import gather_to_all, init_distributed, shard
 from ..distill.methods import check_methods, grid_point, method_grid, resolve_method
 from ..distill.objective import student_loss
@@ -33,14 +35,15 @@ from ..distill.targets import (
     save_targets,
     target_tensors,
 )
-from ..distill.trainer import Criterion, Padding, train, train_config, zero3_config
+from ..distill.trainer import STATE_FILE, Criterion, Padding, train, train_config, zero3_config
 from ..errors import ConfigError
 from ..evaluate.xmc import macro_f1
-from ..io import SplitArtifacts, read_parquet, read_split, write_json, write_parquet
+from ..io import SplitArtifacts, read_json, read_parquet, read_split, write_json, write_parquet
 from ..labels import LabelSpace
-from ..models import load_model, placement, with_distilled_model
-from ..teacher.backends import TransformersBackend
+from ..models import load_model, pick_device, placement, with_distilled_model
+from ..teacher.backends import TransformersBackend, make_backend, text_generator
 from ..teacher.generate import generate_cot
+from ..teacher.prompts import render_prompt
 
 log = logging.getLogger(__name__)
 PathLike = str | os.PathLike
@@ -83,19 +86,21 @@ def run_distill(config: dict, dataset: str, student: str, method_name: str, poin
                 teacher_coarse: PathLike | None = None, teacher_refine: PathLike | None = None,
                 model_dir: PathLike | None = None, log_path: PathLike | None = None,
                 mechanism_path: PathLike | None = None, ckpt_dir: PathLike | None = None,
-                best_path: PathLike | None = None) -> None:
+                best_path: PathLike | None = None, items_path: PathLike | None = None) -> None:
     """Train `student` with grid point `point` of `method_name` on the teacher's train traces,
     validating on val every `eval_every` steps and at the end -> {student}/{method}/grid/{point}/:
     model/ (save_pretrained of the best evaluation's weights under distill.select.criterion) +
-    train_log.parquet + mechanism.parquet (before training vs the saved weights) + best_step.json.
+    train_log.parquet + mechanism.parquet (before training vs the saved weights) + best_step.json +
+    training_items.parquet (what it trained and validated on). A baseline (a method with a recipe)
+    trains on its recipe's items and loss, with its teacher data read from `paths.baseline_data`.
 
     point None: every point of the method's grid, then `run_select_distill` (what Snakemake does for
     the method: its model at paths.student_model_dir); the output paths cannot be given then.
-    inputs: per split ("train", "val"), the split's files (default `paths.split_files`). Resumes from
-    ckpt_dir when a checkpoint is there.
+    inputs: per split ("train", "val"), the split's files (default `paths.split_files`; a baseline's
+    teacher data under "baseline_data"). Resumes from ckpt_dir when a checkpoint is there.
     """
     if point is None:
-        if any(p is not None for p in (model_dir, log_path, mechanism_path, ckpt_dir, best_path)):
+        if any(p is not None for p in (model_dir, log_path, mechanism_path, ckpt_dir, best_path, items_path)):
             raise ValueError("run_distill: output paths belong to one grid point; give `point`")
         for each in method_grid(method_name, config["methods"].get(method_name)):
             run_distill(config, dataset, student, method_name, each.name, inputs=inputs,
@@ -107,15 +112,19 @@ def run_distill(config: dict, dataset: str, student: str, method_name: str, poin
     settings, teacher, tau = config["distill"], config["teacher"], config["heads"]["tau"]
     coarse = CoarseVariant(**config["heads"]["coarse"])
     check_methods(config["methods"], settings["select"]["criterion"])
-    inputs = {split: {**paths.split_files(dataset, teacher, split), **((inputs or {}).get(split) or {})}
-              for split in ("train", "val")}
     method_settings = grid_point(method_name, config["methods"].get(method_name), point).settings
     method = resolve_method(method_name, method_settings)
+    inputs = {split: {**paths.split_files(dataset, teacher, split), **_baseline_input(method, dataset, teacher,
+                                                                                      method_name, split),
+                      **((inputs or {}).get(split) or {})} for split in ("train", "val")}
     tcfg = train_config(settings["train"], method_settings.get("train"), config["seed"])
     where = paths.grid_method(method_name, point)  # the point's folder, as a `method` argument of paths
     started = time.perf_counter()
     ds_config = deepspeed_config(settings, tcfg)
     rank, world = init_distributed(tcfg.device) if ds_config else (0, 1)
+    if method.recipe is not None and method.recipe.predict is not None and settings["select"]["criterion"] == "val_macro_f1":
+        raise ConfigError(f"methods.{method_name}: {method.recipe.name} answers through its own inference, which "
+                          "distill.select.criterion val_macro_f1 does not run; use val_cot_loss")
     if world > 1 and settings["select"]["criterion"] == "val_macro_f1":
         raise ConfigError("distill.select.criterion val_macro_f1 generates with the student on every evaluation, "
                           f"which {world} ZeRO-3 ranks cannot share; use val_cot_loss, or one rank")
@@ -125,11 +134,88 @@ def run_distill(config: dict, dataset: str, student: str, method_name: str, poin
     splits = {split: read_split(inputs[split], settings.get("max_docs"))
               for split in ("train", "val")}
     examples = {split: make_examples(tokenizer, splits[split], student) for split in splits}
+    recipe = method.recipe
+    if recipe is None:
+        loss_fn, batches = _mechanistic_objective(config, dataset, settings, method, method_settings, splits, examples,
+                                                  teacher_coarse, teacher_refine, train_targets_path, val_targets_path,
+                                                  pools, coarse)
+        recorded = [_example_rows(examples[split], split) for split in examples]
+        if not batches["train"]:
+            raise ConfigError(f"distill {student}/{method_name}: no training example (all CoTs empty?)")
+        val_batches = shard(batches["val"], rank, world, pad=Padding) or None  # every rank runs as many val forwards
+        train_items = lambda epoch: batches["train"]  # noqa: E731
+        prepare = None
+    else:
+        baseline = _Baseline(recipe, recipe.params(method_settings.get("params")), tokenizer, splits, tcfg.seed,
+                             {split: inputs[split].get("baseline_data") for split in splits},
+                             Path(ckpt_dir or paths.checkpoint_dir(dataset, student, where)), rank, world)
+        loss_fn, train_items, val_batches, prepare = baseline.loss, baseline.epoch, baseline.val, baseline.prepare
+        recorded = baseline.recorded
+
+    def train_batches(epoch: int):  # the same global order on every rank; each reads its shard
+        order = list(train_items(epoch))
+        random.Random(f"{tcfg.seed}:{epoch}").shuffle(order)
+        return shard(order, rank, world)
+
+    if world > 1 and recipe is None:
+        log.info("rank %d of %d reads %s of the training documents in epoch 0 and %s of val", rank, world,
+                 [ex.doc_id for ex, _ in train_batches(0)], [b[0].doc_id for b in val_batches or []
+                                                             if not isinstance(b, Padding)])
+
+    criterion_name = settings["select"]["criterion"]
+    criterion = (_macro_f1_criterion(config, dataset, student, where, splits["val"], tokenizer)
+                 if criterion_name == "val_macro_f1" else make_criterion(criterion_name))
+    log.info("distill %s with %s at grid point %s (%s): %d train / %d val documents, pools %s, %d steps, best step "
+             "by %s every %s steps, %d rank(s)", student, method_name, point,
+             f"switches {method.switches or 'all on'}" if recipe is None
+             else f"baseline {recipe.name}, settings {baseline.params}", len(examples["train"]), len(examples["val"]),
+             {p: len(pool.heads) for p, pool in pools.items()}, tcfg.max_steps, criterion_name,
+             tcfg.eval_every or tcfg.max_steps, world)
+    scored = shard(examples["train"] + examples["val"], rank, world)  # val alone rarely has refinement positions
+    before = []  # the initial weights' metrics, measured once the backend is ready (ZeRO-3 needs its hooks)
+
+    def on_start(module) -> None:
+        before.append(_mechanism(module, scored, pools, tau, coarse))
+        if prepare is not None:
+            prepare(module)  # a baseline's items: some score their data with the student (MoRSD)
+
+    result = train(model, loss_fn, train_batches, tcfg, model_dir or paths.student_model_dir(dataset, student, where),
+                   val_batches=val_batches, tokenizer=tokenizer,
+                   log_path=log_path or paths.train_log(dataset, student, where),
+                   ckpt_dir=ckpt_dir or paths.checkpoint_dir(dataset, student, where),
+                   deepspeed_config=ds_config, criterion=criterion, whole_params=read_outside_forward(model, pools),
+                   on_start=on_start,
+                   record_path=best_path or paths.best_step(dataset, student, where), keep_checkpoint=False,
+                   on_step=_kill_after_step(os.environ.get(KILL_AFTER_STEP)))
+    train_log = result.log[result.log["split"] == "train"]
+    log.info("distill %s/%s/%s: %d steps in %.1f s; loss %.4f -> %.4f; saved step %s (%s)", student, method_name,
+             point, result.steps, time.perf_counter() - started, float(train_log["loss"].iloc[0]),
+             float(train_log["loss"].iloc[-1]), result.best.step if result.best else result.steps,
+             f"{criterion_name} {result.best.value:.4f}" if result.best else "no validation: the last step")
+    after = _mechanism(model, scored, pools, tau, coarse)  # the saved weights (restored; DeepSpeed: the last)
+    if rank != 0:
+        return
+    write_parquet(pd.concat(recorded() if callable(recorded) else recorded, ignore_index=True),
+                  items_path or paths.training_items(dataset, student, where))
+    change = pd.concat([before[0].assign(when="before"), after.assign(when="after")], ignore_index=True)
+    write_parquet(change, mechanism_path or paths.mechanism(dataset, student, where))
+    means = change.groupby(["metric", "when"])["value"].mean().unstack()
+    for metric in means.index:
+        log.info("  %s on train+val (student's own pools): before %.4f, after %.4f", metric,
+                 means.loc[metric, "before"], means.loc[metric, "after"])
+
+
+def _mechanistic_objective(config: dict, dataset: str, settings: dict, method, method_settings: dict, splits: dict,
+                           examples: dict, teacher_coarse, teacher_refine, train_targets_path, val_targets_path,
+                           pools: dict[str, HeadPool], coarse: CoarseVariant):
+    """loss_fn and the (example, split) batches of vanilla, mech and its ablations: `student_loss` against
+    the teacher's targets (precomputed, or computed online with the teacher in memory)."""
+    teacher, tau = config["teacher"], config["heads"]["tau"]
     if settings["targets"] == "online":
         teacher_model, teacher_tok = load_model(config, teacher, device=settings["train"]["device"],
                                                 dtype=settings["teacher_dtype"], **placement(settings, "teacher_"))
         online = OnlineTargets(teacher_model, _pools(config, teacher_model, dataset, teacher, teacher_coarse,
-                                                           teacher_refine), tau, settings["top_k"], coarse)
+                                                     teacher_refine), tau, settings["top_k"], coarse)
         for split in splits:
             online.add(make_examples(teacher_tok, splits[split], teacher))
         get_targets = {split: online for split in splits}
@@ -141,58 +227,135 @@ def run_distill(config: dict, dataset: str, student: str, method_name: str, poin
                   "val": load_targets(val_targets_path or paths.targets_tensors(dataset, teacher, "val"))}
         get_targets = {split: loaded[split].__getitem__ for split in splits}
         scales = load_interaction_scales(train_path)  # the training targets' scale, for train and val alike
-    batches = {split: [(ex, split) for ex in examples[split]] for split in examples}
-    if not batches["train"]:
-        raise ConfigError(f"distill {student}/{method_name}: no training example (all CoTs empty?)")
-    val_shard = shard(batches["val"], rank, world, pad=Padding)  # every rank runs as many val forwards
     weights = {**(settings.get("weights") or {}), **(method_settings.get("weights") or {})}
+    log.info("loss weights %s, interaction scales %s", weights, scales)
 
     def loss_fn(model, batch):
         ex, split = batch
         return student_loss(model, ex, get_targets[split](ex.doc_id), pools, method, tau, settings["temperature"],
                             weights, coarse=coarse, scales=scales)
 
-    def train_batches(epoch: int):  # the same global order on every rank; each reads its shard
-        order = list(batches["train"])
-        random.Random(f"{tcfg.seed}:{epoch}").shuffle(order)
-        return shard(order, rank, world)
+    return loss_fn, {split: [(ex, split) for ex in examples[split]] for split in examples}
 
-    if world > 1:
-        log.info("rank %d of %d reads %s of the training documents in epoch 0 and %s of val", rank, world,
-                 [ex.doc_id for ex, _ in train_batches(0)], [b[0].doc_id for b in val_shard if not isinstance(b, Padding)])
 
-    criterion_name = settings["select"]["criterion"]
-    criterion = (_macro_f1_criterion(config, dataset, student, where, splits["val"], tokenizer)
-                 if criterion_name == "val_macro_f1" else make_criterion(criterion_name))
-    log.info("distill %s with %s at grid point %s (switches %s, weights %s, interaction scales %s): %d train / "
-             "%d val documents, pools %s, %d steps, best step by %s every %s steps, %d rank(s)", student, method_name,
-             point, method.switches or "all on", weights, scales, len(batches["train"]), len(batches["val"]),
-             {p: len(pool.heads) for p, pool in pools.items()}, tcfg.max_steps, criterion_name,
-             tcfg.eval_every or tcfg.max_steps, world)
-    scored = shard(examples["train"] + examples["val"], rank, world)  # val alone rarely has refinement positions
-    before = []  # the initial weights' metrics, measured once the backend is ready (ZeRO-3 needs its hooks)
-    result = train(model, loss_fn, train_batches, tcfg, model_dir or paths.student_model_dir(dataset, student, where),
-                   val_batches=val_shard or None, tokenizer=tokenizer,
-                   log_path=log_path or paths.train_log(dataset, student, where),
-                   ckpt_dir=ckpt_dir or paths.checkpoint_dir(dataset, student, where),
-                   deepspeed_config=ds_config, criterion=criterion, whole_params=read_outside_forward(model, pools),
-                   on_start=lambda module: before.append(_mechanism(module, scored, pools, tau, coarse)),
-                   record_path=best_path or paths.best_step(dataset, student, where), keep_checkpoint=False,
-                   on_step=_kill_after_step(os.environ.get(KILL_AFTER_STEP)))
-    train_log = result.log[result.log["split"] == "train"]
-    log.info("distill %s/%s/%s: %d steps in %.1f s; loss %.4f -> %.4f; saved step %s (%s)", student, method_name,
-             point, result.steps, time.perf_counter() - started, float(train_log["loss"].iloc[0]),
-             float(train_log["loss"].iloc[-1]), result.best.step if result.best else result.steps,
-             f"{criterion_name} {result.best.value:.4f}" if result.best else "no validation: the last step")
-    after = _mechanism(model, scored, pools, tau, coarse)  # the saved weights (restored; DeepSpeed: the last)
-    if rank != 0:
-        return
-    change = pd.concat([before[0].assign(when="before"), after.assign(when="after")], ignore_index=True)
-    write_parquet(change, mechanism_path or paths.mechanism(dataset, student, where))
-    means = change.groupby(["metric", "when"])["value"].mean().unstack()
-    for metric in means.index:
-        log.info("  %s on train+val (student's own pools): before %.4f, after %.4f", metric,
-                 means.loc[metric, "before"], means.loc[metric, "after"])
+def _example_rows(examples: list, split: str) -> pd.DataFrame:
+    """training_items rows of teacher-forced examples: the whole sequence, the CoT + answer supervised."""
+    return pd.DataFrame([{"split": split, "epoch": None, "doc_id": ex.doc_id, "n_tokens": len(ex.input_ids),
+                          "n_supervised": len(ex.cot_positions)} for ex in examples])
+
+
+def _baseline_input(method, dataset: str, teacher: str, method_name: str, split: str) -> dict[str, str]:
+    """{"baseline_data": its path} for a baseline with teacher data; {} otherwise."""
+    if method.recipe is None or method.recipe.teacher_data is None:
+        return {}
+    return {"baseline_data": paths.baseline_data(dataset, teacher, method_name, split)}
+
+
+class _Baseline:
+    """A baseline's training on one rank: its items (built once the backend is ready, `prepare`), the
+    items of each epoch (with the relabelling of recipes that have one), its loss, and what it trained on.
+
+    Relabelling (CWT's skippable chunks) happens once, at the first epoch >= params["skip_from_epoch"],
+    with the student as it is then, on every rank over every item (ZeRO-3 ranks run the same forwards);
+    the labels are kept next to the checkpoint (ckpt.relabel.parquet), so a resumed run reuses them, and
+    dropped when a run starts afresh."""
+
+    def __init__(self, recipe, params: dict, tokenizer, splits: dict, seed: int, data_paths: dict,
+                 ckpt_dir: Path, rank: int, world: int) -> None:
+        self.recipe, self.params, self.rank, self.world = recipe, params, rank, world
+        teacher_data = {split: read_parquet(path) if path else None for split, path in data_paths.items()}
+        self.contexts = {split: RecipeContext(tokenizer, splits[split], split, params, seed, teacher_data[split])
+                         for split in splits}
+        self.items: dict[str, list[Item]] = {}
+        self.val = _Deferred() if len(splits["val"].anchors) else None
+        self.labels_path = ckpt_dir.with_name(f"{ckpt_dir.name}.relabel.parquet")
+        self.labels: pd.DataFrame | None = None
+        self.epochs: dict[int, list[Item]] = {}
+        self.module = None
+        if recipe.relabel is not None and not (ckpt_dir / STATE_FILE).exists():
+            self.labels_path.unlink(missing_ok=True)  # a fresh run: labels of an earlier run are stale
+
+    def prepare(self, module) -> None:
+        self.module = module
+        for split, ctx in self.contexts.items():
+            ctx.model = module
+            self.items[split] = self.recipe.items(ctx)
+            ctx.model = None
+            log.info("%s: %d %s items (%d tokens, %d supervised)", self.recipe.name, len(self.items[split]), split,
+                     sum(i.input_ids.numel() for i in self.items[split]),
+                     sum(int(i.supervised.sum()) for i in self.items[split]))
+        if not self.items["train"]:
+            raise ConfigError(f"{self.recipe.name}: no training item (all CoTs empty, or no rationale selected?)")
+        if self.val is not None:
+            self.val.items = shard([(item, "val") for item in self.items["val"]], self.rank, self.world,
+                                   pad=Padding)
+
+    def epoch(self, epoch: int) -> list:
+        if self.recipe.epoch_items is None:
+            return [(item, "train") for item in self.items["train"]]
+        if self.recipe.relabel is not None and epoch >= self.params["skip_from_epoch"] and self.labels is None:
+            self.labels = self._relabel()
+        items = self.recipe.epoch_items(self.contexts["train"], self.items["train"], epoch, self.labels)
+        self.epochs[epoch] = items
+        return [(item, "train") for item in items]
+
+    def _relabel(self) -> pd.DataFrame:
+        if self.labels_path.exists():
+            log.info("%s: relabelling read back from %s", self.recipe.name, self.labels_path)
+            return read_parquet(self.labels_path)
+        was_training = self.module.training
+        labels = self.recipe.relabel(self.contexts["train"], self.items["train"], self.module)
+        self.module.train(was_training)
+        if self.rank == 0:
+            write_parquet(labels, self.labels_path)
+        log.info("%s: relabelled %d rows with the student as it is now -> %s", self.recipe.name, len(labels),
+                 self.labels_path)
+        return labels
+
+    def loss(self, model, batch):
+        item, _split = batch
+        return self.recipe.loss(model, item, self.params)
+
+    def recorded(self) -> list[pd.DataFrame]:
+        """training_items rows: the fixed items of train and val, then each epoch's items, if they change."""
+        frames = [items_frame(self.items[split], split) for split in self.items]
+        frames += [items_frame(items, "train", epoch) for epoch, items in sorted(self.epochs.items())]
+        if self.labels is not None:
+            self.labels_path.unlink(missing_ok=True)
+        return frames
+
+
+class _Deferred:
+    """The val batches of a baseline, filled in once the backend is ready (`_Baseline.prepare`)."""
+
+    def __init__(self) -> None:
+        self.items: list = []
+
+    def __iter__(self):
+        return iter(self.items)
+
+
+def run_baseline_teacher_data(config: dict, dataset: str, method_name: str, split: str, *,
+                              inputs: dict[str, PathLike] | None = None, out_path: PathLike | None = None) -> None:
+    """A baseline's extra teacher output for one split (its recipe's `teacher_data`: sampled CoTs,
+    structured explanations, condensed reasoning), generated by the teacher with generation.backend
+    -> {teacher}/baseline_data/{method}/{split}.parquet."""
+    teacher = config["teacher"]
+    settings = config["methods"][method_name]
+    recipe = resolve_method(method_name, settings).recipe
+    if recipe is None or recipe.teacher_data is None:
+        raise ConfigError(f"methods.{method_name}: not a baseline with teacher data")
+    split_data = read_split({**paths.split_files(dataset, teacher, split), **(inputs or {})},
+                            config["distill"].get("max_docs"))
+    gen = config["generation"]
+    backend = make_backend(config, teacher, gen, dataset, split)
+    ctx = TeacherDataContext(text_generator(backend, gen.get("batch_size", 8), f"{method_name} teacher {split}"),
+                             lambda messages: render_prompt(backend.tok, messages), split_data, split,
+                             recipe.params(settings.get("params") if settings else None), config["seed"])
+    frame = recipe.teacher_data(ctx)
+    write_parquet(frame, out_path or paths.baseline_data(dataset, teacher, method_name, split))
+    log.info("%s teacher data for %s: %d rows for %d documents", method_name, split, len(frame),
+             frame["doc_id"].nunique() if len(frame) else 0)
 
 
 KILL_AFTER_STEP = "MECHDISTILL_KILL_AFTER_STEP"  # fault injection: tests kill a run to check that it resumes
@@ -262,10 +425,11 @@ def _macro_f1_criterion(config: dict, dataset: str, student: str, where: str, va
 
 def run_select_distill(config: dict, dataset: str, student: str, method_name: str, *,
                        model_dir: PathLike | None = None, log_path: PathLike | None = None,
-                       mechanism_path: PathLike | None = None, selection_path: PathLike | None = None) -> dict:
+                       mechanism_path: PathLike | None = None, selection_path: PathLike | None = None,
+                       items_path: PathLike | None = None) -> dict:
     """Publish the grid point of `method_name` with the best validation value (distill.select.criterion,
     from each point's train log; ties: the first point) as the method's model/ (weights hard-linked),
-    train_log.parquet and mechanism.parquet, and write the selection record (`paths.selection`; see
+    train_log.parquet, mechanism.parquet and training_items.parquet, and write the selection record (`paths.selection`; see
     `distill.selection.select_point`). Reads each point's files at paths.*(..., grid_method(method, point)).
     Returns the record."""
     points = method_grid(method_name, config["methods"].get(method_name))
@@ -276,7 +440,8 @@ def run_select_distill(config: dict, dataset: str, student: str, method_name: st
     chosen = where[record["point"]]
     link_dir(paths.student_model_dir(dataset, student, chosen),
              model_dir or paths.student_model_dir(dataset, student, method_name))
-    for path, target in ((paths.train_log, log_path), (paths.mechanism, mechanism_path)):
+    for path, target in ((paths.train_log, log_path), (paths.mechanism, mechanism_path),
+                         (paths.training_items, items_path)):
         copy_file(path(dataset, student, chosen), target or path(dataset, student, method_name))
     record = {"dataset": dataset, "student": student, "method": method_name, **record}
     write_json(selection_path or paths.selection(dataset, student, method_name), record)
@@ -288,14 +453,25 @@ def run_select_distill(config: dict, dataset: str, student: str, method_name: st
 
 def run_student_predict(config: dict, dataset: str, student: str, method: str, *, model_dir: PathLike | None = None,
                         prompts_path: PathLike | None = None, labels_path: PathLike | None = None,
-                        out_path: PathLike | None = None) -> None:
+                        selection_path: PathLike | None = None, out_path: PathLike | None = None) -> None:
     """Greedy CoT + answer of a distilled student on the test prompts (same prompt, settings and
-    parser as the teacher) -> {student}/{method}/pred/test.parquet."""
-    cfg, name = with_distilled_model(config, student, method,
-                                     model_dir or paths.student_model_dir(dataset, student, method))
+    parser as the teacher) -> {student}/{method}/pred/test.parquet. A baseline with its own inference
+    (SemCoT's implicit thought tokens) answers through its recipe's `predict`, with the settings of the
+    grid point select_distill chose (selection.json)."""
+    model_dir = model_dir or paths.student_model_dir(dataset, student, method)
+    cfg, name = with_distilled_model(config, student, method, model_dir)
     prompts = read_parquet(prompts_path or paths.prompts(dataset, "test"), "prompts")
     space = LabelSpace(read_parquet(labels_path or paths.labels(dataset), "labels"))
-    pred = generate_cot(cfg, name, prompts, space, out_path or paths.student_pred(dataset, student, method, "test"),
-                        dataset=dataset, split="test")
+    out_path = out_path or paths.student_pred(dataset, student, method, "test")
+    recipe = resolve_method(method, config["methods"].get(method)).recipe
+    if recipe is not None and recipe.predict is not None:
+        point = read_json(selection_path or paths.selection(dataset, student, method))["point"]
+        params = recipe.params(grid_point(method, config["methods"].get(method), point).settings.get("params"))
+        model, tokenizer = load_model(cfg, name, device=pick_device(config["generation"].get("device", "auto")),
+                                      dtype=config["generation"].get("dtype"))
+        pred = recipe.predict(model, tokenizer, prompts, space, config["generation"], params)
+        write_parquet(pred, out_path, "cot")
+    else:
+        pred = generate_cot(cfg, name, prompts, space, out_path, dataset=dataset, split="test")
     log.info("student %s/%s: %d predictions, %d with an answer block", student, method, len(pred),
              int(pred["has_answer_block"].sum()))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from ..errors import InputError
 from ..models import input_device, load_model, load_tokenizer, model_spec, pick_device, resolve_model_path
@@ -50,11 +51,15 @@ class TransformersBackend:
         return self.complete([render_prompt(self.tok, m) for m in chats], self.gen["max_new_tokens"])
 
     @torch.no_grad()
-    def complete(self, texts: list[str], max_new_tokens: int) -> list[Generation]:
-        """Continue already-rendered texts (chat template applied) by up to `max_new_tokens`."""
+    def complete(self, texts: list[str], max_new_tokens: int, temperature: float | None = None,
+                 seed: int | None = None) -> list[Generation]:
+        """Continue already-rendered texts (chat template applied) by up to `max_new_tokens`.
+        temperature / seed: this call's sampling (default: generation.temperature; torch's RNG as it is)."""
         # The chat template already holds any BOS token: do not add special tokens twice.
         enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(input_device(self.model))
-        temperature = self.gen.get("temperature", 0.0)
+        temperature = self.gen.get("temperature", 0.0) if temperature is None else temperature
+        if seed is not None and temperature > 0:
+            torch.manual_seed(seed)
         out = self.model.generate(
             **enc, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
             temperature=temperature if temperature > 0 else None, top_p=None, top_k=None,
@@ -90,18 +95,20 @@ class VllmBackend:
             kwargs["max_model_len"] = gen["max_model_len"]
         self.llm = LLM(**kwargs)
         self.tok = load_tokenizer(config, model_name)
-        self.sampling = lambda max_tokens: SamplingParams(
-            temperature=gen.get("temperature", 0.0), max_tokens=max_tokens,
-            repetition_penalty=gen.get("repetition_penalty", 1.0), seed=config.get("seed", 0))
+        self.sampling = lambda max_tokens, temperature=None, seed=None: SamplingParams(
+            temperature=gen.get("temperature", 0.0) if temperature is None else temperature, max_tokens=max_tokens,
+            repetition_penalty=gen.get("repetition_penalty", 1.0),
+            seed=config.get("seed", 0) if seed is None else seed)
         self.params = self.sampling(gen["max_new_tokens"])
 
     def __call__(self, chats: list[list[dict]]) -> list[Generation]:
         return self._read(self.llm.chat(chats, self.params, use_tqdm=False))
 
-    def complete(self, texts: list[str], max_new_tokens: int) -> list[Generation]:
+    def complete(self, texts: list[str], max_new_tokens: int, temperature: float | None = None,
+                 seed: int | None = None) -> list[Generation]:
         """Continue already-rendered texts; token ids are passed so no second BOS is added."""
         prompts = [{"prompt_token_ids": self.tok(t, add_special_tokens=False)["input_ids"]} for t in texts]
-        return self._read(self.llm.generate(prompts, self.sampling(max_new_tokens), use_tqdm=False))
+        return self._read(self.llm.generate(prompts, self.sampling(max_new_tokens, temperature, seed), use_tqdm=False))
 
     @staticmethod
     def _read(outputs) -> list[Generation]:
@@ -168,3 +175,22 @@ def make_backend(config: dict, model_name: str, gen: dict, dataset: str = "", sp
     if gen["backend"] == "file":
         return FileBackend(config, model_name, gen, dataset, split)
     return TransformersBackend(config, model_name, gen)
+
+
+def text_generator(backend, batch_size: int, desc: str = "teacher calls") -> Callable[..., list[str]]:
+    """`generate(texts, max_new_tokens, temperature=0.0, seed=0) -> continuations` over a generating
+    backend: rendered texts in batches of `batch_size` (vLLM: one batch, it schedules itself), seeded
+    per batch (seed + batch index) when sampling, so a rerun draws the same text."""
+    if isinstance(backend, FileBackend):
+        raise InputError("this step asks the teacher for new text, which the file backend cannot write",
+                         fix="set generation.backend to transformers or vllm for it")
+
+    def generate(texts: list[str], max_new_tokens: int, temperature: float = 0.0, seed: int = 0) -> list[str]:
+        size = len(texts) if isinstance(backend, VllmBackend) else batch_size
+        out = []
+        for start in tqdm(range(0, len(texts), max(size, 1)), desc=desc, unit="batch", leave=False):
+            batch = backend.complete(texts[start:start + size], max_new_tokens, temperature, seed + start // max(size, 1))
+            out += [g.text for g in batch]
+        return out
+
+    return generate
