@@ -10,6 +10,8 @@ methods.py    named sets of loss-term switches (vanilla, mech, phase and term ab
               hyper-parameter grids
 targets.py    teacher targets computed once and stored (or online), so training needs no teacher
 trainer.py    the optimisation loop: AdamW, schedule, accumulation, exact resume, DeepSpeed ZeRO-3
+baselines/    the four CoT-distillation baselines (UniCoTT, MoRSD, SemCoT, CWT), one recipe module each:
+              their training items, losses, extra teacher data and (SemCoT) inference
 selection.py  validation criteria, the best step of a train log and the best grid point of a method,
               publishing the chosen point as the method's model (hard links)
 """
