@@ -177,12 +177,17 @@ def test_figure1_writes_png(tmp_path):
             r, _ = document_trajectories(doc, early, LATE[: 2 + int(doc[1])], ["anchor A"], "anchors: HF",
                                          ["HFpEF", "pneumonia"], emb, n_grid=8, max_points=None)
             rows += [dict(model=model, **x) for x in r]
+    # a model with no CoT (SemCoT answers from implicit states): trajectory rows of None, left out of the plot
+    # (its Parquet file has an all-null value column: object dtype once concatenated with the others)
+    implicit = pd.DataFrame([dict(model="implicit", doc_id=d, phase=p, t=t, value=None) for d in ("d1", "d2")
+                             for p in ("focus", "confusion") for t in (0.0, 0.5, 1.0)]).astype({"value": object})
     out = tmp_path / "figures" / "figure1.png"
-    figure1(pd.DataFrame(rows), str(out), "demo")
+    frame = pd.concat([pd.DataFrame(rows), implicit], ignore_index=True)
+    figure1(frame, str(out), "demo")
     image = imread(out)
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 200
     first = out.read_bytes()
-    figure1(pd.DataFrame(rows), str(out), "demo")
+    figure1(frame, str(out), "demo")
     assert out.read_bytes() == first  # deterministic
     assert [p.name for p in out.parent.iterdir()] == ["figure1.png"]  # no temp files left
 

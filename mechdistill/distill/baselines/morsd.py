@@ -50,7 +50,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ...teacher.answers import AnswerParser, supervised_output
+from ...teacher.answers import ANSWER_OPEN, AnswerParser, supervised_output
 from .recipe import (
     Item,
     Recipe,
@@ -69,12 +69,13 @@ DEFAULTS = {
     "n_samples": 2,           # sampled rationales per document (paper: not checked)
     "temperature": 0.7,       # sampling temperature (paper: not checked)
     "max_new_tokens": 128,    # the demo teacher's budget (paper: the teacher's own)
+    "force_answer_tokens": 32,  # a sample without an answer block gets "\n<answer>" and this many tokens (as teacher_cot)
     "min_f1": 0.5,            # answer F1 for a rationale to count as correct (paper: exact answer, 1.0)
     "dedup_threshold": 0.9,   # word-set Jaccard above which a rationale is a near-duplicate (not checked)
     "n_select": 1,            # rationales kept per document (paper: not checked)
     "rd_keep": "lowest",      # "lowest" | "highest" RD first (paper: not checked)
 }
-TEACHER_DATA_KEYS = ("n_samples", "temperature", "max_new_tokens")
+TEACHER_DATA_KEYS = ("n_samples", "temperature", "max_new_tokens", "force_answer_tokens")
 GREEDY = -1  # the sample id of the greedy teacher trace
 
 
@@ -96,11 +97,23 @@ def teacher_data(ctx: TeacherDataContext) -> pd.DataFrame:
     for sample in range(params["n_samples"]):
         outputs = ctx.generate(texts, params["max_new_tokens"], temperature=params["temperature"],
                                seed=ctx.seed + sample)
+        outputs = force_answers(ctx, texts, outputs, params["force_answer_tokens"])
         for doc_id, text in zip(doc_ids, outputs):
             parsed = parser.parse(text, list(split.prompts.loc[doc_id, "candidates"]))
             rows.append(dict(doc_id=doc_id, sample=sample, source="sampled", cot=parsed.cot, raw=text,
                              answer=parsed.answer, pred_labels=parsed.pred_labels))
     return pd.DataFrame(rows, columns=["doc_id", "sample", "source", "cot", "raw", "answer", "pred_labels"])
+
+
+def force_answers(ctx: TeacherDataContext, texts: list[str], outputs: list[str], n_tokens: int) -> list[str]:
+    """Budget forcing, as teacher_cot does for the greedy traces: a sample with no answer block gets
+    "\n<answer>" appended and up to `n_tokens` greedy tokens to write the answer (0: unchanged)."""
+    todo = [i for i, out in enumerate(outputs) if ANSWER_OPEN not in out]
+    if not n_tokens or not todo:
+        return outputs
+    tails = ctx.generate([texts[i] + outputs[i] + "\n" + ANSWER_OPEN for i in todo], n_tokens)
+    forced = dict(zip(todo, tails))
+    return [out + "\n" + ANSWER_OPEN + forced[i] if i in forced else out for i, out in enumerate(outputs)]
 
 
 # ----------------------------------------------------------------------------- selection (pure)

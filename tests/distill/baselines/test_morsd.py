@@ -137,6 +137,24 @@ def test_teacher_data_samples_with_seeds_and_keeps_the_greedy_trace():
     assert sampled["raw"].endswith("<answer>A01</answer>") and sampled["source"] == "sampled"
 
 
+def test_a_sample_without_an_answer_block_is_forced_to_answer():
+    split, calls = split_artifacts(), []
+
+    def generate(texts, max_new_tokens, temperature=0.0, seed=0):
+        calls.append((list(texts), max_new_tokens, temperature))
+        if max_new_tokens == 128:  # the sampling pass: d2's sample runs out of tokens before answering
+            return [f"why {t}" + ("" if "d2" in t else "\n<answer>A01</answer>") for t in texts]
+        return ["B02</answer>" for _ in texts]
+
+    ctx = TeacherDataContext(generate=generate, render=lambda m: "R:" + m[0]["content"], split=split,
+                             split_name="train", params=morsd.RECIPE.params({"n_samples": 1}), seed=0)
+    frame = morsd.teacher_data(ctx).set_index(["doc_id", "sample"])
+    # one greedy continuation of d2's prompt + sample + "\n<answer>", force_answer_tokens (32) long
+    assert calls[1] == (["R:note d2: hot" + "why R:note d2: hot\n<answer>"], 32, 0.0)
+    assert frame.loc[("d2", 0), "raw"] == "why R:note d2: hot\n<answer>B02</answer>"
+    assert frame.loc[("d2", 0), "pred_labels"] == ["B02"] and frame.loc[("d1", 0), "pred_labels"] == ["A01"]
+
+
 # ----------------------------------------------------------------------------- items
 
 
