@@ -143,6 +143,36 @@ def test_misspelt_distill_key_stops_the_dry_run(tmp_path, section, key, allowed)
     assert f"unknown key '{key}' under 'distill.{section}'. Allowed keys here: {allowed}." in proc.stdout + proc.stderr
 
 
+def check_baselines(results):
+    """What each baseline of tiny.yaml trained on and predicted (the end-to-end run's artifacts)."""
+    student, teacher = results / "tiny_student", results / "tiny_llama/baseline_data"
+    for method in ("unicott", "morsd", "semcot", "cwt"):
+        log = pd.read_parquet(student / method / "train_log.parquet")
+        assert log.loc[log["split"] == "val", "val_cot_loss"].notna().all()
+        items = pd.read_parquet(student / method / "training_items.parquet")
+        assert {"train", "val"} <= set(items["split"]) and (items["n_supervised"] > 0).all()
+        assert (items["n_supervised"] < items["n_tokens"]).all()  # the prompt is never a target
+    # MoRSD: 2 sampled traces per document plus the greedy one (sample -1); the student keeps 1 by its RD
+    samples = pd.read_parquet(teacher / "morsd/train.parquet")
+    assert set(samples.groupby("doc_id").size()) == {3} and set(samples["sample"]) == {-1, 0, 1}
+    chosen = pd.read_parquet(student / "morsd/training_items.parquet").query("split == 'train'")
+    assert chosen["doc_id"].is_unique and len(chosen) == 3 and (chosen["rd"] > 0).all()
+    # UniCoTT's chain: each node's parent is the node before it
+    nodes = pd.read_parquet(teacher / "unicott/train.parquet").sort_values(["doc_id", "node"])
+    for parents in nodes.groupby("doc_id")["parents"].apply(list):
+        assert [list(p) for p in parents] == [[]] + [[i] for i in range(len(parents) - 1)]
+    # SemCoT: a condensation per document; it answers from implicit states, with no CoT
+    assert len(pd.read_parquet(teacher / "semcot/val.parquet")) == 2
+    assert (pd.read_parquet(student / "semcot/pred/test.parquet")["cot"] == "").all()
+    # CWT: every chunk of a document is an item; each epoch trains one chunk per document; labels cleaned up
+    items = pd.read_parquet(student / "cwt/training_items.parquet")
+    fixed = items[(items["split"] == "train") & items["epoch"].isna()]
+    assert (fixed.groupby("doc_id")["chunk"].nunique() == fixed.groupby("doc_id")["n_chunks"].first()).all()
+    epoch0 = items[items["epoch"] == 0]
+    assert epoch0["doc_id"].is_unique and set(epoch0["doc_id"]) == set(fixed["doc_id"])
+    assert not list((student / "cwt/grid").glob("*/ckpt*"))
+
+
 def test_tiny_end_to_end_then_incremental(tmp_path):
     tiny = str(REPO / "config/tiny.yaml")
     snakemake(tmp_path, "--cores", "2", "--configfile", tiny)
@@ -209,6 +239,7 @@ def test_tiny_end_to_end_then_incremental(tmp_path):
     for method in ("unicott", "morsd", "semcot"):  # their teacher data, cached per split
         for split in ("train", "val"):
             assert (tmp_path / f"results/tiny_icd/tiny_llama/baseline_data/{method}/{split}.parquet").exists()
+    check_baselines(tmp_path / "results/tiny_icd")
     mech_log = pd.read_parquet(tmp_path / "results/tiny_icd/tiny_student/mech/train_log.parquet")
     attn = mech_log.loc[mech_log["split"] == "train", "phase1.attn"].to_numpy()
     # the 1-layer student IS the teacher's layer 0, and both Phase-1 pools sit in layer 0: identical
