@@ -139,7 +139,7 @@ def run_distill(config: dict, dataset: str, student: str, method_name: str, poin
         loss_fn, batches = _mechanistic_objective(config, dataset, settings, method, method_settings, splits, examples,
                                                   teacher_coarse, teacher_refine, train_targets_path, val_targets_path,
                                                   pools, coarse)
-        recorded = [_example_rows(examples[split], split) for split in examples]
+        recorded = lambda: [_example_rows(examples[split], split) for split in examples]  # noqa: E731
         if not batches["train"]:
             raise ConfigError(f"distill {student}/{method_name}: no training example (all CoTs empty?)")
         val_batches = shard(batches["val"], rank, world, pad=Padding) or None  # every rank runs as many val forwards
@@ -195,7 +195,7 @@ def run_distill(config: dict, dataset: str, student: str, method_name: str, poin
     after = _mechanism(model, scored, pools, tau, coarse)  # the saved weights (restored; DeepSpeed: the last)
     if rank != 0:
         return
-    write_parquet(pd.concat(recorded() if callable(recorded) else recorded, ignore_index=True),
+    write_parquet(pd.concat(recorded(), ignore_index=True),
                   items_path or paths.training_items(dataset, student, where))
     change = pd.concat([before[0].assign(when="before"), after.assign(when="after")], ignore_index=True)
     write_parquet(change, mechanism_path or paths.mechanism(dataset, student, where))
