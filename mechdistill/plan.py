@@ -6,7 +6,8 @@ rules, then divided by throughputs that are either cited (GPU) or measured here 
 
 Work (`stage_workloads`), one row per stage, dataset and model (`jobs` Snakemake jobs alike), in tokens:
 
-    generated     tokens generated (teacher CoT, student predictions, val macro-F1 generation)
+    generated     tokens generated (teacher CoT, the baselines' teacher data, student predictions, val macro-F1
+                  generation)
     prefill       prompt tokens read before generating
     forced        teacher-forced tokens, one forward per document without gradient (`capture`: per-head capture)
     training      tokens through forward and backward (distillation: max_steps x grad_accum_steps documents,
@@ -65,7 +66,7 @@ import yaml
 from huggingface_hub import try_to_load_from_cache
 
 from . import paths
-from .distill.methods import method_grid
+from .distill.methods import method_grid, needs_teacher_data, resolve_method
 from .errors import ConfigError
 
 GPU_SOURCES = "benchmarks/gpu_throughput_sources.yaml"
@@ -292,6 +293,15 @@ def _dataset_work(config: dict, dataset: str, size: DatasetSize, models: Mapping
         for split, d in train_docs.items():
             rows.append(forced("teacher_targets", split, teacher, d, seq, distill["teacher_dtype"],
                                distill.get("teacher_device_map")))
+    if gen["backend"] != "file":  # the baselines' extra teacher generations, train + val (prefill: at most prompt + CoT)
+        for method, settings in config["methods"].items():
+            if needs_teacher_data(method, settings):
+                baseline = resolve_method(method, settings).baseline
+                calls, tokens = baseline.teacher_calls(baseline.params((settings or {}).get("params")))
+                d = sum(train_docs.values()) * calls
+                rows.append(row("baseline_teacher_data", method, teacher, docs=sum(train_docs.values()),
+                                seq_len=seq + tokens, generated=d * tokens, prefill=d * seq,
+                                precision=resolve_dtype(gen["dtype"], specs[teacher]), **generation))
     train = TRAIN_DEFAULTS | distill["train"]
     n_evals = evaluations(train)
     steps_docs = train["max_steps"] * train["grad_accum_steps"]

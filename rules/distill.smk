@@ -2,7 +2,7 @@
 # method, grid point), the choice of each method's grid point on val (select_distill), student predictions.
 
 from mechdistill.distill.launch import local_launcher
-from mechdistill.distill.methods import check_methods, grid_point, method_grid, resolve_method
+from mechdistill.distill.methods import check_methods, grid_point, method_grid, needs_teacher_data, resolve_method
 
 # What the schema cannot check: grid keys the method computes, the training budget shared by every method.
 check_methods(config["methods"], config["distill"]["select"]["criterion"])
@@ -14,9 +14,8 @@ def grid_points(method):
 
 
 def teacher_data_methods():
-    """The configured baselines whose recipe asks the teacher for extra data (the {method} of baseline_teacher_data)."""
-    return [m for m, s in config["methods"].items()
-            if (r := resolve_method(m, s).recipe) is not None and r.teacher_data is not None]
+    """The configured baselines whose settings ask the teacher for extra data (the {method} of baseline_teacher_data)."""
+    return [m for m, s in config["methods"].items() if needs_teacher_data(m, s)]
 
 
 def baseline_inputs(wc):
@@ -66,25 +65,26 @@ rule teacher_targets:
 
 
 rule baseline_teacher_data:
-    input:
-        unpack(lambda wc: teacher_split(wc.split)(wc)),
+    input:  # one job per method for both splits: the teacher is loaded once
+        unpack(teacher_split("train", prefix="train_")),
+        unpack(teacher_split("val", prefix="val_")),
     output:
-        paths.baseline_data(),
+        train=paths.baseline_data(split="train"),
+        val=paths.baseline_data(split="val"),
     params:  # what the data depends on: the generation settings and the method's teacher-data settings
         generation=canonical(config["generation"]),
         settings=lambda wc: canonical({k: v for k, v in (config["methods"][wc.method] or {}).get("params", {}).items()
-                                       if k in resolve_method(wc.method, config["methods"][wc.method]).recipe.teacher_data_keys}),
+                                       if k in resolve_method(wc.method, config["methods"][wc.method]).baseline.teacher_data_keys}),
         max_docs=config["distill"].get("max_docs"),
         model=lambda wc: canonical(config["models"][wc.teacher]),
     wildcard_constraints:
         teacher=one_of([config["teacher"]]),
-        method=one_of(teacher_data_methods() or ["(none)"]),
-        split="train|val",
+        method=one_of(teacher_data_methods()),
     threads: workflow.cores
     resources:
         gpu=config["generation"]["tensor_parallel_size"] if config["generation"]["backend"] == "vllm" else 0,
     log:
-        paths.log("baseline_teacher_data", "{dataset}.{teacher}.{method}.{split}"),
+        paths.log("baseline_teacher_data", "{dataset}.{teacher}.{method}"),
     conda:
         "../envs/train.yaml"
     script:

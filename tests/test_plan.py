@@ -26,6 +26,7 @@ def tiny_config(**plan_section) -> dict:
     """config/tiny.yaml with 100 new tokens (no budget forcing) and a plan section."""
     cfg = load_config(TINY)
     cfg["generation"].update(max_new_tokens=100, force_answer_tokens=0)
+    cfg["methods"] = {"vanilla": {}, "mech": {}}  # the baselines' own work: test_baseline_teacher_generations
     cfg["plan"]["datasets"] = {"tiny_icd": {"n_docs": {"train": 2, "val": 1, "test": 3}, "prompt_tokens": 50,
                                             "clean_prompt_tokens": {"neutral": 80, "guided_exemplar": 120},
                                             **plan_section}}
@@ -84,6 +85,20 @@ def test_token_counts_of_a_small_config():
     assert one(work, "student_predict").generated == 2 * 3 * 100
     assert one(work, "evaluate", model="tiny_student").forced == 2 * 2 * 3 * 150
     assert one(work, "evaluate", model="tiny_llama").forced == 2 * 3 * 150
+
+
+def test_baseline_teacher_generations():
+    cfg = tiny_config()
+    cfg["methods"] = {"vanilla": {}, "unicott": {"params": {"structure": "tree", "node_max_tokens": 10}},
+                      "chain": {"base": "unicott"}, "morsd": {"params": {"n_samples": 3, "max_new_tokens": 20}},
+                      "semcot": {"params": {"condense": "heuristic"}}, "cwt": {}}
+    work = tiny_work(cfg)
+    rows = work[work["stage"] == "baseline_teacher_data"].set_index("scope")
+    assert sorted(rows.index) == ["morsd", "unicott"]  # the chain, heuristic condensing and CWT ask no teacher
+    # 2 train + 1 val documents; a tree is 7 calls of 10 tokens; MoRSD 3 samples of 20 + 32 forced answer tokens
+    assert rows.loc["unicott", "generated"] == 3 * 7 * 10 and rows.loc["unicott", "prefill"] == 3 * 7 * 150
+    assert rows.loc["morsd", "generated"] == 3 * 3 * (20 + 32) and (rows["model"] == "tiny_llama").all()
+    assert one(work, "distill", model="tiny_student").jobs == 6
 
 
 def test_max_docs_and_a_measured_cot_length():
@@ -187,7 +202,7 @@ def test_model_facts_from_the_config():
 def test_cli_plans_the_paper_config(capsys):
     assert main(["plan", "--configfile", str(PAPER)]) == 0
     out = capsys.readouterr().out
-    stages = ["teacher_cot", "head_scores", "style_head_scores", "patching", "teacher_targets", "distill",
+    stages = ["teacher_cot", "head_scores", "style_head_scores", "patching", "teacher_targets", "baseline_teacher_data", "distill",
               "student_predict", "evaluate", "evaluate (LAS simulator)", "total"]
     printed = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")][1:]
     assert printed == stages
@@ -201,6 +216,6 @@ def test_cli_detail_has_a_row_per_stage_dataset_and_model(capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| distill |")]
     cfg = load_config(PAPER)
     assert len(rows) == len(cfg["datasets"]) * len(cfg["students"])
-    points = sum(1 + 3 * (m == "mech") for m in cfg["methods"])  # mech: a 2 x 2 grid
+    points = sum(1 + 3 * (m == "mech") + 2 * (m == "semcot") for m in cfg["methods"])  # 2 x 2 and 3-value grids
     assert all(f"| {points:,} |" in r for r in rows)
     assert math.isfinite(points)

@@ -31,14 +31,15 @@ def test_dry_run_demo(tmp_path):
     jobs = job_counts(snakemake(tmp_path, "-n"))
     # 6 methods (vanilla, mech, the 4 baselines) x 1 student: distill (no grid: one point each), select_distill,
     # predict, evaluate and the student's trajectories each; the teacher's own evaluation (its row of Tables 1-4);
-    # the baselines' teacher data: MoRSD's sampled CoTs, UniCoTT's structures, SemCoT's condensations (train, val)
+    # the baselines' teacher data, one job per method for train and val: MoRSD's sampled CoTs, SemCoT's
+    # condensations (the demo's UniCoTT chain cuts the greedy CoT: no teacher call, no job)
     # the clean-prompt set in two styles (neutral: characterization; guided + exemplar: comparison) adds
     # its prompts, teacher CoT and anchors, the teacher's heads on the compared style and the comparison
     assert jobs == {"prepare_dataset": 1, "build_prompts": 3, "clean_prompts": 2, "teacher_cot": 5, "anchors": 5,
                     "trajectories": 7, "figure1": 1, "head_scores": 2, "style_head_scores": 1, "head_comparison": 1,
                     "head_figures": 1, "patching": 2, "patching_figures": 1, "teacher_targets": 2, "distill": 6,
                     "select_distill": 6, "student_predict": 6, "evaluate": 7, "tables": 1, "figure9": 1, "claims": 1,
-                    "baseline_teacher_data": 6, "all": 1, "total": 69}
+                    "baseline_teacher_data": 2, "all": 1, "total": 65}
 
 
 def test_dry_run_tiny_checks_the_claims(tmp_path):
@@ -63,8 +64,8 @@ def test_dry_run_paper_with_slurm_profile(tmp_path):
     pairs, methods = jobs["select_distill"], len(yaml.safe_load((REPO / "config/paper.yaml").read_text())["methods"])
     assert pairs % methods == 0 and jobs["distill"] == pairs + (3 + 2) * (pairs // methods)
     assert "semcot/grid/params.alpha=0.25/model/config.json" in out
-    # MoRSD's samples, UniCoTT's trees and SemCoT's condensations: 2 datasets x train, val
-    assert jobs["baseline_teacher_data"] == 3 * 2 * 2 and "baseline_data/unicott/train.parquet" in out
+    # MoRSD's samples, UniCoTT's trees and SemCoT's condensations: 2 datasets, one job for train and val
+    assert jobs["baseline_teacher_data"] == 3 * 2 and "baseline_data/unicott/val.parquet" in out
     assert "mech/grid/alpha=0.5,beta=1.0/model/config.json" in out
     # every distilled (dataset, student, method) and each dataset's teacher row is evaluated
     assert jobs["evaluate"] == pairs + 2
@@ -157,10 +158,9 @@ def check_baselines(results):
     assert set(samples.groupby("doc_id").size()) == {3} and set(samples["sample"]) == {-1, 0, 1}
     chosen = pd.read_parquet(student / "morsd/training_items.parquet").query("split == 'train'")
     assert chosen["doc_id"].is_unique and len(chosen) == 3 and (chosen["rd"] > 0).all()
-    # UniCoTT's chain: each node's parent is the node before it
-    nodes = pd.read_parquet(teacher / "unicott/train.parquet").sort_values(["doc_id", "node"])
-    for parents in nodes.groupby("doc_id")["parents"].apply(list):
-        assert [list(p) for p in parents] == [[]] + [[i] for i in range(len(parents) - 1)]
+    # UniCoTT's chain: the greedy CoT cut into steps, so no teacher call and no teacher-data job
+    nodes = pd.read_parquet(student / "unicott/training_items.parquet")
+    assert not (teacher / "unicott").exists() and (nodes["structure"] == "chain").all() and (nodes["n_nodes"] >= 1).all()
     # SemCoT: a condensation per document; it answers from implicit states, with no CoT
     assert len(pd.read_parquet(teacher / "semcot/val.parquet")) == 2
     assert (pd.read_parquet(student / "semcot/pred/test.parquet")["cot"] == "").all()
@@ -236,7 +236,7 @@ def test_tiny_end_to_end_then_incremental(tmp_path):
         assert len(pd.read_parquet(base / "pred/test.parquet")) == 3
         assert not pd.read_parquet(base / "training_items.parquet").empty
         assert {"P@1", "macro_f1", "sharpness"} <= set(pd.read_parquet(base / "metrics.parquet")["metric"])
-    for method in ("unicott", "morsd", "semcot"):  # their teacher data, cached per split
+    for method in ("morsd", "semcot"):  # their teacher data, cached per split
         for split in ("train", "val"):
             assert (tmp_path / f"results/tiny_icd/tiny_llama/baseline_data/{method}/{split}.parquet").exists()
     check_baselines(tmp_path / "results/tiny_icd")

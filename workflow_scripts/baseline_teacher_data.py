@@ -2,7 +2,8 @@ from mechdistill.logutil import rule_logging
 from mechdistill.paths import SPLIT_FILES
 from mechdistill.stages.distill import run_baseline_teacher_data
 
-wc, inp = snakemake.wildcards, snakemake.input
+inp, out = snakemake.input, snakemake.output
 with rule_logging(snakemake.log[0]):
-    run_baseline_teacher_data(snakemake.config, wc.dataset, wc.method, wc.split,
-                              inputs={k: inp[k] for k in SPLIT_FILES}, out_path=snakemake.output[0])
+    run_baseline_teacher_data(snakemake.config, snakemake.wildcards.dataset, snakemake.wildcards.method,
+                              inputs={split: {k: inp[f"{split}_{k}"] for k in SPLIT_FILES} for split in ("train", "val")},
+                              out_paths={"train": out.train, "val": out.val})

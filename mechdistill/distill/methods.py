@@ -24,8 +24,9 @@ grid is a grid of one point, "default". The training budget and optimisation (`B
 `train:` may change them (`check_methods`, run when the workflow starts).
 
 The four CoT-distillation baselines (UniCoTT, MoRSD, SemCoT, CWT) are registered here with kind
-"baseline" and a `recipe` (`distill.baselines`): what they train on, their loss and, for some, extra
-teacher data and their own inference. Their settings are the entry's `params:` (the recipe's
+"baseline" and their `catalog.Baseline` (`distill.baselines`), whose recipe says what they train on,
+their loss and, for some, extra teacher data and their own inference; the recipe (and torch) is
+imported only by the jobs that use it. Their settings are the entry's `params:` (the baseline's
 `defaults` overridden), and their grid may vary a setting as `params.<name>`:
 
       semcot: {grid: {params.alpha: [0.25, 0.5, 0.75]}}
@@ -38,8 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
-from .baselines import cwt, morsd, semcot, unicott
-from .baselines.recipe import Recipe
+from .baselines.catalog import BASELINES, Baseline
 
 METHOD_KINDS = ("baseline", "ours", "ablation")
 
@@ -51,7 +51,7 @@ class Method:
     description: str = ""
     loss: Callable | None = None  # custom loss factory (None: switches over losses.total_loss)
     kind: str = "ablation"        # baseline | ours | ablation (module docstring)
-    recipe: Recipe | None = None  # a baseline's own data, loss and inference (None: the switches above)
+    baseline: Baseline | None = None  # one of the four baselines (its recipe: own data, loss, inference)
 
     def __post_init__(self) -> None:
         if self.kind not in METHOD_KINDS:
@@ -59,7 +59,7 @@ class Method:
 
     def uses(self, phase: str) -> bool:
         """Whether any term of `phase` ("phase1" / "phase2") is on."""
-        if self.recipe is not None:
+        if self.baseline is not None:
             return False
         if not self.switches.get(phase, True):
             return False
@@ -89,11 +89,7 @@ for _m in [
     Method("no_p2_qk", {"phase2.qk": False}, "mech without the Phase 2 QK loop-back term"),
     Method("no_p2_ov", {"phase2.ov": False}, "mech without the Phase 2 OV helpfulness term"),
     Method("no_p2_interaction", {"phase2.interaction": False}, "mech without the Phase 2 interaction term"),
-    *(Method(recipe.name, {}, description, kind="baseline", recipe=recipe) for recipe, description in (
-        (unicott.RECIPE, "UniCoTT: structured explanations, node contrastive + structural-consistency losses"),
-        (morsd.RECIPE, "MoRSD: sampled teacher rationales selected by the student's Rationale Difficulty"),
-        (semcot.RECIPE, "SemCoT: implicit thought tokens aligned with the reasoning, answered from"),
-        (cwt.RECIPE, "CWT: chunk-wise CoT supervision, then learning to skip chunks"))),
+    *(Method(b.name, {}, b.description, kind="baseline", baseline=b) for b in BASELINES.values()),
 ]:
     register_method(_m)
 
@@ -109,8 +105,15 @@ def resolve_method(name: str, settings: dict | None) -> Method:
     method = METHODS[base]
     extra, kind = settings.get("switches") or {}, settings.get("kind", method.kind)
     if extra or base != name or kind != method.kind:
-        return Method(name, {**method.switches, **extra}, method.description, method.loss, kind, method.recipe)
+        return Method(name, {**method.switches, **extra}, method.description, method.loss, kind, method.baseline)
     return method
+
+
+def needs_teacher_data(name: str, settings: dict | None) -> bool:
+    """Whether config entry `name` is a baseline whose settings ask the teacher for extra data, made
+    by a `baseline_teacher_data` job (UniCoTT's chain and SemCoT's heuristic condensing need none)."""
+    baseline = resolve_method(name, settings).baseline
+    return baseline is not None and baseline.asks_teacher(baseline.params((settings or {}).get("params")))
 
 
 def method_kinds(methods: dict[str, dict | None]) -> dict[str, str]:
@@ -193,10 +196,10 @@ def check_methods(methods: dict[str, dict | None], criterion: str) -> None:
         for key in grid:
             if key.startswith(PARAMS):
                 continue
-            if method.recipe is not None:
+            if method.baseline is not None:
                 raise ConfigError(f"methods.{name}.grid.{key}: {name} is a baseline with its own loss, which "
                                   f"distill.weights do not weigh; its grid varies its settings: "
-                                  f"{', '.join(PARAMS + k for k in method.recipe.defaults)}")
+                                  f"{', '.join(PARAMS + k for k in method.baseline.defaults)}")
             if key not in GRID_KEYS:
                 raise ConfigError(f"methods.{name}.grid: unknown key {key!r}; a grid varies loss weights: "
                                   f"{', '.join(GRID_KEYS)}")
@@ -215,16 +218,16 @@ def check_methods(methods: dict[str, dict | None], criterion: str) -> None:
 def _check_params(name: str, method: Method, params: dict | None, grid_keys: list[str]) -> None:
     """A baseline's `params` and `params.*` grid keys name settings of its recipe; the settings its
     teacher data depends on are fixed per method (the data is made once per method and split)."""
-    if method.recipe is None:
+    if method.baseline is None:
         if params or grid_keys:
             raise ConfigError(f"methods.{name}: `params` are the settings of a baseline (unicott, morsd, semcot, "
                               f"cwt); {name} has none")
         return
     for key in [*(params or {}), *grid_keys]:
-        if key not in method.recipe.defaults:
-            raise ConfigError(f"methods.{name}.params.{key}: unknown setting of {method.recipe.name}; its settings: "
-                              f"{', '.join(method.recipe.defaults)}")
-    fixed = sorted(set(grid_keys) & set(method.recipe.teacher_data_keys))
+        if key not in method.baseline.defaults:
+            raise ConfigError(f"methods.{name}.params.{key}: unknown setting of {method.baseline.name}; its settings: "
+                              f"{', '.join(method.baseline.defaults)}")
+    fixed = sorted(set(grid_keys) & set(method.baseline.teacher_data_keys))
     if fixed:
         raise ConfigError(f"methods.{name}.grid.params.{fixed[0]}: the teacher data depends on it, and is made once "
-                          f"per method; add a method entry per value instead (base: {method.recipe.name})")
+                          f"per method; add a method entry per value instead (base: {method.baseline.name})")

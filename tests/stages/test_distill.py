@@ -118,7 +118,8 @@ def test_distill_selects_by_val_macro_f1_with_student_predicts_generation(tiny):
 
 
 def write_point(root, point: str, values: dict[int, float], weights: bytes) -> None:
-    """A finished grid point of mech, by hand: a model folder, a train log with val_cot_loss, mechanism."""
+    """A finished grid point of mech, by hand: a model folder, a train log with val_cot_loss, mechanism,
+    training items."""
     where = paths.grid_method("mech", point)
     model_dir = root / paths.student_model_dir(DATASET, STUDENT, where)
     model_dir.mkdir(parents=True)
@@ -129,6 +130,8 @@ def write_point(root, point: str, values: dict[int, float], weights: bytes) -> N
     pd.DataFrame(rows).to_parquet(root / paths.train_log(DATASET, STUDENT, where))
     pd.DataFrame({"doc_id": ["d"], "metric": ["sharpness"], "value": [len(point)], "when": ["after"]}).to_parquet(
         root / paths.mechanism(DATASET, STUDENT, where))
+    pd.DataFrame({"split": ["train"], "doc_id": [point], "n_tokens": [9], "n_supervised": [4]}).to_parquet(
+        root / paths.training_items(DATASET, STUDENT, where))
 
 
 def test_select_distill_publishes_the_best_grid_point(tiny_config, tmp_path, monkeypatch):
@@ -153,6 +156,6 @@ def test_select_distill_publishes_the_best_grid_point(tiny_config, tmp_path, mon
     assert (published / "model.safetensors").stat().st_ino == (source / "model.safetensors").stat().st_ino
     assert json.loads((published / "config.json").read_text()) == {"point": "alpha=1.0,beta=1.0"}
     assert (published / "config.json").stat().st_mtime_ns >= (source / "config.json").stat().st_mtime_ns
-    for path in (paths.train_log, paths.mechanism):
+    for path in (paths.train_log, paths.mechanism, paths.training_items):
         pd.testing.assert_frame_equal(pd.read_parquet(path(DATASET, STUDENT, "mech")),
                                       pd.read_parquet(path(DATASET, STUDENT, chosen)))

@@ -69,6 +69,7 @@ from torch import Tensor, nn
 from ...anchors.segment import token_offsets
 from ...teacher.answers import supervised_output
 from ...teacher.prompts import render_prompt
+from .catalog import BASELINES
 from .recipe import Item, Recipe, RecipeContext, cot_terms, encode, forward, next_token_ce, progress
 
 log = logging.getLogger(__name__)
@@ -281,15 +282,7 @@ def epoch_items(ctx: RecipeContext, items: list[Item], epoch: int, labels: pd.Da
 
 
 RECIPE = Recipe(
-    name="cwt",
-    defaults={
-        "n_chunks": 4,             # paper: not checked
-        "chunking": "search",      # "average" (AC) | "search" (SBC, the paper's main variant)
-        "snap_window": 0.3,        # average chunks a boundary may move to a sentence start (ours)
-        "search_window": 0.5,      # average chunks a boundary may move in the search (paper: not checked)
-        "skip_from_epoch": 1,      # 0-based epoch STT starts (paper: not checked)
-        "skip_tolerance": 0.05,    # nats per answer token (paper: not checked)
-    },
+    BASELINES["cwt"],
     items=items,
     loss=loss,
     relabel=relabel,

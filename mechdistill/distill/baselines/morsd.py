@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from ...teacher.answers import ANSWER_OPEN, AnswerParser, supervised_output
+from .catalog import BASELINES
 from .recipe import (
     Item,
     Recipe,
@@ -65,17 +66,6 @@ from .recipe import (
 
 log = logging.getLogger(__name__)
 
-DEFAULTS = {
-    "n_samples": 2,           # sampled rationales per document (paper: not checked)
-    "temperature": 0.7,       # sampling temperature (paper: not checked)
-    "max_new_tokens": 128,    # the demo teacher's budget (paper: the teacher's own)
-    "force_answer_tokens": 32,  # a sample without an answer block gets "\n<answer>" and this many tokens (as teacher_cot)
-    "min_f1": 0.5,            # answer F1 for a rationale to count as correct (paper: exact answer, 1.0)
-    "dedup_threshold": 0.9,   # word-set Jaccard above which a rationale is a near-duplicate (not checked)
-    "n_select": 1,            # rationales kept per document (paper: not checked)
-    "rd_keep": "lowest",      # "lowest" | "highest" RD first (paper: not checked)
-}
-TEACHER_DATA_KEYS = ("n_samples", "temperature", "max_new_tokens", "force_answer_tokens")
 GREEDY = -1  # the sample id of the greedy teacher trace
 
 
@@ -265,5 +255,4 @@ def loss(model: nn.Module, item: Item, params: Mapping) -> dict[str, torch.Tenso
     return {"loss": ce, **cot_terms(ce)}
 
 
-RECIPE = Recipe(name="morsd", defaults=DEFAULTS, items=items, loss=loss, teacher_data=teacher_data,
-                teacher_data_keys=TEACHER_DATA_KEYS)
+RECIPE = Recipe(BASELINES["morsd"], items=items, loss=loss, teacher_data=teacher_data)

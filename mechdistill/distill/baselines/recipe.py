@@ -4,7 +4,7 @@ A baseline (UniCoTT, MoRSD, SemCoT, CWT) keeps the trainer, the optimizer and th
 vanilla and mech (`distill.trainer`, `distill.train`) and changes three things, each a field of
 its `Recipe`:
 
-    teacher_data  extra teacher output it needs, built once per (method, split) by the
+    teacher_data  extra teacher output it needs, built once per method (train and val) by the
                   `baseline_teacher_data` rule -> results/{dataset}/{teacher}/baseline_data/{method}/{split}.parquet
                   (sampled CoTs, structured explanations, condensed CoTs); None: the greedy traces suffice
     items         what it trains on: `Item`s (token ids, the positions the CE supervises, named spans),
@@ -46,6 +46,7 @@ from ...anchors.segment import char_span_to_tokens, token_offsets
 from ...io import SplitArtifacts
 from ...models import input_device
 from ...teacher.prompts import render_prompt
+from .catalog import Baseline
 
 log = logging.getLogger(__name__)
 
@@ -105,26 +106,35 @@ class TeacherDataContext:
 
 @dataclass(frozen=True)
 class Recipe:
-    """A baseline method's parts (module docstring). `defaults` are its settings, overridden by the
-    config's `methods.<name>.params`; `teacher_data_keys` are those the teacher data depends on (the
-    `baseline_teacher_data` rule reruns when they change; a grid may not vary them)."""
+    """A baseline method's parts (module docstring). `spec` is what the workflow knows of it without
+    torch (`catalog.Baseline`: name, settings, the settings its teacher data depends on); the
+    recipe's callables must match the spec's `teacher_data` / `own_inference` flags."""
 
-    name: str
-    defaults: Mapping[str, Any]
+    spec: Baseline
     items: Callable[[RecipeContext], list[Item]]
     loss: Callable[[nn.Module, Item, Mapping[str, Any]], dict[str, Tensor]]
     teacher_data: Callable[[TeacherDataContext], pd.DataFrame] | None = None
-    teacher_data_keys: tuple[str, ...] = ()
     relabel: Callable[[RecipeContext, list[Item], nn.Module], pd.DataFrame] | None = None
     epoch_items: Callable[[RecipeContext, list[Item], int, pd.DataFrame | None], list[Item]] | None = None
     predict: Callable[..., pd.DataFrame] | None = None
 
+    def __post_init__(self) -> None:
+        for flag, part in (("teacher_data", self.teacher_data), ("own_inference", self.predict)):
+            if getattr(self.spec, flag) != (part is not None):
+                raise ValueError(f"{self.name}: catalog.BASELINES[{self.name!r}].{flag} is {getattr(self.spec, flag)}, "
+                                 f"but the recipe {'lacks' if part is None else 'has'} it")
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def defaults(self) -> Mapping[str, Any]:
+        return self.spec.defaults
+
     def params(self, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
-        """The defaults with the config's overrides; an unknown key is an error naming the known ones."""
-        unknown = sorted(set(overrides or {}) - set(self.defaults))
-        if unknown:
-            raise KeyError(f"{self.name}: unknown setting {unknown[0]!r}; its settings: {', '.join(self.defaults)}")
-        return {**self.defaults, **(overrides or {})}
+        """The defaults with the config's overrides (`catalog.Baseline.params`)."""
+        return self.spec.params(overrides)
 
 
 # ----------------------------------------------------------------------------- sequences

@@ -73,24 +73,10 @@ from ...models import input_device
 from ...teacher.answers import ANSWER_CLOSE, ANSWER_OPEN, AnswerParser
 from ...teacher.generate import COT_COLUMNS
 from ...teacher.prompts import render_prompt
+from .catalog import BASELINES
 from .recipe import Item, Recipe, RecipeContext, TeacherDataContext, cot_terms, forward, next_token_ce
 
 log = logging.getLogger(__name__)
-
-DEFAULTS = {
-    "K": 5,                          # implicit thought states (original: 5 in training, 1 at evaluation)
-    "placeholder": "...",            # original: a new "<thought>" token
-    "implicit_norm": "embed",        # "embed" | "none" (original: a learned linear projection)
-    "alpha": 0.5,                    # align weight; original: tuned per dataset, 0.25-0.75
-    "contrastive_weight": 0.1,       # original: a separate encoder pre-training stage
-    "n_negatives": 3,                # original: in-batch negatives, batch size 4
-    "tau": 1.0,                      # InfoNCE temperature (original: 1, no temperature)
-    "max_reason_tokens": 256,        # original: max_seq_len 512
-    "condense": "teacher",           # "teacher" | "heuristic" (original: GPT-4o-mini)
-    "condense_max_new_tokens": 48,
-    "condense_words": 24,            # original: "within 10 words"
-    "max_answer_tokens": 32,         # when gen has no force_answer_tokens (original: 30)
-}
 
 CONDENSE_INSTRUCTION = ("Condense the reasoning below into one or two sentences that keep its key steps "
                         "and the codes it settles on.\n\nReasoning: {cot}\n\nCondensed reasoning:")
@@ -316,5 +302,4 @@ def predict(model: nn.Module, tokenizer, prompts: pd.DataFrame, space, gen: dict
     return pd.DataFrame(rows, columns=COT_COLUMNS)
 
 
-RECIPE = Recipe(name="semcot", defaults=DEFAULTS, items=items, loss=loss, teacher_data=teacher_data,
-                teacher_data_keys=("condense", "condense_max_new_tokens", "condense_words"), predict=predict)
+RECIPE = Recipe(BASELINES["semcot"], items=items, loss=loss, teacher_data=teacher_data, predict=predict)

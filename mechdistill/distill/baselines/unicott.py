@@ -70,6 +70,7 @@ from ...anchors.segment import sentence_spans
 from ...io import SplitArtifacts
 from ...models import input_device
 from ...teacher.answers import supervised_output
+from .catalog import BASELINES
 from .recipe import (
     Item,
     Recipe,
@@ -316,19 +317,8 @@ def loss(model: nn.Module, item: Item, params: Mapping[str, Any]) -> dict[str, T
 
 
 RECIPE = Recipe(
-    name="unicott",
-    defaults={
-        "structure": "chain",     # paper: tree (chain and graph also studied)
-        "max_nodes": 7,           # chain steps at most; tree and graph have 7 nodes (paper's tree: 7)
-        "node_max_tokens": 48,    # teacher tokens per tree / graph node (not given in the paper)
-        "w_con": 0.5,             # paper: 0.5
-        "w_struct": 0.2,          # paper: 0.2
-        "temperature": 0.1,       # SupCon temperature (not checked)
-        "var_target": 1.0,        # VICReg gamma (not checked)
-        "n_negatives": 2,         # other documents whose nodes are contrasted (paper: the batch)
-    },
+    BASELINES["unicott"],
     items=items,
     loss=loss,
     teacher_data=teacher_data,
-    teacher_data_keys=("structure", "max_nodes", "node_max_tokens"),
 )
