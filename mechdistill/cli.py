@@ -25,6 +25,7 @@ from .plan import (
     render_markdown,
     stage_summary,
 )
+from .teacher.engines import check_engines
 
 STAGES = {
     "validate-config": "check a config file against config/schema.yaml and print it with defaults",
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         with rule_logging(None):
             if args.stage == "validate-config":
+                check_engines(config)
                 print(yaml.safe_dump(config, sort_keys=False))
                 return 0
             # The stages import torch and transformers (seconds): only a command that runs one loads them.

@@ -1,7 +1,8 @@
 from mechdistill.logutil import rule_logging
 from mechdistill.stages.patching import run_patching_figure
 
-inp, out = snakemake.input, snakemake.output
-with rule_logging(snakemake.log[0]):
-    for phase, figure in (("phase1", out.figure5), ("phase2", out.figure8)):
-        run_patching_figure(snakemake.config, snakemake.wildcards.dataset, phase, summary_path=inp[phase], out_png=figure)
+if __name__ == "__main__":  # not when a spawned worker (vLLM, torch) re-imports this file
+    inp, out = snakemake.input, snakemake.output
+    with rule_logging(snakemake.log[0]):
+        for phase, figure in (("phase1", out.figure5), ("phase2", out.figure8)):
+            run_patching_figure(snakemake.config, snakemake.wildcards.dataset, phase, summary_path=inp[phase], out_png=figure)

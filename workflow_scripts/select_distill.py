@@ -1,8 +1,9 @@
 from mechdistill.logutil import rule_logging
 from mechdistill.stages.distill import run_select_distill
 
-wc, out = snakemake.wildcards, snakemake.output
-with rule_logging(snakemake.log[0]):
-    run_select_distill(snakemake.config, wc.dataset, wc.student, wc.method, log_path=out.log,
-                       mechanism_path=out.mechanism, selection_path=out.selection,
-                       items_path=out.training_items)
+if __name__ == "__main__":  # not when a spawned worker (vLLM, torch) re-imports this file
+    wc, out = snakemake.wildcards, snakemake.output
+    with rule_logging(snakemake.log[0]):
+        run_select_distill(snakemake.config, wc.dataset, wc.student, wc.method, log_path=out.log,
+                           mechanism_path=out.mechanism, selection_path=out.selection,
+                           items_path=out.training_items)

@@ -41,7 +41,7 @@ from ..evaluate.xmc import macro_f1
 from ..io import SplitArtifacts, read_json, read_parquet, read_split, write_json, write_parquet
 from ..labels import LabelSpace
 from ..models import load_model, pick_device, placement, with_distilled_model
-from ..teacher.backends import TransformersBackend, make_backend, text_generator
+from ..teacher.backends import TransformersBackend, make_backend, student_generation, text_generator
 from ..teacher.generate import generate_cot
 from ..teacher.prompts import render_prompt
 
@@ -360,6 +360,8 @@ def run_baseline_teacher_data(config: dict, dataset: str, method_name: str, *, s
         write_parquet(frame, (out_paths or {}).get(split) or paths.baseline_data(dataset, teacher, method_name, split))
         log.info("%s teacher data for %s: %d rows for %d documents", method_name, split, len(frame),
                  frame["doc_id"].nunique() if len(frame) else 0)
+    if hasattr(backend, "close"):  # vLLM's engine process
+        backend.close()
 
 
 KILL_AFTER_STEP = "MECHDISTILL_KILL_AFTER_STEP"  # fault injection: tests kill a run to check that it resumes
@@ -459,11 +461,12 @@ def run_student_predict(config: dict, dataset: str, student: str, method: str, *
                         prompts_path: PathLike | None = None, labels_path: PathLike | None = None,
                         selection_path: PathLike | None = None, out_path: PathLike | None = None) -> None:
     """Greedy CoT + answer of a distilled student on the test prompts (same prompt, settings and
-    parser as the teacher) -> {student}/{method}/pred/test.parquet. A baseline with its own inference
+    parser as the teacher; the engine of generation.student_backend) -> {student}/{method}/pred/test.parquet. A baseline with its own inference
     (SemCoT's implicit thought tokens) answers through its recipe's `predict`, with the settings of the
     grid point select_distill chose (selection.json)."""
     model_dir = model_dir or paths.student_model_dir(dataset, student, method)
     cfg, name = with_distilled_model(config, student, method, model_dir)
+    cfg["generation"] = student_generation(config["generation"])
     prompts = read_parquet(prompts_path or paths.prompts(dataset, "test"), "prompts")
     space = LabelSpace(read_parquet(labels_path or paths.labels(dataset), "labels"))
     out_path = out_path or paths.student_pred(dataset, student, method, "test")

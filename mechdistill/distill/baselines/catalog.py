@@ -19,10 +19,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .recipe import Recipe
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -52,8 +49,9 @@ class Baseline:
             raise KeyError(f"{self.name}: unknown setting {unknown[0]!r}; its settings: {', '.join(self.defaults)}")
         return {**self.defaults, **(overrides or {})}
 
-    def recipe(self) -> Recipe:
-        """The recipe (`mechdistill.distill.baselines.<name>.RECIPE`); imports torch."""
+    def recipe(self) -> Any:
+        """The `recipe.Recipe` of this baseline (`mechdistill.distill.baselines.<name>.RECIPE`); imports torch.
+        (Not annotated as Recipe: recipe.py imports this module, and the import contract forbids cycles.)"""
         return importlib.import_module(f"{__package__}.{self.name}").RECIPE
 
 

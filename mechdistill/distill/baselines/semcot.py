@@ -297,7 +297,8 @@ def predict(model: nn.Module, tokenizer, prompts: pd.DataFrame, space, gen: dict
             parsed = parser.parse(raw, list(candidates))
             rows.append(dict(doc_id=doc_id, cot="", answer=parsed.answer, pred_labels=parsed.pred_labels,
                              unmapped=parsed.unmapped, n_tokens=len(tokens), finish_reason=finish, raw=raw,
-                             has_answer_block=parsed.has_answer_block, forced_answer=False))
+                             has_answer_block=parsed.has_answer_block, forced_answer=False,
+                             engine="semcot implicit states (transformers)"))
     model.train(was_training)
     return pd.DataFrame(rows, columns=COT_COLUMNS)
 

