@@ -39,7 +39,7 @@ def test_dry_run_demo(tmp_path):
                     "trajectories": 7, "figure1": 1, "head_scores": 2, "head_comparison": 1, "head_figures": 1, "patching": 2,
                     "patching_figures": 1, "teacher_targets": 2, "distill": 6, "select_distill": 6,
                     "student_predict": 6, "evaluate": 7, "tables": 1, "figure9": 1, "claims": 1,
-                    "baseline_teacher_data": 2, "all": 1, "total": 62}
+                    "baseline_teacher_data": 2, "all": 1, "total": 61}
 
 
 def test_dry_run_tiny_checks_the_claims(tmp_path):
