@@ -121,7 +121,7 @@ def test_bad_config_stops_at_start(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
                            "-n", "--configfile", str(path)], capture_output=True, text=True)
     assert proc.returncode != 0
-    assert "'generation.backend' is 'vlm'; allowed values: 'transformers', 'vllm', 'file'" in proc.stdout + proc.stderr
+    assert "'generation.backend' is 'vlm'; allowed values: 'auto', 'transformers', 'vllm', 'file'" in proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("section, key, allowed", [
