@@ -15,7 +15,8 @@ Each engine runs in its own process, on `--threads` CPU threads:
                  core), sampled every 0.1 s
     agreement    chats whose text is identical across the engines, per batch size
 
-`--json` writes every number and the texts. Takes about 10 minutes on 2 cores with the defaults.
+`--json` writes every number and the texts. Slow on 2 cores: the transformers pass alone ran over 9 minutes
+(2026-12-02; batch 24 of ~900-token prompts); `--batch-sizes 1,8` is quicker.
 """
 
 from __future__ import annotations
