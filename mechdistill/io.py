@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -145,3 +146,34 @@ def read_split(files: Mapping[str, str | os.PathLike], max_docs: int | None = No
                           cot=read_parquet(files["cot"], "cot").set_index("doc_id"),
                           anchors=anchors.head(max_docs) if max_docs else anchors,
                           space=LabelSpace(read_parquet(files["labels"], "labels")), source=str(files["cot"]))
+
+
+def temp_dir_for(target: Path) -> Path:
+    """The temp dir next to `target` that is published onto it (the same name on every rank)."""
+    return target.with_name(f".{target.name}.tmp")
+
+
+def make_empty_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+
+
+def publish_dir(tmp: Path, target: Path) -> None:
+    """Move the finished dir `tmp` onto `target`.
+
+    rename(2) cannot replace a non-empty directory, so the old `target` is first renamed to
+    `target.old`; `recover_dir` puts it back if a kill lands between the two renames.
+    """
+    old = target.with_name(f"{target.name}.old")
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(target: Path) -> None:
+    """Undo a half-done `publish_dir`: restore `target.old` when `target` is missing."""
+    old = target.with_name(f"{target.name}.old")
+    if not target.exists() and old.exists():
+        os.replace(old, target)

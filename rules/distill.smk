@@ -134,7 +134,7 @@ rule distill:
         paths.log("distill", "{dataset}.{student}.{method}.{point}"),
     conda:
         "../envs/train.yaml"
-    # `tasks` ranks, started by torchrun here or srun under profiles/slurm, load the config snapshot and
+    # `tasks` ranks, started here by distill.launch (torchrun for several) or by srun under profiles/slurm, load the config snapshot and
     # write the outputs at their default paths (mechdistill.paths).
     shell:
         "{resources.mpi} {resources.tasks} python -m mechdistill distill {wildcards.dataset} {wildcards.student} {wildcards.method} "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 
 import grimp
 import pytest
@@ -135,3 +137,15 @@ def test_workflow_scripts_do_their_work_only_as_the_main_script():
             if not (guarded or isinstance(node, (ast.Import, ast.ImportFrom))):
                 unguarded.append(f"{path.name}:{node.lineno}")
     assert unguarded == []
+
+
+def test_the_model_free_jobs_import_no_torch():
+    """select_distill, the figures, tables and claims start in about a second: their scripts' imports
+    pull in neither torch nor transformers (a model job spends ~15 s importing them on 2 cores)."""
+    scripts = ["select_distill", "head_figures", "head_comparison", "patching_figures", "figure1", "tables",
+               "figure9", "claims", "prepare_dataset", "build_prompts", "clean_prompts"]
+    imports = [line for name in scripts for line in (REPO / "workflow_scripts" / f"{name}.py").read_text().splitlines()
+               if line.startswith(("from ", "import "))]
+    code = "\n".join(imports + ["import sys", "print(sorted({'torch', 'transformers'} & set(sys.modules)))"])
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert proc.stdout.strip() == "[]"

@@ -1,5 +1,5 @@
 from mechdistill.logutil import rule_logging
-from mechdistill.stages.anchors import run_figure1
+from mechdistill.stages.model_free import run_figure1
 
 if __name__ == "__main__":  # not when a spawned worker (vLLM, torch) re-imports this file
     with rule_logging(snakemake.log[0]):

@@ -1,5 +1,5 @@
 from mechdistill.logutil import rule_logging
-from mechdistill.stages.evaluate import run_figure9
+from mechdistill.stages.model_free import run_figure9
 
 if __name__ == "__main__":  # not when a spawned worker (vLLM, torch) re-imports this file
     with rule_logging(snakemake.log[0]):

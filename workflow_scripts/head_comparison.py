@@ -1,5 +1,5 @@
 from mechdistill.logutil import rule_logging
-from mechdistill.stages.characterize import run_head_comparison
+from mechdistill.stages.model_free import run_head_comparison
 
 if __name__ == "__main__":  # not when a spawned worker (vLLM, torch) re-imports this file
     wc, inp, out = snakemake.wildcards, snakemake.input, snakemake.output

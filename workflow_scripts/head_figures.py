@@ -1,5 +1,5 @@
 from mechdistill.logutil import rule_logging
-from mechdistill.stages.characterize import run_head_figures
+from mechdistill.stages.model_free import run_head_figures
 
 if __name__ == "__main__":  # not when a spawned worker (vLLM, torch) re-imports this file
     inp, out = snakemake.input, snakemake.output

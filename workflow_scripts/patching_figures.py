@@ -1,5 +1,5 @@
 from mechdistill.logutil import rule_logging
-from mechdistill.stages.patching import run_patching_figure
+from mechdistill.stages.model_free import run_patching_figure
 
 if __name__ == "__main__":  # not when a spawned worker (vLLM, torch) re-imports this file
     inp, out = snakemake.input, snakemake.output

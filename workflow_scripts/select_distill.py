@@ -1,5 +1,5 @@
 from mechdistill.logutil import rule_logging
-from mechdistill.stages.distill import run_select_distill
+from mechdistill.stages.model_free import run_select_distill
 
 if __name__ == "__main__":  # not when a spawned worker (vLLM, torch) re-imports this file
     wc, out = snakemake.wildcards, snakemake.output

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import os
 import re
+import socket
+import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -111,8 +113,34 @@ def init_distributed(device: str) -> tuple[int, int]:
 
 
 def local_launcher(device: str = "auto") -> str:
-    """The `distill` rule's launcher on this machine (its `mpi` resource): torchrun, which starts
-    `tasks` copies of the command that follows (`{mpi} {tasks} python -m mechdistill distill ...`).
-    A SLURM profile replaces it with "srun --ntasks". device "cpu" adds DS_ACCELERATOR=cpu for DeepSpeed."""
+    """The `distill` rule's launcher on this machine (its `mpi` resource), `python -m
+    mechdistill.distill.launch`: it starts `tasks` copies of the command that follows (`{mpi} {tasks} python -m
+    mechdistill distill ...`), several through torchrun, one as the command itself (torchrun would add ~4 s
+    of start-up to every job). A SLURM profile replaces it with "srun --ntasks". device "cpu" adds
+    DS_ACCELERATOR=cpu for DeepSpeed."""
     env = "DS_ACCELERATOR=cpu " if device == "cpu" else ""
-    return f"{env}torchrun --standalone --no-python --nproc_per_node"
+    return f"{env}python -m mechdistill.distill.launch"
+
+
+def launch_command(tasks: int, command: Sequence[str], free_port: Callable[[], int]) -> tuple[list[str], dict]:
+    """What `local_launcher` runs for `tasks` copies of `command` -> (argv, environment updates): torchrun for
+    several; the command alone for one, as rank 0 of 1 on a free port (two single-rank jobs side by side
+    would otherwise both take torch's default 29500)."""
+    if tasks < 1 or not command:
+        raise ValueError(f"usage: python -m mechdistill.distill.launch TASKS COMMAND...; got {tasks} {list(command)}")
+    if tasks > 1:
+        return ["torchrun", "--standalone", "--no-python", "--nproc_per_node", str(tasks), *command], {}
+    return list(command), {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(free_port())}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+if __name__ == "__main__":
+    argv, env = launch_command(int(sys.argv[1]), sys.argv[2:], _free_port)
+    os.environ.update(env)
+    os.execvp(argv[0], argv)

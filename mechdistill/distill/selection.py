@@ -28,16 +28,44 @@ import math
 import os
 import shutil
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from torch import nn
 
-from ..io import atomic_path
-from .trainer import VAL_LOSS, Criterion, make_empty_dir, publish_dir, temp_dir_for
+from ..io import atomic_path, make_empty_dir, publish_dir, temp_dir_for
 
 log = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class Criterion:
+    """What makes an evaluation the best so far.
+
+    value(model, val_row) -> float runs after each evaluation, with the model in eval mode and
+    val_row the evaluation's log row so far (split, step, epoch and the mean loss terms "loss",
+    "<term>", ...); the value is logged in that row under `name`. Lower is better unless
+    `maximize`. Only a strictly better value wins, so ties keep the earliest step; NaN never wins
+    (the first evaluation stands until a value that is not NaN comes).
+    """
+
+    name: str
+    value: Callable[[Any, Mapping[str, float]], float]
+    maximize: bool = False
+
+    def better(self, value: float, best: float | None) -> bool:
+        """Whether `value` replaces `best` (None: nothing evaluated yet)."""
+        if best is None:
+            return True
+        if math.isnan(value):
+            return False
+        if math.isnan(best):
+            return True
+        return value > best if self.maximize else value < best
+
+
+VAL_LOSS = Criterion("val_loss", lambda model, row: float(row["loss"]))
+
 
 CRITERIA = {"val_cot_loss": False, "val_loss": False, "val_macro_f1": True}  # name -> maximize
 DEFAULT_CRITERION = "val_cot_loss"
@@ -45,7 +73,7 @@ COT_TERMS = ("cot.ce", "cot.kl")
 LINK_MIN_BYTES = 1 << 20  # published files this large are hard links (weights); smaller ones copies
 
 
-def cot_loss_value(model: nn.Module, row: Mapping[str, float]) -> float:
+def cot_loss_value(model: Any, row: Mapping[str, float]) -> float:
     """val_cot_loss of an evaluation: the unweighted sum of its CoT terms."""
     missing = [term for term in COT_TERMS if term not in row]
     if missing:
@@ -54,7 +82,7 @@ def cot_loss_value(model: nn.Module, row: Mapping[str, float]) -> float:
     return float(sum(row[term] for term in COT_TERMS))
 
 
-def make_criterion(name: str, value: Callable[[nn.Module, Mapping[str, float]], float] | None = None) -> Criterion:
+def make_criterion(name: str, value: Callable[[Any, Mapping[str, float]], float] | None = None) -> Criterion:
     """The criterion `name` (module docstring). val_macro_f1 needs its `value` function
     (model, val_row) -> macro-F1, which the stage builds (generation and evaluate.xmc)."""
     if name not in CRITERIA:

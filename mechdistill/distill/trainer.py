@@ -76,7 +76,8 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..errors import ConfigError
-from ..io import write_json, write_parquet
+from ..io import make_empty_dir, publish_dir, recover_dir, temp_dir_for, write_json, write_parquet
+from .selection import VAL_LOSS, Criterion
 
 logger = logging.getLogger(__name__)
 
@@ -157,35 +158,6 @@ def train_config(settings: Mapping[str, Any], overrides: Mapping[str, Any] | Non
         raise ConfigError(f"distill.train: unknown keys {sorted(unknown)}; allowed: {sorted(known)}")
     merged.setdefault("seed", seed)
     return TrainConfig(**merged)
-
-
-@dataclass(frozen=True)
-class Criterion:
-    """What makes an evaluation the best so far.
-
-    value(model, val_row) -> float runs after each evaluation, with the model in eval mode and
-    val_row the evaluation's log row so far (split, step, epoch and the mean loss terms "loss",
-    "<term>", ...); the value is logged in that row under `name`. Lower is better unless
-    `maximize`. Only a strictly better value wins, so ties keep the earliest step; NaN never wins
-    (the first evaluation stands until a value that is not NaN comes).
-    """
-
-    name: str
-    value: Callable[[nn.Module, Mapping[str, float]], float]
-    maximize: bool = False
-
-    def better(self, value: float, best: float | None) -> bool:
-        """Whether `value` replaces `best` (None: nothing evaluated yet)."""
-        if best is None:
-            return True
-        if math.isnan(value):
-            return False
-        if math.isnan(best):
-            return True
-        return value > best if self.maximize else value < best
-
-
-VAL_LOSS = Criterion("val_loss", lambda model, row: float(row["loss"]))
 
 
 @dataclass(frozen=True)
@@ -420,37 +392,6 @@ def restore_rng_states(states: Mapping[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------- atomic directories
-
-
-def temp_dir_for(target: Path) -> Path:
-    """The temp dir next to `target` that is published onto it (the same name on every rank)."""
-    return target.with_name(f".{target.name}.tmp")
-
-
-def make_empty_dir(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
-
-
-def publish_dir(tmp: Path, target: Path) -> None:
-    """Move the finished dir `tmp` onto `target`.
-
-    rename(2) cannot replace a non-empty directory, so the old `target` is first renamed to
-    `target.old`; `recover_dir` puts it back if a kill lands between the two renames.
-    """
-    old = target.with_name(f"{target.name}.old")
-    if target.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def recover_dir(target: Path) -> None:
-    """Undo a half-done `publish_dir`: restore `target.old` when `target` is missing."""
-    old = target.with_name(f"{target.name}.old")
-    if not target.exists() and old.exists():
-        os.replace(old, target)
 
 
 # ----------------------------------------------------------------------------- optimisation backends

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..characterize.attention import Head
+if TYPE_CHECKING:  # only a type: the figures and claims that read head sets need no torch
+    from ..characterize.attention import Head
 
 DEFAULT_BINS: tuple[int, ...] = (3, 8, 16, 40, 100)
 SIGNED_SCORE: dict[str, str] = {"refine_both_positive": "refine_product"}

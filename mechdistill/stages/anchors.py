@@ -5,13 +5,10 @@ from __future__ import annotations
 import logging
 import os
 
-import pandas as pd
-
 from .. import paths
 from ..anchors.anchor_table import anchor_table
 from ..anchors.concepts import extract_concepts
 from ..anchors.embed import SentenceEmbedder
-from ..anchors.plots import figure1
 from ..anchors.trajectories import trajectory_tables
 from ..io import read_parquet, write_parquet
 from ..labels import LabelSpace
@@ -67,9 +64,3 @@ def run_trajectories(config: dict, dataset: str, model: str, *, cot_path: PathLi
              summary["reason"].replace("", "ok").value_counts().to_dict())
     write_parquet(summary, summary_path or paths.trajectory_summary(dataset, model))
     write_parquet(curves, curves_path or paths.trajectories(dataset, model))
-
-
-def run_figure1(config: dict, dataset: str, curve_paths: list[PathLike], out_png: PathLike | None = None) -> None:
-    """The trajectories of every model on a dataset -> Figure 1."""
-    curves = pd.concat([read_parquet(p) for p in curve_paths], ignore_index=True)
-    figure1(curves, out_png or paths.figure1(dataset), title=f"{dataset}: Reasoning Focus and Near-Miss Confusion")

@@ -6,11 +6,9 @@ import logging
 import os
 
 from .. import paths
-from ..characterize.compare import compare_heads, comparison_markdown
 from ..characterize.head_scores import forced_documents, score_heads
-from ..characterize.plots import figure4, figure7
 from ..characterize.scores import CoarseVariant
-from ..io import read_parquet, read_split, write_parquet, write_text
+from ..io import read_split, write_parquet
 from ..models import load_model, placement
 
 log = logging.getLogger(__name__)
@@ -47,35 +45,3 @@ def run_head_scores(config: dict, dataset: str, model: str, split: str | None = 
         write_parquet(example, example_path or paths.head_example(dataset, model))
     write_parquet(refine.assign(prompt_split=split), refine_path or table_path("refine"))
     write_parquet(coarse.assign(prompt_split=split), coarse_path or table_path("coarse"))
-
-
-def run_head_figures(config: dict, dataset: str, *, coarse_path: PathLike | None = None,
-                     refine_path: PathLike | None = None, example_path: PathLike | None = None,
-                     figure4_path: PathLike | None = None, figure7_path: PathLike | None = None) -> None:
-    """The teacher's head tables -> Figures 4 (Phase-1 heads) and 7 (Phase-2 heads)."""
-    teacher, top_k = config["teacher"], config["heads"]["top_k"]
-    figure4(read_parquet(coarse_path or paths.head_scores(dataset, teacher, "coarse")),
-            read_parquet(example_path or paths.head_example(dataset, teacher)),
-            figure4_path or paths.head_figure(4, dataset), f"{dataset}, {teacher}: Phase 1 heads", top_k=top_k)
-    figure7(read_parquet(refine_path or paths.head_scores(dataset, teacher, "refine")),
-            figure7_path or paths.head_figure(7, dataset), f"{dataset}, {teacher}: Phase 2 heads", top_k=top_k)
-
-
-def run_head_comparison(config: dict, dataset: str, *, coarse_path: PathLike | None = None,
-                        refine_path: PathLike | None = None, style_paths: list[PathLike] | None = None,
-                        md_path: PathLike | None = None, parquet_path: PathLike | None = None) -> None:
-    """The teacher's head tables on the characterization split and on every compared prompt style ->
-    heads/comparison.{md,parquet}: top-k heads per phase and scoring variant, with their depths."""
-    teacher, k = config["teacher"], config["heads"]["compare_top_k"]
-    if style_paths is None:
-        style_paths = [paths.style_head_scores(dataset, teacher, s, kind)
-                       for s in paths.compared_splits(config) for kind in paths.HEAD_SCORE_KINDS]
-    files = [coarse_path or paths.head_scores(dataset, teacher, "coarse"),
-             refine_path or paths.head_scores(dataset, teacher, "refine"), *style_paths]
-    top, summary = compare_heads([read_parquet(f) for f in files], k)
-    for r in summary.itertuples():
-        log.info("%s %s %s: mean depth %.2f of the top-%d heads (%s)", r.prompt_split, r.phase, r.variant,
-                 r.mean_depth, k, r.heads)
-    write_text(md_path or paths.head_comparison(dataset, teacher, "md"),
-               comparison_markdown(summary, k, f"{dataset}, {teacher}: where the top heads sit"))
-    write_parquet(top, parquet_path or paths.head_comparison(dataset, teacher, "parquet"))

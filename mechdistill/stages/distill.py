@@ -24,7 +24,7 @@ from ..distill.launch import gather_to_all, init_distributed, shard
 from ..distill.methods import check_methods, grid_point, method_grid, needs_teacher_data, resolve_method
 from ..distill.objective import student_loss
 from ..distill.pools import HeadPool, model_pools
-from ..distill.selection import copy_file, link_dir, make_criterion, select_point
+from ..distill.selection import make_criterion
 from ..distill.signals import make_examples, mechanism_metrics
 from ..distill.targets import (
     OnlineTargets,
@@ -38,12 +38,13 @@ from ..distill.targets import (
 from ..distill.trainer import STATE_FILE, Criterion, Padding, train, train_config, zero3_config
 from ..errors import ConfigError
 from ..evaluate.xmc import macro_f1
-from ..io import SplitArtifacts, read_json, read_parquet, read_split, write_json, write_parquet
+from ..io import SplitArtifacts, read_json, read_parquet, read_split, write_parquet
 from ..labels import LabelSpace
 from ..models import load_model, pick_device, placement, with_distilled_model
 from ..teacher.backends import TransformersBackend, make_backend, student_generation, text_generator
 from ..teacher.generate import generate_cot
 from ..teacher.prompts import render_prompt
+from .model_free import run_select_distill
 
 log = logging.getLogger(__name__)
 PathLike = str | os.PathLike
@@ -171,7 +172,10 @@ def run_distill(config: dict, dataset: str, student: str, method_name: str, poin
              else f"baseline {recipe.name}, settings {baseline.params}", len(examples["train"]), len(examples["val"]),
              {p: len(pool.heads) for p, pool in pools.items()}, tcfg.max_steps, criterion_name,
              tcfg.eval_every or tcfg.max_steps, world)
-    scored = shard(examples["train"] + examples["val"], rank, world)  # val alone rarely has refinement positions
+    measured = (examples["train"] + examples["val"])[:settings.get("mechanism_docs")]  # val alone rarely has refinement positions
+    log.info("mechanism metrics before and after training on %d of the %d train+val documents", len(measured),
+             len(examples["train"]) + len(examples["val"]))
+    scored = shard(measured, rank, world)
     before = []  # the initial weights' metrics, measured once the backend is ready (ZeRO-3 needs its hooks)
 
     def on_start(module) -> None:
@@ -427,34 +431,6 @@ def _macro_f1_criterion(config: dict, dataset: str, student: str, where: str, va
         return macro_f1(gold, list(pred["pred_labels"]))
 
     return make_criterion("val_macro_f1", value)
-
-
-def run_select_distill(config: dict, dataset: str, student: str, method_name: str, *,
-                       model_dir: PathLike | None = None, log_path: PathLike | None = None,
-                       mechanism_path: PathLike | None = None, selection_path: PathLike | None = None,
-                       items_path: PathLike | None = None) -> dict:
-    """Publish the grid point of `method_name` with the best validation value (distill.select.criterion,
-    from each point's train log; ties: the first point) as the method's model/ (weights hard-linked),
-    train_log.parquet, mechanism.parquet and training_items.parquet, and write the selection record (`paths.selection`; see
-    `distill.selection.select_point`). Reads each point's files at paths.*(..., grid_method(method, point)).
-    Returns the record."""
-    points = method_grid(method_name, config["methods"].get(method_name))
-    where = {point.name: paths.grid_method(method_name, point.name) for point in points}
-    logs = {name: read_parquet(paths.train_log(dataset, student, folder)) for name, folder in where.items()}
-    criterion = config["distill"]["select"]["criterion"]
-    record = select_point(logs, {point.name: point.values for point in points}, criterion)
-    chosen = where[record["point"]]
-    link_dir(paths.student_model_dir(dataset, student, chosen),
-             model_dir or paths.student_model_dir(dataset, student, method_name))
-    for path, target in ((paths.train_log, log_path), (paths.mechanism, mechanism_path),
-                         (paths.training_items, items_path)):
-        copy_file(path(dataset, student, chosen), target or path(dataset, student, method_name))
-    record = {"dataset": dataset, "student": student, "method": method_name, **record}
-    write_json(selection_path or paths.selection(dataset, student, method_name), record)
-    log.info("select %s/%s: grid point %s, step %s, %s %s (of %d points: %s)", student, method_name, record["point"],
-             record["step"], record["criterion"], record["value"], len(points),
-             ", ".join(f"{c['point']}: {c['value']}" for c in record["candidates"]))
-    return record
 
 
 def run_student_predict(config: dict, dataset: str, student: str, method: str, *, model_dir: PathLike | None = None,

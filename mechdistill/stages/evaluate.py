@@ -33,12 +33,10 @@ import pandas as pd
 from .. import paths
 from ..anchors.embed import SentenceEmbedder
 from ..characterize.scores import CoarseVariant
-from ..distill.methods import method_kinds
 from ..distill.pools import model_pools
 from ..distill.signals import make_examples, mechanism_metrics
 from ..evaluate.las import las_table, simulation_targets, simulator_factory
-from ..evaluate.plots import figure9
-from ..evaluate.tables import METRIC_COLUMNS, build_table, figure9_data, load_metrics, table_spec, write_table
+from ..evaluate.tables import METRIC_COLUMNS
 from ..evaluate.text import bleu4, sentence_bleu4, trace_perplexity
 from ..evaluate.xmc import RESAMPLE, macro_f1_resample_rows, per_instance, summarize
 from ..io import read_parquet, read_split, write_parquet
@@ -142,47 +140,3 @@ def run_evaluate(config: dict, dataset: str, student: str, method: str, *,
     log.info("evaluate %s/%s on %s (%d documents): %s", student, method, dataset, len(ids),
              ", ".join(f"{m}={means[m]:.4g}" for m in LOGGED if m in means))
     write_parquet(out[METRIC_COLUMNS], out_path or paths.metrics(dataset, student, method))
-
-
-def _metrics(metrics_paths: list[PathLike]) -> pd.DataFrame:
-    return load_metrics(metrics_paths) if metrics_paths else pd.DataFrame(columns=METRIC_COLUMNS)
-
-
-def selection_note(records: list[dict], datasets: list[str], students: list[str]) -> str:
-    """The caption's sentence on how each shown model was chosen on validation (selection.json)."""
-    shown = [r for r in records if r["dataset"] in datasets and r["student"] in students]
-    if not shown:
-        return ""
-    criteria = ", ".join(sorted({r["criterion"] for r in shown}))
-    picks = "; ".join(f"{r['student']}/{r['method']}: {r['point']} at step {r['step']}"
-                      + (f" (of {len(r['candidates'])} grid points)" if len(r.get("candidates", [])) > 1 else "")
-                      for r in shown)
-    return f" Selected on validation ({criteria}): {picks}."
-
-
-def run_tables(config: dict, metrics_paths: list[PathLike], selection_paths: list[PathLike] | None = None) -> None:
-    """Every metrics file of the config -> results/tables/table{1..4}.{csv,md,tex}; the captions say
-    which grid point and step of each student was selected (selection.json files, when given)."""
-    metrics, kinds = _metrics(metrics_paths), method_kinds(config.get("methods", {}))
-    records = [json.loads(Path(p).read_text()) for p in selection_paths or []]
-    for table in paths.TABLES:
-        spec = table_spec(config, table, kinds)
-        built = build_table(metrics, spec["datasets"], spec["students"], spec["methods"], kinds, spec["teacher"],
-                            n_resamples=config["evaluate"]["n_bootstrap"], seed=config["seed"])
-        caption = spec["caption"] + selection_note(records, spec["datasets"], spec["students"])
-        write_table(built, {fmt: paths.table(table, fmt) for fmt in paths.TABLE_FORMATS}, caption=caption,
-                    labels=spec["labels"])
-        log.info("%s: %d rows (%s)", table, len(built), spec["caption"])
-
-
-def run_figure9(config: dict, metrics_paths: list[PathLike], out_png: PathLike | None = None) -> None:
-    """Figure 9: LAS of ours and its phase and term ablations (first dataset and student of the config)."""
-    dataset, student = next(iter(config["datasets"])), (config.get("students") or [""])[0]
-    methods = [m for m, kind in method_kinds(config.get("methods", {})).items() if kind in ("ours", "ablation")]
-    data = figure9_data(_metrics(metrics_paths), dataset, student, methods,
-                        n_resamples=config["evaluate"]["n_bootstrap"], seed=config["seed"])
-    title = f"Figure 9 - LAS of the ablations ({dataset}, {student}; teacher {config['teacher']})"
-    missing = [m for m in methods if m not in set(data.dropna(subset=["mean"])["method"])]
-    if missing:  # e.g. students that predicted no label: LAS has no simulation target
-        title += f"\nno LAS for: {', '.join(missing)}"
-    figure9(data, out_png or paths.figure9(), title)

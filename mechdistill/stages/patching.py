@@ -17,7 +17,6 @@ from ..models import load_model, placement, spec_key
 from ..patching import experiment
 from ..patching.effects import summarize_patching
 from ..patching.head_sets import SIGNED_SCORE
-from ..patching.plots import patching_figure
 from ..shards import Shards, content_key, name_of
 from ..teacher.prompts import render_prompt
 
@@ -118,13 +117,3 @@ def _log_patching(phase: str, pairs: pd.DataFrame, runs: pd.DataFrame, summary: 
     for r in summary[summary["metric"].isin(["restoration", "disruption"])].itertuples():
         log.info("  %-7s %-13s k=%-3d %s %.3f [%.3f, %.3f] (CI width %.3f, n=%d)", r.direction, r.head_set, r.k,
                  r.metric, r.effect, r.ci_low, r.ci_high, r.ci_width, r.n_docs)
-
-
-def run_patching_figure(config: dict, dataset: str, phase: str, *, summary_path: PathLike | None = None,
-                        out_png: PathLike | None = None) -> None:
-    """patching/{phase}.parquet -> Figure 5 (phase1) or Figure 8 (phase2)."""
-    what = {"phase1": "Reasoning Focus (CoarseScore heads)", "phase2": "Near-Miss Confusion (RefineScore heads)"}[phase]
-    patching_figure(read_parquet(summary_path or paths.patching(dataset, config["teacher"], phase)),
-                    out_png or paths.patching_figure(phase, dataset),
-                    f"Figure {paths.FIGURE_OF_PHASE[phase]} - {dataset}, {config['teacher']}: patching {what}",
-                    relative=phase == "phase2")

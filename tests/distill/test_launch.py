@@ -1,8 +1,12 @@
 """Starting ranks: which documents each rank reads, and the rendezvous under torchrun and srun."""
 
+import subprocess
+import sys
+
 import pytest
 
-from mechdistill.distill.launch import first_host, local_launcher, rendezvous_env, shard
+from mechdistill.distill.launch import first_host, launch_command, local_launcher, rendezvous_env, shard
+from tests.helpers import REPO
 
 
 def test_shard_pads_by_wrapping_and_strides():
@@ -26,7 +30,22 @@ def test_slurm_variables_map_onto_the_torch_rendezvous():
     assert first_host("node1,node2") == "node1" and first_host("a[003-004]") == "a003"
 
 
-def test_the_local_launcher_starts_tasks_copies_of_the_command_with_torchrun():
-    assert local_launcher("cuda") == "torchrun --standalone --no-python --nproc_per_node"
-    assert local_launcher("cpu").startswith("DS_ACCELERATOR=cpu torchrun")
+def test_the_local_launcher_starts_several_ranks_with_torchrun_and_one_as_the_command_itself():
+    assert local_launcher("cuda") == "python -m mechdistill.distill.launch"
+    assert local_launcher("cpu") == "DS_ACCELERATOR=cpu python -m mechdistill.distill.launch"
+    argv, env = launch_command(2, ["python", "-m", "x"], lambda: 1234)
+    assert argv == ["torchrun", "--standalone", "--no-python", "--nproc_per_node", "2", "python", "-m", "x"]
+    assert env == {}
+    argv, env = launch_command(1, ["python", "-m", "x"], lambda: 1234)
+    assert argv == ["python", "-m", "x"]
+    assert env == {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1234"}
+    with pytest.raises(ValueError, match="usage"):
+        launch_command(0, ["python"], lambda: 1)
+
+
+def test_the_launcher_runs_one_rank_as_the_command_with_a_rendezvous():
+    proc = subprocess.run([sys.executable, "-m", "mechdistill.distill.launch", "1", sys.executable, "-c",
+                           "import os; print(os.environ['RANK'], os.environ['WORLD_SIZE'], int(os.environ['MASTER_PORT']) > 0)"],
+                          capture_output=True, text=True, cwd=REPO, check=True)
+    assert proc.stdout.split() == ["0", "1", "True"]
 

@@ -15,16 +15,16 @@ import torch
 import torch.nn.functional as F
 import transformers
 
+from mechdistill.distill.selection import Criterion
 from mechdistill.distill.trainer import (
     BatchStream,
-    Criterion,
     TrainConfig,
     lr_factor,
-    recover_dir,
     resolve_precision,
     train,
     zero3_config,
 )
+from mechdistill.io import recover_dir
 
 VOCAB = 64
 SEQ_LEN = 12

@@ -19,7 +19,7 @@ import pytest
 
 from mechdistill import paths
 from mechdistill.config import load_config
-from mechdistill.stages import anchors, characterize, data, distill, evaluate, patching, teacher
+from mechdistill.stages import anchors, characterize, data, distill, evaluate, model_free, patching, teacher
 from tests.helpers import REPO
 
 DATASET, TEACHER, STUDENT = "tiny_icd", "tiny_llama", "tiny_student"
@@ -41,7 +41,7 @@ def _stages(config: dict) -> list[tuple[str, Callable[[], None]]]:
         ("trajectories", lambda: anchors.run_trajectories(config, DATASET, TEACHER)),
         ("head_scores", lambda: [characterize.run_head_scores(config, DATASET, m) for m in (TEACHER, STUDENT)]
          + [characterize.run_head_scores(config, DATASET, TEACHER, s) for s in paths.compared_splits(config)]),
-        ("head_comparison", lambda: characterize.run_head_comparison(config, DATASET)),
+        ("head_comparison", lambda: model_free.run_head_comparison(config, DATASET)),
         ("patching", lambda: [patching.run_patching(config, DATASET, phase) for phase in paths.PHASES]),
         ("teacher_targets", lambda: [distill.run_teacher_targets(config, DATASET, s) for s in ("train", "val")]),
         ("distill", lambda: distill.run_distill(config, DATASET, STUDENT, "mech")),

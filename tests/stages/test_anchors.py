@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 
 from mechdistill import paths
-from mechdistill.stages.anchors import run_anchors, run_figure1
+from mechdistill.stages.anchors import run_anchors
+from mechdistill.stages.model_free import run_figure1
 from tests.stages.conftest import DATASET, TEACHER
 
 

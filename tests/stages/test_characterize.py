@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 
 from mechdistill import paths
-from mechdistill.stages.characterize import run_head_figures, run_head_scores
+from mechdistill.stages.characterize import run_head_scores
+from mechdistill.stages.model_free import run_head_figures
 from tests.stages.conftest import DATASET, STUDENT, TEACHER
 
 

@@ -13,7 +13,8 @@ from mechdistill.characterize.teacher_forcing import forced_sequence
 from mechdistill.evaluate.xmc import macro_f1
 from mechdistill.io import read_split
 from mechdistill.models import load_tokenizer, with_distilled_model
-from mechdistill.stages.distill import run_distill, run_select_distill
+from mechdistill.stages.distill import run_distill
+from mechdistill.stages.model_free import run_select_distill
 from mechdistill.teacher.answers import supervised_output
 from mechdistill.teacher.generate import generate_cot
 from tests.stages.conftest import DATASET, STUDENT, TEACHER

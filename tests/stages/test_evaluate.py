@@ -7,7 +7,8 @@ import pytest
 
 from mechdistill import paths
 from mechdistill.evaluate.xmc import macro_f1
-from mechdistill.stages.evaluate import run_evaluate, run_figure9, run_tables
+from mechdistill.stages.evaluate import run_evaluate
+from mechdistill.stages.model_free import run_figure9, run_tables
 from tests.stages.conftest import DATASET, STUDENT, TEACHER
 
 

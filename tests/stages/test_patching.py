@@ -6,7 +6,8 @@ import pytest
 
 from mechdistill import paths
 from mechdistill.patching import experiment
-from mechdistill.stages.patching import run_patching, run_patching_figure
+from mechdistill.stages.model_free import run_patching_figure
+from mechdistill.stages.patching import run_patching
 from tests.stages.conftest import DATASET, TEACHER
 
 N_DOCS, BINS, SETS_PER_BIN = 2, 2, 5  # patching.max_docs 2; bins [2, 4]; top + near_zero + most_negative + 2 random
