@@ -16,6 +16,7 @@ from .config import load_config
 from .distill.launch import rendezvous_env
 from .errors import MechdistillError
 from .logutil import rule_logging
+from .model_sources import check_layer_subsets
 from .plan import (
     CPU_THROUGHPUT,
     GPU_SOURCES,
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         with rule_logging(None):
             if args.stage == "validate-config":
                 check_engines(config)
+                check_layer_subsets(config, args.config)
                 print(yaml.safe_dump(config, sort_keys=False))
                 return 0
             # The stages import torch and transformers (seconds): only a command that runs one loads them.

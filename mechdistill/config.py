@@ -10,6 +10,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -84,7 +85,31 @@ def validate_config(config: dict[str, Any], source: str = "config") -> dict[str,
     return config
 
 
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a name becomes a folder and a wildcard value
+
+
+def _check_names(config: dict, source: str) -> None:
+    """Dataset, model and method names are folder names in results/ and Snakemake wildcard values."""
+    for section in ("datasets", "models", "methods"):
+        for name in config.get(section) or {}:
+            if not NAME_PATTERN.fullmatch(str(name)):
+                raise ConfigError(f"{source}: {section}.{name}: a name becomes a folder of results/ and a "
+                                  "wildcard value; use letters, digits, '_', '-' and '.' (no '/' or spaces), "
+                                  "starting with a letter or digit.")
+
+
+def _check_datasets(config: dict, source: str) -> None:
+    """What the schema cannot say about a dataset entry: a (min, max) range the right way round."""
+    for name, entry in config["datasets"].items():
+        low_high = (entry.get("params") or {}).get("codes_per_doc")
+        if low_high is not None and low_high[0] > low_high[1]:
+            raise ConfigError(f"{source}: datasets.{name}.params.codes_per_doc is {low_high}: give [min, max] "
+                              f"with min <= max, e.g. {sorted(low_high)}.")
+
+
 def _check_references(config: dict, source: str) -> None:
+    _check_names(config, source)
+    _check_datasets(config, source)
     models = config["models"]
     names = ", ".join(sorted(models))
     for role, name in [("teacher", config["teacher"])] + [("students", s) for s in config["students"]]:

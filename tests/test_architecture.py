@@ -17,7 +17,7 @@ PACKAGE = REPO / "mechdistill"
 # Imports that may stay inside a function, each keeping a heavy dependency off the start-up path: an
 # optional one (vLLM, DeepSpeed), one slow to import (sentence-transformers; simple-icd-10-cm and the
 # adapters that need it), or the stages (for an instant `mechdistill --help`). The line must say why.
-LAZY_IMPORTS = {"vllm", "deepspeed", "sentence_transformers", "simple_icd_10_cm", "mechdistill.models",
+LAZY_IMPORTS = {"vllm", "deepspeed", "sentence_transformers", "simple_icd_10_cm", "mechdistill.models", "huggingface_hub",
                 "torch",  # distill.launch: the Snakefile imports it to build the `distill` command
                 "mechdistill.stages.data", "mechdistill.stages.teacher", "mechdistill.stages.distill", "mechdistill.data.icd10cm_controlled",
                 "mechdistill.data.mimic4_icd10", "mechdistill.data.wikiseealso"}

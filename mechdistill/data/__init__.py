@@ -53,6 +53,10 @@ def check_prepared(prepared: PreparedDataset, source: str) -> None:
         df = prepared.splits.get(split)
         if df is None:
             raise InputError(f"adapter returned no '{split}' split.", file=source)
+        if len(df) == 0:  # the DAG would fail minutes later on an empty prompt file, blaming something else
+            raise InputError(f"the {split} split has no document: every split needs at least one (train to "
+                             "distill, val to select, test to evaluate).", file=source,
+                             fix=f"check the adapter's files and params (n_docs, max_docs) for {split}.")
         for row, (doc_id, text, labels) in enumerate(zip(df["doc_id"], df["text"], df["labels"])):
             where = f"{split} row {row} (doc_id {doc_id})"
             if doc_id in seen:
@@ -84,7 +88,8 @@ def prepare_dataset(config: dict, dataset: str) -> PreparedDataset:
         df = prepared.splits[split]
         df["labels"] = df["labels"].map(list)
         prepared.splits[split] = subsample(df, max_docs.get(split), config.get("seed", 0))
-    check_prepared(prepared, source=f"dataset {dataset} ({entry['adapter']})")
+    files = ", ".join(str(v) for k, v in (entry.get("params") or {}).items() if k in ("root", "path", "files"))
+    check_prepared(prepared, source=f"dataset {dataset} ({entry['adapter']}{': ' + files if files else ''})")
     prepared.stats.update({f"n_{s}": len(prepared.splits[s]) for s in SPLITS})
     prepared.stats["n_labels"] = int(prepared.labels["assignable"].sum())
     log.info("dataset %s: %s", dataset, prepared.stats)

@@ -100,7 +100,7 @@ def resolve_method(name: str, settings: dict | None) -> Method:
     settings = settings or {}
     base = settings.get("base", name)
     if base not in METHODS:
-        raise KeyError(f"methods.{name}: unknown method {base!r}; registered: {sorted(METHODS)} "
+        raise ConfigError(f"methods.{name}: unknown method {base!r}; registered: {sorted(METHODS)} "
                        f"(give `base:` to name one of them)")
     method = METHODS[base]
     extra, kind = settings.get("switches") or {}, settings.get("kind", method.kind)

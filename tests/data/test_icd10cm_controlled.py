@@ -1,9 +1,11 @@
 import re
 
+import pytest
 import simple_icd_10_cm as icd
 
 from mechdistill.data import check_prepared
 from mechdistill.data.icd10cm_controlled import load_icd10cm_controlled
+from mechdistill.errors import InputError
 
 
 def test_controlled_set_is_deterministic_and_valid():
@@ -35,3 +37,13 @@ def test_label_table_covers_icd10cm():
     assert row["title"] == "Chronic systolic (congestive) heart failure"
     assert row["parent"] == "I50.2" and list(row["ancestors"]) == ["I50.2", "I50", "I30-I5A", "9"]
     assert not labels.set_index("label_id").loc["I50", "assignable"]
+
+
+def test_an_empty_split_is_named_at_prepare_dataset():
+    """A split with no document stops prepare_dataset, naming the split and the dataset's source (it used to
+    pass the data contract and fail minutes later on an empty prompt file)."""
+    prepared = load_icd10cm_controlled(n_docs={"train": 2, "val": 1, "test": 1}, seed=0)
+    prepared.splits["test"] = prepared.splits["test"].iloc[:0]
+    with pytest.raises(InputError, match=r"the test split has no document") as err:
+        check_prepared(prepared, "dataset mine (wikiseealso: /data/lf-wsa)")
+    assert "/data/lf-wsa" in str(err.value) and "n_docs, max_docs" in str(err.value)

