@@ -7,10 +7,12 @@ so a killed job never leaves a half-written file that Snakemake would take as do
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
 import shutil
 import tempfile
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +46,13 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("finish_reason", pa.string()), ("raw", pa.string()), ("has_answer_block", pa.bool_()),
         ("forced_answer", pa.bool_()),
     ]),
+}
+
+
+# Columns of a contract that may be absent (artifacts written before them) but, when present, have
+# this type: a list column whose rows are all empty would otherwise be written as list<null>.
+OPTIONAL: dict[str, dict[str, pa.DataType]] = {
+    "cot": {"n_answer_blocks": pa.int64(), "outside_candidates": STR_LIST, "engine": pa.string()},
 }
 
 
@@ -81,6 +90,43 @@ def read_json(path: str | os.PathLike) -> object:
     return json.loads(Path(path).read_text())
 
 
+def read_jsonl(path: str | os.PathLike) -> pd.DataFrame:
+    """JSON lines, gzip-compressed when the name ends in `.gz`: one object per line, blank lines
+    skipped; the index is each row's line number (from 1). Bytes that are not UTF-8, a line that is
+    not a JSON object, and a broken gzip stream raise InputError naming the file (and the line),
+    where the parsers' own errors name neither."""
+    path = Path(path)
+    records, lines = [], []
+    try:
+        with (gzip.open if path.name.endswith(".gz") else open)(path, "rb") as fh:
+            for n, raw in enumerate(fh, start=1):
+                try:
+                    text = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+                except UnicodeDecodeError as exc:
+                    raise InputError(f"line {n}: not UTF-8 text (byte {raw[exc.start]:#04x} at byte "
+                                     f"{exc.start + 1} of the line).", file=str(path),
+                                     fix="save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`).") from exc
+                if not text.strip():
+                    continue
+                try:
+                    obj = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    raise InputError(f"line {n}: not a JSON object ({exc.msg}, column {exc.colno}).",
+                                     file=str(path), fix="write one JSON object per line.") from exc
+                if not isinstance(obj, dict):
+                    raise InputError(f"line {n}: not a JSON object (a {type(obj).__name__}).",
+                                     file=str(path), fix="write one JSON object per line.")
+                records.append(obj)
+                lines.append(n)
+    except gzip.BadGzipFile as exc:
+        raise InputError("not a gzip file, though its name ends in .gz.", file=str(path),
+                         fix="compress it with gzip, or drop .gz from its name.") from exc
+    except (EOFError, zlib.error) as exc:
+        raise InputError(f"truncated gzip file ({exc}).", file=str(path),
+                         fix="the file is cut short or damaged (an interrupted copy?): copy or write it again.") from exc
+    return pd.DataFrame.from_records(records, index=pd.Index(lines, name="line"))
+
+
 def to_table(df: pd.DataFrame, kind: str | None = None) -> pa.Table:
     """Convert to Arrow, casting the contract columns of `kind` to their declared types."""
     if kind is None:
@@ -90,7 +136,9 @@ def to_table(df: pd.DataFrame, kind: str | None = None) -> pa.Table:
     if missing:
         raise ValueError(f"{kind} table lacks contract columns {missing}")
     extra = [c for c in df.columns if c not in schema.names]
-    fields = list(schema) + [pa.Schema.from_pandas(df[extra], preserve_index=False).field(c) for c in extra]
+    typed = OPTIONAL.get(kind, {})
+    fields = list(schema) + [pa.field(c, typed[c]) if c in typed else
+                             pa.Schema.from_pandas(df[[c]], preserve_index=False).field(c) for c in extra]
     return pa.Table.from_pandas(df[schema.names + extra], schema=pa.schema(fields), preserve_index=False)
 
 

@@ -2,6 +2,10 @@
 
 A model closes its chain of thought with `<answer>ID; ID</answer>`. Each item of the block is
 mapped to a label id (`AnswerParser.map_item`); items that map to nothing are kept as `unmapped`.
+
+Several blocks (a model that answers, then revises): the CoT ends before the first `<answer>`, so no
+answer text is read as reasoning (a shortlist mention), and the last complete block is the answer
+(the last block when none is closed); `n_answer_blocks` counts them so the row can be flagged.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ class ParsedAnswer:
     pred_labels: list[str] = field(default_factory=list)
     unmapped: list[str] = field(default_factory=list)
     has_answer_block: bool = False
+    n_answer_blocks: int = 0
+    outside_candidates: list[str] = field(default_factory=list)  # pred_labels not on the candidate list
 
 
 _ITEM_SPLIT = re.compile(r"[;\n,]+")
@@ -73,15 +79,17 @@ class AnswerParser:
         return None
 
     def parse(self, output: str, candidates: list[str] | None = None) -> ParsedAnswer:
-        """Split a generation into CoT and answer; map the answer items to label ids."""
-        start = output.rfind(ANSWER_OPEN)
-        if start < 0:
+        """Split a generation into CoT and answer; map the answer items to label ids. A label mapped
+        outside `candidates` stays a prediction and is listed in `outside_candidates`."""
+        opens = answer_opens(output)
+        if not opens:
             return ParsedAnswer(cot=output.strip(), answer="")
-        cot = output[:start].strip()
+        start = answer_block_start(output)
         answer = output[start + len(ANSWER_OPEN):]
         end = answer.find(ANSWER_CLOSE)
         answer = (answer[:end] if end >= 0 else answer).strip()
-        parsed = ParsedAnswer(cot=cot, answer=answer, has_answer_block=True)
+        parsed = ParsedAnswer(cot=output[:opens[0]].strip(), answer=answer, has_answer_block=True,
+                              n_answer_blocks=len(opens))
         for item in _ITEM_SPLIT.split(answer):
             if not item.strip():
                 continue
@@ -90,7 +98,26 @@ class AnswerParser:
                 parsed.unmapped.append(item.strip())
             elif lab not in parsed.pred_labels:
                 parsed.pred_labels.append(lab)
+        if candidates:
+            allowed = set(candidates)
+            parsed.outside_candidates = [lab for lab in parsed.pred_labels if lab not in allowed]
         return parsed
+
+
+def answer_opens(output: str) -> list[int]:
+    """Offsets of every `<answer>` in `output`."""
+    return [m.start() for m in re.finditer(re.escape(ANSWER_OPEN), output)]
+
+
+def answer_block_start(output: str) -> int:
+    """Offset of the answer block: the last `<answer>` closed before the next one opens, else the
+    last `<answer>`; -1 without one."""
+    opens = answer_opens(output)
+    for k in range(len(opens) - 1, -1, -1):
+        limit = opens[k + 1] if k + 1 < len(opens) else len(output)
+        if output.find(ANSWER_CLOSE, opens[k] + len(ANSWER_OPEN), limit) >= 0:
+            return opens[k]
+    return opens[-1] if opens else -1
 
 
 def supervised_output(cot: str, raw: str | None) -> str:
@@ -98,7 +125,8 @@ def supervised_output(cot: str, raw: str | None) -> str:
 
     `cot` is the reasoning before `<answer>` (stripped, as `AnswerParser.parse` leaves it) and `raw`
     the whole generation; the result starts with `cot` exactly, so character spans into the CoT
-    (the anchors artifact) stay valid. Without an answer block in `raw` it is the CoT alone.
+    (the anchors artifact) stay valid. Without an answer block in `raw` it is the CoT alone; with
+    several, the one `parse` reads (the blocks before it are not taught).
     """
-    start = -1 if not raw else raw.rfind(ANSWER_OPEN)
+    start = -1 if not raw else answer_block_start(raw)
     return cot if start < 0 else f"{cot}\n{raw[start:].strip()}"

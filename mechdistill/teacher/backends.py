@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, InputError
+from ..io import read_jsonl
 from ..models import input_device, load_model, load_tokenizer, model_spec, pick_device, resolve_model_path
 from .answers import ANSWER_CLOSE, ANSWER_OPEN
 from .engines import FIX, package_version, resolve_backend, resolve_device, vllm_problem
@@ -181,54 +182,92 @@ class VllmBackend:
 
 
 def read_traces(path: str) -> pd.DataFrame:
-    """User-supplied traces: Parquet or JSON lines with `doc_id` and `output` or `cot` (+ `answer`)."""
+    """User-supplied traces: Parquet or JSON lines (.jsonl, or .jsonl.gz) with `doc_id` and `output`
+    or `cot` (+ `answer`). The index is the row's line (JSON lines) or row number from 1, for messages.
+    A doc_id twice is an error: which trace would be the teacher's is unknowable."""
     p = Path(path)
     if not p.exists():
         raise InputError("traces file does not exist.", file=path,
                          fix="set generation.traces to a Parquet/JSONL file with doc_id and cot columns.")
-    try:
-        df = pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_json(p, lines=True, dtype={"doc_id": str})
-    except ValueError as exc:
-        raise InputError(f"cannot read traces ({exc}).", file=path,
-                         fix="write one JSON object per line, or a Parquet file.") from exc
+    parquet = p.suffix == ".parquet"
+    if parquet:
+        try:
+            df = pd.read_parquet(p)
+        except (ValueError, OSError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+            raise InputError(f"cannot read Parquet ({exc}).", file=path,
+                             fix="write the file again with pandas/pyarrow, or use JSON lines.") from exc
+        df.index = pd.RangeIndex(1, len(df) + 1, name="row")
+    else:
+        df = read_jsonl(p)
     if "doc_id" not in df.columns or not ({"output", "cot"} & set(df.columns)):
         raise InputError(f"traces need columns doc_id and output (or cot, optionally answer); found "
                          f"{list(df.columns)}.", file=path)
     df["doc_id"] = df["doc_id"].astype(str)
+    dup = df[df["doc_id"].duplicated(keep=False)]
+    if len(dup):
+        where = dup.groupby("doc_id", sort=False).groups
+        shown = "; ".join(f"{'lines' if not parquet else 'rows'} {', '.join(map(str, rows))}: doc_id {d!r} appears "
+                          f"{len(rows)} times" for d, rows in list(where.items())[:5])
+        raise InputError(f"{shown}{f' (and {len(where) - 5} more doc_ids)' if len(where) > 5 else ''}.", file=path,
+                         fix="keep one trace per document.")
     return df
 
 
+def _examples(ids: list[str], n: int = 5) -> str:
+    """The first `n` ids, quoted, with how many more there are."""
+    more = f" and {len(ids) - n} more" if len(ids) > n else ""
+    return ", ".join(map(repr, ids[:n])) + more
+
+
 class FileBackend:
-    """Traces a user brings; each row's text becomes the 'generation' and is parsed like one."""
+    """Traces a user brings; each row's text becomes the 'generation' and is parsed like one.
+
+    An empty trace is kept with an empty CoT (logged): later stages mark it "empty CoT" and go on.
+    """
 
     def __init__(self, config: dict, model_name: str, gen: dict, dataset: str, split: str) -> None:
         self.path = gen["traces"].format(dataset=dataset, split=split)
+        self.split = f"{dataset}/{split}"
         df = read_traces(self.path)
         self.rows = {d: i for i, d in enumerate(df["doc_id"])}
         self.df = df
         self.engine = f"file {self.path}"
         self.tok = load_tokenizer(config, model_name)
 
+    def cover(self, doc_ids: list[str]) -> None:
+        """Check the file against the split's documents before any is read: every one needs a trace
+        (error, listing them all); traces of other documents are ignored with a warning, since one
+        file may hold several splits (generation.traces without {split})."""
+        missing = [d for d in doc_ids if d not in self.rows]
+        if missing:
+            raise InputError(f"no trace for {len(missing)} of the {len(doc_ids)} documents of {self.split} "
+                             f"(doc_ids {_examples(missing)}).", file=self.path,
+                             fix="add a row for every document of the split.")
+        wanted = set(doc_ids)
+        unknown = [d for d in self.rows if d not in wanted]
+        if unknown:
+            log.warning("%s: %d doc_id(s) not among the %d documents of %s are ignored (%s); expected only "
+                        "when the file holds several splits.", self.path, len(unknown), len(doc_ids),
+                        self.split, _examples(unknown))
+
     def text(self, doc_id: str) -> str:
         if doc_id not in self.rows:
             raise InputError(f"no trace for doc_id {doc_id!r}.", file=self.path,
                              fix="add a row for every document of the split.")
-        i = self.rows[doc_id]
-        row = self.df.iloc[i]
+        row = self.df.iloc[self.rows[doc_id]]
         if "output" in self.df.columns and isinstance(row["output"], str):
-            text = row["output"]
-        else:
-            text = row["cot"] if isinstance(row["cot"], str) else ""
-            if isinstance(row.get("answer"), str):
-                text += f"\n{ANSWER_OPEN}{row['answer']}{ANSWER_CLOSE}"
-        cot = text.split(ANSWER_OPEN)[0]
-        if not cot.strip():
-            raise InputError(f"empty chain of thought for doc_id {doc_id!r}.", file=self.path, row=i,
-                             fix="drop the document or supply its reasoning text.")
+            return row["output"]
+        text = row["cot"] if "cot" in self.df.columns and isinstance(row["cot"], str) else ""
+        if isinstance(row.get("answer"), str):
+            text += f"\n{ANSWER_OPEN}{row['answer']}{ANSWER_CLOSE}"
         return text
 
     def __call__(self, doc_ids: list[str]) -> list[Generation]:
         texts = [self.text(d) for d in doc_ids]
+        empty = [d for d, t in zip(doc_ids, texts) if not t.split(ANSWER_OPEN)[0].strip()]
+        if empty:
+            log.warning("%s: empty chain of thought for %d document(s) (doc_ids %s): kept with an empty CoT, "
+                        "which later stages mark 'empty CoT'.", self.path, len(empty), _examples(empty))
         return [Generation(t, len(self.tok(t, add_special_tokens=False)["input_ids"]), "file") for t in texts]
 
 

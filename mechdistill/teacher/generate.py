@@ -43,8 +43,9 @@ def generate_cot(config: dict, model_name: str, prompts: pd.DataFrame, space, ou
     """Generate, parse and write the CoT artifact for `prompts`; resumable by shard.
 
     Output columns: doc_id, cot, answer, pred_labels, unmapped, n_tokens, finish_reason, raw,
-    has_answer_block, forced_answer, engine (the backend that wrote the row and its version, e.g.
-    "vllm 0.32.0 (cpu, eager, float32)").
+    has_answer_block, forced_answer, n_answer_blocks (more than 1: the last complete block is the
+    answer), outside_candidates (pred_labels not on the prompt's candidate list, kept as predictions),
+    engine (the backend that wrote the row and its version, e.g. "vllm 0.32.0 (cpu, eager, float32)").
     """
     gen = {**config["generation"], "backend": resolve_backend(config["generation"])}  # auto: what runs here
     shards = Shards(out_path, "shards", fingerprint(config, model_name, gen, prompts))
@@ -57,6 +58,8 @@ def generate_cot(config: dict, model_name: str, prompts: pd.DataFrame, space, ou
     if todo:
         backend = (backend_factory or (lambda: make_backend(config, model_name, gen, dataset, split)))()
         engine = getattr(backend, "engine", type(backend).__name__)
+        if isinstance(backend, FileBackend):
+            backend.cover(prompts["doc_id"].tolist())
         log.info("%s %s/%s: generating with %s", model_name, dataset, split, engine)
         bar = tqdm(total=len(prompts), initial=len(prompts) - sum(min(size, len(prompts) - s) for s in todo),
                    desc=f"teacher CoT {dataset}/{split}", unit="doc")
@@ -70,7 +73,8 @@ def generate_cot(config: dict, model_name: str, prompts: pd.DataFrame, space, ou
                                  pred_labels=parsed.pred_labels, unmapped=parsed.unmapped,
                                  n_tokens=g.n_tokens, finish_reason=g.finish_reason, raw=g.text,
                                  has_answer_block=parsed.has_answer_block, forced_answer=g.forced_answer,
-                                 engine=engine))
+                                 n_answer_blocks=parsed.n_answer_blocks,
+                                 outside_candidates=parsed.outside_candidates, engine=engine))
             shards.write_parquet(names[start], pd.DataFrame(rows, columns=COT_COLUMNS), "cot")
             bar.update(len(shard))
         bar.close()
@@ -85,7 +89,7 @@ def generate_cot(config: dict, model_name: str, prompts: pd.DataFrame, space, ou
 
 
 COT_COLUMNS = ["doc_id", "cot", "answer", "pred_labels", "unmapped", "n_tokens", "finish_reason", "raw",
-               "has_answer_block", "forced_answer", "engine"]
+               "has_answer_block", "forced_answer", "n_answer_blocks", "outside_candidates", "engine"]
 
 
 def _run_backend(backend, shard: pd.DataFrame, gen: dict) -> list[Generation]:
@@ -128,5 +132,17 @@ def summarize_cot(df: pd.DataFrame, dataset: str = "", split: str = "") -> dict:
         "mean_tokens": float(df["n_tokens"].mean()) if n else 0.0,
         "unmapped_items": int(df["unmapped"].map(len).sum()) if n else 0,
     }
+    flags = {  # absent from artifacts written before these columns
+        "outside_candidates": ("outside_candidates", lambda c: c.map(len) > 0,
+                               "name labels outside their candidates (kept as predictions)"),
+        "several_answer_blocks": ("n_answer_blocks", lambda c: c > 1,
+                                  "have several answer blocks (the last complete one is the answer)"),
+    }
+    for key, (column, test, what) in flags.items():
+        hit = df.loc[test(df[column]), "doc_id"].tolist() if n and column in df.columns else []
+        stats[key] = len(hit)
+        if hit:
+            log.warning("teacher CoT %s/%s: %d trace(s) %s, flagged in column %s (doc_ids %s)", dataset, split,
+                        len(hit), what, column, ", ".join(map(repr, hit[:5])) + (" ..." if len(hit) > 5 else ""))
     log.info("teacher CoT %s/%s: %s", dataset, split, stats)
     return stats

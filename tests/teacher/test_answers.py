@@ -2,7 +2,7 @@
 
 import pytest
 
-from mechdistill.teacher.answers import AnswerParser
+from mechdistill.teacher.answers import AnswerParser, supervised_output
 
 CANDS = ["I50.22", "I50.21", "I50.32", "I10"]
 
@@ -21,7 +21,8 @@ def parser(icd_space):
     ("u <answer>Chronic systolic (congestive) heart failure [I50.22]</answer>", "u", ["I50.22"], []),
     ("w <answer>I50.22; I50.22; banana split</answer>", "w", ["I50.22"], ["banana split"]),  # dedupe + junk
     ("v <answer>I50.22; I10", "v", ["I50.22", "I10"], []),                          # unclosed block
-    ("first <answer>I10</answer> again <answer>I50.21</answer>", "first <answer>I10</answer> again", ["I50.21"], []),
+    ("first <answer>I10</answer> again <answer>I50.21</answer>", "first", ["I50.21"], []),   # last block
+    ("a <answer>I10</answer> b <answer>I50.2", "a", ["I10"], []),                       # last complete block
     ("no answer block at all", "no answer block at all", [], []),
     ("<answer></answer>", "", [], []),
     ("ishable Eliath ### <answer>;;; ,, Q99.XYZ ##</answer>", "ishable Eliath ###", [], ["Q99.XYZ ##"]),
@@ -34,3 +35,22 @@ def test_answer_parsing(parser, output, cot, pred, unmapped):
 def test_fuzzy_matching_only_within_candidates(parser):
     # A near-spelling of a label that is not a candidate stays unmapped.
     assert parser.parse("<answer>chronic diastolc (congestive) heart failre</answer>", ["I10"]).pred_labels == []
+
+
+@pytest.mark.parametrize("output, n_blocks, answer, supervised", [
+    ("c <answer>I10</answer>", 1, "I10", "c\n<answer>I10</answer>"),
+    ("c <answer>I10</answer> no <answer>I50.21</answer>", 2, "I50.21", "c\n<answer>I50.21</answer>"),
+    ("c <answer>I10</answer> no <answer>I50.2", 2, "I10", "c\n<answer>I10</answer> no <answer>I50.2"),
+    ("c", 0, "", "c"),
+])
+def test_answer_blocks(parser, output, n_blocks, answer, supervised):
+    """Several blocks: the CoT ends before the first, the last complete block is the answer, and the
+    student is taught the CoT then that block (what follows it is kept, as for one block)."""
+    parsed = parser.parse(output, CANDS)
+    assert (parsed.n_answer_blocks, parsed.answer) == (n_blocks, answer)
+    assert supervised_output(parsed.cot, output) == supervised
+
+
+def test_labels_outside_candidates(parser):
+    parsed = parser.parse("<answer>I50.22; I50.9; banana</answer>", ["I50.22", "I10"])
+    assert (parsed.pred_labels, parsed.outside_candidates, parsed.unmapped) == (["I50.22", "I50.9"], ["I50.9"], ["banana"])

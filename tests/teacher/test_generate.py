@@ -1,15 +1,19 @@
+import gzip
 import json
+import logging
 import sys
 import types
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from mechdistill.errors import ConfigError, InputError
 from mechdistill.teacher import backends
-from mechdistill.teacher.backends import TransformersBackend, student_generation
+from mechdistill.teacher.backends import TransformersBackend, read_traces, student_generation
 from mechdistill.teacher.engines import check_engines, resolve_backend
-from mechdistill.teacher.generate import generate_cot
+from mechdistill.teacher.generate import generate_cot, summarize_cot
 from mechdistill.teacher.prompts import build_prompts
 
 
@@ -95,8 +99,9 @@ def test_file_backend(tiny_config, icd_space, prompts, tmp_path):
 
 
 @pytest.mark.parametrize("rows, message", [
-    ([{"doc_id": "d0", "cot": "ok", "answer": "I10"}], "no trace for doc_id 'd1'"),
-    ([{"doc_id": f"d{i}", "cot": "" if i == 2 else "ok"} for i in range(5)], "row 2: empty chain of thought"),
+    ([{"doc_id": "d0", "cot": "ok", "answer": "I10"}], "no trace for 4 of the 5 documents"),
+    ([{"doc_id": f"d{i}", "cot": "ok"} for i in (0, 1, 2, 1, 3, 4)],
+     "lines 2, 4: doc_id 'd1' appears 2 times"),
     ([{"doc": "d0"}], "traces need columns doc_id"),
 ])
 def test_file_backend_bad_traces(tiny_config, icd_space, prompts, tmp_path, rows, message):
@@ -106,6 +111,96 @@ def test_file_backend_bad_traces(tiny_config, icd_space, prompts, tmp_path, rows
     with pytest.raises(InputError) as err:
         generate_cot(tiny_config, "tiny_llama", prompts, icd_space, tmp_path / "out.parquet")
     assert message in str(err.value) and str(traces) in str(err.value)
+
+
+def write_traces(path, rows) -> str:
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+def test_file_backend_keeps_empty_cot(tiny_config, icd_space, prompts, tmp_path, caplog):
+    """An empty trace is kept as a row with an empty CoT (later stages give it reason "empty CoT"),
+    logged with the file and its doc_ids; the rest of the split is generated."""
+    rows = [{"doc_id": f"d{i}", "cot": "" if i in (2, 4) else f"Systolic {i}.", "answer": "I50.22"} for i in range(5)]
+    rows[4] = {"doc_id": "d4", "output": ""}
+    traces = write_traces(tmp_path / "traces.jsonl", rows)
+    tiny_config["generation"].update(backend="file", traces=traces)
+    with caplog.at_level(logging.WARNING, logger="mechdistill.teacher.backends"):
+        df = generate_cot(tiny_config, "tiny_llama", prompts, icd_space, tmp_path / "out.parquet")
+    assert df["doc_id"].tolist() == ["d0", "d1", "d2", "d3", "d4"]
+    assert df["cot"].tolist() == ["Systolic 0.", "Systolic 1.", "", "Systolic 3.", ""]
+    assert df["pred_labels"].map(list).tolist() == [["I50.22"]] * 4 + [[]]
+    assert df["n_tokens"][4] == 0
+    warning = [r.getMessage() for r in caplog.records if "empty chain" in r.getMessage()]
+    assert len(warning) == 2  # one per shard holding an empty trace (shard_size 2: d2 | d4)
+    assert traces in warning[0] and "'d2'" in warning[0] and "'d4'" in warning[1]
+    assert summarize_cot(df)["empty_cot"] == 2
+
+
+def test_file_backend_unknown_doc_ids_warn(tiny_config, icd_space, prompts, tmp_path, caplog):
+    """Traces of documents not in the split are ignored with a warning (a file may hold several splits)."""
+    rows = [{"doc_id": d, "cot": "ok", "answer": "I10"} for d in ["d0", "d1", "x7", "d2", "d3", "d4", "x8"]]
+    traces = write_traces(tmp_path / "traces.jsonl", rows)
+    tiny_config["generation"].update(backend="file", traces=traces)
+    with caplog.at_level(logging.WARNING, logger="mechdistill.teacher.backends"):
+        df = generate_cot(tiny_config, "tiny_llama", prompts, icd_space, tmp_path / "out.parquet")
+    assert len(df) == 5
+    warning = [r.getMessage() for r in caplog.records if "not among" in r.getMessage()]
+    assert len(warning) == 1 and "2 doc_id(s)" in warning[0] and "'x7', 'x8'" in warning[0]
+    assert traces in warning[0]
+
+
+def test_file_backend_reports_all_missing_doc_ids(tiny_config, icd_space, prompts, tmp_path):
+    traces = write_traces(tmp_path / "traces.jsonl", [{"doc_id": "d0", "cot": "ok"}, {"doc_id": "d3", "cot": "ok"}])
+    tiny_config["generation"].update(backend="file", traces=traces)
+    with pytest.raises(InputError) as err:
+        generate_cot(tiny_config, "tiny_llama", prompts, icd_space, tmp_path / "out.parquet")
+    assert "no trace for 3 of the 5 documents" in str(err.value) and "'d1', 'd2', 'd4'" in str(err.value)
+
+
+def test_file_backend_flags_answer_anomalies(tiny_config, icd_space, prompts, tmp_path):
+    """A label outside the candidates stays a prediction but is flagged; two answer blocks are
+    counted, the CoT ends before the first and the last complete block is the answer."""
+    cands = prompts.set_index("doc_id")["candidates"].map(list)
+    outside = next(lab for lab in icd_space.assignable if lab not in cands["d1"])
+    rows = [{"doc_id": f"d{i}", "cot": "ok", "answer": cands[f"d{i}"][0]} for i in range(5)]
+    rows[1] = {"doc_id": "d1", "cot": "ok", "answer": f"{cands['d1'][0]}; {outside}"}
+    rows[3] = {"doc_id": "d3", "output": f"Think. <answer>{cands['d3'][1]}</answer> No: <answer>{cands['d3'][0]}</answer>"}
+    traces = write_traces(tmp_path / "traces.jsonl", rows)
+    tiny_config["generation"].update(backend="file", traces=traces)
+    df = generate_cot(tiny_config, "tiny_llama", prompts, icd_space, tmp_path / "out.parquet")
+    assert df["pred_labels"].map(list)[1] == [cands["d1"][0], outside]
+    assert df["outside_candidates"].map(list).tolist() == [[], [outside], [], [], []]
+    assert df["n_answer_blocks"].tolist() == [1, 1, 1, 2, 1]
+    assert df["cot"][3] == "Think." and df["pred_labels"].map(list)[3] == [cands["d3"][0]]
+    stats = summarize_cot(df)
+    assert (stats["outside_candidates"], stats["several_answer_blocks"]) == (1, 1)
+    schema = pq.read_schema(tmp_path / "out.parquet")
+    assert (schema.field("outside_candidates").type, schema.field("n_answer_blocks").type) == (
+        pa.list_(pa.string()), pa.int64())
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("bad.jsonl", b'{"doc_id": "d0", "cot": "ok"}\n{"doc_id": "d1", "cot": "caf\xe9"}\n',
+     "line 2: not UTF-8 text"),
+    ("bad.jsonl", b'{"doc_id": "d0", "cot": "ok"}\n{"doc_id": "d1", "cot": \n', "line 2: not a JSON object"),
+    ("trunc.jsonl.gz", gzip.compress(b'{"doc_id": "d0", "cot": "ok"}\n' * 50)[:30], "truncated gzip file"),
+    ("plain.jsonl.gz", b'{"doc_id": "d0", "cot": "ok"}\n', "not a gzip file"),
+    ("bad.parquet", b"PAR1 not really", "cannot read Parquet"),
+])
+def test_read_traces_undecodable_files(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(InputError) as err:
+        read_traces(str(path))
+    assert str(err.value).startswith(f"{path}") and message in str(err.value) and "Fix:" in str(err.value)
+
+
+def test_read_traces_gzip_jsonl(tmp_path):
+    path = tmp_path / "t.jsonl.gz"
+    path.write_bytes(gzip.compress(b'{"doc_id": 7, "cot": "ok"}\n\n{"doc_id": "d1", "output": "x"}\n'))
+    df = read_traces(str(path))
+    assert df["doc_id"].tolist() == ["7", "d1"] and df["cot"].tolist()[0] == "ok"
 
 
 def test_vllm_backend_wiring(tiny_config, icd_space, prompts, tmp_path, monkeypatch):

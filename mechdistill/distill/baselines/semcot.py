@@ -298,6 +298,7 @@ def predict(model: nn.Module, tokenizer, prompts: pd.DataFrame, space, gen: dict
             rows.append(dict(doc_id=doc_id, cot="", answer=parsed.answer, pred_labels=parsed.pred_labels,
                              unmapped=parsed.unmapped, n_tokens=len(tokens), finish_reason=finish, raw=raw,
                              has_answer_block=parsed.has_answer_block, forced_answer=False,
+                             n_answer_blocks=parsed.n_answer_blocks, outside_candidates=parsed.outside_candidates,
                              engine="semcot implicit states (transformers)"))
     model.train(was_training)
     return pd.DataFrame(rows, columns=COT_COLUMNS)
