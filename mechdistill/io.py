@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,40 +90,47 @@ def read_json(path: str | os.PathLike) -> object:
     return json.loads(Path(path).read_text())
 
 
-def read_jsonl(path: str | os.PathLike) -> pd.DataFrame:
-    """JSON lines, gzip-compressed when the name ends in `.gz`: one object per line, blank lines
-    skipped; the index is each row's line number (from 1). Bytes that are not UTF-8, a line that is
-    not a JSON object, and a broken gzip stream raise InputError naming the file (and the line),
-    where the parsers' own errors name neither."""
-    path = Path(path)
-    records, lines = [], []
+@contextlib.contextmanager
+def named_read_errors(path: str | os.PathLike, line: Callable[[], int | None] | None = None) -> Iterator[None]:
+    """Re-raise what decompressing and decoding `path` can fail with (a plain file named .gz, a gzip
+    stream cut short, bytes that are not UTF-8: the parsers' errors name neither the file nor the line)
+    as InputError naming the file and, when `line()` knows it, the line being read."""
     try:
-        with (gzip.open if path.name.endswith(".gz") else open)(path, "rb") as fh:
-            for n, raw in enumerate(fh, start=1):
-                try:
-                    text = raw.decode("utf-8-sig" if n == 1 else "utf-8")
-                except UnicodeDecodeError as exc:
-                    raise InputError(f"line {n}: not UTF-8 text (byte {raw[exc.start]:#04x} at byte "
-                                     f"{exc.start + 1} of the line).", file=str(path),
-                                     fix="save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`).") from exc
-                if not text.strip():
-                    continue
-                try:
-                    obj = json.loads(text)
-                except json.JSONDecodeError as exc:
-                    raise InputError(f"line {n}: not a JSON object ({exc.msg}, column {exc.colno}).",
-                                     file=str(path), fix="write one JSON object per line.") from exc
-                if not isinstance(obj, dict):
-                    raise InputError(f"line {n}: not a JSON object (a {type(obj).__name__}).",
-                                     file=str(path), fix="write one JSON object per line.")
-                records.append(obj)
-                lines.append(n)
+        yield
     except gzip.BadGzipFile as exc:
         raise InputError("not a gzip file, though its name ends in .gz.", file=str(path),
                          fix="compress it with gzip, or drop .gz from its name.") from exc
     except (EOFError, zlib.error) as exc:
         raise InputError(f"truncated gzip file ({exc}).", file=str(path),
                          fix="the file is cut short or damaged (an interrupted copy?): copy or write it again.") from exc
+    except UnicodeDecodeError as exc:
+        raise InputError(f"not UTF-8 text (byte {exc.object[exc.start]:#04x}).", file=str(path),
+                         row=line() if line is not None else None,
+                         fix="save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`).") from exc
+
+
+def read_jsonl(path: str | os.PathLike) -> pd.DataFrame:
+    """JSON lines, gzip-compressed when the name ends in `.gz`: one object per line, blank lines
+    skipped; the index is each row's line number (from 1), which errors call its row. Bytes that are not UTF-8, a line that is
+    not a JSON object, and a broken gzip stream raise InputError naming the file and the line."""
+    path = Path(path)
+    records, lines = [], []
+    n = 0
+    with named_read_errors(path, lambda: n), (gzip.open if path.name.endswith(".gz") else open)(path, "rb") as fh:
+        for n, raw in enumerate(fh, start=1):  # noqa: B007 (named_read_errors reads n)
+            text = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"not a JSON object ({exc.msg}, column {exc.colno}).", file=str(path), row=n,
+                                 fix="write one JSON object per line.") from exc
+            if not isinstance(obj, dict):
+                raise InputError(f"not a JSON object (a {type(obj).__name__}).", file=str(path), row=n,
+                                 fix="write one JSON object per line.")
+            records.append(obj)
+            lines.append(n)
     return pd.DataFrame.from_records(records, index=pd.Index(lines, name="line"))
 
 

@@ -47,6 +47,7 @@ import pandas as pd
 import simple_icd_10_cm as cm
 
 from ..errors import ConfigError, InputError
+from ..io import named_read_errors
 from .base import SPLITS, PreparedDataset
 
 EDIN_SPLIT_FRACTIONS = (0.75, 0.10, 0.15)
@@ -184,14 +185,16 @@ def _find(root: str, stem: str) -> Path:
 
 def _read(path: Path, required: list[str], optional: tuple[str, ...] | list[str] = ()) -> pd.DataFrame:
     """Read the needed columns; `_row` is the 1-based data row (the header is not counted)."""
-    header = list(pd.read_csv(path, nrows=0).columns)
+    with named_read_errors(path):
+        header = list(pd.read_csv(path, nrows=0).columns)
     missing = [c for c in required if c not in header]
     if missing:
         raise InputError(f"missing column(s) {missing}; columns found: {header}.", file=str(path),
                          fix="use the unmodified MIMIC-IV / MIMIC-IV-Note file from PhysioNet.")
     cols = required + [c for c in optional if c in header]
-    df = pd.read_csv(path, usecols=cols, dtype={"icd_code": str, "note_id": str, "text": str,
-                                                "long_title": str})
+    with named_read_errors(path):  # pandas' own errors name no file
+        df = pd.read_csv(path, usecols=cols, dtype={"icd_code": str, "note_id": str, "text": str,
+                                                    "long_title": str})
     df["_row"] = np.arange(1, len(df) + 1)
     return df
 
@@ -296,7 +299,8 @@ def _split_from_file(docs: pd.DataFrame, path: Path, stats: dict) -> dict[int, s
     elif name.endswith(".parquet"):
         df = pd.read_parquet(path)
     elif name.endswith((".csv", ".csv.gz")):
-        df = pd.read_csv(path)
+        with named_read_errors(path):
+            df = pd.read_csv(path)
     else:
         raise InputError("unknown split file type (expected .feather, .parquet or .csv).",
                          file=str(path), fix=fix)

@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import ConfigError, InputError
+from ..io import named_read_errors
 from .base import PreparedDataset
 
 FIX_DOWNLOAD = ("download LF-WikiSeeAlso-320K raw text from the Extreme Classification Repository "
@@ -98,9 +99,10 @@ def _find(root: str, stem: str) -> Path:
 def _lines(path: Path, keys: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
     """Yield (1-based line number, object) for each line; blank lines only at the end."""
     opener = gzip.open if path.name.endswith(".gz") else open
-    blank_at = None
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for n, line in enumerate(fh, start=1):
+    blank_at, n = None, 0
+    with named_read_errors(path, lambda: n), opener(path, "rb") as fh:  # bytes: a bad byte is named by its line
+        for n, raw in enumerate(fh, start=1):  # noqa: B007 (named_read_errors reads n)
+            line = raw.decode("utf-8")
             if not line.strip():
                 blank_at = blank_at or n
                 continue

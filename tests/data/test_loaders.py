@@ -402,3 +402,46 @@ def test_wiki_missing_file(tmp_path):
     (root / "lbl.json.gz").unlink()
     with pytest.raises(InputError, match=r"lbl\.json\.gz: missing file .*Extreme Classification Repository"):
         load_wikiseealso(str(root))
+
+
+def _damage(path: Path, how: str) -> None:
+    """A file as users break them: cut short, not compressed despite .gz, or Latin-1 bytes in UTF-8 text."""
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "not gzip":
+        path.write_bytes(gzip.decompress(data))
+    else:  # "latin-1": a 0xE9 byte (é) inside the third line
+        lines = gzip.decompress(data).split(b"\n")
+        lines[2] = b"\xe9" + lines[2]
+        path.write_bytes(gzip.compress(b"\n".join(lines)))
+
+
+@pytest.mark.parametrize("how, message", [
+    ("truncated", "truncated gzip file"),
+    ("not gzip", "not a gzip file, though its name ends in .gz"),
+    ("latin-1", "not UTF-8 text"),
+])
+def test_wiki_damaged_files_are_named(tmp_path, how, message):
+    root = copy_fixture(WIKI, tmp_path)
+    path = root / "trn.json.gz"
+    _damage(path, how)
+    with pytest.raises(InputError) as err:
+        load_wikiseealso(str(root))
+    assert str(err.value).startswith(str(path)) and message in str(err.value)
+    if how == "latin-1":
+        assert str(err.value).startswith(f"{path}, row 3: ")
+
+
+@pytest.mark.parametrize("how, message", [
+    ("truncated", "truncated gzip file"),
+    ("not gzip", "not a gzip file, though its name ends in .gz"),
+    ("latin-1", "not UTF-8 text"),
+])
+def test_mimic_damaged_files_are_named(tmp_path, how, message):
+    root = copy_fixture(MIMIC, tmp_path)
+    path = root / "hosp" / "diagnoses_icd.csv.gz"
+    _damage(path, how)
+    with pytest.raises(InputError) as err:
+        load_mimic4_icd10(str(root), min_code_count=3)
+    assert str(err.value).startswith(str(path)) and message in str(err.value)

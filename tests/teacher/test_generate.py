@@ -182,8 +182,8 @@ def test_file_backend_flags_answer_anomalies(tiny_config, icd_space, prompts, tm
 
 @pytest.mark.parametrize("name, content, message", [
     ("bad.jsonl", b'{"doc_id": "d0", "cot": "ok"}\n{"doc_id": "d1", "cot": "caf\xe9"}\n',
-     "line 2: not UTF-8 text"),
-    ("bad.jsonl", b'{"doc_id": "d0", "cot": "ok"}\n{"doc_id": "d1", "cot": \n', "line 2: not a JSON object"),
+     "row 2: not UTF-8 text"),
+    ("bad.jsonl", b'{"doc_id": "d0", "cot": "ok"}\n{"doc_id": "d1", "cot": \n', "row 2: not a JSON object"),
     ("trunc.jsonl.gz", gzip.compress(b'{"doc_id": "d0", "cot": "ok"}\n' * 50)[:30], "truncated gzip file"),
     ("plain.jsonl.gz", b'{"doc_id": "d0", "cot": "ok"}\n', "not a gzip file"),
     ("bad.parquet", b"PAR1 not really", "cannot read Parquet"),
