@@ -404,6 +404,10 @@ def test_wiki_missing_file(tmp_path):
         load_wikiseealso(str(root))
 
 
+DAMAGES = [("truncated", "truncated gzip file"), ("not gzip", "not a gzip file, though its name ends in .gz"),
+           ("latin-1", "not UTF-8 text")]
+
+
 def _damage(path: Path, how: str) -> None:
     """A file as users break them: cut short, not compressed despite .gz, or Latin-1 bytes in UTF-8 text."""
     data = path.read_bytes()
@@ -417,11 +421,7 @@ def _damage(path: Path, how: str) -> None:
         path.write_bytes(gzip.compress(b"\n".join(lines)))
 
 
-@pytest.mark.parametrize("how, message", [
-    ("truncated", "truncated gzip file"),
-    ("not gzip", "not a gzip file, though its name ends in .gz"),
-    ("latin-1", "not UTF-8 text"),
-])
+@pytest.mark.parametrize("how, message", DAMAGES)
 def test_wiki_damaged_files_are_named(tmp_path, how, message):
     root = copy_fixture(WIKI, tmp_path)
     path = root / "trn.json.gz"
@@ -433,11 +433,7 @@ def test_wiki_damaged_files_are_named(tmp_path, how, message):
         assert str(err.value).startswith(f"{path}, row 3: ")
 
 
-@pytest.mark.parametrize("how, message", [
-    ("truncated", "truncated gzip file"),
-    ("not gzip", "not a gzip file, though its name ends in .gz"),
-    ("latin-1", "not UTF-8 text"),
-])
+@pytest.mark.parametrize("how, message", DAMAGES)
 def test_mimic_damaged_files_are_named(tmp_path, how, message):
     root = copy_fixture(MIMIC, tmp_path)
     path = root / "hosp" / "diagnoses_icd.csv.gz"
