@@ -124,14 +124,13 @@ def local_launcher(device: str = "auto") -> str:
 
 def launch_command(tasks: int, command: Sequence[str], free_port: Callable[[], int]) -> tuple[list[str], dict]:
     """What `local_launcher` runs for `tasks` copies of `command` -> (argv, environment updates): torchrun for
-    several; the command alone for one, as rank 0 of 1 on a free port (two single-rank jobs side by side
-    would otherwise both take torch's default 29500)."""
+    several; the command alone for one (`rendezvous_env` makes it rank 0 of 1) on a free port: two
+    single-rank jobs side by side would otherwise both take torch's default 29500."""
     if tasks < 1 or not command:
         raise ValueError(f"usage: python -m mechdistill.distill.launch TASKS COMMAND...; got {tasks} {list(command)}")
     if tasks > 1:
         return ["torchrun", "--standalone", "--no-python", "--nproc_per_node", str(tasks), *command], {}
-    return list(command), {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                           "MASTER_PORT": str(free_port())}
+    return list(command), {"MASTER_PORT": str(free_port())}
 
 
 def _free_port() -> int:

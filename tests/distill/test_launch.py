@@ -38,14 +38,16 @@ def test_the_local_launcher_starts_several_ranks_with_torchrun_and_one_as_the_co
     assert env == {}
     argv, env = launch_command(1, ["python", "-m", "x"], lambda: 1234)
     assert argv == ["python", "-m", "x"]
-    assert env == {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1234"}
+    assert env == {"MASTER_PORT": "1234"}
+    assert rendezvous_env(env) == {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                                   "MASTER_PORT": "1234"}
     with pytest.raises(ValueError, match="usage"):
         launch_command(0, ["python"], lambda: 1)
 
 
 def test_the_launcher_runs_one_rank_as_the_command_with_a_rendezvous():
     proc = subprocess.run([sys.executable, "-m", "mechdistill.distill.launch", "1", sys.executable, "-c",
-                           "import os; print(os.environ['RANK'], os.environ['WORLD_SIZE'], int(os.environ['MASTER_PORT']) > 0)"],
+                           "import os; print('RANK' in os.environ, int(os.environ['MASTER_PORT']) > 0)"],
                           capture_output=True, text=True, cwd=REPO, check=True)
-    assert proc.stdout.split() == ["0", "1", "True"]
+    assert proc.stdout.split() == ["False", "True"]  # not torchrun's: rendezvous_env makes it rank 0 of 1
 

@@ -80,11 +80,16 @@ def test_distill_mech_trains_and_saves_the_student(tiny):
 
 def test_distill_vanilla_never_computes_head_signals(tiny):
     tiny.upto("distill")
+    config = copy.deepcopy(tiny.config)
+    config["distill"]["mechanism_docs"] = 2  # the before/after mechanism metrics on the first 2 train documents
     with tiny.inside():
-        run_distill(tiny.config, DATASET, STUDENT, "vanilla")
+        run_distill(config, DATASET, STUDENT, "vanilla")
     log = pd.read_parquet(tiny.path(paths.train_log(DATASET, STUDENT, "vanilla")))
     assert (log["phase1.attn"] == 0).all() and (log["phase2.qk"] == 0).all()
     assert (log.loc[log["split"] == "train", "cot.ce"] > 0).all()
+    mechanism = pd.read_parquet(tiny.path(paths.mechanism(DATASET, STUDENT, "vanilla")))
+    train_ids = set(pd.read_parquet(tiny.path(paths.cot(DATASET, TEACHER, "train")))["doc_id"])
+    assert mechanism["doc_id"].nunique() == 2 and set(mechanism["doc_id"]) <= train_ids  # of 3 train + 2 val
 
 
 def test_student_predict_runs_the_distilled_student(tiny):
