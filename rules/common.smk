@@ -28,3 +28,16 @@ def teacher_split(split, prefix=""):
 def one_of(names):
     """Wildcard constraint matching exactly one of `names` (a name that matches nothing if empty)."""
     return "|".join(re.escape(n) for n in names) or "NO_MATCH"
+
+
+def raw_dataset_files(wc):
+    """Input function: the raw files the dataset's adapter reads (mechdistill.data.sources), so that
+    editing one reruns prepare_dataset and everything after it."""
+    entry = config["datasets"][wc.dataset]
+    return adapter_files(entry["adapter"], entry.get("params") or {})
+
+
+def trace_file(wc):
+    """Input function: with generation.backend file, the split's trace file (editing it reruns the split)."""
+    gen = config["generation"]
+    return [gen["traces"].format(dataset=wc.dataset, split=wc.split)] if gen["backend"] == "file" else []

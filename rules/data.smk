@@ -2,6 +2,8 @@
 
 
 rule prepare_dataset:
+    input:
+        raw=raw_dataset_files,
     output:
         data=[paths.data(split=split) for split in paths.SPLITS],
         labels=paths.labels(),

@@ -5,6 +5,7 @@ rule teacher_cot:
     input:
         prompts=paths.prompts(),
         labels=paths.labels(),
+        traces=trace_file,
     output:
         paths.cot(),
     params:

@@ -151,6 +151,29 @@ def test_misspelt_distill_key_stops_the_dry_run(tmp_path, section, key, allowed)
     assert f"unknown key '{key}' under 'distill.{section}'. Allowed keys here: {allowed}." in proc.stdout + proc.stderr
 
 
+def test_raw_dataset_files_and_the_trace_file_are_rule_inputs(tmp_path):
+    """Editing a dataset's raw files or the file backend's traces must rerun their rules: Snakemake
+    tracks only what a rule declares (before, both were read behind its back: "Nothing to be done")."""
+    root = tmp_path / "wiki"
+    root.mkdir()
+    for stem in ("lbl", "trn", "tst"):
+        (root / f"{stem}.json.gz").write_bytes(b"")
+    (root / "trn.json").write_text("")  # the .gz wins, as in the adapter: this one is not read
+    cfg = yaml.safe_load((REPO / "config/tiny.yaml").read_text())
+    cfg["datasets"] = {"wiki": {"adapter": "wikiseealso", "params": {"root": str(root)},
+                                "candidates": {"strategy": "hierarchy", "size": 6, "n_near_miss": 2}}}
+    traces = tmp_path / "traces-{dataset}-{split}.jsonl"
+    cfg["generation"].update(backend="file", traces=str(traces))
+    (tmp_path / "traces-wiki-test.jsonl").write_text("")
+    path = tmp_path / "file.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = snakemake(tmp_path, "results/wiki/tiny_llama/cot/test.parquet", "-n", "--configfile", str(path))
+    raw = re.search(r"rule prepare_dataset:\n    input: ([^\n]+)", out).group(1)
+    assert raw.split(", ") == [str(root / f"{stem}.json.gz") for stem in ("lbl", "trn", "tst")]
+    cot = re.search(r"rule teacher_cot:\n    input: ([^\n]+)", out).group(1)
+    assert str(tmp_path / "traces-wiki-test.jsonl") in cot.split(", ")
+
+
 def check_baselines(results):
     """What each baseline of tiny.yaml trained on and predicted (the end-to-end run's artifacts)."""
     student, teacher = results / "tiny_student", results / "tiny_llama/baseline_data"

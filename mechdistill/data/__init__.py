@@ -1,7 +1,8 @@
 """Phase 1: the documents and the label space (dataset adapters and the generic `prepare_dataset` step).
 
 An adapter is a function `(**params) -> PreparedDataset`. Register new ones in ADAPTERS (and in
-`config/schema.yaml`'s adapter enum with their params).
+`config/schema.yaml`'s adapter enum with their params), and the raw files it reads in
+`sources.SOURCE_FILES`, so that Snakemake reruns `prepare_dataset` when one of them changes.
 """
 
 from __future__ import annotations

@@ -49,14 +49,22 @@ import simple_icd_10_cm as cm
 from ..errors import ConfigError, InputError
 from ..io import named_read_errors
 from .base import SPLITS, PreparedDataset
+from .sources import (
+    MIMIC_D_DIAGNOSES,
+    MIMIC_D_PROCEDURES,
+    MIMIC_DIAGNOSES,
+    MIMIC_NOTES,
+    MIMIC_PROCEDURES,
+    MIMIC_SUFFIXES,
+    first_existing,
+    resolve_split_file,
+)
 
 EDIN_SPLIT_FRACTIONS = (0.75, 0.10, 0.15)
+ICD10_CODE = r"[A-Z0-9]{3,7}"  # a code without its dot
 
-NOTES = "note/discharge"
-DIAGNOSES = "hosp/diagnoses_icd"
-PROCEDURES = "hosp/procedures_icd"
-D_DIAGNOSES = "hosp/d_icd_diagnoses"
-D_PROCEDURES = "hosp/d_icd_procedures"
+NOTES, DIAGNOSES, PROCEDURES = MIMIC_NOTES, MIMIC_DIAGNOSES, MIMIC_PROCEDURES
+D_DIAGNOSES, D_PROCEDURES = MIMIC_D_DIAGNOSES, MIMIC_D_PROCEDURES
 
 REQUIRED = {
     NOTES: ["note_id", "subject_id", "hadm_id", "text"],
@@ -135,7 +143,7 @@ def load_mimic4_icd10(root: str, *, min_code_count: int = 10, split_file: str | 
                              "(no letters or digits).", file=str(notes_path), row=r.first_row,
                              fix="check that discharge.csv.gz is the unmodified MIMIC-IV-Note file.")
 
-    split_of = (_split_from_file(docs, _resolve(root, split_file), stats) if split_file is not None
+    split_of = (_split_from_file(docs, resolve_split_file(root, split_file), stats) if split_file is not None
                 else _random_split(docs, fractions, seed))
     stats["split_source"] = str(split_file) if split_file is not None else f"random(seed={seed})"
     docs["split"] = docs["hadm_id"].map(split_of)
@@ -175,10 +183,9 @@ def edin_clean_text(text: pd.Series) -> pd.Series:
 
 
 def _find(root: str, stem: str) -> Path:
-    for suffix in (".csv.gz", ".csv"):
-        path = Path(root) / f"{stem}{suffix}"
-        if path.is_file():
-            return path
+    path = first_existing(root, stem, MIMIC_SUFFIXES)
+    if path is not None:
+        return path
     raise InputError(f"missing MIMIC file (looked for {stem}.csv.gz and {stem}.csv).",
                      file=str(Path(root) / f"{stem}.csv.gz"), fix=PHYSIONET_FIX)
 
@@ -245,6 +252,12 @@ def _codes_per_admission(df: pd.DataFrame, path: Path, is_diag: bool) -> tuple[p
     df = df[(version == 10) & df["icd_code"].notna()].copy()
     df["hadm_id"] = _int_column(df, "hadm_id", path)
     df["code"] = [format_icd10(c, is_diag) for c in df["icd_code"]]
+    malformed = ~df["code"].str.replace(".", "", regex=False).str.fullmatch(ICD10_CODE) & (df["code"] != "")
+    if malformed.any():  # else it would be counted as a rare code and dropped from the gold labels unseen
+        r = df[malformed].iloc[0]
+        raise InputError(f"icd_code {r.icd_code!r} is not an ICD-10 code (3 to 7 letters and digits; MIMIC-IV "
+                         f"writes them without dots); {int(malformed.sum())} row(s) like it.", file=str(path),
+                         row=int(r["_row"]), fix="use the unmodified MIMIC-IV hosp file, or correct the code.")
     df = df[df["code"] != ""].drop_duplicates(subset=["hadm_id", "code"])
     first_row = df.groupby("code")["_row"].min().astype(int).to_dict()
     lists = df.sort_values(["hadm_id", "code"]).groupby("hadm_id")["code"].agg(list)
@@ -281,11 +294,6 @@ def _random_split(docs: pd.DataFrame, fractions: tuple[float, float, float], see
     split_of_subject.update({s: "val" for s in order[n_test:n_test + n_val]})
     split_of_subject.update({s: "train" for s in order[n_test + n_val:]})
     return dict(zip(docs["hadm_id"], docs["subject_id"].map(split_of_subject), strict=True))
-
-
-def _resolve(root: str, split_file: str) -> Path:
-    path = Path(split_file)
-    return path if path.is_absolute() or path.exists() else Path(root) / split_file
 
 
 def _split_from_file(docs: pd.DataFrame, path: Path, stats: dict) -> dict[int, str]:

@@ -36,6 +36,7 @@ import pandas as pd
 from ..errors import ConfigError, InputError
 from ..io import named_read_errors
 from .base import PreparedDataset
+from .sources import WIKI_FILTER, WIKI_SUFFIXES, first_existing
 
 FIX_DOWNLOAD = ("download LF-WikiSeeAlso-320K raw text from the Extreme Classification Repository "
                 "(http://manikvarma.org/downloads/XC/XMLRepository.html) and unpack trn.json.gz, "
@@ -56,9 +57,12 @@ def load_wikiseealso(root: str, *, val_fraction: float = 0.05, seed: int = 0) ->
     label_ids = labels["label_id"].tolist()
 
     seen: dict[str, tuple[Path, int]] = {}
-    trn = _read_docs(_find(root, "trn"), label_ids, seen, stats)
-    tst_path = _find(root, "tst")
+    trn_path, tst_path = _find(root, "trn"), _find(root, "tst")
+    trn = _read_docs(trn_path, label_ids, seen, stats)
     tst = _read_docs(tst_path, label_ids, seen, stats)
+    for path, df in ((trn_path, trn), (tst_path, tst)):  # before filter_labels_test.txt is read against it
+        if df.empty:
+            raise InputError("the file holds no document.", file=str(path), fix=FIX_FILE)
     tst_row_ids = tst["doc_id"].tolist()  # filter_labels_test.txt indexes all tst rows
     for name, df in (("trn", trn), ("tst", tst)):  # the contract needs >= 1 label per document
         stats[f"docs_without_labels_dropped_{name}"] = int((df["labels"].apply(len) == 0).sum())
@@ -75,7 +79,7 @@ def load_wikiseealso(root: str, *, val_fraction: float = 0.05, seed: int = 0) ->
     stats["n_labels"] = len(labels)
 
     excluded = None
-    filter_path = Path(root) / "filter_labels_test.txt"
+    filter_path = Path(root) / WIKI_FILTER
     if filter_path.is_file():
         excluded = _read_filter(filter_path, tst_row_ids, label_ids, tst_path, lbl_path)
         kept = excluded["doc_id"].isin(tst["doc_id"])
@@ -88,10 +92,9 @@ def load_wikiseealso(root: str, *, val_fraction: float = 0.05, seed: int = 0) ->
 
 
 def _find(root: str, stem: str) -> Path:
-    for name in (f"{stem}.json.gz", f"{stem}.json"):
-        path = Path(root) / name
-        if path.is_file():
-            return path
+    path = first_existing(root, stem, WIKI_SUFFIXES)
+    if path is not None:
+        return path
     raise InputError(f"missing file (looked for {stem}.json.gz and {stem}.json).",
                      file=str(Path(root) / f"{stem}.json.gz"), fix=FIX_DOWNLOAD)
 

@@ -251,6 +251,40 @@ def test_mimic_bad_icd_version(tmp_path):
         load_mimic4_icd10(str(root), min_code_count=3)
 
 
+def test_mimic_malformed_code_is_named_not_dropped(tmp_path):
+    """I50-22 would format to "I50.-22", count as a rare code and vanish from the gold labels unseen."""
+    root = copy_fixture(MIMIC, tmp_path)
+    path = root / "hosp" / "diagnoses_icd.csv.gz"
+    diag = read_csv_gz(path)
+    row = int(diag.index[diag["icd_version"] == "10"][0])
+    diag.loc[row, "icd_code"] = "I50-22"
+    write_csv_gz(path, diag)
+    with pytest.raises(InputError, match=re.escape(f"{path}, row {row + 1}: icd_code 'I50-22' is not an ICD-10 code")):
+        load_mimic4_icd10(str(root), min_code_count=3)
+
+
+def test_wiki_empty_test_file_is_named(tmp_path):
+    """An empty tst file is the error (before, filter_labels_test.txt was blamed for pointing past it)."""
+    root = copy_fixture(WIKI, tmp_path)
+    (root / "tst.json.gz").write_bytes(gzip.compress(b""))
+    with pytest.raises(InputError, match=re.escape(f"{root / 'tst.json.gz'}: the file holds no document")):
+        load_wikiseealso(str(root))
+
+
+def test_adapter_files_are_what_the_adapters_read(tmp_path):
+    from mechdistill.data.sources import adapter_files
+
+    wiki = copy_fixture(WIKI, tmp_path)
+    assert adapter_files("wikiseealso", {"root": str(wiki)}) == sorted(
+        str(wiki / name) for name in ("lbl.json.gz", "trn.json.gz", "tst.json.gz", "filter_labels_test.txt"))
+    mimic = copy_fixture(MIMIC, tmp_path)
+    files = adapter_files("mimic4_icd10", {"root": str(mimic), "include_procedures": False})
+    assert files == sorted(str(mimic / f) for f in ("note/discharge.csv.gz", "hosp/diagnoses_icd.csv.gz",
+                                                     "hosp/d_icd_diagnoses.csv.gz"))
+    assert len(adapter_files("mimic4_icd10", {"root": str(mimic)})) == 5
+    assert adapter_files("icd10cm_controlled", {"n_docs": {"train": 3}}) == []
+
+
 def test_mimic_bad_split_file(tmp_path):
     bad = tmp_path / "split.csv"
     pd.DataFrame({"_id": [22595853, 20626031], "split": ["train", "dev"]}).to_csv(bad, index=False)
