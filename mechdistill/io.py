@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import json
 import os
 import shutil
+import struct
 import tempfile
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -147,6 +149,32 @@ def to_table(df: pd.DataFrame, kind: str | None = None) -> pa.Table:
     fields = list(schema) + [pa.field(c, typed[c]) if c in typed else
                              pa.Schema.from_pandas(df[[c]], preserve_index=False).field(c) for c in extra]
     return pa.Table.from_pandas(df[schema.names + extra], schema=pa.schema(fields), preserve_index=False)
+
+
+def canonical_safetensors_header(path: str | os.PathLike) -> None:
+    """Rewrite a safetensors file's JSON header in a fixed order: metadata keys sorted, then the tensors
+    by offset. The safetensors library writes its metadata map in a random order, so two saves of the
+    same tensors differ in bytes; after this they are equal. Only the header's key order changes (the
+    same bytes in another order: the length is kept); the tensor data is not touched."""
+    with open(path, "r+b") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+        ordered = {"__metadata__": dict(sorted(header.pop("__metadata__").items()))} if "__metadata__" in header else {}
+        ordered.update(sorted(header.items(), key=lambda item: (item[1]["data_offsets"], item[0])))
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > length:  # not a reordering of what the library wrote: leave the file as it is
+            return
+        f.seek(8)
+        f.write(text + b" " * (length - len(text)))
+
+
+def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """sha1 of a file's bytes (streamed): what a resumable state keys its inputs by."""
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_parquet(df: pd.DataFrame, path: str | os.PathLike, kind: str | None = None) -> None:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..characterize.scores import DEFAULT_COARSE, CoarseVariant
-from ..io import atomic_path, write_parquet
+from ..io import atomic_path, canonical_safetensors_header, write_parquet
 from .objective import teacher_targets
 from .pools import HeadPool, pools_json
 from .signals import Example
@@ -80,6 +80,7 @@ def save_targets(tensors: dict[str, Tensor], table: pd.DataFrame, pools: dict[st
     with atomic_path(tensors_path) as tmp:
         save_file(tensors, str(tmp), metadata={"teacher": teacher, "pools": pools_json(pools), "top_k": str(top_k),
                                                "interaction_scales": json.dumps(scales)})
+        canonical_safetensors_header(tmp)  # the same targets, the same bytes
     write_parquet(table.assign(pools=pools_json(pools)), table_path)
 
 

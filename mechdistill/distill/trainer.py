@@ -56,6 +56,7 @@ last step's weights in memory; out_dir gets the best step's.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -92,6 +93,8 @@ LOG_FILE = "train_log.parquet"
 DEEPSPEED_TAG = "engine"
 DEEPSPEED_WEIGHTS_FILE = "weights.pt"  # a best step's consolidated state dict under DeepSpeed
 RECORD_FILE = "best_step.json"
+KEY_FILE = "run_key.json"  # what determined the checkpoint: a resume under another one starts fresh
+BOOKKEEPING_FIELDS = ("log_every", "checkpoint_every")  # TrainConfig fields that do not change the weights
 LOG_COLUMNS = ["split", "step", "epoch", "lr", "grad_norm", "elapsed_s"]
 
 
@@ -634,6 +637,7 @@ class _Run:
     elapsed_before: float = 0.0
     best: BestStep | None = None
     checkpoint_best: int | None = None  # the best step the last checkpoint recorded
+    key: dict[str, Any] = field(default_factory=dict)  # checkpoint_key: written beside every checkpoint
 
     # -- steps
 
@@ -765,6 +769,7 @@ class _Run:
         self.backend.save_checkpoint(tmp, state)
         if self.backend.is_main:
             self.log_frame().to_parquet(tmp / LOG_FILE, index=False)
+            write_json(tmp / KEY_FILE, self.key)
         self.backend.barrier()
         self.checkpoint_best = self.best and self.best.step
         if self.backend.is_main:
@@ -793,7 +798,6 @@ class _Run:
         log = pd.read_parquet(self.ckpt_dir / LOG_FILE)
         log = log[log["step"] <= self.progress.step]
         self.rows = [{k: v for k, v in row.items() if not _is_missing(v)} for row in log.to_dict("records")]
-        _warn_on_config_change(state["config"], self.config)
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", self.ckpt_dir,
                     self.progress.step, self.progress.epoch, self.progress.batch_index)
 
@@ -802,12 +806,31 @@ def _primitive_config(config: TrainConfig) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
 
 
-def _warn_on_config_change(saved: Mapping[str, Any], config: TrainConfig) -> None:
-    current = _primitive_config(config)
-    changed = sorted(k for k in current if saved.get(k) != current[k])
+def checkpoint_key(config: TrainConfig, run_key: str = "") -> dict[str, Any]:
+    """What a checkpoint must have been made under to be resumed: every TrainConfig field but the
+    bookkeeping ones, and `run_key` (the caller's hash of its loss, data and models)."""
+    primitive = _primitive_config(config)
+    return {"train": {k: v for k, v in primitive.items() if k not in BOOKKEEPING_FIELDS}, "run": run_key}
+
+
+def stale_checkpoint(ckpt_dir: Path, key: Mapping[str, Any]) -> str | None:
+    """Why the checkpoint in `ckpt_dir` cannot be resumed under `key` (None: it can)."""
+    path = ckpt_dir / KEY_FILE
+    if not path.exists():
+        return f"it records no configuration ({KEY_FILE} is missing: written by an older mechdistill)"
+    saved = json.loads(path.read_text())
+    train_saved, train_now = saved.get("train", {}), key["train"]
+    changed = sorted(k for k in set(train_saved) | set(train_now) if train_saved.get(k) != train_now.get(k))
     if changed:
-        logger.warning("resuming with changed TrainConfig fields %s (checkpoint had %s)",
-                       changed, {k: saved.get(k) for k in changed})
+        return "TrainConfig changed: " + ", ".join(f"{k} {train_saved.get(k)!r} -> {train_now.get(k)!r}" for k in changed)
+    if saved.get("run") != key["run"]:
+        return "the run's other settings or inputs changed (loss weights, method, heads, models or input files)"
+    return None
+
+
+def resumable(ckpt_dir: Path, config: TrainConfig, run_key: str = "") -> bool:
+    """Whether `train` will resume from `ckpt_dir` (a checkpoint made under this config and key)."""
+    return (ckpt_dir / STATE_FILE).exists() and stale_checkpoint(ckpt_dir, checkpoint_key(config, run_key)) is None
 
 
 def _is_missing(value: Any) -> bool:
@@ -847,6 +870,7 @@ def train(
     keep_checkpoint: bool = True,
     whole_params: Iterable[nn.Parameter] = (),
     on_start: Callable[[nn.Module], None] | None = None,
+    run_key: str = "",
 ) -> TrainResult:
     """Train `model` for `config.max_steps` optimizer steps on `loss_fn`; resume from `ckpt_dir`.
 
@@ -868,6 +892,9 @@ def train(
         under ZeRO-3 (`DeepSpeedBackend.keep_whole`), ignored on one device.
     on_start: called with the model (unwrapped, on its device, its initial weights, before a checkpoint is
         loaded) once the backend is ready: under ZeRO-3 forwards work only from then on.
+    run_key: a hash of what determines the run besides `config` (loss, data, models). A checkpoint
+        made under another key or TrainConfig (but for BOOKKEEPING_FIELDS) is deleted, with a warning
+        that says what changed, and training starts fresh.
     """
     out_dir = Path(out_dir)
     ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else out_dir.parent / "ckpt"
@@ -876,12 +903,18 @@ def train(
     _check_reiterable(val_batches)
     seed_everything(config.seed, config.deterministic)
     run = _Run(_make_backend(model, config, deepspeed_config), loss_fn, config, ckpt_dir, log_path,
-               val_batches, criterion if val_batches is not None else None)
+               val_batches, criterion if val_batches is not None else None, key=checkpoint_key(config, run_key))
     run.backend.keep_whole(whole_params)
     if on_start is not None:
         on_start(run.backend.module)
     if run.backend.is_main:
         recover_dir(ckpt_dir)
+    run.backend.barrier()
+    stale = stale_checkpoint(ckpt_dir, run.key) if (ckpt_dir / STATE_FILE).exists() else None
+    run.backend.barrier()  # every rank has read the key before rank 0 deletes a stale checkpoint
+    if stale is not None and run.backend.is_main:
+        logger.warning("not resuming from %s: %s; training from scratch", ckpt_dir, stale)
+        shutil.rmtree(ckpt_dir)
     run.backend.barrier()
     if (ckpt_dir / STATE_FILE).exists():
         run.load_checkpoint()

@@ -23,6 +23,7 @@ reason (`Pair.reason`) and counted.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -35,6 +36,7 @@ from ..anchors.embed import encode_windowed
 from ..anchors.segment import token_offsets, token_units
 from ..anchors.trajectories import centroid, confusion_prefixes, cosine, focus_curve
 from ..characterize.attention import Head
+from ..characterize.teacher_forcing import length_cap
 from .corruptions import (
     Corruption,
     find_occurrences,
@@ -45,6 +47,8 @@ from .corruptions import (
 )
 from .head_sets import control_head_sets
 from .runs import DocumentRuns, HeadSet, heads_by_layer, model_heads, patched_runs
+
+log = logging.getLogger(__name__)
 
 STOPWORDS = frozenset("""
 a an and are as at be been but by for from had has have he her his in into is it its not of on or
@@ -85,6 +89,9 @@ class Pair:
                     corruption_mode=self.mode, terms=list(self.terms), term_sources=list(self.term_sources),
                     detail=self.detail,
                     n_tokens=int(self.clean_ids.numel()) if self.clean_ids is not None else 0)
+
+
+PAIR_COLUMNS = list(Pair("", "", False, "").record())  # the pairs table's columns, in record() order
 
 
 def document_region(prompt_text: str, document: str) -> tuple[int, int] | None:
@@ -304,7 +311,8 @@ def patch_document(phase: str, model, tokenizer, embedder, doc_id: str, prompt_t
     Phase 2: prompt + the teacher's early CoT vs the same steered toward a near-miss;
     `settings["late_tokens"]` generated; metric Near-Miss Confusion. settings: config["patching"].
     A pair that cannot be aligned gives no runs (its record says why); `on_batch(n)` counts the
-    head-set runs done (or skipped) of the 2 x len(head_sets).
+    head-set runs done (or skipped) of the 2 x len(head_sets). A pair longer than `settings["max_tokens"]`
+    (default: the model's context) with its generated tokens is not run (reason "too long: ...").
     """
     n_steps = early_tokens if phase == "phase1" else settings["late_tokens"]
     every_head = phase == "phase1" and settings["phase1_corruption"] == "all_heads"
@@ -323,6 +331,12 @@ def patch_document(phase: str, model, tokenizer, embedder, doc_id: str, prompt_t
         if pair.aligned and not near_titles:
             pair.aligned, pair.reason = False, "no near-misses (Confusion undefined)"
         metric = confusion_metric(tokenizer, embedder, anchor_text, near_titles)
+    cap = length_cap(settings.get("max_tokens"), model)
+    if pair.aligned and cap is not None:
+        longest = max(len(pair.clean_ids), len(pair.corrupt_ids)) + n_steps
+        if longest > cap:
+            pair.aligned, pair.reason = False, f"too long: {longest} tokens with the generated ones > max_tokens {cap}"
+            log.warning("patching %s %s: %s", phase, doc_id, pair.reason)
     rows = []
     if pair.aligned:
         if "clean" not in runs.refs:

@@ -19,6 +19,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from .. import paths
 from ..characterize.attention import attention_modules
 from ..characterize.scores import CoarseVariant
+from ..characterize.teacher_forcing import length_cap
 from ..distill.baselines.recipe import Item, RecipeContext, TeacherDataContext, items_frame
 from ..distill.launch import gather_to_all, init_distributed, shard
 from ..distill.methods import check_methods, grid_point, method_grid, needs_teacher_data, resolve_method
@@ -35,12 +36,13 @@ from ..distill.targets import (
     save_targets,
     target_tensors,
 )
-from ..distill.trainer import STATE_FILE, Criterion, Padding, train, train_config, zero3_config
+from ..distill.trainer import Criterion, Padding, resumable, train, train_config, zero3_config
 from ..errors import ConfigError
 from ..evaluate.xmc import macro_f1
-from ..io import SplitArtifacts, read_json, read_parquet, read_split, write_parquet
+from ..io import SplitArtifacts, file_digest, read_json, read_parquet, read_split, write_parquet
 from ..labels import LabelSpace
-from ..models import load_model, pick_device, placement, with_distilled_model
+from ..models import load_model, pick_device, placement, spec_key, with_distilled_model
+from ..shards import content_key
 from ..teacher.backends import TransformersBackend, make_backend, student_generation, text_generator
 from ..teacher.generate import generate_cot
 from ..teacher.prompts import render_prompt
@@ -53,6 +55,17 @@ def _pools(config: dict, model, dataset: str, model_name: str, coarse_path: Path
            refine_path: PathLike | None = None) -> dict[str, HeadPool]:
     return model_pools(config["distill"]["pools"], model, coarse_path or paths.head_scores(dataset, model_name, "coarse"),
                        refine_path or paths.head_scores(dataset, model_name, "refine"))
+
+
+def run_key(config: dict, student: str, method_name: str, point: str | None, method_settings: dict,
+            read_files: list[PathLike | None]) -> str:
+    """What determines a distillation run besides its TrainConfig (the trainer keys that itself): the
+    distill settings, the method at its grid point, the head settings, both models and the bytes of
+    every file it reads. A checkpoint made under another key is not resumed (`trainer.train`)."""
+    files = sorted({str(f) for f in read_files if f is not None and Path(f).is_file()})
+    return content_key({k: v for k, v in config["distill"].items() if k != "train"}, method_name, point,
+                       method_settings, config["heads"], config["seed"], spec_key(config, student),
+                       spec_key(config, config["teacher"]), {f: file_digest(f) for f in files})
 
 
 def run_teacher_targets(config: dict, dataset: str, split: str, *, inputs: dict[str, PathLike] | None = None,
@@ -68,8 +81,8 @@ def run_teacher_targets(config: dict, dataset: str, split: str, *, inputs: dict[
     model, tokenizer = load_model(config, teacher, device=settings["train"]["device"], dtype=settings["teacher_dtype"],
                                   **placement(settings, "teacher_"))
     pools = _pools(config, model, dataset, teacher, coarse_path, refine_path)
-    examples = make_examples(tokenizer, read_split(inputs, settings.get("max_docs")),
-                             teacher)
+    examples = make_examples(tokenizer, read_split(inputs, settings.get("max_docs")), teacher,
+                             length_cap(settings.get("max_tokens"), model))
     tensors, table = target_tensors(model, examples, pools, config["heads"]["tau"], settings["top_k"],
                                     desc=f"teacher targets {teacher}", coarse=CoarseVariant(**config["heads"]["coarse"]))
     scales = interaction_scales(by_document(tensors).values())
@@ -119,7 +132,16 @@ def run_distill(config: dict, dataset: str, student: str, method_name: str, poin
                                                                                       method_name, split),
                       **((inputs or {}).get(split) or {})} for split in ("train", "val")}
     tcfg = train_config(settings["train"], method_settings.get("train"), config["seed"])
+    read_files = [f for split in inputs for f in inputs[split].values()] + [
+        student_coarse or paths.head_scores(dataset, student, "coarse"),
+        student_refine or paths.head_scores(dataset, student, "refine"),
+        teacher_coarse or paths.head_scores(dataset, teacher, "coarse"),
+        teacher_refine or paths.head_scores(dataset, teacher, "refine"),
+        train_targets_path or paths.targets_tensors(dataset, teacher, "train"),
+        val_targets_path or paths.targets_tensors(dataset, teacher, "val")]
+    key = run_key(config, student, method_name, point, method_settings, read_files)
     where = paths.grid_method(method_name, point)  # the point's folder, as a `method` argument of paths
+    ckpt = Path(ckpt_dir or paths.checkpoint_dir(dataset, student, where))
     started = time.perf_counter()
     ds_config = deepspeed_config(settings, tcfg)
     rank, world = init_distributed(tcfg.device) if ds_config else (0, 1)
@@ -134,7 +156,8 @@ def run_distill(config: dict, dataset: str, student: str, method_name: str, poin
     pools = _pools(config, model, dataset, student, student_coarse, student_refine)
     splits = {split: read_split(inputs[split], settings.get("max_docs"))
               for split in ("train", "val")}
-    examples = {split: make_examples(tokenizer, splits[split], student) for split in splits}
+    examples = {split: make_examples(tokenizer, splits[split], student, length_cap(settings.get("max_tokens"), model))
+                for split in splits}
     recipe = method.baseline.recipe() if method.baseline is not None else None
     if recipe is None:
         loss_fn, batches = _mechanistic_objective(config, dataset, settings, method, method_settings, splits, examples,
@@ -149,7 +172,7 @@ def run_distill(config: dict, dataset: str, student: str, method_name: str, poin
     else:
         baseline = _Baseline(recipe, recipe.params(method_settings.get("params")), tokenizer, splits, tcfg.seed,
                              {split: inputs[split].get("baseline_data") for split in splits},
-                             Path(ckpt_dir or paths.checkpoint_dir(dataset, student, where)), rank, world)
+                             ckpt, resumable(ckpt, tcfg, key), rank, world)
         loss_fn, train_items, val_batches, prepare = baseline.loss, baseline.epoch, baseline.val, baseline.prepare
         recorded = baseline.recorded
 
@@ -186,9 +209,9 @@ def run_distill(config: dict, dataset: str, student: str, method_name: str, poin
     result = train(model, loss_fn, train_batches, tcfg, model_dir or paths.student_model_dir(dataset, student, where),
                    val_batches=val_batches, tokenizer=tokenizer,
                    log_path=log_path or paths.train_log(dataset, student, where),
-                   ckpt_dir=ckpt_dir or paths.checkpoint_dir(dataset, student, where),
+                   ckpt_dir=ckpt,
                    deepspeed_config=ds_config, criterion=criterion, whole_params=read_outside_forward(model, pools),
-                   on_start=on_start,
+                   on_start=on_start, run_key=key,
                    record_path=best_path or paths.best_step(dataset, student, where), keep_checkpoint=False,
                    on_step=_kill_after_step(os.environ.get(KILL_AFTER_STEP)))
     train_log = result.log[result.log["split"] == "train"]
@@ -221,8 +244,10 @@ def _mechanistic_objective(config: dict, dataset: str, settings: dict, method, m
         online = OnlineTargets(teacher_model, _pools(config, teacher_model, dataset, teacher, teacher_coarse,
                                                      teacher_refine), tau, settings["top_k"], coarse)
         for split in splits:
-            online.add(make_examples(teacher_tok, splits[split], teacher))
+            online.add(make_examples(teacher_tok, splits[split], teacher,
+                                     length_cap(settings.get("max_tokens"), teacher_model)))
         get_targets = {split: online for split in splits}
+        has_targets = {split: set(online.examples) for split in splits}
         scales = interaction_scales(online(doc_id) for doc_id in splits["train"].anchors["doc_id"]
                                     if doc_id in online.examples)
     else:
@@ -230,6 +255,7 @@ def _mechanistic_objective(config: dict, dataset: str, settings: dict, method, m
         loaded = {"train": load_targets(train_path),
                   "val": load_targets(val_targets_path or paths.targets_tensors(dataset, teacher, "val"))}
         get_targets = {split: loaded[split].__getitem__ for split in splits}
+        has_targets = {split: set(loaded[split]) for split in splits}
         scales = load_interaction_scales(train_path)  # the training targets' scale, for train and val alike
     weights = {**(settings.get("weights") or {}), **(method_settings.get("weights") or {})}
     log.info("loss weights %s, interaction scales %s", weights, scales)
@@ -239,7 +265,13 @@ def _mechanistic_objective(config: dict, dataset: str, settings: dict, method, m
         return student_loss(model, ex, get_targets[split](ex.doc_id), pools, method, tau, settings["temperature"],
                             weights, coarse=coarse, scales=scales)
 
-    return loss_fn, {split: [(ex, split) for ex in examples[split]] for split in examples}
+    for split in examples:  # the teacher skipped them (longer than its max_tokens): no target to learn from
+        untargeted = [ex.doc_id for ex in examples[split] if ex.doc_id not in has_targets[split]]
+        if untargeted:
+            log.warning("%s: %d documents have no teacher targets (skipped by the teacher's length cap?) and are "
+                        "not trained on: %s", split, len(untargeted), untargeted[:10])
+    return loss_fn, {split: [(ex, split) for ex in examples[split] if ex.doc_id in has_targets[split]]
+                     for split in examples}
 
 
 def _example_rows(examples: list, split: str) -> pd.DataFrame:
@@ -265,7 +297,7 @@ class _Baseline:
     dropped when a run starts afresh."""
 
     def __init__(self, recipe, params: dict, tokenizer, splits: dict, seed: int, data_paths: dict,
-                 ckpt_dir: Path, rank: int, world: int) -> None:
+                 ckpt_dir: Path, resuming: bool, rank: int, world: int) -> None:
         self.recipe, self.params, self.rank, self.world = recipe, params, rank, world
         teacher_data = {split: read_parquet(path) if path else None for split, path in data_paths.items()}
         self.contexts = {split: RecipeContext(tokenizer, splits[split], split, params, seed, teacher_data[split])
@@ -276,7 +308,7 @@ class _Baseline:
         self.labels: pd.DataFrame | None = None
         self.epochs: dict[int, list[Item]] = {}
         self.module = None
-        if recipe.relabel is not None and not (ckpt_dir / STATE_FILE).exists():
+        if recipe.relabel is not None and not resuming:
             self.labels_path.unlink(missing_ok=True)  # a fresh run: labels of an earlier run are stale
 
     def prepare(self, module) -> None:

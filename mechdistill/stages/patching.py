@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from .. import paths
 from ..anchors.embed import SentenceEmbedder
-from ..io import read_parquet, read_split, write_parquet
+from ..io import file_digest, read_parquet, read_split, write_parquet
 from ..models import load_model, placement, spec_key
 from ..patching import experiment
 from ..patching.effects import summarize_patching
@@ -34,7 +34,8 @@ def run_patching(config: dict, dataset: str, phase: str, *, inputs: dict[str, Pa
     inputs: the split's files (default `paths.split_files`).
 
     One finished document at a time is kept (`shards.Shards`): a killed job resumes after its last
-    finished document.
+    finished document, if the settings, the model, the head ranking and the bytes of the split's files
+    are those of the killed run (else it starts afresh).
     """
     settings, teacher, seed = config["patching"], config["teacher"], config["seed"]
     split = paths.characterization_split(config, settings["split"])
@@ -48,7 +49,8 @@ def run_patching(config: dict, dataset: str, phase: str, *, inputs: dict[str, Pa
     model, tokenizer = load_model(config, teacher, device=settings["device"], dtype=settings["dtype"],
                                   **placement(settings))
     embedder = SentenceEmbedder(config["embedder"])
-    data = read_split({**paths.split_files(dataset, teacher, split), **(inputs or {})}, settings.get("max_docs"))
+    files = {**paths.split_files(dataset, teacher, split), **(inputs or {})}
+    data = read_split(files, settings.get("max_docs"))
     scores = read_parquet(head_scores_path).dropna(subset=["score"]).sort_values("score", ascending=False, kind="stable")
     ranked = [(int(r.layer), int(r.head)) for r in scores.itertuples()]
     ranked_scores = [float(x) for x in scores["score"]]
@@ -70,7 +72,8 @@ def run_patching(config: dict, dataset: str, phase: str, *, inputs: dict[str, Pa
              sorted({s.k for s in head_sets}), early_tokens if phase == "phase1" else settings["late_tokens"])
     shards = Shards(summary_path, "docs", content_key(phase, settings, early_tokens, spec_key(config, teacher),
                                                        config["embedder"], repetition_penalty, ranked, ranked_scores,
-                                                       control_scores, seed))
+                                                       control_scores, seed,
+                                                       {k: file_digest(f) for k, f in sorted(files.items())}))
     rows, pairs = [], []
     bar = tqdm(total=len(data.anchors) * 2 * len(head_sets),
                desc=f"patching {phase} (document x head set x direction)", unit="run")
@@ -92,7 +95,7 @@ def run_patching(config: dict, dataset: str, phase: str, *, inputs: dict[str, Pa
         rows += done["rows"]
         pairs.append(done["pair"])
     bar.close()
-    pairs_df = pd.DataFrame(pairs)
+    pairs_df = pd.DataFrame(pairs, columns=experiment.PAIR_COLUMNS)  # a resumed pair comes back with sorted keys
     runs_df = pd.DataFrame(rows, columns=RUN_COLUMNS)
     summary = summarize_patching(runs_df, phase, settings["min_gap"], settings["n_bootstrap"], seed)
     _log_patching(phase, pairs_df, runs_df, summary)

@@ -48,13 +48,14 @@ def generate_cot(config: dict, model_name: str, prompts: pd.DataFrame, space, ou
     engine (the backend that wrote the row and its version, e.g. "vllm 0.32.0 (cpu, eager, float32)").
     """
     gen = {**config["generation"], "backend": resolve_backend(config["generation"])}  # auto: what runs here
+    # The shards hold generations only; parsing (label space, fuzzy_threshold) runs over all of them
+    # at the end, so a resumed run and a fresh one map labels by the same, current settings.
     shards = Shards(out_path, "shards", fingerprint(config, model_name, gen, prompts))
     size = gen["shard_size"]
     names = {start: f"shard-{start // size:05d}.parquet" for start in range(0, len(prompts), size)}
     todo = [start for start, name in names.items() if not shards.done(name)]
     if len(todo) < len(names):
         log.info("resuming: %d of %d shards already done in %s", len(names) - len(todo), len(names), shards.dir)
-    parser = AnswerParser(space, gen.get("fuzzy_threshold", 90))
     if todo:
         backend = (backend_factory or (lambda: make_backend(config, model_name, gen, dataset, split)))()
         engine = getattr(backend, "engine", type(backend).__name__)
@@ -66,26 +67,38 @@ def generate_cot(config: dict, model_name: str, prompts: pd.DataFrame, space, ou
         for start in todo:
             shard = prompts.iloc[start:start + size]
             outputs = _run_backend(backend, shard, gen)
-            rows = []
-            for (doc_id, cands), g in zip(shard[["doc_id", "candidates"]].itertuples(index=False), outputs):
-                parsed = parser.parse(g.text, list(cands))
-                rows.append(dict(doc_id=doc_id, cot=parsed.cot, answer=parsed.answer,
-                                 pred_labels=parsed.pred_labels, unmapped=parsed.unmapped,
-                                 n_tokens=g.n_tokens, finish_reason=g.finish_reason, raw=g.text,
-                                 has_answer_block=parsed.has_answer_block, forced_answer=g.forced_answer,
-                                 n_answer_blocks=parsed.n_answer_blocks,
-                                 outside_candidates=parsed.outside_candidates, engine=engine))
-            shards.write_parquet(names[start], pd.DataFrame(rows, columns=COT_COLUMNS), "cot")
+            rows = [dict(doc_id=doc_id, raw=g.text, n_tokens=g.n_tokens, finish_reason=g.finish_reason,
+                         forced_answer=g.forced_answer, engine=engine)
+                    for doc_id, g in zip(shard["doc_id"], outputs)]
+            shards.write_parquet(names[start], pd.DataFrame(rows, columns=GENERATION_COLUMNS))
             bar.update(len(shard))
         bar.close()
         if hasattr(backend, "close"):  # vLLM's engine process
             backend.close()
     parts = [shards.read_parquet(name) for name in names.values()]
-    result = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=COT_COLUMNS)
+    generations = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=GENERATION_COLUMNS)
+    result = parse_generations(generations, prompts, AnswerParser(space, gen.get("fuzzy_threshold", 90)))
     write_parquet(result, out_path, "cot")
     shards.clear()
     summarize_cot(result, dataset, split)
     return result
+
+
+GENERATION_COLUMNS = ["doc_id", "raw", "n_tokens", "finish_reason", "forced_answer", "engine"]
+
+
+def parse_generations(generations: pd.DataFrame, prompts: pd.DataFrame, parser: AnswerParser) -> pd.DataFrame:
+    """The CoT artifact's rows: each generation (GENERATION_COLUMNS) parsed against its prompt's candidates."""
+    candidates = dict(zip(prompts["doc_id"], prompts["candidates"]))
+    rows = []
+    for g in generations.itertuples(index=False):
+        parsed = parser.parse(g.raw, list(candidates[g.doc_id]))
+        rows.append(dict(doc_id=g.doc_id, cot=parsed.cot, answer=parsed.answer, pred_labels=parsed.pred_labels,
+                         unmapped=parsed.unmapped, n_tokens=int(g.n_tokens), finish_reason=g.finish_reason,
+                         raw=g.raw, has_answer_block=parsed.has_answer_block, forced_answer=bool(g.forced_answer),
+                         n_answer_blocks=parsed.n_answer_blocks, outside_candidates=parsed.outside_candidates,
+                         engine=g.engine))
+    return pd.DataFrame(rows, columns=COT_COLUMNS)
 
 
 COT_COLUMNS = ["doc_id", "cot", "answer", "pred_labels", "unmapped", "n_tokens", "finish_reason", "raw",

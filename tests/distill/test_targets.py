@@ -33,3 +33,35 @@ def test_interaction_scales_by_hand_and_stored_with_the_tensors(tmp_path):
     assert load_interaction_scales(tmp_path / "t.safetensors") == pytest.approx(scales)
     assert torch.equal(load_targets(tmp_path / "t.safetensors")["b"]["p1.align"], docs["b"]["p1.align"])
     assert interaction_scales([{"p1.sharpness": t([0.0]), "p1.align": t([1.0]), "p1.mask": t([True])}])["phase1"] == 1.0
+
+
+def test_the_same_targets_are_the_same_bytes(tmp_path):
+    """safetensors writes its metadata map in a random order (4 keys here: 24 orders); `save_targets`
+    puts the header in a fixed one, so reruns give byte-identical files that still load."""
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    t = torch.tensor
+    tensors = {"a/p1.mask": t([True, False]), "a/topk_values": t([[2.0, 1.0]]), "b/topk_ids": t([[3, 1]])}
+    pools = {"phase1": HeadPool(heads=[(0, 1)], weights=t([1.0]))}
+    table = pd.DataFrame({"doc_id": ["a", "b"]})
+    files = []
+    for i in range(6):
+        files.append(tmp_path / f"{i}.safetensors")
+        save_targets(tensors, table, pools, "teacher", 4, tmp_path / f"{i}.parquet", files[-1], {"phase1": 1.0})
+    assert len({f.read_bytes() for f in files}) == 1
+    header = files[0].read_bytes()[8:400].decode(errors="ignore")
+    assert header.index('"interaction_scales"') < header.index('"pools"') < header.index('"teacher"') \
+        < header.index('"top_k"')
+    with safe_open(str(files[0]), "pt") as f:
+        assert f.metadata()["teacher"] == "teacher" and torch.equal(f.get_tensor("b/topk_ids"), t([[3, 1]]))
+    # the library's own order really varies (so the test above can fail): raw saves in fresh processes
+    script = ("import sys, torch; from safetensors.torch import save_file; "
+              "save_file({'x': torch.zeros(1)}, sys.argv[1], metadata={k: k for k in 'abcdefgh'})")
+    raw = set()
+    for i in range(4):  # 8 metadata keys: 4 processes agree by chance with probability (1/8!)^3
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / f"raw{i}.st")], check=True)
+        raw.add((tmp_path / f"raw{i}.st").read_bytes())
+    assert len(raw) > 1

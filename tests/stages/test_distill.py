@@ -92,6 +92,36 @@ def test_distill_vanilla_never_computes_head_signals(tiny):
     assert mechanism["doc_id"].nunique() == 2 and set(mechanism["doc_id"]) <= train_ids  # of 3 train + 2 val
 
 
+def test_a_distill_checkpoint_is_not_resumed_after_the_loss_weights_change(tiny, tmp_path, monkeypatch, caplog):
+    """Stopped after step 1 under the default weights, rerun with cot.kl 0: the run must start fresh and
+    save what a clean run with cot.kl 0 saves (before, it resumed the stale step silently)."""
+    import mechdistill.stages.distill as stage
+
+    tiny.upto("distill")
+    changed = copy.deepcopy(tiny.config)
+    changed["distill"]["weights"] = {"cot.kl": 0.0}
+    real_train = stage.train
+
+    def run(config, name, **train_kwargs):
+        monkeypatch.setattr(stage, "train", lambda *a, **k: real_train(*a, **{**k, **train_kwargs}))
+        folder = tmp_path / name
+        with tiny.inside():
+            run_distill(config, DATASET, STUDENT, "mech", "default", model_dir=folder / "model",
+                        log_path=folder / "log.parquet", mechanism_path=folder / "mechanism.parquet",
+                        ckpt_dir=folder / "ckpt", best_path=folder / "best.json", items_path=folder / "items.parquet")
+        return folder
+
+    killed = run(tiny.config, "run", stop_after=1)
+    assert (killed / "ckpt").is_dir()
+    clean = run(changed, "clean")
+    with caplog.at_level("WARNING", logger="mechdistill.distill.trainer"):
+        rerun = run(changed, "run")
+    assert "the run's other settings or inputs changed" in caplog.text and "training from scratch" in caplog.text
+    assert (rerun / "model" / "model.safetensors").read_bytes() == (clean / "model" / "model.safetensors").read_bytes()
+    stale = run(tiny.config, "stale")  # the test can fail: the default weights train another model
+    assert (stale / "model" / "model.safetensors").read_bytes() != (clean / "model" / "model.safetensors").read_bytes()
+
+
 def test_student_predict_runs_the_distilled_student(tiny):
     tiny.ensure("student_predict")
     pred = pd.read_parquet(tiny.path(paths.student_pred(DATASET, STUDENT, "mech", "test")))

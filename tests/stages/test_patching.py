@@ -60,6 +60,59 @@ def test_killed_patching_resumes_after_its_last_finished_document(tiny, monkeypa
     assert not list(tmp_path.glob(".phase1.docs-*"))  # pieces removed once the table is written
     pd.testing.assert_frame_equal(pd.read_parquet(out["summary_path"]),
                                   pd.read_parquet(tiny.path(paths.patching(DATASET, TEACHER, "phase1"))))
+    # the pairs table too, column order included (a resumed pair is read back from JSON with sorted keys)
+    pd.testing.assert_frame_equal(pd.read_parquet(out["pairs_path"]),
+                                  pd.read_parquet(tiny.path(paths.patching_pairs(DATASET, TEACHER, "phase1"))))
+
+
+def test_killed_patching_does_not_resume_on_changed_inputs(tiny, monkeypatch, tmp_path):
+    """The pieces of a killed run are keyed by the bytes of the split's files too: after the teacher's CoT
+    file changed, every document is patched again (before, the finished one was reused)."""
+    import shutil
+
+    tiny.ensure("patching")
+    real, calls = experiment.run_document, []
+    out = {"summary_path": tmp_path / "phase1.parquet", "runs_path": tmp_path / "phase1_runs.parquet",
+           "pairs_path": tmp_path / "phase1_pairs.parquet"}
+
+    def dies_on_second(*args, **kwargs):
+        calls.append(args[1].doc_id)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(experiment, "run_document", dies_on_second)
+    with tiny.inside(), pytest.raises(KeyboardInterrupt):
+        run_patching(tiny.config, DATASET, "phase1", **out)
+    split = paths.characterization_split(tiny.config, "clean")
+    cot = tmp_path / "cot.parquet"
+    shutil.copy(tiny.path(paths.cot(DATASET, TEACHER, split)), cot)
+    table = pd.read_parquet(cot)
+    table.loc[0, "raw"] = table.loc[0, "raw"] + " "  # another teacher run: other bytes
+    table.to_parquet(cot)
+    calls.clear()
+    monkeypatch.setattr(experiment, "run_document", lambda *a, **kw: calls.append(a[1].doc_id) or real(*a, **kw))
+    with tiny.inside():
+        run_patching(tiny.config, DATASET, "phase1", inputs={"cot": cot}, **out)
+    assert len(calls) == N_DOCS
+
+
+def test_a_pair_longer_than_max_tokens_is_skipped_with_its_reason(tiny, tmp_path, caplog):
+    """patching.max_tokens: a pair whose prompt plus generated tokens exceed it is not run; its record and
+    the log say why (a runaway document costs a line, not quadratic attention over it)."""
+    import copy
+
+    tiny.ensure("patching")
+    config = copy.deepcopy(tiny.config)
+    config["patching"]["max_tokens"] = 16  # every tiny prompt is longer
+    out = {"summary_path": tmp_path / "phase1.parquet", "runs_path": tmp_path / "phase1_runs.parquet",
+           "pairs_path": tmp_path / "phase1_pairs.parquet"}
+    with tiny.inside(), caplog.at_level("WARNING"):
+        run_patching(config, DATASET, "phase1", **out)
+    pairs = pd.read_parquet(out["pairs_path"])
+    assert len(pairs) == N_DOCS and not pairs["aligned"].any()
+    assert pairs["reason"].str.match(r"too long: \d+ tokens with the generated ones > max_tokens 16").all()
+    assert pd.read_parquet(out["runs_path"]).empty and caplog.text.count("too long") == N_DOCS
 
 
 def test_patching_figures(tiny):

@@ -84,6 +84,39 @@ def test_changed_settings_do_not_reuse_shards(tiny_config, icd_space, prompts, t
     assert not stale.exists() and df["n_tokens"].max() <= 3 and not df["forced_answer"].any()
 
 
+def test_a_resumed_run_parses_by_the_current_settings(tiny_config, icd_space, prompts, tmp_path):
+    """Shards keep generations, not parses: a run killed under fuzzy_threshold 90 and resumed under
+    100 maps labels exactly as a fresh run under 100 (before, the first shard kept its 90 parse)."""
+    traces = write_traces(tmp_path / "traces.jsonl", [
+        {"doc_id": f"d{i}", "cot": "Heart failure.", "answer": "chronic systolc (congestive) heart failre"}
+        for i in range(5)])
+    tiny_config["generation"].update(backend="file", traces=traces)
+
+    class Killed(backends.FileBackend):
+        calls = 0
+
+        def __call__(self, doc_ids):
+            Killed.calls += 1
+            if Killed.calls == 2:
+                raise Interrupt("killed")
+            return super().__call__(doc_ids)
+
+    def run(threshold, out, factory=None):
+        tiny_config["generation"]["fuzzy_threshold"] = threshold
+        return generate_cot(tiny_config, "tiny_llama", prompts, icd_space, out, "", "", factory)
+
+    lenient = run(90, tmp_path / "lenient" / "test.parquet")
+    assert lenient["pred_labels"].map(list).tolist() == [["I50.22"]] * 5  # the misspelt title maps at 90
+    out = tmp_path / "run" / "test.parquet"
+    with pytest.raises(Interrupt):
+        run(90, out, lambda: Killed(tiny_config, "tiny_llama", tiny_config["generation"], "", ""))
+    assert len(list(out.parent.glob(".test.shards-*/shard-*.parquet"))) == 1
+    resumed = run(100, out)
+    strict = run(100, tmp_path / "strict" / "test.parquet")
+    assert resumed["pred_labels"].map(list).tolist() == [[]] * 5
+    pd.testing.assert_frame_equal(resumed, strict)
+
+
 def test_file_backend(tiny_config, icd_space, prompts, tmp_path):
     traces = tmp_path / "traces.jsonl"
     rows = [{"doc_id": f"d{i}", "cot": f"Heart failure, systolic rather than diastolic {i}.", "answer": "I50.22"}

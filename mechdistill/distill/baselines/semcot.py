@@ -71,7 +71,7 @@ from torch import Tensor, nn
 from ...anchors.segment import sentence_spans
 from ...models import input_device
 from ...teacher.answers import ANSWER_CLOSE, ANSWER_OPEN, AnswerParser
-from ...teacher.generate import COT_COLUMNS
+from ...teacher.generate import GENERATION_COLUMNS, parse_generations
 from ...teacher.prompts import render_prompt
 from .catalog import BASELINES
 from .recipe import Item, Recipe, RecipeContext, TeacherDataContext, cot_terms, forward, next_token_ce
@@ -281,27 +281,23 @@ def greedy_answer(model: nn.Module, tokenizer, inputs_embeds: Tensor, max_new: i
 
 def predict(model: nn.Module, tokenizer, prompts: pd.DataFrame, space, gen: dict, params: Mapping) -> pd.DataFrame:
     """Answers from the implicit states of each prompt (columns of `teacher.generate.COT_COLUMNS`)."""
-    parser = AnswerParser(space, gen.get("fuzzy_threshold", 90))
     ph, open_ids = placeholder_id(tokenizer, params["placeholder"]), token_ids(tokenizer, ANSWER_OPEN)
     max_new = gen.get("force_answer_tokens") or params["max_answer_tokens"]
     was_training, rows = model.training, []
     model.eval()
     with torch.no_grad():
-        for doc_id, messages, candidates in zip(prompts["doc_id"], prompts["messages"], prompts["candidates"]):
+        for doc_id, messages in zip(prompts["doc_id"], prompts["messages"]):
             prompt = prompt_ids(tokenizer, messages).to(input_device(model))
             ids = torch.cat([prompt, torch.full((params["K"],), ph, device=prompt.device)])
             states = implicit_states(model, ids, params["K"], params["implicit_norm"])       # [K, d]
             inputs = torch.cat([embed(model, prompt), states, embed(model, open_ids)])      # [seq, d]
             tokens, finish = greedy_answer(model, tokenizer, inputs, max_new, gen.get("repetition_penalty", 1.0))
             raw = ANSWER_OPEN + tokenizer.decode(tokens, skip_special_tokens=True)
-            parsed = parser.parse(raw, list(candidates))
-            rows.append(dict(doc_id=doc_id, cot="", answer=parsed.answer, pred_labels=parsed.pred_labels,
-                             unmapped=parsed.unmapped, n_tokens=len(tokens), finish_reason=finish, raw=raw,
-                             has_answer_block=parsed.has_answer_block, forced_answer=False,
-                             n_answer_blocks=parsed.n_answer_blocks, outside_candidates=parsed.outside_candidates,
-                             engine="semcot implicit states (transformers)"))
+            rows.append(dict(doc_id=doc_id, raw=raw, n_tokens=len(tokens), finish_reason=finish,
+                             forced_answer=False, engine="semcot implicit states (transformers)"))
     model.train(was_training)
-    return pd.DataFrame(rows, columns=COT_COLUMNS)
+    parser = AnswerParser(space, gen.get("fuzzy_threshold", 90))  # raw starts at <answer>: cot is ""
+    return parse_generations(pd.DataFrame(rows, columns=GENERATION_COLUMNS), prompts, parser)
 
 
 RECIPE = Recipe(BASELINES["semcot"], items=items, loss=loss, teacher_data=teacher_data, predict=predict)
