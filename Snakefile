@@ -17,6 +17,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from mechdistill import paths  # noqa: E402
 from mechdistill.config import config_snapshot, load_config, validate_config  # noqa: E402
+from mechdistill.data.sources import adapter_files  # noqa: E402
+from mechdistill.distill.pool_ranges import check_pool_ranges  # noqa: E402
 from mechdistill.model_sources import check_layer_subsets  # noqa: E402
 from mechdistill.teacher.engines import check_engines  # noqa: E402
 
@@ -28,6 +30,7 @@ validate_config(config, source=", ".join(map(str, workflow.configfiles)) or "con
 validate(config, "config/schema.yaml")
 check_engines(config)  # generation.backend vllm on a CPU where its CPU build cannot run: stop before any job
 check_layer_subsets(config, ", ".join(map(str, workflow.configfiles)) or "config/config.yaml")  # students deeper than their base
+check_pool_ranges(config, ", ".join(map(str, workflow.configfiles)) or "config/config.yaml")  # a pool band with no layer of a model
 # Shell rules whose processes load the config themselves (the ranks of `distill`) read this snapshot,
 # and import mechdistill from this checkout.
 CONFIG_SNAPSHOT = config_snapshot(config)

@@ -1,6 +1,7 @@
 """Per-head capture cost on SmolLM2-135M: time and peak memory vs one plain forward.
 
     python benchmarks/head_capture.py [--seq 1024] [--early 32] [--refine 16] [--keys 16] [--repeats 5]
+    python benchmarks/head_capture.py --peers [--scaling 512,1024,2048,4096]   # vs TransformerLens, nnsight
 
 One teacher-forced sequence of `--seq` tokens (repeated real text), no gradients, use_cache=False:
   plain   : model(ids) under SDPA
@@ -79,6 +80,12 @@ def timed(fn, repeats: int) -> float:
 
 
 def main() -> None:
+    if "--peers" in sys.argv:  # beside TransformerLens and nnsight: benchmarks/capture_peers.py
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from capture_peers import main as peers
+
+        peers(sys.argv[1:])
+        return
     ap = argparse.ArgumentParser()
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--early", type=int, default=32)

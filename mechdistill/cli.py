@@ -14,6 +14,7 @@ import yaml
 
 from .config import load_config
 from .distill.launch import rendezvous_env
+from .distill.pool_ranges import check_pool_ranges
 from .errors import MechdistillError
 from .logutil import rule_logging
 from .model_sources import check_layer_subsets
@@ -103,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.stage == "validate-config":
                 check_engines(config)
                 check_layer_subsets(config, args.config)
+                check_pool_ranges(config, args.config)
                 print(yaml.safe_dump(config, sort_keys=False))
                 return 0
             # The stages import torch and transformers (seconds): only a command that runs one loads them.

@@ -78,9 +78,12 @@ def test_schema_enumerates_exactly_what_the_library_accepts():
 
 
 def test_pool_layers_default_per_phase(tiny_config):
-    pools = tiny_config["distill"]["pools"]  # tiny.yaml sets only k
+    config = load_config(REPO / "config" / "config.yaml")  # the demo sets no pool band
+    pools = config["distill"]["pools"]
+    assert pools["phase1"]["layers"] == [0.0, 0.5] and pools["phase2"]["layers"] == [0.33, 1.0]
+    pools = tiny_config["distill"]["pools"]  # tiny.yaml sets k, and phase2's band for its 1-layer student
     assert pools["phase1"] == {"k": 4, "temperature": "auto", "layers": [0.0, 0.5]}
-    assert pools["phase2"] == {"k": 4, "temperature": "auto", "layers": [0.33, 1.0]}
+    assert pools["phase2"] == {"k": 4, "temperature": "auto", "layers": [0.0, 1.0]}
 
 
 @pytest.mark.parametrize("override, message", [

@@ -34,7 +34,7 @@ from .scores import (
     refine_score_components,
     refine_variant,
 )
-from .teacher_forcing import ForcedSequence, forced_sequence, margin_tokens
+from .teacher_forcing import ForcedSequence, forced_sequence, margin_tokens, within_cap
 
 log = logging.getLogger(__name__)
 
@@ -112,17 +112,19 @@ def _stage_means(values: np.ndarray, stage: np.ndarray, n_stages: int) -> np.nda
     return out
 
 
-def forced_documents(tokenizer, split: SplitArtifacts) -> list[dict]:
+def forced_documents(tokenizer, split: SplitArtifacts, max_tokens: int | None = None) -> list[dict]:
     """The documents `score_heads` takes, for `tokenizer`: every anchors row of the split, teacher-forced
-    on the teacher's CoT (so students are scored on the same sequences as the teacher)."""
+    on the teacher's CoT (so students are scored on the same sequences as the teacher), but for those
+    longer than `max_tokens` (skipped with a warning: `teacher_forcing.within_cap`)."""
     docs, prompts, cot, space = split.docs, split.prompts, split.cot, split.space
-    return [dict(doc_id=row["doc_id"],
+    return within_cap([dict(doc_id=row["doc_id"],
                  seq=forced_sequence(tokenizer, prompts.loc[row["doc_id"], "messages"], cot.loc[row["doc_id"], "cot"],
                                      row),
                  anchors=list(row["anchors"]),
                  gold_titles=[space.title[g] for g in docs.loc[row["doc_id"], "labels"]],
                  nearmiss_titles=[space.title[n] for n in row["near_misses"]])
-            for _, row in split.anchors.iterrows()]
+            for _, row in split.anchors.iterrows()],
+                      lambda d: len(d["seq"].input_ids), lambda d: d["doc_id"], max_tokens, split.source)
 
 
 def score_heads(model, tokenizer, documents: Iterable[dict], tau: float = 0.01, n_stages: int = 4,

@@ -9,12 +9,18 @@ token is *produced* at the position immediately preceding it.
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 from ..anchors.segment import char_span_to_tokens, shift_spans, token_offsets
 from ..teacher.prompts import document_char_span, render_prompt
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -83,3 +89,24 @@ def margin_tokens(tokenizer, target_titles: list[str], nearmiss_titles: list[str
 
     targets, nearmisses = sequences(target_titles), sequences(nearmiss_titles)
     return discriminating(targets, nearmisses), discriminating(nearmisses, targets)
+
+
+def length_cap(max_tokens: int | None, model) -> int | None:
+    """A stage's cap on teacher-forced length, in tokens: its `max_tokens` setting, else the model's
+    context (config.max_position_embeddings); None when neither is known."""
+    if max_tokens:
+        return int(max_tokens)
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+def within_cap(items: list[T], length: Callable[[T], int], doc_id: Callable[[T], str], cap: int | None,
+               where: str) -> list[T]:
+    """The items of at most `cap` tokens; the longer ones are left out with one warning naming each
+    (doc_id and length), so a runaway trace costs a log line, not hours of quadratic attention."""
+    if cap is None:
+        return items
+    long = [(doc_id(item), length(item)) for item in items if length(item) > cap]
+    if long:
+        log.warning("%s: %d of %d documents are longer than max_tokens=%d and are skipped: %s", where, len(long),
+                    len(items), cap, ", ".join(f"{d} ({n} tokens)" for d, n in long[:10]))
+    return [item for item in items if length(item) <= cap]

@@ -2,6 +2,7 @@
 
 pools.py      head pools per phase (top-k heads by CoarseScore / RefineScore in a band of layers)
               and the pooled quantities: attention rows, writes, QK loop-back, OV helpfulness
+pool_ranges.py  which layers a pool's band holds for a model's depth, checked at start-up (torch-free)
 signals.py    one teacher-forced forward -> logits and both phases' pooled signals; examples of a
               split; the mechanism metrics (Sharpness, AnchorAlign, LoopBack, Helpfulness)
 losses.py     CoT loss (CE + top-k KL, cross-tokenizer variant), Phase 1 (Eq. 5), Phase 2 (Eq. 6), total

@@ -33,6 +33,7 @@ from ..characterize.attention import Head, attention_modules, head_out
 from ..characterize.capture import HeadCapture
 from ..characterize.scores import ov_helpfulness_cos, qk_loopback
 from ..io import read_parquet
+from .pool_ranges import layers_in_range
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,7 @@ def select_pool(head_table: pd.DataFrame, n_layers: int, k: int, temperature: fl
         raise ValueError(f"select_pool: k must be >= 1, got {k}")
     if temperature != "auto" and not (isinstance(temperature, int | float) and temperature > 0):
         raise ValueError(f"select_pool: temperature must be > 0 or 'auto', got {temperature!r}")
-    lo, hi = layer_range
-    layers = [layer for layer in range(n_layers) if lo <= layer / n_layers < hi]
+    layers = layers_in_range(layer_range, n_layers)
     table = head_table[head_table["layer"].isin(layers) & head_table["score"].notna()]
     if table.empty:
         raise ValueError(f"select_pool: no head with a finite score in layer range {layer_range} "
@@ -94,18 +94,25 @@ def head_pools(settings: dict, n_layers: int, coarse: pd.DataFrame, refine: pd.D
                source: str = "") -> dict[str, HeadPool]:
     """A model's Phase 1 pool from its CoarseScore table and Phase 2 pool from its RefineScore table.
 
-    settings: config["distill"]["pools"] ({phase: {k, temperature, layers}}). A phase whose table
-    has no finite score gets no pool (its losses are then off for this model, with a warning that
-    names `source`).
+    settings: config["distill"]["pools"] ({phase: {k, temperature, layers}}). A phase whose layer band
+    holds no layer of this model, or whose table has no finite score in the band, gets no pool: its
+    losses are off and its mechanism metrics unmeasured for this model, with a warning that names
+    `source`. (A band that holds no layer of a model whose method trains on it is stopped at start-up:
+    `pool_ranges.check_pool_ranges`.)
     """
     pools = {}
     for phase, table in (("phase1", coarse), ("phase2", refine)):
-        if table["score"].notna().any():
-            cfg = settings[phase]
+        cfg = settings[phase]
+        layers = layers_in_range(cfg["layers"], n_layers)
+        score = "CoarseScore" if phase == "phase1" else "RefineScore"
+        if not layers:
+            log.warning("%s: distill.pools.%s.layers %s holds no layer of this %d-layer model; no %s pool",
+                        source, phase, list(cfg["layers"]), n_layers, phase)
+        elif table.loc[table["layer"].isin(layers), "score"].notna().any():
             pools[phase] = select_pool(table, n_layers, cfg["k"], cfg["temperature"], tuple(cfg["layers"]))
         else:
-            log.warning("%s: no finite %s head score; %s losses are off for this model", source,
-                        "CoarseScore" if phase == "phase1" else "RefineScore", phase)
+            log.warning("%s: no finite %s head score in layers %s; %s losses are off for this model", source,
+                        score, layers, phase)
     return pools
 
 

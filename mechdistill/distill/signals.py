@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ..anchors.segment import char_span_to_tokens, shift_spans, token_offsets
 from ..characterize.capture import HeadCapture, capture_heads, final_residual
 from ..characterize.scores import DEFAULT_COARSE, CoarseVariant, anchor_centroid, coarse_key_mask
-from ..characterize.teacher_forcing import forced_sequence, margin_tokens
+from ..characterize.teacher_forcing import forced_sequence, margin_tokens, within_cap
 from ..io import SplitArtifacts
 from ..models import input_device
 from ..teacher.answers import supervised_output
@@ -97,13 +97,13 @@ def make_example(tokenizer, doc_id: str, messages_json: str, cot: str, anchors_r
         target_tokens=target_tokens, nearmiss_tokens=nearmiss_tokens, document_positions=seq.document_positions)
 
 
-def make_examples(tokenizer, split: SplitArtifacts, model_name: str = "") -> list[Example]:
+def make_examples(tokenizer, split: SplitArtifacts, model_name: str = "", max_tokens: int | None = None) -> list[Example]:
     """Teacher-forced examples of every document of a split (in anchors order) for `tokenizer`.
 
     Each forces the teacher's whole output, its CoT and then its answer block
     (`teacher.answers.supervised_output`), so the CoT loss also teaches the student to answer;
-    the Phase 1 / Phase 2 positions lie in the CoT. Documents with an empty CoT are skipped with a
-    warning naming them.
+    the Phase 1 / Phase 2 positions lie in the CoT. Documents with an empty CoT, or longer than
+    `max_tokens` (`characterize.teacher_forcing.within_cap`), are skipped with a warning naming them.
     """
     docs, prompts, cot, space = split.docs, split.prompts, split.cot, split.space
     examples, empty = [], []
@@ -119,6 +119,8 @@ def make_examples(tokenizer, split: SplitArtifacts, model_name: str = "") -> lis
                                      [space.title[n] for n in row["near_misses"]]))
     if empty:
         log.warning("%s: %d documents have an empty CoT and are skipped: %s", split.source, len(empty), empty[:5])
+    examples = within_cap(examples, lambda ex: len(ex.input_ids), lambda ex: ex.doc_id, max_tokens,
+                          f"{split.source} ({model_name or 'model'})")
     log.info("%s: %d examples for %s (%d with Phase 1 positions, %d with Phase 2 positions)", split.source,
              len(examples), model_name, sum(has_phase(e, "phase1") for e in examples),
              sum(has_phase(e, "phase2") for e in examples))

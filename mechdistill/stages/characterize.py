@@ -8,6 +8,7 @@ import os
 from .. import paths
 from ..characterize.head_scores import forced_documents, score_heads
 from ..characterize.scores import CoarseVariant
+from ..characterize.teacher_forcing import length_cap
 from ..io import read_split, write_parquet
 from ..models import load_model, placement
 
@@ -29,7 +30,7 @@ def run_head_scores(config: dict, dataset: str, model: str, split: str | None = 
     model_obj, tokenizer = load_model(config, model, device=settings["device"], dtype=settings["dtype"],
                                       **placement(settings))
     data = read_split({**paths.split_files(dataset, teacher, split), **(inputs or {})}, settings.get("max_docs"))
-    coarse, refine, example = score_heads(model_obj, tokenizer, forced_documents(tokenizer, data), tau=settings["tau"],
+    coarse, refine, example = score_heads(model_obj, tokenizer, forced_documents(tokenizer, data, length_cap(settings.get("max_tokens"), model_obj)), tau=settings["tau"],
                                           n_stages=settings["n_stages"], desc=f"head scores {model}",
                                           coarse_variant=CoarseVariant(**settings["coarse"]),
                                           refine_ranking=settings["refine"]["ranking"])

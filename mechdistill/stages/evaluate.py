@@ -33,6 +33,7 @@ import pandas as pd
 from .. import paths
 from ..anchors.embed import SentenceEmbedder
 from ..characterize.scores import CoarseVariant
+from ..characterize.teacher_forcing import length_cap
 from ..distill.pools import model_pools
 from ..distill.signals import make_examples, mechanism_metrics
 from ..evaluate.las import las_table, simulation_targets, simulator_factory
@@ -128,7 +129,8 @@ def run_evaluate(config: dict, dataset: str, student: str, method: str, *,
     pools = model_pools(config["distill"]["pools"], model, p["student_coarse"], p["student_refine"])
     test_split = read_split({"docs": p["test_docs"], "prompts": p["test_prompts"], "cot": p["teacher_test_cot"],
                              "anchors": p["test_anchors"], "labels": p["labels"]})
-    frames.append(mechanism_metrics(model, make_examples(tokenizer, test_split, student), pools, config["heads"]["tau"],
+    examples = make_examples(tokenizer, test_split, student, length_cap(config["distill"].get("max_tokens"), model))
+    frames.append(mechanism_metrics(model, examples, pools, config["heads"]["tau"],
                                     CoarseVariant(**config["heads"]["coarse"])))
 
     out = pd.concat(frames, ignore_index=True)

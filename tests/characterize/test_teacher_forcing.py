@@ -93,3 +93,25 @@ def test_document_positions_cover_the_last_document_and_its_candidates(byte_tok)
         document_char_span("User: Note", [{"role": "user", "content": "Note"}])
     with pytest.raises(ValueError, match="rewrote|changed"):
         document_char_span("User: DOCUMENT", [{"role": "user", "content": "Document:\nx"}])
+
+
+def test_length_cap_is_the_setting_else_the_models_context():
+    from types import SimpleNamespace
+
+    from mechdistill.characterize.teacher_forcing import length_cap
+
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=8192))
+    assert length_cap(None, model) == 8192 and length_cap(512, model) == 512
+    assert length_cap(None, object()) is None  # nothing known: no cap
+
+
+def test_within_cap_skips_and_names_the_long_documents(caplog):
+    from mechdistill.characterize.teacher_forcing import within_cap
+
+    docs = [("a", 5), ("b", 12), ("c", 10), ("d", 400)]
+    with caplog.at_level("WARNING"):
+        kept = within_cap(docs, lambda d: d[1], lambda d: d[0], 10, "cot/train.parquet")
+    assert kept == [("a", 5), ("c", 10)]  # at most the cap is kept
+    assert "cot/train.parquet: 2 of 4 documents are longer than max_tokens=10 and are skipped: b (12 tokens), " \
+           "d (400 tokens)" in caplog.text
+    assert within_cap(docs, lambda d: d[1], lambda d: d[0], None, "x") == docs

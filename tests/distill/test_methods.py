@@ -73,3 +73,42 @@ def test_check_methods_accepts_the_shipped_configs_and_a_one_point_grid_under_va
         config = load_config(REPO / "config" / name)
         check_methods(config["methods"], config["distill"]["select"]["criterion"])
     check_methods({"mech": {"grid": {"alpha": [0.5]}, "train": {"device": "cpu"}}, "vanilla": {}}, "val_loss")
+
+
+def test_a_pool_band_without_a_layer_of_a_model_stops_the_start_only_for_methods_that_train_on_it(tiny_config):
+    """The 1-layer tiny student has no layer in the default Phase 2 band [0.33, 1.0): mech (which trains on
+    that pool) is a start-up error naming the band, the model and its depth; vanilla alone is fine."""
+    from mechdistill.distill.pool_ranges import check_pool_ranges, layers_in_range
+
+    assert layers_in_range([0.33, 1.0], 1) == [] and layers_in_range([0.33, 1.0], 3) == [1, 2]
+    assert layers_in_range([0.0, 0.5], 10) == [0, 1, 2, 3, 4]
+    config = {**tiny_config, "distill": {**tiny_config["distill"],
+                                         "pools": {"phase1": {"k": 4, "layers": [0.0, 0.5]},
+                                                   "phase2": {"k": 4, "layers": [0.33, 1.0]}}}}
+    with pytest.raises(ConfigError) as err:
+        check_pool_ranges({**config, "methods": {"vanilla": {}, "mech": {}}}, "tiny.yaml")
+    assert ("tiny.yaml: distill.pools.phase2.layers is [0.33, 1.0], which holds no layer of tiny_student (1 layer(s)"
+            in str(err.value)) and "methods ['mech']" in str(err.value)
+    check_pool_ranges({**config, "methods": {"vanilla": {}, "phase1_only": {}, "unicott": {}}}, "tiny.yaml")
+    check_pool_ranges(tiny_config, "tiny.yaml")  # tiny.yaml widens the band: [0.0, 1.0)
+    for name in ("config.yaml", "paper.yaml"):
+        shipped = load_config(REPO / "config" / name)
+        check_pool_ranges(shipped, name)
+
+
+def test_the_examples_in_the_methods_docstring_pass_the_schema_and_the_start_up_checks():
+    import yaml
+
+    from mechdistill.config import validate_config
+    from mechdistill.distill import methods
+
+    doc = methods.__doc__
+    block = doc[doc.index("    methods:\n"):doc.index("Every method has a kind")]
+    grid = doc[doc.index("      semcot: {grid:"):].splitlines()[0]
+    entries = {**yaml.safe_load(block)["methods"], **yaml.safe_load(grid.strip())}
+    assert set(entries) == {"vanilla", "mech", "mech_strong", "semcot"}
+    config = load_config(REPO / "config" / "tiny.yaml")
+    config["methods"] = entries
+    validate_config(config, "methods.py docstring")
+    check_methods(config["methods"], config["distill"]["select"]["criterion"])
+    assert len(method_grid("mech", entries["mech"])) == 4 and len(method_grid("semcot", entries["semcot"])) == 3

@@ -272,3 +272,20 @@ def test_interaction_terms_in_units_of_the_teacher_scale(byte_tok, ex):
         assert float(scaled["phase1.write"]) == float(raw["phase1.write"])          # only the interactions change
         ratio = float(raw["phase1.interaction"]) / float(raw["cot.ce"])
         assert ratio > 10 if variant.sharpness == "kurtosis" else ratio < 0.01
+
+
+def test_a_pool_band_with_no_layer_of_the_model_gives_no_pool_instead_of_a_crash(caplog):
+    """A 1-layer student whose RefineScores are finite (its traces have refinement sentences): the default
+    Phase 2 band [0.33, 1.0) holds none of its layers. Before, building its pools raised for every method,
+    vanilla included; now that phase has no pool (its metrics unmeasured), with a warning."""
+    from mechdistill.distill.pools import head_pools
+
+    table = pd.DataFrame({"layer": [0, 0], "head": [0, 1], "score": [0.5, 0.2]})
+    settings = {"phase1": {"k": 4, "temperature": 1.0, "layers": [0.0, 0.5]},
+                "phase2": {"k": 4, "temperature": 1.0, "layers": [0.33, 1.0]}}
+    with caplog.at_level("WARNING"):
+        pools = head_pools(settings, 1, table, table, source="student heads")
+    assert list(pools) == ["phase1"] and pools["phase1"].heads == [(0, 0), (0, 1)]
+    assert "distill.pools.phase2.layers [0.33, 1.0] holds no layer of this 1-layer model" in caplog.text
+    with pytest.raises(ValueError, match="no head with a finite score"):  # select_pool itself still says why
+        select_pool(table, 1, 4, 1.0, (0.33, 1.0))

@@ -75,3 +75,38 @@ def test_head_scores_with_a_device_map_equal_those_on_one_device(tiny, tmp_path)
     one_device["example"] = tiny.path(paths.head_example(DATASET, TEACHER))
     for kind, path in out.items():
         pd.testing.assert_frame_equal(pd.read_parquet(path), pd.read_parquet(one_device[kind]), rtol=1e-5)
+
+
+def test_documents_longer_than_max_tokens_are_skipped_and_named(tiny, tmp_path, caplog):
+    """heads.max_tokens (and distill.max_tokens through make_examples): the longest clean-prompt document is
+    over the cap, so it is left out, by name, and the tables count the queries of the others only."""
+    from mechdistill.characterize.head_scores import forced_documents
+    from mechdistill.distill.signals import make_examples
+    from mechdistill.io import read_split
+    from mechdistill.models import load_tokenizer
+
+    tiny.ensure("head_scores")
+    split = paths.characterization_split(tiny.config, "clean")
+    with tiny.inside():
+        data = read_split(paths.split_files(DATASET, TEACHER, split))
+    tokenizer = load_tokenizer(tiny.config, TEACHER)
+    lengths = {d["doc_id"]: len(d["seq"].input_ids) for d in forced_documents(tokenizer, data)}
+    longest = max(lengths, key=lengths.get)
+    cap = lengths[longest] - 1
+    assert sorted(lengths.values())[-2] <= cap  # only the longest is over
+    with caplog.at_level("WARNING"):
+        kept = [d["doc_id"] for d in forced_documents(tokenizer, data, cap)]
+        examples = [ex.doc_id for ex in make_examples(tokenizer, data, TEACHER, cap)]
+    assert longest not in kept and len(kept) == len(lengths) - 1
+    assert f"{longest} ({lengths[longest]} tokens)" in caplog.text
+    assert longest not in examples  # make_examples forces the answer block too: at least this one is over
+
+    config = copy.deepcopy(tiny.config)
+    config["heads"]["max_tokens"] = cap
+    out = {kind: tmp_path / f"{kind}.parquet" for kind in ("coarse", "refine", "example")}
+    with tiny.inside():
+        run_head_scores(config, DATASET, TEACHER, coarse_path=out["coarse"], refine_path=out["refine"],
+                        example_path=out["example"])
+    full = pd.read_parquet(tiny.path(paths.head_scores(DATASET, TEACHER, "coarse")))
+    capped = pd.read_parquet(out["coarse"])
+    assert (capped["n_queries"] < full["n_queries"]).all() and (capped["n_queries"] > 0).all()
