@@ -40,6 +40,9 @@ def main() -> int:
     for dataset in config["datasets"]:
         space = LabelSpace(read_parquet(paths.labels(dataset), "labels"))
         for split in args.splits.split(","):
+            if not Path(paths.cot(dataset, teacher, split)).exists():  # e.g. a prompt style the run left out
+                print(f"{dataset}/{split}: no trace file in this run ({paths.cot(dataset, teacher, split)}), skipped")
+                continue
             run = read_parquet(paths.cot(dataset, teacher, split), "cot")
             prompts = read_parquet(paths.prompts(dataset, split), "prompts")
             with tempfile.TemporaryDirectory() as tmp:
