@@ -36,8 +36,9 @@ def test_patching_runs_every_head_set_in_both_directions(tiny):
     assert pd.read_parquet(tiny.path(paths.patching(DATASET, TEACHER, "phase2"))).empty  # no RefineScore
 
 
-def test_killed_patching_resumes_after_its_last_finished_document(tiny, monkeypatch, tmp_path):
-    tiny.ensure("patching")  # the uninterrupted run to compare with
+def killed_after_one_document(tiny, monkeypatch, tmp_path) -> tuple[dict, list]:
+    """Run phase-1 patching into tmp_path until the second document's runs, then "kill" it; from then on
+    `calls` records the documents patched."""
     real, calls = experiment.run_document, []
     out = {"summary_path": tmp_path / "phase1.parquet", "runs_path": tmp_path / "phase1_runs.parquet",
            "pairs_path": tmp_path / "phase1_pairs.parquet"}
@@ -54,6 +55,12 @@ def test_killed_patching_resumes_after_its_last_finished_document(tiny, monkeypa
     assert len(list(tmp_path.glob(".phase1.docs-*/*.json"))) == 1
     calls.clear()
     monkeypatch.setattr(experiment, "run_document", lambda *a, **kw: calls.append(a[1].doc_id) or real(*a, **kw))
+    return out, calls
+
+
+def test_killed_patching_resumes_after_its_last_finished_document(tiny, monkeypatch, tmp_path):
+    tiny.ensure("patching")  # the uninterrupted run to compare with
+    out, calls = killed_after_one_document(tiny, monkeypatch, tmp_path)
     with tiny.inside():
         run_patching(tiny.config, DATASET, "phase1", **out)
     assert len(calls) == 1  # only the document the kill interrupted
@@ -71,27 +78,13 @@ def test_killed_patching_does_not_resume_on_changed_inputs(tiny, monkeypatch, tm
     import shutil
 
     tiny.ensure("patching")
-    real, calls = experiment.run_document, []
-    out = {"summary_path": tmp_path / "phase1.parquet", "runs_path": tmp_path / "phase1_runs.parquet",
-           "pairs_path": tmp_path / "phase1_pairs.parquet"}
-
-    def dies_on_second(*args, **kwargs):
-        calls.append(args[1].doc_id)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("killed")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(experiment, "run_document", dies_on_second)
-    with tiny.inside(), pytest.raises(KeyboardInterrupt):
-        run_patching(tiny.config, DATASET, "phase1", **out)
+    out, calls = killed_after_one_document(tiny, monkeypatch, tmp_path)
     split = paths.characterization_split(tiny.config, "clean")
     cot = tmp_path / "cot.parquet"
     shutil.copy(tiny.path(paths.cot(DATASET, TEACHER, split)), cot)
     table = pd.read_parquet(cot)
     table.loc[0, "raw"] = table.loc[0, "raw"] + " "  # another teacher run: other bytes
     table.to_parquet(cot)
-    calls.clear()
-    monkeypatch.setattr(experiment, "run_document", lambda *a, **kw: calls.append(a[1].doc_id) or real(*a, **kw))
     with tiny.inside():
         run_patching(tiny.config, DATASET, "phase1", inputs={"cot": cot}, **out)
     assert len(calls) == N_DOCS
