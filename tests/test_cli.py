@@ -29,7 +29,7 @@ def test_help_does_not_load_the_models():
 def test_validate_config_prints_it_with_defaults(capsys):
     assert main(["validate-config", "--config", TINY]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["distill"]["pools"]["phase2"]["layers"] == [0.33, 1.0]  # a schema default
+    assert printed["distill"]["pools"]["phase1"]["layers"] == [0.0, 0.5]  # a schema default
 
 
 def test_unknown_dataset_names_the_defined_ones(capsys):

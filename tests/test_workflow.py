@@ -151,27 +151,54 @@ def test_misspelt_distill_key_stops_the_dry_run(tmp_path, section, key, allowed)
     assert f"unknown key '{key}' under 'distill.{section}'. Allowed keys here: {allowed}." in proc.stdout + proc.stderr
 
 
-def test_raw_dataset_files_and_the_trace_file_are_rule_inputs(tmp_path):
-    """Editing a dataset's raw files or the file backend's traces must rerun their rules: Snakemake
-    tracks only what a rule declares (before, both were read behind its back: "Nothing to be done")."""
+def test_editing_raw_dataset_files_or_the_trace_file_reruns_their_rules(tmp_path):
+    """Snakemake tracks only what a rule declares. Before, the raw dataset files and the trace file of
+    generation.backend file were read behind its back: after editing one, "Nothing to be done"."""
+    import gzip
+    import shutil
+    import time
+
     root = tmp_path / "wiki"
-    root.mkdir()
-    for stem in ("lbl", "trn", "tst"):
-        (root / f"{stem}.json.gz").write_bytes(b"")
-    (root / "trn.json").write_text("")  # the .gz wins, as in the adapter: this one is not read
+    shutil.copytree(REPO / "tests/fixtures/wikiseealso", root)
     cfg = yaml.safe_load((REPO / "config/tiny.yaml").read_text())
-    cfg["datasets"] = {"wiki": {"adapter": "wikiseealso", "params": {"root": str(root)},
-                                "candidates": {"strategy": "hierarchy", "size": 6, "n_near_miss": 2}}}
-    traces = tmp_path / "traces-{dataset}-{split}.jsonl"
-    cfg["generation"].update(backend="file", traces=str(traces))
-    (tmp_path / "traces-wiki-test.jsonl").write_text("")
-    path = tmp_path / "file.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    out = snakemake(tmp_path, "results/wiki/tiny_llama/cot/test.parquet", "-n", "--configfile", str(path))
-    raw = re.search(r"rule prepare_dataset:\n    input: ([^\n]+)", out).group(1)
-    assert raw.split(", ") == [str(root / f"{stem}.json.gz") for stem in ("lbl", "trn", "tst")]
-    cot = re.search(r"rule teacher_cot:\n    input: ([^\n]+)", out).group(1)
-    assert str(tmp_path / "traces-wiki-test.jsonl") in cot.split(", ")
+    cfg["datasets"]["wiki"] = {"adapter": "wikiseealso", "params": {"root": str(root)},
+                               "candidates": {"strategy": "retrieval", "size": 6, "n_near_miss": 2}}
+    cfg["generation"].update(backend="file", traces=str(tmp_path / "traces-{dataset}-{split}.jsonl"))
+    config = tmp_path / "file.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    args = ("--configfile", str(config), "--cores", "1")
+    data, cot = "results/wiki/data/test.parquet", "results/tiny_icd/tiny_llama/cot/test.parquet"
+
+    def planned(target: str) -> dict[str, int]:
+        out = snakemake(tmp_path, target, "-n", *args)
+        return {} if "Nothing to be done" in out else job_counts(out)
+
+    # the raw files: declared (the .gz the adapter reads, filter_labels_test.txt), and an edit reruns
+    out = snakemake(tmp_path, data, "-n", *args)
+    declared = re.search(r"rule prepare_dataset:\n    input: ([^\n]+)", out).group(1).split(", ")
+    assert declared == sorted(str(root / f) for f in ("filter_labels_test.txt", "lbl.json.gz", "trn.json.gz",
+                                                        "tst.json.gz"))
+    snakemake(tmp_path, data, *args)
+    assert planned(data) == {}
+    time.sleep(1)
+    lines = gzip.decompress((root / "trn.json.gz").read_bytes()).decode().splitlines()
+    first = json.loads(lines[0])
+    lines[0] = json.dumps({**first, "title": first["title"] + " (edited)"})  # new bytes (Snakemake checks them)
+    (root / "trn.json.gz").write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+    assert planned(data)["prepare_dataset"] == 1
+
+    # the trace file of the file backend
+    snakemake(tmp_path, "results/tiny_icd/data/test.parquet", *args)
+    docs = pd.read_parquet(tmp_path / "results/tiny_icd/data/test.parquet")
+    traces = tmp_path / "traces-tiny_icd-test.jsonl"
+    traces.write_text("".join(json.dumps({"doc_id": d, "cot": "Heart failure.", "answer": "I50.22"}) + "\n"
+                              for d in docs["doc_id"]))
+    snakemake(tmp_path, cot, *args)
+    assert planned(cot) == {}
+    time.sleep(1)
+    traces.write_text(traces.read_text().replace("Heart failure.", "Kidney disease."))
+    jobs = planned(cot)
+    assert jobs["teacher_cot"] == 1 and "prepare_dataset" not in jobs
 
 
 def check_baselines(results):

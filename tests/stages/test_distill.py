@@ -92,6 +92,27 @@ def test_distill_vanilla_never_computes_head_signals(tiny):
     assert mechanism["doc_id"].nunique() == 2 and set(mechanism["doc_id"]) <= train_ids  # of 3 train + 2 val
 
 
+def test_vanilla_trains_a_1_layer_student_whose_phase2_band_holds_no_layer(tiny, tmp_path):
+    """The issue's case: a 1-layer student with finite RefineScores (traces with refinement sentences) and
+    the default Phase 2 band [0.33, 1.0), which holds none of its layers. Before, building its pools
+    raised for every method; vanilla needs no pool and now trains (its Phase 2 metrics left out)."""
+    tiny.upto("distill")
+    config = copy.deepcopy(tiny.config)
+    config["distill"]["pools"]["phase2"]["layers"] = [0.33, 1.0]
+    config["distill"]["train"].update(max_steps=1, eval_every=0, checkpoint_every=0)
+    config["distill"]["mechanism_docs"] = 1
+    refine = tmp_path / "refine.parquet"
+    table = pd.read_parquet(tiny.path(paths.head_scores(DATASET, STUDENT, "coarse")))[["layer", "head", "score"]]
+    table.to_parquet(refine)  # finite scores in layer 0, as a traced refinement would give
+    folder = tmp_path / "vanilla"
+    with tiny.inside():
+        run_distill(config, DATASET, STUDENT, "vanilla", "default", student_refine=refine, model_dir=folder / "model",
+                    log_path=folder / "log.parquet", mechanism_path=folder / "mechanism.parquet",
+                    ckpt_dir=folder / "ckpt", best_path=folder / "best.json", items_path=folder / "items.parquet")
+    assert (folder / "model" / "model.safetensors").exists()
+    assert set(pd.read_parquet(folder / "mechanism.parquet")["metric"]) == {"sharpness", "anchor_align"}
+
+
 def test_a_distill_checkpoint_is_not_resumed_after_the_loss_weights_change(tiny, tmp_path, monkeypatch, caplog):
     """Stopped after step 1 under the default weights, rerun with cot.kl 0: the run must start fresh and
     save what a clean run with cot.kl 0 saves (before, it resumed the stale step silently)."""

@@ -16,6 +16,7 @@ from mechdistill.distill.baselines.recipe import RecipeContext, TeacherDataConte
 from mechdistill.io import SplitArtifacts
 from mechdistill.labels import LabelSpace
 from mechdistill.models import byte_tokenizer
+from mechdistill.teacher.generate import COT_COLUMNS
 from mechdistill.teacher.prompts import render_prompt
 from tests.helpers import tiny_llama
 
@@ -179,7 +180,7 @@ def test_predict_decodes_from_the_implicit_states(tok, split):
     model, params = tiny_llama(vocab=len(tok), seed=0), {**PARAMS, "K": 48}
     prompts = pd.DataFrame({"doc_id": ["q"], "messages": [chat("x")], "candidates": [["I10"]]})
     pred = semcot.predict(model, tok, prompts, split.space, {"force_answer_tokens": 6}, params)
-    assert list(pred.columns) == semcot.COT_COLUMNS and len(pred) == 1
+    assert list(pred.columns) == COT_COLUMNS and len(pred) == 1
     row = pred.iloc[0]
     prompt = torch.tensor(tok(render_prompt(tok, json.loads(chat("x"))), add_special_tokens=False)["input_ids"])
     dots = torch.full((48,), tok.convert_tokens_to_ids("."))
