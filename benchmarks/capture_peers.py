@@ -52,20 +52,32 @@ def available(tool: str) -> bool:
 # ----------------------------------------------------------------------------- one (tool, length), in a child
 
 
+def out_projections(model) -> list:
+    """W_O per head of every layer, [H, dh, D]. Taken before a peer wraps the model: TransformerLens's
+    bridge changes the modules it is given."""
+    from mechdistill.characterize.attention import attention_modules, head_out_proj
+
+    return [head_out_proj(m).detach().clone() for m in attention_modules(model)]
+
+
+def writes_from(w_o: list, zs: list) -> list:
+    """Per-head writes z^h W_O^h: per layer z [nq, H, dh] -> [nq, H, D]."""
+    import torch
+
+    return [torch.einsum("qhd,hdm->qhm", z, w) for z, w in zip(zs, w_o)]
+
+
 def runner(tool: str, model, tok, ids, qpos):
     """A no-argument function running `tool` once -> (rows, writes): per layer [H, nq, S] and [nq, H, D]
     (lists, as each tool holds them: stacking would copy them inside the measured call), or None."""
     import torch
 
-    from mechdistill.characterize.attention import attention_modules, head_out_proj
+    from mechdistill.characterize.attention import attention_modules
     from mechdistill.characterize.capture import capture_heads
 
     mods = attention_modules(model)
     n_heads = model.config.num_attention_heads
-    w_o = [head_out_proj(m) for m in mods]  # [H, dh, D] per layer
-
-    def writes_from(zs):  # per layer [nq, H, dh] -> per layer [nq, H, D]
-        return [torch.einsum("qhd,hdm->qhm", z, w) for z, w in zip(zs, w_o)]
+    w_o = out_projections(model)
 
     if tool == "plain":
         def run():
@@ -92,7 +104,7 @@ def runner(tool: str, model, tok, ids, qpos):
             _, cache = bridge.run_with_cache(ids, names_filter=lambda name: name.endswith(wanted))
             rows = [cache[f"blocks.{i}.attn.hook_pattern"][0][:, qpos] for i in range(len(mods))]
             zs = [cache[f"blocks.{i}.attn.hook_z"][0][qpos].reshape(len(qpos), n_heads, -1) for i in range(len(mods))]
-            return rows, writes_from(zs)
+            return rows, writes_from(w_o, zs)
         return run
     if tool == "nnsight":
         from nnsight import LanguageModel
@@ -106,7 +118,7 @@ def runner(tool: str, model, tok, ids, qpos):
                 for layer in lm.model.layers:
                     zs.append(layer.self_attn.o_proj.input[0][qpos].save())
                     rows.append(layer.self_attn.output[1][0][:, qpos].save())
-            return rows, writes_from([z.reshape(len(qpos), n_heads, -1) for z in zs])
+            return rows, writes_from(w_o, [z.reshape(len(qpos), n_heads, -1) for z in zs])
         return run
     raise ValueError(f"unknown tool {tool!r}")
 
@@ -119,7 +131,6 @@ def child(tool: str, seq: int, threads: int, repeats: int, out: Path) -> dict:
     from head_capture import _LIBC, TEXT, peak_above, timed
     from safetensors.torch import save_file
 
-    from mechdistill.characterize.attention import attention_modules, head_out_proj
     from mechdistill.config import load_config
     from mechdistill.models import load_model
 
@@ -145,8 +156,7 @@ def child(tool: str, seq: int, threads: int, repeats: int, out: Path) -> dict:
     if result is not None:
         rows, writes = result
         if tool == "capture_lean":  # z -> writes, outside the measured call
-            w_o = [head_out_proj(m) for m in attention_modules(model)]
-            writes = [torch.einsum("qhd,hdm->qhm", z, w) for z, w in zip(writes, w_o)]
+            writes = writes_from(out_projections(model), writes)
         save_file({"rows": torch.stack(rows).float(), "writes": torch.stack(writes)}, str(out))
     return {"tool": tool, "seq": seq, "seconds": seconds, "peak_bytes": peak, "held_bytes": held}
 
