@@ -20,12 +20,13 @@ micro-batch of every rank together is the i-th global micro-batch of N documents
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
 import sys
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -143,3 +144,28 @@ if __name__ == "__main__":
     argv, env = launch_command(int(sys.argv[1]), sys.argv[2:], _free_port)
     os.environ.update(env)
     os.execvp(argv[0], argv)
+
+
+def deepspeed_config(enabled: bool, train_config: Any, zero_optimization: Mapping[str, Any] | None = None
+                     ) -> dict | None:
+    """A run's DeepSpeed config (distill.deepspeed): `trainer.zero3_config` of its TrainConfig with
+    distill.zero_optimization on top; None (not enabled) trains on one device without DeepSpeed."""
+    if not enabled:
+        return None
+    from .trainer import zero3_config  # torch: not at the top, the Snakefile imports this module
+
+    ds_config = zero3_config(train_config)
+    ds_config["zero_optimization"].update(zero_optimization or {})
+    return ds_config
+
+
+@contextlib.contextmanager
+def zero3_init(ds_config: dict | None) -> Iterator[None]:
+    """While open, transformers' from_pretrained creates models partitioned for ZeRO-3 (no-op without)."""
+    if ds_config is None or ds_config["zero_optimization"]["stage"] != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig  # torch: not at the top (see deepspeed_config)
+
+    keep = HfDeepSpeedConfig(ds_config)  # noqa: F841 (transformers holds a weak reference to it)
+    yield

@@ -1,9 +1,12 @@
 """Distillation methods: which loss terms are on (the `{method}` wildcard values).
 
-A method is a named set of switches over the terms of `losses.total_loss` (groups "cot",
-"phase1", "phase2"; terms "phase1.attn", "phase1.write", "phase1.interaction", "phase2.qk",
-"phase2.ov", "phase2.interaction", "cot.ce", "cot.kl"). `config["methods"]` maps a method name
-to settings; the name is looked up here unless the settings give `base:`:
+A method is a name, a kind and the module of its `Recipe` (`distill/recipe.py`: what it trains on
+and its loss; imported, with torch, only by the jobs that train). vanilla, mech and the ablations
+share one recipe (`distill/mech.py`) and differ by their switches over the terms of
+`losses.total_loss` (groups "cot", "phase1", "phase2"; terms "phase1.attn", "phase1.write",
+"phase1.interaction", "phase2.qk", "phase2.ov", "phase2.interaction", "cot.ce", "cot.kl").
+`config["methods"]` maps a method name to settings; the name is looked up here unless the settings
+give `base:`:
 
     methods:
       vanilla: {}                                         # CoT loss only
@@ -24,9 +27,9 @@ grid is a grid of one point, "default". The training budget and optimisation (`B
 `train:` may change them (`check_methods`, run when the workflow starts).
 
 The four CoT-distillation baselines (UniCoTT, MoRSD, SemCoT, CWT) are registered here with kind
-"baseline" and their `catalog.Baseline` (`distill.baselines`), whose recipe says what they train on,
-their loss and, for some, extra teacher data and their own inference; the recipe (and torch) is
-imported only by the jobs that use it. Their settings are the entry's `params:` (the baseline's
+"baseline", their `catalog.Baseline` (`distill.baselines`: settings, teacher needs) and their recipe
+module, which says what they train on, their loss and, for some, extra teacher data and their own
+inference. Their settings are the entry's `params:` (the baseline's
 `defaults` overridden), and their grid may vary a setting as `params.<name>`:
 
       semcot: {grid: {params.alpha: [0.25, 0.5, 0.75]}}
@@ -34,14 +37,18 @@ imported only by the jobs that use it. Their settings are the entry's `params:` 
 
 from __future__ import annotations
 
+import importlib
 import itertools
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import ConfigError
 from .baselines.catalog import BASELINES, Baseline
 
+BASELINES_PACKAGE = "mechdistill.distill.baselines"
+
 METHOD_KINDS = ("baseline", "ours", "ablation")
+MECH_RECIPE = "mechdistill.distill.mech"  # the recipe of vanilla, mech and the ablations
 
 
 @dataclass(frozen=True)
@@ -49,13 +56,18 @@ class Method:
     name: str
     switches: dict[str, bool] = field(default_factory=dict)
     description: str = ""
-    loss: Callable | None = None  # custom loss factory (None: switches over losses.total_loss)
     kind: str = "ablation"        # baseline | ours | ablation (module docstring)
-    baseline: Baseline | None = None  # one of the four baselines (its recipe: own data, loss, inference)
+    baseline: Baseline | None = None  # one of the four baselines (its settings and teacher needs)
+    recipe: str = MECH_RECIPE     # the module whose RECIPE trains it
 
     def __post_init__(self) -> None:
         if self.kind not in METHOD_KINDS:
             raise ValueError(f"method {self.name!r}: kind must be one of {METHOD_KINDS}, got {self.kind!r}")
+
+    def load_recipe(self) -> Any:
+        """The method's `recipe.Recipe` (the RECIPE of module `self.recipe`); imports torch. (Not annotated
+        as Recipe: recipe.py imports this module, and the import contract forbids cycles.)"""
+        return importlib.import_module(self.recipe).RECIPE
 
     def uses(self, phase: str) -> bool:
         """Whether any term of `phase` ("phase1" / "phase2") is on."""
@@ -89,7 +101,8 @@ for _m in [
     Method("no_p2_qk", {"phase2.qk": False}, "mech without the Phase 2 QK loop-back term"),
     Method("no_p2_ov", {"phase2.ov": False}, "mech without the Phase 2 OV helpfulness term"),
     Method("no_p2_interaction", {"phase2.interaction": False}, "mech without the Phase 2 interaction term"),
-    *(Method(b.name, {}, b.description, kind="baseline", baseline=b) for b in BASELINES.values()),
+    *(Method(b.name, {}, b.description, kind="baseline", baseline=b, recipe=f"{BASELINES_PACKAGE}.{b.name}")
+      for b in BASELINES.values()),
 ]:
     register_method(_m)
 
@@ -105,7 +118,7 @@ def resolve_method(name: str, settings: dict | None) -> Method:
     method = METHODS[base]
     extra, kind = settings.get("switches") or {}, settings.get("kind", method.kind)
     if extra or base != name or kind != method.kind:
-        return Method(name, {**method.switches, **extra}, method.description, method.loss, kind, method.baseline)
+        return Method(name, {**method.switches, **extra}, method.description, kind, method.baseline, method.recipe)
     return method
 
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..characterize.attention import attention_modules
 from ..characterize.scores import DEFAULT_COARSE, CoarseVariant
 from .losses import (
     TERMS,
@@ -129,6 +130,16 @@ def student_loss(model: nn.Module, ex: Example, targets: Mapping[str, Tensor], p
     loss = total_loss(terms, weights, method.switches)
     flat = {f"{g}.{k}": v.detach() for g, group in terms.items() for k, v in group.items() if k != "loss"}
     return {"loss": loss, **flat}
+
+
+def read_outside_forward(model: nn.Module, pools: Mapping[str, HeadPool]) -> list[nn.Parameter]:
+    """The parameters `student_loss` reads outside their module's forward: W_O of the pooled layers (head
+    writes), lm_head (the anchor centroid) and the final norm (the margin gradient). Under ZeRO-3 they
+    are kept whole on every rank (`trainer.train`'s whole_params)."""
+    modules = attention_modules(model)
+    layers = sorted({layer for pool in pools.values() for layer in pool.layers})
+    return ([p for layer in layers for p in modules[layer].o_proj.parameters()]
+            + list(model.lm_head.parameters()) + list(model.model.norm.parameters()))
 
 
 def spans_in_teacher_text(ex: Example, targets: Mapping[str, Tensor]) -> Tensor:

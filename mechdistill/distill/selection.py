@@ -96,6 +96,13 @@ def make_criterion(name: str, value: Callable[[Any, Mapping[str, float]], float]
     return Criterion(name, value, CRITERIA[name])
 
 
+def generation_criterion(name: str, answer: Callable[[Any], list[list[str]]], gold: list[list[str]],
+                         score: Callable[[list[list[str]], list[list[str]]], float]) -> Criterion:
+    """A criterion that has the model answer (`answer(model)`: each document's predicted labels) and
+    scores the answers against `gold` (e.g. val_macro_f1: `evaluate.xmc.macro_f1` of greedy answers)."""
+    return make_criterion(name, lambda model, row: score(gold, answer(model)))
+
+
 def _rule(name: str) -> Criterion:
     """A criterion that only compares values (of a log)."""
     return Criterion(name, lambda model, row: math.nan, CRITERIA[name])

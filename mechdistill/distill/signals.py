@@ -32,6 +32,7 @@ from ..io import SplitArtifacts
 from ..models import input_device
 from ..teacher.answers import supervised_output
 from ..teacher.prompts import render_prompt
+from .launch import gather_to_all
 from .losses import phase1_signals, phase2_signals, refine_margin_grad
 from .pools import HeadPool
 
@@ -219,3 +220,10 @@ def mechanism_metrics(model: nn.Module, examples: list[Example], pools: dict[str
     finally:
         model.train(was_training)
     return pd.DataFrame(rows, columns=["doc_id", "metric", "value"])
+
+
+def gathered_mechanism_metrics(model: nn.Module, examples: list[Example], pools: dict[str, HeadPool], tau: float,
+                               coarse: CoarseVariant = DEFAULT_COARSE) -> pd.DataFrame:
+    """`mechanism_metrics` of this rank's examples, gathered from every rank (one row set per document)."""
+    frames = gather_to_all(mechanism_metrics(model, examples, pools, tau, coarse))
+    return pd.concat(frames, ignore_index=True).drop_duplicates(["doc_id", "metric"], ignore_index=True)

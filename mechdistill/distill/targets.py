@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import pandas as pd
 import torch
@@ -123,3 +123,39 @@ class OnlineTargets:
 
     def __call__(self, doc_id: str) -> dict[str, torch.Tensor]:
         return teacher_targets(self.model, self.examples[doc_id], self.pools, self.tau, self.top_k, coarse=self.coarse)
+
+
+class TeacherTargets:
+    """The teacher's targets of a run's splits by document, precomputed (`from_files`) or computed on
+    demand by a teacher in memory (`online`), and the interaction scales of the training split."""
+
+    def __init__(self, lookups: Mapping[str, Callable[[str], Mapping[str, Tensor]]],
+                 doc_ids: Mapping[str, set[str]], scales: Mapping[str, float]) -> None:
+        self.lookups, self.doc_ids, self.scales = dict(lookups), dict(doc_ids), dict(scales)
+
+    def has(self, split: str, doc_id: str) -> bool:
+        return doc_id in self.doc_ids[split]
+
+    def get(self, split: str, doc_id: str) -> Mapping[str, Tensor]:
+        """The targets of document `doc_id` of `split` ({name: tensor}, `objective.teacher_targets`)."""
+        return self.lookups[split](doc_id)
+
+    @classmethod
+    def from_files(cls, tensors_paths: Mapping[str, str | os.PathLike], scales_split: str = "train") -> TeacherTargets:
+        """Targets read from each split's targets/{split}.safetensors; the scales stored with `scales_split`'s
+        (the training targets' scale, for train and val alike)."""
+        loaded = {split: load_targets(path) for split, path in tensors_paths.items()}
+        return cls({split: targets.__getitem__ for split, targets in loaded.items()},
+                   {split: set(targets) for split, targets in loaded.items()},
+                   load_interaction_scales(tensors_paths[scales_split]))
+
+    @classmethod
+    def online(cls, online: OnlineTargets, examples: Mapping[str, list[Example]],
+               scales_split: str = "train") -> TeacherTargets:
+        """Targets computed on demand by `online` for the teacher's `examples` of each split; the scales
+        measured over `scales_split`'s documents."""
+        for split_examples in examples.values():
+            online.add(split_examples)
+        doc_ids = {split: {ex.doc_id for ex in split_examples} for split, split_examples in examples.items()}
+        scales = interaction_scales(online(ex.doc_id) for ex in examples[scales_split])
+        return cls({split: online for split in examples}, doc_ids, scales)

@@ -8,6 +8,7 @@ kill skips finished shards; a change of model, settings or prompts starts afresh
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from ..io import write_parquet
 from ..models import spec_key
 from ..shards import Shards, content_key
 from .answers import ANSWER_OPEN, AnswerParser
-from .backends import FileBackend, Generation, VllmBackend, make_backend
+from .backends import FileBackend, Generation, TransformersBackend, VllmBackend, make_backend
 from .engines import resolve_backend
 from .prompts import render_prompt
 
@@ -82,6 +83,17 @@ def generate_cot(config: dict, model_name: str, prompts: pd.DataFrame, space, ou
     shards.clear()
     summarize_cot(result, dataset, split)
     return result
+
+
+def answers_in_memory(model, tokenizer, prompts: pd.DataFrame, space, gen: dict) -> list[list[str]]:
+    """The labels a model in memory (e.g. a student during training) answers on `prompts`, generated
+    and parsed as `generate_cot` does (same shards, batches, budget forcing and parser), with nothing
+    written. The tokenizer is copied: the backend pads on the left."""
+    backend = TransformersBackend.from_model(model, copy.deepcopy(tokenizer), gen)
+    size = gen["shard_size"]
+    outputs = [g for start in range(0, len(prompts), size) for g in _run_backend(backend, prompts.iloc[start:start + size], gen)]
+    parser = AnswerParser(space, gen["fuzzy_threshold"])
+    return [parser.parse(g.text, list(candidates)).pred_labels for g, candidates in zip(outputs, prompts["candidates"])]
 
 
 GENERATION_COLUMNS = ["doc_id", "raw", "n_tokens", "finish_reason", "forced_answer", "engine"]

@@ -116,15 +116,15 @@ def test_vanilla_trains_a_1_layer_student_whose_phase2_band_holds_no_layer(tiny,
 def test_a_distill_checkpoint_is_not_resumed_after_the_loss_weights_change(tiny, tmp_path, monkeypatch, caplog):
     """Stopped after step 1 under the default weights, rerun with cot.kl 0: the run must start fresh and
     save what a clean run with cot.kl 0 saves (before, it resumed the stale step silently)."""
-    import mechdistill.stages.distill as stage
+    import mechdistill.distill.run as runner
 
     tiny.upto("distill")
     changed = copy.deepcopy(tiny.config)
     changed["distill"]["weights"] = {"cot.kl": 0.0}
-    real_train = stage.train
+    real_train = runner.train
 
     def run(config, name, **train_kwargs):
-        monkeypatch.setattr(stage, "train", lambda *a, **k: real_train(*a, **{**k, **train_kwargs}))
+        monkeypatch.setattr(runner, "train", lambda *a, **k: real_train(*a, **{**k, **train_kwargs}))
         folder = tmp_path / name
         with tiny.inside():
             run_distill(config, DATASET, STUDENT, "mech", "default", model_dir=folder / "model",

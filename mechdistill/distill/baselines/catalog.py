@@ -2,13 +2,13 @@
 
 Everything here is plain Python (no torch), so `snakemake` parsing the DAG, `mechdistill
 validate-config` and `--help` stay instant; the recipe itself (`<name>.RECIPE`: items, loss,
-teacher data, inference) is imported only by the jobs that train, build teacher data or predict:
+teacher data, inference; `methods.Method.load_recipe`) is imported only by the jobs that train,
+build teacher data or predict:
 
     BASELINES["morsd"].defaults          # its settings, overridden by methods.<entry>.params
     BASELINES["morsd"].teacher_data_keys # those the teacher data depends on (not griddable)
     BASELINES["morsd"].teacher_calls(p)  # (teacher calls per document, new tokens per call) with settings p:
                                          # (0, 0) needs no baseline_teacher_data job; `mechdistill plan` prices it
-    BASELINES["morsd"].recipe()          # imports mechdistill.distill.baselines.morsd -> RECIPE
 
 The setting comments say where a value comes from: "paper" / "original" when checked against the
 method's paper or code, "not checked" when chosen here (README, "Baselines").
@@ -16,7 +16,6 @@ method's paper or code, "not checked" when chosen here (README, "Baselines").
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -48,11 +47,6 @@ class Baseline:
         if unknown:
             raise KeyError(f"{self.name}: unknown setting {unknown[0]!r}; its settings: {', '.join(self.defaults)}")
         return {**self.defaults, **(overrides or {})}
-
-    def recipe(self) -> Any:
-        """The `recipe.Recipe` of this baseline (`mechdistill.distill.baselines.<name>.RECIPE`); imports torch.
-        (Not annotated as Recipe: recipe.py imports this module, and the import contract forbids cycles.)"""
-        return importlib.import_module(f"{__package__}.{self.name}").RECIPE
 
 
 BASELINES: dict[str, Baseline] = {b.name: b for b in (

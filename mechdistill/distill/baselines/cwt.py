@@ -69,8 +69,9 @@ from torch import Tensor, nn
 from ...anchors.segment import token_offsets
 from ...teacher.answers import supervised_output
 from ...teacher.prompts import render_prompt
+from ..recipe import Item, RecipeContext, baseline_recipe
 from .catalog import BASELINES
-from .recipe import Item, Recipe, RecipeContext, cot_terms, encode, forward, next_token_ce, progress
+from .causal_lm import cot_terms, encode, forward, next_token_ce, progress
 
 log = logging.getLogger(__name__)
 
@@ -281,10 +282,4 @@ def epoch_items(ctx: RecipeContext, items: list[Item], epoch: int, labels: pd.Da
     return out
 
 
-RECIPE = Recipe(
-    BASELINES["cwt"],
-    items=items,
-    loss=loss,
-    relabel=relabel,
-    epoch_items=epoch_items,
-)
+RECIPE = baseline_recipe(BASELINES["cwt"], items=items, items_need_student=True, loss=loss, relabel=relabel, epoch_items=epoch_items)

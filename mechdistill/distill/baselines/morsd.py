@@ -51,18 +51,9 @@ import torch
 from torch import nn
 
 from ...teacher.answers import ANSWER_OPEN, AnswerParser, supervised_output
+from ..recipe import Item, RecipeContext, TeacherDataContext, baseline_recipe
 from .catalog import BASELINES
-from .recipe import (
-    Item,
-    Recipe,
-    RecipeContext,
-    TeacherDataContext,
-    cot_terms,
-    encode,
-    forward,
-    next_token_ce,
-    progress,
-)
+from .causal_lm import cot_terms, encode, forward, next_token_ce, progress
 
 log = logging.getLogger(__name__)
 
@@ -255,4 +246,4 @@ def loss(model: nn.Module, item: Item, params: Mapping) -> dict[str, torch.Tenso
     return {"loss": ce, **cot_terms(ce)}
 
 
-RECIPE = Recipe(BASELINES["morsd"], items=items, loss=loss, teacher_data=teacher_data)
+RECIPE = baseline_recipe(BASELINES["morsd"], items=items, items_need_student=True, loss=loss, teacher_data=teacher_data)

@@ -73,8 +73,9 @@ from ...models import input_device
 from ...teacher.answers import ANSWER_CLOSE, ANSWER_OPEN, AnswerParser
 from ...teacher.generate import GENERATION_COLUMNS, parse_generations
 from ...teacher.prompts import render_prompt
+from ..recipe import Item, RecipeContext, TeacherDataContext, baseline_recipe
 from .catalog import BASELINES
-from .recipe import Item, Recipe, RecipeContext, TeacherDataContext, cot_terms, forward, next_token_ce
+from .causal_lm import cot_terms, forward, next_token_ce
 
 log = logging.getLogger(__name__)
 
@@ -300,4 +301,4 @@ def predict(model: nn.Module, tokenizer, prompts: pd.DataFrame, space, gen: dict
     return parse_generations(pd.DataFrame(rows, columns=GENERATION_COLUMNS), prompts, parser)
 
 
-RECIPE = Recipe(BASELINES["semcot"], items=items, loss=loss, teacher_data=teacher_data, predict=predict)
+RECIPE = baseline_recipe(BASELINES["semcot"], items=items, loss=loss, teacher_data=teacher_data, predict=predict)

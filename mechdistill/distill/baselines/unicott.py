@@ -70,18 +70,9 @@ from ...anchors.segment import sentence_spans
 from ...io import SplitArtifacts
 from ...models import input_device
 from ...teacher.answers import supervised_output
+from ..recipe import Item, RecipeContext, TeacherDataContext, baseline_recipe
 from .catalog import BASELINES
-from .recipe import (
-    Item,
-    Recipe,
-    RecipeContext,
-    TeacherDataContext,
-    cot_terms,
-    encode,
-    forward,
-    next_token_ce,
-    span_means,
-)
+from .causal_lm import cot_terms, encode, forward, next_token_ce, span_means
 
 log = logging.getLogger(__name__)
 
@@ -316,9 +307,4 @@ def loss(model: nn.Module, item: Item, params: Mapping[str, Any]) -> dict[str, T
             "unicott.cov": cov.detach()}
 
 
-RECIPE = Recipe(
-    BASELINES["unicott"],
-    items=items,
-    loss=loss,
-    teacher_data=teacher_data,
-)
+RECIPE = baseline_recipe(BASELINES["unicott"], items=items, loss=loss, teacher_data=teacher_data)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from mechdistill.distill.baselines import cwt
-from mechdistill.distill.baselines.recipe import RecipeContext
+from mechdistill.distill.recipe import RecipeContext
 from mechdistill.io import SplitArtifacts
 from mechdistill.labels import LabelSpace
 from mechdistill.models import byte_tokenizer
@@ -22,7 +22,7 @@ MESSAGES = json.dumps([{"role": "user", "content": "Code the note."}])
 # 4 sentences of 6 characters (byte tokens) each, the last without its trailing space: 23 tokens
 COT = "Aaaa. Bbbb. Cccc. Dddd."
 ANSWER = "<answer>X1</answer>"
-PARAMS = {**cwt.RECIPE.defaults, "chunking": "average"}
+PARAMS = {**cwt.RECIPE.spec.defaults, "chunking": "average"}
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from mechdistill.distill.baselines import morsd
-from mechdistill.distill.baselines.recipe import RecipeContext, TeacherDataContext
+from mechdistill.distill.recipe import RecipeContext, TeacherDataContext
 from mechdistill.io import SplitArtifacts
 from mechdistill.labels import LabelSpace
 from mechdistill.models import byte_tokenizer
@@ -124,7 +124,7 @@ def test_teacher_data_samples_with_seeds_and_keeps_the_greedy_trace():
         return [f"sampled {seed} for {t}\n<answer>A01</answer>" for t in texts]
 
     ctx = TeacherDataContext(generate=generate, render=lambda m: "R:" + m[0]["content"], split=split,
-                             split_name="train", params=morsd.RECIPE.params({"n_samples": 2}), seed=10)
+                             split_name="train", params=morsd.RECIPE.spec.params({"n_samples": 2}), seed=10)
     frame = morsd.teacher_data(ctx)
     rendered = [f"R:note {d}: hot" for d in ["d1", "d2", "d3"]]
     assert calls == [(rendered, 128, 0.7, 10), (rendered, 128, 0.7, 11)]
@@ -147,7 +147,7 @@ def test_a_sample_without_an_answer_block_is_forced_to_answer():
         return ["B02</answer>" for _ in texts]
 
     ctx = TeacherDataContext(generate=generate, render=lambda m: "R:" + m[0]["content"], split=split,
-                             split_name="train", params=morsd.RECIPE.params({"n_samples": 1}), seed=0)
+                             split_name="train", params=morsd.RECIPE.spec.params({"n_samples": 1}), seed=0)
     frame = morsd.teacher_data(ctx).set_index(["doc_id", "sample"])
     # one greedy continuation of d2's prompt + sample + "\n<answer>", force_answer_tokens (32) long
     assert calls[1] == (["R:note d2: hot" + "why R:note d2: hot\n<answer>"], 32, 0.0)
@@ -160,7 +160,7 @@ def test_a_sample_without_an_answer_block_is_forced_to_answer():
 
 def test_items_filter_deduplicate_and_keep_the_lowest_rd(model, tokenizer):
     split = split_artifacts()
-    ctx = RecipeContext(tokenizer=tokenizer, split=split, split_name="train", params=morsd.RECIPE.params(None),
+    ctx = RecipeContext(tokenizer=tokenizer, split=split, split_name="train", params=morsd.RECIPE.spec.params(None),
                         seed=0, teacher_data=teacher_frame(), model=model)
     items = morsd.items(ctx)
     assert [it.doc_id for it in items] == ["d1", "d2"]          # d3: empty greedy CoT, skipped
@@ -182,7 +182,7 @@ def test_items_filter_deduplicate_and_keep_the_lowest_rd(model, tokenizer):
 
 
 def test_items_without_teacher_data_use_the_greedy_trace_and_need_the_student(model, tokenizer):
-    ctx = RecipeContext(tokenizer=tokenizer, split=split_artifacts(), split_name="val", params=morsd.RECIPE.params(None),
+    ctx = RecipeContext(tokenizer=tokenizer, split=split_artifacts(), split_name="val", params=morsd.RECIPE.spec.params(None),
                         seed=0, model=model)
     assert [(it.doc_id, it.record["sample"]) for it in morsd.items(ctx)] == [("d1", -1), ("d2", -1)]
     ctx.model = None
@@ -195,7 +195,7 @@ def test_items_without_teacher_data_use_the_greedy_trace_and_need_the_student(mo
 
 def test_loss_is_the_cot_ce_and_training_lowers_it(model, tokenizer):
     ctx = RecipeContext(tokenizer=tokenizer, split=split_artifacts(), split_name="train",
-                        params=morsd.RECIPE.params(None), seed=0, teacher_data=teacher_frame(), model=model)
+                        params=morsd.RECIPE.spec.params(None), seed=0, teacher_data=teacher_frame(), model=model)
     item = morsd.items(ctx)[0]
     terms = morsd.loss(model, item, ctx.params)
     assert terms["loss"].requires_grad and terms["cot.kl"].item() == 0.0

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from mechdistill.distill.baselines import semcot
-from mechdistill.distill.baselines.recipe import RecipeContext, TeacherDataContext
+from mechdistill.distill.recipe import RecipeContext, TeacherDataContext
 from mechdistill.io import SplitArtifacts
 from mechdistill.labels import LabelSpace
 from mechdistill.models import byte_tokenizer
@@ -24,7 +24,7 @@ COTS = {"d0": "The work-up focused on blood pressure. Essential hypertension [I1
         "d1": "", "d2": "Sugar was high. Type 2 diabetes fits.", "d3": "Wheezing noted. Asthma [J45] fits."}
 RAWS = {"d0": COTS["d0"] + "\n<answer>I10</answer>\n", "d1": "", "d2": COTS["d2"], "d3": COTS["d3"] + " <answer>J45"}
 PRED = {"d0": ["I10"], "d1": [], "d2": ["E11"], "d3": ["J45"]}
-PARAMS = {**semcot.RECIPE.defaults, "K": 3, "placeholder": ".", "condense": "heuristic", "n_negatives": 2}
+PARAMS = {**semcot.RECIPE.spec.defaults, "K": 3, "placeholder": ".", "condense": "heuristic", "n_negatives": 2}
 
 
 def chat(note: str) -> str:

@@ -9,7 +9,6 @@ import pandas as pd
 import pytest
 import torch
 
-from mechdistill.distill.baselines.recipe import RecipeContext, TeacherDataContext
 from mechdistill.distill.baselines.unicott import (
     RECIPE,
     chain_steps,
@@ -19,6 +18,7 @@ from mechdistill.distill.baselines.unicott import (
     supcon,
     variance_term,
 )
+from mechdistill.distill.recipe import RecipeContext, TeacherDataContext
 from mechdistill.io import SplitArtifacts
 from mechdistill.labels import LabelSpace
 from tests.helpers import tiny_llama
@@ -80,13 +80,13 @@ def fake_teacher(split: SplitArtifacts, structure: str):
         return [f" {o}\n" for o in outs]
 
     ctx = TeacherDataContext(generate=generate, render=lambda m: "R|" + m[0]["content"], split=split,
-                             split_name="train", params=RECIPE.params({"structure": structure}), seed=0)
+                             split_name="train", params=RECIPE.spec.params({"structure": structure}), seed=0)
     return RECIPE.teacher_data(ctx), calls, prompt_of
 
 
 def make_items(split, tok, teacher_data=None, **params):
     return RECIPE.items(RecipeContext(tokenizer=tok, split=split, split_name="train",
-                                      params=RECIPE.params(params), seed=0, teacher_data=teacher_data))
+                                      params=RECIPE.spec.params(params), seed=0, teacher_data=teacher_data))
 
 
 def test_supcon_matches_numpy():
@@ -202,7 +202,7 @@ def test_loss_terms_on_the_model(split, byte_tok, model):
     doc = np.repeat([0, 1, 2], [len(r) for r in reps])
     pos = np.array([[True, False, True], [False, True, False], [True, False, True]])[doc][:, doc]
     np.fill_diagonal(pos, False)
-    params = RECIPE.params({})
+    params = RECIPE.spec.params({})
     out = RECIPE.loss(model, item, params)
     assert out["unicott.con"].item() == pytest.approx(supcon_ref(np.concatenate(reps), pos, 0.1), rel=1e-4)
     rel = np.array([[0, 1, 0], [1, 0, 1], [0, 1, 0]], dtype=float)
@@ -217,7 +217,7 @@ def test_loss_terms_on_the_model(split, byte_tok, model):
 def test_training_lowers_the_loss(split, byte_tok):
     student = tiny_llama(vocab=len(byte_tok), seed=1).train()
     item = make_items(split, byte_tok, n_negatives=2)[0]
-    params = RECIPE.params({})
+    params = RECIPE.spec.params({})
     opt = torch.optim.AdamW(student.parameters(), lr=1e-2)
     losses = []
     for _ in range(6):
