@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..anchors.segment import char_span_to_tokens, shift_spans, token_offsets
+from ..characterize.attention import unembed
 from ..characterize.capture import HeadCapture, capture_heads, final_residual
 from ..characterize.scores import DEFAULT_COARSE, CoarseVariant, anchor_centroid, coarse_key_mask
 from ..characterize.teacher_forcing import forced_sequence, margin_tokens, within_cap
@@ -174,7 +175,7 @@ def forward_signals(model: nn.Module, ex: Example, pools: dict[str, HeadPool], t
     if early:
         # [d], the student's own unembedding, as a fixed direction: the loss moves the heads' writes
         # towards it, not the unembedding towards them (and a ZeRO-3 partitioned lm_head reads the same)
-        centroid = anchor_centroid(model.lm_head, ex.anchor_token_ids).detach()
+        centroid = anchor_centroid(unembed(model), ex.anchor_token_ids).detach()
         document = ex.document_positions if coarse.keys == "document" else None
         key_mask = coarse_key_mask(torch.tensor([early], device=device), len(ex.input_ids), document)  # [1, nq, seq]
         signals["phase1"] = phase1_signals(model, cap.select_queries(range(len(early))), pools["phase1"], centroid,
