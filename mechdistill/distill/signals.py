@@ -24,7 +24,6 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from ..anchors.segment import char_span_to_tokens, shift_spans, token_offsets
 from ..characterize.attention import unembed
 from ..characterize.capture import HeadCapture, capture_heads, final_residual
 from ..characterize.scores import DEFAULT_COARSE, CoarseVariant, anchor_centroid, coarse_key_mask
@@ -33,6 +32,7 @@ from ..io import SplitArtifacts
 from ..models import input_device
 from ..teacher.answers import supervised_output
 from ..teacher.prompts import render_prompt
+from ..text import char_span_to_tokens, shift_spans, token_offsets
 from .losses import phase1_signals, phase2_signals, refine_margin_grad
 from .pools import HeadPool
 

@@ -66,9 +66,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...anchors.segment import token_offsets
 from ...teacher.answers import supervised_output
 from ...teacher.prompts import render_prompt
+from ...text import token_offsets
 from .catalog import BASELINES
 from .recipe import Item, Recipe, RecipeContext, cot_terms, encode, forward, next_token_ce, progress
 

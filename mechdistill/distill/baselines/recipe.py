@@ -42,10 +42,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ...anchors.segment import char_span_to_tokens, token_offsets
 from ...io import SplitArtifacts
 from ...models import input_device
 from ...teacher.prompts import render_prompt
+from ...text import char_span_to_tokens, token_offsets
 from .catalog import Baseline
 
 log = logging.getLogger(__name__)
