@@ -20,11 +20,13 @@ from .. import paths
 from ..characterize.attention import attention_modules
 from ..characterize.scores import CoarseVariant
 from ..characterize.teacher_forcing import length_cap
+from ..distill.backends import zero3_config
 from ..distill.baselines.recipe import Item, RecipeContext, TeacherDataContext, items_frame
 from ..distill.launch import gather_to_all, init_distributed, shard
 from ..distill.methods import check_methods, grid_point, method_grid, needs_teacher_data, resolve_method
 from ..distill.objective import student_loss
 from ..distill.pools import HeadPool, model_pools
+from ..distill.run_state import resumable
 from ..distill.selection import make_criterion
 from ..distill.signals import make_examples, mechanism_metrics
 from ..distill.targets import (
@@ -36,7 +38,8 @@ from ..distill.targets import (
     save_targets,
     target_tensors,
 )
-from ..distill.trainer import Criterion, Padding, resumable, train, train_config, zero3_config
+from ..distill.train_config import train_config
+from ..distill.trainer import Criterion, Padding, train
 from ..errors import ConfigError
 from ..evaluate.xmc import macro_f1
 from ..io import SplitArtifacts, file_digest, read_json, read_parquet, read_split, write_parquet
