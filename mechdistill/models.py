@@ -28,7 +28,13 @@ from typing import Any
 
 import tokenizers
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedTokenizerFast,
+)
 
 from .errors import ConfigError
 from .model_sources import TINY_ARCH_DEFAULTS, gguf_package_file, model_spec
@@ -208,6 +214,19 @@ def text_only(model):
     return causal
 
 
+def exact_attention(model_config: PretrainedConfig, name: str = "") -> dict[str, str]:
+    """`from_pretrained` / `from_config` arguments under which the attention the model computes is the one
+    the capture recomputes (`characterize.attention.AttentionCall.rows`): `attn_implementation="eager"`
+    when the (text) config soft-caps attention logits (Gemma 2's `attn_logit_softcapping`), which
+    transformers' SDPA path silently ignores; otherwise none (transformers' default)."""
+    softcap = getattr(model_config.get_text_config(), "attn_logit_softcapping", None)
+    if softcap is None:
+        return {}
+    log.info("model %s: eager attention, as its attention logits are soft-capped (attn_logit_softcapping=%s), "
+             "which SDPA ignores; head capture recomputes the capped rows", name or model_config.model_type, softcap)
+    return {"attn_implementation": "eager"}
+
+
 PLACEMENT_KEYS = ("device_map", "max_memory", "offload_folder")
 
 
@@ -240,9 +259,11 @@ def load_model(config: dict, name: str, device: str = "auto", dtype: str | None 
     device = pick_device(device)
     placed = {} if device_map is None else dict(device_map=device_map, max_memory=_device_keys(max_memory),
                                                 offload_folder=offload_folder)
+    path, remote = resolve_model_path(config, name), spec.get("trust_remote_code", False)
+    model_config = AutoConfig.from_pretrained(path, trust_remote_code=remote)
     model = AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(config, name), dtype=torch_dtype(dtype or spec.get("dtype"), device),
-        trust_remote_code=spec.get("trust_remote_code", False), **placed)
+        path, config=model_config, dtype=torch_dtype(dtype or spec.get("dtype"), device),
+        trust_remote_code=remote, **placed, **exact_attention(model_config, name))
     model = text_only(model)
     if device_map is None:
         model = model.to(device)

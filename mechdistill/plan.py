@@ -74,7 +74,7 @@ CPU_THROUGHPUT = "benchmarks/results/throughput_cpu.json"
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 ZERO_BYTES_PER_PARAM = 16   # Rajbhandari et al. 2020 (ZeRO), Sec. 3.1: mixed-precision Adam, 2 + 2 + 12 bytes
 ACTIVATION_BYTES = 34       # Korthikanti et al. 2022, Eq. 1: s b h (34 + 5 a s / h) bytes per layer, 16-bit
-TRAIN_DEFAULTS = {"max_steps": 1000, "grad_accum_steps": 1, "eval_every": 0}  # distill.trainer.TrainConfig's
+TRAIN_DEFAULTS = {"max_steps": 1000, "grad_accum_steps": 1, "eval_every": 0}  # distill.train_config.TrainConfig's
 LAS_VIEWS = 3               # evaluate.las: one simulator per view (x, x+r, r)
 WorkRow = Any  # one row of stage_workloads (a namedtuple of itertuples, or a Series): its columns as attributes
 COLUMNS = ["stage", "dataset", "scope", "model", "params", "jobs", "docs", "seq_len", "generated", "prefill",
@@ -293,15 +293,8 @@ def _dataset_work(config: dict, dataset: str, size: DatasetSize, models: Mapping
         for split, d in train_docs.items():
             rows.append(forced("teacher_targets", split, teacher, d, seq, distill["teacher_dtype"],
                                distill.get("teacher_device_map")))
-    if gen["backend"] != "file":  # the baselines' extra teacher generations, train + val (prefill: at most prompt + CoT)
-        for method, settings in config["methods"].items():
-            if needs_teacher_data(method, settings):
-                baseline = resolve_method(method, settings).baseline
-                calls, tokens = baseline.teacher_calls(baseline.params((settings or {}).get("params")))
-                d = sum(train_docs.values()) * calls
-                rows.append(row("baseline_teacher_data", method, teacher, docs=sum(train_docs.values()),
-                                seq_len=seq + tokens, generated=d * tokens, prefill=d * seq,
-                                precision=resolve_dtype(gen["dtype"], specs[teacher]), **generation))
+    if gen["backend"] != "file":
+        rows += _baseline_teacher_work(config, row, sum(train_docs.values()), seq, generation)
     train = TRAIN_DEFAULTS | distill["train"]
     n_evals = evaluations(train)
     steps_docs = train["max_steps"] * train["grad_accum_steps"]
@@ -319,11 +312,34 @@ def _dataset_work(config: dict, dataset: str, size: DatasetSize, models: Mapping
             rows.append(forced("distill (online targets)", "train+val", teacher, sum(train_docs.values()), seq,
                                distill["teacher_dtype"], distill.get("teacher_device_map"), jobs=points))
 
-    n_methods, n_test = len(config["methods"]), n["test"]
+    return rows + _evaluate_work(config, row, forced, generation, n, seq, cot, prompt)
+
+
+def _baseline_teacher_work(config: dict, row, docs: int, seq: float, generation: dict) -> list[dict]:
+    """The baselines' extra teacher generations over the `docs` train + val documents (prefill: at most
+    prompt + CoT, `seq`)."""
+    rows, teacher = [], config["teacher"]
+    for method, settings in config["methods"].items():
+        if needs_teacher_data(method, settings):
+            baseline = resolve_method(method, settings).baseline
+            calls, tokens = baseline.teacher_calls(baseline.params((settings or {}).get("params")))
+            rows.append(row("baseline_teacher_data", method, teacher, docs=docs, seq_len=seq + tokens,
+                            generated=docs * calls * tokens, prefill=docs * calls * seq,
+                            precision=resolve_dtype(config["generation"]["dtype"], config["models"][teacher]),
+                            **generation))
+    return rows
+
+
+def _evaluate_work(config: dict, row, forced, generation: dict, n: Mapping[str, int], seq: float, cot: float,
+                   prompt: float) -> list[dict]:
+    """Test-set work: each student's generations per method, perplexity + mechanism metrics (students and
+    teacher), and the LAS simulator when it is a trained seq2seq model."""
+    teacher, students, specs = config["teacher"], list(config["students"]), config["models"]
+    n_methods, n_test, rows = len(config["methods"]), n["test"], []
     for student in students:
         rows.append(row("student_predict", "test", student, jobs=n_methods, docs=n_test, seq_len=seq,
                         generated=n_methods * n_test * cot, prefill=n_methods * n_test * prompt,
-                        precision=resolve_dtype(gen["dtype"], specs[student]),
+                        precision=resolve_dtype(config["generation"]["dtype"], specs[student]),
                         **(generation | {"gpus": 1})))  # a student generates on one GPU (student_generation)
     for model, jobs in [*((s, n_methods) for s in students), (teacher, 1)]:  # perplexity + mechanism metrics
         # the rule gives a student's row one GPU and the teacher's row the teacher's GPUs

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import simple_icd_10_cm as icd
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, Gemma2Config, LlamaConfig, LlamaForCausalLM
 
 from mechdistill.characterize.attention import attention_modules
 from mechdistill.data.icd10cm import title
@@ -35,6 +35,25 @@ def tiny_llama(vocab: int, seed: int):
                       max_position_embeddings=512)
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg).eval()
+
+
+# Gemma 2 with a sharp attention soft-cap (logits within +-2).
+GEMMA2_FIELDS = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8, max_position_embeddings=512,
+                     attn_logit_softcapping=2.0)
+
+
+def tiny_gemma2(attn: str = "eager", seed: int = 0):
+    """A 2-layer Gemma 2 whose q/k weights are scaled up (x30) so its attention logits, ~10 before the
+    cap, are capped to +-2: with the default init they are ~0.1 and the cap changes nothing."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(Gemma2Config(vocab_size=VOCAB, **GEMMA2_FIELDS),
+                                             attn_implementation=attn).eval()
+    with torch.no_grad():
+        for m in attention_modules(model):
+            m.q_proj.weight.mul_(30)
+            m.k_proj.weight.mul_(30)
+    return model
 
 
 def tiny_model(arch: str, attn: str = "sdpa"):

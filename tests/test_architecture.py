@@ -19,6 +19,7 @@ PACKAGE = REPO / "mechdistill"
 # adapters that need it), or the stages (for an instant `mechdistill --help`). The line must say why.
 LAZY_IMPORTS = {"vllm", "deepspeed", "sentence_transformers", "simple_icd_10_cm", "mechdistill.models", "huggingface_hub",
                 "torch",  # distill.launch: the Snakefile imports it to build the `distill` command
+                "mechdistill.distill.backends", "transformers.integrations",  # torch, for distill.launch's DeepSpeed config
                 "mechdistill.stages.data", "mechdistill.stages.teacher", "mechdistill.stages.distill", "mechdistill.data.icd10cm_controlled",
                 "mechdistill.data.mimic4_icd10", "mechdistill.data.wikiseealso"}
 
@@ -149,3 +150,26 @@ def test_the_model_free_jobs_import_no_torch():
     code = "\n".join(imports + ["import sys", "print(sorted({'torch', 'transformers'} & set(sys.modules)))"])
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert proc.stdout.strip() == "[]"
+
+
+# The two modules that may name a model's lm_head / final norm: the accessors and the one that builds a model.
+MODEL_LAYOUT_MODULES = {"mechdistill/characterize/attention.py", "mechdistill/models.py"}
+
+
+def layout_accesses(path) -> list[int]:
+    """Lines of `path` reading `<x>.lm_head` or `<x>.model.norm` as attributes (not in strings or comments)."""
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute) and (
+                node.attr == "lm_head"
+                or (node.attr == "norm" and isinstance(node.value, ast.Attribute) and node.value.attr == "model")):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_the_final_norm_and_unembedding_are_reached_through_their_accessors():
+    """`characterize.attention.final_norm` / `unembed` resolve them for every HF layout; nothing else assumes
+    LLaMA's `model.model.norm` and `model.lm_head`."""
+    hits = [f"{p.relative_to(REPO)}:{line}" for p in sorted(PACKAGE.rglob("*.py"))
+            if str(p.relative_to(REPO)) not in MODEL_LAYOUT_MODULES for line in layout_accesses(p)]
+    assert hits == []

@@ -67,7 +67,7 @@ def test_schema_enumerates_exactly_what_the_library_accepts():
 
     from mechdistill.config import load_schema
     from mechdistill.distill.losses import TERMS
-    from mechdistill.distill.trainer import TrainConfig
+    from mechdistill.distill.train_config import TrainConfig
 
     defs = load_schema()["$defs"]
     terms = {f"{group}.{term}" for group, names in TERMS.items() for term in names}

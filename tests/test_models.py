@@ -1,3 +1,4 @@
+import logging
 import time
 
 import pytest
@@ -5,6 +6,7 @@ import torch
 
 from mechdistill.errors import ConfigError
 from mechdistill.models import gguf_package_file, load_model, resolve_model_path, select_layers
+from tests.helpers import GEMMA2_FIELDS
 
 
 def test_select_layers_evenly_spaced_keeps_ends():
@@ -24,6 +26,19 @@ def test_random_tiny_models_build_and_run(tiny_config, arch):
     assert logits.shape == (1, ids["input_ids"].shape[1], len(tok))
     assert torch.isfinite(logits).all()
     assert tok.decode(ids["input_ids"][0]) == "heart failure"  # byte tokenizer round-trips
+
+
+@pytest.mark.parametrize(("model_type", "impl"), [("gemma2", "eager"), ("llama", "sdpa")])
+def test_soft_capped_attention_loads_eager(tiny_config, caplog, model_type, impl):
+    """SDPA ignores Gemma 2's attn_logit_softcapping: such a model loads with eager attention, and says why."""
+    fields = GEMMA2_FIELDS if model_type == "gemma2" else {}
+    tiny_config["models"]["m"] = {"source": "random", "arch": "llama", "tokenizer": "byte", "seed": 0,
+                                  "config": {"model_type": model_type, **fields}}
+    with caplog.at_level(logging.INFO, logger="mechdistill.models"):
+        model, _ = load_model(tiny_config, "m", device="cpu")
+    assert type(model).__name__.lower().startswith(model_type)
+    assert model.config._attn_implementation == impl
+    assert ("soft-capped" in caplog.text) == (impl == "eager")
 
 
 def test_layer_subset_equals_truncated_base(tiny_config):

@@ -11,7 +11,7 @@ import pytest
 from mechdistill import plan
 from mechdistill.cli import main
 from mechdistill.config import load_config
-from mechdistill.distill.trainer import TrainConfig
+from mechdistill.distill.train_config import TrainConfig
 from mechdistill.errors import ConfigError
 from mechdistill.patching.experiment import control_sets
 from tests.helpers import REPO, tiny_llama

@@ -11,9 +11,10 @@ from __future__ import annotations
 import pandas as pd
 
 from ..labels import LabelSpace
+from ..text import token_offsets
 from .concepts import anchor_text, label_anchors
 from .near_misses import cot_near_misses, near_misses, shortlist
-from .segment import segment_cot, token_offsets
+from .segment import segment_cot
 
 COLUMNS = ["doc_id", "anchors", "anchor_text", "near_misses", "shortlist", "early_span", "refine_spans",
            "shortlist_spans", "nearmiss_spans", "reason"]

@@ -2,8 +2,8 @@
 
 Every span is a half-open character range `(start, end)` into the CoT text (`cot[start:end]`),
 so it is model-agnostic: teacher and student map the same spans to their own tokens through the
-tokenizer's offset mapping (`token_offsets` + `spans_to_token_positions`). If a model tokenizes
-prompt + CoT together, shift the spans by `len(prompt)` first (`shift_spans`).
+tokenizer's offset mapping (`text.token_offsets` + `text.spans_to_token_positions`). If a model
+tokenizes prompt + CoT together, shift the spans by `len(prompt)` first (`text.shift_spans`).
 
 The spans of one CoT:
 - early span: the characters of the first `early_tokens` CoT tokens (Phase 1 segment E);
@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import re
 
-from ..errors import ConfigError
 from ..labels import LabelSpace
-
-Span = tuple[int, int]
+from ..text import Span, sentence_spans
 
 # Contrast cues: a label right after one of these is being ruled out. "not" skips ICD title
 # phrases ("not specified", "not elsewhere classified", "not intractable", ...).
@@ -39,8 +37,6 @@ DEFAULT_REFINE_PATTERNS: list[str] = [
     r"\bno\s+evidence\s+of\b",
 ]
 
-_ABBREV = re.compile(r"(?:\bvs|\be\.g|\bi\.e|\betc|\bcf|\bapprox|\bDr|\bno)\.$", re.IGNORECASE)
-_BOUNDARY = re.compile(r"[.!?]+(?=\s|$)|\n")
 _ID_TOKEN = re.compile(r"(\[)?(?<![\w.\-])([A-Za-z0-9](?:[A-Za-z0-9._\-]*[A-Za-z0-9])?)(?![\w\-]|\.\w)(\])?")
 _LIST_GLUE = re.compile(r"^[\s,/()\-]*(?:or|and|nor)\b", re.IGNORECASE)
 
@@ -51,46 +47,7 @@ def _cue_regex(patterns: list[str] | None) -> re.Pattern | None:
     return re.compile("|".join(f"(?:{p})" for p in patterns), re.IGNORECASE) if patterns else None
 
 
-# ---------------------------------------------------------------- tokens
-
-def token_offsets(tokenizer, text: str) -> list[Span]:
-    """Character span of each token of `text` (no special tokens added).
-
-    Special tokens that some tokenizers report as (0, 0) are kept as zero-width spans: they cover
-    no character, so no span maps to them. Byte-level tokens of one multi-byte character all
-    report that character's span.
-    """
-    if not text:
-        return []
-    if not getattr(tokenizer, "is_fast", False):
-        raise ConfigError(f"tokenizer {type(tokenizer).__name__} has no offset mapping (not a fast "
-                          "tokenizer). Fix: load it with use_fast=True or give a tokenizer.json.")
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return [(int(s), int(e)) for s, e in enc["offset_mapping"]]
-
-
-def token_units(tokenizer, text: str) -> list[str]:
-    """`text` cut at its token starts: contiguous pieces whose concatenation is `text` (one per
-    token, leading whitespace kept), the units of Focus / Confusion."""
-    starts = [a for a, _ in token_offsets(tokenizer, text)]
-    return [text[a:b] for a, b in zip(starts, starts[1:] + [len(text)])]
-
-
-def char_span_to_tokens(offsets: list[Span], span: Span) -> list[int]:
-    """Indices of the tokens that overlap the character span (zero-width tokens never do)."""
-    s, e = span
-    return [i for i, (a, b) in enumerate(offsets) if a < b and a < e and b > s]
-
-
-def spans_to_token_positions(offsets: list[Span], spans: list[Span]) -> list[list[int]]:
-    """Token indices overlapping each span (an empty list where the span covers no token)."""
-    return [char_span_to_tokens(offsets, sp) for sp in spans]
-
-
-def shift_spans(spans: list[Span], by: int) -> list[Span]:
-    """Spans moved by `by` characters (CoT spans -> spans into prompt + CoT)."""
-    return [(s + by, e + by) for s, e in spans]
-
+# ---------------------------------------------------------------- early segment
 
 def early_span(cot: str, offsets: list[Span], early_tokens: int) -> Span:
     """(0, end of the `early_tokens`-th token): the Phase 1 early segment E; (0, 0) if none."""
@@ -98,29 +55,7 @@ def early_span(cot: str, offsets: list[Span], early_tokens: int) -> Span:
     return (0, min(max(ends), len(cot))) if ends else (0, 0)
 
 
-# ---------------------------------------------------------------- sentences and mentions
-
-def sentence_spans(text: str) -> list[Span]:
-    """Sentences split at . ! ? (followed by space/end) and newlines, whitespace trimmed.
-
-    IDs like "I50.22" and abbreviations like "vs." / "e.g." do not end a sentence.
-    """
-    out, start = [], 0
-    for m in _BOUNDARY.finditer(text):
-        if m.group() != "\n" and _ABBREV.search(text[start:m.end()]):
-            continue
-        out.append((start, m.end()))
-        start = m.end()
-    out.append((start, len(text)))
-    spans = []
-    for s, e in out:
-        seg = text[s:e]
-        lead = len(seg) - len(seg.lstrip())
-        s2, e2 = s + lead, s + len(seg.rstrip())
-        if e2 > s2:
-            spans.append((s2, e2))
-    return spans
-
+# ---------------------------------------------------------------- mentions
 
 def find_mentions(cot: str, space: LabelSpace, labels: list[str] | None = None) -> list[tuple[int, int, str]]:
     """Label mentions `(start, end, label_id)` in `cot`, sorted and non-overlapping.

@@ -24,8 +24,8 @@ import pandas as pd
 from scipy import stats
 
 from ..labels import LabelSpace
+from ..text import token_units
 from .embed import encode_windowed, window_texts
-from .segment import token_units
 
 
 class Embedder(Protocol):

@@ -1,6 +1,7 @@
 """Attention introspection and hooks for HF decoder-only models.
 
-- `attention_modules(model)`: the self-attention module of every layer; `head_out_proj`: W_O per head.
+- `attention_modules(model)`: the self-attention module of every layer; `head_out_proj`: W_O per head;
+  `final_norm(model)`, `unembed(model)`: the norm before the unembedding and the unembedding (lm_head).
 - `attention_hooks(model, {layer: hook})`: for the duration of the context, the model's attention
   implementation is switched to a registered wrapper (`mechdistill_<base>`, e.g. `mechdistill_sdpa`)
   that calls the original implementation (`sdpa`, `eager`, `flash_attention_2`, ...) with unchanged
@@ -59,6 +60,35 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     if not mods:
         raise ValueError(f"{type(model).__name__}: no attention modules with q_proj/o_proj/layer_idx found.")
     return mods
+
+
+# Where the final norm sits, by HF layout: LLaMA / Qwen / Mistral / Gemma (`model.norm`), Phi / Persimmon
+# (`model.final_layernorm`), GPT-2 / GPT-J / Falcon (`transformer.ln_f`), GPT-NeoX (`gpt_neox.final_layer_norm`).
+_FINAL_NORM_PATHS = ("model.norm", "model.final_layernorm", "transformer.ln_f", "gpt_neox.final_layer_norm")
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm applied to the residual stream just before the unembedding (`model.model.norm` in LLaMA-like
+    models; the other HF layouts in `_FINAL_NORM_PATHS`). A training wrapper is looked through (`unwrap`)."""
+    model = unwrap(model)
+    for path in _FINAL_NORM_PATHS:
+        module: Any = model
+        for name in path.split("."):
+            module = getattr(module, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise ValueError(f"{type(model).__name__}: no final norm found at any of {', '.join(_FINAL_NORM_PATHS)}.")
+
+
+def unembed(model: nn.Module) -> nn.Module:
+    """The unembedding (`lm_head`: d_model -> vocab), as HF's `get_output_embeddings()` names it. A training
+    wrapper is looked through (`unwrap`)."""
+    model = unwrap(model)
+    get = getattr(model, "get_output_embeddings", None)
+    module = get() if get is not None else None
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"{type(model).__name__}: no output embeddings (lm_head); is it a causal LM?")
+    return module
 
 
 def head_out_proj(attn_module: nn.Module) -> Tensor:

@@ -48,6 +48,7 @@ from .attention import (
     as_positions,
     attention_hooks,
     attention_modules,
+    final_norm,
     gather_heads,
     head_counts,
     head_out,
@@ -262,8 +263,8 @@ def capture_nbytes(n_layers: int, n_heads: int, head_dim: int, d_model: int, seq
 class final_residual:
     """Context manager recording the residual stream entering the final norm: `.h` [batch, seq, d]."""
 
-    def __init__(self, model) -> None:
-        self.norm, self.h = model.model.norm, None
+    def __init__(self, model: nn.Module) -> None:
+        self.norm, self.h = final_norm(model), None
 
     def __enter__(self):
         self.hook = self.norm.register_forward_pre_hook(lambda _m, args: setattr(self, "h", args[0]))

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..io import SplitArtifacts
 from ..models import input_device
+from .attention import final_norm, unembed
 from .capture import capture_heads, final_residual
 from .scores import (
     DEFAULT_COARSE,
@@ -52,7 +53,7 @@ def score_document(model, tokenizer, seq: ForcedSequence, anchors: list[str], go
     if seq.early_queries and anchors:
         _, cap = capture_heads(model, ids[None].to(input_device(model)), query_positions=[seq.early_queries],
                                what=("rows", "writes"))
-        centroid = anchor_centroid(model.lm_head, [tokenizer(a, add_special_tokens=False)["input_ids"] for a in anchors])
+        centroid = anchor_centroid(unembed(model), [tokenizer(a, add_special_tokens=False)["input_ids"] for a in anchors])
         qpos = torch.tensor([seq.early_queries])                                          # [1, nq]
         key_masks = {"all": coarse_key_mask(qpos, len(ids)),                              # [1, nq, seq]
                      "document": coarse_key_mask(qpos, len(ids), seq.document_positions)}
@@ -74,7 +75,7 @@ def score_document(model, tokenizer, seq: ForcedSequence, anchors: list[str], go
             _, cap = capture_heads(model, ids[None].to(input_device(model)), query_positions=[refine],
                                    key_positions=[keys], what=("rows", "qk", "value_writes"))
         h_final = residual.h[0, refine]                                                 # [nr, d]
-        grad = margin_gradient(h_final, model.model.norm, model.lm_head, targets, nearmisses)[None]  # [1, nr, d]
+        grad = margin_gradient(h_final, final_norm(model), unembed(model), targets, nearmisses)[None]  # [1, nr, d]
         is_s = torch.tensor([i < len(seq.shortlist_positions) for i in range(len(keys))])    # [nk]
         before = torch.tensor(keys)[None, None, :] < torch.tensor(refine)[None, :, None]      # [1, nr, nk]
         s_mask, n_mask = before & is_s, before & ~is_s            # earlier shortlist / near-miss mentions

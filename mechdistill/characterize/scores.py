@@ -294,7 +294,7 @@ def margin_gradient(
     """grad_{h_final,t} M_t through the final norm and the unembedding.
 
     h_final: [b, d] residual stream before the final norm at position t (one row per example);
-    final_norm: e.g. `model.model.norm`; unembed: `lm_head` or a [vocab, d] matrix.
+    final_norm: `attention.final_norm(model)`; unembed: `attention.unembed(model)` or a [vocab, d] matrix.
     Differentiates a detached leaf copy of h_final (its history is not touched); with
     create_graph=True the result stays differentiable w.r.t. the norm/unembedding parameters.
     Rows are independent (the norm acts per row), so the gradient of the sum is per row. Returns [b, d].

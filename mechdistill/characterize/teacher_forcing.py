@@ -16,8 +16,8 @@ from typing import TypeVar
 
 import torch
 
-from ..anchors.segment import char_span_to_tokens, shift_spans, token_offsets
 from ..teacher.prompts import document_char_span, render_prompt
+from ..text import char_span_to_tokens, shift_spans, token_offsets
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -113,18 +113,7 @@ def load_mimic4_icd10(root: str, *, min_code_count: int = 10, split_file: str | 
     stats["notes_without_icd10_codes"] = int((~has_code).sum())
     docs = docs[has_code].reset_index(drop=True)
 
-    labels: list[list[str]] = [[] for _ in range(len(docs))]
-    kept: dict[str, list[str]] = {}
-    for kind in codes:  # per code system, as Edin's filter_codes does
-        of_hadm = codes[kind].to_dict()
-        lists = [of_hadm.get(h, []) for h in docs["hadm_id"]]
-        counts = Counter(c for lst in lists for c in lst)
-        keep = {c for c, n in counts.items() if n >= min_code_count}
-        kept[kind] = sorted(keep)
-        stats[f"{kind}_codes_before_filter"] = len(counts)
-        stats[f"{kind}_codes_after_filter"] = len(keep)
-        labels = [acc + [c for c in lst if c in keep] for acc, lst in zip(labels, lists, strict=True)]
-    docs["labels"] = labels
+    docs["labels"], kept = _frequent_codes(docs["hadm_id"], codes, min_code_count, stats)
     empty = docs["labels"].apply(len) == 0
     stats["notes_without_codes_after_filter"] = int(empty.sum())
     docs = docs[~empty].reset_index(drop=True)
@@ -135,13 +124,7 @@ def load_mimic4_icd10(root: str, *, min_code_count: int = 10, split_file: str | 
         _check_no_collision(kept, first_row, code_paths)
 
     if clean_text:
-        docs["text"] = edin_clean_text(docs["text"])
-        blank = docs["text"].str.len() == 0
-        if blank.any():
-            r = docs[blank].iloc[0]
-            raise InputError(f"note text of hadm_id {r.hadm_id} is empty after Edin's cleaning "
-                             "(no letters or digits).", file=str(notes_path), row=r.first_row,
-                             fix="check that discharge.csv.gz is the unmodified MIMIC-IV-Note file.")
+        docs["text"] = _cleaned_text(docs, notes_path)
 
     split_of = (_split_from_file(docs, resolve_split_file(root, split_file), stats) if split_file is not None
                 else _random_split(docs, fractions, seed))
@@ -162,6 +145,38 @@ def load_mimic4_icd10(root: str, *, min_code_count: int = 10, split_file: str | 
     stats["diagnosis_codes_outside_icd10cm"] = int(
         ((table["system"] == "icd10cm") & table["assignable"] & table["parent"].isna()).sum())
     return PreparedDataset(splits=splits, labels=table, stats=stats)
+
+
+def _frequent_codes(hadm_ids: pd.Series, codes: dict[str, pd.Series], min_code_count: int,
+                   stats: dict[str, object]) -> tuple[list[list[str]], dict[str, list[str]]]:
+    """Each note's codes seen in at least `min_code_count` notes, filtered per code system as Edin's
+    filter_codes does (procedures, then diagnoses), and the kept codes of each system (sorted).
+
+    hadm_ids: the notes' admissions; codes: per system, hadm_id -> that admission's codes."""
+    labels: list[list[str]] = [[] for _ in range(len(hadm_ids))]
+    kept: dict[str, list[str]] = {}
+    for kind in codes:
+        of_hadm = codes[kind].to_dict()
+        lists = [of_hadm.get(h, []) for h in hadm_ids]
+        counts = Counter(c for lst in lists for c in lst)
+        keep = {c for c, n in counts.items() if n >= min_code_count}
+        kept[kind] = sorted(keep)
+        stats[f"{kind}_codes_before_filter"] = len(counts)
+        stats[f"{kind}_codes_after_filter"] = len(keep)
+        labels = [acc + [c for c in lst if c in keep] for acc, lst in zip(labels, lists, strict=True)]
+    return labels, kept
+
+
+def _cleaned_text(docs: pd.DataFrame, notes_path: Path) -> pd.Series:
+    """The notes' text after Edin's normalisation; an InputError names a note it leaves empty."""
+    text = edin_clean_text(docs["text"])
+    blank = text.str.len() == 0
+    if blank.any():
+        r = docs[blank].iloc[0]
+        raise InputError(f"note text of hadm_id {r.hadm_id} is empty after Edin's cleaning "
+                         "(no letters or digits).", file=str(notes_path), row=r.first_row,
+                         fix="check that discharge.csv.gz is the unmodified MIMIC-IV-Note file.")
+    return text
 
 
 def format_icd10(code: str, is_diag: bool) -> str:

@@ -10,7 +10,10 @@ objective.py  the teacher's side of every loss for one document, and the student
 methods.py    named sets of loss-term switches (vanilla, mech, phase and term ablations), their
               hyper-parameter grids
 targets.py    teacher targets computed once and stored (or online), so training needs no teacher
-trainer.py    the optimisation loop: AdamW, schedule, accumulation, exact resume, DeepSpeed ZeRO-3
+trainer.py    the optimisation loop: steps, accumulation, evaluation, the best step, exact resume
+train_config.py  TrainConfig: the optimisation settings (and their defaults) of one run
+backends.py   how a step is taken: one device (AdamW, warmup + cosine, autocast) or DeepSpeed ZeRO-3
+run_state.py  a run's state and files: progress, log, best step and its weights, checkpoints and their key
 baselines/    the four CoT-distillation baselines (UniCoTT, MoRSD, SemCoT, CWT), one recipe module each:
               their training items, losses, extra teacher data and (SemCoT) inference
 selection.py  validation criteria, the best step of a train log and the best grid point of a method,

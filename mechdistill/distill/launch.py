@@ -148,11 +148,11 @@ if __name__ == "__main__":
 
 def deepspeed_config(enabled: bool, train_config: Any, zero_optimization: Mapping[str, Any] | None = None
                      ) -> dict | None:
-    """A run's DeepSpeed config (distill.deepspeed): `trainer.zero3_config` of its TrainConfig with
+    """A run's DeepSpeed config (distill.deepspeed): `backends.zero3_config` of its TrainConfig with
     distill.zero_optimization on top; None (not enabled) trains on one device without DeepSpeed."""
     if not enabled:
         return None
-    from .trainer import zero3_config  # torch: not at the top, the Snakefile imports this module
+    from .backends import zero3_config  # torch: not at the top, the Snakefile imports this module
 
     ds_config = zero3_config(train_config)
     ds_config["zero_optimization"].update(zero_optimization or {})

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..characterize.attention import final_norm, unembed
 from ..characterize.capture import HeadCapture
 from ..characterize.scores import anchor_alignment, coarse_key_mask, margin_gradient, sharpness
 from .pools import HeadPool, pooled_helpfulness, pooled_loopback, pooled_rows, pooled_writes
@@ -211,7 +212,7 @@ def refine_margin_grad(model: nn.Module, h_final: Tensor, target_tokens: Sequenc
     the batch (`teacher_forcing.margin_tokens`). The result is a constant direction (no graph).
     """
     b, nr, d = h_final.shape
-    grad = margin_gradient(h_final.reshape(b * nr, d), model.model.norm, model.lm_head,
+    grad = margin_gradient(h_final.reshape(b * nr, d), final_norm(model), unembed(model),
                            target_tokens, nearmiss_tokens)
     return grad.reshape(b, nr, d)
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError
-from .baselines.catalog import BASELINES, Baseline
+from .catalog import BASELINES, Baseline
 
 BASELINES_PACKAGE = "mechdistill.distill.baselines"
 

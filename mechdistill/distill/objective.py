@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..characterize.attention import attention_modules
+from ..characterize.attention import attention_modules, final_norm, unembed
 from ..characterize.scores import DEFAULT_COARSE, CoarseVariant
 from .losses import (
     TERMS,
@@ -139,7 +139,7 @@ def read_outside_forward(model: nn.Module, pools: Mapping[str, HeadPool]) -> lis
     modules = attention_modules(model)
     layers = sorted({layer for pool in pools.values() for layer in pool.layers})
     return ([p for layer in layers for p in modules[layer].o_proj.parameters()]
-            + list(model.lm_head.parameters()) + list(model.model.norm.parameters()))
+            + list(unembed(model).parameters()) + list(final_norm(model).parameters()))
 
 
 def spans_in_teacher_text(ex: Example, targets: Mapping[str, Tensor]) -> Tensor:

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from ..characterize.scores import CoarseVariant
 from ..io import SplitArtifacts
-from .baselines.catalog import Baseline
+from .catalog import Baseline
 from .methods import Method
 from .pools import HeadPool
 from .signals import Example

@@ -36,10 +36,12 @@ from .launch import shard
 from .objective import read_outside_forward
 from .pools import HeadPool
 from .recipe import Item, MethodPoint, Recipe, RecipeContext, items_frame
+from .run_state import resumable
 from .selection import Criterion
 from .signals import Example, gathered_mechanism_metrics
 from .targets import TeacherTargets
-from .trainer import Padding, TrainConfig, TrainResult, resumable, train
+from .train_config import TrainConfig
+from .trainer import Padding, TrainResult, train
 
 log = logging.getLogger(__name__)
 

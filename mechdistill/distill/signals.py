@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from ..anchors.segment import char_span_to_tokens, shift_spans, token_offsets
+from ..characterize.attention import unembed
 from ..characterize.capture import HeadCapture, capture_heads, final_residual
 from ..characterize.scores import DEFAULT_COARSE, CoarseVariant, anchor_centroid, coarse_key_mask
 from ..characterize.teacher_forcing import forced_sequence, margin_tokens, within_cap
@@ -32,6 +32,7 @@ from ..io import SplitArtifacts
 from ..models import input_device
 from ..teacher.answers import supervised_output
 from ..teacher.prompts import render_prompt
+from ..text import char_span_to_tokens, shift_spans, token_offsets
 from .launch import gather_to_all
 from .losses import phase1_signals, phase2_signals, refine_margin_grad
 from .pools import HeadPool
@@ -175,7 +176,7 @@ def forward_signals(model: nn.Module, ex: Example, pools: dict[str, HeadPool], t
     if early:
         # [d], the student's own unembedding, as a fixed direction: the loss moves the heads' writes
         # towards it, not the unembedding towards them (and a ZeRO-3 partitioned lm_head reads the same)
-        centroid = anchor_centroid(model.lm_head, ex.anchor_token_ids).detach()
+        centroid = anchor_centroid(unembed(model), ex.anchor_token_ids).detach()
         document = ex.document_positions if coarse.keys == "document" else None
         key_mask = coarse_key_mask(torch.tensor([early], device=device), len(ex.input_ids), document)  # [1, nq, seq]
         signals["phase1"] = phase1_signals(model, cap.select_queries(range(len(early))), pools["phase1"], centroid,

@@ -60,8 +60,8 @@ from sklearn.linear_model import LogisticRegression
 from tqdm.auto import tqdm
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-from ..anchors.segment import token_offsets
 from ..errors import ConfigError
+from ..text import token_offsets
 
 log = logging.getLogger(__name__)
 

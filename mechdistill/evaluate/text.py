@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from sacrebleu.metrics import BLEU
 
-from ..anchors.segment import token_offsets
 from ..models import input_device
+from ..text import token_offsets
 
 
 def _check_lengths(hypotheses: Sequence[str], references: Sequence[str]) -> None:

@@ -33,10 +33,10 @@ import numpy as np
 import torch
 
 from ..anchors.embed import encode_windowed
-from ..anchors.segment import token_offsets, token_units
 from ..anchors.trajectories import centroid, confusion_prefixes, cosine, focus_curve
 from ..characterize.attention import Head
 from ..characterize.teacher_forcing import length_cap
+from ..text import token_offsets, token_units
 from .corruptions import (
     Corruption,
     find_occurrences,

@@ -27,7 +27,7 @@ from ..distill.targets import (
     save_targets,
     target_tensors,
 )
-from ..distill.trainer import train_config
+from ..distill.train_config import train_config
 from ..errors import ConfigError
 from ..evaluate.xmc import macro_f1
 from ..io import SplitArtifacts, file_digest, read_json, read_parquet, read_split, write_parquet

@@ -1,23 +1,20 @@
-"""CoT segmentation: character spans, their token positions under two tokenizers, edge cases."""
+"""CoT segmentation: early span, mentions and refinement sentences, their token positions under two
+tokenizers, edge cases (the span <-> token helpers themselves: tests/test_text.py)."""
 
 import pytest
 
 from mechdistill.anchors.segment import (
-    char_span_to_tokens,
     early_span,
     find_mentions,
     mention_spans,
     refine_spans,
     ruled_out,
     segment_cot,
-    sentence_spans,
-    shift_spans,
-    spans_to_token_positions,
-    token_offsets,
 )
+from mechdistill.text import char_span_to_tokens, spans_to_token_positions, token_offsets
 from tests.helpers import icd_subtree
+from tests.test_text import NON_ASCII
 
-NON_ASCII = "café — naïve"
 COT = ("The work-up focused on heart failure.\n"
        "Chronic systolic (congestive) heart failure [I50.22] fits the note "
        "rather than Acute systolic (congestive) heart failure [I50.21].\n"
@@ -32,24 +29,12 @@ def space():
     return icd_subtree("I50")
 
 
-def test_byte_offsets_non_ascii(byte_tok):
-    off = token_offsets(byte_tok, NON_ASCII)
-    # one token per byte: é and ï are 2 bytes, the em dash 3; each byte reports its character
-    assert off == [(0, 1), (1, 2), (2, 3), (3, 4), (3, 4), (4, 5), (5, 6), (5, 6), (5, 6),
-                   (6, 7), (7, 8), (8, 9), (9, 10), (9, 10), (10, 11), (11, 12)]
-    assert char_span_to_tokens(off, (7, 12)) == [10, 11, 12, 13, 14, 15]           # "naïve"
-    assert char_span_to_tokens(off, (5, 6)) == [6, 7, 8]                           # "—"
+def test_early_span_ends_on_a_whole_character(byte_tok, smol_tok):
+    off = token_offsets(byte_tok, NON_ASCII)                                       # one token per byte
     assert early_span(NON_ASCII, off, 4) == (0, 4)                                 # "café"
     assert early_span(NON_ASCII, off, 5) == (0, 4)                                 # 2nd byte of é
     assert early_span(NON_ASCII, off, 100) == (0, 12)
-
-
-def test_smollm2_offsets_non_ascii(smol_tok):
-    off = token_offsets(smol_tok, NON_ASCII)
-    # tokens: c | af | é | " —" | " na" | ïve  (a leading space belongs to the next token)
-    assert off == [(0, 1), (1, 3), (3, 4), (4, 6), (6, 9), (9, 12)]
-    assert char_span_to_tokens(off, (7, 12)) == [4, 5]
-    assert early_span(NON_ASCII, off, 2) == (0, 3)
+    assert early_span(NON_ASCII, token_offsets(smol_tok, NON_ASCII), 2) == (0, 3)  # c | af
 
 
 def test_mention_spans_to_tokens_on_two_tokenizers(space, byte_tok, smol_tok):
@@ -68,13 +53,10 @@ def test_mention_spans_to_tokens_on_two_tokenizers(space, byte_tok, smol_tok):
     assert off[char_span_to_tokens(off, sent)[-1]][1] == sent[1]
 
 
-def test_special_token_zero_offsets():
+def test_early_span_skips_zero_width_tokens():
     off = [(0, 0), (0, 3), (3, 5), (0, 0)]          # e.g. BOS ... EOS reported as (0, 0)
-    assert char_span_to_tokens(off, (0, 2)) == [1]
-    assert char_span_to_tokens(off, (0, 5)) == [1, 2]
     assert early_span("abcde", off, 1) == (0, 0)
     assert early_span("abcde", off, 2) == (0, 3)
-    assert shift_spans([(0, 3)], 10) == [(10, 13)]
 
 
 def test_mentions_title_and_id(space):
@@ -89,11 +71,6 @@ def test_mentions_title_and_id(space):
     assert mention_spans("chronic SYSTOLIC (congestive) heart failure", ["I50.22"], space) == [(0, 43)]
     assert mention_spans("x [i50.22] y i50.22", ["I50.22"], space) == [(2, 10)]   # bare ids: exact case
     assert mention_spans("Heart failure", ["I50.9"], space) == []
-
-
-def test_sentences_keep_ids_and_abbreviations():
-    text = "HFrEF vs. HFpEF at I50.22. Next one!\n\n  Last"
-    assert [text[a:b] for a, b in sentence_spans(text)] == ["HFrEF vs. HFpEF at I50.22.", "Next one!", "Last"]
 
 
 def test_refine_spans_cue_and_label_aware(space):

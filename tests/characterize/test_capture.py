@@ -7,7 +7,7 @@ import torch
 
 from mechdistill.characterize.attention import attention_modules, head_out_proj, position_ids_from_mask
 from mechdistill.characterize.capture import capture_heads, capture_nbytes
-from tests.helpers import VOCAB, WINDOW, tiny_model
+from tests.helpers import VOCAB, WINDOW, tiny_gemma2, tiny_model
 
 ARCHS = ["llama", "qwen2", "qwen3", "gemma3"]
 SEQ = 24
@@ -154,6 +154,24 @@ def test_eager_base_and_layer_subset():
     assert sorted(cap.rows) == [1, 2]
     for layer in (1, 2):
         torch.testing.assert_close(cap.rows[layer], plain.attentions[layer][:, :, QPOS[0]], atol=1e-6, rtol=1e-5)
+
+
+def test_soft_capped_rows_match_eager_gemma2():
+    """Gemma 2 soft-caps its attention logits: the captured rows are eager's capped probabilities (the
+    attention the model computes under eager, which `models.load_model` picks for it)."""
+    model = tiny_gemma2(attn="eager")
+    ids = _ids()
+    with torch.no_grad():
+        plain = model(ids, output_attentions=True)
+        out, cap = capture_heads(model, ids, query_positions=QPOS, what=("rows", "writes"))
+        sdpa = tiny_gemma2(attn="sdpa")(ids).logits
+    assert torch.equal(out.logits, plain.logits)
+    assert not torch.allclose(sdpa, plain.logits, atol=1e-3)  # SDPA drops the cap: another model
+    for layer in range(2):
+        torch.testing.assert_close(cap.rows[layer], plain.attentions[layer][:, :, QPOS[0]], atol=1e-6, rtol=1e-5)
+        rows = cap.rows[layer][0]  # [H, nq, seq]: capped logits lie in (-2, 2): no weight ratio above e^4
+        ratio = (rows.amax(-1) / rows.masked_fill(rows == 0, 1).amin(-1)).max()
+        assert torch.e ** 3 < ratio <= torch.e ** 4 * (1 + 1e-4)  # the cap is reached, never passed
 
 
 def test_gradients_flow_and_restore_on_error():

@@ -10,7 +10,6 @@ import pandas as pd
 import pytest
 import torch
 
-from mechdistill.anchors.segment import token_offsets
 from mechdistill.characterize.capture import capture_heads, final_residual
 from mechdistill.characterize.scores import anchor_centroid
 from mechdistill.distill.losses import (
@@ -28,6 +27,7 @@ from mechdistill.distill.losses import (
     total_loss,
 )
 from mechdistill.distill.pools import pooled_rows, pooled_writes, select_pool
+from mechdistill.text import token_offsets
 from tests.helpers import tiny_llama
 
 TEXT = ("Dyspnea, edema. Heart failure [I50] fits; not pneumonia [J18]. "

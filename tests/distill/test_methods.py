@@ -9,7 +9,7 @@ import pytest
 from mechdistill.config import load_config, load_schema
 from mechdistill.distill.losses import PHASE_WEIGHT, TERMS
 from mechdistill.distill.methods import BUDGET_KEYS, GRID_KEYS, check_methods, grid_point, method_grid
-from mechdistill.distill.trainer import TrainConfig
+from mechdistill.distill.train_config import TrainConfig
 from mechdistill.errors import ConfigError
 from tests.helpers import REPO
 

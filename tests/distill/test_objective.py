@@ -151,7 +151,8 @@ def test_vanilla_switches_phase_terms_off(teacher, ex):
 
 
 def test_mech_losses_decrease_over_20_steps(teacher, ex, tmp_path):
-    from mechdistill.distill.trainer import TrainConfig, train
+    from mechdistill.distill.train_config import TrainConfig
+    from mechdistill.distill.trainer import train
 
     student = tiny_llama(teacher.config.vocab_size, seed=4)
     targets = teacher_targets(teacher, ex, pools(0), TAU, top_k=8)

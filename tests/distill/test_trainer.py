@@ -15,15 +15,10 @@ import torch
 import torch.nn.functional as F
 import transformers
 
+from mechdistill.distill.backends import lr_factor, resolve_precision, zero3_config
 from mechdistill.distill.selection import Criterion
-from mechdistill.distill.trainer import (
-    BatchStream,
-    TrainConfig,
-    lr_factor,
-    resolve_precision,
-    train,
-    zero3_config,
-)
+from mechdistill.distill.train_config import TrainConfig
+from mechdistill.distill.trainer import BatchStream, train
 from mechdistill.io import recover_dir
 
 VOCAB = 64
@@ -171,7 +166,7 @@ def test_a_checkpoint_resumes_only_under_what_made_it(tmp_path, caplog, change, 
     train(reference, noisy_ce_terms, batches, then_cfg, tmp_path / "ref" / "model", run_key=then_key)
 
     model = tiny_llama(seed=123 if not fresh else 0)  # resumed: the weights come from the checkpoint
-    with caplog.at_level("INFO", logger="mechdistill.distill.trainer"):
+    with caplog.at_level("INFO", logger="mechdistill.distill"):  # trainer and run_state
         result = train(model, noisy_ce_terms, batches, then_cfg, tmp_path / "run" / "model", run_key=then_key)
     assert message in caplog.text
     assert ("training from scratch" in caplog.text) == fresh

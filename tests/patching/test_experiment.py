@@ -9,7 +9,6 @@ import pandas as pd
 import pytest
 import torch
 
-from mechdistill.anchors.segment import token_offsets
 from mechdistill.characterize.attention import attention_modules
 from mechdistill.patching.effects import document_effects, summarize_effects
 from mechdistill.patching.experiment import (
@@ -27,6 +26,7 @@ from mechdistill.patching.experiment import (
     phase2_pair,
 )
 from mechdistill.patching.runs import DocumentRuns, model_heads
+from mechdistill.text import token_offsets
 from tests.helpers import StubEmbedder, tiny_llama
 
 R2 = math.sqrt(2)

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ...anchors.segment import char_span_to_tokens, token_offsets
 from ...models import input_device
 from ...teacher.prompts import render_prompt
+from ...text import char_span_to_tokens, token_offsets
 from ..recipe import Span
 
 

@@ -66,11 +66,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...anchors.segment import token_offsets
 from ...teacher.answers import supervised_output
 from ...teacher.prompts import render_prompt
+from ...text import token_offsets
+from ..catalog import BASELINES
 from ..recipe import Item, RecipeContext, baseline_recipe
-from .catalog import BASELINES
 from .causal_lm import cot_terms, encode, forward, next_token_ce, progress
 
 log = logging.getLogger(__name__)

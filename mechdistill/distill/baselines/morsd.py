@@ -51,8 +51,8 @@ import torch
 from torch import nn
 
 from ...teacher.answers import ANSWER_OPEN, AnswerParser, supervised_output
+from ..catalog import BASELINES
 from ..recipe import Item, RecipeContext, TeacherDataContext, baseline_recipe
-from .catalog import BASELINES
 from .causal_lm import cot_terms, encode, forward, next_token_ce, progress
 
 log = logging.getLogger(__name__)

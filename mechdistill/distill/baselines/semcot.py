@@ -68,13 +68,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...anchors.segment import sentence_spans
 from ...models import input_device
 from ...teacher.answers import ANSWER_CLOSE, ANSWER_OPEN, AnswerParser
 from ...teacher.generate import GENERATION_COLUMNS, parse_generations
 from ...teacher.prompts import render_prompt
+from ...text import sentence_spans
+from ..catalog import BASELINES
 from ..recipe import Item, RecipeContext, TeacherDataContext, baseline_recipe
-from .catalog import BASELINES
 from .causal_lm import cot_terms, forward, next_token_ce
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ last hidden state over the node's tokens, `recipe.span_means`):
 
 Structures (`teacher_data`, one row per doc_id x node: doc_id, node, parents, text):
 
-    chain     the teacher's greedy CoT cut into its sentences and lines (anchors.segment.sentence_spans),
+    chain     the teacher's greedy CoT cut into its sentences and lines (text.sentence_spans),
               consecutive ones grouped evenly into at most max_nodes steps; parents = [previous node];
               no teacher call
     tree      7 nodes: a root (the area of the document the gold labels belong to), 2 children of it,
@@ -66,12 +66,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...anchors.segment import sentence_spans
 from ...io import SplitArtifacts
 from ...models import input_device
 from ...teacher.answers import supervised_output
+from ...text import sentence_spans
+from ..catalog import BASELINES
 from ..recipe import Item, RecipeContext, TeacherDataContext, baseline_recipe
-from .catalog import BASELINES
 from .causal_lm import cot_terms, encode, forward, next_token_ce, span_means
 
 log = logging.getLogger(__name__)
