@@ -57,7 +57,7 @@ def declared_depth(config: dict, name: str) -> int | None:
     spec = model_spec(config, name)
     source = spec["source"]
     if source == "random":
-        return int({**TINY_ARCH_DEFAULTS[spec["arch"]], **spec["config"]}["num_hidden_layers"])
+        return int({**TINY_ARCH_DEFAULTS[spec["arch"]], **spec.get("config", {})}["num_hidden_layers"])
     if source == "layer_subset":
         return len(spec["layers"]) if spec.get("layers") else int(spec["n_layers"])
     if source == "local":

@@ -47,7 +47,7 @@ def spec_key(config: dict, name: str) -> str:
     spec = dict(model_spec(config, name))
     if spec["source"] == "layer_subset":
         spec["base"] = spec_key(config, spec["base"])
-    if spec["source"] == "random" and spec["tokenizer"] != "byte":
+    if spec["source"] == "random" and spec.get("tokenizer", "byte") != "byte":
         spec["tokenizer"] = spec_key(config, spec["tokenizer"])
     if spec["source"] == "gguf_package":
         spec["_file_size"] = gguf_package_file(spec).stat().st_size
@@ -150,9 +150,9 @@ def byte_tokenizer():
 
 
 def _random_init(config: dict, spec: dict):
-    tok_name = spec["tokenizer"]
+    tok_name = spec.get("tokenizer", "byte")
     tokenizer = byte_tokenizer() if tok_name == "byte" else load_tokenizer(config, tok_name)
-    fields = {**TINY_ARCH_DEFAULTS[spec["arch"]], **spec["config"]}
+    fields = {**TINY_ARCH_DEFAULTS[spec["arch"]], **spec.get("config", {})}
     model_config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     # AutoTokenizer picks the tokenizer class from the model type when reloading (Qwen2 adds an
     # unk token, for instance): size the vocabulary for the tokenizer as it will be reloaded.
@@ -163,7 +163,7 @@ def _random_init(config: dict, spec: dict):
     for key in ("eos", "pad", "bos"):
         setattr(model_config, f"{key}_token_id", getattr(tokenizer, f"{key}_token_id"))
     model_config.vocab_size = len(tokenizer)
-    torch.manual_seed(spec["seed"])
+    torch.manual_seed(spec.get("seed", 0))
     model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
     return model, tokenizer
 
@@ -183,7 +183,7 @@ def pick_device(device: str = "auto") -> str:
 def load_tokenizer(config: dict, name: str):
     spec = model_spec(config, name)
     tok = AutoTokenizer.from_pretrained(resolve_model_path(config, name),
-                                        trust_remote_code=spec["trust_remote_code"])
+                                        trust_remote_code=spec.get("trust_remote_code", False))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -242,7 +242,7 @@ def load_model(config: dict, name: str, device: str = "auto", dtype: str | None 
                                                 offload_folder=offload_folder)
     model = AutoModelForCausalLM.from_pretrained(
         resolve_model_path(config, name), dtype=torch_dtype(dtype or spec.get("dtype"), device),
-        trust_remote_code=spec["trust_remote_code"], **placed)
+        trust_remote_code=spec.get("trust_remote_code", False), **placed)
     model = text_only(model)
     if device_map is None:
         model = model.to(device)
@@ -262,5 +262,5 @@ def with_distilled_model(config: dict, student: str, method: str, model_dir: str
     `model_dir`; that entry's name "{student}__{method}"), so it loads like any other model."""
     name = f"{student}__{method}"
     cfg = copy.deepcopy(config)
-    cfg["models"][name] = {"source": "local", "path": str(Path(model_dir)), "trust_remote_code": False, "dtype": "auto"}
+    cfg["models"][name] = {"source": "local", "path": str(Path(model_dir))}
     return cfg, name

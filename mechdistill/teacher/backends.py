@@ -126,7 +126,7 @@ class VllmBackend:
         eager = gen.get("enforce_eager")
         kwargs = dict(model=resolve_model_path(config, model_name), dtype=dtype, seed=config["seed"],
                       enforce_eager=device == "cpu" if eager is None else eager,
-                      trust_remote_code=spec["trust_remote_code"])
+                      trust_remote_code=spec.get("trust_remote_code", False))
         if device != "cpu":
             kwargs.update(tensor_parallel_size=gen["tensor_parallel_size"],
                           gpu_memory_utilization=gen["gpu_memory_utilization"])
