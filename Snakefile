@@ -20,7 +20,7 @@ from mechdistill.config import config_snapshot, load_config, validate_config  # 
 from mechdistill.data.sources import adapter_files  # noqa: E402
 from mechdistill.distill.pool_ranges import check_pool_ranges  # noqa: E402
 from mechdistill.model_sources import check_layer_subsets  # noqa: E402
-from mechdistill.teacher.engines import check_engines  # noqa: E402
+from mechdistill.teacher.engines import check_engines, resolve_engines  # noqa: E402
 
 # No `configfile:` directive: Snakemake would merge the demo into --configfile (keeping its
 # datasets). The demo config is the default only when no config file is given.
@@ -29,6 +29,11 @@ if "datasets" not in config:
 validate_config(config, source=", ".join(map(str, workflow.configfiles)) or "config/config.yaml")
 validate(config, "config/schema.yaml")
 check_engines(config)  # generation.backend vllm on a CPU where its CPU build cannot run: stop before any job
+# generation.backend / student_backend auto, resolved once here: the rules (GPUs, conda env), the snapshot and the jobs
+# see the engine that runs (on a cluster, resolved where Snakemake starts: name vllm there to run it on GPU nodes)
+_resolved = resolve_engines(config)
+if _resolved:
+    logger.info(f"mechdistill: {_resolved}")
 check_layer_subsets(config, ", ".join(map(str, workflow.configfiles)) or "config/config.yaml")  # students deeper than their base
 check_pool_ranges(config, ", ".join(map(str, workflow.configfiles)) or "config/config.yaml")  # a pool band with no layer of a model
 # Shell rules whose processes load the config themselves (the ranks of `distill`) read this snapshot,

@@ -27,7 +27,7 @@ from .plan import (
     render_markdown,
     stage_summary,
 )
-from .teacher.engines import check_engines
+from .teacher.engines import check_engines, resolve_engines
 
 STAGES = {
     "validate-config": "check a config file against config/schema.yaml and print it with defaults",
@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
             return _distill(config, args)
         if args.stage == "plan":
             gpu = load_gpu_sources(args.gpu_sources)
+            resolved = resolve_engines(config)  # as the Snakefile does: the plan costs the engine that runs
+            if resolved:
+                print(f"mechdistill: {resolved}", file=sys.stderr)
             table = plan_table(config, gpu=gpu, cpu=load_cpu_throughput(args.cpu_throughput))
             print(render_markdown(table if args.detail else stage_summary(table), gpu))
             return 0

@@ -71,7 +71,7 @@ def resolve_model_path(config: dict, name: str) -> str:
         if not Path(spec["path"], "config.json").exists():
             raise ConfigError(f"models.{name}.path: {spec['path']} has no config.json.")
         return spec["path"]
-    target = Path(config.get("cache_dir", ".cache/mechdistill"), "models", f"{name}-{spec_key(config, name)}")
+    target = Path(config["cache_dir"], "models", f"{name}-{spec_key(config, name)}")
     if not (target / "config.json").exists():
         _materialize(config, name, spec, target)
     return str(target)

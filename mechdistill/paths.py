@@ -80,7 +80,7 @@ def clean_splits(config: dict) -> list[str]:
     the clean set, then `clean_prompts.compare_styles`."""
     settings = config["clean_prompts"]
     used = CLEAN in (config["heads"]["split"], config["patching"]["split"])
-    styles = ([settings["style"]] if used else []) + list(settings.get("compare_styles", []))
+    styles = ([settings["style"]] if used else []) + list(settings["compare_styles"])
     return [clean_split(s) for s in dict.fromkeys(styles)]
 
 
@@ -283,7 +283,7 @@ def log(rule: str, name: str) -> str:
 
 def student_models(config: dict) -> list[str]:
     """The `{model}` values of the distilled students: "{student}/{method}" for every pair."""
-    return [f"{s}/{m}" for s in config.get("students", []) for m in config.get("methods", {})]
+    return [f"{s}/{m}" for s in config["students"] for m in config["methods"]]
 
 
 def model_cot(config: dict, dataset: str, model: str) -> str:
@@ -321,8 +321,8 @@ def claims_inputs(config: dict) -> dict[str, list[str]]:
     return {"head_scores": [head_scores(d, teacher, k) for d in datasets for k in HEAD_SCORE_KINDS],
             "patching": [f(d, teacher, p) for d in datasets for p in PHASES
                          for f in (patching, patching_runs, patching_pairs)],
-            "metrics": [metrics(d, s, m) for d in datasets for s in config.get("students", [])
-                        for m in config.get("methods", {})]}
+            "metrics": [metrics(d, s, m) for d in datasets for s in config["students"]
+                        for m in config["methods"]]}
 
 
 def stage_targets(config: dict) -> dict[str, tuple[tuple[str, ...], list[str]]]:
@@ -333,8 +333,8 @@ def stage_targets(config: dict) -> dict[str, tuple[tuple[str, ...], list[str]]]:
     """
     datasets = list(config["datasets"])
     teacher = config["teacher"]
-    students = list(config.get("students", []))
-    methods = list(config.get("methods", {}))
+    students = list(config["students"])
+    methods = list(config["methods"])
     distilled = [(d, s, m) for d in datasets for s in students for m in methods]
     clean = tuple(clean_splits(config))
     return {

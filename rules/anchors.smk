@@ -1,5 +1,7 @@
 # Behavioural measurements of the two phases: anchors, near-misses, CoT spans; Focus/Confusion.
 
+from mechdistill.anchors.settings import AnchorSettings, TrajectorySettings
+
 
 rule anchors:
     input:
@@ -10,8 +12,7 @@ rule anchors:
     output:
         paths.anchors(),
     params:
-        anchors=canonical(config["anchors"]),
-        embedder=config["embedder"],
+        settings=settings_of(AnchorSettings),
     wildcard_constraints:
         teacher=one_of(config["models"]),
     log:
@@ -31,9 +32,7 @@ rule trajectories:
         curves=paths.trajectories(),
         summary=paths.trajectory_summary(),
     params:
-        trajectories=canonical(config["trajectories"]),
-        early_tokens=config["anchors"]["early_tokens"],
-        embedder=config["embedder"],
+        settings=settings_of(TrajectorySettings),
     wildcard_constraints:
         model="[^/]+(/[^/]+)?",
     log:

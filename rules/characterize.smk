@@ -1,6 +1,8 @@
 # Head characterization: CoarseScore / RefineScore of every head (on the clean-prompt set by default,
 # and on further prompt styles for comparison), the comparison table, and Figures 4 and 7.
 
+from mechdistill.characterize.settings import HeadComparisonSettings, HeadFigureSettings, HeadSettings
+
 
 rule head_scores:
     input:
@@ -10,7 +12,7 @@ rule head_scores:
         refine=paths.head_scores(kind="refine"),
         example=paths.head_example(),
     params:
-        heads=canonical(config["heads"]),
+        settings=settings_of(HeadSettings),
         model=lambda wc: canonical(config["models"][wc.model]),
     wildcard_constraints:
         model=one_of(config["models"]),
@@ -30,7 +32,7 @@ rule style_head_scores:
         coarse=paths.style_head_scores(kind="coarse"),
         refine=paths.style_head_scores(kind="refine"),
     params:
-        heads=canonical(config["heads"]),
+        settings=settings_of(HeadSettings),
         model=lambda wc: canonical(config["models"][wc.model]),
     wildcard_constraints:
         model=one_of([config["teacher"]]),
@@ -54,7 +56,7 @@ rule head_comparison:
         md=paths.head_comparison(fmt="md"),
         parquet=paths.head_comparison(fmt="parquet"),
     params:
-        top_k=config["heads"]["compare_top_k"],
+        settings=settings_of(HeadComparisonSettings),
     wildcard_constraints:
         teacher=one_of([config["teacher"]]),
     log:
@@ -76,7 +78,7 @@ rule head_figures:
         figure7=report(paths.head_figure(7), caption="../report/head_figures.rst", category="Characterize",
                        subcategory="{dataset}"),
     params:
-        top_k=config["heads"]["top_k"],
+        settings=settings_of(HeadFigureSettings),
     log:
         paths.log("head_figures", "{dataset}"),
     conda:

@@ -1,6 +1,8 @@
 # A verdict on each claim of the paper (Secs. 2-4), from this run's head scores, patching files and
 # student metrics: results/claims.md and results/claims.parquet.
 
+from mechdistill.evaluate.settings import ClaimSettings
+
 
 rule claims:
     input:
@@ -9,11 +11,7 @@ rule claims:
         md=report(paths.claims("md"), caption="../report/claims.rst", category="Claims"),
         parquet=paths.claims("parquet"),
     params:
-        evaluate_bootstrap=config["evaluate"]["n_bootstrap"],
-        patching=canonical({k: config["patching"][k] for k in ("min_gap", "n_bootstrap")}),
-        pool_sizes=canonical({p: config["distill"]["pools"][p]["k"] for p in paths.PHASES}),
-        methods=canonical(config["methods"]),
-        seed=config["seed"],
+        settings=settings_of(ClaimSettings),
     log:
         paths.log("claims", "claims"),
     conda:

@@ -6,6 +6,12 @@ def canonical(obj) -> str:
     return json.dumps(obj, sort_keys=True)
 
 
+def settings_of(*classes):
+    """A rule's `settings` param: the declared keys' values (mechdistill.settings: KEYS) of the settings
+    classes its stage builds, per job (a key may name the job's wildcards), so a key a stage reads reruns it."""
+    return lambda wc: "\n".join(cls.params(config, **dict(wc.items())) for cls in classes)
+
+
 def group_targets(*names):
     """The targets of the named groups (all groups if none) whose rules are all defined."""
     defined = {r.name for r in workflow.rules}
@@ -41,3 +47,8 @@ def trace_file(wc):
     """Input function: with generation.backend file, the split's trace file (editing it reruns the split)."""
     gen = config["generation"]
     return [gen["traces"].format(dataset=wc.dataset, split=wc.split)] if gen["backend"] == "file" else []
+
+
+def generation_gpus(wc=None):
+    """GPUs of a job that generates with generation.backend (resolved at start-up): vLLM's tensor-parallel GPUs."""
+    return config["generation"]["tensor_parallel_size"] if config["generation"]["backend"] == "vllm" else 0

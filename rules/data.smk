@@ -1,5 +1,8 @@
 # Datasets, task prompts and the clean-prompt characterization set (CPU).
 
+from mechdistill.data.settings import DatasetSettings
+from mechdistill.teacher.settings import CandidateSettings, CleanPromptSettings, PromptSettings
+
 
 rule prepare_dataset:
     input:
@@ -8,8 +11,7 @@ rule prepare_dataset:
         data=[paths.data(split=split) for split in paths.SPLITS],
         labels=paths.labels(),
     params:
-        entry=lambda wc: canonical({k: v for k, v in config["datasets"][wc.dataset].items() if k != "candidates"}),
-        seed=config["seed"],
+        settings=settings_of(DatasetSettings),
     log:
         paths.log("prepare_dataset", "{dataset}"),
     conda:
@@ -28,9 +30,7 @@ rule build_prompts:
     wildcard_constraints:
         split=one_of(paths.SPLITS),
     params:
-        candidates=lambda wc: canonical(config["datasets"][wc.dataset]["candidates"]),
-        prompts=canonical(config["prompts"]),
-        embedder=config["embedder"],
+        settings=settings_of(CandidateSettings),
     log:
         paths.log("build_prompts", "{dataset}.{split}"),
     conda:
@@ -50,9 +50,8 @@ rule clean_prompts:
     wildcard_constraints:
         split=paths.CLEAN_SPLIT_PATTERN,
     params:
-        clean_prompts=canonical({k: v for k, v in config["clean_prompts"].items() if k not in ("style", "compare_styles")}),
-        prompts=lambda wc: canonical(config["prompts"]) if "guided" in wc.split else "",  # guided styles reuse them
-        embedder=config["embedder"],
+        settings=settings_of(CleanPromptSettings),
+        prompts=lambda wc: PromptSettings.params(config) if "guided" in wc.split else "",  # guided styles reuse them
     log:
         paths.log("clean_prompts", "{dataset}.{split}"),
     conda:

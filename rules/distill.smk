@@ -3,14 +3,20 @@
 
 from mechdistill.distill.launch import local_launcher
 from mechdistill.distill.methods import check_methods, grid_point, method_grid, needs_teacher_data, resolve_method
+from mechdistill.distill.settings import (
+    BaselineDataSettings,
+    DistillSettings,
+    SelectSettings,
+    StudentPredictSettings,
+    TargetSettings,
+)
 
 # What the schema cannot check: grid keys the method computes, the training budget shared by every method.
 check_methods(config["methods"], config["distill"]["select"]["criterion"])
 
 
-# student_backend auto follows the teacher's backend (vllm on a cluster: the rule then runs in envs/vllm.yaml)
-STUDENTS_USE_VLLM = config["generation"]["student_backend"] == "vllm" or (
-    config["generation"]["student_backend"] == "auto" and config["generation"]["backend"] == "vllm")
+# student_backend (auto resolved at start-up: the teacher's backend) vllm: the rule runs in envs/vllm.yaml
+STUDENTS_USE_VLLM = config["generation"]["student_backend"] == "vllm"
 
 
 def grid_points(method):
@@ -50,10 +56,7 @@ rule teacher_targets:
         table=paths.targets(),
         tensors=paths.targets_tensors(),
     params:  # what the targets depend on (not the loss weights or training settings)
-        distill=canonical({k: config["distill"].get(k) for k in ("top_k", "pools", "teacher_dtype", "max_docs")}),
-        tau=config["heads"]["tau"],
-        coarse=canonical(config["heads"]["coarse"]),  # the Phase-1 sharpness (keys, kind) and the RefineScore ranking
-        refine=canonical(config["heads"]["refine"]),
+        settings=settings_of(TargetSettings),
         model=lambda wc: canonical(config["models"][wc.teacher]),
     wildcard_constraints:
         teacher=one_of([config["teacher"]]),
@@ -77,17 +80,16 @@ rule baseline_teacher_data:
         train=paths.baseline_data(split="train"),
         val=paths.baseline_data(split="val"),
     params:  # what the data depends on: the generation settings and the method's teacher-data settings
-        generation=canonical(config["generation"]),
-        settings=lambda wc: canonical({k: v for k, v in (config["methods"][wc.method] or {}).get("params", {}).items()
+        settings=settings_of(BaselineDataSettings),
+        method=lambda wc: canonical({k: v for k, v in (config["methods"][wc.method] or {}).get("params", {}).items()
                                        if k in resolve_method(wc.method, config["methods"][wc.method]).baseline.teacher_data_keys}),
-        max_docs=config["distill"].get("max_docs"),
         model=lambda wc: canonical(config["models"][wc.teacher]),
     wildcard_constraints:
         teacher=one_of([config["teacher"]]),
         method=one_of(teacher_data_methods()),
     threads: workflow.cores
     resources:
-        gpu=config["generation"]["tensor_parallel_size"] if config["generation"]["backend"] == "vllm" else 0,
+        gpu=generation_gpus,
     log:
         paths.log("baseline_teacher_data", "{dataset}.{teacher}.{method}"),
     conda:
@@ -114,13 +116,9 @@ rule distill:
         best=paths.best_step(method=paths.grid_method()),
         training_items=paths.training_items(method=paths.grid_method()),
     params:  # the method's entry at this point: a value added to a grid trains only the new points
-        distill=canonical(config["distill"]),
-        tau=config["heads"]["tau"],
-        coarse=canonical(config["heads"]["coarse"]),  # the Phase-1 sharpness (keys, kind) and the RefineScore ranking
-        refine=canonical(config["heads"]["refine"]),
+        settings=settings_of(DistillSettings),
         method=lambda wc: canonical(grid_point(wc.method, config["methods"][wc.method], wc.point).settings),
         model=lambda wc: canonical(config["models"][wc.student]),
-        generation=canonical(config["generation"] if config["distill"]["select"]["criterion"] == "val_macro_f1" else None),
     wildcard_constraints:
         student=one_of(config["students"]),
         method=one_of(config["methods"]),
@@ -155,7 +153,7 @@ rule select_distill:
         selection=paths.selection(),
         training_items=paths.training_items(),
     params:
-        criterion=config["distill"]["select"]["criterion"],
+        settings=settings_of(SelectSettings),
         points=lambda wc: canonical(grid_points(wc.method)),
     wildcard_constraints:
         student=one_of(config["students"]),
@@ -177,7 +175,7 @@ rule student_predict:
     output:
         paths.student_pred(),
     params:
-        generation=canonical(config["generation"]),
+        settings=settings_of(StudentPredictSettings),
     wildcard_constraints:
         student=one_of(config["students"]),
         method=one_of(config["methods"]),

@@ -1,5 +1,7 @@
 # Evaluation: per-instance metrics of each (student, method); Tables 1-4 and Figure 9.
 
+from mechdistill.evaluate.settings import EvaluateSettings, RunSettings
+
 
 rule evaluate:
     input:
@@ -7,10 +9,7 @@ rule evaluate:
     output:
         paths.metrics(),
     params:
-        evaluate=canonical(config["evaluate"]),
-        tau=config["heads"]["tau"],
-        coarse=canonical(config["heads"]["coarse"]),  # the Phase-1 sharpness (keys, kind) and the RefineScore ranking
-        refine=canonical(config["heads"]["refine"]),
+        settings=settings_of(EvaluateSettings),
     wildcard_constraints:  # the distilled students, and the teacher's own row (method "teacher")
         student=one_of(config["students"] + [config["teacher"]]),
         method=one_of(list(config["methods"]) + [paths.TEACHER_METHOD]),
@@ -35,7 +34,7 @@ rule tables:
         [report(paths.table(t, "csv"), caption="../report/tables.rst", category="Tables") for t in paths.TABLES],
         [paths.table(t, "tex") for t in paths.TABLES],
     params:
-        evaluate=canonical(config["evaluate"]),
+        settings=settings_of(RunSettings),
     log:
         paths.log("tables", "tables"),
     conda:
@@ -49,6 +48,8 @@ rule figure9:
         group_targets("evaluate"),
     output:
         report(paths.figure9(), caption="../report/figure9.rst", category="Distill"),
+    params:
+        settings=settings_of(RunSettings),
     log:
         paths.log("figure9", "figure9"),
     conda:

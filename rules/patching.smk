@@ -1,6 +1,8 @@
 # Activation patching of the teacher (Figs 5 and 8): denoising / noising of attention patterns of
 # cumulative bins of top-ranked heads vs count-matched near-zero-score, most negative-score and random heads.
 
+from mechdistill.patching.settings import PatchingSettings
+
 
 rule patching:
     input:
@@ -11,8 +13,7 @@ rule patching:
         runs=paths.patching_runs(),
         pairs=paths.patching_pairs(),
     params:
-        patching=canonical(config["patching"]),
-        anchors=canonical(config["anchors"]),
+        settings=settings_of(PatchingSettings),
         model=lambda wc: canonical(config["models"][wc.teacher]),
     wildcard_constraints:
         phase=one_of(paths.PHASES),

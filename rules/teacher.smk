@@ -1,5 +1,7 @@
 # Teacher chains of thought (vLLM on GPU, transformers on CPU, or user traces).
 
+from mechdistill.teacher.settings import GenerationSettings
+
 
 rule teacher_cot:
     input:
@@ -9,13 +11,13 @@ rule teacher_cot:
     output:
         paths.cot(),
     params:
-        generation=canonical(config["generation"]),
+        settings=settings_of(GenerationSettings),
         model=lambda wc: canonical(config["models"][wc.teacher]),
     wildcard_constraints:
         teacher=one_of(config["models"]),
     threads: workflow.cores
     resources:
-        gpu=lambda wc: config["generation"]["tensor_parallel_size"] if config["generation"]["backend"] == "vllm" else 0,
+        gpu=generation_gpus,
     log:
         paths.log("teacher_cot", "{dataset}.{teacher}.{split}"),
     conda:

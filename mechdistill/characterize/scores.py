@@ -15,7 +15,6 @@ backward pass is NaN.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import pandas as pd
 import torch
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import local_values
+from .settings import KEY_SETS, REFINE_RANKINGS, SHARPNESS_KINDS, CoarseVariant
 
 Labels = Sequence[int] | Sequence[Sequence[int]]
 
@@ -106,8 +106,8 @@ def normalized_kurtosis(p: Tensor, eps: float = 1e-6, mask: Tensor | None = None
 
 
 SHARPNESS = {"kurtosis": excess_kurtosis, "normalized": normalized_kurtosis}
-KEY_SETS = ("all", "document")
-REFINE_RANKINGS = ("product", "both_positive")
+if tuple(SHARPNESS) != SHARPNESS_KINDS:  # CoarseVariant (settings.py, torch-free) checks against the names
+    raise ImportError(f"SHARPNESS {tuple(SHARPNESS)} != settings.SHARPNESS_KINDS {SHARPNESS_KINDS}")
 
 
 def sharpness(p: Tensor, kind: str = "normalized", eps: float = 1e-6, mask: Tensor | None = None) -> Tensor:
@@ -116,32 +116,6 @@ def sharpness(p: Tensor, kind: str = "normalized", eps: float = 1e-6, mask: Tens
     if kind not in SHARPNESS:
         raise ValueError(f"sharpness kind must be one of {sorted(SHARPNESS)}, got {kind!r}")
     return SHARPNESS[kind](p, eps=eps, mask=mask)
-
-
-@dataclass(frozen=True)
-class CoarseVariant:
-    """Which CoarseScore ranks the heads and shapes the Phase-1 signals (config `heads.coarse`):
-    keys "all" (every causal key, the paper as written) or "document" (the keys of the final user
-    message's document and candidate list only: no BOS, chat template, instruction, exemplar or
-    CoT); sharpness "kurtosis" or "normalized" (`sharpness`)."""
-
-    keys: str = "document"
-    sharpness: str = "normalized"
-
-    def __post_init__(self) -> None:
-        if self.keys not in KEY_SETS or self.sharpness not in SHARPNESS:
-            raise ValueError(f"CoarseVariant: keys in {KEY_SETS}, sharpness in {tuple(SHARPNESS)}; "
-                             f"got {self.keys!r}, {self.sharpness!r}")
-
-    @property
-    def name(self) -> str:
-        """Its column in the coarse head table, e.g. coarse_document_normalized."""
-        return f"coarse_{self.keys}_{self.sharpness}"
-
-    @property
-    def sharpness_name(self) -> str:
-        """The column of its sharpness factor, e.g. sharpness_document_normalized."""
-        return f"sharpness_{self.keys}_{self.sharpness}"
 
 
 COARSE_VARIANTS = tuple(CoarseVariant(keys, kind) for keys in KEY_SETS for kind in SHARPNESS)

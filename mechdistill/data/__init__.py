@@ -83,12 +83,12 @@ def subsample(df: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
 def prepare_dataset(config: dict, dataset: str) -> PreparedDataset:
     """Build `dataset` from its config entry: run the adapter, subsample, check the contract."""
     entry = config["datasets"][dataset]
-    prepared = ADAPTERS[entry["adapter"]](**entry.get("params", {}))
+    prepared = ADAPTERS[entry["adapter"]](**entry["params"])
     max_docs = entry.get("max_docs", {})
     for split in SPLITS:
         df = prepared.splits[split]
         df["labels"] = df["labels"].map(list)
-        prepared.splits[split] = subsample(df, max_docs.get(split), config.get("seed", 0))
+        prepared.splits[split] = subsample(df, max_docs.get(split), config["seed"])
     files = ", ".join(str(v) for k, v in (entry.get("params") or {}).items() if k in ("root", "path", "files"))
     check_prepared(prepared, source=f"dataset {dataset} ({entry['adapter']}{': ' + files if files else ''})")
     prepared.stats.update({f"n_{s}": len(prepared.splits[s]) for s in SPLITS})

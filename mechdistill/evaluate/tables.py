@@ -229,9 +229,9 @@ def table_spec(config: dict, table: str, kinds: Mapping[str, str] | None = None)
     no further student, Tables 3 and 4 hold the teacher's rows only. Methods: the keys of
     config["methods"], in config order; kinds: method -> kind (`distill.methods.method_kinds`).
     """
-    names = list(config.get("datasets", {}))
+    names = list(config["datasets"])
     adapter = {n: config["datasets"][n].get("adapter") for n in names}
-    students, methods = list(config.get("students", [])), list(config.get("methods", {}))
+    students, methods = list(config["students"]), list(config["methods"])
     demo = "; here the SYNTHETIC ICD-10-CM demo vignettes" if "icd10cm_controlled" in adapter.values() else ""
     specs = {
         "table1": ([n for n in names if adapter[n] in TABLE1_ADAPTERS], students[:2],

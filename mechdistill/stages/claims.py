@@ -53,10 +53,10 @@ def run_claims(config: dict, *, md_path: PathLike | None = None, parquet_path: P
                                           _read(paths.patching(dataset, teacher, phase)), patching["min_gap"], path,
                                           patching["n_bootstrap"], seed)
     metric_files = [f for f in paths.claims_inputs(config)["metrics"] if _exists(f)]
-    rows += claims.distillation_claims(load_metrics(metric_files), datasets, config.get("students", []),
-                                       method_kinds(config.get("methods", {})), n_boot, seed)
+    rows += claims.distillation_claims(load_metrics(metric_files), datasets, config["students"],
+                                       method_kinds(config["methods"]), n_boot, seed)
     table = claims.assemble(rows)
-    header = (f"Teacher `{teacher}`, students {', '.join(f'`{s}`' for s in config.get('students', [])) or 'none'}, "
+    header = (f"Teacher `{teacher}`, students {', '.join(f'`{s}`' for s in config['students']) or 'none'}, "
               f"datasets {', '.join(f'`{d}`' for d in datasets)}. Every number below was computed by the `claims` "
               f"rule from this run's artifacts (results/); none is copied from the paper.")
     write_parquet(table, parquet_path or paths.claims("parquet"))

@@ -122,7 +122,7 @@ def selection_note(records: list[dict], datasets: list[str], students: list[str]
 def run_tables(config: dict, metrics_paths: list[PathLike], selection_paths: list[PathLike] | None = None) -> None:
     """Every metrics file of the config -> results/tables/table{1..4}.{csv,md,tex}; the captions say
     which grid point and step of each student was selected (selection.json files, when given)."""
-    metrics, kinds = _metrics(metrics_paths), method_kinds(config.get("methods", {}))
+    metrics, kinds = _metrics(metrics_paths), method_kinds(config["methods"])
     records = [json.loads(Path(p).read_text()) for p in selection_paths or []]
     for table in paths.TABLES:
         spec = table_spec(config, table, kinds)
@@ -137,7 +137,7 @@ def run_tables(config: dict, metrics_paths: list[PathLike], selection_paths: lis
 def run_figure9(config: dict, metrics_paths: list[PathLike], out_png: PathLike | None = None) -> None:
     """Figure 9: LAS of ours and its phase and term ablations (first dataset and student of the config)."""
     dataset, student = next(iter(config["datasets"])), (config.get("students") or [""])[0]
-    methods = [m for m, kind in method_kinds(config.get("methods", {})).items() if kind in ("ours", "ablation")]
+    methods = [m for m, kind in method_kinds(config["methods"]).items() if kind in ("ours", "ablation")]
     data = figure9_data(_metrics(metrics_paths), dataset, student, methods,
                         n_resamples=config["evaluate"]["n_bootstrap"], seed=config["seed"])
     title = f"Figure 9 - LAS of the ablations ({dataset}, {student}; teacher {config['teacher']})"

@@ -37,7 +37,7 @@ class TransformersBackend:
     """Batched generation with transformers (CPU or GPU); greedy unless temperature > 0."""
 
     def __init__(self, config: dict, model_name: str, gen: dict) -> None:
-        device = pick_device(gen.get("device", "auto"))
+        device = pick_device(gen["device"])
         self._attach(*load_model(config, model_name, device=device, dtype=gen.get("dtype")), gen)
 
     @classmethod
@@ -66,13 +66,13 @@ class TransformersBackend:
         temperature / seed: this call's sampling (default: generation.temperature; torch's RNG as it is)."""
         # The chat template already holds any BOS token: do not add special tokens twice.
         enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(input_device(self.model))
-        temperature = self.gen.get("temperature", 0.0) if temperature is None else temperature
+        temperature = self.gen["temperature"] if temperature is None else temperature
         if seed is not None and temperature > 0:
             torch.manual_seed(seed)
         out = self.model.generate(
             **enc, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
             temperature=temperature if temperature > 0 else None, top_p=None, top_k=None,
-            repetition_penalty=self.gen.get("repetition_penalty", 1.0),
+            repetition_penalty=self.gen["repetition_penalty"],
             eos_token_id=self.stop_ids, pad_token_id=self.tok.pad_token_id)
         new = out[:, enc["input_ids"].shape[1]:]                            # [batch, new_tokens]
         results = []
@@ -106,15 +106,15 @@ class VllmBackend:
     """
 
     def __init__(self, config: dict, model_name: str, gen: dict) -> None:
-        device = resolve_device(gen.get("device", "auto"))
+        device = resolve_device(gen["device"])
         problem = vllm_problem(device)
         if problem:
             raise ConfigError(f"generation.backend is 'vllm' but {problem}. {FIX}")
         from vllm import LLM, SamplingParams  # optional and heavy: only this backend needs it
 
-        dtype = gen.get("dtype", "auto")
+        dtype = gen["dtype"]
         if device == "cpu":
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(gen.get("kv_cache_gib", 2))
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(gen["kv_cache_gib"])
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_threads_bind())
             dtype = "float32" if dtype == "auto" else dtype
         in_process = gen.get("in_process")
@@ -124,12 +124,12 @@ class VllmBackend:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         spec = model_spec(config, model_name)
         eager = gen.get("enforce_eager")
-        kwargs = dict(model=resolve_model_path(config, model_name), dtype=dtype, seed=config.get("seed", 0),
+        kwargs = dict(model=resolve_model_path(config, model_name), dtype=dtype, seed=config["seed"],
                       enforce_eager=device == "cpu" if eager is None else eager,
                       trust_remote_code=spec.get("trust_remote_code", False))
         if device != "cpu":
-            kwargs.update(tensor_parallel_size=gen.get("tensor_parallel_size", 1),
-                          gpu_memory_utilization=gen.get("gpu_memory_utilization", 0.9))
+            kwargs.update(tensor_parallel_size=gen["tensor_parallel_size"],
+                          gpu_memory_utilization=gen["gpu_memory_utilization"])
         if in_process and kwargs.get("tensor_parallel_size", 1) == 1:
             kwargs["distributed_executor_backend"] = "uni"  # the worker in this process too
         if gen.get("max_model_len"):
@@ -152,9 +152,9 @@ class VllmBackend:
         # offset"), so on CPU sampling draws from the engine's generator, seeded once with config seed.
         per_request = device != "cpu"
         self.sampling = lambda max_tokens, temperature=None, seed=None: SamplingParams(
-            temperature=gen.get("temperature", 0.0) if temperature is None else temperature, max_tokens=max_tokens,
-            repetition_penalty=gen.get("repetition_penalty", 1.0),
-            seed=(config.get("seed", 0) if seed is None else seed) if per_request else None)
+            temperature=gen["temperature"] if temperature is None else temperature, max_tokens=max_tokens,
+            repetition_penalty=gen["repetition_penalty"],
+            seed=(config["seed"] if seed is None else seed) if per_request else None)
         self.params = self.sampling(gen["max_new_tokens"])
 
     def __call__(self, chats: list[list[dict]]) -> list[Generation]:

@@ -70,20 +70,45 @@ def vllm_problem(device: str, check_gpu: bool = True) -> str | None:
     return None
 
 
-def resolve_backend(gen: dict, key: str = "backend") -> str:
-    """gen[key] with "auto" resolved on this machine: vllm where it runs on generation.device, else
-    transformers (saying why). student_backend "auto" is the teacher's backend, or transformers when
-    that is file."""
-    backend = gen.get(key, "auto")
+def resolve_backend_reason(gen: dict, key: str = "backend") -> tuple[str, str]:
+    """(gen[key] with "auto" resolved on this machine, why): vllm where it runs on generation.device,
+    else transformers. student_backend "auto" is the teacher's backend, or transformers when that is
+    file. Asks torch for a GPU only when vllm is installed (start-up stays torch-free without it)."""
+    backend = gen[key]
     if key == "student_backend" and backend == "auto":
-        backend = gen["backend"] if gen["backend"] != "file" else "transformers"
+        if gen["backend"] == "file":
+            return "transformers", "the teacher's backend is file, and a student's traces come from the student"
+        backend = gen["backend"]
+        if backend != "auto":
+            return backend, "the teacher's backend"
     if backend != "auto":
-        return backend
-    problem = vllm_problem(resolve_device(gen.get("device", "auto")))
+        return backend, "set in the config"
+    problem = "vllm is not installed" if not importable("vllm") else vllm_problem(resolve_device(gen["device"]))
     if problem:
-        log.warning("generation.%s auto: %s, so transformers generates", key, problem)
-        return "transformers"
-    return "vllm"
+        return "transformers", problem
+    return "vllm", f"vLLM runs here on {resolve_device(gen['device'])}"
+
+
+def resolve_backend(gen: dict, key: str = "backend") -> str:
+    """gen[key] with "auto" resolved on this machine (`resolve_backend_reason`), saying why when
+    transformers generates instead of vllm."""
+    backend, why = resolve_backend_reason(gen, key)
+    if gen[key] == "auto" and backend == "transformers":
+        log.warning("generation.%s auto: %s, so transformers generates", key, why)
+    return backend
+
+
+def resolve_engines(config: dict) -> str:
+    """Start-up: generation.backend and generation.student_backend "auto" resolved once, in `config`
+    (in place), so the rules (GPUs, conda env), the planner, the config snapshot and the jobs see the
+    engine that runs; returns the line saying what each auto became and why ("" if none was auto)."""
+    gen = config["generation"]
+    said = []
+    for key in ("backend", "student_backend"):  # the teacher's first: student_backend auto follows it
+        if gen[key] == "auto":
+            gen[key], why = resolve_backend_reason(gen, key)
+            said.append(f"generation.{key} auto -> {gen[key]} ({why})")
+    return "; ".join(said)
 
 
 def check_engines(config: dict) -> None:
@@ -91,7 +116,7 @@ def check_engines(config: dict) -> None:
     the job checks (the workflow may start on a login node without GPUs or the GPU environment)."""
     gen = config["generation"]
     for key in ("backend", "student_backend"):
-        if gen.get(key) == "vllm" and gen.get("device", "auto") == "cpu":
+        if gen[key] == "vllm" and gen["device"] == "cpu":
             problem = vllm_problem("cpu")
             if problem:
                 raise ConfigError(f"generation.{key} is 'vllm' but {problem}. {FIX}")

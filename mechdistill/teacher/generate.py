@@ -78,7 +78,7 @@ def generate_cot(config: dict, model_name: str, prompts: pd.DataFrame, space, ou
             backend.close()
     parts = [shards.read_parquet(name) for name in names.values()]
     generations = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=GENERATION_COLUMNS)
-    result = parse_generations(generations, prompts, AnswerParser(space, gen.get("fuzzy_threshold", 90)))
+    result = parse_generations(generations, prompts, AnswerParser(space, gen["fuzzy_threshold"]))
     write_parquet(result, out_path, "cot")
     shards.clear()
     summarize_cot(result, dataset, split)
@@ -121,9 +121,9 @@ def _run_backend(backend, shard: pd.DataFrame, gen: dict) -> list[Generation]:
     if isinstance(backend, FileBackend):
         return backend(shard["doc_id"].tolist())
     chats = [json.loads(m) for m in shard["messages"]]
-    bs = len(chats) if isinstance(backend, VllmBackend) else gen.get("batch_size", 8)  # vLLM batches itself
+    bs = len(chats) if isinstance(backend, VllmBackend) else gen["batch_size"]  # vLLM batches itself
     outputs = [g for i in range(0, len(chats), bs) for g in backend(chats[i:i + bs])]
-    if gen.get("force_answer_tokens", 0):
+    if gen["force_answer_tokens"]:
         outputs = force_answers(backend, chats, outputs, gen["force_answer_tokens"], bs)
     return outputs
 

@@ -292,12 +292,12 @@ def predict(model: nn.Module, tokenizer, prompts: pd.DataFrame, space, gen: dict
             ids = torch.cat([prompt, torch.full((params["K"],), ph, device=prompt.device)])
             states = implicit_states(model, ids, params["K"], params["implicit_norm"])       # [K, d]
             inputs = torch.cat([embed(model, prompt), states, embed(model, open_ids)])      # [seq, d]
-            tokens, finish = greedy_answer(model, tokenizer, inputs, max_new, gen.get("repetition_penalty", 1.0))
+            tokens, finish = greedy_answer(model, tokenizer, inputs, max_new, gen["repetition_penalty"])
             raw = ANSWER_OPEN + tokenizer.decode(tokens, skip_special_tokens=True)
             rows.append(dict(doc_id=doc_id, raw=raw, n_tokens=len(tokens), finish_reason=finish,
                              forced_answer=False, engine="semcot implicit states (transformers)"))
     model.train(was_training)
-    parser = AnswerParser(space, gen.get("fuzzy_threshold", 90))  # raw starts at <answer>: cot is ""
+    parser = AnswerParser(space, gen["fuzzy_threshold"])  # raw starts at <answer>: cot is ""
     return parse_generations(pd.DataFrame(rows, columns=GENERATION_COLUMNS), prompts, parser)
 
 

@@ -1,0 +1,101 @@
+"""What the distillation stages read (`mechdistill.settings`): teacher targets, a baseline's teacher
+data, one distill job, the grid-point choice and the students' predictions. Torch-free: the Snakefile
+imports it for the rules' params (rules/distill.smk)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..characterize.settings import HeadSignals
+from ..settings import PLACEMENT_KEYS, Declared, Settings
+from ..teacher.settings import GenerationSettings
+
+TEACHER_PLACEMENT = tuple(f"distill.teacher_{k}" for k in PLACEMENT_KEYS)
+
+
+@dataclass(frozen=True)
+class TargetSettings(Settings):
+    """teacher_targets (run_teacher_targets): top-k logits, the pools, the teacher's dtype, device and
+    placement, the document and length caps, and the head signals the Phase-1/2 targets reuse."""
+
+    KEYS = ("distill.top_k", "distill.pools", "distill.teacher_dtype", "distill.max_docs", "distill.max_tokens",
+            "distill.train.device") + TEACHER_PLACEMENT + HeadSignals.KEYS
+
+    top_k: int
+    pools: dict[str, Any]
+    teacher_dtype: str
+    max_docs: int | None
+    max_tokens: int | None
+    device: str | None
+    placement: dict[str, Any]
+    signals: HeadSignals
+
+    @classmethod
+    def from_values(cls, values: Declared) -> TargetSettings:
+        return cls(values["distill.top_k"], values["distill.pools"], values["distill.teacher_dtype"],
+                   values["distill.max_docs"], values["distill.max_tokens"], values["distill.train.device"],
+                   values.section("distill.teacher_", PLACEMENT_KEYS), HeadSignals.from_values(values))
+
+
+@dataclass(frozen=True)
+class DistillSettings(Settings):
+    """distill (run_distill): the whole `distill` section (training, losses, pools, selection, the
+    online teacher), the `heads` section (the signals, and the run's resume key), the seed, and the
+    generation settings (val_macro_f1 generates with the student as student_predict does). The
+    method's settings at the job's grid point are a param of their own (rules/distill.smk)."""
+
+    KEYS = ("distill", "heads") + GenerationSettings.KEYS
+
+    distill: dict[str, Any]
+    heads: dict[str, Any]
+    signals: HeadSignals
+    generation: GenerationSettings
+
+    @classmethod
+    def from_values(cls, values: Declared) -> DistillSettings:
+        return cls(values["distill"], values["heads"], HeadSignals.from_config({"heads": values["heads"]}),
+                   GenerationSettings.from_values(values))
+
+
+@dataclass(frozen=True)
+class BaselineDataSettings(Settings):
+    """baseline_teacher_data: the generation settings and the document cap. The method's teacher-data
+    settings are a param of their own (rules/distill.smk)."""
+
+    KEYS = GenerationSettings.KEYS + ("distill.max_docs",)
+
+    generation: GenerationSettings
+    max_docs: int | None
+
+    @classmethod
+    def from_values(cls, values: Declared) -> BaselineDataSettings:
+        return cls(GenerationSettings.from_values(values), values["distill.max_docs"])
+
+
+@dataclass(frozen=True)
+class SelectSettings(Settings):
+    """select_distill: the criterion a grid point is chosen by."""
+
+    KEYS = ("distill.select.criterion",)
+
+    criterion: str
+
+    @classmethod
+    def from_values(cls, values: Declared) -> SelectSettings:
+        return cls(values["distill.select.criterion"])
+
+
+@dataclass(frozen=True)
+class StudentPredictSettings(Settings):
+    """student_predict: the generation settings (generation.student_backend's engine) and the method's
+    entry (a baseline with its own inference reads its settings at the chosen grid point)."""
+
+    KEYS = GenerationSettings.KEYS + ("methods.{method}",)
+
+    generation: GenerationSettings
+    method: dict[str, Any] | None
+
+    @classmethod
+    def from_values(cls, values: Declared) -> StudentPredictSettings:
+        return cls(GenerationSettings.from_values(values), values["methods.{method}"])
