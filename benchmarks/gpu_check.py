@@ -65,17 +65,17 @@ from mechdistill.characterize.capture import HeadCapture, capture_heads  # noqa:
 from mechdistill.characterize.scores import CoarseVariant  # noqa: E402
 from mechdistill.config import load_config  # noqa: E402
 from mechdistill.data import prepare_dataset  # noqa: E402
-from mechdistill.distill.launch import init_distributed  # noqa: E402
+from mechdistill.distill.launch import deepspeed_config, init_distributed  # noqa: E402
 from mechdistill.distill.methods import resolve_method  # noqa: E402
 from mechdistill.distill.objective import student_loss, teacher_targets  # noqa: E402
 from mechdistill.distill.pools import HeadPool, select_pool  # noqa: E402
 from mechdistill.distill.signals import Example, has_phase, make_examples  # noqa: E402
 from mechdistill.distill.targets import interaction_scales  # noqa: E402
-from mechdistill.distill.trainer import train, train_config  # noqa: E402
+from mechdistill.distill.train_config import train_config  # noqa: E402
+from mechdistill.distill.trainer import train  # noqa: E402
 from mechdistill.io import SplitArtifacts  # noqa: E402
 from mechdistill.labels import LabelSpace  # noqa: E402
 from mechdistill.models import load_model, load_tokenizer, pick_device  # noqa: E402
-from mechdistill.stages.distill import deepspeed_config  # noqa: E402
 from mechdistill.teacher.answers import AnswerParser  # noqa: E402
 from mechdistill.teacher.generate import generate_cot  # noqa: E402
 from mechdistill.teacher.prompts import build_prompts, exemplar_answer  # noqa: E402
@@ -315,7 +315,7 @@ def check_train(config: dict, split: SplitArtifacts, device: str, steps: int, me
 def partitioned_zero3(tcfg) -> dict:
     """The distill stage's ZeRO-3 config with every parameter partitioned (no small "persistent" ones
     kept whole), so the losses' reads of weights outside their module's forward meet partitioned weights."""
-    return deepspeed_config({"deepspeed": True, "zero_optimization": {"stage3_param_persistence_threshold": 0}}, tcfg)
+    return deepspeed_config(True, tcfg, {"stage3_param_persistence_threshold": 0})
 
 
 def check_train_zero3(config: dict, split: SplitArtifacts, device: str, steps: int) -> tuple[str, str]:
