@@ -1,4 +1,4 @@
-"""Distillation methods: which loss terms are on (the `{method}` wildcard values).
+"""Distillation methods by name (the `{method}` wildcard values): their kind, loss-term switches and recipe.
 
 A method is a name, a kind and the module of its `Recipe` (`distill/recipe.py`: what it trains on
 and its loss; imported, with torch, only by the jobs that train). vanilla, mech and the ablations
