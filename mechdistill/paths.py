@@ -72,7 +72,12 @@ def clean_split(style: str) -> str:
 def characterization_split(config: dict, split: str) -> str:
     """The split a characterization setting names (`heads.split`, `patching.split`): "clean" is the
     clean-prompt set of `clean_prompts.style`; train / val / test are the task splits."""
-    return clean_split(config["clean_prompts"]["style"]) if split == CLEAN else split
+    return prompt_split(split, config["clean_prompts"]["style"])
+
+
+def prompt_split(split: str, clean_style: str) -> str:
+    """`characterization_split` of a split and the clean-prompt style (a stage's settings hold both)."""
+    return clean_split(clean_style) if split == CLEAN else split
 
 
 def clean_splits(config: dict) -> list[str]:

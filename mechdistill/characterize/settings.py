@@ -59,11 +59,12 @@ class HeadSignals(Settings):
 
 @dataclass(frozen=True)
 class HeadSettings(Settings):
-    """head_scores (and style_head_scores): which split, how many documents and tokens, the signals,
-    Fig. 7's stages, and where the scored model runs."""
+    """head_scores (and style_head_scores): which split (clean_prompts.style: the clean set's), how
+    many documents and tokens, the signals, Fig. 7's stages, and where the scored model runs."""
 
     KEYS = HeadSignals.KEYS + ("heads.split", "heads.max_docs", "heads.max_tokens", "heads.n_stages",
-                               "heads.device", "heads.dtype") + tuple(f"heads.{k}" for k in PLACEMENT_KEYS)
+                               "heads.device", "heads.dtype") + tuple(f"heads.{k}" for k in PLACEMENT_KEYS) + (
+        "clean_prompts.style",)
 
     signals: HeadSignals
     split: str
@@ -73,12 +74,13 @@ class HeadSettings(Settings):
     device: str
     dtype: str
     placement: dict[str, Any]
+    clean_style: str
 
     @classmethod
     def from_values(cls, values: Declared) -> HeadSettings:
         return cls(HeadSignals.from_values(values), values["heads.split"], values["heads.max_docs"],
                    values["heads.max_tokens"], values["heads.n_stages"], values["heads.device"],
-                   values["heads.dtype"], values.section("heads.", PLACEMENT_KEYS))
+                   values["heads.dtype"], values.section("heads.", PLACEMENT_KEYS), values["clean_prompts.style"])
 
 
 @dataclass(frozen=True)

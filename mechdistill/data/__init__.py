@@ -14,6 +14,7 @@ import pandas as pd
 
 from ..errors import InputError
 from .base import SPLITS, PreparedDataset
+from .settings import DatasetSettings
 
 log = logging.getLogger(__name__)
 
@@ -80,17 +81,16 @@ def subsample(df: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
     return df.sample(n=n, random_state=seed).sort_index().reset_index(drop=True)
 
 
-def prepare_dataset(config: dict, dataset: str) -> PreparedDataset:
-    """Build `dataset` from its config entry: run the adapter, subsample, check the contract."""
-    entry = config["datasets"][dataset]
-    prepared = ADAPTERS[entry["adapter"]](**entry["params"])
-    max_docs = entry.get("max_docs", {})
+def prepare_dataset(settings: DatasetSettings, dataset: str) -> PreparedDataset:
+    """Build `dataset` from its settings (its config entry and the seed): run the adapter, subsample,
+    check the contract."""
+    prepared = ADAPTERS[settings.adapter](**settings.arguments)
     for split in SPLITS:
         df = prepared.splits[split]
         df["labels"] = df["labels"].map(list)
-        prepared.splits[split] = subsample(df, max_docs.get(split), config["seed"])
-    files = ", ".join(str(v) for k, v in (entry.get("params") or {}).items() if k in ("root", "path", "files"))
-    check_prepared(prepared, source=f"dataset {dataset} ({entry['adapter']}{': ' + files if files else ''})")
+        prepared.splits[split] = subsample(df, settings.max_docs.get(split), settings.seed)
+    files = ", ".join(str(v) for k, v in settings.arguments.items() if k in ("root", "path", "files"))
+    check_prepared(prepared, source=f"dataset {dataset} ({settings.adapter}{': ' + files if files else ''})")
     prepared.stats.update({f"n_{s}": len(prepared.splits[s]) for s in SPLITS})
     prepared.stats["n_labels"] = int(prepared.labels["assignable"].sum())
     log.info("dataset %s: %s", dataset, prepared.stats)

@@ -43,19 +43,34 @@ class DistillSettings(Settings):
     """distill (run_distill): the whole `distill` section (training, losses, pools, selection, the
     online teacher), the `heads` section (the signals, and the run's resume key), the seed, and the
     generation settings (val_macro_f1 generates with the student as student_predict does). The
-    method's settings at the job's grid point are a param of their own (rules/distill.smk)."""
+    method's settings at the job's grid point are a param of their own (rules/distill.smk).
+    `targets`: what teacher_targets reads, from the same two sections (the online teacher's)."""
 
     KEYS = ("distill", "heads") + GenerationSettings.KEYS
 
     distill: dict[str, Any]
     heads: dict[str, Any]
-    signals: HeadSignals
+    targets: TargetSettings
     generation: GenerationSettings
 
     @classmethod
     def from_values(cls, values: Declared) -> DistillSettings:
-        return cls(values["distill"], values["heads"], HeadSignals.from_config({"heads": values["heads"]}),
+        sections = {"distill": values["distill"], "heads": values["heads"]}
+        return cls(values["distill"], values["heads"], TargetSettings.from_config(sections),
                    GenerationSettings.from_values(values))
+
+    @property
+    def signals(self) -> HeadSignals:
+        return self.targets.signals
+
+    @property
+    def criterion(self) -> str:
+        """distill.select.criterion: what the best evaluation (and the grid point) is chosen by."""
+        return self.distill["select"]["criterion"]
+
+    @property
+    def seed(self) -> int:
+        return self.generation.seed
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ import pandas as pd
 from ..errors import InputError
 from ..io import atomic_path, read_parquet, write_text
 from ..stats import bootstrap_ci
+from .settings import RunSettings
 from .significance import resampled_gain, significant_gain
 from .xmc import RESAMPLE
 
@@ -219,8 +220,8 @@ def build_table(metrics: pd.DataFrame, dataset: str | Sequence[str], students: S
 # Which table shows what
 
 
-def table_spec(config: dict, table: str, kinds: Mapping[str, str] | None = None) -> dict:
-    """Datasets, students, methods, kinds, teacher, columns and caption of `table` for a config.
+def table_spec(run: RunSettings, table: str, kinds: Mapping[str, str] | None = None) -> dict:
+    """Datasets, students, methods, kinds, teacher, columns and caption of `table` for a run's settings.
 
     table1: datasets with adapter mimic4_icd10 (MIMIC-IV) or icd10cm_controlled (the demo);
     table2: datasets with adapter wikiseealso (LF-WikiSeeAlso); both with the first two students
@@ -229,9 +230,9 @@ def table_spec(config: dict, table: str, kinds: Mapping[str, str] | None = None)
     no further student, Tables 3 and 4 hold the teacher's rows only. Methods: the keys of
     config["methods"], in config order; kinds: method -> kind (`distill.methods.method_kinds`).
     """
-    names = list(config["datasets"])
-    adapter = {n: config["datasets"][n].get("adapter") for n in names}
-    students, methods = list(config["students"]), list(config["methods"])
+    names = list(run.datasets)
+    adapter = {n: run.datasets[n].get("adapter") for n in names}
+    students, methods = list(run.students), list(run.methods)
     demo = "; here the SYNTHETIC ICD-10-CM demo vignettes" if "icd10cm_controlled" in adapter.values() else ""
     specs = {
         "table1": ([n for n in names if adapter[n] in TABLE1_ADAPTERS], students[:2],
@@ -247,11 +248,11 @@ def table_spec(config: dict, table: str, kinds: Mapping[str, str] | None = None)
     ours = [m for m in methods if kinds.get(m) == "ours"]
     baselines = [m for m in methods if kinds.get(m) == "baseline"]
     caption = (f"{table[:5].capitalize()} {table[5:]}: {what}; datasets: {', '.join(datasets) or 'none'}; "
-               f"students: {', '.join(chosen) or 'none in this config'}; teacher: {config.get('teacher', '')}. "
+               f"students: {', '.join(chosen) or 'none in this config'}; teacher: {run.teacher or ''}. "
                f"(+gain) = {', '.join(ours) or 'ours'} minus the best baseline ({', '.join(baselines) or 'none'}) "
                f"per column; {SIG_NOTE}.")
     return {"datasets": datasets, "students": chosen, "methods": methods, "kinds": kinds,
-            "teacher": config.get("teacher"), "labels": TABLE_LABELS[table], "caption": caption}
+            "teacher": run.teacher, "labels": TABLE_LABELS[table], "caption": caption}
 
 
 # -----------------------------------------------------------------------------

@@ -18,19 +18,21 @@ class PatchingSettings(Settings):
     teacher's repetition penalty, the embedder (the Confusion metric) and the seed."""
 
     KEYS = tuple(f"patching.{k}" for k in PATCHING_KEYS) + ("anchors.early_tokens", "generation.repetition_penalty",
-                                                             "embedder", "seed")
+                                                             "embedder", "seed", "clean_prompts.style")
 
     section: dict[str, Any]
     early_tokens: int
     repetition_penalty: float
     embedder: str
     seed: int
+    clean_style: str
 
     @classmethod
     def from_values(cls, values: Declared) -> PatchingSettings:
         return cls(values.section("patching.", PATCHING_KEYS),
                    values["patching.early_tokens"] or values["anchors.early_tokens"],
-                   values["generation.repetition_penalty"], values["embedder"], values["seed"])
+                   values["generation.repetition_penalty"], values["embedder"], values["seed"],
+                   values["clean_prompts.style"])
 
     @property
     def placement(self) -> dict[str, Any]:

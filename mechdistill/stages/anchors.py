@@ -9,6 +9,7 @@ from .. import paths
 from ..anchors.anchor_table import anchor_table
 from ..anchors.concepts import extract_concepts
 from ..anchors.embed import SentenceEmbedder
+from ..anchors.settings import AnchorSettings, TrajectorySettings
 from ..anchors.trajectories import trajectory_tables
 from ..io import read_parquet, write_parquet
 from ..labels import LabelSpace
@@ -23,17 +24,18 @@ def run_anchors(config: dict, dataset: str, teacher: str, split: str, *, cot_pat
                 prompts_path: PathLike | None = None, docs_path: PathLike | None = None,
                 labels_path: PathLike | None = None, out_path: PathLike | None = None) -> None:
     """Teacher CoT + prompts + documents of a split -> {teacher}/anchors/{split}.parquet."""
-    settings = config["anchors"]
+    anchor_settings = AnchorSettings.from_config(config)
+    settings = anchor_settings.section
     cot = read_parquet(cot_path or paths.cot(dataset, teacher, split), "cot").set_index("doc_id")
     prompts = read_parquet(prompts_path or paths.prompts(dataset, split), "prompts").set_index("doc_id")
     docs = read_parquet(docs_path or paths.data(dataset, split), "documents")
     space = LabelSpace(read_parquet(labels_path or paths.labels(dataset), "labels"))
     tokenizer = load_tokenizer(config, teacher)
     needs_embedder = "embedding" in settings["near_miss"]["strategies"]
-    embedder = SentenceEmbedder(config["embedder"]) if needs_embedder else None
+    embedder = SentenceEmbedder(anchor_settings.embedder) if needs_embedder else None
     concepts = None
     if settings["mode"] == "llm":
-        generation = {**config["generation"], "max_new_tokens": settings["llm"]["max_new_tokens"]}
+        generation = {**anchor_settings.generation.mapping(), "max_new_tokens": settings["llm"]["max_new_tokens"]}
         backend = TransformersBackend(config, settings["llm"].get("model", teacher), generation)
         concepts = extract_concepts(lambda chats: [g.text for g in backend(chats)], docs["text"].tolist(),
                                     settings["llm"]["max_concepts"])
@@ -50,15 +52,13 @@ def run_trajectories(config: dict, dataset: str, model: str, *, cot_path: PathLi
                      summary_path: PathLike | None = None) -> None:
     """A model's CoT (the teacher's, or a student's predictions: `model` = "{student}/{method}") on
     the trajectory split -> {model}/trajectories.parquet and trajectories_summary.parquet."""
-    split = config["trajectories"]["split"]
-    settings = config["trajectories"]
+    settings = TrajectorySettings.from_config(config)
     cot = read_parquet(cot_path or paths.model_cot(config, dataset, model)).set_index("doc_id")
-    anchors = read_parquet(anchors_path or paths.anchors(dataset, config["teacher"], split))
+    anchors = read_parquet(anchors_path or paths.anchors(dataset, config["teacher"], settings.split))
     space = LabelSpace(read_parquet(labels_path or paths.labels(dataset), "labels"))
     tokenizer = load_tokenizer(config, model.split("/")[0])
-    curves, summary = trajectory_tables(model, cot, anchors, space, tokenizer, SentenceEmbedder(config["embedder"]),
-                                        config["anchors"]["early_tokens"], n_grid=settings["n_grid"],
-                                        max_points=settings["max_points"])
+    curves, summary = trajectory_tables(model, cot, anchors, space, tokenizer, SentenceEmbedder(settings.embedder),
+                                        settings.early_tokens, n_grid=settings.n_grid, max_points=settings.max_points)
     log.info("trajectories %s: %d documents, mean Focus %.3f, mean Confusion %.3f, NaN reasons %s",
              model, len(summary), summary["focus"].mean(), summary["confusion"].mean(),
              summary["reason"].replace("", "ok").value_counts().to_dict())

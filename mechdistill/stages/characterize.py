@@ -7,10 +7,10 @@ import os
 
 from .. import paths
 from ..characterize.head_scores import forced_documents, score_heads
-from ..characterize.scores import CoarseVariant
+from ..characterize.settings import HeadSettings
 from ..characterize.teacher_forcing import length_cap
 from ..io import read_split, write_parquet
-from ..models import load_model, placement
+from ..models import load_model
 
 log = logging.getLogger(__name__)
 PathLike = str | os.PathLike
@@ -24,16 +24,17 @@ def run_head_scores(config: dict, dataset: str, model: str, split: str | None = 
     {model}/heads/coarse.parquet, refine.parquet and coarse_example.parquet (another clean-prompt
     style: `paths.style_head_scores`). Both tables say which prompts they measured (`prompt_split`).
     inputs: the split's files (default `paths.split_files`)."""
-    settings, teacher = config["heads"], config["teacher"]
-    split = paths.characterization_split(config, split or settings["split"])
-    main = split == paths.characterization_split(config, settings["split"])
-    model_obj, tokenizer = load_model(config, model, device=settings["device"], dtype=settings["dtype"],
-                                      **placement(settings))
-    data = read_split({**paths.split_files(dataset, teacher, split), **(inputs or {})}, settings.get("max_docs"))
-    coarse, refine, example = score_heads(model_obj, tokenizer, forced_documents(tokenizer, data, length_cap(settings.get("max_tokens"), model_obj)), tau=settings["tau"],
-                                          n_stages=settings["n_stages"], desc=f"head scores {model}",
-                                          coarse_variant=CoarseVariant(**settings["coarse"]),
-                                          refine_ranking=settings["refine"]["ranking"])
+    settings, teacher = HeadSettings.from_config(config), config["teacher"]
+    split = paths.prompt_split(split or settings.split, settings.clean_style)
+    main = split == paths.prompt_split(settings.split, settings.clean_style)
+    model_obj, tokenizer = load_model(config, model, device=settings.device, dtype=settings.dtype,
+                                      **settings.placement)
+    data = read_split({**paths.split_files(dataset, teacher, split), **(inputs or {})}, settings.max_docs)
+    documents = forced_documents(tokenizer, data, length_cap(settings.max_tokens, model_obj))
+    coarse, refine, example = score_heads(model_obj, tokenizer, documents, tau=settings.signals.tau,
+                                          n_stages=settings.n_stages, desc=f"head scores {model}",
+                                          coarse_variant=settings.signals.coarse,
+                                          refine_ranking=settings.signals.refine_ranking)
     for name, table in (("CoarseScore", coarse), ("RefineScore", refine)):
         top = table.dropna(subset=["score"]).nlargest(5, "score")
         log.info("%s (%s) top-5 heads of %s: %s", name, table["score_variant"].iloc[0], model,

@@ -17,6 +17,7 @@ import pandas as pd
 from .. import paths
 from ..distill.methods import method_kinds
 from ..evaluate import claims
+from ..evaluate.settings import ClaimSettings
 from ..evaluate.tables import load_metrics
 from ..io import read_parquet, write_parquet, write_text
 
@@ -38,25 +39,26 @@ def _read(path: PathLike) -> pd.DataFrame | None:
 
 def run_claims(config: dict, *, md_path: PathLike | None = None, parquet_path: PathLike | None = None) -> None:
     """Every claim of the paper, per dataset (and student / ours method) -> results/claims.{md,parquet}."""
-    teacher, datasets, seed = config["teacher"], list(config["datasets"]), config["seed"]
-    n_boot, patching = config["evaluate"]["n_bootstrap"], config["patching"]
+    settings = ClaimSettings.from_config(config)
+    run, teacher, datasets = settings.run, settings.run.teacher, list(settings.run.datasets)
+    n_boot, seed = run.n_bootstrap, run.seed
     rows = []
     for dataset in datasets:
         for claim, kind in ((1, "coarse"), (2, "refine")):
             path = paths.head_scores(dataset, teacher, kind)
-            k = config["distill"]["pools"][claims.PHASE_OF_CLAIM[claim]]["k"]
+            k = settings.pool_sizes[claims.PHASE_OF_CLAIM[claim]]
             rows += claims.head_depth_claim(claim, dataset, _read(path), k, path, n_boot, seed)
         for claim in (3, 4):
             phase = claims.PHASE_OF_CLAIM[claim]
             path = paths.patching_runs(dataset, teacher, phase)
             rows += claims.patching_claim(claim, dataset, _read(path), _read(paths.patching_pairs(dataset, teacher, phase)),
-                                          _read(paths.patching(dataset, teacher, phase)), patching["min_gap"], path,
-                                          patching["n_bootstrap"], seed)
+                                          _read(paths.patching(dataset, teacher, phase)), settings.min_gap, path,
+                                          settings.patching_bootstrap, seed)
     metric_files = [f for f in paths.claims_inputs(config)["metrics"] if _exists(f)]
-    rows += claims.distillation_claims(load_metrics(metric_files), datasets, config["students"],
-                                       method_kinds(config["methods"]), n_boot, seed)
+    rows += claims.distillation_claims(load_metrics(metric_files), datasets, run.students,
+                                       method_kinds(run.methods), n_boot, seed)
     table = claims.assemble(rows)
-    header = (f"Teacher `{teacher}`, students {', '.join(f'`{s}`' for s in config['students']) or 'none'}, "
+    header = (f"Teacher `{teacher}`, students {', '.join(f'`{s}`' for s in run.students) or 'none'}, "
               f"datasets {', '.join(f'`{d}`' for d in datasets)}. Every number below was computed by the `claims` "
               f"rule from this run's artifacts (results/); none is copied from the paper.")
     write_parquet(table, parquet_path or paths.claims("parquet"))

@@ -8,11 +8,13 @@ import os
 from .. import paths
 from ..anchors.embed import SentenceEmbedder
 from ..data import prepare_dataset
+from ..data.settings import DatasetSettings
 from ..errors import InputError
 from ..io import read_parquet, write_json, write_parquet
 from ..labels import LabelSpace
 from ..teacher.clean_prompts import build_clean_prompts
 from ..teacher.prompts import build_prompts
+from ..teacher.settings import CandidateSettings, CleanPromptSettings, PromptSettings
 
 log = logging.getLogger(__name__)
 PathLike = str | os.PathLike
@@ -21,7 +23,7 @@ PathLike = str | os.PathLike
 def run_prepare_dataset(config: dict, dataset: str) -> None:
     """Config entry -> data/{train,val,test}.parquet, data/labels.parquet, data/stats.json
     (+ data/excluded_pairs.parquet when the adapter gives some)."""
-    prepared = prepare_dataset(config, dataset)
+    prepared = prepare_dataset(DatasetSettings.from_config(config, dataset=dataset), dataset)
     for split in paths.SPLITS:
         write_parquet(prepared.splits[split], paths.data(dataset, split), "documents")
     if prepared.excluded_pairs is not None:
@@ -37,15 +39,15 @@ def run_build_prompts(config: dict, dataset: str, split: str, *, docs_path: Path
     docs = read_parquet(docs_path or paths.data(dataset, split), "documents")
     space = LabelSpace(read_parquet(labels_path or paths.labels(dataset), "labels"))
     train = read_parquet(train_path or paths.data(dataset, "train"), "documents")
-    entry = config["datasets"][dataset]
-    retrieval = entry["candidates"]["strategy"] == "retrieval"
-    embedder = SentenceEmbedder(config["embedder"]) if retrieval else None
+    settings = CandidateSettings.from_config(config, dataset=dataset)
+    retrieval = settings.candidates["strategy"] == "retrieval"
+    embedder = SentenceEmbedder(settings.embedder) if retrieval else None
     exemplar = train.iloc[0] if len(train) else None
-    prompts = build_prompts(docs, space, entry["candidates"], config["prompts"], config["seed"],
+    prompts = build_prompts(docs, space, settings.candidates, settings.prompts.mapping(), settings.seed,
                             exemplar_doc=exemplar, embedder=embedder)
     recall = float(prompts["gold_in_candidates"].mean()) if len(prompts) else float("nan")
     log.info("prompts %s/%s: %d documents, %d candidates each, candidate recall = %.3f",
-             dataset, split, len(prompts), entry["candidates"]["size"], recall)
+             dataset, split, len(prompts), settings.candidates["size"], recall)
     write_parquet(prompts, out_path or paths.prompts(dataset, split), "prompts")
 
 
@@ -54,19 +56,21 @@ def run_clean_prompts(config: dict, dataset: str, split: str, *, source_path: Pa
                       docs_path: PathLike | None = None, out_path: PathLike | None = None) -> None:
     """The clean-prompt set `split` (= paths.clean_split(style)) from `clean_prompts.source_split`
     -> data/{split}.parquet (snippets, gold labels, source_doc_id) and prompts/{split}.parquet."""
-    settings = config["clean_prompts"]
-    style = split.removeprefix(f"{paths.CLEAN}_")
-    source = read_parquet(source_path or paths.data(dataset, settings["source_split"]), "documents")
+    settings = CleanPromptSettings.from_config(config)
+    section, style = settings.section, split.removeprefix(f"{paths.CLEAN}_")
+    source = read_parquet(source_path or paths.data(dataset, section["source_split"]), "documents")
     train = read_parquet(train_path or paths.data(dataset, "train"), "documents")
     space = LabelSpace(read_parquet(labels_path or paths.labels(dataset), "labels"))
-    docs, prompts = build_clean_prompts(source, space, settings, style, config["prompts"], config["seed"],
-                                        SentenceEmbedder(config["embedder"]),
+    # the task prompts: the guided styles' only (their rule's `prompts` param)
+    guided = PromptSettings.from_config(config).mapping() if "guided" in style else {}
+    docs, prompts = build_clean_prompts(source, space, section, style, guided, settings.seed,
+                                        SentenceEmbedder(settings.embedder),
                                         exemplar_doc=train.iloc[0] if len(train) else None)
     if docs.empty:
-        raise InputError(f"no documents for the clean-prompt set {split}: the {settings['source_split']} split is "
-                         "empty.", file=str(source_path or paths.data(dataset, settings["source_split"])),
+        raise InputError(f"no documents for the clean-prompt set {split}: the {section['source_split']} split is "
+                         "empty.", file=str(source_path or paths.data(dataset, section["source_split"])),
                          fix="set clean_prompts.source_split to a split with documents.")
     log.info("clean prompts %s/%s (%s): %d documents, %d labels each, snippets of %d characters on average",
-             dataset, split, style, len(docs), settings["n_labels"], int(docs["text"].str.len().mean()))
+             dataset, split, style, len(docs), section["n_labels"], int(docs["text"].str.len().mean()))
     write_parquet(docs, docs_path or paths.data(dataset, split), "documents")
     write_parquet(prompts, out_path or paths.prompts(dataset, split), "prompts")

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 from .. import paths
-from ..characterize.scores import CoarseVariant
 from ..characterize.teacher_forcing import length_cap
 from ..distill.launch import deepspeed_config, init_distributed, zero3_init
 from ..distill.methods import check_methods, grid_point, method_grid, needs_teacher_data, resolve_method
@@ -18,6 +17,12 @@ from ..distill.pools import HeadPool, model_pools
 from ..distill.recipe import MethodPoint, TeacherDataContext
 from ..distill.run import DistillResult, RunFiles, distill
 from ..distill.selection import Criterion, generation_criterion, make_criterion
+from ..distill.settings import (
+    BaselineDataSettings,
+    DistillSettings,
+    StudentPredictSettings,
+    TargetSettings,
+)
 from ..distill.signals import make_examples
 from ..distill.targets import (
     OnlineTargets,
@@ -32,31 +37,33 @@ from ..errors import ConfigError
 from ..evaluate.xmc import macro_f1
 from ..io import SplitArtifacts, file_digest, read_json, read_parquet, read_split, write_parquet
 from ..labels import LabelSpace
-from ..models import load_model, pick_device, placement, spec_key, with_distilled_model
+from ..models import load_model, pick_device, spec_key, with_distilled_model
 from ..shards import content_key
 from ..teacher.backends import make_backend, student_generation, text_generator
 from ..teacher.engines import resolve_backend
 from ..teacher.generate import answers_in_memory, generate_cot
 from ..teacher.prompts import render_prompt
+from ..teacher.settings import GenerationSettings
 from .model_free import run_select_distill
 
 log = logging.getLogger(__name__)
 PathLike = str | os.PathLike
 
-def _pools(config: dict, model, dataset: str, model_name: str, coarse_path: PathLike | None = None,
+def _pools(settings: TargetSettings, model, dataset: str, model_name: str, coarse_path: PathLike | None = None,
            refine_path: PathLike | None = None) -> dict[str, HeadPool]:
-    return model_pools(config["distill"]["pools"], model, coarse_path or paths.head_scores(dataset, model_name, "coarse"),
+    return model_pools(settings.pools, model, coarse_path or paths.head_scores(dataset, model_name, "coarse"),
                        refine_path or paths.head_scores(dataset, model_name, "refine"))
 
 
-def run_key(config: dict, student: str, method_name: str, point: str | None, method_settings: dict,
-            read_files: list[PathLike | None]) -> str:
+def run_key(settings: DistillSettings, config: dict, student: str, method_name: str, point: str | None,
+            method_settings: dict, read_files: list[PathLike | None]) -> str:
     """What determines a distillation run besides its TrainConfig (the trainer keys that itself): the
-    distill settings, the method at its grid point, the head settings, both models and the bytes of
-    every file it reads. A checkpoint made under another key is not resumed (`trainer.train`)."""
+    distill settings, the method at its grid point, the head settings, the seed, both models (their specs
+    in `config`) and the bytes of every file it reads. A checkpoint made under another key is not
+    resumed (`trainer.train`)."""
     files = sorted({str(f) for f in read_files if f is not None and Path(f).is_file()})
-    return content_key({k: v for k, v in config["distill"].items() if k != "train"}, method_name, point,
-                       method_settings, config["heads"], config["seed"], spec_key(config, student),
+    return content_key({k: v for k, v in settings.distill.items() if k != "train"}, method_name, point,
+                       method_settings, settings.heads, settings.seed, spec_key(config, student),
                        spec_key(config, config["teacher"]), {f: file_digest(f) for f in files})
 
 
@@ -68,21 +75,27 @@ def run_teacher_targets(config: dict, dataset: str, split: str, *, inputs: dict[
 
     inputs: the split's files (default `paths.split_files`).
     """
-    settings, teacher = config["distill"], config["teacher"]
+    settings, teacher = TargetSettings.from_config(config), config["teacher"]
     inputs = {**paths.split_files(dataset, teacher, split), **(inputs or {})}
-    model, tokenizer = load_model(config, teacher, device=settings["train"]["device"], dtype=settings["teacher_dtype"],
-                                  **placement(settings, "teacher_"))
-    pools = _pools(config, model, dataset, teacher, coarse_path, refine_path)
-    examples = make_examples(tokenizer, read_split(inputs, settings.get("max_docs")), teacher,
-                             length_cap(settings.get("max_tokens"), model))
-    tensors, table = target_tensors(model, examples, pools, config["heads"]["tau"], settings["top_k"],
-                                    desc=f"teacher targets {teacher}", coarse=CoarseVariant(**config["heads"]["coarse"]))
+    model, tokenizer = _load_teacher(config, settings)
+    pools = _pools(settings, model, dataset, teacher, coarse_path, refine_path)
+    examples = make_examples(tokenizer, read_split(inputs, settings.max_docs), teacher,
+                             length_cap(settings.max_tokens, model))
+    tensors, table = target_tensors(model, examples, pools, settings.signals.tau, settings.top_k,
+                                    desc=f"teacher targets {teacher}", coarse=settings.signals.coarse)
     scales = interaction_scales(by_document(tensors).values())
     tensors_path = tensors_path or paths.targets_tensors(dataset, teacher, split)
-    save_targets(tensors, table, pools, teacher, settings["top_k"], out_path or paths.targets(dataset, teacher, split),
+    save_targets(tensors, table, pools, teacher, settings.top_k, out_path or paths.targets(dataset, teacher, split),
                  tensors_path, scales)
     log.info("teacher targets: %d documents, %.1f MB of tensors; interaction scales (RMS of the teacher's "
              "kappa*Align, QK*OV) %s", len(table), os.path.getsize(tensors_path) / 2**20, scales)
+
+
+def _load_teacher(config: dict, settings: TargetSettings):
+    """The teacher (its spec in `config`) on distill.train.device, in distill.teacher_dtype, placed by
+    distill.teacher_{device_map,max_memory,offload_folder}: (model, tokenizer)."""
+    return load_model(config, config["teacher"], device=settings.device, dtype=settings.teacher_dtype,
+                      **settings.placement)
 
 
 def run_distill(config: dict, dataset: str, student: str, method_name: str, point: str | None = None, *,
@@ -109,32 +122,33 @@ def run_distill(config: dict, dataset: str, student: str, method_name: str, poin
     if point is None:
         return _run_grid(config, dataset, student, method_name, inputs, train_targets_path, val_targets_path, heads,
                          [model_dir, log_path, mechanism_path, ckpt_dir, best_path, items_path])
-    settings, teacher = config["distill"], config["teacher"]
-    check_methods(config["methods"], settings["select"]["criterion"])
+    settings, teacher = DistillSettings.from_config(config), config["teacher"]
+    section = settings.distill
+    check_methods(config["methods"], settings.criterion)
     entry = grid_point(method_name, config["methods"].get(method_name), point)
     method = resolve_method(method_name, entry.settings)
     recipe, inputs = method.load_recipe(), _split_inputs(dataset, teacher, method_name, entry.settings, inputs)
     targets_paths = {"train": train_targets_path or paths.targets_tensors(dataset, teacher, "train"),
                      "val": val_targets_path or paths.targets_tensors(dataset, teacher, "val")}
-    tcfg = train_config(settings["train"], entry.settings.get("train"), config["seed"])
-    key = run_key(config, student, method_name, point, entry.settings, [f for split in inputs for f in inputs[split].values()]
+    tcfg = train_config(section["train"], entry.settings.get("train"), settings.seed)
+    key = run_key(settings, config, student, method_name, point, entry.settings, [f for split in inputs for f in inputs[split].values()]
                   + _head_files(dataset, student, teacher, heads) + list(targets_paths.values()))
     where = paths.grid_method(method_name, point)  # the point's folder, as a `method` argument of paths
-    ds_config = deepspeed_config(settings["deepspeed"], tcfg, settings.get("zero_optimization"))
+    ds_config = deepspeed_config(section["deepspeed"], tcfg, section.get("zero_optimization"))
     rank, world = init_distributed(tcfg.device) if ds_config else (0, 1)
-    _check_criterion(method, settings["select"]["criterion"], world)
+    _check_criterion(method, settings.criterion, world)
     with zero3_init(ds_config):  # ZeRO-3: each rank loads only its partition of the student
-        model, tokenizer = load_model(config, student, device="cpu", dtype=settings["student_dtype"])
-    pools = _pools(config, model, dataset, student, student_coarse, student_refine)
-    splits = {split: read_split(inputs[split], settings.get("max_docs")) for split in ("train", "val")}
-    examples = {split: make_examples(tokenizer, splits[split], student, length_cap(settings.get("max_tokens"), model))
+        model, tokenizer = load_model(config, student, device="cpu", dtype=section["student_dtype"])
+    pools = _pools(settings.targets, model, dataset, student, student_coarse, student_refine)
+    splits = {split: read_split(inputs[split], settings.targets.max_docs) for split in ("train", "val")}
+    examples = {split: make_examples(tokenizer, splits[split], student, length_cap(settings.targets.max_tokens, model))
                 for split in splits}
-    targets = (_teacher_targets(config, dataset, splits, targets_paths, teacher_coarse, teacher_refine)
+    targets = (_teacher_targets(config, settings, dataset, splits, targets_paths, teacher_coarse, teacher_refine)
                if recipe.needs_targets else None)
     point_settings = MethodPoint(method, point, entry.settings,
-                                 {**(settings.get("weights") or {}), **(entry.settings.get("weights") or {})},
-                                 settings["temperature"], config["heads"]["tau"], CoarseVariant(**config["heads"]["coarse"]))
-    criterion = _criterion(config, settings["select"]["criterion"], splits["val"], tokenizer)
+                                 {**(section.get("weights") or {}), **(entry.settings.get("weights") or {})},
+                                 section["temperature"], settings.signals.tau, settings.signals.coarse)
+    criterion = _criterion(settings.generation, settings.criterion, splits["val"], tokenizer)
     log.info("distill %s with %s at grid point %s (recipe %s, %s): %d train / %d val documents, pools %s, %d steps, "
              "best step by %s every %s steps, %d rank(s)", student, method_name, point, recipe.name,
              f"switches {method.switches or 'all on'}" if recipe.spec is None else f"settings {recipe.params(point_settings)}",
@@ -149,7 +163,7 @@ def run_distill(config: dict, dataset: str, student: str, method_name: str, poin
     started = time.perf_counter()
     result = distill(model, tokenizer, recipe, point_settings, splits, examples=examples, pools=pools, config=tcfg,
                      out=out, criterion=criterion, targets=targets, teacher_data=teacher_data,
-                     mechanism_docs=settings.get("mechanism_docs"), deepspeed_config=ds_config, rank=rank, world=world,
+                     mechanism_docs=section.get("mechanism_docs"), deepspeed_config=ds_config, rank=rank, world=world,
                      run_key=key, on_step=_kill_after_step(os.environ.get(KILL_AFTER_STEP)))
     _log_result(f"{student}/{method_name}/{point}", result, time.perf_counter() - started)
     if rank == 0:
@@ -191,22 +205,21 @@ def _check_criterion(method, criterion: str, world: int) -> None:
                           f"which {world} ZeRO-3 ranks cannot share; use val_cot_loss, or one rank")
 
 
-def _teacher_targets(config: dict, dataset: str, splits: dict, targets_paths: dict, teacher_coarse, teacher_refine
-                     ) -> TeacherTargets:
+def _teacher_targets(config: dict, distill_settings: DistillSettings, dataset: str, splits: dict, targets_paths: dict,
+                     teacher_coarse, teacher_refine) -> TeacherTargets:
     """The teacher's targets of train and val: read from targets/{split}.safetensors, or computed online by the
-    teacher in memory (distill.targets: online)."""
-    settings, teacher = config["distill"], config["teacher"]
-    if settings["targets"] != "online":
+    teacher in memory (distill.targets: online; with the settings teacher_targets reads)."""
+    settings, teacher = distill_settings.targets, config["teacher"]
+    if distill_settings.distill["targets"] != "online":
         return TeacherTargets.from_files(targets_paths)
-    teacher_model, teacher_tok = load_model(config, teacher, device=settings["train"]["device"],
-                                            dtype=settings["teacher_dtype"], **placement(settings, "teacher_"))
-    online = OnlineTargets(teacher_model, _pools(config, teacher_model, dataset, teacher, teacher_coarse, teacher_refine),
-                           config["heads"]["tau"], settings["top_k"], CoarseVariant(**config["heads"]["coarse"]))
-    cap = length_cap(settings.get("max_tokens"), teacher_model)
+    teacher_model, teacher_tok = _load_teacher(config, settings)
+    online = OnlineTargets(teacher_model, _pools(settings, teacher_model, dataset, teacher, teacher_coarse, teacher_refine),
+                           settings.signals.tau, settings.top_k, settings.signals.coarse)
+    cap = length_cap(settings.max_tokens, teacher_model)
     return TeacherTargets.online(online, {split: make_examples(teacher_tok, splits[split], teacher, cap) for split in splits})
 
 
-def _criterion(config: dict, name: str, val: SplitArtifacts, tokenizer) -> Criterion:
+def _criterion(generation: GenerationSettings, name: str, val: SplitArtifacts, tokenizer) -> Criterion:
     """distill.select.criterion; val_macro_f1: the student, as it is at the evaluation, answers the val prompts
     greedily with the generation settings and parser of student_predict, scored by evaluate.xmc.macro_f1."""
     if name != "val_macro_f1":
@@ -214,7 +227,8 @@ def _criterion(config: dict, name: str, val: SplitArtifacts, tokenizer) -> Crite
     doc_ids = list(val.anchors["doc_id"])
     prompts = val.prompts.loc[doc_ids].reset_index()
     gold = [list(val.docs.loc[doc_id, "labels"]) for doc_id in doc_ids]
-    gen = {**config["generation"], "backend": resolve_backend(config["generation"])}
+    gen = generation.mapping()
+    gen = {**gen, "backend": resolve_backend(gen)}
     return generation_criterion(name, lambda model: answers_in_memory(model, tokenizer, prompts, val.space, gen),
                                 gold, macro_f1)
 
@@ -245,20 +259,20 @@ def run_baseline_teacher_data(config: dict, dataset: str, method_name: str, *, s
     explanations, condensed reasoning) for each of `splits`, generated by the teacher loaded once with
     generation.backend -> {teacher}/baseline_data/{method}/{split}.parquet. `inputs`: per split, paths
     over paths.split_files; `out_paths`: per split, the output file."""
-    teacher = config["teacher"]
-    settings = config["methods"][method_name]
-    if not needs_teacher_data(method_name, settings):
+    teacher, settings = config["teacher"], BaselineDataSettings.from_config(config)
+    entry = config["methods"][method_name]
+    if not needs_teacher_data(method_name, entry):
         raise ConfigError(f"methods.{method_name}: not a baseline whose settings ask the teacher for data")
-    method = resolve_method(method_name, settings)
-    recipe, params = method.load_recipe(), method.baseline.params((settings or {}).get("params"))
-    gen = config["generation"]
-    backend = make_backend(config, teacher, gen, dataset, splits[0])
+    method = resolve_method(method_name, entry)
+    recipe, params = method.load_recipe(), method.baseline.params((entry or {}).get("params"))
+    gen = settings.generation
+    backend = make_backend(config, teacher, gen.mapping(), dataset, splits[0])
     for split in splits:
         split_data = read_split({**paths.split_files(dataset, teacher, split), **((inputs or {}).get(split) or {})},
-                                config["distill"].get("max_docs"))
-        ctx = TeacherDataContext(text_generator(backend, gen.get("batch_size", 8), f"{method_name} teacher {split}"),
+                                settings.max_docs)
+        ctx = TeacherDataContext(text_generator(backend, gen.batch_size, f"{method_name} teacher {split}"),
                                  lambda messages: render_prompt(backend.tok, messages), split_data, split, params,
-                                 config["seed"])
+                                 gen.seed)
         frame = recipe.teacher_data(ctx)
         write_parquet(frame, (out_paths or {}).get(split) or paths.baseline_data(dataset, teacher, method_name, split))
         log.info("%s teacher data for %s: %d rows for %d documents", method_name, split, len(frame),
@@ -284,22 +298,24 @@ def run_student_predict(config: dict, dataset: str, student: str, method: str, *
     parser as the teacher; the engine of generation.student_backend) -> {student}/{method}/pred/test.parquet. A baseline with its own inference
     (SemCoT's implicit thought tokens) answers through its recipe's `predict`, with the settings of the
     grid point select_distill chose (selection.json)."""
+    settings = StudentPredictSettings.from_config(config, method=method)
+    gen = settings.generation.mapping()
     model_dir = model_dir or paths.student_model_dir(dataset, student, method)
     cfg, name = with_distilled_model(config, student, method, model_dir)
-    cfg["generation"] = student_generation(config["generation"])
     prompts = read_parquet(prompts_path or paths.prompts(dataset, "test"), "prompts")
     space = LabelSpace(read_parquet(labels_path or paths.labels(dataset), "labels"))
     out_path = out_path or paths.student_pred(dataset, student, method, "test")
-    resolved = resolve_method(method, config["methods"].get(method))
+    resolved = resolve_method(method, settings.method)
     if resolved.baseline is not None and resolved.baseline.own_inference:
         recipe = resolved.load_recipe()
         point = read_json(selection_path or paths.selection(dataset, student, method))["point"]
-        params = resolved.baseline.params(grid_point(method, config["methods"].get(method), point).settings.get("params"))
-        model, tokenizer = load_model(cfg, name, device=pick_device(config["generation"].get("device", "auto")),
-                                      dtype=config["generation"].get("dtype"))
-        pred = recipe.predict(model, tokenizer, prompts, space, config["generation"], params)
+        params = resolved.baseline.params(grid_point(method, settings.method, point).settings.get("params"))
+        model, tokenizer = load_model(cfg, name, device=pick_device(settings.generation.device),
+                                      dtype=settings.generation.dtype)
+        pred = recipe.predict(model, tokenizer, prompts, space, gen, params)
         write_parquet(pred, out_path, "cot")
     else:
-        pred = generate_cot(cfg, name, prompts, space, out_path, dataset=dataset, split="test")
+        pred = generate_cot(cfg, name, prompts, space, out_path, dataset=dataset, split="test",
+                            gen=student_generation(gen))
     log.info("student %s/%s: %d predictions, %d with an answer block", student, method, len(pred),
              int(pred["has_answer_block"].sum()))

@@ -32,16 +32,16 @@ import pandas as pd
 
 from .. import paths
 from ..anchors.embed import SentenceEmbedder
-from ..characterize.scores import CoarseVariant
 from ..characterize.teacher_forcing import length_cap
 from ..distill.pools import model_pools
 from ..distill.signals import make_examples, mechanism_metrics
 from ..evaluate.las import las_table, simulation_targets, simulator_factory
+from ..evaluate.settings import EvaluateSettings
 from ..evaluate.tables import METRIC_COLUMNS
 from ..evaluate.text import bleu4, sentence_bleu4, trace_perplexity
 from ..evaluate.xmc import RESAMPLE, macro_f1_resample_rows, per_instance, summarize
 from ..io import read_parquet, read_split, write_parquet
-from ..models import load_model, placement, with_distilled_model
+from ..models import load_model, with_distilled_model
 from ..teacher.prompts import render_prompt
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,8 @@ def run_evaluate(config: dict, dataset: str, student: str, method: str, *,
     inputs: overrides of `paths.evaluate_inputs` (model: the student's config.json, whose folder is
     loaded) and of excluded_pairs.
     """
-    settings, is_teacher = config["evaluate"], method == paths.TEACHER_METHOD
+    evaluate, is_teacher = EvaluateSettings.from_config(config), method == paths.TEACHER_METHOD
+    settings = evaluate.section
     p = {**paths.evaluate_inputs(config, dataset, student, method), "excluded_pairs": paths.excluded_pairs(dataset),
          **(inputs or {})}
     pred = read_parquet(p["pred"]).set_index("doc_id")
@@ -88,7 +89,7 @@ def run_evaluate(config: dict, dataset: str, student: str, method: str, *,
               candidates=[list(prompts.loc[d, "candidates"]) for d in ids])
     frames = [per_instance(gold, answers, **kw)[["doc_id", "metric", "value"]],
               summarize(gold, answers, **kw).query("metric in ['macro_f1', 'micro_f1']").assign(doc_id=""),
-              macro_f1_resample_rows(gold, answers, settings["n_bootstrap"], config["seed"], ids, excluded)]
+              macro_f1_resample_rows(gold, answers, settings["n_bootstrap"], evaluate.seed, ids, excluded)]
 
     # behaviour: the model's own Focus / Confusion
     summary = read_parquet(p["trajectory_summary"])
@@ -103,7 +104,7 @@ def run_evaluate(config: dict, dataset: str, student: str, method: str, *,
                                     "value": [bleu4(student_cot, teacher_text)]}))
     cfg, name = (config, student) if is_teacher else with_distilled_model(config, student, method,
                                                                           Path(p["model"]).parent)
-    model, tokenizer = load_model(cfg, name, device=settings["device"], dtype=settings["dtype"], **placement(settings))
+    model, tokenizer = load_model(cfg, name, device=settings["device"], dtype=settings["dtype"], **evaluate.placement)
     prompt_texts = [render_prompt(tokenizer, json.loads(prompts.loc[d, "messages"])) for d in ids]
     has_trace = [i for i, c in enumerate(teacher_text) if c.strip()]
     ppl = trace_perplexity(model, tokenizer, [prompt_texts[i] for i in has_trace], [teacher_text[i] for i in has_trace],
@@ -119,19 +120,18 @@ def run_evaluate(config: dict, dataset: str, student: str, method: str, *,
         train_gold=[list(train_docs.loc[d, "labels"]) for d in train_ids],
         test_teacher=[list(teacher_cot.loc[d, "pred_labels"]) if d in teacher_cot.index else [] for d in ids],
         test_gold=gold, test_student=answers)
-    encoder = None if las["simulator"] == "seq2seq" else SentenceEmbedder(config["embedder"])
-    frames.append(las_table(simulator_factory(las, config["seed"], encoder),
+    encoder = None if las["simulator"] == "seq2seq" else SentenceEmbedder(evaluate.embedder)
+    frames.append(las_table(simulator_factory(las, evaluate.seed, encoder),
                             [train_docs.loc[d, "text"] for d in train_ids],
                             [str(teacher_train.loc[d, "cot"]) for d in train_ids], train_targets,
                             ids, [docs.loc[d, "text"] for d in ids], student_cot, test_targets))
 
     # mechanism: the model's pooled heads (its own head scores) on the teacher's test CoT
-    pools = model_pools(config["distill"]["pools"], model, p["student_coarse"], p["student_refine"])
+    pools = model_pools(evaluate.pools, model, p["student_coarse"], p["student_refine"])
     test_split = read_split({"docs": p["test_docs"], "prompts": p["test_prompts"], "cot": p["teacher_test_cot"],
                              "anchors": p["test_anchors"], "labels": p["labels"]})
-    examples = make_examples(tokenizer, test_split, student, length_cap(config["distill"].get("max_tokens"), model))
-    frames.append(mechanism_metrics(model, examples, pools, config["heads"]["tau"],
-                                    CoarseVariant(**config["heads"]["coarse"])))
+    examples = make_examples(tokenizer, test_split, student, length_cap(evaluate.max_tokens, model))
+    frames.append(mechanism_metrics(model, examples, pools, evaluate.signals.tau, evaluate.signals.coarse))
 
     out = pd.concat(frames, ignore_index=True)
     out.insert(0, "method", method)

@@ -16,9 +16,12 @@ from .. import paths
 from ..anchors.plots import figure1
 from ..characterize.compare import compare_heads, comparison_markdown
 from ..characterize.plots import figure4, figure7
+from ..characterize.settings import HeadComparisonSettings, HeadFigureSettings
 from ..distill.methods import method_grid, method_kinds
 from ..distill.selection import copy_file, link_dir, select_point
+from ..distill.settings import SelectSettings
 from ..evaluate.plots import figure9
+from ..evaluate.settings import RunSettings
 from ..evaluate.tables import METRIC_COLUMNS, build_table, figure9_data, load_metrics, table_spec, write_table
 from ..io import read_parquet, write_json, write_parquet, write_text
 from ..patching.plots import patching_figure
@@ -31,7 +34,7 @@ def run_head_figures(config: dict, dataset: str, *, coarse_path: PathLike | None
                      refine_path: PathLike | None = None, example_path: PathLike | None = None,
                      figure4_path: PathLike | None = None, figure7_path: PathLike | None = None) -> None:
     """The teacher's head tables -> Figures 4 (Phase-1 heads) and 7 (Phase-2 heads)."""
-    teacher, top_k = config["teacher"], config["heads"]["top_k"]
+    teacher, top_k = config["teacher"], HeadFigureSettings.from_config(config).top_k
     figure4(read_parquet(coarse_path or paths.head_scores(dataset, teacher, "coarse")),
             read_parquet(example_path or paths.head_example(dataset, teacher)),
             figure4_path or paths.head_figure(4, dataset), f"{dataset}, {teacher}: Phase 1 heads", top_k=top_k)
@@ -44,7 +47,7 @@ def run_head_comparison(config: dict, dataset: str, *, coarse_path: PathLike | N
                         md_path: PathLike | None = None, parquet_path: PathLike | None = None) -> None:
     """The teacher's head tables on the characterization split and on every compared prompt style ->
     heads/comparison.{md,parquet}: top-k heads per phase and scoring variant, with their depths."""
-    teacher, k = config["teacher"], config["heads"]["compare_top_k"]
+    teacher, k = config["teacher"], HeadComparisonSettings.from_config(config).top_k
     if style_paths is None:
         style_paths = [paths.style_head_scores(dataset, teacher, s, kind)
                        for s in paths.compared_splits(config) for kind in paths.HEAD_SCORE_KINDS]
@@ -87,7 +90,7 @@ def run_select_distill(config: dict, dataset: str, student: str, method_name: st
     points = method_grid(method_name, config["methods"].get(method_name))
     where = {point.name: paths.grid_method(method_name, point.name) for point in points}
     logs = {name: read_parquet(paths.train_log(dataset, student, folder)) for name, folder in where.items()}
-    criterion = config["distill"]["select"]["criterion"]
+    criterion = SelectSettings.from_config(config).criterion
     record = select_point(logs, {point.name: point.values for point in points}, criterion)
     chosen = where[record["point"]]
     link_dir(paths.student_model_dir(dataset, student, chosen),
@@ -122,12 +125,13 @@ def selection_note(records: list[dict], datasets: list[str], students: list[str]
 def run_tables(config: dict, metrics_paths: list[PathLike], selection_paths: list[PathLike] | None = None) -> None:
     """Every metrics file of the config -> results/tables/table{1..4}.{csv,md,tex}; the captions say
     which grid point and step of each student was selected (selection.json files, when given)."""
-    metrics, kinds = _metrics(metrics_paths), method_kinds(config["methods"])
+    run = RunSettings.from_config(config)
+    metrics, kinds = _metrics(metrics_paths), method_kinds(run.methods)
     records = [json.loads(Path(p).read_text()) for p in selection_paths or []]
     for table in paths.TABLES:
-        spec = table_spec(config, table, kinds)
+        spec = table_spec(run, table, kinds)
         built = build_table(metrics, spec["datasets"], spec["students"], spec["methods"], kinds, spec["teacher"],
-                            n_resamples=config["evaluate"]["n_bootstrap"], seed=config["seed"])
+                            n_resamples=run.n_bootstrap, seed=run.seed)
         caption = spec["caption"] + selection_note(records, spec["datasets"], spec["students"])
         write_table(built, {fmt: paths.table(table, fmt) for fmt in paths.TABLE_FORMATS}, caption=caption,
                     labels=spec["labels"])
@@ -136,11 +140,11 @@ def run_tables(config: dict, metrics_paths: list[PathLike], selection_paths: lis
 
 def run_figure9(config: dict, metrics_paths: list[PathLike], out_png: PathLike | None = None) -> None:
     """Figure 9: LAS of ours and its phase and term ablations (first dataset and student of the config)."""
-    dataset, student = next(iter(config["datasets"])), (config.get("students") or [""])[0]
-    methods = [m for m, kind in method_kinds(config["methods"]).items() if kind in ("ours", "ablation")]
-    data = figure9_data(_metrics(metrics_paths), dataset, student, methods,
-                        n_resamples=config["evaluate"]["n_bootstrap"], seed=config["seed"])
-    title = f"Figure 9 - LAS of the ablations ({dataset}, {student}; teacher {config['teacher']})"
+    run = RunSettings.from_config(config)
+    dataset, student = next(iter(run.datasets)), (run.students or [""])[0]
+    methods = [m for m, kind in method_kinds(run.methods).items() if kind in ("ours", "ablation")]
+    data = figure9_data(_metrics(metrics_paths), dataset, student, methods, n_resamples=run.n_bootstrap, seed=run.seed)
+    title = f"Figure 9 - LAS of the ablations ({dataset}, {student}; teacher {run.teacher})"
     missing = [m for m in methods if m not in set(data.dropna(subset=["mean"])["method"])]
     if missing:  # e.g. students that predicted no label: LAS has no simulation target
         title += f"\nno LAS for: {', '.join(missing)}"

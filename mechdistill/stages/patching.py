@@ -13,10 +13,11 @@ from tqdm.auto import tqdm
 from .. import paths
 from ..anchors.embed import SentenceEmbedder
 from ..io import file_digest, read_parquet, read_split, write_parquet
-from ..models import load_model, placement, spec_key
+from ..models import load_model, spec_key
 from ..patching import experiment
 from ..patching.effects import summarize_patching
 from ..patching.head_sets import SIGNED_SCORE
+from ..patching.settings import PatchingSettings
 from ..shards import Shards, content_key, name_of
 from ..teacher.prompts import render_prompt
 
@@ -37,20 +38,20 @@ def run_patching(config: dict, dataset: str, phase: str, *, inputs: dict[str, Pa
     finished document, if the settings, the model, the head ranking and the bytes of the split's files
     are those of the killed run (else it starts afresh).
     """
-    settings, teacher, seed = config["patching"], config["teacher"], config["seed"]
-    split = paths.characterization_split(config, settings["split"])
+    patching, teacher = PatchingSettings.from_config(config), config["teacher"]
+    settings, seed = patching.section, patching.seed
+    split = paths.prompt_split(settings["split"], patching.clean_style)
     summary_path = summary_path or paths.patching(dataset, teacher, phase)
     runs_path = runs_path or paths.patching_runs(dataset, teacher, phase)
     pairs_path = pairs_path or paths.patching_pairs(dataset, teacher, phase)
     head_scores_path = head_scores_path or paths.head_scores(dataset, teacher, paths.PATCHING_SCORES[phase])
-    early_tokens = settings.get("early_tokens") or config["anchors"]["early_tokens"]
-    repetition_penalty = config["generation"]["repetition_penalty"]
+    early_tokens, repetition_penalty = patching.early_tokens, patching.repetition_penalty
     started = time.perf_counter()
     model, tokenizer = load_model(config, teacher, device=settings["device"], dtype=settings["dtype"],
-                                  **placement(settings))
-    embedder = SentenceEmbedder(config["embedder"])
+                                  **patching.placement)
+    embedder = SentenceEmbedder(patching.embedder)
     files = {**paths.split_files(dataset, teacher, split), **(inputs or {})}
-    data = read_split(files, settings.get("max_docs"))
+    data = read_split(files, settings["max_docs"])
     scores = read_parquet(head_scores_path).dropna(subset=["score"]).sort_values("score", ascending=False, kind="stable")
     ranked = [(int(r.layer), int(r.head)) for r in scores.itertuples()]
     ranked_scores = [float(x) for x in scores["score"]]
@@ -71,7 +72,7 @@ def run_patching(config: dict, dataset: str, phase: str, *, inputs: dict[str, Pa
              "(bins %s), %d steps", teacher, phase, len(data.anchors), len(ranked), variant, signed, len(head_sets),
              sorted({s.k for s in head_sets}), early_tokens if phase == "phase1" else settings["late_tokens"])
     shards = Shards(summary_path, "docs", content_key(phase, settings, early_tokens, spec_key(config, teacher),
-                                                       config["embedder"], repetition_penalty, ranked, ranked_scores,
+                                                       patching.embedder, repetition_penalty, ranked, ranked_scores,
                                                        control_scores, seed,
                                                        {k: file_digest(f) for k, f in sorted(files.items())}))
     rows, pairs = [], []

@@ -8,6 +8,7 @@ from .. import paths
 from ..io import read_parquet
 from ..labels import LabelSpace
 from ..teacher.generate import generate_cot
+from ..teacher.settings import GenerationSettings
 
 PathLike = str | os.PathLike
 
@@ -21,4 +22,4 @@ def run_teacher_cot(config: dict, dataset: str, split: str, *, model: str | None
     prompts = read_parquet(prompts_path or paths.prompts(dataset, split), "prompts")
     space = LabelSpace(read_parquet(labels_path or paths.labels(dataset), "labels"))
     generate_cot(config, model, prompts, space, out_path or paths.cot(dataset, model, split), dataset=dataset,
-                 split=split)
+                 split=split, gen=GenerationSettings.from_config(config).mapping())

@@ -40,15 +40,18 @@ def fingerprint(config: dict, model_name: str, gen: dict, prompts: pd.DataFrame)
 
 def generate_cot(config: dict, model_name: str, prompts: pd.DataFrame, space, out_path: str | Path,
                  dataset: str = "", split: str = "",
-                 backend_factory: Callable[[], Callable] | None = None) -> pd.DataFrame:
-    """Generate, parse and write the CoT artifact for `prompts`; resumable by shard.
+                 backend_factory: Callable[[], Callable] | None = None, gen: dict | None = None) -> pd.DataFrame:
+    """Generate, parse and write the CoT artifact for `prompts`; resumable by shard. gen: the
+    generation settings (`GenerationSettings.mapping()`; default config["generation"]); `config`
+    gives the model specs and the seed.
 
     Output columns: doc_id, cot, answer, pred_labels, unmapped, n_tokens, finish_reason, raw,
     has_answer_block, forced_answer, n_answer_blocks (more than 1: the last complete block is the
     answer), outside_candidates (pred_labels not on the prompt's candidate list, kept as predictions),
     engine (the backend that wrote the row and its version, e.g. "vllm 0.32.0 (cpu, eager, float32)").
     """
-    gen = {**config["generation"], "backend": resolve_backend(config["generation"])}  # auto: what runs here
+    gen = config["generation"] if gen is None else gen
+    gen = {**gen, "backend": resolve_backend(gen)}  # auto: what runs here
     # The shards hold generations only; parsing (label space, fuzzy_threshold) runs over all of them
     # at the end, so a resumed run and a fresh one map labels by the same, current settings.
     shards = Shards(out_path, "shards", fingerprint(config, model_name, gen, prompts))

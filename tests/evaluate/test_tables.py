@@ -6,6 +6,7 @@ import pytest
 
 from mechdistill.errors import InputError
 from mechdistill.evaluate.plots import figure9
+from mechdistill.evaluate.settings import RunSettings
 from mechdistill.evaluate.tables import (
     NO_ROWS,
     TABLE_COLUMNS,
@@ -218,7 +219,7 @@ def test_table_spec():
         "students": ["a", "b", "c", "d"],
         "methods": {"vanilla": {}, "mech": {}, "phase1_only": {}},
     }
-    t1, t2, t3, t4 = (table_spec(config, f"table{i}") for i in range(1, 5))
+    t1, t2, t3, t4 = (table_spec(RunSettings.from_config(config), f"table{i}") for i in range(1, 5))
     assert t1["datasets"] == ["demo", "mimic"] and t1["students"] == ["a", "b"]
     assert t2["datasets"] == ["wiki"] and t2["students"] == ["a", "b"]
     assert t3["datasets"] == t4["datasets"] == ["demo", "wiki", "mimic"]
@@ -226,10 +227,10 @@ def test_table_spec():
     assert t3["labels"] == ["Foc", "Conf", "LAS", "F1"] and t4["labels"] == ["Sharp", "Align", "Loop", "Help"]
     assert t1["methods"] == ["vanilla", "mech", "phase1_only"]
     assert t1["caption"].startswith("Table 1")
-    one = {**config, "students": ["a"]}
+    one = RunSettings.from_config({**config, "students": ["a"]})
     assert table_spec(one, "table3")["students"] == [] and table_spec(one, "table4")["students"] == []
     with pytest.raises(ValueError, match="unknown table"):
-        table_spec(config, "table5")
+        table_spec(RunSettings.from_config(config), "table5")
 
 
 def test_load_metrics(metrics, tmp_path):
