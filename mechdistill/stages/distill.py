@@ -145,19 +145,15 @@ def run_distill(config: dict, dataset: str, student: str, method_name: str, poin
                 for split in splits}
     targets = (_teacher_targets(config, settings, dataset, splits, targets_paths, teacher_coarse, teacher_refine)
                if recipe.needs_targets else None)
-    point_settings = MethodPoint(method, point, entry.settings,
-                                 {**(section.get("weights") or {}), **(entry.settings.get("weights") or {})},
-                                 section["temperature"], settings.signals.tau, settings.signals.coarse)
+    point_settings = MethodPoint(method, point, entry.settings, {**(section.get("weights") or {}),
+                                 **(entry.settings.get("weights") or {})}, section["temperature"], settings.signals.tau,
+                                 settings.signals.coarse)
     criterion = _criterion(settings.generation, settings.criterion, splits["val"], tokenizer)
-    log.info("distill %s with %s at grid point %s (recipe %s, %s): %d train / %d val documents, pools %s, %d steps, "
-             "best step by %s every %s steps, %d rank(s)", student, method_name, point, recipe.name,
-             f"switches {method.switches or 'all on'}" if recipe.spec is None else f"settings {recipe.params(point_settings)}",
-             len(examples["train"]), len(examples["val"]), {p: len(pool.heads) for p, pool in pools.items()},
-             tcfg.max_steps, criterion.name if criterion else None, tcfg.eval_every or tcfg.max_steps, world)
-    out = RunFiles(Path(model_dir or paths.student_model_dir(dataset, student, where)),
-                   Path(log_path or paths.train_log(dataset, student, where)),
-                   Path(ckpt_dir or paths.checkpoint_dir(dataset, student, where)),
-                   Path(best_path or paths.best_step(dataset, student, where)))
+    _log_start(f"{student} with {method_name} at grid point {point}", recipe, point_settings, examples, pools, tcfg,
+               criterion, world)
+    out = RunFiles(*(Path(given or default(dataset, student, where)) for given, default in (
+        (model_dir, paths.student_model_dir), (log_path, paths.train_log), (ckpt_dir, paths.checkpoint_dir),
+        (best_path, paths.best_step))))
     teacher_data = {split: read_parquet(inputs[split]["baseline_data"]) if "baseline_data" in inputs[split] else None
                     for split in splits}
     started = time.perf_counter()
@@ -231,6 +227,16 @@ def _criterion(generation: GenerationSettings, name: str, val: SplitArtifacts, t
     gen = {**gen, "backend": resolve_backend(gen)}
     return generation_criterion(name, lambda model: answers_in_memory(model, tokenizer, prompts, val.space, gen),
                                 gold, macro_f1)
+
+
+def _log_start(run: str, recipe, point: MethodPoint, examples: dict, pools: dict, tcfg, criterion: Criterion,
+               world: int) -> None:
+    what = (f"switches {point.method.switches or 'all on'}" if recipe.spec is None
+            else f"settings {recipe.params(point)}")
+    log.info("distill %s (recipe %s, %s): %d train / %d val documents, pools %s, %d steps, best step by %s every %s "
+             "steps, %d rank(s)", run, recipe.name, what, len(examples["train"]), len(examples["val"]),
+             {p: len(pool.heads) for p, pool in pools.items()}, tcfg.max_steps, criterion.name if criterion else None,
+             tcfg.eval_every or tcfg.max_steps, world)
 
 
 def _log_result(name: str, result: DistillResult, seconds: float) -> None:

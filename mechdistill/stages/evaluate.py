@@ -77,19 +77,7 @@ def run_evaluate(config: dict, dataset: str, student: str, method: str, *,
     answers = [list(pred.loc[d, "pred_labels"]) if d in pred.index else [] for d in ids]
     gold = [list(docs.loc[d, "labels"]) for d in ids]
 
-    # task: XMC metrics, without the excluded (doc, label) pairs when the adapter wrote them (ECLARE)
-    excluded = None
-    if Path(p["excluded_pairs"]).exists():
-        pairs = read_parquet(p["excluded_pairs"])
-        excluded = set(zip(pairs["doc_id"], pairs[[c for c in pairs.columns if c != "doc_id"][0]]))
-        log.info("%s: removing %d excluded (doc, label) pairs before scoring", p["excluded_pairs"], len(excluded))
-    propensity = settings["propensity"].get(dataset, {})
-    kw = dict(train_labels=[list(x) for x in train_docs["labels"]], ks=settings["ks"], A=propensity.get("A", 0.55),
-              B=propensity.get("B", 1.5), doc_ids=ids, excluded_pairs=excluded,
-              candidates=[list(prompts.loc[d, "candidates"]) for d in ids])
-    frames = [per_instance(gold, answers, **kw)[["doc_id", "metric", "value"]],
-              summarize(gold, answers, **kw).query("metric in ['macro_f1', 'micro_f1']").assign(doc_id=""),
-              macro_f1_resample_rows(gold, answers, settings["n_bootstrap"], evaluate.seed, ids, excluded)]
+    frames = _task_frames(evaluate, dataset, p["excluded_pairs"], ids, gold, answers, train_docs, prompts)
 
     # behaviour: the model's own Focus / Confusion
     summary = read_parquet(p["trajectory_summary"])
@@ -111,20 +99,8 @@ def run_evaluate(config: dict, dataset: str, student: str, method: str, *,
                            batch_size=1)
     frames.append(pd.DataFrame({"doc_id": [ids[i] for i in has_trace], "metric": "perplexity", "value": ppl}))
 
-    # LAS (Hase et al. 2020): simulators trained on the teacher's train traces, tested on the student's
-    las = settings["las"]
-    teacher_train = read_parquet(p["teacher_train_cot"], "cot").set_index("doc_id")
-    train_ids = [d for d in train_docs.index if d in teacher_train.index]
-    train_targets, test_targets = simulation_targets(
-        las["target"], train_teacher=[list(teacher_train.loc[d, "pred_labels"]) for d in train_ids],
-        train_gold=[list(train_docs.loc[d, "labels"]) for d in train_ids],
-        test_teacher=[list(teacher_cot.loc[d, "pred_labels"]) if d in teacher_cot.index else [] for d in ids],
-        test_gold=gold, test_student=answers)
-    encoder = None if las["simulator"] == "seq2seq" else SentenceEmbedder(evaluate.embedder)
-    frames.append(las_table(simulator_factory(las, evaluate.seed, encoder),
-                            [train_docs.loc[d, "text"] for d in train_ids],
-                            [str(teacher_train.loc[d, "cot"]) for d in train_ids], train_targets,
-                            ids, [docs.loc[d, "text"] for d in ids], student_cot, test_targets))
+    frames.append(_las_frame(evaluate, read_parquet(p["teacher_train_cot"], "cot").set_index("doc_id"), train_docs,
+                             teacher_cot, docs, ids, gold, answers, student_cot))
 
     # mechanism: the model's pooled heads (its own head scores) on the teacher's test CoT
     pools = model_pools(evaluate.pools, model, p["student_coarse"], p["student_refine"])
@@ -142,3 +118,40 @@ def run_evaluate(config: dict, dataset: str, student: str, method: str, *,
     log.info("evaluate %s/%s on %s (%d documents): %s", student, method, dataset, len(ids),
              ", ".join(f"{m}={means[m]:.4g}" for m in LOGGED if m in means))
     write_parquet(out[METRIC_COLUMNS], out_path or paths.metrics(dataset, student, method))
+
+
+def _task_frames(evaluate: EvaluateSettings, dataset: str, excluded_path: PathLike, ids: list[str],
+                 gold: list[list[str]], answers: list[list[str]], train_docs: pd.DataFrame,
+                 prompts: pd.DataFrame) -> list[pd.DataFrame]:
+    """Task: XMC metrics per document, corpus macro/micro-F1 and macro-F1 per bootstrap resample, without
+    the excluded (doc, label) pairs when the adapter wrote them (ECLARE)."""
+    settings = evaluate.section
+    excluded = None
+    if Path(excluded_path).exists():
+        pairs = read_parquet(excluded_path)
+        excluded = set(zip(pairs["doc_id"], pairs[[c for c in pairs.columns if c != "doc_id"][0]]))
+        log.info("%s: removing %d excluded (doc, label) pairs before scoring", excluded_path, len(excluded))
+    propensity = settings["propensity"].get(dataset, {})
+    kw = dict(train_labels=[list(x) for x in train_docs["labels"]], ks=settings["ks"], A=propensity.get("A", 0.55),
+              B=propensity.get("B", 1.5), doc_ids=ids, excluded_pairs=excluded,
+              candidates=[list(prompts.loc[d, "candidates"]) for d in ids])
+    return [per_instance(gold, answers, **kw)[["doc_id", "metric", "value"]],
+            summarize(gold, answers, **kw).query("metric in ['macro_f1', 'micro_f1']").assign(doc_id=""),
+            macro_f1_resample_rows(gold, answers, settings["n_bootstrap"], evaluate.seed, ids, excluded)]
+
+
+def _las_frame(evaluate: EvaluateSettings, teacher_train: pd.DataFrame, train_docs: pd.DataFrame,
+               teacher_cot: pd.DataFrame, docs: pd.DataFrame, ids: list[str], gold: list[list[str]],
+               answers: list[list[str]], student_cot: list[str]) -> pd.DataFrame:
+    """LAS (Hase et al. 2020): simulators trained on the teacher's train traces, tested on the student's."""
+    las = evaluate.section["las"]
+    train_ids = [d for d in train_docs.index if d in teacher_train.index]
+    train_targets, test_targets = simulation_targets(
+        las["target"], train_teacher=[list(teacher_train.loc[d, "pred_labels"]) for d in train_ids],
+        train_gold=[list(train_docs.loc[d, "labels"]) for d in train_ids],
+        test_teacher=[list(teacher_cot.loc[d, "pred_labels"]) if d in teacher_cot.index else [] for d in ids],
+        test_gold=gold, test_student=answers)
+    encoder = None if las["simulator"] == "seq2seq" else SentenceEmbedder(evaluate.embedder)
+    return las_table(simulator_factory(las, evaluate.seed, encoder), [train_docs.loc[d, "text"] for d in train_ids],
+                     [str(teacher_train.loc[d, "cot"]) for d in train_ids], train_targets,
+                     ids, [docs.loc[d, "text"] for d in ids], student_cot, test_targets)
