@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import logging
 import re
 import subprocess
 import sys
@@ -28,7 +29,11 @@ def test_lint_imports_layers_contract(capsys, monkeypatch):
     """pyproject.toml's import-linter contracts: stages above the phases (in pipeline order) above the
     shared modules; stage modules independent; no cycles between siblings."""
     monkeypatch.chdir(REPO)
+    enabled = [logger for logger in logging.root.manager.loggerDict.values()
+               if isinstance(logger, logging.Logger) and not logger.disabled]
     exit_code = lint_imports(config_filename=str(REPO / "pyproject.toml"), no_cache=True, no_logo=True)
+    for logger in enabled:  # import-linter configures logging with disable_existing_loggers: later tests read our logs
+        logger.disabled = False
     out = capsys.readouterr().out
     assert exit_code == 0, out[-3000:]
     assert "3 kept, 0 broken" in out

@@ -179,7 +179,7 @@ def test_predict_decodes_from_the_implicit_states(tok, split):
     """48 implicit states after a short prompt, so that they change what the random model writes."""
     model, params = tiny_llama(vocab=len(tok), seed=0), {**PARAMS, "K": 48}
     prompts = pd.DataFrame({"doc_id": ["q"], "messages": [chat("x")], "candidates": [["I10"]]})
-    pred = semcot.predict(model, tok, prompts, split.space, {"force_answer_tokens": 6}, params)
+    pred = semcot.predict(model, tok, prompts, split.space, {"force_answer_tokens": 6, "repetition_penalty": 1.0, "fuzzy_threshold": 90}, params)
     assert list(pred.columns) == COT_COLUMNS and len(pred) == 1
     row = pred.iloc[0]
     prompt = torch.tensor(tok(render_prompt(tok, json.loads(chat("x"))), add_special_tokens=False)["input_ids"])
