@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 S = TypeVar("S", bound="Settings")
@@ -78,3 +79,14 @@ class Settings:
     @classmethod
     def from_values(cls: type[S], values: Declared) -> S:
         raise NotImplementedError(f"{cls.__name__}.from_values")
+
+
+@dataclass(frozen=True)
+class OneKeySettings(Settings):
+    """The settings of a stage that reads one key (KEYS holds it): its value."""
+
+    value: Any
+
+    @classmethod
+    def from_values(cls, values: Declared) -> OneKeySettings:
+        return cls(values[cls.KEYS[0]])

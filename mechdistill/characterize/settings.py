@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..settings import PLACEMENT_KEYS, Declared, Settings
+from ..settings import PLACEMENT_KEYS, Declared, OneKeySettings, Settings
 
 KEY_SETS = ("all", "document")
 SHARPNESS_KINDS = ("kurtosis", "normalized")
@@ -83,27 +83,13 @@ class HeadSettings(Settings):
                    values["heads.dtype"], values.section("heads.", PLACEMENT_KEYS), values["clean_prompts.style"])
 
 
-@dataclass(frozen=True)
-class HeadFigureSettings(Settings):
+class HeadFigureSettings(OneKeySettings):
     """head_figures: how many top heads Figs. 4 and 7 label."""
 
     KEYS = ("heads.top_k",)
 
-    top_k: int
 
-    @classmethod
-    def from_values(cls, values: Declared) -> HeadFigureSettings:
-        return cls(values["heads.top_k"])
-
-
-@dataclass(frozen=True)
-class HeadComparisonSettings(Settings):
+class HeadComparisonSettings(OneKeySettings):
     """head_comparison: top heads per variant in heads/comparison.md."""
 
     KEYS = ("heads.compare_top_k",)
-
-    top_k: int
-
-    @classmethod
-    def from_values(cls, values: Declared) -> HeadComparisonSettings:
-        return cls(values["heads.compare_top_k"])

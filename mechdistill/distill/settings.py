@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..characterize.settings import HeadSignals
-from ..settings import PLACEMENT_KEYS, Declared, Settings
+from ..settings import PLACEMENT_KEYS, Declared, OneKeySettings, Settings
 from ..teacher.settings import GenerationSettings
 
 TEACHER_PLACEMENT = tuple(f"distill.teacher_{k}" for k in PLACEMENT_KEYS)
@@ -88,17 +88,10 @@ class BaselineDataSettings(Settings):
         return cls(GenerationSettings.from_values(values), values["distill.max_docs"])
 
 
-@dataclass(frozen=True)
-class SelectSettings(Settings):
+class SelectSettings(OneKeySettings):
     """select_distill: the criterion a grid point is chosen by."""
 
     KEYS = ("distill.select.criterion",)
-
-    criterion: str
-
-    @classmethod
-    def from_values(cls, values: Declared) -> SelectSettings:
-        return cls(values["distill.select.criterion"])
 
 
 @dataclass(frozen=True)

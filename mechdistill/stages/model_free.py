@@ -34,7 +34,7 @@ def run_head_figures(config: dict, dataset: str, *, coarse_path: PathLike | None
                      refine_path: PathLike | None = None, example_path: PathLike | None = None,
                      figure4_path: PathLike | None = None, figure7_path: PathLike | None = None) -> None:
     """The teacher's head tables -> Figures 4 (Phase-1 heads) and 7 (Phase-2 heads)."""
-    teacher, top_k = config["teacher"], HeadFigureSettings.from_config(config).top_k
+    teacher, top_k = config["teacher"], HeadFigureSettings.from_config(config).value
     figure4(read_parquet(coarse_path or paths.head_scores(dataset, teacher, "coarse")),
             read_parquet(example_path or paths.head_example(dataset, teacher)),
             figure4_path or paths.head_figure(4, dataset), f"{dataset}, {teacher}: Phase 1 heads", top_k=top_k)
@@ -47,7 +47,7 @@ def run_head_comparison(config: dict, dataset: str, *, coarse_path: PathLike | N
                         md_path: PathLike | None = None, parquet_path: PathLike | None = None) -> None:
     """The teacher's head tables on the characterization split and on every compared prompt style ->
     heads/comparison.{md,parquet}: top-k heads per phase and scoring variant, with their depths."""
-    teacher, k = config["teacher"], HeadComparisonSettings.from_config(config).top_k
+    teacher, k = config["teacher"], HeadComparisonSettings.from_config(config).value
     if style_paths is None:
         style_paths = [paths.style_head_scores(dataset, teacher, s, kind)
                        for s in paths.compared_splits(config) for kind in paths.HEAD_SCORE_KINDS]
@@ -90,7 +90,7 @@ def run_select_distill(config: dict, dataset: str, student: str, method_name: st
     points = method_grid(method_name, config["methods"].get(method_name))
     where = {point.name: paths.grid_method(method_name, point.name) for point in points}
     logs = {name: read_parquet(paths.train_log(dataset, student, folder)) for name, folder in where.items()}
-    criterion = SelectSettings.from_config(config).criterion
+    criterion = SelectSettings.from_config(config).value
     record = select_point(logs, {point.name: point.values for point in points}, criterion)
     chosen = where[record["point"]]
     link_dir(paths.student_model_dir(dataset, student, chosen),
