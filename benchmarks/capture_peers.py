@@ -132,11 +132,11 @@ def child(tool: str, seq: int, threads: int, repeats: int, out: Path) -> dict:
     from safetensors.torch import save_file
 
     from mechdistill.config import load_config
-    from mechdistill.models import load_model
+    from mechdistill.models import ModelCatalog, load_model
 
     torch.set_num_threads(threads)
     cfg = load_config(ROOT / "config/config.yaml", {"cache_dir": "/tmp/mdcache"})
-    model, tok = load_model(cfg, "smollm2", device="cpu")
+    model, tok = load_model(ModelCatalog.from_config(cfg), "smollm2", device="cpu")
     model.eval()
     model.set_attn_implementation("sdpa")
     ids = tok(TEXT * (seq // 40 + 10), return_tensors="pt").input_ids[:, :seq]

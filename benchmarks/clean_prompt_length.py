@@ -14,7 +14,7 @@ import statistics
 from mechdistill.config import load_config
 from mechdistill.data.icd10cm import label_table
 from mechdistill.labels import LabelSpace
-from mechdistill.models import load_tokenizer
+from mechdistill.models import ModelCatalog, load_tokenizer
 from mechdistill.teacher.clean_prompts import NEUTRAL_INSTRUCTION, multi_domain_list
 from mechdistill.teacher.prompts import format_user_prompt
 
@@ -24,7 +24,7 @@ GOLD = ["I21.4", "E11.65"]
 
 
 def main() -> None:
-    tokenizer = load_tokenizer(load_config("config/config.yaml"), "smollm2")
+    tokenizer = load_tokenizer(ModelCatalog.from_config(load_config("config/config.yaml")), "smollm2")
     space = LabelSpace(label_table())
     near = space.hierarchy_near_misses(GOLD, 8)
     print("| labels | tokens (mean of 5 lists) | tokens per label |\n|---|---|---|")

@@ -25,6 +25,7 @@ from mechdistill import paths  # noqa: E402
 from mechdistill.config import load_config  # noqa: E402
 from mechdistill.io import read_parquet  # noqa: E402
 from mechdistill.labels import LabelSpace  # noqa: E402
+from mechdistill.model_sources import ModelCatalog  # noqa: E402
 from mechdistill.teacher.generate import generate_cot  # noqa: E402
 
 
@@ -46,7 +47,7 @@ def main() -> int:
             run = read_parquet(paths.cot(dataset, teacher, split), "cot")
             prompts = read_parquet(paths.prompts(dataset, split), "prompts")
             with tempfile.TemporaryDirectory() as tmp:
-                again = generate_cot(config, teacher, prompts, space, Path(tmp) / "cot.parquet", dataset, split)
+                again = generate_cot(ModelCatalog.from_config(config), teacher, prompts, space, Path(tmp) / "cot.parquet", dataset, split, gen=config["generation"])
             same_text = int((run["raw"].to_numpy() == again["raw"].to_numpy()).sum())
             same_tokens = int((run["n_tokens"].to_numpy() == again["n_tokens"].to_numpy()).sum())
             same_labels = sum(list(a) == list(b) for a, b in zip(run["pred_labels"], again["pred_labels"]))

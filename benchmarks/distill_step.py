@@ -39,7 +39,7 @@ from mechdistill.distill.objective import student_loss, teacher_targets  # noqa:
 from mechdistill.distill.pools import head_pools  # noqa: E402
 from mechdistill.distill.signals import has_phase, make_examples  # noqa: E402
 from mechdistill.io import read_parquet, read_split  # noqa: E402
-from mechdistill.models import load_model  # noqa: E402
+from mechdistill.models import ModelCatalog, load_model  # noqa: E402
 
 
 def main() -> None:
@@ -56,8 +56,8 @@ def main() -> None:
     for p in split.values():
         if not Path(p).exists():
             sys.exit(f"{p} is missing: run `snakemake --cores all` (demo config) first")
-    teacher, t_tok = load_model(cfg, teacher_name, device="cpu", dtype="float32")
-    student, s_tok = load_model(cfg, student_name, device="cpu", dtype="float32")
+    teacher, t_tok = load_model(ModelCatalog.from_config(cfg), teacher_name, device="cpu", dtype="float32")
+    student, s_tok = load_model(ModelCatalog.from_config(cfg), student_name, device="cpu", dtype="float32")
 
     def pools(model, name):
         return head_pools(cfg["distill"]["pools"], len(attention_modules(model)),

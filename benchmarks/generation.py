@@ -58,6 +58,7 @@ def run_engine(args) -> None:
     import torch
 
     from mechdistill.config import load_config
+    from mechdistill.model_sources import ModelCatalog
     from mechdistill.teacher.backends import make_backend
 
     torch.set_num_threads(args.threads)
@@ -66,7 +67,7 @@ def run_engine(args) -> None:
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     chats = chats_of(config, max(sizes))
     started = time.perf_counter()
-    backend = make_backend(config, config["teacher"], gen)
+    backend = make_backend(ModelCatalog.from_config(config), config["teacher"], gen)
     out = {"engine": backend.engine, "startup_s": time.perf_counter() - started, "batches": {}}
     backend(chats[:1])  # warm-up
     for b in sizes:

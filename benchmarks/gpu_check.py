@@ -75,7 +75,7 @@ from mechdistill.distill.train_config import train_config  # noqa: E402
 from mechdistill.distill.trainer import train  # noqa: E402
 from mechdistill.io import SplitArtifacts  # noqa: E402
 from mechdistill.labels import LabelSpace  # noqa: E402
-from mechdistill.models import load_model, load_tokenizer, pick_device  # noqa: E402
+from mechdistill.models import ModelCatalog, load_model, load_tokenizer, pick_device  # noqa: E402
 from mechdistill.teacher.answers import AnswerParser  # noqa: E402
 from mechdistill.teacher.generate import generate_cot  # noqa: E402
 from mechdistill.teacher.prompts import build_prompts, exemplar_answer  # noqa: E402
@@ -182,11 +182,11 @@ def check_vllm(config: dict, model_name: str, split: SplitArtifacts, device: str
     for backend in ("vllm", "transformers"):
         cfg = {**config, "generation": {**gen, "backend": backend}}
         with tempfile.TemporaryDirectory(prefix=f"gpu-check-{backend}-") as tmp:
-            cots[backend] = generate_cot(cfg, model_name, prompts, split.space, Path(tmp) / "cot.parquet",
-                                         split="gpu_check")
+            cots[backend] = generate_cot(ModelCatalog.from_config(cfg), model_name, prompts, split.space, Path(tmp) / "cot.parquet",
+                                         split="gpu_check", gen=cfg["generation"])
         gc.collect()  # the vLLM engine goes with its backend
         torch.cuda.empty_cache()
-    tok = load_tokenizer(config, model_name)
+    tok = load_tokenizer(ModelCatalog.from_config(config), model_name)
     heads = {b: [tok(raw, add_special_tokens=False)["input_ids"][:n_tokens] for raw in df["raw"]] for b, df in cots.items()}
     prefixes = [common_prefix(a, b) for a, b in zip(heads["vllm"], heads["transformers"])]
     agree = sum(a == b for a, b in zip(heads["vllm"], heads["transformers"]))
@@ -239,9 +239,9 @@ def compare_capture(reference: nn.Module, other: nn.Module, ex: Example, n_query
 
 def check_capture(config: dict, model_name: str, split: SplitArtifacts, device: str) -> tuple[str, str]:
     """`model_name` in float32 on the CPU vs in bf16 on `device`, on the split's first document."""
-    reference, tok = load_model(config, model_name, device="cpu", dtype="float32")
+    reference, tok = load_model(ModelCatalog.from_config(config), model_name, device="cpu", dtype="float32")
     ex = make_examples(tok, first_docs(split, 1), model_name)[0]
-    other, _ = load_model(config, model_name, device=device, dtype="bfloat16")
+    other, _ = load_model(ModelCatalog.from_config(config), model_name, device=device, dtype="bfloat16")
     status, numbers = compare_capture(reference, other, ex)
     return status, f"bf16 on {device} vs float32 on cpu, {numbers}"
 
@@ -274,13 +274,13 @@ def check_train(config: dict, split: SplitArtifacts, device: str, steps: int, me
     method_settings = config["methods"].get(method_name) or {}
     method = resolve_method(method_name, method_settings)
     weights = {**(settings.get("weights") or {}), **(method_settings.get("weights") or {})}
-    teacher, t_tok = load_model(config, teacher_name, device=device, dtype="float32")
+    teacher, t_tok = load_model(ModelCatalog.from_config(config), teacher_name, device=device, dtype="float32")
     t_pools = synthetic_pools(config, teacher, seed=0)
     targets = [teacher_targets(teacher, ex, t_pools, tau, settings["top_k"], coarse=coarse)
                for ex in make_examples(t_tok, split, teacher_name)]
     del teacher
     scales = interaction_scales(targets)
-    student, s_tok = load_model(config, student_name, device=device, dtype="float32")
+    student, s_tok = load_model(ModelCatalog.from_config(config), student_name, device=device, dtype="float32")
     pools = synthetic_pools(config, student, seed=1)
     examples = make_examples(s_tok, split, student_name)
 
@@ -364,10 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     config, train_cfg = load(args.config, args.cache_dir), load(train_path, args.cache_dir)
     split = train_split = None
     if {"vllm", "capture"} & set(names):
-        split = demo_split(config, next(iter(config["datasets"])), load_tokenizer(config, config["teacher"]), args.docs)
+        split = demo_split(config, next(iter(config["datasets"])), load_tokenizer(ModelCatalog.from_config(config), config["teacher"]), args.docs)
     if {"train", "train_zero3"} & set(names):
         train_split = demo_split(train_cfg, next(iter(train_cfg["datasets"])),
-                                 load_tokenizer(train_cfg, train_cfg["teacher"]), TRAIN_DOCS)
+                                 load_tokenizer(ModelCatalog.from_config(train_cfg), train_cfg["teacher"]), TRAIN_DOCS)
     checks = {"vllm": lambda: check_vllm(config, config["teacher"], split, device, args.tokens, args.gen_dtype),
               "capture": lambda: check_capture(config, config["teacher"], split, device),
               "train": lambda: check_train(train_cfg, train_split, device, args.steps),

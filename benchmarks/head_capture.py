@@ -39,7 +39,7 @@ import torch  # noqa: E402
 from mechdistill.characterize.attention import attention_modules  # noqa: E402
 from mechdistill.characterize.capture import capture_heads, capture_nbytes  # noqa: E402
 from mechdistill.config import load_config  # noqa: E402
-from mechdistill.models import load_model  # noqa: E402
+from mechdistill.models import ModelCatalog, load_model  # noqa: E402
 
 TEXT = ("Patient presents with chest pain radiating to the left arm, shortness of breath and "
         "diaphoresis. ECG shows ST elevation in leads II, III and aVF. Troponin is elevated. "
@@ -97,7 +97,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     cfg = load_config(ROOT / "config/config.yaml", {"cache_dir": "/tmp/mdcache"})
-    model, tok = load_model(cfg, "smollm2", device="cpu")
+    model, tok = load_model(ModelCatalog.from_config(cfg), "smollm2", device="cpu")
     model.eval()
     model.set_attn_implementation("sdpa")
     ids = tok(TEXT * 200, return_tensors="pt").input_ids[:, : args.seq]

@@ -45,7 +45,7 @@ from mechdistill.characterize.capture import capture_heads  # noqa: E402
 from mechdistill.config import load_config  # noqa: E402
 from mechdistill.data import prepare_dataset  # noqa: E402
 from mechdistill.labels import LabelSpace  # noqa: E402
-from mechdistill.models import load_model  # noqa: E402
+from mechdistill.models import ModelCatalog, load_model  # noqa: E402
 from mechdistill.teacher.backends import TransformersBackend  # noqa: E402
 from mechdistill.teacher.clean_prompts import build_clean_prompts  # noqa: E402
 from mechdistill.teacher.prompts import build_prompts, render_prompt  # noqa: E402
@@ -108,7 +108,7 @@ def main() -> None:
     config = load_config(ROOT / "config/config.yaml")
     paper = load_config(ROOT / "config/paper.yaml")
     teacher = config["teacher"]
-    model, tokenizer = load_model(config, teacher, device="cpu", dtype="float32")
+    model, tokenizer = load_model(ModelCatalog.from_config(config), teacher, device="cpu", dtype="float32")
     n_params, cfg = sum(p.numel() for p in model.parameters()), model.config
     lengths, chats = prompt_lengths(config, paper, tokenizer)
     progress("prompt lengths")

@@ -111,12 +111,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(yaml.safe_dump(config, sort_keys=False))
                 return 0
             # The stages import torch and transformers (seconds): only a command that runs one loads them.
-            from .models import resolve_model_path
+            from .models import ModelCatalog, resolve_model_path
             from .stages.data import run_build_prompts, run_prepare_dataset
             from .stages.teacher import run_teacher_cot
 
             if args.stage == "prepare-model":
-                print(resolve_model_path(config, args.model))
+                print(resolve_model_path(ModelCatalog.from_config(config), args.model))
             elif args.stage == "prepare-dataset":
                 run_prepare_dataset(config, args.dataset)
             elif args.stage == "build-prompts":

@@ -1,5 +1,6 @@
-"""What a `models:` entry is, without loading it (no torch): the entry itself, the GGUF file a package
-ships, the random test architectures' defaults and the depth a model will have. The Snakefile checks
+"""What a `models:` entry is, without loading it (no torch): the catalog of entries model loading reads
+(`ModelCatalog`), the entry itself, the GGUF file a package ships, the random test architectures' defaults
+and the depth a model will have. The Snakefile checks
 layer_subset entries against that depth at start-up, before any job runs."""
 
 from __future__ import annotations
@@ -7,7 +8,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from .errors import ConfigError
@@ -29,12 +33,34 @@ TINY_ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def model_spec(config: dict, name: str) -> dict:
+@dataclass(frozen=True)
+class ModelCatalog:
+    """What loading a model reads from the config: the `models` entries by name, `cache_dir` (where
+    gguf_package, layer_subset and random entries are materialised) and the top-level `seed` (vLLM's
+    sampling). Library functions that load a model take one of these, not the config."""
+
+    models: Mapping[str, Mapping[str, Any]]
+    cache_dir: str | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:  # a read-only copy: the config dict it came from may change
+        object.__setattr__(self, "models", MappingProxyType(dict(self.models)))
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> ModelCatalog:
+        return cls(config["models"], config.get("cache_dir"), config.get("seed"))
+
+    def with_model(self, name: str, spec: Mapping[str, Any]) -> ModelCatalog:
+        """A new catalog with entry `name` added (or replaced); this one is unchanged."""
+        return replace(self, models={**self.models, name: spec})
+
+
+def model_spec(catalog: ModelCatalog, name: str) -> dict:
     try:
-        return config["models"][name]
+        return catalog.models[name]
     except KeyError:
         raise ConfigError(f"model {name!r} is not a key of config 'models' "
-                          f"(defined: {', '.join(sorted(config['models']))}).") from None
+                          f"(defined: {', '.join(sorted(catalog.models))}).") from None
 
 
 def gguf_package_file(spec: dict) -> Path:
@@ -50,11 +76,11 @@ def gguf_package_file(spec: dict) -> Path:
     return path
 
 
-def declared_depth(config: dict, name: str) -> int | None:
+def declared_depth(catalog: ModelCatalog, name: str) -> int | None:
     """The number of decoder layers model `name` will have, read without loading it: a random model's
     config, a layer_subset's selection, a local folder's (or cached hub model's) config.json, a GGUF file's
     header. None when it cannot be known before the model is downloaded or built."""
-    spec = model_spec(config, name)
+    spec = model_spec(catalog, name)
     source = spec["source"]
     if source == "random":
         return int({**TINY_ARCH_DEFAULTS[spec["arch"]], **spec.get("config", {})}["num_hidden_layers"])
@@ -71,10 +97,11 @@ def declared_depth(config: dict, name: str) -> int | None:
 
 def check_layer_subsets(config: dict, source: str = "config") -> None:
     """Every layer_subset entry keeps layers its base has (ConfigError naming the key and the depth)."""
+    catalog = ModelCatalog.from_config(config)
     for name, spec in config["models"].items():
         if spec["source"] != "layer_subset":
             continue
-        depth = declared_depth(config, spec["base"])
+        depth = declared_depth(catalog, spec["base"])
         if depth is None:
             continue
         if spec.get("layers"):

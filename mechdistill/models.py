@@ -1,4 +1,4 @@
-"""Model registry: every entry of `config["models"]` resolves to a local directory of weights.
+"""Model registry: every entry of a `ModelCatalog` (the config's `models`) resolves to a local directory of weights.
 
 Sources (see config/schema.yaml):
 - `hf`: a hub id, loaded from the local HF cache (no downloads when HF_HUB_OFFLINE=1).
@@ -16,7 +16,6 @@ converting at once, or a killed conversion, never leave a broken cache entry.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -37,7 +36,7 @@ from transformers import (
 )
 
 from .errors import ConfigError
-from .model_sources import TINY_ARCH_DEFAULTS, gguf_package_file, model_spec
+from .model_sources import TINY_ARCH_DEFAULTS, ModelCatalog, gguf_package_file, model_spec
 
 log = logging.getLogger(__name__)
 
@@ -48,22 +47,22 @@ CHATML_TEMPLATE = (
 )
 
 
-def spec_key(config: dict, name: str) -> str:
+def spec_key(catalog: ModelCatalog, name: str) -> str:
     """A content key for a model entry: changes when the entry or anything it derives from does."""
-    spec = dict(model_spec(config, name))
+    spec = dict(model_spec(catalog, name))
     if spec["source"] == "layer_subset":
-        spec["base"] = spec_key(config, spec["base"])
+        spec["base"] = spec_key(catalog, spec["base"])
     if spec["source"] == "random" and spec.get("tokenizer", "byte") != "byte":
-        spec["tokenizer"] = spec_key(config, spec["tokenizer"])
+        spec["tokenizer"] = spec_key(catalog, spec["tokenizer"])
     if spec["source"] == "gguf_package":
         spec["_file_size"] = gguf_package_file(spec).stat().st_size
     blob = json.dumps(spec, sort_keys=True).encode()
     return hashlib.sha1(blob).hexdigest()[:12]
 
 
-def resolve_model_path(config: dict, name: str) -> str:
+def resolve_model_path(catalog: ModelCatalog, name: str) -> str:
     """Return a local directory (or, for `hf`, the hub id) from which `name` loads."""
-    spec = model_spec(config, name)
+    spec = model_spec(catalog, name)
     source = spec["source"]
     if source == "hf":
         return spec["id"]
@@ -71,19 +70,21 @@ def resolve_model_path(config: dict, name: str) -> str:
         if not Path(spec["path"], "config.json").exists():
             raise ConfigError(f"models.{name}.path: {spec['path']} has no config.json.")
         return spec["path"]
-    target = Path(config["cache_dir"], "models", f"{name}-{spec_key(config, name)}")
+    if catalog.cache_dir is None:
+        raise ConfigError(f"model {name!r} ({source}) is materialised under cache_dir, which is not set.")
+    target = Path(catalog.cache_dir, "models", f"{name}-{spec_key(catalog, name)}")
     if not (target / "config.json").exists():
-        _materialize(config, name, spec, target)
+        _materialize(catalog, name, spec, target)
     return str(target)
 
 
-def _materialize(config: dict, name: str, spec: dict, target: Path) -> None:
+def _materialize(catalog: ModelCatalog, name: str, spec: dict, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         log.info("materialising model %s (%s) into %s", name, spec["source"], target)
         model, tokenizer = {"gguf_package": _from_gguf, "layer_subset": _layer_subset,
-                            "random": _random_init}[spec["source"]](config, spec)
+                            "random": _random_init}[spec["source"]](catalog, spec)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "mechdistill_source.json").write_text(json.dumps(spec, indent=2))
@@ -96,7 +97,7 @@ def _materialize(config: dict, name: str, spec: dict, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _from_gguf(config: dict, spec: dict):
+def _from_gguf(catalog: ModelCatalog, spec: dict):
     path = gguf_package_file(spec)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
@@ -134,8 +135,8 @@ def keep_layers(model, layers: list[int]):
     return model
 
 
-def _layer_subset(config: dict, spec: dict):
-    model, tokenizer = load_model(config, spec["base"], device="cpu", dtype="float32")
+def _layer_subset(catalog: ModelCatalog, spec: dict):
+    model, tokenizer = load_model(catalog, spec["base"], device="cpu", dtype="float32")
     n_total = model.config.num_hidden_layers
     layers = spec.get("layers") or select_layers(n_total, spec["n_layers"])
     log.info("layer_subset of %s: keeping layers %s of %d", spec["base"], layers, n_total)
@@ -155,9 +156,9 @@ def byte_tokenizer():
     return tok
 
 
-def _random_init(config: dict, spec: dict):
+def _random_init(catalog: ModelCatalog, spec: dict):
     tok_name = spec.get("tokenizer", "byte")
-    tokenizer = byte_tokenizer() if tok_name == "byte" else load_tokenizer(config, tok_name)
+    tokenizer = byte_tokenizer() if tok_name == "byte" else load_tokenizer(catalog, tok_name)
     fields = {**TINY_ARCH_DEFAULTS[spec["arch"]], **spec.get("config", {})}
     model_config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     # AutoTokenizer picks the tokenizer class from the model type when reloading (Qwen2 adds an
@@ -186,9 +187,9 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
-def load_tokenizer(config: dict, name: str):
-    spec = model_spec(config, name)
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(config, name),
+def load_tokenizer(catalog: ModelCatalog, name: str):
+    spec = model_spec(catalog, name)
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(catalog, name),
                                         trust_remote_code=spec.get("trust_remote_code", False))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -243,7 +244,7 @@ def _device_keys(max_memory: dict | None) -> dict | None:
     return {int(k) if str(k).isdigit() else k: v for k, v in max_memory.items()}
 
 
-def load_model(config: dict, name: str, device: str = "auto", dtype: str | None = None, *,
+def load_model(catalog: ModelCatalog, name: str, device: str = "auto", dtype: str | None = None, *,
                device_map: str | dict | None = None, max_memory: dict | None = None,
                offload_folder: str | os.PathLike | None = None):
     """Load (materialising once if needed) model `name`; returns (model, tokenizer), eval mode.
@@ -255,11 +256,11 @@ def load_model(config: dict, name: str, device: str = "auto", dtype: str | None 
     (`offload_folder`) when they do not fit, and moves activations between devices at every forward;
     inputs then go to `input_device(model)`.
     """
-    spec = model_spec(config, name)
+    spec = model_spec(catalog, name)
     device = pick_device(device)
     placed = {} if device_map is None else dict(device_map=device_map, max_memory=_device_keys(max_memory),
                                                 offload_folder=offload_folder)
-    path, remote = resolve_model_path(config, name), spec.get("trust_remote_code", False)
+    path, remote = resolve_model_path(catalog, name), spec.get("trust_remote_code", False)
     model_config = AutoConfig.from_pretrained(path, trust_remote_code=remote)
     model = AutoModelForCausalLM.from_pretrained(
         path, config=model_config, dtype=torch_dtype(dtype or spec.get("dtype"), device),
@@ -267,7 +268,7 @@ def load_model(config: dict, name: str, device: str = "auto", dtype: str | None 
     model = text_only(model)
     if device_map is None:
         model = model.to(device)
-    return model.eval(), load_tokenizer(config, name)
+    return model.eval(), load_tokenizer(catalog, name)
 
 
 def input_device(model: torch.nn.Module) -> torch.device:
@@ -278,10 +279,9 @@ def input_device(model: torch.nn.Module) -> torch.device:
     return torch.device(device) if device is not None else embedding.weight.device
 
 
-def with_distilled_model(config: dict, student: str, method: str, model_dir: str | os.PathLike) -> tuple[dict, str]:
-    """(a copy of `config` with a `local` entry for the student distilled with `method`, saved in
-    `model_dir`; that entry's name "{student}__{method}"), so it loads like any other model."""
+def with_distilled_model(catalog: ModelCatalog, student: str, method: str,
+                         model_dir: str | os.PathLike) -> tuple[ModelCatalog, str]:
+    """(`catalog` with a `local` entry for the student distilled with `method`, saved in `model_dir`;
+    that entry's name "{student}__{method}"), so it loads like any other model."""
     name = f"{student}__{method}"
-    cfg = copy.deepcopy(config)
-    cfg["models"][name] = {"source": "local", "path": str(Path(model_dir))}
-    return cfg, name
+    return catalog.with_model(name, {"source": "local", "path": str(Path(model_dir))}), name

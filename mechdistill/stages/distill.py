@@ -37,7 +37,7 @@ from ..errors import ConfigError
 from ..evaluate.xmc import macro_f1
 from ..io import SplitArtifacts, file_digest, read_json, read_parquet, read_split, write_parquet
 from ..labels import LabelSpace
-from ..models import load_model, pick_device, spec_key, with_distilled_model
+from ..models import ModelCatalog, load_model, pick_device, spec_key, with_distilled_model
 from ..shards import content_key
 from ..teacher.backends import make_backend, student_generation, text_generator
 from ..teacher.engines import resolve_backend
@@ -55,16 +55,16 @@ def _pools(settings: TargetSettings, model, dataset: str, model_name: str, coars
                        refine_path or paths.head_scores(dataset, model_name, "refine"))
 
 
-def run_key(settings: DistillSettings, config: dict, student: str, method_name: str, point: str | None,
-            method_settings: dict, read_files: list[PathLike | None]) -> str:
+def run_key(settings: DistillSettings, catalog: ModelCatalog, teacher: str, student: str, method_name: str,
+            point: str | None, method_settings: dict, read_files: list[PathLike | None]) -> str:
     """What determines a distillation run besides its TrainConfig (the trainer keys that itself): the
     distill settings, the method at its grid point, the head settings, the seed, both models (their specs
-    in `config`) and the bytes of every file it reads. A checkpoint made under another key is not
+    in `catalog`) and the bytes of every file it reads. A checkpoint made under another key is not
     resumed (`trainer.train`)."""
     files = sorted({str(f) for f in read_files if f is not None and Path(f).is_file()})
     return content_key({k: v for k, v in settings.distill.items() if k != "train"}, method_name, point,
-                       method_settings, settings.heads, settings.seed, spec_key(config, student),
-                       spec_key(config, config["teacher"]), {f: file_digest(f) for f in files})
+                       method_settings, settings.heads, settings.seed, spec_key(catalog, student),
+                       spec_key(catalog, teacher), {f: file_digest(f) for f in files})
 
 
 def run_teacher_targets(config: dict, dataset: str, split: str, *, inputs: dict[str, PathLike] | None = None,
@@ -77,7 +77,7 @@ def run_teacher_targets(config: dict, dataset: str, split: str, *, inputs: dict[
     """
     settings, teacher = TargetSettings.from_config(config), config["teacher"]
     inputs = {**paths.split_files(dataset, teacher, split), **(inputs or {})}
-    model, tokenizer = _load_teacher(config, settings)
+    model, tokenizer = _load_teacher(ModelCatalog.from_config(config), teacher, settings)
     pools = _pools(settings, model, dataset, teacher, coarse_path, refine_path)
     examples = make_examples(tokenizer, read_split(inputs, settings.max_docs), teacher,
                              length_cap(settings.max_tokens, model))
@@ -91,10 +91,10 @@ def run_teacher_targets(config: dict, dataset: str, split: str, *, inputs: dict[
              "kappa*Align, QK*OV) %s", len(table), os.path.getsize(tensors_path) / 2**20, scales)
 
 
-def _load_teacher(config: dict, settings: TargetSettings):
-    """The teacher (its spec in `config`) on distill.train.device, in distill.teacher_dtype, placed by
+def _load_teacher(catalog: ModelCatalog, teacher: str, settings: TargetSettings):
+    """The teacher (its spec in `catalog`) on distill.train.device, in distill.teacher_dtype, placed by
     distill.teacher_{device_map,max_memory,offload_folder}: (model, tokenizer)."""
-    return load_model(config, config["teacher"], device=settings.device, dtype=settings.teacher_dtype,
+    return load_model(catalog, teacher, device=settings.device, dtype=settings.teacher_dtype,
                       **settings.placement)
 
 
@@ -123,7 +123,7 @@ def run_distill(config: dict, dataset: str, student: str, method_name: str, poin
         return _run_grid(config, dataset, student, method_name, inputs, train_targets_path, val_targets_path, heads,
                          [model_dir, log_path, mechanism_path, ckpt_dir, best_path, items_path])
     settings, teacher = DistillSettings.from_config(config), config["teacher"]
-    section = settings.distill
+    catalog, section = ModelCatalog.from_config(config), settings.distill
     check_methods(config["methods"], settings.criterion)
     entry = grid_point(method_name, config["methods"].get(method_name), point)
     method = resolve_method(method_name, entry.settings)
@@ -131,19 +131,19 @@ def run_distill(config: dict, dataset: str, student: str, method_name: str, poin
     targets_paths = {"train": train_targets_path or paths.targets_tensors(dataset, teacher, "train"),
                      "val": val_targets_path or paths.targets_tensors(dataset, teacher, "val")}
     tcfg = train_config(section["train"], entry.settings.get("train"), settings.seed)
-    key = run_key(settings, config, student, method_name, point, entry.settings, [f for split in inputs for f in inputs[split].values()]
+    key = run_key(settings, catalog, teacher, student, method_name, point, entry.settings, [f for split in inputs for f in inputs[split].values()]
                   + _head_files(dataset, student, teacher, heads) + list(targets_paths.values()))
     where = paths.grid_method(method_name, point)  # the point's folder, as a `method` argument of paths
     ds_config = deepspeed_config(section["deepspeed"], tcfg, section.get("zero_optimization"))
     rank, world = init_distributed(tcfg.device) if ds_config else (0, 1)
     _check_criterion(method, settings.criterion, world)
     with zero3_init(ds_config):  # ZeRO-3: each rank loads only its partition of the student
-        model, tokenizer = load_model(config, student, device="cpu", dtype=section["student_dtype"])
+        model, tokenizer = load_model(catalog, student, device="cpu", dtype=section["student_dtype"])
     pools = _pools(settings.targets, model, dataset, student, student_coarse, student_refine)
     splits = {split: read_split(inputs[split], settings.targets.max_docs) for split in ("train", "val")}
     examples = {split: make_examples(tokenizer, splits[split], student, length_cap(settings.targets.max_tokens, model))
                 for split in splits}
-    targets = (_teacher_targets(config, settings, dataset, splits, targets_paths, teacher_coarse, teacher_refine)
+    targets = (_teacher_targets(catalog, teacher, settings, dataset, splits, targets_paths, teacher_coarse, teacher_refine)
                if recipe.needs_targets else None)
     point_settings = MethodPoint(method, point, entry.settings, {**(section.get("weights") or {}),
                                  **(entry.settings.get("weights") or {})}, section["temperature"], settings.signals.tau,
@@ -201,14 +201,14 @@ def _check_criterion(method, criterion: str, world: int) -> None:
                           f"which {world} ZeRO-3 ranks cannot share; use val_cot_loss, or one rank")
 
 
-def _teacher_targets(config: dict, distill_settings: DistillSettings, dataset: str, splits: dict, targets_paths: dict,
-                     teacher_coarse, teacher_refine) -> TeacherTargets:
+def _teacher_targets(catalog: ModelCatalog, teacher: str, distill_settings: DistillSettings, dataset: str,
+                     splits: dict, targets_paths: dict, teacher_coarse, teacher_refine) -> TeacherTargets:
     """The teacher's targets of train and val: read from targets/{split}.safetensors, or computed online by the
     teacher in memory (distill.targets: online; with the settings teacher_targets reads)."""
-    settings, teacher = distill_settings.targets, config["teacher"]
+    settings = distill_settings.targets
     if distill_settings.distill["targets"] != "online":
         return TeacherTargets.from_files(targets_paths)
-    teacher_model, teacher_tok = _load_teacher(config, settings)
+    teacher_model, teacher_tok = _load_teacher(catalog, teacher, settings)
     online = OnlineTargets(teacher_model, _pools(settings, teacher_model, dataset, teacher, teacher_coarse, teacher_refine),
                            settings.signals.tau, settings.top_k, settings.signals.coarse)
     cap = length_cap(settings.max_tokens, teacher_model)
@@ -272,7 +272,7 @@ def run_baseline_teacher_data(config: dict, dataset: str, method_name: str, *, s
     method = resolve_method(method_name, entry)
     recipe, params = method.load_recipe(), method.baseline.params((entry or {}).get("params"))
     gen = settings.generation
-    backend = make_backend(config, teacher, gen.mapping(), dataset, splits[0])
+    backend = make_backend(ModelCatalog.from_config(config), teacher, gen.mapping(), dataset, splits[0])
     for split in splits:
         split_data = read_split({**paths.split_files(dataset, teacher, split), **((inputs or {}).get(split) or {})},
                                 settings.max_docs)
@@ -307,7 +307,7 @@ def run_student_predict(config: dict, dataset: str, student: str, method: str, *
     settings = StudentPredictSettings.from_config(config, method=method)
     gen = settings.generation.mapping()
     model_dir = model_dir or paths.student_model_dir(dataset, student, method)
-    cfg, name = with_distilled_model(config, student, method, model_dir)
+    catalog, name = with_distilled_model(ModelCatalog.from_config(config), student, method, model_dir)
     prompts = read_parquet(prompts_path or paths.prompts(dataset, "test"), "prompts")
     space = LabelSpace(read_parquet(labels_path or paths.labels(dataset), "labels"))
     out_path = out_path or paths.student_pred(dataset, student, method, "test")
@@ -316,12 +316,12 @@ def run_student_predict(config: dict, dataset: str, student: str, method: str, *
         recipe = resolved.load_recipe()
         point = read_json(selection_path or paths.selection(dataset, student, method))["point"]
         params = resolved.baseline.params(grid_point(method, settings.method, point).settings.get("params"))
-        model, tokenizer = load_model(cfg, name, device=pick_device(settings.generation.device),
+        model, tokenizer = load_model(catalog, name, device=pick_device(settings.generation.device),
                                       dtype=settings.generation.dtype)
         pred = recipe.predict(model, tokenizer, prompts, space, gen, params)
         write_parquet(pred, out_path, "cot")
     else:
-        pred = generate_cot(cfg, name, prompts, space, out_path, dataset=dataset, split="test",
+        pred = generate_cot(catalog, name, prompts, space, out_path, dataset=dataset, split="test",
                             gen=student_generation(gen))
     log.info("student %s/%s: %d predictions, %d with an answer block", student, method, len(pred),
              int(pred["has_answer_block"].sum()))

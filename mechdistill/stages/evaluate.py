@@ -41,7 +41,7 @@ from ..evaluate.tables import METRIC_COLUMNS
 from ..evaluate.text import bleu4, sentence_bleu4, trace_perplexity
 from ..evaluate.xmc import RESAMPLE, macro_f1_resample_rows, per_instance, summarize
 from ..io import read_parquet, read_split, write_parquet
-from ..models import load_model, with_distilled_model
+from ..models import ModelCatalog, load_model, with_distilled_model
 from ..teacher.prompts import render_prompt
 
 log = logging.getLogger(__name__)
@@ -90,9 +90,10 @@ def run_evaluate(config: dict, dataset: str, student: str, method: str, *,
         frames.append(pd.DataFrame({"doc_id": ids, "metric": "bleu4", "value": sentence_bleu4(student_cot, teacher_text)}))
         frames.append(pd.DataFrame({"doc_id": [""], "metric": ["bleu4_corpus"],
                                     "value": [bleu4(student_cot, teacher_text)]}))
-    cfg, name = (config, student) if is_teacher else with_distilled_model(config, student, method,
-                                                                          Path(p["model"]).parent)
-    model, tokenizer = load_model(cfg, name, device=settings["device"], dtype=settings["dtype"], **evaluate.placement)
+    catalog = ModelCatalog.from_config(config)
+    catalog, name = (catalog, student) if is_teacher else with_distilled_model(catalog, student, method,
+                                                                               Path(p["model"]).parent)
+    model, tokenizer = load_model(catalog, name, device=settings["device"], dtype=settings["dtype"], **evaluate.placement)
     prompt_texts = [render_prompt(tokenizer, json.loads(prompts.loc[d, "messages"])) for d in ids]
     has_trace = [i for i, c in enumerate(teacher_text) if c.strip()]
     ppl = trace_perplexity(model, tokenizer, [prompt_texts[i] for i in has_trace], [teacher_text[i] for i in has_trace],

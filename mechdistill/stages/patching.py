@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from .. import paths
 from ..anchors.embed import SentenceEmbedder
 from ..io import file_digest, read_parquet, read_split, write_parquet
-from ..models import load_model, spec_key
+from ..models import ModelCatalog, load_model, spec_key
 from ..patching import experiment
 from ..patching.effects import summarize_patching
 from ..patching.head_sets import SIGNED_SCORE
@@ -47,7 +47,8 @@ def run_patching(config: dict, dataset: str, phase: str, *, inputs: dict[str, Pa
     head_scores_path = head_scores_path or paths.head_scores(dataset, teacher, paths.PATCHING_SCORES[phase])
     early_tokens, repetition_penalty = patching.early_tokens, patching.repetition_penalty
     started = time.perf_counter()
-    model, tokenizer = load_model(config, teacher, device=settings["device"], dtype=settings["dtype"],
+    catalog = ModelCatalog.from_config(config)
+    model, tokenizer = load_model(catalog, teacher, device=settings["device"], dtype=settings["dtype"],
                                   **patching.placement)
     embedder = SentenceEmbedder(patching.embedder)
     files = {**paths.split_files(dataset, teacher, split), **(inputs or {})}
@@ -71,7 +72,7 @@ def run_patching(config: dict, dataset: str, phase: str, *, inputs: dict[str, Pa
     log.info("patching %s %s: %d documents, %d heads ranked by %s (controls by %s), %d head sets per direction "
              "(bins %s), %d steps", teacher, phase, len(data.anchors), len(ranked), variant, signed, len(head_sets),
              sorted({s.k for s in head_sets}), early_tokens if phase == "phase1" else settings["late_tokens"])
-    shards = Shards(summary_path, "docs", content_key(phase, settings, early_tokens, spec_key(config, teacher),
+    shards = Shards(summary_path, "docs", content_key(phase, settings, early_tokens, spec_key(catalog, teacher),
                                                        patching.embedder, repetition_penalty, ranked, ranked_scores,
                                                        control_scores, seed,
                                                        {k: file_digest(f) for k, f in sorted(files.items())}))

@@ -7,6 +7,7 @@ import os
 from .. import paths
 from ..io import read_parquet
 from ..labels import LabelSpace
+from ..model_sources import ModelCatalog
 from ..teacher.generate import generate_cot
 from ..teacher.settings import GenerationSettings
 
@@ -21,5 +22,5 @@ def run_teacher_cot(config: dict, dataset: str, split: str, *, model: str | None
     model = model or config["teacher"]
     prompts = read_parquet(prompts_path or paths.prompts(dataset, split), "prompts")
     space = LabelSpace(read_parquet(labels_path or paths.labels(dataset), "labels"))
-    generate_cot(config, model, prompts, space, out_path or paths.cot(dataset, model, split), dataset=dataset,
-                 split=split, gen=GenerationSettings.from_config(config).mapping())
+    generate_cot(ModelCatalog.from_config(config), model, prompts, space, out_path or paths.cot(dataset, model, split),
+                 dataset=dataset, split=split, gen=GenerationSettings.from_config(config).mapping())

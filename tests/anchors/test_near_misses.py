@@ -104,9 +104,10 @@ def test_parse_concepts_on_junk():
 
 
 def test_extract_concepts_with_tiny_model(tiny_config):
+    from mechdistill.model_sources import ModelCatalog
     from mechdistill.teacher.backends import TransformersBackend
 
-    backend = TransformersBackend(tiny_config, "tiny_llama", {**tiny_config["generation"], "device": "cpu"})
+    backend = TransformersBackend(ModelCatalog.from_config(tiny_config), "tiny_llama", {**tiny_config["generation"], "device": "cpu"})
     docs = ["Chest pain and dyspnea.", "café — naïve"]
     concepts = extract_concepts(lambda chats: [g.text for g in backend(chats)], docs, max_concepts=3)
     assert len(concepts) == 2

@@ -16,7 +16,7 @@ from mechdistill.characterize.attention import attention_hooks, attention_module
 from mechdistill.characterize.capture import ALL_WHAT, capture_heads, final_residual
 from mechdistill.characterize.scores import margin_gradient
 from mechdistill.distill.signals import forward_signals
-from mechdistill.models import input_device, load_model, placement
+from mechdistill.models import ModelCatalog, input_device, load_model, placement
 from mechdistill.patching.patterns import PatternPatch
 from mechdistill.patching.runs import DocumentRuns, head_mask
 from tests.distill.test_objective import example, pools
@@ -59,9 +59,9 @@ def pair(request, byte_tok, tmp_path_factory):
     _biased_llama(len(byte_tok)).save_pretrained(folder / "model")
     byte_tok.save_pretrained(folder / "model")
     config = {"models": {"m": {"source": "local", "path": str(folder / "model")}}}
-    single, _ = load_model(config, "m", device=device, dtype="float32")
+    single, _ = load_model(ModelCatalog.from_config(config), "m", device=device, dtype="float32")
     section = {"device_map": PLACEMENTS[device], "offload_folder": str(folder / "offload")}
-    placed, _ = load_model(config, "m", device=device, dtype="float32", **placement(section))
+    placed, _ = load_model(ModelCatalog.from_config(config), "m", device=device, dtype="float32", **placement(section))
     return single, placed, device
 
 

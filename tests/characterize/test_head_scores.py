@@ -5,11 +5,11 @@ import torch
 
 from mechdistill.characterize.head_scores import score_document
 from mechdistill.characterize.teacher_forcing import ForcedSequence
-from mechdistill.models import load_model
+from mechdistill.models import ModelCatalog, load_model
 
 
 def test_coarse_score_matches_eager_reference(tiny_config):
-    model, tok = load_model(tiny_config, "tiny_llama", device="cpu", dtype="float32")
+    model, tok = load_model(ModelCatalog.from_config(tiny_config), "tiny_llama", device="cpu", dtype="float32")
     ids = tok("Patient with chronic systolic heart failure. Heart failure fits.", return_tensors="pt")["input_ids"][0]
     early = [40, 41, 42, 43]
     document = list(range(8, 30))
@@ -56,7 +56,7 @@ def test_coarse_score_matches_eager_reference(tiny_config):
 def test_refine_qk_term_matches_eager_log_attention(tiny_config):
     """QK loop-back = mean_S q.k*s - mean_N q.k*s = mean_S log A - mean_N log A (the softmax
     normaliser cancels), so eager attention probabilities give an independent reference."""
-    model, tok = load_model(tiny_config, "tiny_llama", device="cpu", dtype="float32")
+    model, tok = load_model(ModelCatalog.from_config(tiny_config), "tiny_llama", device="cpu", dtype="float32")
     ids = tok("A [I1] fits rather than B [I2]; so A [I1] rather than B [I2] here.", return_tensors="pt")["input_ids"][0]
     shortlist, nearmiss, refine = [3, 4], [24, 25], [40, 55]
     seq = ForcedSequence(input_ids=ids, prompt_chars=0, cot_token_start=0, early_queries=[],
@@ -79,7 +79,7 @@ def test_score_heads_tables_hold_every_variant_and_score_the_chosen_one(tiny_con
     from mechdistill.characterize.head_scores import score_heads
     from mechdistill.characterize.scores import COARSE_VARIANTS, CoarseVariant
 
-    model, tok = load_model(tiny_config, "tiny_llama", device="cpu", dtype="float32")
+    model, tok = load_model(ModelCatalog.from_config(tiny_config), "tiny_llama", device="cpu", dtype="float32")
     ids = tok("Doc: A [I1] and B [I2]. A [I1] fits rather than B [I2]; so A [I1] rather than B [I2].",
               return_tensors="pt")["input_ids"][0]
     docs = [dict(doc_id=f"d{i}", anchors=["fits"], gold_titles=["A"], nearmiss_titles=["B"],

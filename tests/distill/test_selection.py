@@ -16,7 +16,7 @@ from mechdistill.distill.selection import (
     make_criterion,
     select_point,
 )
-from mechdistill.models import load_model
+from mechdistill.models import ModelCatalog, load_model
 from mechdistill.teacher.backends import TransformersBackend
 from mechdistill.teacher.generate import generate_cot
 from mechdistill.teacher.prompts import build_prompts
@@ -100,9 +100,9 @@ def test_loaded_model_backend_generates_what_student_predict_would(tiny_config, 
     """val_macro_f1 generates with the model in memory; it must give the texts that loading the same
     weights from disk (student_predict's backend) gives, budget forcing included."""
     gen = tiny_config["generation"]
-    from_disk = generate_cot(tiny_config, "tiny_llama", prompts, icd_space, tmp_path / "disk.parquet")
-    model, tok = load_model(tiny_config, "tiny_llama", device="cpu", dtype=gen.get("dtype"))
-    in_memory = generate_cot(tiny_config, "tiny_llama", prompts, icd_space, tmp_path / "memory.parquet",
-                             backend_factory=lambda: TransformersBackend.from_model(model, tok, gen))
+    from_disk = generate_cot(ModelCatalog.from_config(tiny_config), "tiny_llama", prompts, icd_space, tmp_path / "disk.parquet", gen=tiny_config["generation"])
+    model, tok = load_model(ModelCatalog.from_config(tiny_config), "tiny_llama", device="cpu", dtype=gen.get("dtype"))
+    in_memory = generate_cot(ModelCatalog.from_config(tiny_config), "tiny_llama", prompts, icd_space, tmp_path / "memory.parquet",
+                             backend_factory=lambda: TransformersBackend.from_model(model, tok, gen), gen=tiny_config["generation"])
     assert from_disk["forced_answer"].any()  # the comparison covers budget forcing
     pd.testing.assert_frame_equal(from_disk, in_memory)

@@ -83,13 +83,13 @@ def test_documents_longer_than_max_tokens_are_skipped_and_named(tiny, tmp_path, 
     from mechdistill.characterize.head_scores import forced_documents
     from mechdistill.distill.signals import make_examples
     from mechdistill.io import read_split
-    from mechdistill.models import load_tokenizer
+    from mechdistill.models import ModelCatalog, load_tokenizer
 
     tiny.ensure("head_scores")
     split = paths.characterization_split(tiny.config, "clean")
     with tiny.inside():
         data = read_split(paths.split_files(DATASET, TEACHER, split))
-    tokenizer = load_tokenizer(tiny.config, TEACHER)
+    tokenizer = load_tokenizer(ModelCatalog.from_config(tiny.config), TEACHER)
     lengths = {d["doc_id"]: len(d["seq"].input_ids) for d in forced_documents(tokenizer, data)}
     longest = max(lengths, key=lengths.get)
     cap = lengths[longest] - 1

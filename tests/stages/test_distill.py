@@ -12,7 +12,7 @@ from mechdistill import paths
 from mechdistill.characterize.teacher_forcing import forced_sequence
 from mechdistill.evaluate.xmc import macro_f1
 from mechdistill.io import read_split
-from mechdistill.models import load_tokenizer, with_distilled_model
+from mechdistill.models import ModelCatalog, load_tokenizer, with_distilled_model
 from mechdistill.stages.distill import run_distill
 from mechdistill.stages.model_free import run_select_distill
 from mechdistill.teacher.answers import supervised_output
@@ -22,7 +22,7 @@ from tests.stages.conftest import DATASET, STUDENT, TEACHER
 
 def test_teacher_targets_hold_the_cot_logits_and_phase1_signals(tiny):
     tiny.ensure("teacher_targets")
-    tokenizer = load_tokenizer(tiny.config, TEACHER)
+    tokenizer = load_tokenizer(ModelCatalog.from_config(tiny.config), TEACHER)
     for split, n_docs in [("train", 3), ("val", 2)]:
         table = pd.read_parquet(tiny.path(paths.targets(DATASET, TEACHER, split)))
         prompts = pd.read_parquet(tiny.path(paths.prompts(DATASET, split))).set_index("doc_id")
@@ -164,9 +164,10 @@ def test_distill_selects_by_val_macro_f1_with_student_predicts_generation(tiny):
         record = json.loads(open(paths.selection(DATASET, STUDENT, "phase1_only")).read())
         log = pd.read_parquet(paths.train_log(DATASET, STUDENT, "phase1_only"))
         val = read_split(paths.split_files(DATASET, TEACHER, "val"))
-        cfg, name = with_distilled_model(config, STUDENT, "phase1_only",
-                                         paths.student_model_dir(DATASET, STUDENT, "phase1_only"))
-        pred = generate_cot(cfg, name, val.prompts.reset_index(), val.space, "val_pred.parquet")
+        catalog, name = with_distilled_model(ModelCatalog.from_config(config), STUDENT, "phase1_only",
+                                             paths.student_model_dir(DATASET, STUDENT, "phase1_only"))
+        pred = generate_cot(catalog, name, val.prompts.reset_index(), val.space, "val_pred.parquet",
+                            gen=config["generation"])
     assert (record["criterion"], record["maximize"]) == ("val_macro_f1", True)
     scores = log.loc[log["split"] == "val", "val_macro_f1"]
     assert len(scores) == 2 and scores.between(0, 1).all()

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mechdistill.errors import ConfigError, InputError
+from mechdistill.model_sources import ModelCatalog
 from mechdistill.teacher import backends
 from mechdistill.teacher.backends import TransformersBackend, read_traces, student_generation
 from mechdistill.teacher.engines import check_engines, resolve_backend
@@ -34,7 +35,7 @@ class Interrupt(Exception):
 
 
 def test_resume_after_interrupted_generation(tiny_config, icd_space, prompts, tmp_path):
-    reference = generate_cot(tiny_config, "tiny_llama", prompts, icd_space, tmp_path / "ref" / "test.parquet")
+    reference = generate_cot(ModelCatalog.from_config(tiny_config), "tiny_llama", prompts, icd_space, tmp_path / "ref" / "test.parquet", gen=tiny_config["generation"])
     assert len(reference) == 5
     # The random model never writes "<answer>": every trace hits max_new_tokens=12 and is
     # budget-forced (force_answer_tokens=4) to write an answer block.
@@ -55,19 +56,19 @@ def test_resume_after_interrupted_generation(tiny_config, icd_space, prompts, tm
             return super().__call__(chats)
 
     def flaky_factory(fail_on_call):
-        backend = Flaky(tiny_config, "tiny_llama", tiny_config["generation"])
+        backend = Flaky(ModelCatalog.from_config(tiny_config), "tiny_llama", tiny_config["generation"])
         backend.fail_on_call = fail_on_call
         return backend
 
     out = tmp_path / "run" / "test.parquet"
     with pytest.raises(Interrupt):  # killed while generating the second shard (shard_size=2)
-        generate_cot(tiny_config, "tiny_llama", prompts, icd_space, out, backend_factory=lambda: flaky_factory(2))
+        generate_cot(ModelCatalog.from_config(tiny_config), "tiny_llama", prompts, icd_space, out, backend_factory=lambda: flaky_factory(2), gen=tiny_config["generation"])
     assert not out.exists()
     shards = list(out.parent.glob(".test.shards-*/shard-*.parquet"))
     assert [p.name for p in shards] == ["shard-00000.parquet"]
 
     calls.clear()
-    resumed = generate_cot(tiny_config, "tiny_llama", prompts, icd_space, out, backend_factory=lambda: flaky_factory(0))
+    resumed = generate_cot(ModelCatalog.from_config(tiny_config), "tiny_llama", prompts, icd_space, out, backend_factory=lambda: flaky_factory(0), gen=tiny_config["generation"])
     assert calls == [2, 1]  # only the two unfinished shards (2 + 1 documents) were generated
     pd.testing.assert_frame_equal(resumed, reference)
     pd.testing.assert_frame_equal(pd.read_parquet(out), reference)
@@ -80,7 +81,7 @@ def test_changed_settings_do_not_reuse_shards(tiny_config, icd_space, prompts, t
     stale.mkdir(parents=True)
     (stale / "shard-00000.parquet").write_text("from an earlier configuration")
     tiny_config["generation"].update(max_new_tokens=3, force_answer_tokens=0)
-    df = generate_cot(tiny_config, "tiny_llama", prompts, icd_space, out)
+    df = generate_cot(ModelCatalog.from_config(tiny_config), "tiny_llama", prompts, icd_space, out, gen=tiny_config["generation"])
     assert not stale.exists() and df["n_tokens"].max() <= 3 and not df["forced_answer"].any()
 
 
@@ -103,13 +104,13 @@ def test_a_resumed_run_parses_by_the_current_settings(tiny_config, icd_space, pr
 
     def run(threshold, out, factory=None):
         tiny_config["generation"]["fuzzy_threshold"] = threshold
-        return generate_cot(tiny_config, "tiny_llama", prompts, icd_space, out, "", "", factory)
+        return generate_cot(ModelCatalog.from_config(tiny_config), "tiny_llama", prompts, icd_space, out, "", "", factory, gen=tiny_config["generation"])
 
     lenient = run(90, tmp_path / "lenient" / "test.parquet")
     assert lenient["pred_labels"].map(list).tolist() == [["I50.22"]] * 5  # the misspelt title maps at 90
     out = tmp_path / "run" / "test.parquet"
     with pytest.raises(Interrupt):
-        run(90, out, lambda: Killed(tiny_config, "tiny_llama", tiny_config["generation"], "", ""))
+        run(90, out, lambda: Killed(ModelCatalog.from_config(tiny_config), "tiny_llama", tiny_config["generation"], "", ""))
     assert len(list(out.parent.glob(".test.shards-*/shard-*.parquet"))) == 1
     resumed = run(100, out)
     strict = run(100, tmp_path / "strict" / "test.parquet")
@@ -123,7 +124,7 @@ def test_file_backend(tiny_config, icd_space, prompts, tmp_path):
             for i in range(5)]
     traces.write_text("\n".join(json.dumps(r) for r in rows))
     tiny_config["generation"].update(backend="file", traces=str(traces))
-    df = generate_cot(tiny_config, "tiny_llama", prompts, icd_space, tmp_path / "out.parquet")
+    df = generate_cot(ModelCatalog.from_config(tiny_config), "tiny_llama", prompts, icd_space, tmp_path / "out.parquet", gen=tiny_config["generation"])
     assert df["pred_labels"].map(list).tolist() == [["I50.22"]] * 5
     assert df["cot"][3] == "Heart failure, systolic rather than diastolic 3."
     assert (df["finish_reason"] == "file").all()
@@ -142,7 +143,7 @@ def test_file_backend_bad_traces(tiny_config, icd_space, prompts, tmp_path, rows
     traces.write_text("\n".join(json.dumps(r) for r in rows))
     tiny_config["generation"].update(backend="file", traces=str(traces))
     with pytest.raises(InputError) as err:
-        generate_cot(tiny_config, "tiny_llama", prompts, icd_space, tmp_path / "out.parquet")
+        generate_cot(ModelCatalog.from_config(tiny_config), "tiny_llama", prompts, icd_space, tmp_path / "out.parquet", gen=tiny_config["generation"])
     assert message in str(err.value) and str(traces) in str(err.value)
 
 
@@ -159,7 +160,7 @@ def test_file_backend_keeps_empty_cot(tiny_config, icd_space, prompts, tmp_path,
     traces = write_traces(tmp_path / "traces.jsonl", rows)
     tiny_config["generation"].update(backend="file", traces=traces)
     with caplog.at_level(logging.WARNING, logger="mechdistill.teacher.backends"):
-        df = generate_cot(tiny_config, "tiny_llama", prompts, icd_space, tmp_path / "out.parquet")
+        df = generate_cot(ModelCatalog.from_config(tiny_config), "tiny_llama", prompts, icd_space, tmp_path / "out.parquet", gen=tiny_config["generation"])
     assert df["doc_id"].tolist() == ["d0", "d1", "d2", "d3", "d4"]
     assert df["cot"].tolist() == ["Systolic 0.", "Systolic 1.", "", "Systolic 3.", ""]
     assert df["pred_labels"].map(list).tolist() == [["I50.22"]] * 4 + [[]]
@@ -176,7 +177,7 @@ def test_file_backend_unknown_doc_ids_warn(tiny_config, icd_space, prompts, tmp_
     traces = write_traces(tmp_path / "traces.jsonl", rows)
     tiny_config["generation"].update(backend="file", traces=traces)
     with caplog.at_level(logging.WARNING, logger="mechdistill.teacher.backends"):
-        df = generate_cot(tiny_config, "tiny_llama", prompts, icd_space, tmp_path / "out.parquet")
+        df = generate_cot(ModelCatalog.from_config(tiny_config), "tiny_llama", prompts, icd_space, tmp_path / "out.parquet", gen=tiny_config["generation"])
     assert len(df) == 5
     warning = [r.getMessage() for r in caplog.records if "not among" in r.getMessage()]
     assert len(warning) == 1 and "2 doc_id(s)" in warning[0] and "'x7', 'x8'" in warning[0]
@@ -187,7 +188,7 @@ def test_file_backend_reports_all_missing_doc_ids(tiny_config, icd_space, prompt
     traces = write_traces(tmp_path / "traces.jsonl", [{"doc_id": "d0", "cot": "ok"}, {"doc_id": "d3", "cot": "ok"}])
     tiny_config["generation"].update(backend="file", traces=traces)
     with pytest.raises(InputError) as err:
-        generate_cot(tiny_config, "tiny_llama", prompts, icd_space, tmp_path / "out.parquet")
+        generate_cot(ModelCatalog.from_config(tiny_config), "tiny_llama", prompts, icd_space, tmp_path / "out.parquet", gen=tiny_config["generation"])
     assert "no trace for 3 of the 5 documents" in str(err.value) and "'d1', 'd2', 'd4'" in str(err.value)
 
 
@@ -201,7 +202,7 @@ def test_file_backend_flags_answer_anomalies(tiny_config, icd_space, prompts, tm
     rows[3] = {"doc_id": "d3", "output": f"Think. <answer>{cands['d3'][1]}</answer> No: <answer>{cands['d3'][0]}</answer>"}
     traces = write_traces(tmp_path / "traces.jsonl", rows)
     tiny_config["generation"].update(backend="file", traces=traces)
-    df = generate_cot(tiny_config, "tiny_llama", prompts, icd_space, tmp_path / "out.parquet")
+    df = generate_cot(ModelCatalog.from_config(tiny_config), "tiny_llama", prompts, icd_space, tmp_path / "out.parquet", gen=tiny_config["generation"])
     assert df["pred_labels"].map(list)[1] == [cands["d1"][0], outside]
     assert df["outside_candidates"].map(list).tolist() == [[], [outside], [], [], []]
     assert df["n_answer_blocks"].tolist() == [1, 1, 1, 2, 1]
@@ -241,7 +242,7 @@ def test_vllm_backend_wiring(tiny_config, icd_space, prompts, tmp_path, monkeypa
     including budget forcing through `LLM.generate` on token ids."""
     seen = {"sampling": [], "chats": [], "generate": []}
     from mechdistill.models import load_tokenizer
-    tok = load_tokenizer(tiny_config, "tiny_llama")
+    tok = load_tokenizer(ModelCatalog.from_config(tiny_config), "tiny_llama")
 
     def result(text, reason):  # vLLM's output: token ids, which the backend decodes with our tokenizer
         out = types.SimpleNamespace(text="(vLLM's own text, unused)", finish_reason=reason,
@@ -269,7 +270,7 @@ def test_vllm_backend_wiring(tiny_config, icd_space, prompts, tmp_path, monkeypa
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams))
     monkeypatch.setattr(backends, "vllm_problem", lambda device: None)  # as if 8 GPUs were visible
     tiny_config["generation"].update(backend="vllm", device="cuda", tensor_parallel_size=8, max_model_len=4096)
-    df = generate_cot(tiny_config, "tiny_llama", prompts, icd_space, tmp_path / "out.parquet")
+    df = generate_cot(ModelCatalog.from_config(tiny_config), "tiny_llama", prompts, icd_space, tmp_path / "out.parquet", gen=tiny_config["generation"])
     assert seen["llm"]["tensor_parallel_size"] == 8 and seen["llm"]["max_model_len"] == 4096
     assert seen["llm"]["trust_remote_code"] is False and seen["llm"]["enforce_eager"] is False  # CUDA graphs on GPU
     assert (df["engine"].str.match(r"vllm \S+ \(cuda, compiled, auto\)")).all()
@@ -293,11 +294,11 @@ def test_vllm_missing_is_explained(tiny_config, icd_space, prompts, tmp_path, mo
     monkeypatch.setitem(sys.modules, "vllm", None)
     tiny_config["generation"]["backend"] = "vllm"
     with pytest.raises(ConfigError, match="vllm is not installed.*generation.backend: auto"):
-        generate_cot(tiny_config, "tiny_llama", prompts, icd_space, tmp_path / "out.parquet")
+        generate_cot(ModelCatalog.from_config(tiny_config), "tiny_llama", prompts, icd_space, tmp_path / "out.parquet", gen=tiny_config["generation"])
     with pytest.raises(ConfigError, match="generation.backend is 'vllm' but vllm is not installed"):
         check_engines(tiny_config)  # device cpu: found when the workflow starts
     tiny_config["generation"]["backend"] = "auto"  # where vLLM cannot run, transformers generates
-    df = generate_cot(tiny_config, "tiny_llama", prompts, icd_space, tmp_path / "auto.parquet")
+    df = generate_cot(ModelCatalog.from_config(tiny_config), "tiny_llama", prompts, icd_space, tmp_path / "auto.parquet", gen=tiny_config["generation"])
     assert df["engine"].str.startswith("transformers ").all() and resolve_backend(tiny_config["generation"]) == "transformers"
 
 

@@ -9,6 +9,7 @@ import yaml
 from mechdistill.config import load_config
 from mechdistill.io import read_parquet
 from mechdistill.labels import LabelSpace
+from mechdistill.model_sources import ModelCatalog
 from mechdistill.teacher.engines import vllm_problem
 from mechdistill.teacher.generate import generate_cot
 from tests.helpers import REPO
@@ -55,7 +56,7 @@ def test_teacher_cot_job_generates_with_vllm_like_transformers(tmp_path, monkeyp
     config["generation"]["backend"] = "transformers"
     prompts = read_parquet("results/tiny_icd/prompts/test.parquet", "prompts")
     space = LabelSpace(read_parquet("results/tiny_icd/data/labels.parquet", "labels"))
-    reference = generate_cot(config, "smollm2", prompts, space, tmp_path / "hf.parquet")
+    reference = generate_cot(ModelCatalog.from_config(config), "smollm2", prompts, space, tmp_path / "hf.parquet", gen=config["generation"])
     assert reference["engine"].str.startswith("transformers ").all()
     assert (traces["n_tokens"] > 0).all() and traces["forced_answer"].any()  # budget forcing went through vLLM too
     pd.testing.assert_frame_equal(traces[COMPARED], reference[COMPARED])
@@ -69,8 +70,8 @@ def test_a_student_generates_with_vllm_like_transformers(tmp_path, monkeypatch):
     snakemake(tmp_path, "results/tiny_icd/prompts/val.parquet", "--cores", "1", "--configfile", str(tmp_path / "vllm.yaml"))
     prompts = read_parquet("results/tiny_icd/prompts/val.parquet", "prompts")
     space = LabelSpace(read_parquet("results/tiny_icd/data/labels.parquet", "labels"))
-    fast = generate_cot(config, "tiny_student", prompts, space, tmp_path / "vllm.parquet")
+    fast = generate_cot(ModelCatalog.from_config(config), "tiny_student", prompts, space, tmp_path / "vllm.parquet", gen=config["generation"])
     config["generation"]["backend"] = "transformers"
-    reference = generate_cot(config, "tiny_student", prompts, space, tmp_path / "hf.parquet")
+    reference = generate_cot(ModelCatalog.from_config(config), "tiny_student", prompts, space, tmp_path / "hf.parquet", gen=config["generation"])
     assert fast["engine"].str.fullmatch(r"vllm 0\.32\.0 \(cpu, eager, float32, in-process\)").all()
     pd.testing.assert_frame_equal(fast[COMPARED], reference[COMPARED])
