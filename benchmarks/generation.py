@@ -40,11 +40,12 @@ sys.path.insert(0, str(ROOT))
 
 def chats_of(config: dict, n: int) -> list[list[dict]]:
     from mechdistill.data import prepare_dataset
+    from mechdistill.data.settings import DatasetSettings
     from mechdistill.labels import LabelSpace
     from mechdistill.teacher.prompts import build_prompts
 
     dataset = next(iter(config["datasets"]))
-    prepared = prepare_dataset(config, dataset)
+    prepared = prepare_dataset(DatasetSettings.from_config(config, dataset=dataset), dataset)
     docs = prepared.splits["test"]
     if len(docs) < n:
         docs = docs.sample(n, replace=True, random_state=0)  # more chats than test documents: repeat some

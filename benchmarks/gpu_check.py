@@ -65,6 +65,7 @@ from mechdistill.characterize.capture import HeadCapture, capture_heads  # noqa:
 from mechdistill.characterize.scores import CoarseVariant  # noqa: E402
 from mechdistill.config import load_config  # noqa: E402
 from mechdistill.data import prepare_dataset  # noqa: E402
+from mechdistill.data.settings import DatasetSettings  # noqa: E402
 from mechdistill.distill.launch import deepspeed_config, init_distributed  # noqa: E402
 from mechdistill.distill.methods import resolve_method  # noqa: E402
 from mechdistill.distill.objective import student_loss, teacher_targets  # noqa: E402
@@ -131,7 +132,7 @@ def demo_split(config: dict, dataset: str, tokenizer, n_docs: int, split: str = 
     (`prepare_dataset`), prompts (`build_prompts`, the first training document as exemplar), as teacher
     CoT the worked two-phase answer of each document (`exemplar_answer`), and anchors (`anchor_table`
     with hierarchy near-misses only, so no embedder loads). tokenizer: the teacher's (early span)."""
-    prepared = prepare_dataset(config, dataset)
+    prepared = prepare_dataset(DatasetSettings.from_config(config, dataset=dataset), dataset)
     space = LabelSpace(prepared.labels)
     docs, train_docs = prepared.splits[split].head(n_docs), prepared.splits["train"]
     prompts = build_prompts(docs, space, config["datasets"][dataset]["candidates"], config["prompts"],

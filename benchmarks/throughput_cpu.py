@@ -44,6 +44,7 @@ from mechdistill.anchors.embed import SentenceEmbedder  # noqa: E402
 from mechdistill.characterize.capture import capture_heads  # noqa: E402
 from mechdistill.config import load_config  # noqa: E402
 from mechdistill.data import prepare_dataset  # noqa: E402
+from mechdistill.data.settings import DatasetSettings  # noqa: E402
 from mechdistill.labels import LabelSpace  # noqa: E402
 from mechdistill.models import ModelCatalog, load_model  # noqa: E402
 from mechdistill.teacher.backends import TransformersBackend  # noqa: E402
@@ -82,7 +83,7 @@ def prompt_lengths(config: dict, paper: dict, tokenizer) -> dict:
     """Mean rendered-prompt tokens: demo task prompts (test split), demo clean prompts per style, and
     clean prompts with the paper's clean_prompts settings per paper style (demo documents and labels)."""
     dataset = next(iter(config["datasets"]))
-    prepared = prepare_dataset(config, dataset)
+    prepared = prepare_dataset(DatasetSettings.from_config(config, dataset=dataset), dataset)
     space, train, test = LabelSpace(prepared.labels), prepared.splits["train"], prepared.splits["test"]
     embedder = SentenceEmbedder(config["embedder"])
     task = build_prompts(test, space, config["datasets"][dataset]["candidates"], config["prompts"], config["seed"],
