@@ -5,6 +5,12 @@ and each model maps it to its own token indices through its tokenizer's offset m
 + `char_span_to_tokens` / `spans_to_token_positions`). `shift_spans` moves spans into a longer text
 (CoT spans into prompt + CoT); `sentence_spans` cuts a text into sentences; `token_units` cuts it at
 its token starts.
+
+Token windows ("the first N tokens" of a CoT: the early segment E of Focus, CoarseScore and the
+mechanism losses) are defined once, on the TEACHER's tokens, as a character span
+(`first_tokens_span`), whatever model's CoT it is; each model then takes the tokens overlapping that
+span (`char_span_to_tokens`; as units of Focus / Confusion: `window_units`). So a Qwen3 or Gemma 3
+student's window covers the same characters as a Llama teacher's, not its own first N tokens.
 """
 
 from __future__ import annotations
@@ -35,11 +41,39 @@ def token_offsets(tokenizer, text: str) -> list[Span]:
     return [(int(s), int(e)) for s, e in enc["offset_mapping"]]
 
 
-def token_units(tokenizer, text: str) -> list[str]:
-    """`text` cut at its token starts: contiguous pieces whose concatenation is `text` (one per
-    token, leading whitespace kept), the units of Focus / Confusion."""
-    starts = [a for a, _ in token_offsets(tokenizer, text)]
+def units_at(text: str, offsets: list[Span]) -> list[str]:
+    """`text` cut at the starts of the tokens whose `offsets` are given: contiguous pieces whose
+    concatenation is `text` (one per token, the text between two token starts kept)."""
+    starts = [a for a, _ in offsets]
     return [text[a:b] for a, b in zip(starts, starts[1:] + [len(text)])]
+
+
+def token_units(tokenizer, text: str) -> list[str]:
+    """`text` cut at its token starts (`units_at`), the units of Focus / Confusion."""
+    return units_at(text, token_offsets(tokenizer, text))
+
+
+def first_tokens_span(text: str, offsets: list[Span], n_tokens: int) -> Span:
+    """The token window "first `n_tokens` tokens" of `text` as characters: (0, end of the last of the
+    first `n_tokens` tokens that covers a character), capped at len(text); (0, 0) if none.
+
+    `offsets` are the TEACHER's (`token_offsets(teacher_tokenizer, text)`), for every model's text: the
+    one definition of a token window (module docstring). A token that is one byte of a multi-byte
+    character ends where the character ends, so the window never splits a character."""
+    ends = [e for s, e in offsets[:max(n_tokens, 0)] if e > s]
+    return (0, min(max(ends), len(text))) if ends else (0, 0)
+
+
+def window_units(tokenizer, text: str, window: Span) -> tuple[list[str], list[str]]:
+    """`text` cut at `tokenizer`'s token starts (`token_units`), split into (the units of the tokens
+    that overlap the character span `window`, the rest). `window` starts the text (a
+    `first_tokens_span`), so its tokens (`char_span_to_tokens`) are the leading ones; a token that
+    straddles the window's end is in it."""
+    offsets = token_offsets(tokenizer, text)
+    units = units_at(text, offsets)
+    inside = char_span_to_tokens(offsets, window)
+    n_inside = inside[-1] + 1 if inside else 0
+    return units[:n_inside], units[n_inside:]
 
 
 def char_span_to_tokens(offsets: list[Span], span: Span) -> list[int]:

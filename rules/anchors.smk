@@ -13,6 +13,7 @@ rule anchors:
         paths.anchors(),
     params:
         settings=settings_of(AnchorSettings),
+        model=lambda wc: canonical(config["models"][wc.teacher]),  # its tokenizer defines the early window
     wildcard_constraints:
         teacher=one_of(config["models"]),
     log:
@@ -33,6 +34,8 @@ rule trajectories:
         summary=paths.trajectory_summary(),
     params:
         settings=settings_of(TrajectorySettings),
+        model=lambda wc: canonical(config["models"][wc.model.split("/")[0]]),  # its tokenizer cuts the units
+        teacher=lambda wc: canonical(config["models"][config["teacher"]]),  # its tokenizer defines the early window
     wildcard_constraints:
         model="[^/]+(/[^/]+)?",
     log:

@@ -6,7 +6,8 @@ tokenizer's offset mapping (`text.token_offsets` + `text.spans_to_token_position
 tokenizes prompt + CoT together, shift the spans by `len(prompt)` first (`text.shift_spans`).
 
 The spans of one CoT:
-- early span: the characters of the first `early_tokens` CoT tokens (Phase 1 segment E);
+- early span: the characters of the teacher's first `early_tokens` CoT tokens (Phase 1 segment E,
+  `text.first_tokens_span`: the one token window every model maps to its own tokens);
 - mention spans: every occurrence of a label ("[ID]", bare ID, or its exact title);
   shortlist spans (labels the CoT keeps) and near-miss spans (near-miss labels) are mention spans;
 - refine spans: whole sentences with contrastive reasoning. The refinement POSITION used
@@ -19,7 +20,7 @@ from __future__ import annotations
 import re
 
 from ..labels import LabelSpace
-from ..text import Span, sentence_spans
+from ..text import Span, first_tokens_span, sentence_spans
 
 # Contrast cues: a label right after one of these is being ruled out. "not" skips ICD title
 # phrases ("not specified", "not elsewhere classified", "not intractable", ...).
@@ -45,14 +46,6 @@ def _cue_regex(patterns: list[str] | None) -> re.Pattern | None:
     """One case-insensitive regex for the cues; None means the defaults, [] means no cue."""
     patterns = DEFAULT_REFINE_PATTERNS if patterns is None else patterns
     return re.compile("|".join(f"(?:{p})" for p in patterns), re.IGNORECASE) if patterns else None
-
-
-# ---------------------------------------------------------------- early segment
-
-def early_span(cot: str, offsets: list[Span], early_tokens: int) -> Span:
-    """(0, end of the `early_tokens`-th token): the Phase 1 early segment E; (0, 0) if none."""
-    ends = [e for s, e in offsets[:max(early_tokens, 0)] if e > s]
-    return (0, min(max(ends), len(cot))) if ends else (0, 0)
 
 
 # ---------------------------------------------------------------- mentions
@@ -154,12 +147,12 @@ def segment_cot(cot: str, offsets: list[Span], early_tokens: int, shortlist: lis
                 patterns: list[str] | None = None) -> dict:
     """All spans of one CoT, plus `reason` ("" when every kind of span was found).
 
-    `offsets` are the CoT's token offsets under the model that defines E (the teacher).
+    `offsets` are the CoT's token offsets under the model that defines E (the teacher's tokenizer).
     """
     cands = list(dict.fromkeys([*shortlist, *near_misses, *(candidates or [])]))
     short = mention_spans(cot, shortlist, space, cands)
     near = mention_spans(cot, near_misses, space, cands)
-    out = {"early_span": early_span(cot, offsets, early_tokens),
+    out = {"early_span": first_tokens_span(cot, offsets, early_tokens),
            "refine_spans": refine_spans(cot, patterns, short, near),
            "shortlist_spans": short, "nearmiss_spans": near}
     if not cot.strip():

@@ -30,17 +30,20 @@ class AnchorSettings(Settings):
 
 @dataclass(frozen=True)
 class TrajectorySettings(Settings):
-    """trajectories: the split, Focus/Confusion grid and prefixes, the early segment, the embedder."""
+    """trajectories: the split, Focus/Confusion grid and prefixes, the early segment (the first
+    `early_tokens` tokens of the teacher's tokenizer, for every model's CoT), the teacher's name, the
+    embedder. The teacher's models entry is a param of the rule (rules/anchors.smk), so editing it reruns it."""
 
-    KEYS = tuple(f"trajectories.{k}" for k in TRAJECTORY_KEYS) + ("anchors.early_tokens", "embedder")
+    KEYS = tuple(f"trajectories.{k}" for k in TRAJECTORY_KEYS) + ("anchors.early_tokens", "teacher", "embedder")
 
     split: str
     n_grid: int
     max_points: int
     early_tokens: int
+    teacher: str
     embedder: str
 
     @classmethod
     def from_values(cls, values: Declared) -> TrajectorySettings:
         return cls(**values.section("trajectories.", TRAJECTORY_KEYS), early_tokens=values["anchors.early_tokens"],
-                   embedder=values["embedder"])
+                   teacher=values["teacher"], embedder=values["embedder"])

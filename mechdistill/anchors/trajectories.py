@@ -6,7 +6,10 @@ Confusion  C(t) = cos(E(anchor_text + r_late[1..t]), c_near(x))
 c(x) is the mean embedding of the anchor texts (gold labels, their ancestors, or LLM concepts),
 c_near(x) the mean embedding of the near-miss label texts. Centroids of unit vectors are not
 unit-norm, so every cosine here is a true cosine. Units are the CoT's tokens as text (from any
-tokenizer, whitespace kept), so this module is tokenizer-agnostic. A Confusion prefix longer
+tokenizer, whitespace kept), so the curves are tokenizer-agnostic. The early / late split is the
+teacher's: the early units are the model's tokens overlapping the character span of the TEACHER's
+first `early_tokens` tokens of this CoT (`text.first_tokens_span`, `text.window_units`), so every
+model's window covers the same text, whatever its tokenizer. A Confusion prefix longer
 than the embedder reads (MiniLM: 256 word-pieces) is embedded whole, in windows
 (`embed.encode_windowed`).
 
@@ -24,7 +27,7 @@ import pandas as pd
 from scipy import stats
 
 from ..labels import LabelSpace
-from ..text import token_units
+from ..text import first_tokens_span, token_offsets, window_units
 from .embed import encode_windowed, window_texts
 
 
@@ -180,21 +183,30 @@ def mean_with_ci(df: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
     return out.drop(columns="sd")
 
 
+def early_late_units(text: str, tokenizer, teacher_tokenizer, early_tokens: int) -> tuple[list[str], list[str]]:
+    """A CoT's units (`tokenizer`'s tokens as text; early + late joined == text), split at the token
+    window: the early ones are the tokens overlapping the characters of `teacher_tokenizer`'s first
+    `early_tokens` tokens of `text` (the teacher's window, whichever model wrote `text`)."""
+    window = first_tokens_span(text, token_offsets(teacher_tokenizer, text), early_tokens)
+    return window_units(tokenizer, text, window)
+
+
 def trajectory_tables(model: str, cot: pd.DataFrame, anchors: pd.DataFrame, space: LabelSpace, tokenizer,
-                      embedder: Embedder, early_tokens: int, n_grid: int = 20,
+                      teacher_tokenizer, embedder: Embedder, early_tokens: int, n_grid: int = 20,
                       max_points: int | None = 48) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Focus and Confusion of `model`'s CoT for every document of the anchors table.
 
     cot: the model's CoT (teacher traces or a student's predictions), indexed by doc_id; a
-    document without one counts as an empty CoT. Units are `tokenizer`'s tokens as text: the first
-    `early_tokens` are the early segment. Returns (curves: model, doc_id, phase, t, value;
+    document without one counts as an empty CoT. Units are `tokenizer`'s (the model's) tokens as
+    text; the early segment is the units overlapping `teacher_tokenizer`'s first `early_tokens`
+    tokens (`early_late_units`). Returns (curves: model, doc_id, phase, t, value;
     summary: model, doc_id, focus, confusion, n_early, n_late, n_windows, reason).
     """
     docs = []
     for row in anchors.itertuples(index=False):
         text = cot.loc[row.doc_id, "cot"] if row.doc_id in cot.index else ""
-        units = token_units(tokenizer, text)  # contiguous: join == text
-        docs.append((row.doc_id, units[:early_tokens], units[early_tokens:], list(row.anchors), row.anchor_text,
+        early, late = early_late_units(text, tokenizer, teacher_tokenizer, early_tokens)
+        docs.append((row.doc_id, early, late, list(row.anchors), row.anchor_text,
                      [space.title[lab] for lab in row.near_misses]))
     # One batched, de-duplicated pass over every text the curves need; the loop then hits the cache.
     encode_windowed(embedder, [t for d in docs for t in needed_texts(*d[1:], max_points=max_points)])

@@ -52,14 +52,18 @@ def run_trajectories(config: dict, dataset: str, model: str, *, cot_path: PathLi
                      labels_path: PathLike | None = None, curves_path: PathLike | None = None,
                      summary_path: PathLike | None = None) -> None:
     """A model's CoT (the teacher's, or a student's predictions: `model` = "{student}/{method}") on
-    the trajectory split -> {model}/trajectories.parquet and trajectories_summary.parquet."""
+    the trajectory split -> {model}/trajectories.parquet and trajectories_summary.parquet. Units are the
+    model's tokens; the early window is the teacher's first `anchors.early_tokens` tokens (as characters)."""
     settings = TrajectorySettings.from_config(config)
     cot = read_parquet(cot_path or paths.model_cot(config, dataset, model)).set_index("doc_id")
-    anchors = read_parquet(anchors_path or paths.anchors(dataset, config["teacher"], settings.split))
+    anchors = read_parquet(anchors_path or paths.anchors(dataset, settings.teacher, settings.split))
     space = LabelSpace(read_parquet(labels_path or paths.labels(dataset), "labels"))
-    tokenizer = load_tokenizer(ModelCatalog.from_config(config), model.split("/")[0])
-    curves, summary = trajectory_tables(model, cot, anchors, space, tokenizer, SentenceEmbedder(settings.embedder),
-                                        settings.early_tokens, n_grid=settings.n_grid, max_points=settings.max_points)
+    catalog, name = ModelCatalog.from_config(config), model.split("/")[0]
+    teacher_tokenizer = load_tokenizer(catalog, settings.teacher)  # defines the early window of every model's CoT
+    tokenizer = teacher_tokenizer if name == settings.teacher else load_tokenizer(catalog, name)
+    curves, summary = trajectory_tables(model, cot, anchors, space, tokenizer, teacher_tokenizer,
+                                        SentenceEmbedder(settings.embedder), settings.early_tokens,
+                                        n_grid=settings.n_grid, max_points=settings.max_points)
     log.info("trajectories %s: %d documents, mean Focus %.3f, mean Confusion %.3f, NaN reasons %s",
              model, len(summary), summary["focus"].mean(), summary["confusion"].mean(),
              summary["reason"].replace("", "ok").value_counts().to_dict())

@@ -4,14 +4,13 @@ tokenizers, edge cases (the span <-> token helpers themselves: tests/test_text.p
 import pytest
 
 from mechdistill.anchors.segment import (
-    early_span,
     find_mentions,
     mention_spans,
     refine_spans,
     ruled_out,
     segment_cot,
 )
-from mechdistill.text import char_span_to_tokens, spans_to_token_positions, token_offsets
+from mechdistill.text import char_span_to_tokens, first_tokens_span, spans_to_token_positions, token_offsets
 from tests.helpers import icd_subtree
 from tests.test_text import NON_ASCII
 
@@ -31,10 +30,10 @@ def space():
 
 def test_early_span_ends_on_a_whole_character(byte_tok, smol_tok):
     off = token_offsets(byte_tok, NON_ASCII)                                       # one token per byte
-    assert early_span(NON_ASCII, off, 4) == (0, 4)                                 # "café"
-    assert early_span(NON_ASCII, off, 5) == (0, 4)                                 # 2nd byte of é
-    assert early_span(NON_ASCII, off, 100) == (0, 12)
-    assert early_span(NON_ASCII, token_offsets(smol_tok, NON_ASCII), 2) == (0, 3)  # c | af
+    assert first_tokens_span(NON_ASCII, off, 4) == (0, 4)                                 # "café"
+    assert first_tokens_span(NON_ASCII, off, 5) == (0, 4)                                 # 2nd byte of é
+    assert first_tokens_span(NON_ASCII, off, 100) == (0, 12)
+    assert first_tokens_span(NON_ASCII, token_offsets(smol_tok, NON_ASCII), 2) == (0, 3)  # c | af
 
 
 def test_mention_spans_to_tokens_on_two_tokenizers(space, byte_tok, smol_tok):
@@ -55,8 +54,8 @@ def test_mention_spans_to_tokens_on_two_tokenizers(space, byte_tok, smol_tok):
 
 def test_early_span_skips_zero_width_tokens():
     off = [(0, 0), (0, 3), (3, 5), (0, 0)]          # e.g. BOS ... EOS reported as (0, 0)
-    assert early_span("abcde", off, 1) == (0, 0)
-    assert early_span("abcde", off, 2) == (0, 3)
+    assert first_tokens_span("abcde", off, 1) == (0, 0)
+    assert first_tokens_span("abcde", off, 2) == (0, 3)
 
 
 def test_mentions_title_and_id(space):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -16,11 +17,14 @@ from mechdistill.anchors.trajectories import (
     confusion_prefixes,
     cosine,
     document_trajectories,
+    early_late_units,
     focus_curve,
     mean_with_ci,
     needed_texts,
     to_grid,
+    trajectory_tables,
 )
+from mechdistill.text import token_units
 from tests.helpers import LetterCountEmbedder, StubEmbedder
 
 R2 = math.sqrt(2)
@@ -234,3 +238,87 @@ def test_real_minilm_confusion_of_a_long_late_cot_sees_its_end():
         c_old[name] = cosine(emb.encode([prefix]).astype(np.float64), near_c)[0]  # MiniLM cuts at 256
     assert c_old["same"] == pytest.approx(c_old["pneumonia"], abs=1e-6)
     assert c_new["pneumonia"] > c_new["same"] + 0.05  # measured 0.19 vs 0.09
+
+
+# ---------------------------------------------------------------- the early window is the teacher's (issue 28, item 10)
+
+WINDOW_COT = "The work-up focused on heart failure with preserved ejection fraction, not the reduced one."
+
+
+def _tokenizer_of(pre_tokenizer, pieces: list[str]):
+    """A fast tokenizer built in code: `pre_tokenizer`'s pieces, each one token (WordLevel, [UNK] for others)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {piece: i for i, piece in enumerate(["[UNK]", *dict.fromkeys(pieces)])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizer
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]")
+
+
+@pytest.fixture(scope="module")
+def char_tok():
+    """One token per character (finer than SmolLM2's merges)."""
+    from tokenizers import Regex, pre_tokenizers
+
+    return _tokenizer_of(pre_tokenizers.Split(Regex("."), behavior="isolated"), list(WINDOW_COT))
+
+
+@pytest.fixture(scope="module")
+def word_tok():
+    """One token per whitespace-separated word, whitespace in no token (coarser than SmolLM2's)."""
+    from tokenizers import pre_tokenizers
+
+    return _tokenizer_of(pre_tokenizers.WhitespaceSplit(), WINDOW_COT.split())
+
+
+def smol_window_end(smol_tok, text: str, n: int) -> int:
+    """End of SmolLM2's first n tokens, from decoding them (no offsets involved)."""
+    prefix = smol_tok.decode(smol_tok(text, add_special_tokens=False)["input_ids"][:n])
+    assert text.startswith(prefix)
+    return len(prefix)
+
+
+def word_window_end(text: str, n: int) -> int:
+    """End of the n-th whitespace-separated word."""
+    return [m.end() for m in re.finditer(r"\S+", text)][n - 1]
+
+
+@pytest.mark.parametrize("n", [1, 5, 9])
+def test_a_students_early_window_covers_the_teachers_characters(smol_tok, char_tok, word_tok, n):
+    """Teacher SmolLM2, model char-level, and teacher word-level, model SmolLM2: the model's early units
+    are exactly the characters of the teacher's first n tokens, not the model's own first n tokens
+    (which cover n characters under the char-level tokenizer)."""
+    cases = [(smol_tok, char_tok, smol_window_end(smol_tok, WINDOW_COT, n)),
+             (word_tok, smol_tok, word_window_end(WINDOW_COT, n))]
+    for teacher, model, end in cases:
+        early, late = early_late_units(WINDOW_COT, model, teacher, n)
+        assert "".join(early) == WINDOW_COT[:end] and "".join(late) == WINDOW_COT[end:]
+    assert len(early_late_units(WINDOW_COT, char_tok, smol_tok, n)[0]) == smol_window_end(smol_tok, WINDOW_COT, n)
+    assert smol_window_end(smol_tok, WINDOW_COT, n) > n  # the char-level model's own n tokens cover less
+
+
+def test_the_teachers_own_window_is_its_first_tokens(smol_tok, byte_tok):
+    """On the teacher's own tokenizer the window is its first n tokens (as before); a window never
+    splits a multi-byte character a byte-level model writes in several tokens."""
+    units = token_units(smol_tok, WINDOW_COT)
+    for n in (1, 5, 9):
+        assert early_late_units(WINDOW_COT, smol_tok, smol_tok, n) == (units[:n], units[n:])
+    early, late = early_late_units("café au lait", byte_tok, byte_tok, 4)  # é is the 4th and 5th byte
+    assert "".join(early) == "café" and "".join(late) == " au lait"
+
+
+def test_trajectory_tables_measure_a_students_cot_on_the_teachers_window(smol_tok, char_tok):
+    """n_early of a char-level model's CoT = the characters of SmolLM2's (the teacher's) first 5 tokens."""
+    from types import SimpleNamespace
+
+    anchors = pd.DataFrame({"doc_id": ["d1", "d2"], "anchors": [["heart failure"]] * 2,
+                            "anchor_text": ["heart failure"] * 2, "near_misses": [[], []]})
+    cot = pd.DataFrame({"doc_id": ["d1"], "cot": [WINDOW_COT]}).set_index("doc_id")  # d2: no CoT
+    emb = LetterCountEmbedder(char_tok, max_seq_length=512)
+    _, summary = trajectory_tables("student/vanilla", cot, anchors, SimpleNamespace(title={}), char_tok, smol_tok,
+                                   emb, early_tokens=5, max_points=4)
+    end = smol_window_end(smol_tok, WINDOW_COT, 5)
+    assert summary["n_early"].tolist() == [end, 0]
+    assert summary["n_late"].tolist() == [len(WINDOW_COT) - end, 0]
+    assert summary["reason"].tolist() == ["no near-misses", "empty CoT"]
