@@ -186,6 +186,23 @@ def test_editing_any_declared_key_reruns_the_rules_that_declare_it(tiny, tmp_pat
     assert "student_predict" in changed
 
 
+def test_editing_the_teachers_model_entry_reruns_every_anchors_and_trajectories_job(tiny, tmp_path):
+    """The teacher's tokenizer defines the early window of every model's CoT (text.first_tokens_span): editing
+    the teacher's models entry changes the params of every anchors job and every trajectories job, the
+    students' included (their CoT does not change with the teacher's entry)."""
+    def params_by_output(config: dict) -> dict[tuple[str, str], str]:
+        return {(job.rule.name, str(job.output[0])): json.dumps([str(p) for p in job.params])
+                for job in jobs(config, tmp_path) if job.rule.name in ("anchors", "trajectories")}
+
+    base = params_by_output(tiny)
+    config = copy.deepcopy(tiny)
+    config["models"][tiny["teacher"]]["seed"] += 1
+    edited = params_by_output(config)
+    assert {rule for rule, _ in base} == {"anchors", "trajectories"}
+    assert any("/" in out.split("tiny_icd/", 1)[1].rsplit("/", 1)[0] for rule, out in base if rule == "trajectories")
+    assert edited.keys() == base.keys() and all(edited[job] != base[job] for job in base)
+
+
 def _touch_everything(workdir: Path, configfile: Path) -> None:
     """Record every job of `configfile` as done (Snakemake's --touch writes each output's metadata, params
     included, even of outputs that do not exist), then create the outputs, all with one mtime, so that a dry
