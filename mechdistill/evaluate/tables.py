@@ -66,14 +66,15 @@ BEST_BASELINE = "best baseline"  # the reference name of a gain over the best ba
 # The gain's reference per table: None = the best baseline of each column, else a method's name.
 TABLE_REFERENCE: dict[str, str | None] = {"table1": None, "table2": VANILLA, "table2_baselines": None,
                                           "table3": VANILLA, "table4": VANILLA}
-LAS_NOTE = ("LAS = Hase et al.'s (2020) leakage-adjusted simulatability: the simulator's accuracy gain from "
-            "the rationale, averaged over the leaking and non-leaking documents, a difference of accuracies "
-            "in [-1, 1] (0: the rationale does not help the simulator); the simulator's plain accuracy on "
+LAS_NOTE = ("LAS = Hase et al.'s (2020) leakage-adjusted simulatability: the simulator's accuracy on input + "
+            "rationale minus its accuracy on the input alone, averaged over the leaking and non-leaking "
+            "documents, a difference of accuracies in [-1, 1] (0: the rationale does not help the simulator); "
+            "the simulator's plain accuracy on "
             "input + rationale (the scale of the paper's 0.69-0.85) is metric sim_acc_xr of the metrics files, "
             "not a column here")
 SEMCOT_GAP = ("semcot writes no text rationale (its student reasons in implicit thought embeddings, "
-              "distill/baselines/semcot.py), so its Foc, Conf and LAS are empty here, where the paper reports "
-              "0.47 / 0.30 / 0.72 without saying which text it scored")
+              "distill/baselines/semcot.py), so its Foc, Conf and LAS are empty here, where the paper's "
+              "Table 1 reports 0.47 / 0.30 / 0.72 without saying which text it scored")
 METRIC_COLUMNS = ["dataset", "student", "method", "doc_id", "metric", "value"]
 KEYS = ["dataset", "student", "method"]
 ROW_KINDS = ("baseline", "ours", "ablation", "avg_gain", "teacher")
