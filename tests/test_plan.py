@@ -95,9 +95,13 @@ def test_baseline_teacher_generations():
     work = tiny_work(cfg)
     rows = work[work["stage"] == "baseline_teacher_data"].set_index("scope")
     assert sorted(rows.index) == ["morsd", "unicott"]  # the chain, heuristic condensing and CWT ask no teacher
-    # 2 train + 1 val documents; a tree is 7 calls of 10 tokens; MoRSD 3 samples of 20 + 32 forced answer tokens
+    # 2 train + 1 val documents; a tree is 7 calls of 10 tokens; MoRSD 3 samples of 20 + the generation's
+    # force_answer_tokens (0 in tiny_config) forced answer tokens
     assert rows.loc["unicott", "generated"] == 3 * 7 * 10 and rows.loc["unicott", "prefill"] == 3 * 7 * 150
-    assert rows.loc["morsd", "generated"] == 3 * 3 * (20 + 32) and (rows["model"] == "tiny_llama").all()
+    assert rows.loc["morsd", "generated"] == 3 * 3 * (20 + 0) and (rows["model"] == "tiny_llama").all()
+    cfg["generation"]["force_answer_tokens"] = 16  # MoRSD's samples get the greedy traces' answer budget
+    rows = tiny_work(cfg).query("stage == 'baseline_teacher_data'").set_index("scope")
+    assert rows.loc["morsd", "generated"] == 3 * 3 * (20 + 16)
     assert one(work, "distill", model="tiny_student").jobs == 6
 
 
@@ -216,6 +220,6 @@ def test_cli_detail_has_a_row_per_stage_dataset_and_model(capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| distill |")]
     cfg = load_config(PAPER)
     assert len(rows) == len(cfg["datasets"]) * len(cfg["students"])
-    points = sum(1 + 3 * (m == "mech") + 2 * (m == "semcot") for m in cfg["methods"])  # 2 x 2 and 3-value grids
+    points = len(cfg["methods"])  # one grid point per method (no grids: config/paper.yaml, equal tuning)
     assert all(f"| {points:,} |" in r for r in rows)
     assert math.isfinite(points)

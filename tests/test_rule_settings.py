@@ -48,7 +48,7 @@ RULE_SETTINGS: dict[str, tuple[type[Settings], ...]] = {
     "select_distill": (SelectSettings,), "student_predict": (StudentPredictSettings,),
     "evaluate": (EvaluateSettings,), "tables": (RunSettings,), "figure9": (RunSettings,), "claims": (ClaimSettings,),
 }
-NO_SETTINGS = {"all", "figure1", "patching_figures", "table1", "table2", "table3", "table4"}  # read paths only
+NO_SETTINGS = {"all", "figure1", "patching_figures", "table1", "table2", "table2_baselines", "table3", "table4"}  # read paths only
 
 # Keys whose tiny value is absent (None) or not editable by `_edited`: a valid other value.
 EDITS = {

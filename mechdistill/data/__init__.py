@@ -87,6 +87,7 @@ def prepare_dataset(settings: DatasetSettings, dataset: str) -> PreparedDataset:
     prepared = ADAPTERS[settings.adapter](**settings.arguments)
     for split in SPLITS:
         df = prepared.splits[split]
+        prepared.stats[f"n_{split}_source"] = len(df)  # the adapter's output (the files), before max_docs
         df["labels"] = df["labels"].map(list)
         prepared.splits[split] = subsample(df, settings.max_docs.get(split), settings.seed)
     files = ", ".join(str(v) for k, v in settings.arguments.items() if k in ("root", "path", "files"))

@@ -36,17 +36,24 @@ class Baseline:
     teacher_data: bool = False
     own_inference: bool = False
     teacher_calls: Callable[[Mapping[str, Any]], tuple[int, int]] = lambda params: (0, 0)
+    generation_keys: tuple[str, ...] = ()  # settings whose value None means the teacher's generation.<key>
 
     def asks_teacher(self, params: Mapping[str, Any]) -> bool:
         """Whether settings `params` call the teacher (a baseline_teacher_data job)."""
         return self.teacher_data and self.teacher_calls(params)[0] > 0
 
-    def params(self, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
-        """The defaults with the config's overrides; an unknown key is an error naming the known ones."""
+    def params(self, overrides: Mapping[str, Any] | None, generation: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The defaults with the config's overrides; an unknown key is an error naming the known ones. A
+        `generation_keys` setting left None takes generation[key] (the config's `generation` section, the
+        teacher's own greedy budget) when `generation` is given."""
         unknown = sorted(set(overrides or {}) - set(self.defaults))
         if unknown:
             raise KeyError(f"{self.name}: unknown setting {unknown[0]!r}; its settings: {', '.join(self.defaults)}")
-        return {**self.defaults, **(overrides or {})}
+        params = {**self.defaults, **(overrides or {})}
+        for key in self.generation_keys:
+            if params[key] is None and generation is not None:
+                params[key] = generation[key]
+        return params
 
 
 BASELINES: dict[str, Baseline] = {b.name: b for b in (
@@ -69,15 +76,19 @@ BASELINES: dict[str, Baseline] = {b.name: b for b in (
         defaults={
             "n_samples": 2,           # sampled rationales per document (paper: not checked)
             "temperature": 0.7,       # sampling temperature (paper: not checked)
-            "max_new_tokens": 128,    # the demo teacher's budget (paper: the teacher's own)
-            "force_answer_tokens": 32,  # a sample without an answer block gets "\n<answer>" and this many tokens
-            "min_f1": 0.5,            # answer F1 for a rationale to count as correct (paper: exact answer, 1.0)
+            "max_new_tokens": None,   # None: generation.max_new_tokens, the greedy traces' budget (paper: the teacher's own)
+            "force_answer_tokens": None,  # a sample without an answer block gets "\n<answer>" and this many
+                                      # tokens; None: generation.force_answer_tokens, as the greedy traces
+            "min_f1": "greedy",       # "greedy": a rationale is correct when its answer F1 > 0 and >= the greedy
+                                      # trace's F1; a number: F1 >= it (paper: exact answer, 1.0); docs/baselines.md
             "dedup_threshold": 0.9,   # word-set Jaccard above which a rationale is a near-duplicate (not checked)
             "n_select": 1,            # rationales kept per document (paper: not checked)
             "rd_keep": "lowest",      # "lowest" | "highest" RD first (paper: not checked)
         },
         teacher_data_keys=("n_samples", "temperature", "max_new_tokens", "force_answer_tokens"), teacher_data=True,
-        teacher_calls=lambda p: (p["n_samples"], p["max_new_tokens"] + p["force_answer_tokens"])),
+        generation_keys=("max_new_tokens", "force_answer_tokens"),
+        # tokens per call: 0 while the budget is unresolved (params without `generation`: only the calls are read)
+        teacher_calls=lambda p: (p["n_samples"], (p["max_new_tokens"] or 0) + (p["force_answer_tokens"] or 0))),
     Baseline(
         "semcot", "SemCoT: implicit thought tokens aligned with the reasoning, answered from them",
         defaults={

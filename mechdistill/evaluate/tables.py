@@ -10,9 +10,16 @@ per-document values. So a metric whose corpus value is not the mean of per-docum
 (macro-F1; LAS, averaged over leakage groups) is reported as its evaluator computed it.
 
 Rows, as in the paper's tables: per dataset, per student, one row per method; each method of kind
-"ours" carries per column its gain over the best BASELINE (methods of kind "baseline"; ablations
-never count; highest mean, lowest for lower-is-better columns), shown "0.620 (+0.090*)"; then per
-dataset an "Avg. gain" row (the mean gain of the ours rows) and the teacher's row.
+"ours" carries per column its gain over a REFERENCE row, shown "0.620 (+0.090*)"; then per dataset
+an "Avg. gain" row (the mean gain of the ours rows) and the teacher's row. The reference
+(`build_table`'s `reference`, `table_spec` per table) is as in the paper:
+  - Table 1 (clinical coding, MIMIC-IV): every method; the gain is over the best BASELINE of the
+    column (methods of kind "baseline"; ablations never count; highest mean, lowest for
+    lower-is-better columns): Table 1's Focus 0.62 - 0.53 = +0.09;
+  - Tables 2, 3, 4: only the Vanilla and ours rows (and the teacher); the gain is over Vanilla
+    (Table 2's Focus 0.66 - 0.41 = +0.25);
+  - table2_baselines (not in the paper): LF-WikiSeeAlso with every method and the gain over the
+    best baseline, Table 1's layout for the second dataset.
 Significance (App. E), "*" only when the difference favours ours and:
   - a metric with per-document values: paired Wilcoxon p < alpha AND the paired bootstrap CI of
     the mean difference excludes 0 (documents paired by doc_id);
@@ -51,8 +58,23 @@ TABLE_COLUMNS: list[tuple[str, str, bool]] = [
 ]
 LABELS = [label for label, _, _ in TABLE_COLUMNS]
 # Columns of each table (Table 3: the behaviour and task metrics of the further students;
-# Table 4: their mechanism scores).
-TABLE_LABELS = {"table1": LABELS, "table2": LABELS, "table3": LABELS[:4], "table4": LABELS[4:]}
+# Table 4: their mechanism scores; table2_baselines: Table 2 with every baseline).
+TABLE_LABELS = {"table1": LABELS, "table2": LABELS, "table2_baselines": LABELS, "table3": LABELS[:4],
+                "table4": LABELS[4:]}
+VANILLA = "vanilla"  # the reference row of Tables 2-4 (the paper's "Vanilla")
+BEST_BASELINE = "best baseline"  # the reference name of a gain over the best baseline per column
+# The gain's reference per table: None = the best baseline of each column, else a method's name.
+TABLE_REFERENCE: dict[str, str | None] = {"table1": None, "table2": VANILLA, "table2_baselines": None,
+                                          "table3": VANILLA, "table4": VANILLA}
+LAS_NOTE = ("LAS = Hase et al.'s (2020) leakage-adjusted simulatability: the simulator's accuracy on input + "
+            "rationale minus its accuracy on the input alone, averaged over the leaking and non-leaking "
+            "documents, a difference of accuracies in [-1, 1] (0: the rationale does not help the simulator); "
+            "the simulator's plain accuracy on "
+            "input + rationale (the scale of the paper's 0.69-0.85) is metric sim_acc_xr of the metrics files, "
+            "not a column here")
+SEMCOT_GAP = ("semcot writes no text rationale (its student reasons in implicit thought embeddings, "
+              "distill/baselines/semcot.py), so its Foc, Conf and LAS are empty here, where the paper's "
+              "Table 1 reports 0.47 / 0.30 / 0.72 without saying which text it scored")
 METRIC_COLUMNS = ["dataset", "student", "method", "doc_id", "metric", "value"]
 KEYS = ["dataset", "student", "method"]
 ROW_KINDS = ("baseline", "ours", "ablation", "avg_gain", "teacher")
@@ -159,14 +181,17 @@ def _row(dataset: str, student: str, method: str, kind: str, summary: _Summary |
 
 
 def _block_rows(block: pd.DataFrame, dataset: str, student: str, methods: Sequence[str], kinds: Mapping[str, str],
-                alpha: float, n_resamples: int, seed: int) -> list[dict]:
+                reference: str | None, alpha: float, n_resamples: int, seed: int) -> list[dict]:
     """Rows of one (dataset, student): a cell per column and method; each ours row's gain over the
-    best baseline of that column, with its test."""
+    reference of that column (reference None: the best baseline; else the row of method `reference`),
+    with its test."""
     summaries = {m: _Summary(block[block["method"] == m]) for m in methods}
     rows = [_row(dataset, student, m, kinds.get(m, "ablation"), summaries[m]) for m in methods]
+    is_reference = ((lambda r: r["kind"] == "baseline") if reference is None
+                    else (lambda r: r["method"] == reference))
     for mine in (r for r in rows if r["kind"] == "ours"):
         for label, metric, higher in TABLE_COLUMNS:
-            base = {r["method"]: r[label] for r in rows if r["kind"] == "baseline" and not math.isnan(r[label])}
+            base = {r["method"]: r[label] for r in rows if is_reference(r) and not math.isnan(r[label])}
             if not base or math.isnan(mine[label]):
                 continue
             best = (max if higher else min)(base, key=base.get)
@@ -188,14 +213,17 @@ def _avg_gain_row(rows: list[dict], dataset: str) -> dict | None:
 
 def build_table(metrics: pd.DataFrame, dataset: str | Sequence[str], students: Sequence[str],
                 methods: Sequence[str], kinds: Mapping[str, str] | None = None, teacher: str | None = None,
-                alpha: float = 0.05, n_resamples: int = 1000, seed: int = 0) -> pd.DataFrame:
+                alpha: float = 0.05, n_resamples: int = 1000, seed: int = 0,
+                reference: str | None = None) -> pd.DataFrame:
     """The rows of a table, in the given orders; see the module docstring.
 
     kinds: method -> baseline | ours | ablation (default: mech is ours, vanilla a baseline, the rest
     ablations). teacher: the teacher's model name; its row (method "teacher") closes each dataset
-    when its metrics are present.
+    when its metrics are present. reference: what the ours rows' gain is over: None, the best
+    baseline of each column (Table 1); a method's name, that method's row (Tables 2-4: "vanilla"; not
+    one of `methods`: no gains).
     Columns: dataset, student, method, kind (ROW_KINDS), the TABLE_COLUMNS labels (cell values), and
-    `stat_columns()`: per label the ours rows' gain over the best baseline, CI and p-value of the
+    `stat_columns()`: per label the ours rows' gain over the reference, CI and p-value of the
     paired difference, and its mark ("*" or ""); the avg-gain row holds gains in its `_delta`
     columns. Missing data are NaN / "", never errors.
     """
@@ -207,7 +235,7 @@ def build_table(metrics: pd.DataFrame, dataset: str | Sequence[str], students: S
         block_rows = []
         for student in students:
             block = in_dataset[in_dataset["student"] == student]
-            block_rows += _block_rows(block, ds, student, list(methods), kinds, alpha, n_resamples, seed)
+            block_rows += _block_rows(block, ds, student, list(methods), kinds, reference, alpha, n_resamples, seed)
         avg = _avg_gain_row(block_rows, ds)
         rows += block_rows + ([avg] if avg else [])
         mine = in_dataset[(in_dataset["method"] == TEACHER_METHOD) & (in_dataset["student"] == teacher)]
@@ -221,23 +249,29 @@ def build_table(metrics: pd.DataFrame, dataset: str | Sequence[str], students: S
 
 
 def table_spec(run: RunSettings, table: str, kinds: Mapping[str, str] | None = None) -> dict:
-    """Datasets, students, methods, kinds, teacher, columns and caption of `table` for a run's settings.
+    """Datasets, students, methods, kinds, reference, teacher, columns and caption of `table` for a run's settings.
 
     table1: datasets with adapter mimic4_icd10 (MIMIC-IV) or icd10cm_controlled (the demo);
-    table2: datasets with adapter wikiseealso (LF-WikiSeeAlso); both with the first two students
-    and every column. table3 / table4: the further students (students[2:]) on every dataset,
-    Table 3 with Focus, Confusion, LAS and macro-F1, Table 4 with the four mechanism scores. With
-    no further student, Tables 3 and 4 hold the teacher's rows only. Methods: the keys of
-    config["methods"], in config order; kinds: method -> kind (`distill.methods.method_kinds`).
+    table2 and table2_baselines: datasets with adapter wikiseealso (LF-WikiSeeAlso); all three with
+    the first two students and every column. table3 / table4: the further students (students[2:])
+    on every dataset, Table 3 with Focus, Confusion, LAS and macro-F1, Table 4 with the four
+    mechanism scores. With no further student, Tables 3 and 4 hold the teacher's rows only.
+    Methods, in config order (the keys of config["methods"]; kinds: method -> kind,
+    `distill.methods.method_kinds`): table1 and table2_baselines every method, the gain of ours
+    over the best baseline per column; table2, table3, table4 only vanilla and the methods of kind
+    ours, the gain over vanilla (TABLE_REFERENCE), as the paper lays them out.
     """
     names = list(run.datasets)
     adapter = {n: run.datasets[n].get("adapter") for n in names}
     students, methods = list(run.students), list(run.methods)
     demo = "; here the SYNTHETIC ICD-10-CM demo vignettes" if "icd10cm_controlled" in adapter.values() else ""
+    wiki = [n for n in names if adapter[n] in TABLE2_ADAPTERS]
     specs = {
         "table1": ([n for n in names if adapter[n] in TABLE1_ADAPTERS], students[:2],
                    f"clinical coding (MIMIC-IV in the paper{demo})"),
-        "table2": ([n for n in names if adapter[n] in TABLE2_ADAPTERS], students[:2], "LF-WikiSeeAlso"),
+        "table2": (wiki, students[:2], "LF-WikiSeeAlso"),
+        "table2_baselines": (wiki, students[:2], "LF-WikiSeeAlso with every baseline (not in the paper: Table 2 "
+                                                 "shows Vanilla and ours only)"),
         "table3": (names, students[2:], "further student backbones: behaviour, LAS and macro-F1"),
         "table4": (names, students[2:], "further student backbones: mechanism scores"),
     }
@@ -247,11 +281,24 @@ def table_spec(run: RunSettings, table: str, kinds: Mapping[str, str] | None = N
     kinds = dict(kinds) if kinds is not None else {}
     ours = [m for m in methods if kinds.get(m) == "ours"]
     baselines = [m for m in methods if kinds.get(m) == "baseline"]
-    caption = (f"{table[:5].capitalize()} {table[5:]}: {what}; datasets: {', '.join(datasets) or 'none'}; "
+    reference = TABLE_REFERENCE[table]
+    if reference is None:
+        shown = methods
+        versus = f"the best baseline ({', '.join(baselines) or 'none'}) per column"
+    else:
+        shown = [m for m in methods if m == reference or m in ours]
+        versus = f"the {reference} row" if reference in methods else f"{reference} (not in this config: no gains)"
+    notes = [SIG_NOTE]
+    if "LAS" in TABLE_LABELS[table]:
+        notes.append(LAS_NOTE)
+    if "semcot" in shown and any(label in TABLE_LABELS[table] for label in ("Foc", "Conf", "LAS")):
+        notes.append(SEMCOT_GAP)
+    number = "Table 2 (every baseline)" if table == "table2_baselines" else f"Table {table[5:]}"
+    caption = (f"{number}: {what}; datasets: {', '.join(datasets) or 'none'}; "
                f"students: {', '.join(chosen) or 'none in this config'}; teacher: {run.teacher or ''}. "
-               f"(+gain) = {', '.join(ours) or 'ours'} minus the best baseline ({', '.join(baselines) or 'none'}) "
-               f"per column; {SIG_NOTE}.")
-    return {"datasets": datasets, "students": chosen, "methods": methods, "kinds": kinds,
+               f"(+gain) = {', '.join(ours) or 'ours'} minus {versus}; " + "; ".join(notes) + ".")
+    return {"datasets": datasets, "students": chosen, "methods": shown, "kinds": kinds, "reference": reference,
+            "reference_name": reference or BEST_BASELINE,
             "teacher": run.teacher, "labels": TABLE_LABELS[table], "caption": caption}
 
 
@@ -280,9 +327,9 @@ def _cell_text(row: pd.Series, label: str, latex: bool = False, bold: bool = Fal
     return text
 
 
-def _row_name(row: pd.Series) -> list[str]:
+def _row_name(row: pd.Series, reference: str = BEST_BASELINE) -> list[str]:
     if row["kind"] == "avg_gain":
-        return [row["dataset"], "", f"{AVG_GAIN} (ours vs best baseline)"]
+        return [row["dataset"], "", f"{AVG_GAIN} (ours vs {reference})"]
     return [row["dataset"], row["student"], row["method"]]
 
 
@@ -311,15 +358,17 @@ def _header(labels: Sequence[str], latex: bool = False) -> list[str]:
     return ["Dataset", "Student", "Method"] + [f"{label} {_arrow(higher[label], latex)}" for label in labels]
 
 
-def to_markdown(table: pd.DataFrame, caption: str = "", labels: Sequence[str] = LABELS) -> str:
-    """Markdown table: values to 3 decimals, "(+gain)" on ours rows, avg-gain and teacher rows."""
+def to_markdown(table: pd.DataFrame, caption: str = "", labels: Sequence[str] = LABELS,
+                reference: str = BEST_BASELINE) -> str:
+    """Markdown table: values to 3 decimals, "(+gain)" on ours rows, avg-gain ("ours vs `reference`")
+    and teacher rows."""
     header = _header(labels)
     lines = [caption, ""] if caption else []
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * 3 + "---:|" * len(labels)]
     if table.empty:
         lines.append("| " + " | ".join([NO_ROWS] + [""] * (len(header) - 1)) + " |")
     for _, row in table.iterrows():
-        lines.append("| " + " | ".join(_row_name(row) + [_cell_text(row, label) for label in labels]) + " |")
+        lines.append("| " + " | ".join(_row_name(row, reference) + [_cell_text(row, label) for label in labels]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -328,7 +377,8 @@ def latex_escape(text: str) -> str:
     return text.translate(str.maketrans(LATEX_ESCAPES))
 
 
-def to_latex(table: pd.DataFrame, caption: str = "", labels: Sequence[str] = LABELS) -> str:
+def to_latex(table: pd.DataFrame, caption: str = "", labels: Sequence[str] = LABELS,
+             reference: str = BEST_BASELINE) -> str:
     """booktabs tabular in a table float; best student value per column per (dataset, student) in
     bold; ours rows shaded as in the paper (needs \\usepackage[table]{xcolor})."""
     header = _header(labels, latex=True)
@@ -345,7 +395,7 @@ def to_latex(table: pd.DataFrame, caption: str = "", labels: Sequence[str] = LAB
         if previous is not None and previous != block:
             lines.append("\\midrule")
         previous = block
-        cells = [latex_escape(str(c)) for c in _row_name(row)]
+        cells = [latex_escape(str(c)) for c in _row_name(row, reference)]
         for label in labels:
             cells.append(_cell_text(row, label, latex=True, bold=(i, label) in best))
         shade = "\\rowcolor{green!15} " if row["kind"] in ("ours", "avg_gain") else ""
@@ -355,14 +405,14 @@ def to_latex(table: pd.DataFrame, caption: str = "", labels: Sequence[str] = LAB
 
 
 def write_table(table: pd.DataFrame, files: dict[str, str | os.PathLike], caption: str = "",
-                labels: Sequence[str] = LABELS) -> None:
+                labels: Sequence[str] = LABELS, reference: str = BEST_BASELINE) -> None:
     """Write the table to files["csv"] (full precision, every column and stat), files["md"] and
     files["tex"] (the table's `labels` columns), each atomically."""
     csv = table if len(table) else pd.DataFrame({"note": [NO_ROWS]})
     with atomic_path(files["csv"]) as tmp:
         csv.to_csv(tmp, index=False)
-    write_text(files["md"], to_markdown(table, caption, labels))
-    write_text(files["tex"], to_latex(table, caption, labels))
+    write_text(files["md"], to_markdown(table, caption, labels, reference))
+    write_text(files["tex"], to_latex(table, caption, labels, reference))
 
 
 # -----------------------------------------------------------------------------

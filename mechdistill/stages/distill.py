@@ -270,8 +270,8 @@ def run_baseline_teacher_data(config: dict, dataset: str, method_name: str, *, s
     if not needs_teacher_data(method_name, entry):
         raise ConfigError(f"methods.{method_name}: not a baseline whose settings ask the teacher for data")
     method = resolve_method(method_name, entry)
-    recipe, params = method.load_recipe(), method.baseline.params((entry or {}).get("params"))
     gen = settings.generation
+    recipe, params = method.load_recipe(), method.baseline.params((entry or {}).get("params"), gen.mapping())
     backend = make_backend(ModelCatalog.from_config(config), teacher, gen.mapping(), dataset, splits[0])
     for split in splits:
         split_data = read_split({**paths.split_files(dataset, teacher, split), **((inputs or {}).get(split) or {})},

@@ -123,7 +123,7 @@ def selection_note(records: list[dict], datasets: list[str], students: list[str]
 
 
 def run_tables(config: dict, metrics_paths: list[PathLike], selection_paths: list[PathLike] | None = None) -> None:
-    """Every metrics file of the config -> results/tables/table{1..4}.{csv,md,tex}; the captions say
+    """Every metrics file of the config -> results/tables/{table1..4, table2_baselines}.{csv,md,tex}; the captions say
     which grid point and step of each student was selected (selection.json files, when given)."""
     run = RunSettings.from_config(config)
     metrics, kinds = _metrics(metrics_paths), method_kinds(run.methods)
@@ -131,10 +131,10 @@ def run_tables(config: dict, metrics_paths: list[PathLike], selection_paths: lis
     for table in paths.TABLES:
         spec = table_spec(run, table, kinds)
         built = build_table(metrics, spec["datasets"], spec["students"], spec["methods"], kinds, spec["teacher"],
-                            n_resamples=run.n_bootstrap, seed=run.seed)
+                            n_resamples=run.n_bootstrap, seed=run.seed, reference=spec["reference"])
         caption = spec["caption"] + selection_note(records, spec["datasets"], spec["students"])
         write_table(built, {fmt: paths.table(table, fmt) for fmt in paths.TABLE_FORMATS}, caption=caption,
-                    labels=spec["labels"])
+                    labels=spec["labels"], reference=spec["reference_name"])
         log.info("%s: %d rows (%s)", table, len(built), spec["caption"])
 
 

@@ -63,6 +63,19 @@ def test_wikiseealso_through_config_with_real_embedder(tmp_path, caplog, monkeyp
     assert "candidate recall" in caplog.text
 
 
+def test_stats_json_counts_the_files_and_the_sample(tmp_path, monkeypatch):
+    """stats.json: n_{split}_source = documents in the dataset's files (LF-WikiSeeAlso fixture: 20 trn rows, one
+    without labels, val_fraction 0.3 -> round(5.7) = 6 val; 7 tst rows, one without labels; 12 lbl rows),
+    n_{split} = the max_docs sample."""
+    cfg = wiki_config(tmp_path)
+    cfg["datasets"]["wiki"]["max_docs"] = {"train": 2, "val": 1, "test": 2}
+    monkeypatch.chdir(tmp_path)
+    run_prepare_dataset(cfg, "wiki")
+    stats = json.loads(Path(paths.data_stats("wiki")).read_text())
+    assert (stats["n_train_source"], stats["n_val_source"], stats["n_test_source"], stats["n_labels"]) == (13, 6, 6, 12)
+    assert (stats["n_train"], stats["n_val"], stats["n_test"]) == (2, 1, 2)
+
+
 def test_prepare_dataset_writes_every_split_and_the_label_space(tiny):
     tiny.ensure("prepare_dataset")
     labels = pd.read_parquet(tiny.path(paths.labels(DATASET)))

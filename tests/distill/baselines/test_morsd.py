@@ -18,6 +18,7 @@ from mechdistill.models import byte_tokenizer
 from tests.helpers import tiny_llama
 
 GOLD_BLOCK, WRONG_BLOCK = "<answer>A01</answer>", "<answer>B02</answer>"
+DEMO_GENERATION = {"max_new_tokens": 128, "force_answer_tokens": 32}  # config/config.yaml's generation budgets
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +63,27 @@ def teacher_frame() -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------- pure selection
+
+
+def test_correct_relative_to_the_greedy_answer():
+    gold = ["A", "B", "C", "D"]
+    assert morsd.answer_f1(["A", "B"], gold) == pytest.approx(2 / 3)      # 2*2 / (2+4)
+    assert morsd.answer_f1(["A", "X"], gold) == pytest.approx(1 / 3)      # 2*1 / (2+4)
+    assert morsd.correct(["A", "B"], gold, "greedy", greedy_f1=2 / 3)     # as good as the greedy answer
+    assert not morsd.correct(["A", "X"], gold, "greedy", greedy_f1=2 / 3)  # worse than it
+    assert morsd.correct(["A", "X"], gold, "greedy", greedy_f1=0.0)       # the greedy answer is wholly wrong
+    assert not morsd.correct(["X"], gold, "greedy", greedy_f1=0.0)        # wholly wrong is never correct
+    assert not morsd.correct(["A", "X"], gold, 0.5)                       # the old fixed threshold
+    with pytest.raises(ValueError, match="min_f1"):
+        morsd.correct(["A"], gold, "best")
+
+
+def test_budgets_default_to_the_generation_settings():
+    paper = {"max_new_tokens": 1024, "force_answer_tokens": 128}  # config/paper.yaml's generation
+    params = morsd.RECIPE.spec.params(None, paper)
+    assert (params["max_new_tokens"], params["force_answer_tokens"], params["min_f1"]) == (1024, 128, "greedy")
+    assert morsd.RECIPE.spec.teacher_calls(params) == (2, 1152)
+    assert morsd.RECIPE.spec.params({"force_answer_tokens": 16}, paper)["force_answer_tokens"] == 16
 
 
 def test_correct_is_answer_f1_at_least_min_f1():
@@ -124,7 +146,7 @@ def test_teacher_data_samples_with_seeds_and_keeps_the_greedy_trace():
         return [f"sampled {seed} for {t}\n<answer>A01</answer>" for t in texts]
 
     ctx = TeacherDataContext(generate=generate, render=lambda m: "R:" + m[0]["content"], split=split,
-                             split_name="train", params=morsd.RECIPE.spec.params({"n_samples": 2}), seed=10)
+                             split_name="train", params=morsd.RECIPE.spec.params({"n_samples": 2}, DEMO_GENERATION), seed=10)
     frame = morsd.teacher_data(ctx)
     rendered = [f"R:note {d}: hot" for d in ["d1", "d2", "d3"]]
     assert calls == [(rendered, 128, 0.7, 10), (rendered, 128, 0.7, 11)]
@@ -147,7 +169,7 @@ def test_a_sample_without_an_answer_block_is_forced_to_answer():
         return ["B02</answer>" for _ in texts]
 
     ctx = TeacherDataContext(generate=generate, render=lambda m: "R:" + m[0]["content"], split=split,
-                             split_name="train", params=morsd.RECIPE.spec.params({"n_samples": 1}), seed=0)
+                             split_name="train", params=morsd.RECIPE.spec.params({"n_samples": 1}, DEMO_GENERATION), seed=0)
     frame = morsd.teacher_data(ctx).set_index(["doc_id", "sample"])
     # one greedy continuation of d2's prompt + sample + "\n<answer>", force_answer_tokens (32) long
     assert calls[1] == (["R:note d2: hot" + "why R:note d2: hot\n<answer>"], 32, 0.0)
