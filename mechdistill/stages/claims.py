@@ -18,7 +18,7 @@ from .. import paths
 from ..distill.methods import method_kinds
 from ..evaluate import claims
 from ..evaluate.settings import ClaimSettings
-from ..evaluate.tables import load_metrics
+from ..evaluate.tables import load_metrics, table_spec
 from ..io import read_parquet, write_parquet, write_text
 
 log = logging.getLogger(__name__)
@@ -55,8 +55,11 @@ def run_claims(config: dict, *, md_path: PathLike | None = None, parquet_path: P
                                           _read(paths.patching(dataset, teacher, phase)), settings.min_gap, path,
                                           settings.patching_bootstrap, seed)
     metric_files = [f for f in paths.claims_inputs(config)["metrics"] if _exists(f)]
-    rows += claims.distillation_claims(load_metrics(metric_files), datasets, run.students,
-                                       method_kinds(run.methods), n_boot, seed)
+    kinds = method_kinds(run.methods)
+    references = {(d, s): spec["reference"] for table in ("table1", "table2", "table3")
+                  for spec in [table_spec(run, table, kinds)] for d in spec["datasets"] for s in spec["students"]}
+    rows += claims.distillation_claims(load_metrics(metric_files), datasets, run.students, kinds, n_boot, seed,
+                                       references=references)
     table = claims.assemble(rows)
     header = (f"Teacher `{teacher}`, students {', '.join(f'`{s}`' for s in run.students) or 'none'}, "
               f"datasets {', '.join(f'`{d}`' for d in datasets)}. Every number below was computed by the `claims` "
