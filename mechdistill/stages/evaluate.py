@@ -9,7 +9,8 @@ With method "teacher" (student = the teacher) it is the teacher's row of the tab
                 macro_f1 per resample (the paired bootstrap of App. E)
     behaviour   focus, confusion (the student's own CoT, trajectories rule)
     fidelity    bleu4 vs the teacher's trace (not for the teacher); perplexity of the teacher's trace
-    LAS         per-document contributions w_i (c_xr - c_x), whose mean is LAS; corpus las, sim_acc_*
+    LAS         las: per-document contributions w_i (c_xr - c_x), whose mean is LAS in [-1, 1];
+                sim_correct_xr per document; corpus las_corpus and the accuracies sim_acc_xr, sim_acc_x, sim_acc_r
     mechanism   sharpness, anchor_align, loopback, helpfulness of the student's pooled heads
                 (its pre-training pools) under teacher forcing on the teacher's test CoT
 
@@ -64,7 +65,7 @@ from ..teacher.prompts import render_prompt
 log = logging.getLogger(__name__)
 PathLike = str | os.PathLike
 LAS_SEP = "\n\n"  # between document and rationale in the simulators' x+r view
-LOGGED = ("P@1", "macro_f1", "focus", "confusion", "las", "bleu4", "perplexity", "sharpness", "anchor_align",
+LOGGED = ("P@1", "macro_f1", "focus", "confusion", "las", "sim_acc_xr", "bleu4", "perplexity", "sharpness", "anchor_align",
           "loopback", "helpfulness")
 
 
