@@ -242,6 +242,13 @@ def metrics(dataset: str = D, student: str = S, method: str = METHOD) -> str:
     return f"{student_dir(dataset, student, method)}/metrics.parquet"
 
 
+def las_simulator(dataset: str = D) -> str:
+    """Folder of a dataset's LAS simulators, trained once on the teacher's train traces and read by
+    every evaluate job: one per view (x, xr, r; safetensors or a save_pretrained folder) and
+    simulator.json (evaluate/las.py, `save_view_simulators`)."""
+    return f"{RESULTS}/{dataset}/las_simulator"
+
+
 def tables_dir() -> str:
     return f"{RESULTS}/tables"
 
@@ -309,7 +316,7 @@ def evaluate_inputs(config: dict, dataset: str = D, student: str = S, method: st
     teacher = config["teacher"]
     inputs = {"test_docs": data(dataset, "test"), "train_docs": data(dataset, "train"),
               "test_prompts": prompts(dataset, "test"), "teacher_test_cot": cot(dataset, teacher, "test"),
-              "teacher_train_cot": cot(dataset, teacher, "train"), "test_anchors": anchors(dataset, teacher, "test"),
+              "las_simulator": las_simulator(dataset), "test_anchors": anchors(dataset, teacher, "test"),
               "labels": labels(dataset), "student_coarse": head_scores(dataset, student, "coarse"),
               "student_refine": head_scores(dataset, student, "refine")}
     if method == TEACHER_METHOD:
@@ -363,6 +370,7 @@ def stage_targets(config: dict) -> dict[str, tuple[tuple[str, ...], list[str]]]:
                                                    for s in ("train", "val")]),
         "distill": (("distill", "select_distill"), [student_model(*x) for x in distilled]),
         "student_predict": (("student_predict",), [student_pred(*x, "test") for x in distilled]),
+        "las_simulator": (("las_simulator",), [las_simulator(d) for d in datasets]),
         "evaluate": (("evaluate",), [metrics(*x) for x in distilled]
                      + [metrics(d, teacher, TEACHER_METHOD) for d in datasets]),
         "figure1": (("figure1",), [figure1(d) for d in datasets]),

@@ -1,6 +1,25 @@
-# Evaluation: per-instance metrics of each (student, method); Tables 1-4 and Figure 9.
+# Evaluation: each dataset's LAS simulators (trained once), per-instance metrics of each (student, method); Tables 1-4 and Figure 9.
 
-from mechdistill.evaluate.settings import EvaluateSettings, RunSettings
+from mechdistill.evaluate.settings import EvaluateSettings, LasSimulatorSettings, RunSettings
+
+
+rule las_simulator:  # once per dataset: every evaluate job of the dataset reads these simulators
+    input:
+        train_docs=paths.data(split="train"),
+        teacher_train_cot=lambda wc: paths.cot(wc.dataset, config["teacher"], "train"),
+    output:
+        directory(paths.las_simulator()),
+    params:
+        settings=settings_of(LasSimulatorSettings),
+    threads: workflow.cores
+    resources:  # a seq2seq simulator fine-tunes on a GPU; the embedding ones run on the CPU
+        gpu=1 if config["evaluate"]["las"]["simulator"] == "seq2seq" else 0,
+    log:
+        paths.log("las_simulator", "{dataset}"),
+    conda:
+        "../envs/train.yaml"
+    script:
+        "../workflow_scripts/las_simulator.py"
 
 
 rule evaluate:

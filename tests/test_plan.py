@@ -207,7 +207,7 @@ def test_cli_plans_the_paper_config(capsys):
     assert main(["plan", "--configfile", str(PAPER)]) == 0
     out = capsys.readouterr().out
     stages = ["teacher_cot", "head_scores", "style_head_scores", "patching", "teacher_targets", "baseline_teacher_data", "distill",
-              "student_predict", "evaluate", "evaluate (LAS simulator)", "total"]
+              "student_predict", "evaluate", "las_simulator", "evaluate (LAS simulator)", "total"]
     printed = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")][1:]
     assert printed == stages
     total = next(line for line in out.splitlines() if line.startswith("| total"))

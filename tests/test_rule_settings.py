@@ -28,7 +28,7 @@ from mechdistill.distill.settings import (
     StudentPredictSettings,
     TargetSettings,
 )
-from mechdistill.evaluate.settings import ClaimSettings, EvaluateSettings, RunSettings
+from mechdistill.evaluate.settings import ClaimSettings, EvaluateSettings, LasSimulatorSettings, RunSettings
 from mechdistill.patching.settings import PatchingSettings
 from mechdistill.settings import Settings, lookup
 from mechdistill.teacher import engines
@@ -46,7 +46,7 @@ RULE_SETTINGS: dict[str, tuple[type[Settings], ...]] = {
     "patching": (PatchingSettings,), "teacher_targets": (TargetSettings,),
     "baseline_teacher_data": (BaselineDataSettings,), "distill": (DistillSettings,),
     "select_distill": (SelectSettings,), "student_predict": (StudentPredictSettings,),
-    "evaluate": (EvaluateSettings,), "tables": (RunSettings,), "figure9": (RunSettings,), "claims": (ClaimSettings,),
+    "las_simulator": (LasSimulatorSettings,), "evaluate": (EvaluateSettings,), "tables": (RunSettings,), "figure9": (RunSettings,), "claims": (ClaimSettings,),
 }
 NO_SETTINGS = {"all", "figure1", "patching_figures", "table1", "table2", "table2_baselines", "table3", "table4"}  # read paths only
 

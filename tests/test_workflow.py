@@ -38,8 +38,8 @@ def test_dry_run_demo(tmp_path):
     assert jobs == {"prepare_dataset": 1, "build_prompts": 3, "clean_prompts": 1, "teacher_cot": 4, "anchors": 4,
                     "trajectories": 7, "figure1": 1, "head_scores": 2, "head_comparison": 1, "head_figures": 1, "patching": 2,
                     "patching_figures": 1, "teacher_targets": 2, "distill": 6, "select_distill": 6,
-                    "student_predict": 6, "evaluate": 7, "tables": 1, "figure9": 1, "claims": 1,
-                    "baseline_teacher_data": 2, "all": 1, "total": 61}
+                    "student_predict": 6, "las_simulator": 1, "evaluate": 7, "tables": 1, "figure9": 1, "claims": 1,
+                    "baseline_teacher_data": 2, "all": 1, "total": 62}
 
 
 def test_dry_run_tiny_checks_the_claims(tmp_path):
@@ -77,6 +77,17 @@ def test_dry_run_paper_with_slurm_profile(tmp_path):
     assert all(c.startswith("srun --ntasks 8 python -m mechdistill distill ") for c in commands)
     snapshot = re.search(r"--config (\S+)", commands[0]).group(1)
     assert json.loads((tmp_path / snapshot).read_text())["teacher"] == teacher
+    # one las_simulator job per dataset; every evaluate job reads that dataset's simulators and no
+    # longer the teacher's train traces they are trained on (it trains none)
+    datasets = list(yaml.safe_load((REPO / "config/paper.yaml").read_text())["datasets"])
+    assert jobs["las_simulator"] == len(datasets)
+    planned = re.findall(r"rule las_simulator:\n    input: ([^\n]+)\n    output: ([^\n]+)", out)
+    assert sorted(o for _, o in planned) == sorted(f"results/{d}/las_simulator" for d in datasets)
+    assert all(f"results/{d}/{teacher}/cot/train.parquet" in i for (i, o), d in zip(sorted(planned, key=lambda x: x[1]),
+                                                                                  sorted(datasets)))
+    inputs = re.findall(r"rule evaluate:\n    input: ([^\n]+)\n    output: results/(\w+)/", out)
+    assert len(inputs) == jobs["evaluate"]
+    assert all(f"results/{d}/las_simulator" in i.split(", ") and "cot/train.parquet" not in i for i, d in inputs)
     # the teacher's own evaluation holds the teacher's 8 GPUs, a student's one
     evaluate = re.findall(r"rule evaluate:.*?wildcards: [^\n]*method=(\w+)\n    resources: [^\n]*gpu=(\d+)", out, re.S)
     assert evaluate and all(int(gpu) == (8 if method == "teacher" else 1) for method, gpu in evaluate)

@@ -21,12 +21,22 @@ TEACHER's answer. Simulators are always trained on the train split with the teac
 ("student" is Hase et al.'s self-simulation; it trains on the teacher's answers because the
 student has no train-split outputs, so the simulator learns the teacher's mapping.)
 
-One target per document (`target_label`): our answers are label sets and a simulator predicts
-one label, so each set is reduced to its label that is most frequent among the training targets'
-sets (ties: the first-named). A simulator can only name labels it has seen in training; in an
-extreme label space the first-named label is often one it never saw (and MIMIC's gold codes are
-sorted alphabetically, so "first" means nothing), which would score every view wrong by
-construction. Documents without a label are left out.
+One class per document (config `evaluate.las.target_form`, `reduce_target`): our answers are
+label sets and a simulator predicts one class, so each set becomes one of
+    top_label  its label that is most frequent among the TRAINING targets' sets (`target_label`;
+               ties: the first-named). A simulator can only name classes it has seen in training; in
+               an extreme label space the first-named label is often one it never saw (and MIMIC's
+               gold codes are sorted alphabetically, so "first" means nothing), which would score
+               every view wrong by construction.
+    label_set  the exact set as one class (`label_set_target`: sorted labels joined by "; "); a
+               test set never seen whole in training cannot be recovered by any view.
+Documents without a label are left out. docs/las_target_form.md compares the two on the demo.
+
+Once per dataset (stages/las_simulator.py). The simulators depend on the target only through its
+train side (`train_target_source`: the teacher's answers, or gold), so one set of simulators per
+dataset, trained on the teacher's train traces, serves every method and student and the teacher's
+row (`fit_view_simulators` there, `view_correctness` in evaluate); the test targets are reduced
+with the training sets' label frequencies saved beside them (`simulation_test_targets`).
 
 Input length. Simulators read a bounded number of tokens (T5: `max_source_length`; the MiniLM
 sentence embedder: 256 word-pieces), while a note with its candidate list is thousands. The
@@ -48,14 +58,19 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
 import logging
+import os
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import pandas as pd
 import torch
+from safetensors import safe_open
+from safetensors.numpy import save_file
 from sklearn.linear_model import LogisticRegression
 from tqdm.auto import tqdm
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
@@ -67,7 +82,10 @@ log = logging.getLogger(__name__)
 
 VIEWS = ("x", "xr", "r")
 TARGETS = ("teacher", "gold", "student")
+TARGET_FORMS = ("top_label", "label_set")
+LABEL_SET_SEP = "; "  # joins a label_set target
 SIMULATOR_KINDS = ("logreg", "centroid", "seq2seq")
+SEQ2SEQ_LABELS = "labels.json"  # beside a saved seq2seq simulator: the labels its generations snap to
 
 
 class Encoder(Protocol):
@@ -175,25 +193,69 @@ def label_frequencies(label_sets: Sequence[Sequence[str] | None]) -> Counter:
 
 
 def target_label(labels: Sequence[str] | None, frequency: Mapping[str, int] | None = None) -> str | None:
-    """The simulation target of one document: its label most frequent in `frequency` (ties and
-    no frequencies: the first-named); None without labels."""
+    """The "top_label" simulation target of one document: its label most frequent in `frequency`
+    (ties and no frequencies: the first-named); None without labels."""
     if labels is None or len(labels) == 0:
         return None
     labels = [str(label) for label in labels]
     return max(labels, key=lambda label: frequency.get(label, 0)) if frequency else labels[0]
 
 
-def simulation_targets(target: str, *, train_teacher: Sequence[Sequence[str]], train_gold: Sequence[Sequence[str]],
-                       test_teacher: Sequence[Sequence[str]], test_gold: Sequence[Sequence[str]],
-                       test_student: Sequence[Sequence[str]]) -> tuple[list[str | None], list[str | None]]:
-    """(train targets, test targets), one label or None per document, for `target` in TARGETS
-    (module docstring). Label sets are reduced by their frequency among the training sets."""
+def label_set_target(labels: Sequence[str] | None) -> str | None:
+    """The "label_set" simulation target of one document: its exact label set as one class, the
+    sorted distinct labels joined by LABEL_SET_SEP; None without labels."""
+    if labels is None or len(labels) == 0:
+        return None
+    return LABEL_SET_SEP.join(sorted({str(label) for label in labels}))
+
+
+def reduce_target(labels: Sequence[str] | None, form: str, frequency: Mapping[str, int] | None = None) -> str | None:
+    """One document's simulation target in `form` (TARGET_FORMS): `target_label` with the training
+    sets' `frequency`, or `label_set_target`."""
+    if form == "top_label":
+        return target_label(labels, frequency)
+    if form == "label_set":
+        return label_set_target(labels)
+    raise ValueError(f"unknown LAS target form {form!r}; expected one of {', '.join(TARGET_FORMS)}")
+
+
+def train_target_source(target: str) -> str:
+    """Whose answers the simulators are trained to recover for `target` (module docstring): "gold"
+    for target gold, else "teacher" (the student has no train-split answers). A per-dataset
+    simulator depends on the target only through this."""
     if target not in TARGETS:
         raise ValueError(f"unknown LAS target {target!r}; expected one of {', '.join(TARGETS)}")
-    train_sets = train_gold if target == "gold" else train_teacher
+    return "gold" if target == "gold" else "teacher"
+
+
+def simulation_train_targets(source: str, form: str, *, train_teacher: Sequence[Sequence[str]],
+                             train_gold: Sequence[Sequence[str]]) -> tuple[list[str | None], dict[str, int]]:
+    """(train targets, the training sets' label frequencies) for a `train_target_source`; the
+    frequencies reduce test sets to the same form (`simulation_test_targets`)."""
+    train_sets = train_gold if source == "gold" else train_teacher
+    frequency = dict(label_frequencies(train_sets))
+    return [reduce_target(s, form, frequency) for s in train_sets], frequency
+
+
+def simulation_test_targets(target: str, form: str, frequency: Mapping[str, int], *,
+                            test_teacher: Sequence[Sequence[str]], test_gold: Sequence[Sequence[str]],
+                            test_student: Sequence[Sequence[str]]) -> list[str | None]:
+    """Test targets for `target`, reduced with the TRAINING sets' label `frequency`."""
+    train_target_source(target)  # validates the name
     test_sets = {"teacher": test_teacher, "gold": test_gold, "student": test_student}[target]
-    frequency = label_frequencies(train_sets)
-    return [target_label(s, frequency) for s in train_sets], [target_label(s, frequency) for s in test_sets]
+    return [reduce_target(s, form, frequency) for s in test_sets]
+
+
+def simulation_targets(target: str, *, train_teacher: Sequence[Sequence[str]], train_gold: Sequence[Sequence[str]],
+                       test_teacher: Sequence[Sequence[str]], test_gold: Sequence[Sequence[str]],
+                       test_student: Sequence[Sequence[str]],
+                       form: str = "top_label") -> tuple[list[str | None], list[str | None]]:
+    """(train targets, test targets), one class or None per document, for `target` in TARGETS
+    and `form` in TARGET_FORMS (module docstring)."""
+    train, frequency = simulation_train_targets(train_target_source(target), form, train_teacher=train_teacher,
+                                                train_gold=train_gold)
+    return train, simulation_test_targets(target, form, frequency, test_teacher=test_teacher, test_gold=test_gold,
+                                          test_student=test_student)
 
 
 # ----------------------------------------------------------------------------- simulators
@@ -222,20 +284,42 @@ class EmbeddingSimulator:
         features, targets = self._features(texts), np.asarray(targets, dtype=object)
         self.classes = np.array(sorted(set(targets)), dtype=object)
         if len(self.classes) == 1 or self.kind == "centroid":
-            self.model = None
             centroids = np.stack([features[targets == c].mean(0) for c in self.classes])
-            self.centroids = centroids / np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+            self.weights = centroids / np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+            self.bias = np.zeros(len(self.classes))
         else:
-            self.model = LogisticRegression(C=self.C, max_iter=self.max_iter).fit(features, targets)
+            model = LogisticRegression(C=self.C, max_iter=self.max_iter).fit(features, targets)
+            assert list(model.classes_) == list(self.classes)
+            self.weights, self.bias = model.coef_, model.intercept_
         return self
 
     def predict(self, texts: Sequence[str]) -> list[str]:
+        """The class of the highest linear score features @ weights.T + bias ([n, classes]; cosine to
+        the centroids, or logistic regression's decision function). Binary logistic regression has
+        one row of weights: its score > 0 picks the second class, as scikit-learn's `predict`."""
         if not texts:
             return []
-        features = self._features(texts)
-        if self.model is not None:
-            return [str(t) for t in self.model.predict(features)]
-        return [str(self.classes[j]) for j in (features @ self.centroids.T).argmax(1)]
+        scores = self._features(texts) @ self.weights.T + self.bias  # [n, classes] or [n, 1]
+        picked = (scores[:, 0] > 0).astype(int) if scores.shape[1] == 1 < len(self.classes) else scores.argmax(1)
+        return [str(self.classes[j]) for j in picked]
+
+    def save(self, path: str | os.PathLike) -> None:
+        """The fitted classifier as one safetensors file: weights [classes or 1, d], bias; the kind and
+        classes in its metadata. Load with `EmbeddingSimulator.load(path, encoder)`."""
+        save_file({"weights": np.ascontiguousarray(self.weights, dtype=np.float64),
+                   "bias": np.ascontiguousarray(self.bias, dtype=np.float64)}, str(path),
+                  metadata={"kind": self.kind, "classes": json.dumps([str(c) for c in self.classes])})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, encoder: Encoder, truncator: Truncator | None = None) -> EmbeddingSimulator:
+        """A fitted simulator from `save`'s file, over `encoder` (the one it was fitted with)."""
+        with safe_open(str(path), framework="np") as f:
+            meta = f.metadata()
+            weights, bias = f.get_tensor("weights"), f.get_tensor("bias")
+        simulator = cls(encoder, kind=meta["kind"], truncator=truncator)
+        simulator.classes = np.array(json.loads(meta["classes"]), dtype=object)
+        simulator.weights, simulator.bias = weights, bias
+        return simulator
 
 
 def snap_to_label(text: str, labels: Sequence[str], cutoff: float = 0.6) -> str:
@@ -293,13 +377,20 @@ class Seq2SeqSimulator:
         """A trainable copy of the starting weights (loaded from the local cache on first use)."""
         self._load_tokenizer()
         if self.base_model is None:
-            self.base_model = AutoModelForSeq2SeqLM.from_pretrained(
-                self.model_name_or_path, dtype=torch.float32, trust_remote_code=False, local_files_only=True)
+            self.base_model = self._pretrained(self.model_name_or_path)
+        return copy.deepcopy(self.base_model).to(self._pick_device())
+
+    @staticmethod
+    def _pretrained(path: str):
+        return AutoModelForSeq2SeqLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False,
+                                                     local_files_only=True)
+
+    def _pick_device(self) -> torch.device:
         device = self.device_name
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        return copy.deepcopy(self.base_model).to(self.device)
+        return self.device
 
     def _encode_sources(self, texts: Sequence[str]) -> dict:
         enc = self.tokenizer(list(texts), max_length=self.max_source_length, truncation=True, padding=True,
@@ -347,6 +438,26 @@ class Seq2SeqSimulator:
         self.model = model.eval()
         return self
 
+    def save(self, path: str | os.PathLike) -> None:
+        """The fine-tuned model and tokenizer (`save_pretrained`, safetensors) and the training labels
+        (labels.json) in folder `path`. Load with `Seq2SeqSimulator.load(path, ...)`."""
+        if self.model is None:
+            raise RuntimeError("Seq2SeqSimulator.save called before fit")
+        path = Path(path)
+        self.model.save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+        (path / SEQ2SEQ_LABELS).write_text(json.dumps(self.labels))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, **kwargs) -> Seq2SeqSimulator:
+        """A fitted simulator from `save`'s folder, ready to predict; kwargs as the constructor's
+        (max_source_length, batch_size, device, ...: those it was trained with)."""
+        simulator = cls(str(path), **kwargs)
+        simulator._load_tokenizer()
+        simulator.model = cls._pretrained(str(path)).to(simulator._pick_device()).eval()
+        simulator.labels = json.loads((Path(path) / SEQ2SEQ_LABELS).read_text())
+        return simulator
+
     def predict(self, texts: Sequence[str]) -> list[str]:
         if self.model is None:
             raise RuntimeError("Seq2SeqSimulator.predict called before fit")
@@ -393,32 +504,60 @@ def simulator_factory(settings: dict, seed: int = 0, encoder: Encoder | None = N
 
 # ----------------------------------------------------------------------------- LAS
 
+def _with_target(targets: Sequence[str | None]) -> list[int]:
+    return [i for i, t in enumerate(targets) if t is not None]
+
+
+def fit_view_simulators(make_simulator: Callable[[], Simulator], train_inputs: Sequence[str],
+                        train_rationales: Sequence[str], train_targets: Sequence[str | None],
+                        sep: str = "\n\n") -> Iterator[tuple[str, Simulator]]:
+    """Train one simulator per view (VIEWS) on the training documents with a target, the views fitted
+    to the first simulator's `truncator` (if it has one); yields (view, fitted simulator) one at a
+    time (a seq2seq simulator holds a model: save or use it before taking the next)."""
+    keep = _with_target(train_targets)
+    if not keep:
+        raise ValueError("LAS needs at least one training document with a target")
+    simulator: Simulator | None = make_simulator()
+    train = view_texts([train_inputs[i] for i in keep], [train_rationales[i] for i in keep],
+                       getattr(simulator, "truncator", None), sep)
+    y_train = [str(train_targets[i]) for i in keep]
+    for view in VIEWS:
+        fitted = (simulator or make_simulator()).fit(train[view], y_train)
+        simulator = None
+        yield view, fitted
+        del fitted
+
+
+def view_correctness(simulators: Iterable[tuple[str, Simulator]], truncator: Truncator | None,
+                     test_inputs: Sequence[str], test_rationales: Sequence[str],
+                     test_targets: Sequence[str | None], sep: str = "\n\n") -> dict[str, np.ndarray]:
+    """Per test document with a target, is each view's simulator correct? `simulators` yields
+    (view, fitted simulator) for every view in VIEWS (fitted or loaded one at a time); `truncator`
+    is the budget the training views were fitted to. Returns boolean arrays {"x", "xr", "r"}."""
+    keep = _with_target(test_targets)
+    if not keep:
+        raise ValueError("LAS needs at least one test document with a target")
+    test = view_texts([test_inputs[i] for i in keep], [test_rationales[i] for i in keep], truncator, sep)
+    y_test = np.array([str(test_targets[i]) for i in keep], dtype=object)
+    correct = {view: np.array(simulator.predict(test[view]), dtype=object) == y_test for view, simulator in simulators}
+    if set(correct) != set(VIEWS):
+        raise ValueError(f"simulators for views {sorted(correct)}; LAS needs {', '.join(VIEWS)}")
+    return correct
+
+
 def simulator_correctness(make_simulator: Callable[[], Simulator],
                           train_inputs: Sequence[str], train_rationales: Sequence[str],
                           train_targets: Sequence[str | None],
                           test_inputs: Sequence[str], test_rationales: Sequence[str],
                           test_targets: Sequence[str | None], sep: str = "\n\n") -> dict[str, np.ndarray]:
-    """Train one simulator per view on the training split; per test document, is it correct?
-
-    The views are fitted to the first simulator's `truncator` (if it has one). Returns boolean
-    arrays {"x", "xr", "r"} over the test documents whose target is not None.
-    """
-    train_keep = [i for i, t in enumerate(train_targets) if t is not None]
-    test_keep = [i for i, t in enumerate(test_targets) if t is not None]
-    if not train_keep or not test_keep:
+    """Train one simulator per view on the training split (`fit_view_simulators`); per test
+    document, is it correct (`view_correctness`)? Boolean arrays {"x", "xr", "r"} over the test
+    documents whose target is not None."""
+    if not _with_target(train_targets) or not _with_target(test_targets):
         raise ValueError("LAS needs at least one training and one test document with a target")
-    pick = lambda xs, keep: [xs[i] for i in keep]  # noqa: E731
-    simulator = make_simulator()
-    truncator = getattr(simulator, "truncator", None)
-    train = view_texts(pick(train_inputs, train_keep), pick(train_rationales, train_keep), truncator, sep)
-    test = view_texts(pick(test_inputs, test_keep), pick(test_rationales, test_keep), truncator, sep)
-    y_train = [str(t) for t in pick(train_targets, train_keep)]
-    y_test = np.array([str(t) for t in pick(test_targets, test_keep)], dtype=object)
-    correct = {}
-    for view in VIEWS:
-        simulator = simulator if view == VIEWS[0] else make_simulator()  # one at a time: seq2seq holds a model
-        correct[view] = np.array(simulator.fit(train[view], y_train).predict(test[view]), dtype=object) == y_test
-    return correct
+    truncator = getattr(make_simulator(), "truncator", None)
+    return view_correctness(fit_view_simulators(make_simulator, train_inputs, train_rationales, train_targets, sep),
+                            truncator, test_inputs, test_rationales, test_targets, sep)
 
 
 def las_from_correctness(correct_x: Sequence[bool], correct_xr: Sequence[bool],
@@ -464,26 +603,96 @@ def las_contributions(correct: dict[str, np.ndarray]) -> np.ndarray:
     return weight * gain
 
 
+def las_rows(correct: Mapping[str, np.ndarray] | None, doc_ids: Sequence[str]) -> pd.DataFrame:
+    """LAS rows of the metrics artifact (doc_id, metric, value) from `view_correctness` over the
+    documents `doc_ids` (those with a target, in order). Metrics (their scales differ):
+
+        las              per document: its contribution w_i (c_xr - c_x) (`las_contributions`), whose
+                         mean is Hase et al.'s leakage-adjusted LAS, in [-1, 1] (0: the rationale
+                         does not help the simulator)
+        sim_correct_xr   per document: 1 if the x+r simulator recovers the target, else 0
+        las_corpus       corpus (doc_id ""): LAS
+        sim_acc_xr, sim_acc_x, sim_acc_r   corpus: the simulators' accuracies in [0, 1] on x+r, x
+                         and r (sim_acc_r is the leakage rate)
+
+    `correct` None (no target on either split): one corpus "las" row with NaN.
+    """
+    if correct is None:
+        return pd.DataFrame({"doc_id": [""], "metric": ["las"], "value": [float("nan")]})
+    if len(doc_ids) != len(correct["x"]):
+        raise ValueError(f"{len(doc_ids)} doc ids for {len(correct['x'])} scored documents")
+    stats = las_from_correctness(correct["x"], correct["xr"], correct["r"])
+    return pd.concat([
+        pd.DataFrame({"doc_id": list(doc_ids), "metric": "las", "value": las_contributions(correct)}),
+        pd.DataFrame({"doc_id": list(doc_ids), "metric": "sim_correct_xr",
+                      "value": np.asarray(correct["xr"], dtype=float)}),
+        pd.DataFrame({"doc_id": "", "metric": ["las_corpus", "sim_acc_xr", "sim_acc_x", "sim_acc_r"],
+                      "value": [stats["las"], stats["sim_acc_xr"], stats["sim_acc_x"], stats["sim_acc_r"]]}),
+    ], ignore_index=True)
+
+
 def las_table(make_simulator: Callable[[], Simulator], train_inputs: Sequence[str],
               train_rationales: Sequence[str], train_targets: Sequence[str | None], doc_ids: Sequence[str],
               test_inputs: Sequence[str], test_rationales: Sequence[str],
               test_targets: Sequence[str | None]) -> pd.DataFrame:
-    """LAS rows of the metrics artifact: doc_id, metric, value.
-
-    Per test document with a target: metric "las" = its contribution (`las_contributions`, whose
-    mean is LAS); corpus rows (doc_id ""): las_corpus, sim_acc_xr, sim_acc_x, sim_acc_r. Without a
-    target on either split: one corpus "las" row with NaN (and a warning).
-    """
-    keep = [i for i, t in enumerate(test_targets) if t is not None]
-    if not keep or not any(t is not None for t in train_targets):
+    """`las_rows` of simulators trained here (`simulator_correctness`); a warning and the NaN row
+    when either split has no target. (The pipeline trains them once per dataset instead:
+    stages/las_simulator.py, and scores with `view_correctness`.)"""
+    keep = _with_target(test_targets)
+    if not keep or not _with_target(train_targets):
         log.warning("LAS: no simulation target (no label in the target answers) on the %s split; LAS is NaN",
                     "test" if not keep else "train")
-        return pd.DataFrame({"doc_id": [""], "metric": ["las"], "value": [float("nan")]})
+        return las_rows(None, [])
     correct = simulator_correctness(make_simulator, train_inputs, train_rationales, train_targets,
-                                    [test_inputs[i] for i in keep], [test_rationales[i] for i in keep],
-                                    [test_targets[i] for i in keep])
-    stats = las_from_correctness(correct["x"], correct["xr"], correct["r"])
-    rows = pd.DataFrame({"doc_id": [doc_ids[i] for i in keep], "metric": "las", "value": las_contributions(correct)})
-    corpus = pd.DataFrame({"doc_id": "", "metric": ["las_corpus", "sim_acc_xr", "sim_acc_x", "sim_acc_r"],
-                           "value": [stats["las"], stats["sim_acc_xr"], stats["sim_acc_x"], stats["sim_acc_r"]]})
-    return pd.concat([rows, corpus], ignore_index=True)
+                                    test_inputs, test_rationales, test_targets)
+    return las_rows(correct, [doc_ids[i] for i in keep])
+
+
+# ----------------------------------------------------------------------------- saved simulators
+
+MANIFEST = "simulator.json"  # in a saved simulators' folder: what they were trained on and how
+SEQ2SEQ_LOAD_KEYS = ("max_source_length", "max_target_length", "batch_size")  # how a saved seq2seq one reads
+
+
+def simulator_path(directory: str | os.PathLike, view: str, kind: str) -> Path:
+    """Where the `view` simulator of `kind` lives in a saved folder: a save_pretrained folder
+    (seq2seq) or one safetensors file (the embedding kinds)."""
+    return Path(directory) / (view if kind == "seq2seq" else f"{view}.safetensors")
+
+
+def save_view_simulators(directory: str | os.PathLike, simulators: Iterable[tuple[str, Simulator]],
+                         manifest: dict) -> None:
+    """Save each (view, fitted simulator) as it comes (`fit_view_simulators`), then `manifest`
+    (needs "kind"; JSON) as MANIFEST. No pickles: safetensors and JSON only."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    views = []
+    for view, simulator in simulators:
+        simulator.save(simulator_path(directory, view, manifest["kind"]))
+        views.append(view)
+    if views != list(VIEWS):
+        raise ValueError(f"saved views {views}; LAS needs {', '.join(VIEWS)}")
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+
+
+def load_manifest(directory: str | os.PathLike) -> dict:
+    return json.loads((Path(directory) / MANIFEST).read_text())
+
+
+def load_view_simulators(directory: str | os.PathLike, encoder: Encoder | None = None,
+                         device: str = "auto") -> tuple[Truncator | None, Iterator[tuple[str, Simulator]]]:
+    """(the truncator the saved simulators' training views were fitted to, an iterator loading each
+    (view, simulator) in turn, so at most one seq2seq model is in memory). `encoder`: the sentence
+    embedder of the embedding kinds (the one they were fitted over)."""
+    manifest = load_manifest(directory)
+    kind = manifest["kind"]
+    if kind == "seq2seq":
+        reads = {k: manifest["seq2seq"][k] for k in SEQ2SEQ_LOAD_KEYS}
+        truncator = Seq2SeqSimulator(str(simulator_path(directory, VIEWS[0], kind)), **reads).truncator
+        load = lambda view: Seq2SeqSimulator.load(simulator_path(directory, view, kind), device=device, **reads)  # noqa: E731
+    else:
+        if encoder is None:
+            raise ValueError(f"saved {kind} simulators need their encoder")
+        truncator = encoder_truncator(encoder)
+        load = lambda view: EmbeddingSimulator.load(simulator_path(directory, view, kind), encoder, truncator)  # noqa: E731
+    return truncator, ((view, load(view)) for view in VIEWS)

@@ -38,6 +38,22 @@ class EvaluateSettings(Settings):
 
 
 @dataclass(frozen=True)
+class LasSimulatorSettings(Settings):
+    """las_simulator: the LAS simulators (`evaluate.las`: kind, target, target form, seq2seq training),
+    the seed (seq2seq training) and the embedder (the embedding kinds' encoder)."""
+
+    KEYS = ("evaluate.las", "seed", "embedder")
+
+    las: dict[str, Any]
+    seed: int
+    embedder: str
+
+    @classmethod
+    def from_values(cls, values: Declared) -> LasSimulatorSettings:
+        return cls(values["evaluate.las"], values["seed"], values["embedder"])
+
+
+@dataclass(frozen=True)
 class RunSettings(Settings):
     """tables and figure9: which datasets, students, methods (their kinds) and teacher the run has,
     and the bootstrap of their CIs."""

@@ -18,12 +18,15 @@ Ranking metrics at cut-off k, with T_k = the first k ranked labels and hit_j = [
   PSP@k  = propensity-scored precision (Jain et al. 2016), see `psp_at_k`.
 Set metrics (no cut-off): exact_match = [set(pred) == G]; macro-F1 and micro-F1 (App. D.2):
   F1_l = 2 TP_l / (2 TP_l + FP_l + FN_l)   (0 when P_l is 0/0, as scikit-learn zero_division=0)
-  macro-F1 = (1/|L|) sum_{l in L} F1_l,  L = labels that are gold or predicted for some document.
+  macro-F1 = (1/|L|) sum_{l in L} F1_l,  L = labels gold for some scored document (TP_l + FN_l > 0).
   micro-F1 = 2 sum_l TP_l / (2 sum_l TP_l + sum_l FP_l + sum_l FN_l).
-Labels never gold and never predicted have F1 = 0/0 and are left out of the macro average
-(counting them as 0 would make macro-F1 shrink with the size of the label space, 501k labels
-for LF-WikiSeeAlso); this equals scikit-learn's `f1_score(average="macro")` on the binarised
-matrix restricted to the labels present.
+The class set L is the gold's, so it is one set per test set for every model: a predicted label
+that no document has as gold is a false positive in micro-F1 (and in no F1_l) but adds no class
+to the macro average; a predicted label in L counts as FP_l in its F1_l. Labels never gold are
+left out (counting the whole label space would make macro-F1 shrink with its size, 501k labels for
+LF-WikiSeeAlso). This equals scikit-learn's `f1_score(average="macro", labels=L)` on the binarised
+matrix. On a bootstrap resample (`macro_f1_resamples`) L is the resample's gold labels, as
+`macro_f1` on those documents; on the val set (distill/selection.py) the val gold's.
 
 Per-document functions return numpy arrays aligned with the input documents, so that two
 systems can be paired document by document in `evaluate.stats`.
@@ -227,7 +230,8 @@ def _label_counts(golds: list[set[str]], ranked: list[list[str]]) -> tuple[Count
 
 
 def _macro_f1(tp: Counter[str], fp: Counter[str], fn: Counter[str]) -> float:
-    labels = set(tp) | set(fp) | set(fn)
+    """Mean F1_l over the gold labels (TP_l + FN_l > 0; module docstring); 0.0 if there is none."""
+    labels = {lab for lab in set(tp) | set(fn) if tp[lab] + fn[lab] > 0}
     if not labels:
         return 0.0
     return float(np.mean([2 * tp[lab] / (2 * tp[lab] + fp[lab] + fn[lab]) for lab in labels]))
@@ -239,7 +243,7 @@ def _micro_f1(tp: Counter[str], fp: Counter[str], fn: Counter[str]) -> float:
 
 
 def macro_f1(gold: Labels, pred: Labels, label_space: Sequence[str] | None = None) -> float:
-    """Macro-F1 over the labels gold or predicted somewhere (see module docstring).
+    """Macro-F1 over the labels gold for some document (see module docstring).
 
     `label_space`, when given, only validates: a gold or predicted label outside it raises
     ValueError naming the document index and the label. Returns 0.0 if no label occurs at all
@@ -275,9 +279,9 @@ def macro_f1_resamples(gold: Labels, pred: Labels, resamples: np.ndarray) -> np.
               for c in cells]  # [doc, label] indicators, sparse: MIMIC-IV has ~10^4 docs x ~10^4 labels
     weights = np.stack([np.bincount(row, minlength=len(golds)) for row in resamples]).astype(float)  # [S, n]
     tp, fp, fn = (np.asarray((c.T @ weights.T).T) for c in counts)  # each [S, labels]
-    support = tp + fp + fn
-    f1 = np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros_like(tp), where=support > 0)
-    return f1.sum(1) / np.maximum((support > 0).sum(1), 1)
+    gold = (tp + fn) > 0  # [S, labels]: the class set of each resample (module docstring)
+    f1 = np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros_like(tp), where=gold)
+    return f1.sum(1) / np.maximum(gold.sum(1), 1)
 
 
 def micro_f1(gold: Labels, pred: Labels, label_space: Sequence[str] | None = None) -> float:

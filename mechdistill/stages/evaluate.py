@@ -9,16 +9,21 @@ With method "teacher" (student = the teacher) it is the teacher's row of the tab
                 macro_f1 per resample (the paired bootstrap of App. E)
     behaviour   focus, confusion (the student's own CoT, trajectories rule)
     fidelity    bleu4 vs the teacher's trace (not for the teacher); perplexity of the teacher's trace
-    LAS         per-document contributions w_i (c_xr - c_x), whose mean is LAS; corpus las, sim_acc_*
+    LAS         las: per-document contributions w_i (c_xr - c_x), whose mean is LAS in [-1, 1];
+                sim_correct_xr per document; corpus las_corpus and the accuracies sim_acc_xr, sim_acc_x, sim_acc_r
     mechanism   sharpness, anchor_align, loopback, helpfulness of the student's pooled heads
                 (its pre-training pools) under teacher forcing on the teacher's test CoT
 
-LAS simulator (`evaluate.las`): trained on the TRAIN split with the teacher's traces as
-rationales, then scored on the test split with the student's own rationale (the student has no
-train-split traces). Target (`evaluate.las.target`): the teacher's answer (default, the paper's
-teacher-faithfulness), the gold labels, or the student's answer; one label per document
-(`simulation_targets` in evaluate/las.py). The x+r input keeps the whole rationale within the
-simulator's token budget (the document is cut to fit).
+LAS simulators (`evaluate.las`): `run_las_simulator` (rule las_simulator) trains them ONCE per
+dataset on the TRAIN split with the teacher's traces as rationales and saves them
+(results/{dataset}/las_simulator/); every evaluate job of that dataset (each student and method,
+and the teacher's row) loads the same simulators and scores its own test rationales (the student
+has no train-split traces), so methods differ by their rationales only, not by a retrained
+simulator. Target (`evaluate.las.target`): the teacher's answer (default, the paper's
+teacher-faithfulness), the gold labels, or the student's answer; the simulators learn the teacher's
+answers for teacher and student, the gold labels for gold. One class per document
+(`evaluate.las.target_form`, `reduce_target` in evaluate/las.py). The x+r input keeps the whole
+rationale within the simulator's token budget (the document is cut to fit).
 """
 
 from __future__ import annotations
@@ -35,8 +40,21 @@ from ..anchors.embed import SentenceEmbedder
 from ..characterize.teacher_forcing import length_cap
 from ..distill.pools import model_pools
 from ..distill.signals import make_examples, mechanism_metrics
-from ..evaluate.las import las_table, simulation_targets, simulator_factory
-from ..evaluate.settings import EvaluateSettings
+from ..errors import InputError
+from ..evaluate.las import (
+    MANIFEST,
+    fit_view_simulators,
+    las_rows,
+    load_manifest,
+    load_view_simulators,
+    save_view_simulators,
+    simulation_test_targets,
+    simulation_train_targets,
+    simulator_factory,
+    train_target_source,
+    view_correctness,
+)
+from ..evaluate.settings import EvaluateSettings, LasSimulatorSettings
 from ..evaluate.tables import METRIC_COLUMNS
 from ..evaluate.text import bleu4, sentence_bleu4, trace_perplexity
 from ..evaluate.xmc import RESAMPLE, macro_f1_resample_rows, per_instance, summarize
@@ -46,7 +64,8 @@ from ..teacher.prompts import render_prompt
 
 log = logging.getLogger(__name__)
 PathLike = str | os.PathLike
-LOGGED = ("P@1", "macro_f1", "focus", "confusion", "las", "bleu4", "perplexity", "sharpness", "anchor_align",
+LAS_SEP = "\n\n"  # between document and rationale in the simulators' x+r view
+LOGGED = ("P@1", "macro_f1", "focus", "confusion", "las", "sim_acc_xr", "bleu4", "perplexity", "sharpness", "anchor_align",
           "loopback", "helpfulness")
 
 
@@ -100,8 +119,7 @@ def run_evaluate(config: dict, dataset: str, student: str, method: str, *,
                            batch_size=1)
     frames.append(pd.DataFrame({"doc_id": [ids[i] for i in has_trace], "metric": "perplexity", "value": ppl}))
 
-    frames.append(_las_frame(evaluate, read_parquet(p["teacher_train_cot"], "cot").set_index("doc_id"), train_docs,
-                             teacher_cot, docs, ids, gold, answers, student_cot))
+    frames.append(_las_frame(evaluate, p["las_simulator"], teacher_cot, docs, ids, gold, answers, student_cot))
 
     # mechanism: the model's pooled heads (its own head scores) on the teacher's test CoT
     pools = model_pools(evaluate.pools, model, p["student_coarse"], p["student_refine"])
@@ -141,18 +159,71 @@ def _task_frames(evaluate: EvaluateSettings, dataset: str, excluded_path: PathLi
             macro_f1_resample_rows(gold, answers, settings["n_bootstrap"], evaluate.seed, ids, excluded)]
 
 
-def _las_frame(evaluate: EvaluateSettings, teacher_train: pd.DataFrame, train_docs: pd.DataFrame,
-               teacher_cot: pd.DataFrame, docs: pd.DataFrame, ids: list[str], gold: list[list[str]],
-               answers: list[list[str]], student_cot: list[str]) -> pd.DataFrame:
-    """LAS (Hase et al. 2020): simulators trained on the teacher's train traces, tested on the student's."""
+def _las_frame(evaluate: EvaluateSettings, simulator_dir: PathLike, teacher_cot: pd.DataFrame, docs: pd.DataFrame,
+               ids: list[str], gold: list[list[str]], answers: list[list[str]], student_cot: list[str]) -> pd.DataFrame:
+    """LAS (Hase et al. 2020) of the test rationales `student_cot`, scored by the dataset's saved
+    simulators (`run_las_simulator`; none is trained here)."""
     las = evaluate.section["las"]
-    train_ids = [d for d in train_docs.index if d in teacher_train.index]
-    train_targets, test_targets = simulation_targets(
-        las["target"], train_teacher=[list(teacher_train.loc[d, "pred_labels"]) for d in train_ids],
-        train_gold=[list(train_docs.loc[d, "labels"]) for d in train_ids],
+    manifest = load_manifest(simulator_dir)
+    expected = {"kind": las["simulator"], "train_source": train_target_source(las["target"]),
+                "target_form": las["target_form"]}
+    if las["simulator"] != "seq2seq":
+        expected["embedder"] = evaluate.embedder
+    stale = {k: (manifest.get(k), v) for k, v in expected.items() if manifest.get(k) != v}
+    if stale:
+        raise InputError(f"the LAS simulators do not match evaluate.las (saved, configured): {stale}",
+                         file=str(simulator_dir), fix="rerun the las_simulator rule")
+    test_targets = simulation_test_targets(
+        las["target"], las["target_form"], manifest["label_frequency"],
         test_teacher=[list(teacher_cot.loc[d, "pred_labels"]) if d in teacher_cot.index else [] for d in ids],
         test_gold=gold, test_student=answers)
+    keep = [i for i, t in enumerate(test_targets) if t is not None]
+    if not keep or not manifest["trained"]:
+        log.warning("LAS: no simulation target (no label in the target answers) on the %s split; LAS is NaN",
+                    "train" if not manifest["trained"] else "test")
+        return las_rows(None, [])
     encoder = None if las["simulator"] == "seq2seq" else SentenceEmbedder(evaluate.embedder)
-    return las_table(simulator_factory(las, evaluate.seed, encoder), [train_docs.loc[d, "text"] for d in train_ids],
-                     [str(teacher_train.loc[d, "cot"]) for d in train_ids], train_targets,
-                     ids, [docs.loc[d, "text"] for d in ids], student_cot, test_targets)
+    truncator, simulators = load_view_simulators(simulator_dir, encoder, device=las["seq2seq"]["device"])
+    correct = view_correctness(simulators, truncator, [docs.loc[d, "text"] for d in ids], student_cot, test_targets,
+                               manifest["sep"])
+    return las_rows(correct, [ids[i] for i in keep])
+
+
+def run_las_simulator(config: dict, dataset: str, *, inputs: dict[str, PathLike] | None = None,
+                      out_dir: PathLike | None = None) -> None:
+    """Train the dataset's LAS simulators once (one per view, evaluate/las.py `fit_view_simulators`)
+    on the train split, the teacher's traces as rationales and its answers (gold labels for target
+    gold) as targets, and save them with their manifest -> results/{dataset}/las_simulator/.
+
+    inputs: overrides of train_docs and teacher_train_cot.
+    """
+    settings = LasSimulatorSettings.from_config(config)
+    las = settings.las
+    p = {"train_docs": paths.data(dataset, "train"), "teacher_train_cot": paths.cot(dataset, config["teacher"], "train"),
+         **(inputs or {})}
+    teacher_train = read_parquet(p["teacher_train_cot"], "cot").set_index("doc_id")
+    train_docs = read_parquet(p["train_docs"], "documents").set_index("doc_id")
+    train_ids = [d for d in train_docs.index if d in teacher_train.index]
+    source = train_target_source(las["target"])
+    targets, frequency = simulation_train_targets(
+        source, las["target_form"], train_teacher=[list(teacher_train.loc[d, "pred_labels"]) for d in train_ids],
+        train_gold=[list(train_docs.loc[d, "labels"]) for d in train_ids])
+    seq2seq = las["simulator"] == "seq2seq"
+    with_target = [t for t in targets if t is not None]
+    manifest = {"kind": las["simulator"], "train_source": source, "target_form": las["target_form"],
+                "label_frequency": frequency, "sep": LAS_SEP, "n_train": len(with_target),
+                "n_classes": len(set(with_target)), "trained": bool(with_target),
+                "embedder": None if seq2seq else settings.embedder, "seq2seq": las["seq2seq"] if seq2seq else None}
+    out = Path(out_dir or paths.las_simulator(dataset))
+    log.info("las_simulator %s: %s simulators on %d train documents (%s answers, %s targets, %d classes)",
+             dataset, las["simulator"], len(with_target), source, las["target_form"], manifest["n_classes"])
+    if not with_target:
+        log.warning("LAS: no simulation target (no label in the %s answers) on the train split; no simulator", source)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        return
+    encoder = None if seq2seq else SentenceEmbedder(settings.embedder)
+    simulators = fit_view_simulators(simulator_factory(las, settings.seed, encoder),
+                                     [train_docs.loc[d, "text"] for d in train_ids],
+                                     [str(teacher_train.loc[d, "cot"]) for d in train_ids], targets, LAS_SEP)
+    save_view_simulators(out, simulators, manifest)

@@ -9,12 +9,15 @@ import pytest
 from mechdistill.errors import ConfigError
 from mechdistill.evaluate.las import (
     SIMULATOR_KINDS,
+    TARGET_FORMS,
     TARGETS,
     EmbeddingSimulator,
     Seq2SeqSimulator,
     Truncator,
+    label_set_target,
     las_from_correctness,
     leakage_adjusted_simulatability,
+    reduce_target,
     simulation_targets,
     simulator_correctness,
     simulator_factory,
@@ -234,6 +237,19 @@ def test_simulation_targets_follow_the_choice():
         simulation_targets("oracle", **sets)
 
 
+def test_label_set_target_is_the_exact_set_as_one_class():
+    assert label_set_target(["B02", "A01", "B02"]) == "A01; B02" == label_set_target(["A01", "B02"])
+    assert label_set_target([]) is None and label_set_target(None) is None
+    assert reduce_target(["B02", "A01"], "label_set") == "A01; B02"
+    assert reduce_target(["B02", "A01"], "top_label", {"A01": 2}) == "A01"
+    with pytest.raises(ValueError, match="top_label, label_set"):
+        reduce_target(["A01"], "first")
+    sets = dict(train_teacher=[["A", "B"], ["B"]], train_gold=[["G1"], ["G1", "G2"]],
+                test_teacher=[["B", "A"], ["C"]], test_gold=[["G2", "G1"], []], test_student=[["B"], ["A"]])
+    assert simulation_targets("teacher", form="label_set", **sets) == (["A; B", "B"], ["A; B", "C"])
+    assert simulation_targets("gold", form="label_set", **sets) == (["G1", "G1; G2"], ["G1; G2", None])
+
+
 # ----------------------------------------------------------------------------- config
 
 def test_config_block_and_factory():
@@ -241,6 +257,7 @@ def test_config_block_and_factory():
 
     las = load_schema()["$defs"]["evaluate"]["properties"]["las"]["properties"]
     assert tuple(las["target"]["enum"]) == TARGETS and tuple(las["simulator"]["enum"]) == SIMULATOR_KINDS
+    assert tuple(las["target_form"]["enum"]) == TARGET_FORMS
     tiny = REPO / "config" / "tiny.yaml"
     defaults = load_config(tiny)["evaluate"]["las"]
     assert (defaults["simulator"], defaults["target"], defaults["seq2seq"]["max_source_length"]) == \

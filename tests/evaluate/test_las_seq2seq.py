@@ -117,3 +117,29 @@ def test_loads_a_local_directory(tiny_t5, tmp_path):
     tokenizer.save_pretrained(tmp_path)
     sim = Seq2SeqSimulator(str(tmp_path), epochs=20, lr=3e-3, device="cpu").fit(TEXTS, TARGETS)
     assert sim.predict(TEXTS) == TARGETS
+
+
+def test_saved_simulators_load_without_pickles_and_predict_the_same(tiny_t5, tmp_path):
+    from mechdistill.evaluate.las import (
+        VIEWS,
+        fit_view_simulators,
+        load_view_simulators,
+        save_view_simulators,
+    )
+
+    make = lambda: simulator(tiny_t5, epochs=5)  # noqa: E731
+    fitted = {}
+
+    def keep(pairs):
+        for view, sim in pairs:
+            fitted[view] = sim.predict(TEXTS)
+            yield view, sim
+    save_view_simulators(tmp_path, keep(fit_view_simulators(make, TEXTS, TEXTS, TARGETS)),
+                         {"kind": "seq2seq", "seq2seq": {"max_source_length": 512, "max_target_length": 16,
+                                                         "batch_size": 8}})
+    files = {p.suffix for p in tmp_path.rglob("*") if p.is_file()}
+    assert ".safetensors" in files and not files & {".bin", ".pt", ".pkl", ".pth"}
+    truncator, loaded = load_view_simulators(tmp_path, device="cpu")
+    assert truncator.budget == 512 - truncator.tokenizer.num_special_tokens_to_add(pair=False)
+    predictions = {view: sim.predict(TEXTS) for view, sim in loaded}
+    assert list(predictions) == list(VIEWS) and predictions == fitted

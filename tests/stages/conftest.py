@@ -47,6 +47,7 @@ def _stages(config: dict) -> list[tuple[str, Callable[[], None]]]:
         ("distill", lambda: distill.run_distill(config, DATASET, STUDENT, "mech")),
         ("student_predict", lambda: distill.run_student_predict(config, DATASET, STUDENT, "mech")),
         ("student_trajectories", lambda: anchors.run_trajectories(config, DATASET, f"{STUDENT}/mech")),
+        ("las_simulator", lambda: evaluate.run_las_simulator(config, DATASET)),
         ("evaluate", lambda: evaluate.run_evaluate(config, DATASET, STUDENT, "mech")),
     ]
 
