@@ -225,7 +225,7 @@ def test_table_spec():
     assert t2["datasets"] == ["wiki"] and t2["students"] == ["a", "b"]
     assert t3["datasets"] == t4["datasets"] == ["demo", "wiki", "mimic"]
     assert t3["students"] == t4["students"] == ["c", "d"]
-    assert t3["labels"] == ["Foc", "Conf", "LAS", "F1"] and t4["labels"] == ["Sharp", "Align", "Loop", "Help"]
+    assert t3["labels"] == ["Foc", "Conf", "LAS", "Sim", "F1"] and t4["labels"] == ["Sharp", "Align", "Loop", "Help"]
     assert t1["methods"] == ["vanilla", "mech", "phase1_only"] and t1["reference"] is None
     assert t2["methods"] == t3["methods"] == t4["methods"] == ["vanilla", "mech"]  # the paper's Tables 2-4
     assert t2["reference"] == t3["reference"] == t4["reference"] == "vanilla"
@@ -317,7 +317,7 @@ def test_las_scale_and_semcot_gap_in_captions():
     kinds = {**PAPER_KINDS, "semcot": "baseline"}
     run = RunSettings.from_config(config)
     t1, t2, t4 = (table_spec(run, name, kinds)["caption"] for name in ("table1", "table2", "table4"))
-    assert "leakage-adjusted" in t1 and "[-1, 1]" in t1 and "sim_acc_xr" in t1
+    assert "leakage-adjusted" in t1 and "[-1, 1]" in t1 and "Sim = the same simulator's plain accuracy" in t1
     assert "semcot writes no text rationale" in t1 and "0.47 / 0.30 / 0.72" in t1
     assert "semcot" not in t2  # Table 2 shows no baseline but Vanilla
     assert "leakage-adjusted" not in t4  # Table 4 has no LAS column
