@@ -14,7 +14,7 @@ from ..io import read_parquet, write_json, write_parquet
 from ..labels import LabelSpace
 from ..teacher.clean_prompts import build_clean_prompts
 from ..teacher.prompts import build_prompts
-from ..teacher.settings import CandidateSettings, CleanPromptSettings, PromptSettings
+from ..teacher.settings import CandidateSettings, CleanPromptSettings
 
 log = logging.getLogger(__name__)
 PathLike = str | os.PathLike
@@ -61,10 +61,7 @@ def run_clean_prompts(config: dict, dataset: str, split: str, *, source_path: Pa
     source = read_parquet(source_path or paths.data(dataset, section["source_split"]), "documents")
     train = read_parquet(train_path or paths.data(dataset, "train"), "documents")
     space = LabelSpace(read_parquet(labels_path or paths.labels(dataset), "labels"))
-    # the task prompts: the guided styles' only (their rule's `prompts` param)
-    guided = PromptSettings.from_config(config).mapping() if "guided" in style else {}
-    docs, prompts = build_clean_prompts(source, space, section, style, guided, settings.seed,
-                                        SentenceEmbedder(settings.embedder),
+    docs, prompts = build_clean_prompts(source, space, section, style, settings.seed, SentenceEmbedder(settings.embedder),
                                         exemplar_doc=train.iloc[0] if len(train) else None)
     if docs.empty:
         raise InputError(f"no documents for the clean-prompt set {split}: the {section['source_split']} split is "

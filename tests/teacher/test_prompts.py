@@ -1,11 +1,17 @@
 import json
 import random
+import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from mechdistill.config import load_config
 from mechdistill.teacher.answers import AnswerParser
 from mechdistill.teacher.prompts import build_prompts, exemplar_answer, hierarchy_candidates, render_prompt
+from mechdistill.teacher.settings import PromptSettings
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -51,3 +57,50 @@ def test_render_prompt_without_chat_template():
         chat_template = None
     text = render_prompt(NoTemplate(), [{"role": "user", "content": "hi"}])
     assert text == "User: hi\n\nAssistant:"
+
+
+# Words that teach the paper's two phases (Sec. 2: a broad area first, then ruling out close
+# alternatives). Written out here, not imported, so the test checks the text, not the code's own list.
+PHASE_WORDS = re.compile(r"\b(broad|area|semantic area|rule out|ruled? out|close alternatives?|discriminat\w*|"
+                         r"rather than|first|then|narrow\w*|phases?)\b", re.IGNORECASE)
+
+
+def test_neutral_exemplar_reasons_without_phase_words_and_parses_back(icd_space, parser):
+    gold = ["I50.22", "I10"]
+    cands = ["I50.21", "I50.22", "I10", "E11.9"]
+    text = exemplar_answer(gold, cands, icd_space, "neutral")
+    assert text == ("The document supports Chronic systolic (congestive) heart failure [I50.22].\n"
+                    "The document supports Essential (primary) hypertension [I10].\n<answer>I50.22; I10</answer>")
+    assert not PHASE_WORDS.search(text)
+    assert parser.parse(text, cands).pred_labels == gold
+    assert PHASE_WORDS.search(exemplar_answer(gold, cands, icd_space, "guided"))  # the guided one teaches them
+    with pytest.raises(ValueError, match="allowed: guided, neutral"):
+        exemplar_answer(gold, cands, icd_space, "terse")
+
+
+def test_paper_config_task_prompt_teaches_no_phases(icd_space):
+    """config/paper.yaml's task prompt as the teacher sees it (system, exemplar turn, instruction) asks
+    for reasoning before the answer and names no phase; config/config.yaml's demo prompt does (a 135M
+    teacher needs it)."""
+    docs = pd.DataFrame({"doc_id": ["x0", "x1"], "labels": [["I50.22"], ["I10", "E11.9"]],
+                         "text": ["Chronic systolic heart failure, on furosemide.", "Hypertension; type 2 diabetes."]})
+    cand = {"strategy": "hierarchy", "size": 8, "n_near_miss": 3}
+
+    def chat(config_name: str) -> list[dict]:
+        prompt_cfg = PromptSettings.from_config(load_config(REPO / "config" / config_name)).mapping()
+        rows = build_prompts(docs, icd_space, cand, prompt_cfg, seed=0, exemplar_doc=docs.iloc[0])
+        return json.loads(rows["messages"].iloc[1])
+
+    messages = chat("paper.yaml")
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]  # the exemplar is on
+    instruction = messages[-1]["content"].split("\nDocument:")[0]
+    task_text = "\n".join([messages[0]["content"], messages[1]["content"].split("\nDocument:")[0],
+                           messages[2]["content"], instruction])
+    assert not PHASE_WORDS.search(task_text), PHASE_WORDS.findall(task_text)
+    assert re.search(r"step by step", messages[0]["content"] + instruction, re.IGNORECASE)
+    assert re.search(r"reason", instruction, re.IGNORECASE)
+    assert instruction.index("<answer>") > re.search(r"reason", instruction, re.IGNORECASE).start()
+    assert messages[2]["content"].endswith("<answer>I50.22</answer>") and "\n" in messages[2]["content"]  # reasons first
+
+    demo = chat("config.yaml")
+    assert PHASE_WORDS.search(demo[0]["content"]) and "rather than" in demo[2]["content"]
