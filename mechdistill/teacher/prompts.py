@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from ..labels import LabelSpace
+from ..text import encode_windowed
 from .answers import ANSWER_CLOSE, ANSWER_OPEN
 
 # ---------------------------------------------------------------- candidates
@@ -38,10 +39,14 @@ def hierarchy_candidates(gold: list[str], space: LabelSpace, size: int, n_near_m
 
 
 def retrieval_candidates(texts: list[str], space: LabelSpace, size: int, embedder) -> list[list[str]]:
-    """Top-`size` labels per text by cosine similarity of embeddings (label titles vs text)."""
+    """Top-`size` labels per text by cosine similarity of embeddings (label titles vs text).
+
+    A document is embedded whole (`text.encode_windowed`: the renormalised mean of its windows'
+    embeddings), not cut to the embedder's first `max_seq_length` word-pieces (MiniLM: 256, a small
+    part of a MIMIC note or a Wikipedia article); a title always fits in one window."""
     label_ids = space.assignable
     lab_emb = embedder.encode([space.title[lab] for lab in label_ids])      # [labels, d], unit norm
-    doc_emb = embedder.encode(texts)                                        # [docs, d]
+    doc_emb = encode_windowed(embedder, texts)                              # [docs, d], unit norm
     out = []
     for row in doc_emb @ lab_emb.T:                                         # [labels] per doc
         top = np.argpartition(-row, min(size, len(row) - 1))[:size]
@@ -165,3 +170,16 @@ def build_prompts(docs: pd.DataFrame, space: LabelSpace, cand_cfg: dict, prompt_
         recall = len(set(gold) & set(cands)) / len(gold)
         rows.append((doc_id, cands, user, json.dumps(msgs), recall))
     return pd.DataFrame(rows, columns=["doc_id", "candidates", "prompt", "messages", "gold_in_candidates"])
+
+
+def candidate_recall(prompts: pd.DataFrame) -> dict[str, float]:
+    """Gold recall of a split's candidate lists: every method's ceiling (a label not offered cannot be
+    chosen). prompts: rows of `build_prompts` (gold_in_candidates = |gold & candidates| / |gold| per
+    document). Returns n_docs, mean_recall (the mean of gold_in_candidates), all_gold (the fraction of
+    documents whose every gold label is offered) and no_gold (the fraction with none offered); NaN
+    without documents."""
+    recall = prompts["gold_in_candidates"].to_numpy(np.float64)                    # [docs]
+    if not len(recall):
+        return {"n_docs": 0, "mean_recall": float("nan"), "all_gold": float("nan"), "no_gold": float("nan")}
+    return {"n_docs": len(recall), "mean_recall": float(recall.mean()), "all_gold": float((recall == 1.0).mean()),
+            "no_gold": float((recall == 0.0).mean())}

@@ -3,13 +3,23 @@ import random
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from mechdistill.config import load_config
+from mechdistill.labels import LabelSpace
 from mechdistill.teacher.answers import AnswerParser
-from mechdistill.teacher.prompts import build_prompts, exemplar_answer, hierarchy_candidates, render_prompt
+from mechdistill.teacher.prompts import (
+    build_prompts,
+    candidate_recall,
+    exemplar_answer,
+    hierarchy_candidates,
+    render_prompt,
+    retrieval_candidates,
+)
 from mechdistill.teacher.settings import PromptSettings
+from tests.helpers import LetterCountEmbedder
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -104,3 +114,35 @@ def test_paper_config_task_prompt_teaches_no_phases(icd_space):
 
     demo = chat("config.yaml")
     assert PHASE_WORDS.search(demo[0]["content"]) and "rather than" in demo[2]["content"]
+
+
+def _letter_space() -> LabelSpace:
+    """Three labels whose titles are one letter each (LetterCountEmbedder: its unit axis)."""
+    return LabelSpace(pd.DataFrame({"label_id": ["A", "B", "D"], "title": ["aaaa", "bbbb", "dddd"],
+                                    "parent": [None] * 3, "ancestors": [[]] * 3, "assignable": [True] * 3}))
+
+
+def test_retrieval_reads_the_whole_document_not_its_first_word_pieces(byte_tok):
+    """The gold-relevant text ("d"s) lies after the first 16 tokens the embedder reads: cut there, as the
+    old `embedder.encode(texts)` did, the document looks like "a"s and D is not retrieved; embedded in
+    windows it is."""
+    space = _letter_space()
+    embedder = LetterCountEmbedder(byte_tok, max_seq_length=16)       # one token per character
+    document = "aaa " * 4 + "ddd " * 12                              # 16 chars of a, then 48 of d
+    assert retrieval_candidates([document], space, size=1, embedder=embedder) == [["D"]]
+    # what the old code did: the document's embedding from its first 16 tokens only
+    cut = embedder.encode([document]) @ embedder.encode(["aaaa", "bbbb", "dddd"]).T   # [1, labels]
+    assert ["A", "B", "D"][int(cut.argmax())] == "A"
+
+    docs = pd.DataFrame({"doc_id": ["x"], "text": [document], "labels": [["D"]]})
+    rows = build_prompts(docs, space, {"strategy": "retrieval", "size": 1}, {"exemplar": False, "system": "S",
+                                                                           "instruction": "I"}, seed=0,
+                         embedder=embedder)
+    assert rows["candidates"].tolist() == [["D"]] and rows["gold_in_candidates"].tolist() == [1.0]
+
+
+def test_candidate_recall_of_hand_built_rows():
+    rows = pd.DataFrame({"gold_in_candidates": [1.0, 0.5, 0.0, 1.0]})
+    assert candidate_recall(rows) == {"n_docs": 4, "mean_recall": 0.625, "all_gold": 0.5, "no_gold": 0.25}
+    empty = candidate_recall(rows.iloc[:0])
+    assert empty["n_docs"] == 0 and np.isnan(empty["mean_recall"])
