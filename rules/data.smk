@@ -1,7 +1,7 @@
 # Datasets, task prompts and the clean-prompt characterization set (CPU).
 
 from mechdistill.data.settings import DatasetSettings
-from mechdistill.teacher.settings import CandidateSettings, CleanPromptSettings, PromptSettings
+from mechdistill.teacher.settings import CandidateSettings, CleanPromptSettings
 
 
 rule prepare_dataset:
@@ -51,7 +51,6 @@ rule clean_prompts:
         split=paths.CLEAN_SPLIT_PATTERN,
     params:
         settings=settings_of(CleanPromptSettings),
-        prompts=lambda wc: PromptSettings.params(config) if "guided" in wc.split else "",  # guided styles reuse them
     log:
         paths.log("clean_prompts", "{dataset}.{split}"),
     conda:

@@ -71,6 +71,7 @@ EDITS = {
     "patching.value_swaps": {"EF 35%": "EF 55%"}, "heads.coarse": {"keys": "all"},
     "heads.refine": {"ranking": "product"}, "clean_prompts.source_split": "val", "distill.select.criterion": "val_loss",
     "evaluate.propensity": {"tiny_icd": {"A": 0.6}}, "clean_prompts.style": "guided",
+    "prompts.exemplar_style": "neutral",
 }
 SKIP = {"datasets.{dataset}.adapter", "datasets"}  # one dataset: its entry is edited through its other keys
 

@@ -57,3 +57,38 @@ def anchor_table(docs: pd.DataFrame, cot: pd.DataFrame, prompts: pd.DataFrame, s
                          refine_spans=_spans(seg["refine_spans"]), shortlist_spans=_spans(seg["shortlist_spans"]),
                          nearmiss_spans=_spans(seg["nearmiss_spans"]), reason=reason))
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+# ---------------------------------------------------------------- what a prompt style yields
+
+
+def phase_yield(table: pd.DataFrame, styles: pd.Series) -> pd.DataFrame:
+    """Per prompt style: how many of its CoTs the phase measurements can use.
+
+    table: anchor rows (`anchor_table`); styles: the prompt style of each row (aligned with `table`,
+    e.g. the clean prompts' `prompt_style`, or the split's name). A CoT has early queries when its
+    early span is non-empty (CoarseScore, Phase 1 signals and patching query there) and refinement
+    positions when it has a refine span (RefineScore, Phase 2). Returns one row per style (in order of
+    first appearance): style, n_docs, n_early, n_refine, early_fraction, refine_fraction.
+    """
+    early = table["early_span"].map(lambda span: len(span) == 2 and span[1] > span[0]).to_numpy()   # [docs]
+    refine = table["refine_spans"].map(len).gt(0).to_numpy()                                        # [docs]
+    frame = pd.DataFrame({"style": list(styles), "early": early, "refine": refine})
+    out = frame.groupby("style", sort=False).agg(n_docs=("early", "size"), n_early=("early", "sum"),
+                                                 n_refine=("refine", "sum")).reset_index()
+    out = out.astype({"n_docs": int, "n_early": int, "n_refine": int})
+    return out.assign(early_fraction=out["n_early"] / out["n_docs"], refine_fraction=out["n_refine"] / out["n_docs"])
+
+
+def phase_yield_warnings(yields: pd.DataFrame, min_fraction: float) -> list[str]:
+    """One message per style and kind (early queries, refinement positions) whose fraction of CoTs is
+    below `min_fraction` (`anchors.min_phase_fraction`): too few for Figs 4-8, the pools and claims 1-4."""
+    messages = []
+    for row in yields.itertuples():
+        for kind, count, fraction in (("early queries", row.n_early, row.early_fraction),
+                                      ("refinement positions", row.n_refine, row.refine_fraction)):
+            if fraction < min_fraction:
+                messages.append(f"prompt style {row.style}: only {count} of {row.n_docs} CoTs have {kind} "
+                                f"({fraction:.0%} < anchors.min_phase_fraction {min_fraction:.0%}); the measurements "
+                                f"that read them (head scores, pools, patching, claims) rest on few documents or are NaN")
+    return messages

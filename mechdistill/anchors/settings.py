@@ -8,7 +8,7 @@ from typing import Any
 from ..settings import Declared, Settings
 from ..teacher.settings import GenerationSettings
 
-ANCHOR_KEYS = ("mode", "ancestor_levels", "llm", "near_miss", "early_tokens", "refine_patterns")
+ANCHOR_KEYS = ("mode", "ancestor_levels", "llm", "near_miss", "early_tokens", "refine_patterns", "min_phase_fraction")
 TRAJECTORY_KEYS = ("split", "n_grid", "max_points")
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import os
 
+import pandas as pd
+
 from .. import paths
-from ..anchors.anchor_table import anchor_table
+from ..anchors.anchor_table import anchor_table, phase_yield, phase_yield_warnings
 from ..anchors.concepts import extract_concepts
 from ..anchors.embed import SentenceEmbedder
 from ..anchors.settings import AnchorSettings, TrajectorySettings
@@ -41,9 +43,17 @@ def run_anchors(config: dict, dataset: str, teacher: str, split: str, *, cot_pat
         concepts = extract_concepts(lambda chats: [g.text for g in backend(chats)], docs["text"].tolist(),
                                     settings["llm"]["max_concepts"])
     out = anchor_table(docs, cot, prompts, space, tokenizer, settings, embedder, concepts)
-    log.info("anchors %s: %d documents; %d with refinement positions; reasons %s", dataset, len(out),
-             int(out["refine_spans"].map(len).gt(0).sum()) if len(out) else 0,
+    log.info("anchors %s/%s: %d documents; reasons %s", dataset, split, len(out),
              out["reason"].replace("", "ok").value_counts().to_dict() if len(out) else {})
+    # per prompt style (a clean-prompt split holds one, `prompt_style`; a task split is its own)
+    styles = (prompts["prompt_style"].reindex(out["doc_id"]).fillna(split) if "prompt_style" in prompts.columns
+              else pd.Series(split, index=out.index))
+    yields = phase_yield(out, styles)
+    for row in yields.itertuples():
+        log.info("anchors %s/%s, style %s: %d CoTs, %d with early queries, %d with refinement positions",
+                 dataset, split, row.style, row.n_docs, row.n_early, row.n_refine)
+    for message in phase_yield_warnings(yields, settings["min_phase_fraction"]):
+        log.warning("anchors %s/%s: %s", dataset, split, message)
     write_parquet(out, out_path or paths.anchors(dataset, teacher, split))
 
 

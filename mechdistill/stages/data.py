@@ -13,8 +13,8 @@ from ..errors import InputError
 from ..io import read_parquet, write_json, write_parquet
 from ..labels import LabelSpace
 from ..teacher.clean_prompts import build_clean_prompts
-from ..teacher.prompts import build_prompts
-from ..teacher.settings import CandidateSettings, CleanPromptSettings, PromptSettings
+from ..teacher.prompts import build_prompts, candidate_recall
+from ..teacher.settings import CandidateSettings, CleanPromptSettings
 
 log = logging.getLogger(__name__)
 PathLike = str | os.PathLike
@@ -45,9 +45,12 @@ def run_build_prompts(config: dict, dataset: str, split: str, *, docs_path: Path
     exemplar = train.iloc[0] if len(train) else None
     prompts = build_prompts(docs, space, settings.candidates, settings.prompts.mapping(), settings.seed,
                             exemplar_doc=exemplar, embedder=embedder)
-    recall = float(prompts["gold_in_candidates"].mean()) if len(prompts) else float("nan")
-    log.info("prompts %s/%s: %d documents, %d candidates each, candidate recall = %.3f",
-             dataset, split, len(prompts), settings.candidates["size"], recall)
+    recall = candidate_recall(prompts)
+    log.info("prompts %s/%s: %d documents, %d candidates each (%s%s); gold recall of the candidate lists "
+             "(every method's ceiling): mean %.3f, every gold label offered in %.3f of the documents, none in %.3f",
+             dataset, split, recall["n_docs"], settings.candidates["size"], settings.candidates["strategy"],
+             ", gold forced in" if retrieval and settings.candidates.get("include_gold") else "",
+             recall["mean_recall"], recall["all_gold"], recall["no_gold"])
     write_parquet(prompts, out_path or paths.prompts(dataset, split), "prompts")
 
 
@@ -61,10 +64,7 @@ def run_clean_prompts(config: dict, dataset: str, split: str, *, source_path: Pa
     source = read_parquet(source_path or paths.data(dataset, section["source_split"]), "documents")
     train = read_parquet(train_path or paths.data(dataset, "train"), "documents")
     space = LabelSpace(read_parquet(labels_path or paths.labels(dataset), "labels"))
-    # the task prompts: the guided styles' only (their rule's `prompts` param)
-    guided = PromptSettings.from_config(config).mapping() if "guided" in style else {}
-    docs, prompts = build_clean_prompts(source, space, section, style, guided, settings.seed,
-                                        SentenceEmbedder(settings.embedder),
+    docs, prompts = build_clean_prompts(source, space, section, style, settings.seed, SentenceEmbedder(settings.embedder),
                                         exemplar_doc=train.iloc[0] if len(train) else None)
     if docs.empty:
         raise InputError(f"no documents for the clean-prompt set {split}: the {section['source_split']} split is "

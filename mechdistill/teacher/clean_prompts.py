@@ -12,8 +12,12 @@ mechanism. Head scores and patching therefore read this separate set:
   nearest titles by embedding when the label space has no hierarchy), and distractors drawn in
   turn from every other top-level area of the hierarchy (ICD-10-CM chapters), or uniformly from
   the label space without one (LF-WikiSeeAlso titles span every domain), up to `n_labels`, shuffled;
-- style: `neutral` (choose the labels; no word about phases), `guided` (the task prompts'
-  phase-teaching instruction), each optionally with a one-shot exemplar (`*_exemplar`).
+- style: `neutral` (choose the labels, reasoning step by step before the answer; no word about
+  phases: an Instruct teacher asked only for labels answers at once: an empty CoT has no early
+  queries, and a one-line one rarely a refinement position), `guided` (a phase-teaching system prompt and
+  instruction, `GUIDED_SYSTEM` / `GUIDED_INSTRUCTION`, fixed here so that it stays guided whatever
+  the task prompts say), each optionally with a one-shot exemplar (`*_exemplar`) whose worked answer
+  is `prompts.exemplar_answer` in the same style.
 
 The style is recorded in the prompt rows (`prompt_style`, `exemplar`) and in the split's name
 (`paths.clean_split`), so every artifact downstream says which prompts it measured.
@@ -30,12 +34,15 @@ import numpy as np
 import pandas as pd
 
 from ..labels import LabelSpace
-from .answers import ANSWER_CLOSE, ANSWER_OPEN
 from .prompts import build_messages, exemplar_answer, format_user_prompt
 
 STYLES = ("neutral", "guided", "neutral_exemplar", "guided_exemplar")
 NEUTRAL_SYSTEM = "You are an expert annotator."
-NEUTRAL_INSTRUCTION = "Choose the labels from the list that apply to the text. Give them as <answer>ID; ID</answer>."
+NEUTRAL_INSTRUCTION = ("Choose the labels from the list that apply to the text. Reason step by step before you "
+                       "answer, and close with the chosen labels as <answer>ID; ID</answer>.")
+GUIDED_SYSTEM = "You are an expert annotator. Reason briefly, then answer with labels from the candidate list."
+GUIDED_INSTRUCTION = ("Choose the labels that apply to the document. First name the broad area, then rule out "
+                      "close alternatives, then give the final labels as <answer>ID; ID</answer>.")
 _SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
@@ -103,19 +110,17 @@ def multi_domain_list(gold: list[str], near: list[str], space: LabelSpace, n_lab
     return chosen
 
 
-def build_clean_prompts(docs: pd.DataFrame, space: LabelSpace, settings: dict, style: str, guided: dict,
-                        seed: int, embedder, exemplar_doc: pd.Series | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+def build_clean_prompts(docs: pd.DataFrame, space: LabelSpace, settings: dict, style: str, seed: int, embedder,
+                        exemplar_doc: pd.Series | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Source documents -> (clean documents, their prompts).
 
     docs: doc_id, text, labels (a source split); settings: the `clean_prompts` config (n_docs,
-    n_labels, n_near_miss, snippet_sentences, snippet_chars); guided: the task `prompts` config
-    (system, instruction) that the guided style reuses; exemplar_doc: a training document for the
-    exemplar styles. Returns documents (doc_id "clean-<source id>", text = snippet, labels, source_doc_id)
+    n_labels, n_near_miss, snippet_sentences, snippet_chars); exemplar_doc: a training document for
+    the exemplar styles. Returns documents (doc_id "clean-<source id>", text = snippet, labels, source_doc_id)
     and prompts (doc_id, candidates, prompt, messages, gold_in_candidates, prompt_style, exemplar).
     """
     base, with_exemplar = parse_style(style)
-    system, instruction = ((guided["system"], guided["instruction"]) if base == "guided"
-                           else (NEUTRAL_SYSTEM, NEUTRAL_INSTRUCTION))
+    system, instruction = (GUIDED_SYSTEM, GUIDED_INSTRUCTION) if base == "guided" else (NEUTRAL_SYSTEM, NEUTRAL_INSTRUCTION)
     docs = docs.head(settings["n_docs"]) if settings.get("n_docs") else docs
 
     def one(doc_id: str, text: str, gold: list[str]) -> tuple[str, list[str]]:
@@ -131,9 +136,7 @@ def build_clean_prompts(docs: pd.DataFrame, space: LabelSpace, settings: dict, s
             raise ValueError(f"clean-prompt style {style!r} needs an exemplar document; the train split is empty")
         gold = list(exemplar_doc["labels"])
         text, cands = one(f"exemplar:{exemplar_doc['doc_id']}", exemplar_doc["text"], gold)
-        answer = (exemplar_answer(gold, cands, space) if base == "guided" and space.has_hierarchy
-                  else f"{ANSWER_OPEN}{'; '.join(gold)}{ANSWER_CLOSE}")
-        exemplar = (format_user_prompt(text, cands, space, instruction), answer)
+        exemplar = (format_user_prompt(text, cands, space, instruction), exemplar_answer(gold, cands, space, base))
     doc_rows, prompt_rows = [], []
     for doc_id, text, gold in docs[["doc_id", "text", "labels"]].itertuples(index=False):
         gold = list(gold)

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from ..labels import LabelSpace
+from ..text import encode_windowed
 from .answers import ANSWER_CLOSE, ANSWER_OPEN
 
 # ---------------------------------------------------------------- candidates
@@ -38,10 +39,14 @@ def hierarchy_candidates(gold: list[str], space: LabelSpace, size: int, n_near_m
 
 
 def retrieval_candidates(texts: list[str], space: LabelSpace, size: int, embedder) -> list[list[str]]:
-    """Top-`size` labels per text by cosine similarity of embeddings (label titles vs text)."""
+    """Top-`size` labels per text by cosine similarity of embeddings (label titles vs text).
+
+    A document is embedded whole (`text.encode_windowed`: the renormalised mean of its windows'
+    embeddings), not cut to the embedder's first `max_seq_length` word-pieces (MiniLM: 256, a small
+    part of a MIMIC note or a Wikipedia article); a title always fits in one window."""
     label_ids = space.assignable
     lab_emb = embedder.encode([space.title[lab] for lab in label_ids])      # [labels, d], unit norm
-    doc_emb = embedder.encode(texts)                                        # [docs, d]
+    doc_emb = encode_windowed(embedder, texts)                              # [docs, d], unit norm
     out = []
     for row in doc_emb @ lab_emb.T:                                         # [labels] per doc
         top = np.argpartition(-row, min(size, len(row) - 1))[:size]
@@ -62,8 +67,22 @@ def format_user_prompt(text: str, candidates: list[str], space: LabelSpace, inst
     return "\n".join(lines)
 
 
-def exemplar_answer(gold: list[str], candidates: list[str], space: LabelSpace) -> str:
-    """A worked answer showing the two phases: broad area first, then 'rather than' choices."""
+EXEMPLAR_STYLES = ("guided", "neutral")
+
+
+def exemplar_answer(gold: list[str], candidates: list[str], space: LabelSpace, style: str = "guided") -> str:
+    """The worked answer of the one-shot exemplar (`prompts.exemplar_style`), closed by the answer block.
+
+    guided: shows the two phases, the broad area first ("The work-up focused on <the gold label's
+    block>."), then one "<gold> fits the note rather than <near-miss>." per gold label: a teacher that
+    copies it writes the phases because it was shown them. neutral: one "The document supports <gold>."
+    per gold label: reasoning before the answer, with no word about areas or alternatives.
+    """
+    if style not in EXEMPLAR_STYLES:
+        raise ValueError(f"unknown exemplar style {style!r}; allowed: {', '.join(EXEMPLAR_STYLES)}")
+    answer = f"{ANSWER_OPEN}{'; '.join(gold)}{ANSWER_CLOSE}"
+    if style == "neutral":
+        return "\n".join(f"The document supports {candidate_line(lab, space)}." for lab in gold) + f"\n{answer}"
     parts = []
     anc = space.ancestors.get(gold[0]) or []
     if len(anc) >= 2:
@@ -75,7 +94,7 @@ def exemplar_answer(gold: list[str], candidates: list[str], space: LabelSpace) -
         if i < len(near):
             sentence += f" rather than {candidate_line(near[i], space)}"
         parts.append(sentence + ".")
-    return "\n".join(parts) + f"\n{ANSWER_OPEN}{'; '.join(gold)}{ANSWER_CLOSE}"
+    return "\n".join(parts) + f"\n{answer}"
 
 
 def build_messages(user_prompt: str, system: str, exemplar: tuple[str, str] | None) -> list[dict]:
@@ -121,7 +140,10 @@ def render_prompt(tokenizer, messages: list[dict]) -> str:
 
 def build_prompts(docs: pd.DataFrame, space: LabelSpace, cand_cfg: dict, prompt_cfg: dict,
                   seed: int, exemplar_doc: pd.Series | None = None, embedder=None) -> pd.DataFrame:
-    """One prompt row per document: doc_id, candidates, prompt, messages (JSON), gold_in_candidates."""
+    """One prompt row per document: doc_id, candidates, prompt, messages (JSON), gold_in_candidates.
+
+    prompt_cfg: the `prompts` section (system, instruction, exemplar, exemplar_style: the worked
+    answer's `exemplar_answer` style, guided when absent)."""
     instruction, size = prompt_cfg["instruction"], cand_cfg["size"]
     if cand_cfg["strategy"] == "retrieval":
         retrieved = retrieval_candidates(docs["text"].tolist(), space, size, embedder)
@@ -139,7 +161,7 @@ def build_prompts(docs: pd.DataFrame, space: LabelSpace, cand_cfg: dict, prompt_
         ex_cands = hierarchy_candidates(gold, space, min(size, 8), 3, random.Random(f"{seed}:exemplar")) \
             if space.has_hierarchy else gold
         exemplar = (format_user_prompt(exemplar_doc["text"], ex_cands, space, instruction),
-                    exemplar_answer(gold, ex_cands, space))
+                    exemplar_answer(gold, ex_cands, space, prompt_cfg.get("exemplar_style", "guided")))
     rows = []
     for (doc_id, text, gold), cands in zip(docs[["doc_id", "text", "labels"]].itertuples(index=False),
                                            candidate_lists):
@@ -148,3 +170,16 @@ def build_prompts(docs: pd.DataFrame, space: LabelSpace, cand_cfg: dict, prompt_
         recall = len(set(gold) & set(cands)) / len(gold)
         rows.append((doc_id, cands, user, json.dumps(msgs), recall))
     return pd.DataFrame(rows, columns=["doc_id", "candidates", "prompt", "messages", "gold_in_candidates"])
+
+
+def candidate_recall(prompts: pd.DataFrame) -> dict[str, float]:
+    """Gold recall of a split's candidate lists: every method's ceiling (a label not offered cannot be
+    chosen). prompts: rows of `build_prompts` (gold_in_candidates = |gold & candidates| / |gold| per
+    document). Returns n_docs, mean_recall (the mean of gold_in_candidates), all_gold (the fraction of
+    documents whose every gold label is offered) and no_gold (the fraction with none offered); NaN
+    without documents."""
+    recall = prompts["gold_in_candidates"].to_numpy(np.float64)                    # [docs]
+    if not len(recall):
+        return {"n_docs": 0, "mean_recall": float("nan"), "all_gold": float("nan"), "no_gold": float("nan")}
+    return {"n_docs": len(recall), "mean_recall": float(recall.mean()), "all_gold": float((recall == 1.0).mean()),
+            "no_gold": float((recall == 0.0).mean())}

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..settings import Declared, Settings
 
-PROMPT_KEYS = ("exemplar", "system", "instruction")
+PROMPT_KEYS = ("exemplar", "exemplar_style", "system", "instruction")
 CLEAN_PROMPT_KEYS = ("source_split", "n_docs", "n_labels", "n_near_miss", "snippet_sentences", "snippet_chars")
 GENERATION_KEYS = ("backend", "max_new_tokens", "batch_size", "temperature", "repetition_penalty", "shard_size",
                    "dtype", "student_backend", "device", "tensor_parallel_size", "gpu_memory_utilization",
@@ -19,11 +19,13 @@ GENERATION_KEYS = ("backend", "max_new_tokens", "batch_size", "temperature", "re
 
 @dataclass(frozen=True)
 class PromptSettings(Settings):
-    """The task prompts' text: the one-shot exemplar switch, the system message and the instruction."""
+    """The task prompts' text: the one-shot exemplar switch and its worked answer's style
+    (`prompts.exemplar_answer`), the system message and the instruction."""
 
     KEYS = tuple(f"prompts.{k}" for k in PROMPT_KEYS)
 
     exemplar: bool
+    exemplar_style: str
     system: str
     instruction: str
 
@@ -32,7 +34,7 @@ class PromptSettings(Settings):
         return cls(**values.section("prompts.", PROMPT_KEYS))
 
     def mapping(self) -> dict[str, Any]:
-        """As the prompt builders take them: {exemplar, system, instruction}."""
+        """As the prompt builders take them: {exemplar, exemplar_style, system, instruction}."""
         return asdict(self)
 
 
@@ -56,8 +58,8 @@ class CandidateSettings(Settings):
 @dataclass(frozen=True)
 class CleanPromptSettings(Settings):
     """clean_prompts: the characterization set's size and snippets, the seed and the embedder. The
-    style comes from the split's name; the guided styles also read the task prompts (`PromptSettings`,
-    a separate param of the rule, so editing the prompts leaves the neutral set alone)."""
+    style comes from the split's name; its text is fixed in `clean_prompts` (the guided styles do not
+    read the task prompts, so a neutral task prompt leaves the guided comparison guided)."""
 
     KEYS = tuple(f"clean_prompts.{k}" for k in CLEAN_PROMPT_KEYS) + ("seed", "embedder")
 

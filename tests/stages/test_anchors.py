@@ -58,3 +58,22 @@ def test_trajectories_of_the_teacher_and_figure1(tiny):
     with tiny.inside():
         run_figure1(tiny.config, DATASET, [paths.trajectories(DATASET, TEACHER)])
     assert tiny.path(paths.figure1(DATASET)).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_anchors_log_counts_phase_positions_per_style_and_warns(tiny, tmp_path, caplog):
+    """The clean split's anchors log counts its style's CoTs with early queries and with refinement
+    positions; a random teacher refines nowhere, so the refinement count warns."""
+    tiny.ensure("anchors")
+    split = paths.clean_split(tiny.config["clean_prompts"]["style"])
+    with tiny.inside(), caplog.at_level("INFO"):
+        run_anchors(tiny.config, DATASET, TEACHER, split, out_path=tmp_path / "anchors.parquet")
+    out = pd.read_parquet(tmp_path / "anchors.parquet")
+    style = split.removeprefix("clean_")
+    n_early = sum(b > a for a, b in out["early_span"])
+    n_refine = int(out["refine_spans"].map(len).gt(0).sum())
+    assert n_refine == 0 and n_early == len(out) > 0
+    assert (f"style {style}: {len(out)} CoTs, {n_early} with early queries, 0 with refinement positions"
+            in caplog.text)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(f"prompt style {style}: only 0 of {len(out)} CoTs have refinement positions" in w for w in warnings)
+    assert not any("have early queries" in w for w in warnings)

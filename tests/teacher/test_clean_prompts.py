@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import numpy as np
 import pandas as pd
@@ -11,6 +12,8 @@ import pytest
 
 from mechdistill.labels import LabelSpace
 from mechdistill.teacher.clean_prompts import (
+    GUIDED_INSTRUCTION,
+    GUIDED_SYSTEM,
     NEUTRAL_INSTRUCTION,
     build_clean_prompts,
     multi_domain_list,
@@ -20,7 +23,19 @@ from mechdistill.teacher.clean_prompts import (
 from tests.helpers import StubEmbedder
 
 SETTINGS = {"n_labels": 30, "n_near_miss": 3, "snippet_sentences": 2, "snippet_chars": 600}
-GUIDED = {"system": "You are a coder.", "instruction": "First name the broad area, then rule out close alternatives."}
+# Words that teach the paper's two phases, written out here (not imported from the code under test).
+PHASE_WORDS = re.compile(r"\b(broad|area|rule out|ruled? out|close alternatives?|discriminat\w*|rather than|first|"
+                         r"then|narrow\w*|phases?)\b", re.IGNORECASE)
+
+
+def test_neutral_instruction_asks_for_reasoning_before_the_answer_without_phase_words():
+    """An Instruct teacher asked only for labels may answer at once: no CoT, no early queries, no
+    refinement positions. The neutral style asks for step-by-step reasoning first and names no phase."""
+    assert not PHASE_WORDS.search(NEUTRAL_INSTRUCTION), PHASE_WORDS.findall(NEUTRAL_INSTRUCTION)
+    reason = re.search(r"\breason(ing)?\b.*\bstep by step\b|\bstep by step\b", NEUTRAL_INSTRUCTION, re.IGNORECASE)
+    assert reason is not None
+    assert reason.start() < NEUTRAL_INSTRUCTION.index("<answer>ID; ID</answer>")
+    assert PHASE_WORDS.search(GUIDED_INSTRUCTION)  # the guided style keeps teaching them
 
 
 def test_snippet_keeps_the_sentences_nearest_the_gold_titles_in_document_order():
@@ -60,7 +75,7 @@ def test_styles_differ_only_in_instruction_and_exemplar(icd_space, style):
                          "labels": [["I21.4"]]})
     exemplar_doc = pd.Series({"doc_id": "t0", "text": "Known type 2 diabetes with hyperglycemia.", "labels": ["E11.65"]})
     embedder = StubEmbedder({})  # a one-sentence document needs no embedding; ICD has a hierarchy
-    out_docs, prompts = build_clean_prompts(docs, icd_space, SETTINGS, style, GUIDED, 0, embedder, exemplar_doc)
+    out_docs, prompts = build_clean_prompts(docs, icd_space, SETTINGS, style, 0, embedder, exemplar_doc)
     assert out_docs["doc_id"].tolist() == ["clean-d1"] and out_docs["source_doc_id"].tolist() == ["d1"]
     row = prompts.iloc[0]
     messages = json.loads(row["messages"])
@@ -69,13 +84,14 @@ def test_styles_differ_only_in_instruction_and_exemplar(icd_space, style):
     assert len(messages) == (4 if exemplar else 2)
     user = messages[-1]["content"]
     if base == "neutral":
-        assert user.startswith(NEUTRAL_INSTRUCTION) and "broad area" not in json.dumps(messages)
+        assert user.startswith(NEUTRAL_INSTRUCTION) and not PHASE_WORDS.search(json.dumps(messages).split("Document:")[0])
     else:
-        assert user.startswith(GUIDED["instruction"]) and messages[0]["content"] == GUIDED["system"]
+        assert user.startswith(GUIDED_INSTRUCTION) and messages[0]["content"] == GUIDED_SYSTEM
     if style == "guided_exemplar":
         assert "rather than" in messages[2]["content"]  # the phase-teaching worked answer
-    if style == "neutral_exemplar":
-        assert messages[2]["content"] == "<answer>E11.65</answer>"
+    if style == "neutral_exemplar":  # reasons before the answer, no phase word
+        assert messages[2]["content"] == ("The document supports Type 2 diabetes mellitus with hyperglycemia [E11.65]."
+                                          "\n<answer>E11.65</answer>")
     assert len(row["candidates"]) == 30 and "I21.4" in row["candidates"]
     assert all(f"[{c}]" in user for c in row["candidates"])
 
