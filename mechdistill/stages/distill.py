@@ -229,8 +229,14 @@ def _criterion(settings: DistillSettings, val: SplitArtifacts, tokenizer, recipe
     else:
         def answer(model, shard: pd.DataFrame) -> list[list[str]]:
             return answers_in_memory(model, tokenizer, shard, val.space, gen)
+    def score(gold: list[list[str]], answers: list[list[str]]) -> float:
+        value = macro_f1(gold, answers)
+        log.info("%s on rank %d of %d: %.6f over %d val documents, %d labels answered", name, rank, world, value,
+                 len(answers), sum(map(len, answers)))
+        return value
+
     return generation_criterion(name, lambda model: answers_across_ranks(partial(answer, model), prompts, rank, world),
-                                gold, macro_f1)
+                                gold, score)
 
 
 def _log_start(run: str, recipe, point: MethodPoint, examples: dict, pools: dict, tcfg, criterion: Criterion,

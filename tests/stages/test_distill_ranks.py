@@ -95,3 +95,39 @@ def test_two_zero3_ranks_train_like_one_process_and_resume_after_a_kill(tiny):
     assert models["mech_2ranks"].keys() == models["mech_1rank"].keys()
     for name, weight in models["mech_1rank"].items():
         torch.testing.assert_close(models["mech_2ranks"][name], weight, rtol=1e-4, atol=1e-5, msg=name)
+
+
+F1_LINE = re.compile(r"val_macro_f1 on rank (\d) of (\d): ([0-9.]+) over (\d+) val documents, (\d+) labels answered")
+
+
+@pytest.mark.slow
+def test_two_zero3_ranks_select_by_val_macro_f1_like_one_process(tiny):
+    """val_macro_f1 under 2 ZeRO-3 ranks (refused before, "cannot share"): the ranks answer one val document
+    each, stepping generate together (synced_gpus), gather the answers and both compute the value that one
+    process computes for the same weights (the same global batches: 2 micro-batches per step)."""
+    tiny.ensure("teacher_targets")
+    configs = {"vanilla_f1_1rank": _config(tiny, "vanilla_f1_1rank", grad_accum_steps=2),
+               "vanilla_f1_2ranks": _config(tiny, "vanilla_f1_2ranks")}
+    for name, config in configs.items():
+        config["methods"][name] = {"base": "vanilla"}
+        config["distill"]["train"].update(max_steps=2, checkpoint_every=0)
+        config["distill"]["select"] = {"criterion": "val_macro_f1", "val_docs": None}
+    configs["vanilla_f1_2ranks"]["distill"].update(deepspeed=True,
+                                                  zero_optimization={"stage3_param_persistence_threshold": 0})
+    with tiny.inside():
+        run_distill(configs["vanilla_f1_1rank"], DATASET, STUDENT, "vanilla_f1_1rank", "default")
+    done = _launch(tiny, configs["vanilla_f1_2ranks"], "vanilla_f1_2ranks")
+    log_text = tiny.path("vanilla_f1_2ranks.log").read_text()
+    assert done.returncode == 0, done.stderr[-3000:] + log_text[-3000:]
+
+    # rank 0 logs to the file, rank 1 to stderr: each evaluation, both ranks score both documents alike
+    lines = {rank: [m for m in F1_LINE.findall(text) if m[0] == rank] for rank, text in (("0", log_text),
+                                                                                           ("1", done.stderr))}
+    assert len(lines["0"]) == len(lines["1"]) == 2  # evaluations at steps 2 (eval_every) and the end: one row
+    assert [m[2:] for m in lines["0"]] == [m[2:] for m in lines["1"]]
+    assert all(m[1] == "2" and m[3] == "2" for m in lines["0"])  # both val documents, gathered
+
+    logs = {name: pd.read_parquet(tiny.path(paths.train_log(DATASET, STUDENT, paths.grid_method(name, "default")))
+                                  ).query("split == 'val'").set_index("step")["val_macro_f1"] for name in configs}
+    pd.testing.assert_series_equal(logs["vanilla_f1_2ranks"], logs["vanilla_f1_1rank"], check_names=False)
+    assert float(lines["0"][-1][2]) == pytest.approx(logs["vanilla_f1_1rank"].iloc[-1], abs=1e-6)
