@@ -23,7 +23,8 @@ from transformers import AutoModelForCausalLM
 
 from mechdistill import paths
 from mechdistill.distill.launch import local_launcher
-from mechdistill.stages.distill import KILL_AFTER_STEP, run_distill
+from mechdistill.distill.methods import needs_teacher_data
+from mechdistill.stages.distill import KILL_AFTER_STEP, run_baseline_teacher_data, run_distill
 from tests.helpers import REPO
 from tests.stages.conftest import DATASET, STUDENT
 
@@ -101,24 +102,28 @@ F1_LINE = re.compile(r"val_macro_f1 on rank (\d) of (\d): ([0-9.]+) over (\d+) v
 
 
 @pytest.mark.slow
-def test_two_zero3_ranks_select_by_val_macro_f1_like_one_process(tiny):
-    """val_macro_f1 under 2 ZeRO-3 ranks (refused before, "cannot share"): the ranks answer one val document
-    each, stepping generate together (synced_gpus), gather the answers and both compute the value that one
-    process computes for the same weights (the same global batches: 2 micro-batches per step)."""
+@pytest.mark.parametrize("base", ["vanilla", "semcot"])
+def test_two_zero3_ranks_select_by_val_macro_f1_like_one_process(tiny, base):
+    """val_macro_f1 under 2 ZeRO-3 ranks (refused before, "cannot share"; SemCoT refused even on one): the ranks
+    answer one val document each, stepping every forward together (generate's synced_gpus; SemCoT's predict
+    runs its whole answer budget), gather the answers and both compute the value that one process computes for
+    the same weights (the same global batches: 2 micro-batches per step)."""
     tiny.ensure("teacher_targets")
-    configs = {"vanilla_f1_1rank": _config(tiny, "vanilla_f1_1rank", grad_accum_steps=2),
-               "vanilla_f1_2ranks": _config(tiny, "vanilla_f1_2ranks")}
+    one, two = f"{base}_f1_1rank", f"{base}_f1_2ranks"
+    configs = {one: _config(tiny, one, grad_accum_steps=2), two: _config(tiny, two)}
     for name, config in configs.items():
-        config["methods"][name] = {"base": "vanilla"}
+        config["methods"][name] = {**(tiny.config["methods"].get(base) or {}), "base": base}
         config["distill"]["train"].update(max_steps=2, checkpoint_every=0)
         config["distill"]["select"] = {"criterion": "val_macro_f1", "val_docs": None}
         config["generation"]["fuzzy_threshold"] = 0  # any forced answer maps to a candidate: labels to compare
-    configs["vanilla_f1_2ranks"]["distill"].update(deepspeed=True,
-                                                  zero_optimization={"stage3_param_persistence_threshold": 0})
+    configs[two]["distill"].update(deepspeed=True, zero_optimization={"stage3_param_persistence_threshold": 0})
     with tiny.inside():
-        run_distill(configs["vanilla_f1_1rank"], DATASET, STUDENT, "vanilla_f1_1rank", "default")
-    done = _launch(tiny, configs["vanilla_f1_2ranks"], "vanilla_f1_2ranks")
-    log_text = tiny.path("vanilla_f1_2ranks.log").read_text()
+        for name, config in configs.items():
+            if needs_teacher_data(name, config["methods"][name]):
+                run_baseline_teacher_data(config, DATASET, name)
+        run_distill(configs[one], DATASET, STUDENT, one, "default")
+    done = _launch(tiny, configs[two], two)
+    log_text = tiny.path(f"{two}.log").read_text()
     assert done.returncode == 0, done.stderr[-3000:] + log_text[-3000:]
 
     # rank 0 logs to the file, rank 1 to stderr: each evaluation, both ranks score both documents alike
@@ -130,5 +135,5 @@ def test_two_zero3_ranks_select_by_val_macro_f1_like_one_process(tiny):
 
     logs = {name: pd.read_parquet(tiny.path(paths.train_log(DATASET, STUDENT, paths.grid_method(name, "default")))
                                   ).query("split == 'val'").set_index("step")["val_macro_f1"] for name in configs}
-    pd.testing.assert_series_equal(logs["vanilla_f1_2ranks"], logs["vanilla_f1_1rank"], check_names=False)
-    assert float(lines["0"][-1][2]) == pytest.approx(logs["vanilla_f1_1rank"].iloc[-1], abs=1e-6)
+    pd.testing.assert_series_equal(logs[two], logs[one], check_names=False)
+    assert float(lines["0"][-1][2]) == pytest.approx(logs[one].iloc[-1], abs=1e-6)
