@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ..io import write_parquet
@@ -156,8 +157,6 @@ def force_answers(backend, chats: list[list[dict]], outputs: list[Generation], n
 
 def _gather(value: Any) -> list[Any]:
     """`value` of every rank of the default torch.distributed group, in rank order."""
-    import torch.distributed as dist
-
     values: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(values, value)
     return values
