@@ -300,12 +300,13 @@ def _dataset_work(config: dict, dataset: str, size: DatasetSize, models: Mapping
     steps_docs = train["max_steps"] * train["grad_accum_steps"]
     per_job_forced = (n_evals * train_docs["val"] + 2 * (train_docs["train"] + train_docs["val"])) * seq
     f1_generation = distill["select"]["criterion"] == "val_macro_f1"
+    f1_docs = min(train_docs["val"], distill["select"].get("val_docs") or train_docs["val"])  # val_macro_f1 answers these
     points = sum(len(method_grid(m, s)) for m, s in config["methods"].items())
     for student in students:
         rows.append(row("distill", "grid points", student, jobs=points, docs=train_docs["train"], seq_len=seq,
                         training=points * steps_docs * seq, forced=points * per_job_forced, capture=True,
-                        generated=points * n_evals * train_docs["val"] * cot * f1_generation,
-                        prefill=points * n_evals * train_docs["val"] * prompt * f1_generation, engine="train",
+                        generated=points * n_evals * f1_docs * cot * f1_generation,
+                        prefill=points * n_evals * f1_docs * prompt * f1_generation, engine="train",
                         gpus=spread(distill["deepspeed"]),
                         precision=resolve_dtype(distill["student_dtype"], specs[student])))
         if distill["targets"] == "online":

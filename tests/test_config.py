@@ -215,9 +215,11 @@ def test_model_depths_are_read_without_loading_the_models(tmp_path):
 def test_paper_config_tunes_every_method_alike(paper):
     """Equal tuning (issue 28, item 8): every method trains the same number of grid points (one: no grid), so
     no method gets more validation picks than another, and distill.select.criterion only picks each run's
-    step. A criterion that weighs each method's own loss (val_loss) is never the one."""
+    step, by the task's metric, which weighs no method's loss (val_macro_f1, on a bounded val subset)."""
     points = {name: len(method_grid(name, settings)) for name, settings in paper["methods"].items()}
     assert set(points.values()) == {1}, points
-    assert paper["distill"]["select"]["criterion"] == "val_cot_loss"
+    assert paper["distill"]["select"]["criterion"] == "val_macro_f1"
+    assert all(1 <= paper["distill"]["select"]["val_docs"] <= dataset["max_docs"]["val"]
+               for dataset in paper["datasets"].values())
     check_methods(paper["methods"], paper["distill"]["select"]["criterion"])
     assert paper["methods"]["semcot"]["params"]["alpha"] == 0.5  # the middle of the original's 0.25-0.75

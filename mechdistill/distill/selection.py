@@ -14,11 +14,13 @@ better value wins, so ties keep the earliest step and the first point; NaN never
     val_loss      the method's own total loss: each method and grid point weighs its terms
                   differently, so it only compares the steps of one run (never grid points:
                   `methods.check_methods`)
-    val_macro_f1  macro-F1 of the labels the student answers on the val prompts, generated
-                  greedily as student_predict does (`TransformersBackend.from_model`; the stage scores it with
-                  evaluate.xmc). Expensive: every evaluation generates a full CoT for every val
-                  document (demo, 2 CPU threads: about 15 s for its 4 val documents on top of the
-                  7 s of the loss evaluation, i.e. 2-3 training steps)
+    val_macro_f1  macro-F1 of the labels the student answers on the first distill.select.val_docs val
+                  prompts, generated greedily as student_predict does (`TransformersBackend.from_model`;
+                  a method with its own inference through its recipe's `predict`; the stage scores it with
+                  evaluate.xmc). DeepSpeed ranks share the documents and step each generation together
+                  (`teacher.generate.answers_across_ranks`). Expensive: every evaluation generates a full
+                  CoT for each of those documents (demo, 2 CPU threads: about 15 s for its 4 val documents
+                  on top of the 7 s of the loss evaluation, i.e. 2-3 training steps)
 """
 
 from __future__ import annotations

@@ -69,6 +69,11 @@ class DistillSettings(Settings):
         return self.distill["select"]["criterion"]
 
     @property
+    def val_docs(self) -> int | None:
+        """distill.select.val_docs: the val documents val_macro_f1 answers (the first; None: all)."""
+        return self.distill["select"].get("val_docs")
+
+    @property
     def seed(self) -> int:
         return self.generation.seed
 

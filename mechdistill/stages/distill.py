@@ -7,7 +7,10 @@ import logging
 import os
 import signal
 import time
+from functools import partial
 from pathlib import Path
+
+import pandas as pd
 
 from .. import paths
 from ..characterize.teacher_forcing import length_cap
@@ -39,11 +42,10 @@ from ..io import SplitArtifacts, file_digest, read_json, read_parquet, read_spli
 from ..labels import LabelSpace
 from ..models import ModelCatalog, load_model, pick_device, spec_key, with_distilled_model
 from ..shards import content_key
-from ..teacher.backends import make_backend, student_generation, text_generator
+from ..teacher.backends import SYNCED_GPUS, make_backend, student_generation, text_generator
 from ..teacher.engines import resolve_backend
-from ..teacher.generate import answers_in_memory, generate_cot
+from ..teacher.generate import answers_across_ranks, answers_in_memory, generate_cot
 from ..teacher.prompts import render_prompt
-from ..teacher.settings import GenerationSettings
 from .model_free import run_select_distill
 
 log = logging.getLogger(__name__)
@@ -136,7 +138,6 @@ def run_distill(config: dict, dataset: str, student: str, method_name: str, poin
     where = paths.grid_method(method_name, point)  # the point's folder, as a `method` argument of paths
     ds_config = deepspeed_config(section["deepspeed"], tcfg, section.get("zero_optimization"))
     rank, world = init_distributed(tcfg.device) if ds_config else (0, 1)
-    _check_criterion(method, settings.criterion, world)
     with zero3_init(ds_config):  # ZeRO-3: each rank loads only its partition of the student
         model, tokenizer = load_model(catalog, student, device="cpu", dtype=section["student_dtype"])
     pools = _pools(settings.targets, model, dataset, student, student_coarse, student_refine)
@@ -148,7 +149,7 @@ def run_distill(config: dict, dataset: str, student: str, method_name: str, poin
     point_settings = MethodPoint(method, point, entry.settings, {**(section.get("weights") or {}),
                                  **(entry.settings.get("weights") or {})}, section["temperature"], settings.signals.tau,
                                  settings.signals.coarse)
-    criterion = _criterion(settings.generation, settings.criterion, splits["val"], tokenizer)
+    criterion = _criterion(settings, splits["val"], tokenizer, recipe, method, entry.settings.get("params"), rank, world)
     _log_start(f"{student} with {method_name} at grid point {point}", recipe, point_settings, examples, pools, tcfg,
                criterion, world)
     out = RunFiles(*(Path(given or default(dataset, student, where)) for given, default in (
@@ -191,16 +192,6 @@ def _head_files(dataset: str, student: str, teacher: str, heads: dict) -> list:
             for who, model in (("student", student), ("teacher", teacher)) for kind in ("coarse", "refine")]
 
 
-def _check_criterion(method, criterion: str, world: int) -> None:
-    """val_macro_f1 generates with the student: not for a method with its own inference, nor across ranks."""
-    if method.baseline is not None and method.baseline.own_inference and criterion == "val_macro_f1":
-        raise ConfigError(f"methods.{method.name}: {method.baseline.name} answers through its own inference, which "
-                          "distill.select.criterion val_macro_f1 does not run; use val_cot_loss")
-    if world > 1 and criterion == "val_macro_f1":
-        raise ConfigError("distill.select.criterion val_macro_f1 generates with the student on every evaluation, "
-                          f"which {world} ZeRO-3 ranks cannot share; use val_cot_loss, or one rank")
-
-
 def _teacher_targets(catalog: ModelCatalog, teacher: str, distill_settings: DistillSettings, dataset: str,
                      splits: dict, targets_paths: dict, teacher_coarse, teacher_refine) -> TeacherTargets:
     """The teacher's targets of train and val: read from targets/{split}.safetensors, or computed online by the
@@ -215,18 +206,37 @@ def _teacher_targets(catalog: ModelCatalog, teacher: str, distill_settings: Dist
     return TeacherTargets.online(online, {split: make_examples(teacher_tok, splits[split], teacher, cap) for split in splits})
 
 
-def _criterion(generation: GenerationSettings, name: str, val: SplitArtifacts, tokenizer) -> Criterion:
-    """distill.select.criterion; val_macro_f1: the student, as it is at the evaluation, answers the val prompts
-    greedily with the generation settings and parser of student_predict, scored by evaluate.xmc.macro_f1."""
+def _criterion(settings: DistillSettings, val: SplitArtifacts, tokenizer, recipe, method, params: dict | None,
+               rank: int, world: int) -> Criterion:
+    """distill.select.criterion; val_macro_f1: the student, as it is at the evaluation, answers the first
+    distill.select.val_docs val prompts (all: null) greedily with the generation settings and parser of
+    student_predict (a method with its own inference, SemCoT: its recipe's `predict`, as student_predict
+    answers for it), scored by evaluate.xmc.macro_f1. Several (ZeRO-3) ranks share the documents, step
+    every generation together and all compute the same value (`answers_across_ranks`)."""
+    name = settings.criterion
     if name != "val_macro_f1":
         return make_criterion(name)
-    doc_ids = list(val.anchors["doc_id"])
+    doc_ids = list(val.anchors["doc_id"])[:settings.val_docs]
     prompts = val.prompts.loc[doc_ids].reset_index()
     gold = [list(val.docs.loc[doc_id, "labels"]) for doc_id in doc_ids]
-    gen = generation.mapping()
-    gen = {**gen, "backend": resolve_backend(gen)}
-    return generation_criterion(name, lambda model: answers_in_memory(model, tokenizer, prompts, val.space, gen),
-                                gold, macro_f1)
+    gen = settings.generation.mapping()
+    gen = {**gen, "backend": resolve_backend(gen), SYNCED_GPUS: world > 1}
+    if recipe.predict is not None:  # own inference (method.baseline.own_inference)
+        point_params = method.baseline.params(params)
+        def answer(model, shard: pd.DataFrame) -> list[list[str]]:
+            return [list(labels) for labels in
+                    recipe.predict(model, tokenizer, shard, val.space, gen, point_params)["pred_labels"]]
+    else:
+        def answer(model, shard: pd.DataFrame) -> list[list[str]]:
+            return answers_in_memory(model, tokenizer, shard, val.space, gen)
+    def score(gold: list[list[str]], answers: list[list[str]]) -> float:
+        value = macro_f1(gold, answers)
+        log.info("%s on rank %d of %d: %.6f over %d val documents, %d labels answered", name, rank, world, value,
+                 len(answers), sum(map(len, answers)))
+        return value
+
+    return generation_criterion(name, lambda model: answers_across_ranks(partial(answer, model), prompts, rank, world),
+                                gold, score)
 
 
 def _log_start(run: str, recipe, point: MethodPoint, examples: dict, pools: dict, tcfg, criterion: Criterion,

@@ -32,6 +32,11 @@ from .prompts import render_prompt
 
 log = logging.getLogger(__name__)
 
+# generation key: every rank of a torch.distributed group steps each `generate` call together until all are done
+# (transformers' synced_gpus), as DeepSpeed ZeRO-3 needs: each forward gathers the partitioned weights from all
+# ranks. Unset: transformers decides (ZeRO-3 while its HfDeepSpeedConfig is alive).
+SYNCED_GPUS = "synced_gpus"
+
 
 @dataclass
 class Generation:
@@ -80,6 +85,7 @@ class TransformersBackend:
         out = self.model.generate(
             **enc, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
             temperature=temperature if temperature > 0 else None, top_p=None, top_k=None,
+            synced_gpus=self.gen.get(SYNCED_GPUS),
             repetition_penalty=self.gen["repetition_penalty"],
             eos_token_id=self.stop_ids, pad_token_id=self.tok.pad_token_id)
         new = out[:, enc["input_ids"].shape[1]:]                            # [batch, new_tokens]

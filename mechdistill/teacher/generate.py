@@ -13,15 +13,17 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ..io import write_parquet
 from ..models import ModelCatalog, spec_key
 from ..shards import Shards, content_key
 from .answers import ANSWER_OPEN, AnswerParser
-from .backends import FileBackend, Generation, TransformersBackend, VllmBackend, make_backend
+from .backends import SYNCED_GPUS, FileBackend, Generation, TransformersBackend, VllmBackend, make_backend
 from .engines import resolve_backend
 from .prompts import render_prompt
 
@@ -89,7 +91,9 @@ def generate_cot(catalog: ModelCatalog, model_name: str, prompts: pd.DataFrame, 
 def answers_in_memory(model, tokenizer, prompts: pd.DataFrame, space, gen: dict) -> list[list[str]]:
     """The labels a model in memory (e.g. a student during training) answers on `prompts`, generated
     and parsed as `generate_cot` does (same shards, batches, budget forcing and parser), with nothing
-    written. The tokenizer is copied: the backend pads on the left."""
+    written. The tokenizer is copied: the backend pads on the left. gen[SYNCED_GPUS] (one rank of
+    several, `answers_across_ranks`): every generate call, budget forcing's included, is stepped
+    with the other ranks, which must pass prompts of the same length."""
     backend = TransformersBackend.from_model(model, copy.deepcopy(tokenizer), gen)
     size = gen["shard_size"]
     outputs = [g for start in range(0, len(prompts), size) for g in _run_backend(backend, prompts.iloc[start:start + size], gen)]
@@ -125,24 +129,52 @@ def _run_backend(backend, shard: pd.DataFrame, gen: dict) -> list[Generation]:
     bs = len(chats) if isinstance(backend, VllmBackend) else gen["batch_size"]  # vLLM batches itself
     outputs = [g for i in range(0, len(chats), bs) for g in backend(chats[i:i + bs])]
     if gen["force_answer_tokens"]:
-        outputs = force_answers(backend, chats, outputs, gen["force_answer_tokens"], bs)
+        outputs = force_answers(backend, chats, outputs, gen["force_answer_tokens"], bs, bool(gen.get(SYNCED_GPUS)))
     return outputs
 
 
 def force_answers(backend, chats: list[list[dict]], outputs: list[Generation], n_tokens: int,
-                  batch_size: int) -> list[Generation]:
+                  batch_size: int, synced: bool = False) -> list[Generation]:
     """Budget forcing: a trace cut off by max_new_tokens before its answer block gets
     "\n<answer>" appended and `n_tokens` more tokens to write the answer. The reasoning (cot)
-    is unchanged; the row is marked `forced_answer`."""
+    is unchanged; the row is marked `forced_answer`. synced (ranks stepping together): every rank
+    makes as many completion calls as the rank with the most to force, the extra ones on its first
+    prompt, discarded."""
     todo = [i for i, g in enumerate(outputs) if g.finish_reason == "length" and ANSWER_OPEN not in g.text]
     prefixes = [render_prompt(backend.tok, chats[i]) + outputs[i].text + "\n" + ANSWER_OPEN for i in todo]
-    for start in range(0, len(todo), batch_size):
+    starts = list(range(0, len(todo), batch_size))
+    for start in starts:
         conts = backend.complete(prefixes[start:start + batch_size], n_tokens)
         for i, cont in zip(todo[start:start + batch_size], conts):
             g = outputs[i]
             outputs[i] = Generation(g.text + "\n" + ANSWER_OPEN + cont.text, g.n_tokens + cont.n_tokens,
                                     g.finish_reason, forced_answer=True)
+    if synced:
+        for _ in range(max(_gather(len(starts))) - len(starts)):
+            backend.complete([render_prompt(backend.tok, chats[0]) + "\n" + ANSWER_OPEN], n_tokens)
     return outputs
+
+
+def _gather(value: Any) -> list[Any]:
+    """`value` of every rank of the default torch.distributed group, in rank order."""
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def answers_across_ranks(answer: Callable[[pd.DataFrame], list[list[str]]], prompts: pd.DataFrame, rank: int,
+                         world: int) -> list[list[str]]:
+    """`answer(prompts)` shared by `world` ranks that must step together (DeepSpeed ZeRO-3): rank r
+    answers documents r, r + world, ... padded with the first document to ceil(n / world) prompts, so
+    every rank makes the same calls; the answers are gathered, and every rank returns all of them in
+    the order of `prompts`. One rank: answer(prompts)."""
+    if world == 1:
+        return answer(prompts)
+    mine = prompts.iloc[rank::world]
+    per_rank = -(-len(prompts) // world)
+    padded = pd.concat([mine] + [prompts.iloc[:1]] * (per_rank - len(mine))) if per_rank else mine
+    shards = _gather(answer(padded)[:len(mine)])                          # [world][documents of the rank]
+    return [shards[i % world][i // world] for i in range(len(prompts))]
 
 
 def summarize_cot(df: pd.DataFrame, dataset: str = "", split: str = "") -> dict:

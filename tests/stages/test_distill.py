@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -13,6 +14,7 @@ from mechdistill.characterize.teacher_forcing import forced_sequence
 from mechdistill.evaluate.xmc import macro_f1
 from mechdistill.io import read_split
 from mechdistill.models import ModelCatalog, load_tokenizer, with_distilled_model
+from mechdistill.stages import distill as distill_stage
 from mechdistill.stages.distill import run_distill
 from mechdistill.stages.model_free import run_select_distill
 from mechdistill.teacher.answers import supervised_output
@@ -217,3 +219,56 @@ def test_select_distill_publishes_the_best_grid_point(tiny_config, tmp_path, mon
     for path in (paths.train_log, paths.mechanism, paths.training_items):
         pd.testing.assert_frame_equal(pd.read_parquet(path(DATASET, STUDENT, "mech")),
                                       pd.read_parquet(path(DATASET, STUDENT, chosen)))
+
+
+def _val_split(n: int) -> SimpleNamespace:
+    """A val split's parts that val_macro_f1 reads: doc ids (anchors), prompts, gold labels, label space."""
+    ids = [f"d{i}" for i in range(n)]
+    return SimpleNamespace(anchors=pd.DataFrame({"doc_id": ids}),
+                           prompts=pd.DataFrame({"messages": ["[]"] * n, "candidates": [["A", "B"]] * n},
+                                                index=pd.Index(ids, name="doc_id")),
+                           docs=pd.DataFrame({"labels": [["A"] if i % 2 else ["B"] for i in range(n)]}, index=ids),
+                           space=None)
+
+
+def _select(val_docs: int | None) -> SimpleNamespace:
+    gen = {"backend": "transformers", "student_backend": "auto"}
+    return SimpleNamespace(criterion="val_macro_f1", val_docs=val_docs, generation=SimpleNamespace(mapping=lambda: gen))
+
+
+@pytest.mark.parametrize("val_docs, answered", [(3, ["d0", "d1", "d2"]), (None, [f"d{i}" for i in range(5)])])
+def test_val_macro_f1_answers_only_the_first_val_docs(monkeypatch, val_docs, answered):
+    """distill.select.val_docs bounds the generation of each evaluation: only the first val_docs documents are
+    answered (null: all), and the value is the macro-F1 of those answers against those documents' gold."""
+    seen = []
+
+    def answers(model, tokenizer, prompts, space, gen):
+        seen.append(list(prompts["doc_id"]))
+        return [["A"]] * len(prompts)
+
+    monkeypatch.setattr(distill_stage, "answers_in_memory", answers)
+    val = _val_split(5)
+    criterion = distill_stage._criterion(_select(val_docs), val, None, SimpleNamespace(predict=None), None, None, 0, 1)
+    value = criterion.value(None, {})
+    assert seen == [answered]
+    gold = [list(val.docs.loc[d, "labels"]) for d in answered]
+    assert value == pytest.approx(macro_f1(gold, [["A"]] * len(answered)))
+
+
+def test_val_macro_f1_of_a_method_with_its_own_inference_answers_through_its_predict(monkeypatch):
+    """SemCoT (own inference): val_macro_f1 scores what the recipe's predict answers, with the grid point's
+    params, as student_predict does; the student's generate is not run."""
+    monkeypatch.setattr(distill_stage, "answers_in_memory", lambda *args: pytest.fail("generated, not predicted"))
+    calls = []
+
+    def predict(model, tokenizer, prompts, space, gen, params):
+        calls.append((list(prompts["doc_id"]), params))
+        return pd.DataFrame({"doc_id": prompts["doc_id"], "pred_labels": [["A"]] * len(prompts)})
+
+    method = SimpleNamespace(baseline=SimpleNamespace(params=lambda given: {"K": 2, **(given or {})}))
+    val = _val_split(4)
+    criterion = distill_stage._criterion(_select(2), val, None, SimpleNamespace(predict=predict), method,
+                                         {"alpha": 0.5}, 0, 1)
+    value = criterion.value("model", {})
+    assert calls == [(["d0", "d1"], {"K": 2, "alpha": 0.5})]
+    assert value == pytest.approx(macro_f1([["B"], ["A"]], [["A"], ["A"]]))

@@ -23,7 +23,8 @@ from transformers import AutoModelForCausalLM
 
 from mechdistill import paths
 from mechdistill.distill.launch import local_launcher
-from mechdistill.stages.distill import KILL_AFTER_STEP, run_distill
+from mechdistill.distill.methods import needs_teacher_data
+from mechdistill.stages.distill import KILL_AFTER_STEP, run_baseline_teacher_data, run_distill
 from tests.helpers import REPO
 from tests.stages.conftest import DATASET, STUDENT
 
@@ -95,3 +96,44 @@ def test_two_zero3_ranks_train_like_one_process_and_resume_after_a_kill(tiny):
     assert models["mech_2ranks"].keys() == models["mech_1rank"].keys()
     for name, weight in models["mech_1rank"].items():
         torch.testing.assert_close(models["mech_2ranks"][name], weight, rtol=1e-4, atol=1e-5, msg=name)
+
+
+F1_LINE = re.compile(r"val_macro_f1 on rank (\d) of (\d): ([0-9.]+) over (\d+) val documents, (\d+) labels answered")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("base", ["vanilla", "semcot"])
+def test_two_zero3_ranks_select_by_val_macro_f1_like_one_process(tiny, base):
+    """val_macro_f1 under 2 ZeRO-3 ranks (refused before, "cannot share"; SemCoT refused even on one): the ranks
+    answer one val document each, stepping every forward together (generate's synced_gpus; SemCoT's predict
+    runs its whole answer budget), gather the answers and both compute the value that one process computes for
+    the same weights (the same global batches: 2 micro-batches per step)."""
+    tiny.ensure("teacher_targets")
+    one, two = f"{base}_f1_1rank", f"{base}_f1_2ranks"
+    configs = {one: _config(tiny, one, grad_accum_steps=2), two: _config(tiny, two)}
+    for name, config in configs.items():
+        config["methods"][name] = {**(tiny.config["methods"].get(base) or {}), "base": base}
+        config["distill"]["train"].update(max_steps=2, checkpoint_every=0)
+        config["distill"]["select"] = {"criterion": "val_macro_f1", "val_docs": None}
+        config["generation"]["fuzzy_threshold"] = 0  # any forced answer maps to a candidate: labels to compare
+    configs[two]["distill"].update(deepspeed=True, zero_optimization={"stage3_param_persistence_threshold": 0})
+    with tiny.inside():
+        for name, config in configs.items():
+            if needs_teacher_data(name, config["methods"][name]):
+                run_baseline_teacher_data(config, DATASET, name)
+        run_distill(configs[one], DATASET, STUDENT, one, "default")
+    done = _launch(tiny, configs[two], two)
+    log_text = tiny.path(f"{two}.log").read_text()
+    assert done.returncode == 0, done.stderr[-3000:] + log_text[-3000:]
+
+    # rank 0 logs to the file, rank 1 to stderr: each evaluation, both ranks score both documents alike
+    lines = {rank: [m for m in F1_LINE.findall(text) if m[0] == rank] for rank, text in (("0", log_text),
+                                                                                           ("1", done.stderr))}
+    assert len(lines["0"]) == len(lines["1"]) == 1  # one evaluation: step 2 (eval_every), the end
+    assert [m[2:] for m in lines["0"]] == [m[2:] for m in lines["1"]]
+    assert all(m[1] == "2" and m[3] == "2" and int(m[4]) > 0 for m in lines["0"])  # both documents, gathered
+
+    logs = {name: pd.read_parquet(tiny.path(paths.train_log(DATASET, STUDENT, paths.grid_method(name, "default")))
+                                  ).query("split == 'val'").set_index("step")["val_macro_f1"] for name in configs}
+    pd.testing.assert_series_equal(logs[two], logs[one], check_names=False)
+    assert float(lines["0"][-1][2]) == pytest.approx(logs[one].iloc[-1], abs=1e-6)

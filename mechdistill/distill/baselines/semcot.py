@@ -70,6 +70,7 @@ from torch import Tensor, nn
 
 from ...models import input_device
 from ...teacher.answers import ANSWER_CLOSE, ANSWER_OPEN, AnswerParser
+from ...teacher.backends import SYNCED_GPUS
 from ...teacher.generate import GENERATION_COLUMNS, parse_generations
 from ...teacher.prompts import render_prompt
 from ...text import sentence_spans
@@ -259,25 +260,30 @@ def loss(model: nn.Module, item: Item, params: Mapping) -> dict[str, Tensor]:
 
 
 def greedy_answer(model: nn.Module, tokenizer, inputs_embeds: Tensor, max_new: int, penalty: float,
-                  ) -> tuple[list[int], str]:
+                  synced: bool = False) -> tuple[list[int], str]:
     """Greedy continuation of inputs_embeds [seq, d] (KV cache): (token ids, finish_reason); stops
-    after the end of turn or once the text holds "</answer>"."""
+    after the end of turn or once the text holds "</answer>". synced (DeepSpeed ZeRO-3 ranks, each
+    forward a collective): after the stop, the forwards go on to max_new, their tokens discarded, so
+    every rank runs the same forwards."""
     model_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     eos = {tokenizer.eos_token_id, *([model_eos] if isinstance(model_eos, int) else model_eos or [])}
     out = run_embeds(model, inputs_embeds, use_cache=True)
     generated: list[int] = []
+    finish = "length"
     for _ in range(max_new):
         logits = out.logits[0, -1].float()                                             # [V]
-        if penalty != 1.0 and generated:
-            seen = torch.tensor(sorted(set(generated)), device=logits.device)
-            logits[seen] = torch.where(logits[seen] > 0, logits[seen] / penalty, logits[seen] * penalty)
-        token = int(logits.argmax())
-        generated.append(token)
-        if token in eos or ANSWER_CLOSE in tokenizer.decode(generated):
-            return generated, "stop"
-        out = model(input_ids=torch.tensor([[token]], device=logits.device), past_key_values=out.past_key_values,
-                    use_cache=True)
-    return generated, "length"
+        if finish == "length":
+            if penalty != 1.0 and generated:
+                seen = torch.tensor(sorted(set(generated)), device=logits.device)
+                logits[seen] = torch.where(logits[seen] > 0, logits[seen] / penalty, logits[seen] * penalty)
+            generated.append(int(logits.argmax()))
+            if generated[-1] in eos or ANSWER_CLOSE in tokenizer.decode(generated):
+                finish = "stop"
+                if not synced:
+                    break
+        out = model(input_ids=torch.tensor([[generated[-1]]], device=logits.device),
+                    past_key_values=out.past_key_values, use_cache=True)
+    return generated, finish
 
 
 def predict(model: nn.Module, tokenizer, prompts: pd.DataFrame, space, gen: dict, params: Mapping) -> pd.DataFrame:
@@ -292,7 +298,8 @@ def predict(model: nn.Module, tokenizer, prompts: pd.DataFrame, space, gen: dict
             ids = torch.cat([prompt, torch.full((params["K"],), ph, device=prompt.device)])
             states = implicit_states(model, ids, params["K"], params["implicit_norm"])       # [K, d]
             inputs = torch.cat([embed(model, prompt), states, embed(model, open_ids)])      # [seq, d]
-            tokens, finish = greedy_answer(model, tokenizer, inputs, max_new, gen["repetition_penalty"])
+            tokens, finish = greedy_answer(model, tokenizer, inputs, max_new, gen["repetition_penalty"],
+                                           bool(gen.get(SYNCED_GPUS)))
             raw = ANSWER_OPEN + tokenizer.decode(tokens, skip_special_tokens=True)
             rows.append(dict(doc_id=doc_id, raw=raw, n_tokens=len(tokens), finish_reason=finish,
                              forced_answer=False, engine="semcot implicit states (transformers)"))

@@ -240,3 +240,25 @@ def test_greedy_answer_penalizes_repeated_tokens(tok, penalty, expected):
     model = Scripted(semcot.token_ids(tok, "aaa").tolist(), len(tok), runner_up=tok.convert_tokens_to_ids("b"))
     tokens, _ = semcot.greedy_answer(model, tok, torch.zeros(4, 8), 3, penalty)
     assert tok.decode(tokens) == expected
+
+
+class Counted(Scripted):
+    """Scripted, counting its forwards (each one a collective under ZeRO-3)."""
+
+    calls = 0
+
+    def forward(self, **kwargs):
+        self.calls += 1
+        return super().forward(**kwargs)
+
+
+@pytest.mark.parametrize("text", ["I10</answer>tail", "I1"])
+def test_greedy_answer_synced_runs_every_forward_of_the_budget_and_answers_the_same(tok, text):
+    """ZeRO-3 ranks (val_macro_f1 of SemCoT across ranks): a rank that stops early must go on stepping as the
+    others do, so every rank makes 1 + budget forwards; its answer is the unsynced one."""
+    script = semcot.token_ids(tok, text).tolist() + [tok.eos_token_id]
+    alone, synced = Counted(script, len(tok)), Counted(script, len(tok))
+    budget = 12
+    assert semcot.greedy_answer(synced, tok, torch.zeros(4, 8), budget, 1.0, synced=True) == \
+        semcot.greedy_answer(alone, tok, torch.zeros(4, 8), budget, 1.0)
+    assert alone.calls < synced.calls == 1 + budget
