@@ -39,7 +39,7 @@ from ..io import SplitArtifacts, file_digest, read_json, read_parquet, read_spli
 from ..labels import LabelSpace
 from ..models import ModelCatalog, load_model, pick_device, spec_key, with_distilled_model
 from ..shards import content_key
-from ..teacher.backends import make_backend, student_generation, text_generator
+from ..teacher.backends import STOP_AT_ANSWER, make_backend, student_generation, text_generator
 from ..teacher.engines import resolve_backend
 from ..teacher.generate import answers_in_memory, generate_cot
 from ..teacher.prompts import render_prompt
@@ -224,7 +224,7 @@ def _criterion(generation: GenerationSettings, name: str, val: SplitArtifacts, t
     prompts = val.prompts.loc[doc_ids].reset_index()
     gold = [list(val.docs.loc[doc_id, "labels"]) for doc_id in doc_ids]
     gen = generation.mapping()
-    gen = {**gen, "backend": resolve_backend(gen)}
+    gen = {**gen, "backend": resolve_backend(gen), STOP_AT_ANSWER: True}  # as student_generation: stop at </answer>
     return generation_criterion(name, lambda model: answers_in_memory(model, tokenizer, prompts, val.space, gen),
                                 gold, macro_f1)
 
