@@ -95,3 +95,19 @@ def test_end_of_turn_is_read_from_the_chat_template(template, turn_end):
     assert end_of_turn(tok) == turn_end
     tok.chat_template = None
     assert end_of_turn(tok) == tok.eos_token == "<|im_end|>"
+
+
+def test_targets_made_before_the_end_of_turn_are_refused(byte_tok):
+    """Teacher targets of the old supervised text (no end of turn) are a token prefix of the student's new
+    sequence: student_loss stops instead of treating the same tokenizer as another one."""
+    from mechdistill.distill.methods import METHODS
+    from mechdistill.distill.objective import student_loss, teacher_targets
+    from mechdistill.errors import InputError
+
+    (new,) = make_examples(byte_tok, split(f"{COT}\n{ANSWER}"))
+    old = make_examples(byte_tok, split(f"{COT}\n{ANSWER}"))[0]
+    old.input_ids = new.input_ids[:-1]  # the sequence as it was tokenized before the end of turn was taught
+    model = tiny_llama(len(byte_tok), seed=0)
+    targets = teacher_targets(model, old, {}, 0.0, top_k=4)
+    with pytest.raises(InputError, match="rerun teacher_targets"):
+        student_loss(model, new, targets, {}, METHODS["vanilla"], 0.0, 2.0)
