@@ -2,7 +2,7 @@
 teacher's cot/test.parquet), the documents with a closed `</answer>` block, with a mapped label, the finish
 reasons, the budget-forced rows, the mean generated tokens and the macro-F1 against the split's gold labels.
 
-    PYTHONPATH=$PWD python benchmarks/answer_rate.py results/icd10_demo/smollm2_l10/*/pred/test.parquet \\
+    PYTHONPATH=$PWD python benchmarks/answer_rate.py results/icd10_demo/smollm2_l24/*/pred/test.parquet \\
         [--gold results/icd10_demo/data/test.parquet]
 """
 
