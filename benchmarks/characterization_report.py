@@ -3,7 +3,7 @@ variant and prompt style, the head tables' ranges, the patching summaries (every
 95 % CI), the distillation logs' loss terms and the mechanism scores before / after training.
 
     python benchmarks/characterization_report.py [--root .] [--dataset icd10_demo] [--teacher smollm2]
-                                                [--student smollm2_l10]
+                                                [--student smollm2_l24]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def main() -> None:
     ap.add_argument("--root", default=".", help="the folder Snakemake ran in (holds results/)")
     ap.add_argument("--dataset", default="icd10_demo")
     ap.add_argument("--teacher", default="smollm2")
-    ap.add_argument("--student", default="smollm2_l10")
+    ap.add_argument("--student", default="smollm2_l24")
     args = ap.parse_args()
     root, d, t, s = Path(args.root), args.dataset, args.teacher, args.student
     pd.set_option("display.width", 250)

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from ..characterize.attention import attention_modules, final_norm, unembed
 from ..characterize.scores import DEFAULT_COARSE, CoarseVariant
+from ..errors import InputError
 from .losses import (
     TERMS,
     aligned_positions,
@@ -98,6 +99,11 @@ def student_loss(model: nn.Module, ex: Example, targets: Mapping[str, Tensor], p
     interaction} (`targets.interaction_scales` of the training targets; missing = 1, the raw term)."""
     phases = tuple(p for p in ("phase1", "phase2") if method.uses(p))
     same_tokens = torch.equal(targets["input_ids"].cpu(), ex.input_ids.cpu())
+    if not same_tokens and is_stale(targets["input_ids"].cpu(), ex.input_ids.cpu()):
+        raise InputError(f"{ex.doc_id}: the teacher targets are {len(targets['input_ids'])} tokens and a prefix of "
+                         f"the student's {len(ex.input_ids)} (or the reverse): they were made from another supervised "
+                         "text (e.g. before the end-of-turn token was taught)",
+                         fix="rerun teacher_targets (snakemake --forcerun teacher_targets)")
     student_spans = None if same_tokens else spans_in_teacher_text(ex, targets)  # [seq, 2]
     p1_spans = None if same_tokens else (student_spans, targets["offsets"])
     logits, signals = forward_signals(model, ex, pools, tau, phases, p1_spans=p1_spans, coarse=coarse)  # [1, seq, V]
@@ -130,6 +136,13 @@ def student_loss(model: nn.Module, ex: Example, targets: Mapping[str, Tensor], p
     loss = total_loss(terms, weights, method.switches)
     flat = {f"{g}.{k}": v.detach() for g, group in terms.items() for k, v in group.items() if k != "loss"}
     return {"loss": loss, **flat}
+
+
+def is_stale(teacher_ids: Tensor, student_ids: Tensor) -> bool:
+    """Whether two different token sequences are one the other's prefix: the same tokenizer on two versions of
+    the supervised text, which the cross-tokenizer path would otherwise silently align by characters."""
+    n = min(len(teacher_ids), len(student_ids))
+    return len(teacher_ids) != len(student_ids) and torch.equal(teacher_ids[:n], student_ids[:n])
 
 
 def read_outside_forward(model: nn.Module, pools: Mapping[str, HeadPool]) -> list[nn.Parameter]:

@@ -30,7 +30,7 @@ from ..characterize.scores import DEFAULT_COARSE, CoarseVariant, anchor_centroid
 from ..characterize.teacher_forcing import forced_sequence, margin_tokens, within_cap
 from ..io import SplitArtifacts
 from ..models import input_device
-from ..teacher.answers import supervised_output
+from ..teacher.answers import end_of_turn, supervised_output
 from ..teacher.prompts import render_prompt
 from ..text import char_span_to_tokens, shift_spans, token_offsets
 from .launch import gather_to_all
@@ -103,19 +103,19 @@ def make_examples(tokenizer, split: SplitArtifacts, model_name: str = "", max_to
     """Teacher-forced examples of every document of a split (in anchors order) for `tokenizer`.
 
     Each forces the teacher's whole output, its CoT and then its answer block
-    (`teacher.answers.supervised_output`), so the CoT loss also teaches the student to answer;
-    the Phase 1 / Phase 2 positions lie in the CoT. Documents with an empty CoT, or longer than
+    (`teacher.answers.supervised_output`) and the chat template's end of turn after it, so the CoT
+    loss also teaches the student to answer and then stop; the Phase 1 / Phase 2 positions lie in the CoT. Documents with an empty CoT, or longer than
     `max_tokens` (`characterize.teacher_forcing.within_cap`), are skipped with a warning naming them.
     """
     docs, prompts, cot, space = split.docs, split.prompts, split.cot, split.space
-    examples, empty = [], []
+    examples, empty, stop = [], [], end_of_turn(tokenizer)
     for _, row in split.anchors.iterrows():
         doc_id = row["doc_id"]
         text = cot.loc[doc_id, "cot"] if doc_id in cot.index else ""
         if not text.strip():
             empty.append(doc_id)
             continue
-        output = supervised_output(text, cot.loc[doc_id, "raw"] if "raw" in cot.columns else None)
+        output = supervised_output(text, cot.loc[doc_id, "raw"] if "raw" in cot.columns else None, stop)
         examples.append(make_example(tokenizer, doc_id, prompts.loc[doc_id, "messages"], output, row,
                                      list(row["anchors"]), [space.title[g] for g in docs.loc[doc_id, "labels"]],
                                      [space.title[n] for n in row["near_misses"]]))

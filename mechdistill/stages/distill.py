@@ -42,7 +42,7 @@ from ..io import SplitArtifacts, file_digest, read_json, read_parquet, read_spli
 from ..labels import LabelSpace
 from ..models import ModelCatalog, load_model, pick_device, spec_key, with_distilled_model
 from ..shards import content_key
-from ..teacher.backends import SYNCED_GPUS, make_backend, student_generation, text_generator
+from ..teacher.backends import STOP_AT_ANSWER, SYNCED_GPUS, make_backend, student_generation, text_generator
 from ..teacher.engines import resolve_backend
 from ..teacher.generate import answers_across_ranks, answers_in_memory, generate_cot
 from ..teacher.prompts import render_prompt
@@ -220,7 +220,8 @@ def _criterion(settings: DistillSettings, val: SplitArtifacts, tokenizer, recipe
     prompts = val.prompts.loc[doc_ids].reset_index()
     gold = [list(val.docs.loc[doc_id, "labels"]) for doc_id in doc_ids]
     gen = settings.generation.mapping()
-    gen = {**gen, "backend": resolve_backend(gen), SYNCED_GPUS: world > 1}
+    gen = {**gen, "backend": resolve_backend(gen), SYNCED_GPUS: world > 1,
+           STOP_AT_ANSWER: True}  # as student_generation: stop at </answer>
     if recipe.predict is not None:  # own inference (method.baseline.own_inference)
         point_params = method.baseline.params(params)
         def answer(model, shard: pd.DataFrame) -> list[list[str]]:

@@ -120,13 +120,49 @@ def answer_block_start(output: str) -> int:
     return opens[-1] if opens else -1
 
 
-def supervised_output(cot: str, raw: str | None) -> str:
-    """What a student is taught to write: the CoT, then the teacher's answer block as generated.
+def end_of_turn(tokenizer) -> str:
+    """The token that ends an assistant turn in `tokenizer`'s chat template ("<|im_end|>" for SmolLM2 /
+    Qwen, "<|eot_id|>" for Llama 3, "<end_of_turn>" for Gemma), as text; tokenizer.eos_token without
+    a chat template or where the template's turn end is no special token; "" without either.
+
+    Found by rendering an assistant turn around a marker: the first special token after the marker.
+    """
+    marker = "\x00turn-content\x00"
+    eos = tokenizer.eos_token or ""
+    if not getattr(tokenizer, "chat_template", None):
+        return eos
+    try:
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": "q"},
+                                                  {"role": "assistant", "content": marker}], tokenize=False)
+    except Exception:  # a template that rejects this chat (e.g. one that wants a system turn): the fallback
+        return eos
+    at = rendered.find(marker)
+    if at < 0:
+        return eos
+    special = set(tokenizer.all_special_tokens) | {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()
+                                                   if getattr(t, "special", False)}
+    tail = rendered[at + len(marker):]
+    found = [(tail.find(t), t) for t in special if t and tail.find(t) >= 0]
+    return min(found)[1] if found else eos
+
+
+def supervised_output(cot: str, raw: str | None, end_of_turn: str = "") -> str:
+    """What a student is taught to write: the CoT, then the teacher's answer block through its
+    `</answer>`, then `end_of_turn` (the chat template's turn end, `end_of_turn(tokenizer)`), so the
+    student learns to stop after answering.
 
     `cot` is the reasoning before `<answer>` (stripped, as `AnswerParser.parse` leaves it) and `raw`
     the whole generation; the result starts with `cot` exactly, so character spans into the CoT
     (the anchors artifact) stay valid. Without an answer block in `raw` it is the CoT alone; with
-    several, the one `parse` reads (the blocks before it are not taught).
+    several, the one `parse` reads (the blocks before it are not taught). Text after the block's
+    `</answer>` is not taught (students stop there, `backends.student_generation`); a block that is
+    never closed is taught as written, with no end of turn.
     """
     start = -1 if not raw else answer_block_start(raw)
-    return cot if start < 0 else f"{cot}\n{raw[start:].strip()}"
+    if start < 0:
+        return cot
+    block = raw[start:]
+    close = block.find(ANSWER_CLOSE)
+    if close < 0:
+        return f"{cot}\n{block.strip()}"
+    return f"{cot}\n{block[:close + len(ANSWER_CLOSE)].strip()}{end_of_turn}"

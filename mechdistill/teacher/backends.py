@@ -26,7 +26,7 @@ from ..models import (
     pick_device,
     resolve_model_path,
 )
-from .answers import ANSWER_CLOSE, ANSWER_OPEN
+from .answers import ANSWER_CLOSE, ANSWER_OPEN, end_of_turn
 from .engines import FIX, package_version, resolve_backend, resolve_device, vllm_problem
 from .prompts import render_prompt
 
@@ -36,6 +36,21 @@ log = logging.getLogger(__name__)
 # (transformers' synced_gpus), as DeepSpeed ZeRO-3 needs: each forward gathers the partitioned weights from all
 # ranks. Unset: transformers decides (ZeRO-3 while its HfDeepSpeedConfig is alive).
 SYNCED_GPUS = "synced_gpus"
+
+# generation key set by `student_generation`: stop at the first `</answer>` (a student's supervised output has
+# one answer block and then the end of turn, `answers.supervised_output`); the teacher writes on to its end of turn.
+STOP_AT_ANSWER = "stop_at_answer"
+
+
+def stop_strings(gen: dict) -> list[str]:
+    """The strings that end a generation besides the end-of-turn token: `</answer>` for a student."""
+    return [ANSWER_CLOSE] if gen.get(STOP_AT_ANSWER) else []
+
+
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """`text` through the first of `stops` it holds (the stop string kept), and whether one was found."""
+    ends = [text.find(s) + len(s) for s in stops if s in text]
+    return (text[:min(ends)], True) if ends else (text, False)
 
 
 @dataclass
@@ -66,8 +81,10 @@ class TransformersBackend:
         self.engine = f"transformers {package_version('transformers')} ({next(model.parameters()).device.type}, " \
                       f"{str(next(model.parameters()).dtype).removeprefix('torch.')})"
         self.tok.padding_side = "left"
-        stop = {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
+        turn_end = end_of_turn(tok)
+        stop = {tok.eos_token_id, tok.convert_tokens_to_ids(turn_end) if turn_end else None}
         self.stop_ids = sorted(i for i in stop if isinstance(i, int) and i >= 0)
+        self.stops = stop_strings(gen)
 
     def __call__(self, chats: list[list[dict]]) -> list[Generation]:
         return self.complete([render_prompt(self.tok, m) for m in chats], self.gen["max_new_tokens"])
@@ -87,15 +104,19 @@ class TransformersBackend:
             temperature=temperature if temperature > 0 else None, top_p=None, top_k=None,
             synced_gpus=self.gen.get(SYNCED_GPUS),
             repetition_penalty=self.gen["repetition_penalty"],
-            eos_token_id=self.stop_ids, pad_token_id=self.tok.pad_token_id)
+            eos_token_id=self.stop_ids, pad_token_id=self.tok.pad_token_id,
+            **({"stop_strings": self.stops, "tokenizer": self.tok} if self.stops else {}))
         new = out[:, enc["input_ids"].shape[1]:]                            # [batch, new_tokens]
         results = []
         for row in new.tolist():
             stop_at = next((i for i, t in enumerate(row) if t in self.stop_ids), None)
             kept = row if stop_at is None else row[: stop_at + 1]
-            results.append(Generation(self.tok.decode(kept, skip_special_tokens=True),
-                                      n_tokens=len(kept),
-                                      finish_reason="length" if stop_at is None else "stop"))
+            text, at_string = cut_at_stop(self.tok.decode(kept, skip_special_tokens=True), self.stops)
+            if at_string:  # the tokens through the one that completes the stop string (padding follows it)
+                kept = kept[:next(k for k in range(1, len(kept) + 1)
+                                  if cut_at_stop(self.tok.decode(kept[:k], skip_special_tokens=True), self.stops)[1])]
+            results.append(Generation(text, n_tokens=len(kept),
+                                      finish_reason="stop" if stop_at is not None or at_string else "length"))
         return results
 
 
@@ -165,9 +186,10 @@ class VllmBackend:
         # generators fail once a chunked prefill discards a sampled token ("CPU Generator does not use
         # offset"), so on CPU sampling draws from the engine's generator, seeded once with the config's seed.
         per_request = device != "cpu"
+        self.stops = stop_strings(gen)
         self.sampling = lambda max_tokens, temperature=None, seed=None: SamplingParams(
             temperature=gen["temperature"] if temperature is None else temperature, max_tokens=max_tokens,
-            repetition_penalty=gen["repetition_penalty"],
+            repetition_penalty=gen["repetition_penalty"], stop=self.stops or None, include_stop_str_in_output=True,
             seed=(catalog.seed if seed is None else seed) if per_request else None)
         self.params = self.sampling(gen["max_new_tokens"])
 
@@ -188,8 +210,10 @@ class VllmBackend:
 
     def _read(self, outputs) -> list[Generation]:
         """Generations from vLLM's outputs, their tokens decoded by our tokenizer as the transformers
-        backend decodes them (vLLM's own incremental text drops bytes of an unfinished character)."""
-        return [Generation(self.tok.decode(list(o.outputs[0].token_ids), skip_special_tokens=True),
+        backend decodes them (vLLM's own incremental text drops bytes of an unfinished character), cut
+        after a stop string as vLLM cut its own text."""
+        return [Generation(cut_at_stop(self.tok.decode(list(o.outputs[0].token_ids), skip_special_tokens=True),
+                                       self.stops)[0],
                            n_tokens=len(o.outputs[0].token_ids),
                            finish_reason="length" if o.outputs[0].finish_reason == "length" else "stop")
                 for o in outputs]
@@ -289,8 +313,12 @@ def student_generation(gen: dict) -> dict:
     """The generation settings a student's predictions use: generation with `backend` set to
     `student_backend` ("auto": the teacher's backend, but transformers when that is `file`, whose
     traces are the teacher's; a student's traces must come from the student), on one GPU (vLLM:
-    tensor_parallel_size 1; the student_predict rule holds one GPU, and an 8B-14B student fits it)."""
-    return {**gen, "backend": resolve_backend(gen, "student_backend"), "tensor_parallel_size": 1}
+    tensor_parallel_size 1; the student_predict rule holds one GPU, and an 8B-14B student fits it), stopping at
+    the first `</answer>` (STOP_AT_ANSWER: it was taught one answer block, then the end of turn). The teacher
+    does not stop there: its traces keep every answer block it writes (the parser reads the last closed one,
+    and `answers.supervised_output` teaches that one), as the characterization read them."""
+    return {**gen, "backend": resolve_backend(gen, "student_backend"), "tensor_parallel_size": 1,
+            STOP_AT_ANSWER: True}
 
 
 def make_backend(catalog: ModelCatalog, model_name: str, gen: dict, dataset: str = "", split: str = "") -> Callable:

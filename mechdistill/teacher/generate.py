@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 # Settings that change what is generated (batch size and device do not, under greedy decoding).
 FINGERPRINT_KEYS = ("backend", "max_new_tokens", "temperature", "repetition_penalty", "shard_size",
-                    "dtype", "traces", "force_answer_tokens")
+                    "dtype", "traces", "force_answer_tokens", "stop_at_answer")
 
 
 def fingerprint(catalog: ModelCatalog, model_name: str, gen: dict, prompts: pd.DataFrame) -> str:

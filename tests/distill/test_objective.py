@@ -76,7 +76,7 @@ def test_example_positions(byte_tok, ex):
 
 
 def test_the_loss_covers_the_answer_block(byte_tok, ex):
-    """The student is taught the teacher's whole output: CoT, then the answer block; the phase
+    """The student is taught the teacher's whole output: CoT, then the answer block and the end of turn; the phase
     positions (spans into the CoT) are those of the CoT alone."""
     from mechdistill.distill.signals import make_examples
     from mechdistill.io import SplitArtifacts
@@ -91,9 +91,9 @@ def test_the_loss_covers_the_answer_block(byte_tok, ex):
                                "near_misses": ["I50.32"]}]),
         space=icd_subtree("I50"))
     (full,) = make_examples(byte_tok, split)
-    assert full.text.endswith(COT + "\n" + answer)
+    assert full.text.endswith(COT + "\n" + answer + "<|im_end|>")
     predicted = byte_tok.decode(full.input_ids[[p + 1 for p in full.cot_positions]])  # what the CE/KL positions predict
-    assert predicted == COT + "\n" + answer
+    assert predicted == COT + "\n" + answer + "<|im_end|>"  # and then the end of turn: the student learns to stop
     for field in ("cot_start", "early_queries", "refine", "keys", "n_shortlist"):
         assert getattr(full, field) == getattr(ex, field), field
     no_answer = split.cot.assign(raw=COT)  # a trace cut before any answer block: the CoT alone

@@ -17,7 +17,7 @@ from mechdistill.models import ModelCatalog, load_tokenizer, with_distilled_mode
 from mechdistill.stages import distill as distill_stage
 from mechdistill.stages.distill import run_distill
 from mechdistill.stages.model_free import run_select_distill
-from mechdistill.teacher.answers import supervised_output
+from mechdistill.teacher.answers import end_of_turn, supervised_output
 from mechdistill.teacher.generate import generate_cot
 from tests.stages.conftest import DATASET, STUDENT, TEACHER
 
@@ -34,10 +34,10 @@ def test_teacher_targets_hold_the_cot_logits_and_phase1_signals(tiny):
         with safe_open(tiny.path(paths.targets_tensors(DATASET, TEACHER, split)), "pt") as tensors:
             assert json.loads(tensors.metadata()["pools"]) == json.loads(table["pools"].iloc[0])
             for row in table.itertuples():
-                output = supervised_output(cot.loc[row.doc_id, "cot"], cot.loc[row.doc_id, "raw"])
+                output = supervised_output(cot.loc[row.doc_id, "cot"], cot.loc[row.doc_id, "raw"], end_of_turn(tokenizer))
                 seq = forced_sequence(tokenizer, prompts.loc[row.doc_id, "messages"], output,
                                       anchors.loc[row.doc_id].to_dict())
-                # one top-k row per position that predicts a token of the teacher's output (CoT, answer block)
+                # one top-k row per position that predicts a token of the teacher's output (CoT, answer block, end of turn)
                 assert row.n_tokens == len(seq.input_ids) and row.n_cot == len(seq.input_ids) - seq.cot_token_start
                 values = tensors.get_tensor(f"{row.doc_id}/topk_values")
                 assert tuple(values.shape) == (row.n_cot, 8)  # distill.top_k: 8

@@ -38,17 +38,19 @@ def test_fuzzy_matching_only_within_candidates(parser):
 
 
 @pytest.mark.parametrize("output, n_blocks, answer, supervised", [
-    ("c <answer>I10</answer>", 1, "I10", "c\n<answer>I10</answer>"),
-    ("c <answer>I10</answer> no <answer>I50.21</answer>", 2, "I50.21", "c\n<answer>I50.21</answer>"),
-    ("c <answer>I10</answer> no <answer>I50.2", 2, "I10", "c\n<answer>I10</answer> no <answer>I50.2"),
+    ("c <answer>I10</answer>", 1, "I10", "c\n<answer>I10</answer><E>"),
+    ("c <answer>I10</answer> no <answer>I50.21</answer>", 2, "I50.21", "c\n<answer>I50.21</answer><E>"),
+    ("c <answer>I10</answer> no <answer>I50.2", 2, "I10", "c\n<answer>I10</answer><E>"),
+    ("c <answer>I10", 1, "I10", "c\n<answer>I10"),  # never closed: no end of turn is taught
     ("c", 0, "", "c"),
 ])
 def test_answer_blocks(parser, output, n_blocks, answer, supervised):
     """Several blocks: the CoT ends before the first, the last complete block is the answer, and the
-    student is taught the CoT then that block (what follows it is kept, as for one block)."""
+    student is taught the CoT then that block through its </answer> (what follows it is not taught), then
+    the end-of-turn token ("<E>" here) when the block is closed."""
     parsed = parser.parse(output, CANDS)
     assert (parsed.n_answer_blocks, parsed.answer) == (n_blocks, answer)
-    assert supervised_output(parsed.cot, output) == supervised
+    assert supervised_output(parsed.cot, output, "<E>") == supervised
 
 
 def test_labels_outside_candidates(parser):

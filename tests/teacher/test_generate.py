@@ -306,5 +306,6 @@ def test_students_generate_with_their_own_model():
     """A student's predictions never come from the teacher's trace file; auto follows the teacher's engine."""
     assert student_generation({"backend": "file", "student_backend": "auto"})["backend"] == "transformers"
     assert student_generation({"backend": "vllm", "student_backend": "auto", "tensor_parallel_size": 8}) == {
-        "backend": "vllm", "student_backend": "auto", "tensor_parallel_size": 1}  # one GPU per student job
+        "backend": "vllm", "student_backend": "auto", "tensor_parallel_size": 1,  # one GPU per student job
+        "stop_at_answer": True}  # and it stops at </answer>
     assert student_generation({"backend": "vllm", "student_backend": "transformers"})["backend"] == "transformers"

@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...teacher.answers import supervised_output
+from ...teacher.answers import end_of_turn, supervised_output
 from ...teacher.prompts import render_prompt
 from ...text import token_offsets
 from ..catalog import BASELINES
@@ -195,7 +195,8 @@ def items(ctx: RecipeContext) -> list[Item]:
         if not cot.strip():
             empty.append(doc_id)
             continue
-        output = supervised_output(cot, split.cot.loc[doc_id, "raw"] if "raw" in split.cot.columns else None)
+        output = supervised_output(cot, split.cot.loc[doc_id, "raw"] if "raw" in split.cot.columns else None,
+                                   end_of_turn(ctx.tokenizer))
         messages = split.prompts.loc[doc_id, "messages"]
         bounds = chunk_cot(ctx, messages, cot, output)
         extra = {"messages": messages, "bounds": bounds, "tail": output[len(cot):],

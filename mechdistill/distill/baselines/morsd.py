@@ -56,7 +56,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ...teacher.answers import ANSWER_OPEN, AnswerParser, supervised_output
+from ...teacher.answers import ANSWER_OPEN, AnswerParser, end_of_turn, supervised_output
 from ..catalog import BASELINES
 from ..recipe import Item, RecipeContext, TeacherDataContext, baseline_recipe
 from .causal_lm import cot_terms, encode, forward, next_token_ce, progress
@@ -188,9 +188,10 @@ def rationale_difficulty(model: nn.Module, tokenizer, messages_json: str, ration
 # ----------------------------------------------------------------------------- items
 
 
-def split_output(cot: str, raw: str | None) -> tuple[str, str]:
-    """(rationale, answer block) of a generation: the CoT and the answer block as `supervised_output` appends it."""
-    output = supervised_output(cot, raw)
+def split_output(tokenizer, cot: str, raw: str | None) -> tuple[str, str]:
+    """(rationale, answer block) of a generation: the CoT and the answer block as `supervised_output` appends it
+    (with `tokenizer`'s end of turn)."""
+    output = supervised_output(cot, raw, end_of_turn(tokenizer))
     return cot, output[len(cot):].lstrip("\n")
 
 
@@ -205,7 +206,7 @@ def doc_candidates(ctx: RecipeContext, doc_id: str, by_doc: Mapping[str, pd.Data
 
 def rationale_item(tokenizer, doc_id: str, messages_json: str, candidate: Mapping, record: dict) -> Item:
     """The prompt, then the candidate's rationale, "\\n" and its answer block, all supervised."""
-    rationale, block = split_output(candidate["cot"], candidate["raw"])
+    rationale, block = split_output(tokenizer, candidate["cot"], candidate["raw"])
     pieces = [("cot", rationale), ("answer", "\n" + block if block else "")]
     input_ids, supervised, spans = encode(tokenizer, messages_json, pieces)
     return Item(doc_id=doc_id, input_ids=input_ids, supervised=supervised,
@@ -225,7 +226,7 @@ def doc_items(ctx: RecipeContext, doc_id: str, candidates: list[dict]) -> list[I
     if not pool:
         pool = [c for c in usable if c["sample"] == GREEDY][:1] or usable[:1]
         stats["reason"] = "no correct rationale: greedy trace"
-    rds = [rationale_difficulty(ctx.model, ctx.tokenizer, messages, *split_output(c["cot"], c["raw"])) for c in pool]
+    rds = [rationale_difficulty(ctx.model, ctx.tokenizer, messages, *split_output(ctx.tokenizer, c["cot"], c["raw"])) for c in pool]
     return [rationale_item(ctx.tokenizer, doc_id, messages, pool[i],
                            dict(sample=int(pool[i]["sample"]), rd=rds[i], source=str(pool[i]["source"]), **stats))
             for i in select_by_rd(rds, params["n_select"], params["rd_keep"])]

@@ -69,7 +69,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...models import input_device
-from ...teacher.answers import ANSWER_CLOSE, ANSWER_OPEN, AnswerParser
+from ...teacher.answers import ANSWER_CLOSE, ANSWER_OPEN, AnswerParser, end_of_turn
 from ...teacher.backends import SYNCED_GPUS
 from ...teacher.generate import GENERATION_COLUMNS, parse_generations
 from ...teacher.prompts import render_prompt
@@ -175,7 +175,8 @@ def items(ctx: RecipeContext) -> list[Item]:
             skipped.append(doc_id)
             continue
         short = condensed.get(doc_id) or heuristic_condense(cot, label_names(split, doc_id), p["condense_words"])
-        prompt, body_ids = prompt_ids(tok, split.prompts.loc[doc_id, "messages"]), token_ids(tok, body)
+        taught = body + end_of_turn(tok) if body.endswith(ANSWER_CLOSE) else body  # then stop, as supervised_output
+        prompt, body_ids = prompt_ids(tok, split.prompts.loc[doc_id, "messages"]), token_ids(tok, taught)
         ids = torch.cat([prompt, torch.full((p["K"],), ph), open_ids, body_ids])          # [seq]
         supervised = torch.zeros(len(ids), dtype=torch.bool)
         supervised[len(ids) - len(body_ids):] = True

@@ -68,7 +68,7 @@ from torch import Tensor, nn
 
 from ...io import SplitArtifacts
 from ...models import input_device
-from ...teacher.answers import supervised_output
+from ...teacher.answers import end_of_turn, supervised_output
 from ...text import sentence_spans
 from ..catalog import BASELINES
 from ..recipe import Item, RecipeContext, TeacherDataContext, baseline_recipe
@@ -167,9 +167,10 @@ def gold_titles(split: SplitArtifacts, doc_id: str) -> list[str]:
 # ----------------------------------------------------------------------------- items
 
 
-def answer_block(cot: str, raw: str | None) -> str:
-    """What follows the CoT in the teacher's supervised output: "\\n<answer>...</answer>" or ""."""
-    return supervised_output(cot, raw)[len(cot):]
+def answer_block(tokenizer, cot: str, raw: str | None) -> str:
+    """What follows the CoT in the teacher's supervised output: "\\n<answer>...</answer>" and `tokenizer`'s
+    end of turn, or ""."""
+    return supervised_output(cot, raw, end_of_turn(tokenizer))[len(cot):]
 
 
 def node_pieces(texts: Sequence[str]) -> list[tuple[str, str]]:
@@ -215,7 +216,7 @@ def items(ctx: RecipeContext) -> list[Item]:
         texts = list(by_doc[d]["text"])
         raw = split.cot.loc[d, "raw"] if "raw" in split.cot.columns else None
         ids, supervised, spans = encode(ctx.tokenizer, split.prompts.loc[d, "messages"],
-                                        node_pieces(texts) + [("answer", answer_block(split.cot.loc[d, "cot"], raw))])
+                                        node_pieces(texts) + [("answer", answer_block(ctx.tokenizer, split.cot.loc[d, "cot"], raw))])
         encoded[d] = (ids, supervised, [spans[f"node{k}"] for k in range(len(texts))])
     gold = {d: set(split.docs.loc[d, "labels"]) for d in usable}
     out = []

@@ -86,12 +86,12 @@ def test_items_supervise_exactly_their_chunk(tok):
     # 23 tokens / 4: targets 6, 12 (round(11.5)), 17; sentence starts 6, 12, 18 within reach 1 -> 6, 12, 18
     assert [i.record["chunk"] for i in out] == [0, 1, 2, 3] and {i.doc_id for i in out} == {"d0"}
     assert out[0].record["bounds"] == [0, 6, 12, 18, 23] and out[0].record["skipped"] == []
-    chunks = ["Aaaa. ", "Bbbb. ", "Cccc. ", "Dddd." + "\n" + ANSWER]
+    chunks = ["Aaaa. ", "Bbbb. ", "Cccc. ", "Dddd." + "\n" + ANSWER + tok.eos_token]  # the end of turn: one token
     prompt = render_prompt(tok, json.loads(MESSAGES))
     for j, item in enumerate(out):
         assert tok.decode(item.input_ids[item.supervised]) == chunks[j]
         assert tok.decode(item.input_ids[~item.supervised]) == prompt + "".join(chunks[:j])
-        assert item.summary()["n_supervised"] == len(chunks[j])
+        assert item.summary()["n_supervised"] == len(chunks[j].replace(tok.eos_token, "E"))
 
 
 def test_search_chunking_needs_the_student_and_leaves_its_mode(tok, monkeypatch):
@@ -171,8 +171,9 @@ def test_epoch_schedule_is_deterministic_and_skips_from_skip_from_epoch(tok):
             assert item.record["skipped"] == ([1, 2] if len(order) == 2 else [])
     epoch = next(e for e in range(2, 50) if random.Random(f"7:{e}:d0").randrange(2) == 1)  # d0 draws chunk 3
     (late, *_) = cwt.epoch_items(ctx, fixed, epoch, labels)
-    assert tok.decode(late.input_ids).endswith("Aaaa. Dddd.\n" + ANSWER)  # the prefix without chunks 1 and 2
-    assert tok.decode(late.input_ids[late.supervised]) == "Dddd.\n" + ANSWER
+    # the prefix without chunks 1 and 2; the answer block ends with the end of turn (supervised_output)
+    assert tok.decode(late.input_ids).endswith("Aaaa. Dddd.\n" + ANSWER + tok.eos_token)
+    assert tok.decode(late.input_ids[late.supervised]) == "Dddd.\n" + ANSWER + tok.eos_token
 
 
 # ----------------------------------------------------------------------------- training

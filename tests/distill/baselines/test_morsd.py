@@ -188,7 +188,7 @@ def test_items_filter_deduplicate_and_keep_the_lowest_rd(model, tokenizer):
     assert [it.doc_id for it in items] == ["d1", "d2"]          # d3: empty greedy CoT, skipped
     d1, d2 = items
     msgs = split.prompts.loc["d1", "messages"]
-    rds = {s: morsd.rationale_difficulty(model, tokenizer, msgs, c, GOLD_BLOCK)
+    rds = {s: morsd.rationale_difficulty(model, tokenizer, msgs, c, GOLD_BLOCK + "<|im_end|>")  # block + end of turn
            for s, c in [(0, "the note says hot so fever"), (2, "high temperature means A01")]}
     best = min(rds, key=rds.get)
     assert d1.record["sample"] == best and d1.record["rd"] == pytest.approx(rds[best])
@@ -196,8 +196,8 @@ def test_items_filter_deduplicate_and_keep_the_lowest_rd(model, tokenizer):
         n_candidates=4, n_correct=3, n_unique=2, source="sampled", reason="")
     cot = teacher_frame().set_index(["doc_id", "sample"]).loc[("d1", best), "cot"]
     prompt = tokenizer.apply_chat_template(json.loads(msgs), tokenize=False, add_generation_prompt=True)
-    assert tokenizer.decode(d1.input_ids) == prompt + cot + "\n" + GOLD_BLOCK
-    assert int(d1.supervised.sum()) == len(cot) + 1 + len(GOLD_BLOCK)   # byte tokens, all supervised
+    assert tokenizer.decode(d1.input_ids) == prompt + cot + "\n" + GOLD_BLOCK + "<|im_end|>"
+    assert int(d1.supervised.sum()) == len(cot) + 1 + len(GOLD_BLOCK) + 1  # byte tokens + the end of turn, all supervised
     assert d1.supervised[-1] and not d1.supervised[0]
     assert d2.record["sample"] == -1 and d2.record["source"] == "greedy"
     assert d2.record["reason"] == "no correct rationale: greedy trace" and d2.record["n_correct"] == 0

@@ -94,9 +94,9 @@ def test_items_lay_out_prompt_placeholders_and_the_supervised_answer(tok, split,
     assert d0.spans["prompt"] == [(0, n)] and end - n == 3 and d0.spans["answer"] == [(end, len(d0.input_ids))]
     assert tok.decode(d0.input_ids[:n]) == prompt
     assert tok.decode(d0.input_ids[n:end]) == "..."
-    assert tok.decode(d0.input_ids[end:]) == "<answer>I10</answer>"
-    assert tok.decode(d0.input_ids[d0.supervised]) == "I10</answer>"
-    assert tok.decode(d2.input_ids[d2.supervised]) == "E11</answer>"  # no block: the predicted labels
+    assert tok.decode(d0.input_ids[end:]) == "<answer>I10</answer><|im_end|>"
+    assert tok.decode(d0.input_ids[d0.supervised]) == "I10</answer><|im_end|>"  # then the end of turn
+    assert tok.decode(d2.input_ids[d2.supervised]) == "E11</answer><|im_end|>"  # no block: the predicted labels
     assert tok.decode(d3.input_ids[d3.supervised]) == "J45"           # a block cut before its close
     assert tok.decode(d0.extra["reason_ids"]) == COTS["d0"]
     assert d0.record["condensed"] == "Essential hypertension [I10] fits rather than asthma."

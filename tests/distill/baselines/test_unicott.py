@@ -168,7 +168,7 @@ def test_items_spans_cover_the_nodes(split, byte_tok, structure):
         assert [byte_tok.decode(it.input_ids[s:e]) for s, e in it.spans["nodes"]] == nodes["text"].tolist()
         first = it.spans["nodes"][0][0]
         assert not it.supervised[:first].any() and it.supervised[first:].all()
-        tail = "\n".join(nodes["text"]) + f"\n<answer>{'; '.join(DOCS[it.doc_id][1])}</answer>"
+        tail = "\n".join(nodes["text"]) + f"\n<answer>{'; '.join(DOCS[it.doc_id][1])}</answer><|im_end|>"
         assert byte_tok.decode(it.input_ids[first:]) == tail
         n = len(nodes)
         rel = torch.zeros(n, n)
