@@ -1,4 +1,4 @@
-"""How often MoRSD's sampled rationales qualify, from a finished run's teacher data (issue 28, item 7).
+"""How often MoRSD's sampled rationales qualify, from a finished run's teacher data.
 
     python benchmarks/morsd_qualifying.py --results results/icd10_demo [--teacher smollm2] [--min-f1 0.5]
 

@@ -1,4 +1,4 @@
-"""Characters a model's early window covers on the teacher's CoTs (issue 28, item 10).
+"""Characters a model's early window covers on the teacher's CoTs.
 
 Teacher: SmolLM2 (config/config.yaml); model: the byte-level tokenizer (one token per byte), standing in
 for a student whose tokenizer merges differently from the teacher's. Old rule: the model's own first N

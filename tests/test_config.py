@@ -213,7 +213,7 @@ def test_model_depths_are_read_without_loading_the_models(tmp_path):
 
 
 def test_paper_config_tunes_every_method_alike(paper):
-    """Equal tuning (issue 28, item 8): every method trains the same number of grid points (one: no grid), so
+    """Equal tuning: every method trains the same number of grid points (one: no grid), so
     no method gets more validation picks than another, and distill.select.criterion only picks each run's
     step, by the task's metric, which weighs no method's loss (val_macro_f1, on a bounded val subset)."""
     points = {name: len(method_grid(name, settings)) for name, settings in paper["methods"].items()}

@@ -240,7 +240,7 @@ def test_real_minilm_confusion_of_a_long_late_cot_sees_its_end():
     assert c_new["pneumonia"] > c_new["same"] + 0.05  # measured 0.19 vs 0.09
 
 
-# ---------------------------------------------------------------- the early window is the teacher's (issue 28, item 10)
+# ---------------------------------------------------------------- the early window is the teacher's
 
 WINDOW_COT = "The work-up focused on heart failure with preserved ejection fraction, not the reduced one."
 

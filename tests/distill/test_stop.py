@@ -1,4 +1,4 @@
-"""Students are taught to stop (issue 28, item 6): the supervised sequence ends with the chat template's
+"""Students are taught to stop: the supervised sequence ends with the chat template's
 end-of-turn token after `</answer>`, and a tiny student trained on it stops there when it generates."""
 
 from __future__ import annotations
