@@ -59,14 +59,13 @@ def test_dry_run_paper_with_slurm_profile(tmp_path):
         blocks = re.findall(rf"rule {rule}:\n    input: ([^\n]+)", out)
         assert blocks and all("cot/clean_neutral.parquet" in b and "cot/train.parquet" not in b
                               and "cot/test.parquet" not in b for b in blocks), rule
-    # per (dataset, student): mech's 2 x 2 grid (alpha, beta) is 4 distill jobs, semcot's 3 values of alpha 3,
-    # every other method one
+    # per (dataset, student): every method trains one point (equal tuning: no grid), so one distill job each
     pairs, methods = jobs["select_distill"], len(yaml.safe_load((REPO / "config/paper.yaml").read_text())["methods"])
-    assert pairs % methods == 0 and jobs["distill"] == pairs + (3 + 2) * (pairs // methods)
-    assert "semcot/grid/params.alpha=0.25/model/config.json" in out
+    assert pairs % methods == 0 and jobs["distill"] == pairs
+    assert "semcot/grid/default/model/config.json" in out and "/grid/alpha=" not in out
     # MoRSD's samples, UniCoTT's trees and SemCoT's condensations: 2 datasets, one job for train and val
     assert jobs["baseline_teacher_data"] == 3 * 2 and "baseline_data/unicott/val.parquet" in out
-    assert "mech/grid/alpha=0.5,beta=1.0/model/config.json" in out
+    assert "mech/grid/default/model/config.json" in out
     # every distilled (dataset, student, method) and each dataset's teacher row is evaluated
     assert jobs["evaluate"] == pairs + 2
     teacher = yaml.safe_load((REPO / "config/paper.yaml").read_text())["teacher"]
