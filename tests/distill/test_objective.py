@@ -290,3 +290,57 @@ def test_a_pool_band_with_no_layer_of_the_model_gives_no_pool_instead_of_a_crash
     assert "distill.pools.phase2.layers [0.33, 1.0] holds no layer of this 1-layer model" in caplog.text
     with pytest.raises(ValueError, match="no head with a finite score"):  # select_pool itself still says why
         select_pool(table, 1, 4, 1.0, (0.33, 1.0))
+
+
+def _difflib_char_map(source: str, target: str) -> list[int]:
+    """The reference: one character-level difflib over the whole texts (quadratic)."""
+    import difflib
+    out = [-1] * len(source)
+    for block in difflib.SequenceMatcher(a=source, b=target, autojunk=False).get_matching_blocks():
+        for i in range(block.size):
+            out[block.a + i] = block.b + i
+    return out
+
+
+def _two_templates(n_lines: int) -> tuple[str, str]:
+    """One prompt + CoT rendered as ChatML (SmolLM2, Qwen) and as Llama 3: same content, other markup;
+    repeated lines (blank lines, one candidate twice) included."""
+    rng = np.random.default_rng(0)
+    words = ["fever", "cough", "type", "2", "diabetes", "mellitus", "with", "hyperglycemia", "[E11.65]", "."]
+    note = "\n".join(" ".join(rng.choice(words, 12)) for _ in range(n_lines)) + "\n\n- Asthma [J45]\n- Asthma [J45]"
+    cot = "The note is about endocrine disease.\nE11.65 fits.\n<answer>E11.65</answer>"
+    system = "You are an expert annotator."
+    chatml = (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{note}<|im_end|>\n"
+              f"<|im_start|>assistant\n{cot}<|im_end|>")
+    llama = (f"<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+             f"Today Date: 26 Jul 2024\n\n{system}<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n{note}<|eot_id|>"
+             f"<|start_header_id|>assistant<|end_header_id|>\n\n{cot}<|eot_id|>")
+    return chatml, llama
+
+
+@pytest.mark.parametrize("n_lines", [3, 40])
+def test_char_map_aligns_two_chat_templates_as_one_difflib_does(n_lines):
+    from mechdistill.distill.objective import char_map
+    student, teacher = _two_templates(n_lines)
+    mapped, reference = list(char_map(student, teacher)), _difflib_char_map(student, teacher)
+    # as many characters aligned as one difflib over all characters aligns, and the same index for every
+    # character of the content (only which of Llama's two header newlines a ChatML newline takes may differ)
+    assert sum(j >= 0 for j in mapped) == sum(j >= 0 for j in reference)
+    content = [i for i, ch in enumerate(student) if i > student.index("<|im_start|>user\n") + 17 and ch != "\n"]
+    assert [mapped[i] for i in content] == [reference[i] for i in content]
+    # every content character maps onto the same character; markup of one template maps nowhere it is absent
+    assert all(teacher[j] == student[i] for i, j in enumerate(mapped) if j >= 0)
+    start = student.index("The note is about")
+    assert mapped[start] == teacher.index("The note is about")
+
+
+def test_char_map_is_fast_on_a_long_document():
+    import time
+
+    from mechdistill.distill.objective import char_map
+    student, teacher = _two_templates(200)                # ~17k characters, the size that took 0.75 s
+    assert len(student) > 11_700
+    started = time.perf_counter()
+    mapped = char_map(student + " ", teacher)             # not cached
+    assert time.perf_counter() - started < 0.2
+    assert mapped[student.index("<answer>")] == teacher.index("<answer>")
