@@ -64,7 +64,7 @@ import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -226,6 +226,15 @@ def train_target_source(target: str) -> str:
     if target not in TARGETS:
         raise ValueError(f"unknown LAS target {target!r}; expected one of {', '.join(TARGETS)}")
     return "gold" if target == "gold" else "teacher"
+
+
+def simulator_identity(las: Mapping[str, Any], embedder: str) -> dict[str, Any]:
+    """What a saved simulator set must match to score under the `evaluate.las` settings `las`: its
+    kind, whose answers it learned (`train_target_source`), the target form and, for the embedding
+    simulators, the sentence embedder (None for seq2seq). Written into the manifest by the
+    las_simulator stage and compared with it by evaluate."""
+    return {"kind": las["simulator"], "train_source": train_target_source(las["target"]),
+            "target_form": las["target_form"], "embedder": None if las["simulator"] == "seq2seq" else embedder}
 
 
 def simulation_train_targets(source: str, form: str, *, train_teacher: Sequence[Sequence[str]],

@@ -51,6 +51,7 @@ from ..evaluate.las import (
     simulation_test_targets,
     simulation_train_targets,
     simulator_factory,
+    simulator_identity,
     train_target_source,
     view_correctness,
 )
@@ -165,10 +166,7 @@ def _las_frame(evaluate: EvaluateSettings, simulator_dir: PathLike, teacher_cot:
     simulators (`run_las_simulator`; none is trained here)."""
     las = evaluate.section["las"]
     manifest = load_manifest(simulator_dir)
-    expected = {"kind": las["simulator"], "train_source": train_target_source(las["target"]),
-                "target_form": las["target_form"]}
-    if las["simulator"] != "seq2seq":
-        expected["embedder"] = evaluate.embedder
+    expected = simulator_identity(las, evaluate.embedder)
     stale = {k: (manifest.get(k), v) for k, v in expected.items() if manifest.get(k) != v}
     if stale:
         raise InputError(f"the LAS simulators do not match evaluate.las (saved, configured): {stale}",
@@ -210,10 +208,9 @@ def run_las_simulator(config: dict, dataset: str, *, inputs: dict[str, PathLike]
         train_gold=[list(train_docs.loc[d, "labels"]) for d in train_ids])
     seq2seq = las["simulator"] == "seq2seq"
     with_target = [t for t in targets if t is not None]
-    manifest = {"kind": las["simulator"], "train_source": source, "target_form": las["target_form"],
-                "label_frequency": frequency, "sep": LAS_SEP, "n_train": len(with_target),
-                "n_classes": len(set(with_target)), "trained": bool(with_target),
-                "embedder": None if seq2seq else settings.embedder, "seq2seq": las["seq2seq"] if seq2seq else None}
+    manifest = {**simulator_identity(las, settings.embedder), "label_frequency": frequency, "sep": LAS_SEP,
+                "n_train": len(with_target), "n_classes": len(set(with_target)), "trained": bool(with_target),
+                "seq2seq": las["seq2seq"] if seq2seq else None}
     out = Path(out_dir or paths.las_simulator(dataset))
     log.info("las_simulator %s: %s simulators on %d train documents (%s answers, %s targets, %d classes)",
              dataset, las["simulator"], len(with_target), source, las["target_form"], manifest["n_classes"])
