@@ -47,8 +47,34 @@ ADAPTERS: dict[str, Callable[..., PreparedDataset]] = {
 }
 
 
+def check_label_table(labels: pd.DataFrame, source: str) -> None:
+    """The label table is a forest: every label_id once, no label its own parent or ancestor, and
+    following parents from any label ends at a root (no cycle). Errors name the row."""
+    ids = labels["label_id"].tolist()
+    row_of: dict[str, int] = {}
+    for row, label in enumerate(ids):
+        if label in row_of:
+            raise InputError(f"label_id {label!r} appears twice in the label table (rows {row_of[label]} and {row}).",
+                             file=source, row=row, fix="keep one row per label id.")
+        row_of[label] = row
+    parent_of = dict(zip(ids, labels["parent"]))
+    for row, (label, ancestors) in enumerate(zip(ids, labels["ancestors"])):
+        if parent_of[label] == label or label in list(ancestors if ancestors is not None else []):
+            raise InputError(f"label {label!r} is its own parent or ancestor.", file=source, row=row,
+                             fix="a label's parent and ancestors are other labels (nearest first).")
+    for row, label in enumerate(ids):
+        path, node = {label}, parent_of[label]
+        while isinstance(node, str) and node in parent_of:
+            if node in path:
+                raise InputError(f"the parents of label {label!r} form a cycle through {node!r}.", file=source,
+                                 row=row, fix="the label table's parents must lead to a root.")
+            path.add(node)
+            node = parent_of[node]
+
+
 def check_prepared(prepared: PreparedDataset, source: str) -> None:
     """Enforce the documents/labels contract; errors name the split and row."""
+    check_label_table(prepared.labels, source)
     assignable = set(prepared.labels.loc[prepared.labels["assignable"], "label_id"])
     seen: dict[str, str] = {}
     for split in SPLITS:

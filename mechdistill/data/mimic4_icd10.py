@@ -48,6 +48,7 @@ import simple_icd_10_cm as cm
 
 from ..errors import ConfigError, InputError
 from ..io import named_read_errors
+from . import icd10cm
 from .base import SPLITS, PreparedDataset
 from .sources import (
     MIMIC_D_DIAGNOSES,
@@ -371,14 +372,13 @@ def _label_table(kept: dict[str, list[str]], root: str, first_row: dict, code_pa
                                  fix=f"use the unmodified {Path(d_stem).name} file from MIMIC-IV.")
             parent, ancestors = None, []
             if is_diag and cm.is_valid_item(code):
-                parent, ancestors = cm.get_parent(code) or None, list(cm.get_ancestors(code))
+                parent, ancestors = icd10cm.lineage(code)
             rows.append((code, title.strip(), parent, ancestors, True,
                          "icd10cm" if is_diag else "icd10pcs"))
     assignable = {r[0] for r in rows}
     nodes = sorted({a for r in rows for a in r[3]} - assignable)
     for node in nodes:
-        rows.append((node, cm.get_description(node), cm.get_parent(node) or None,
-                     list(cm.get_ancestors(node)), False, "icd10cm"))
+        rows.append((node, cm.get_description(node), *icd10cm.lineage(node), False, "icd10cm"))
     rows.sort(key=lambda r: (not r[4], r[0]))
     cols = ["label_id", "title", "parent", "ancestors", "assignable", "system"]
     return pd.DataFrame({c: pd.Series([r[i] for r in rows], dtype=bool if c == "assignable" else object)

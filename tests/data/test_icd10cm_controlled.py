@@ -47,3 +47,35 @@ def test_an_empty_split_is_named_at_prepare_dataset():
     with pytest.raises(InputError, match=r"the test split has no document") as err:
         check_prepared(prepared, "dataset mine (wikiseealso: /data/lf-wsa)")
     assert "/data/lf-wsa" in str(err.value) and "n_docs, max_docs" in str(err.value)
+
+
+def test_icd10cm_label_table_lists_every_node_once_and_none_as_its_own_parent():
+    from mechdistill.data import check_label_table
+    from mechdistill.data.icd10cm import label_table
+
+    table = label_table()
+    assert len(table) == table["label_id"].nunique() == 98_466  # simple-icd-10-cm lists 98,505 names, 39 twice
+    assert not (table["parent"] == table["label_id"]).any()
+    assert not any(label in ancestors for label, ancestors in zip(table["label_id"], table["ancestors"]))
+    by_id = table.set_index("label_id")
+    # B10 names both a block and its only category: one row, the category, under chapter 1
+    assert by_id.loc["B10", "parent"] == "1" and list(by_id.loc["B10.0", "ancestors"]) == ["B10", "1"]
+    assert by_id.loc["B20", "assignable"]
+    check_label_table(table, "icd10cm")
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([("A", None, []), ("A", None, [])], "appears twice"),
+    ([("A", "A", [])], "its own parent"),
+    ([("A", None, []), ("B", "A", ["B", "A"])], "its own parent or ancestor"),
+    ([("A", "B", ["B"]), ("B", "C", ["C"]), ("C", "A", ["A"])], "cycle"),
+])
+def test_check_label_table_rejects_duplicates_self_parents_and_cycles(rows, message):
+    import pandas as pd
+
+    from mechdistill.data import check_label_table
+    from mechdistill.errors import InputError
+
+    table = pd.DataFrame(rows, columns=["label_id", "parent", "ancestors"])
+    with pytest.raises(InputError, match=message):
+        check_label_table(table, "labels.parquet")
