@@ -1,16 +1,14 @@
 """Documents in flight in threads on one model (inflight.in_flight) capture exactly what they capture alone:
 hooks dispatch by thread, and the attention implementation switch is shared and reference-counted.
 
-The forwards are made to overlap, not by luck: a plain forward pre-hook on every decoder layer (it fires
-for every thread) waits at a two-party barrier, so the two documents run their layers in lockstep, each
-layer of one between the same layer's start and the next layer's start of the other.
+The forwards are made to overlap, not by luck (`tests.helpers.lockstep`): a plain forward pre-hook on
+every decoder layer (it fires for every thread) waits at a two-party barrier, so the two documents run
+their layers in lockstep.
 """
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -19,31 +17,13 @@ from torch import nn
 from mechdistill.characterize.attention import _PREFIX, attention_hooks, attention_modules, final_norm
 from mechdistill.characterize.capture import ALL_WHAT, capture_heads, final_residual
 from mechdistill.inflight import in_flight
-from tests.helpers import VOCAB, tiny_model
+from tests.helpers import VOCAB, lockstep, tiny_model
 
 # Two documents of different lengths, with their own query and key positions.
 DOCS = [
     (torch.randint(0, VOCAB, (1, 19), generator=torch.Generator().manual_seed(3)), [[4, 11, 18]], [[0, 5, 9]]),
     (torch.randint(0, VOCAB, (1, 31), generator=torch.Generator().manual_seed(4)), [[7, 20, 30]], [[2, 13, 25]]),
 ]
-
-
-@contextlib.contextmanager
-def lockstep(model: nn.Module, parties: int = 2) -> Iterator[None]:
-    """Every decoder layer's forward waits until `parties` threads have reached that layer."""
-    barrier = threading.Barrier(parties, timeout=30)
-    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
-    assert layers
-
-    def wait(_module: nn.Module, _args: tuple) -> None:
-        barrier.wait()
-
-    handles = [layer.register_forward_pre_hook(wait) for layer in layers]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _capture(model: nn.Module, doc) -> tuple[torch.Tensor, dict, torch.Tensor]:
