@@ -36,8 +36,8 @@ def run_patching(config: dict, dataset: str, phase: str, *, inputs: dict[str, Pa
     inputs: the split's files (default `paths.split_files`).
 
     `patching.in_flight` documents run at once on the model (their forwards in threads; the results are
-    those of one at a time). One finished document at a time is kept (`shards.Shards`): a killed job resumes after its last
-    finished document, if the settings, the model, the head ranking and the bytes of the split's files
+    those of one at a time). One finished document at a time is kept (`shards.Shards`): a killed job
+    resumes after its last finished document, if the settings, the model, the head ranking and the bytes of the split's files
     are those of the killed run (else it starts afresh).
     """
     patching, teacher = PatchingSettings.from_config(config), config["teacher"]
@@ -82,23 +82,28 @@ def run_patching(config: dict, dataset: str, phase: str, *, inputs: dict[str, Pa
     bar = tqdm(total=len(data.anchors) * 2 * len(head_sets),
                desc=f"patching {phase} (document x head set x direction)", unit="run")
 
-    def generate(row) -> experiment.GeneratedDocument | None:
+    def inputs(row) -> dict:
+        """One document's inputs to `experiment.generate_document`, read here in the main thread."""
+        return dict(doc_id=row.doc_id,
+                    prompt_text=render_prompt(tokenizer, json.loads(data.prompts.loc[row.doc_id, "messages"])),
+                    document=data.docs.loc[row.doc_id, "text"], anchors=list(row.anchors),
+                    cot=data.cot.loc[row.doc_id, "cot"] if row.doc_id in data.cot.index else "",
+                    gold=list(data.docs.loc[row.doc_id, "labels"]), near_misses=list(row.near_misses))
+
+    def generate(document: dict | None) -> experiment.GeneratedDocument | None:
         """The model's part of one unfinished document (None for a finished one), run in flight."""
-        if shards.done(f"{name_of(row.doc_id)}.json"):
+        if document is None:
             return None
-        return experiment.generate_document(
-            phase, model, tokenizer, row.doc_id,
-            render_prompt(tokenizer, json.loads(data.prompts.loc[row.doc_id, "messages"])),
-            data.docs.loc[row.doc_id, "text"], list(row.anchors),
-            data.cot.loc[row.doc_id, "cot"] if row.doc_id in data.cot.index else "",
-            list(data.docs.loc[row.doc_id, "labels"]), list(row.near_misses),
-            data.space.title, head_sets, settings, early_tokens, repetition_penalty, on_batch=bar.update)
+        return experiment.generate_document(phase, model, tokenizer, titles=data.space.title, head_sets=head_sets,
+                                            settings=settings, early_tokens=early_tokens,
+                                            repetition_penalty=repetition_penalty, on_batch=bar.update, **document)
 
     # patching.in_flight documents run their forwards at once (on a device-mapped teacher, on different
-    # GPUs); metrics and pieces are taken here, in document order, as with one at a time
-    documents = list(data.anchors.itertuples(index=False))
+    # GPUs); their inputs are read, and their metrics and pieces taken, here, in document order
+    rows_in_order = list(data.anchors.itertuples(index=False))
+    documents = (None if shards.done(f"{name_of(row.doc_id)}.json") else inputs(row) for row in rows_in_order)
     workers = in_flight_workers(model, patching.in_flight)
-    for row, generated in zip(documents, in_flight(generate, documents, workers)):
+    for row, generated in zip(rows_in_order, in_flight(generate, documents, workers)):
         shard = f"{name_of(row.doc_id)}.json"
         if generated is None:
             done = shards.read_json(shard)
