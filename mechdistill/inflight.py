@@ -44,3 +44,14 @@ def in_flight(fn: Callable[[Item], Result], items: Iterable[Item], workers: int 
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
+
+def in_flight_workers(model: object, workers: int) -> int:
+    """`workers` checked against the model's placement: documents in flight need every weight on a GPU
+    (or all on one device); a device map that offloads layers to the CPU or disk (`hf_device_map` values
+    "cpu" / "disk" next to GPU ones) moves weights in during each forward, which threads would race on."""
+    placement = set(map(str, (getattr(model, "hf_device_map", None) or {}).values()))
+    if workers > 1 and placement & {"cpu", "disk"} and len(placement) > 1:
+        raise ValueError(f"in_flight {workers} needs a model without CPU or disk offload; its device map "
+                         f"places layers on {sorted(placement)}: set in_flight to 1 or give it more GPU memory")
+    return workers

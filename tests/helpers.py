@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -9,6 +12,7 @@ import numpy as np
 import pandas as pd
 import simple_icd_10_cm as icd
 import torch
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, Gemma2Config, LlamaConfig, LlamaForCausalLM
 
 from mechdistill.characterize.attention import attention_modules
@@ -103,3 +107,23 @@ class LetterCountEmbedder:
         read = [tok.decode(tok(t, add_special_tokens=False)["input_ids"][:limit]) for t in texts]
         counts = np.array([[text.count(ch) for ch in "abcd"] for text in read], np.float64)  # [n, 4]
         return (counts / np.maximum(np.linalg.norm(counts, axis=1, keepdims=True), 1.0)).astype(np.float32)
+
+
+@contextlib.contextmanager
+def lockstep(model: nn.Module, parties: int = 2) -> Iterator[None]:
+    """Every decoder layer's forward waits until `parties` threads have reached that layer (a plain pre-hook:
+    it fires for every thread), so forwards run in threads really overlap, layer by layer. The threads must
+    make the same number of layer calls; a thread left alone fails after 30 s (BrokenBarrierError)."""
+    barrier = threading.Barrier(parties, timeout=30)
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    assert layers
+
+    def wait(_module: nn.Module, _args: tuple) -> None:
+        barrier.wait()
+
+    handles = [layer.register_forward_pre_hook(wait) for layer in layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -41,3 +41,16 @@ def test_an_error_surfaces_at_its_item():
         next(out)
     with pytest.raises(ValueError, match="workers"):
         list(in_flight(fail_on_three, [1], workers=0))
+
+
+def test_documents_in_flight_are_refused_on_a_model_offloaded_to_cpu_or_disk():
+    from types import SimpleNamespace
+
+    from mechdistill.inflight import in_flight_workers
+
+    on_gpus = SimpleNamespace(hf_device_map={"model.layers.0": 0, "model.layers.1": 1})
+    offloaded = SimpleNamespace(hf_device_map={"model.layers.0": 0, "model.layers.1": "cpu"})
+    assert in_flight_workers(on_gpus, 4) == 4 and in_flight_workers(offloaded, 1) == 1
+    assert in_flight_workers(SimpleNamespace(), 3) == 3  # no device map: one device
+    with pytest.raises(ValueError, match="offload"):
+        in_flight_workers(offloaded, 2)

@@ -7,7 +7,9 @@
   that calls the original implementation (`sdpa`, `eager`, `flash_attention_2`, ...) with unchanged
   arguments, then hands every hook an `AttentionCall` (post-RoPE queries, keys, values, mask and
   output). A hook may record (characterize.capture, patching.patterns.PatternTape) or return a
-  replacement output (patching.patterns.PatternPatch). Contexts nest.
+  replacement output (patching.patterns.PatternPatch). Contexts nest, and hooks are per thread: those
+  registered by one thread fire only for its own forward calls, so several documents may run at once on
+  one model in threads (`inflight.in_flight`). `forward_pre_hooks` does the same for module pre-hooks.
 - `AttentionCall.rows(qpos)`: softmax rows at a few queries, recomputed in float32 from the
   queries and keys with the layer's own mask (padding, causal, sliding window), scaling and
   soft-capping, so they exist under SDPA / flash attention too:
@@ -23,12 +25,14 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -277,7 +281,44 @@ class AttentionCall:
 AttentionHook = Callable[[AttentionCall], "Tensor | None"]
 """Called after the original attention function; may return a replacement for `call.output`."""
 
-_HOOKS_ATTR = "_mechdistill_hooks"
+# Hooks are kept per thread: a hook registered by a thread fires only for the forward calls that thread
+# makes, so several documents can run at once on one model, each in its own thread (`inflight.in_flight`),
+# without recording or patching each other. `_thread_hooks.attention` maps an attention module to the
+# calling thread's hooks on it; `_thread_hooks.pre` maps a module to the thread's forward pre-hooks.
+# What is shared by all threads (the attention implementation switch, one dispatching forward pre-hook
+# per module) is reference-counted under `_shared_lock`: set up by the first context that needs it,
+# undone by the last one to leave. (An autograd thread, where CUDA backward recomputes checkpointed
+# layers, is another thread: no hook fires there.)
+_thread_hooks = threading.local()
+_shared_lock = threading.Lock()
+_impl_users: dict[int, tuple[str, int]] = {}  # id(model): (base implementation, contexts active)
+_dispatchers: dict[nn.Module, tuple[RemovableHandle, int]] = {}  # module: (its dispatching pre-hook, users)
+
+
+def _hooks_of_thread(kind: str) -> dict[nn.Module, list]:
+    """The calling thread's hooks of one kind ("attention" or "pre"): {module: [hook, ...]}."""
+    table = getattr(_thread_hooks, kind, None)
+    if table is None:
+        table = {}
+        setattr(_thread_hooks, kind, table)
+    return table
+
+
+@contextlib.contextmanager
+def _thread_registered(kind: str, hooks: Sequence[tuple[nn.Module, Callable]]) -> Iterator[None]:
+    """Add (module, hook) pairs to the calling thread's hooks of `kind` for the block; removed on exit."""
+    table = _hooks_of_thread(kind)
+    added: list[tuple[nn.Module, Callable]] = []
+    try:
+        for module, hook in hooks:
+            table.setdefault(module, []).append(hook)
+            added.append((module, hook))
+        yield
+    finally:
+        for module, hook in reversed(added):
+            table[module].remove(hook)
+            if not table[module]:
+                del table[module]
 
 
 def _delegate(base_impl: str, module: nn.Module):
@@ -290,7 +331,7 @@ def _make_attention_fn(base_impl: str):
     def mechdistill_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                               attention_mask: Tensor | None, *args: Any, **kwargs: Any):
         result = _delegate(base_impl, module)(module, query, key, value, attention_mask, *args, **kwargs)
-        hooks = getattr(module, _HOOKS_ATTR, None)
+        hooks = _hooks_of_thread("attention").get(module)
         if not hooks:
             return result
         scaling = kwargs.get("scaling", args[1] if len(args) > 1 else None)
@@ -328,33 +369,90 @@ def _set_impl(model: nn.Module, impl: str) -> None:
 
 
 @contextlib.contextmanager
-def attention_hooks(model: nn.Module, hooks: dict[int, AttentionHook | Sequence[AttentionHook]]) -> Iterator[None]:
-    """Context manager: run `hooks[layer]` after every attention call of that layer.
+def _hooked_implementation(model: nn.Module) -> Iterator[None]:
+    """The model's attention implementation switched to the `mechdistill_<base>` wrapper for the block.
 
-    The attention implementation is switched to the registered `mechdistill_<base>` wrapper for
-    the duration (only by the outermost context: contexts nest, e.g. a head capture inside a
-    patched run) and restored on exit, hooks removed, even on error.
+    Reference-counted over all threads and nested contexts: the first context to enter switches it, the
+    last one to leave restores the base implementation, so a document still running in another thread
+    never sees it switched back under its forward. Calls without hooks for their thread are unchanged
+    (the wrapper calls the base implementation with the same arguments, and uses its mask function).
     """
-    mods = attention_modules(model)
-    base_impl = unwrap(model).config._attn_implementation
-    if base_impl is None:
-        raise RuntimeError("attention_hooks: the model has no attention implementation set")
-    outermost = not base_impl.startswith(_PREFIX)
-    added: list[tuple[nn.Module, AttentionHook]] = []
-    try:
-        for layer, layer_hooks in hooks.items():
-            if not 0 <= layer < len(mods):
-                raise ValueError(f"layer {layer} out of range for {len(mods)} layers")
-            for hook in [layer_hooks] if callable(layer_hooks) else layer_hooks:
-                mods[layer].__dict__.setdefault(_HOOKS_ATTR, []).append(hook)
-                added.append((mods[layer], hook))
-        if outermost:
+    key = id(unwrap(model))
+    with _shared_lock:
+        if key in _impl_users:
+            base_impl, users = _impl_users[key]
+        else:
+            current = unwrap(model).config._attn_implementation
+            if current is None:
+                raise RuntimeError("attention_hooks: the model has no attention implementation set")
+            base_impl, users = current.removeprefix(_PREFIX), 0
             _set_impl(model, _ensure_registered(base_impl))
+        _impl_users[key] = (base_impl, users + 1)
+    try:
         yield
     finally:
-        if outermost:
-            _set_impl(model, base_impl)
-        for module, hook in added:
-            module.__dict__[_HOOKS_ATTR].remove(hook)
-            if not module.__dict__[_HOOKS_ATTR]:
-                del module.__dict__[_HOOKS_ATTR]
+        with _shared_lock:
+            base_impl, users = _impl_users.pop(key)
+            if users > 1:
+                _impl_users[key] = (base_impl, users - 1)
+            else:
+                _set_impl(model, base_impl)
+
+
+@contextlib.contextmanager
+def attention_hooks(model: nn.Module, hooks: dict[int, AttentionHook | Sequence[AttentionHook]]) -> Iterator[None]:
+    """Context manager: run `hooks[layer]` after every attention call of that layer made by this thread.
+
+    The attention implementation is switched to the registered `mechdistill_<base>` wrapper while any
+    context is active (in any thread; contexts nest, e.g. a head capture inside a patched run) and
+    restored when the last one exits; hooks are removed on exit, even on error. Hooks fire only for the
+    forward calls of the thread that entered the context, so documents run at once in several threads
+    (`inflight.in_flight`) each see their own hooks only.
+    """
+    mods = attention_modules(model)
+    pairs: list[tuple[nn.Module, AttentionHook]] = []
+    for layer, layer_hooks in hooks.items():
+        if not 0 <= layer < len(mods):
+            raise ValueError(f"layer {layer} out of range for {len(mods)} layers")
+        pairs += [(mods[layer], hook) for hook in ([layer_hooks] if callable(layer_hooks) else layer_hooks)]
+    with _hooked_implementation(model), _thread_registered("attention", pairs):
+        yield
+
+
+def _dispatch_pre_hooks(module: nn.Module, args: tuple) -> tuple | None:
+    """The one forward pre-hook a module carries while any thread has pre-hooks on it: runs the calling
+    thread's pre-hooks on that module, in order (a hook returning a value replaces the args)."""
+    replaced = None
+    for hook in list(_hooks_of_thread("pre").get(module, ())):
+        result = hook(module, args)
+        if result is not None:
+            args = replaced = result if isinstance(result, tuple) else (result,)
+    return replaced
+
+
+@contextlib.contextmanager
+def forward_pre_hooks(hooks: Sequence[tuple[nn.Module, Callable[[nn.Module, tuple], Any]]]) -> Iterator[None]:
+    """Context manager: `hook(module, args)` before every forward of `module` made by this thread, for each
+    (module, hook) pair; like `register_forward_pre_hook`, but a thread's hooks fire only for its own calls.
+
+    Each module carries one dispatching pre-hook while any thread has hooks on it (reference-counted, removed
+    with the last user); removed on exit, even on error.
+    """
+    modules = list(dict.fromkeys(module for module, _ in hooks))
+    entered: list[nn.Module] = []
+    try:
+        with _shared_lock:
+            for module in modules:
+                handle, users = _dispatchers.get(module) or (module.register_forward_pre_hook(_dispatch_pre_hooks), 0)
+                _dispatchers[module] = (handle, users + 1)
+                entered.append(module)
+        with _thread_registered("pre", hooks):
+            yield
+    finally:
+        with _shared_lock:
+            for module in entered:
+                handle, users = _dispatchers.pop(module)
+                if users > 1:
+                    _dispatchers[module] = (handle, users - 1)
+                else:
+                    handle.remove()

@@ -18,8 +18,9 @@ convention of transformers' `repeat_kv`). `sum_h Delta^h_q + o_proj.bias = o_pro
 How it hooks in: `head_capture(...)` records through an attention hook
 (`attention.attention_hooks`), which runs after the original attention implementation with
 unchanged arguments, so the model's output is unchanged. Head writes come from a forward
-pre-hook on each captured layer's `o_proj` (its input z); the per-head writes z^h W_O^h (and
-v^h W_O^h) are formed when the forward is done, through `attention.head_out`, so they are right
+pre-hook on each captured layer's `o_proj` (its input z). Both kinds of hook fire only for the
+capturing thread's forwards (`attention.forward_pre_hooks`), so documents in flight in threads
+stay apart. The per-head writes z^h W_O^h (and v^h W_O^h) are formed when the forward is done, through `attention.head_out`, so they are right
 when o_proj's weight is offloaded (accelerate device maps) or partitioned (DeepSpeed ZeRO-3):
 read them after the forward (after `capture_heads` returns or the `head_capture` block ends).
 Nothing runs under `torch.no_grad`: captured
@@ -49,6 +50,7 @@ from .attention import (
     attention_hooks,
     attention_modules,
     final_norm,
+    forward_pre_hooks,
     gather_heads,
     head_counts,
     head_out,
@@ -188,18 +190,15 @@ def head_capture(model: nn.Module, query_positions: Tensor, key_positions: Tenso
     capture = HeadCapture(query_positions=query_positions, key_positions=key_positions,
                           n_heads=n_heads, n_kv_heads=n_kv)
     recorder = _Recorder(capture, what, rows_dtype)
-    handles = []
-    try:
-        if "writes" in what or "z" in what:
-            for i in sorted(layer_set):
-                def pre_hook(mod, args, _attn=mods[i], _i=i):
-                    recorder.record_write(_i, _attn, args[0])
-                handles.append(mods[i].o_proj.register_forward_pre_hook(pre_hook))
-        with attention_hooks(model, {i: recorder.record_attention for i in layer_set}):
-            yield capture
-    finally:
-        for h in handles:
-            h.remove()
+    write_hooks = []
+    if "writes" in what or "z" in what:
+        for i in sorted(layer_set):
+            def pre_hook(mod, args, _attn=mods[i], _i=i):
+                recorder.record_write(_i, _attn, args[0])
+            write_hooks.append((mods[i].o_proj, pre_hook))
+    with forward_pre_hooks(write_hooks), \
+            attention_hooks(model, {i: recorder.record_attention for i in layer_set}):
+        yield capture
     recorder.finish()  # hooks off: head_out may call o_proj
 
 
@@ -267,8 +266,9 @@ class final_residual:
         self.norm, self.h = final_norm(model), None
 
     def __enter__(self):
-        self.hook = self.norm.register_forward_pre_hook(lambda _m, args: setattr(self, "h", args[0]))
+        self.hooks = forward_pre_hooks([(self.norm, lambda _m, args: setattr(self, "h", args[0]))])
+        self.hooks.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.hook.remove()
+        self.hooks.__exit__(*exc)

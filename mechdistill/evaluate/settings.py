@@ -8,7 +8,7 @@ from typing import Any
 from ..characterize.settings import HeadSignals
 from ..settings import PLACEMENT_KEYS, Declared, Settings
 
-EVALUATE_KEYS = ("ks", "propensity", "las", "n_bootstrap", "device", "dtype") + PLACEMENT_KEYS
+EVALUATE_KEYS = ("ks", "propensity", "las", "n_bootstrap", "device", "dtype", "in_flight") + PLACEMENT_KEYS
 RUN_KEYS = ("datasets", "students", "methods", "teacher", "evaluate.n_bootstrap", "seed")
 
 
@@ -35,6 +35,11 @@ class EvaluateSettings(Settings):
     @property
     def placement(self) -> dict[str, Any]:
         return {k: self.section[k] for k in PLACEMENT_KEYS}
+
+    @property
+    def in_flight(self) -> int:
+        """Documents whose forwards run at once on the model (`inflight.in_flight`)."""
+        return int(self.section["in_flight"])
 
 
 @dataclass(frozen=True)

@@ -244,23 +244,26 @@ def confusion_metric(tokenizer, embedder, anchor_text: str, nearmiss_texts: Sequ
     return metric
 
 
-def run_document(runs: DocumentRuns, pair: Pair, head_sets: Sequence[HeadSet], batch_size: int, tokenizer,
-                 metric: Callable[[list[str]], np.ndarray], on_batch=None) -> list[dict]:
-    """Corrupted reference run + every patched run of an aligned pair (the clean reference must
-    exist) -> one row per run: doc_id, direction, kind, k, seed, value, clean_value, corrupt_value, text."""
+def generate_runs(runs: DocumentRuns, pair: Pair, head_sets: Sequence[HeadSet], batch_size: int, tokenizer,
+                  on_batch=None) -> list[dict]:
+    """Corrupted reference run + every patched run of an aligned pair (the clean reference must exist),
+    before any metric -> one record per run, the two references first: direction, kind, k, seed, text."""
     runs.reference("corrupt", pair.corrupt_ids)
-    records = patched_runs(runs, head_sets, batch_size, on_batch=on_batch)
-    texts = [generated_text(tokenizer, runs.refs[n].tokens) for n in ("clean", "corrupt")]
-    texts += [generated_text(tokenizer, r["tokens"]) for r in records]
-    values = metric(texts)
+    patched = patched_runs(runs, head_sets, batch_size, on_batch=on_batch)
+    references = [dict(direction="reference", kind=name, k=0, seed=0, tokens=runs.refs[name].tokens)
+                  for name in ("clean", "corrupt")]
+    return [dict(direction=r["direction"], kind=r["kind"], k=r["k"], seed=r["seed"],
+                 text=generated_text(tokenizer, r["tokens"])) for r in references + patched]
+
+
+def score_runs(doc_id: str, records: Sequence[dict], metric: Callable[[list[str]], np.ndarray]) -> list[dict]:
+    """The metric of every generated text (`generate_runs`' records) -> one row per run: doc_id, direction,
+    kind, k, seed, value, clean_value, corrupt_value, text."""
+    values = metric([r["text"] for r in records])
     clean_value, corrupt_value = float(values[0]), float(values[1])
-    rows = [dict(doc_id=pair.doc_id, direction="reference", kind=name, k=0, seed=0, value=float(v),
-                 clean_value=clean_value, corrupt_value=corrupt_value, text=t)
-            for name, v, t in zip(("clean", "corrupt"), values[:2], texts[:2])]
-    rows += [dict(doc_id=pair.doc_id, direction=r["direction"], kind=r["kind"], k=r["k"], seed=r["seed"],
-                  value=float(v), clean_value=clean_value, corrupt_value=corrupt_value, text=t)
-             for r, v, t in zip(records, values[2:], texts[2:])]
-    return rows
+    return [dict(doc_id=doc_id, direction=r["direction"], kind=r["kind"], k=r["k"], seed=r["seed"],
+                 value=float(v), clean_value=clean_value, corrupt_value=corrupt_value, text=r["text"])
+            for r, v in zip(records, values)]
 
 
 def control_sets(ranked: Sequence[Head], scores: Sequence[float], bins: Sequence[int], n_random: int,
@@ -298,6 +301,65 @@ def phase1_document_pair(runs: DocumentRuns, tokenizer, doc_id: str, prompt_text
     return phase1_pair(doc_id, prompt_text, document, phase1_terms(document, sources), tokenizer, pad=pad, mode=mode)
 
 
+@dataclass
+class GeneratedDocument:
+    """One document's runs for a phase, before the metric (`generate_document`): its pair and the records
+    of its generated texts (empty when the pair is not aligned)."""
+
+    phase: str
+    pair: Pair
+    records: list[dict]
+
+
+def generate_document(phase: str, model, tokenizer, doc_id: str, prompt_text: str, document: str,
+                      anchors: Sequence[str], cot: str, gold: Sequence[str], near_misses: Sequence[str],
+                      titles: dict[str, str], head_sets: Sequence[HeadSet], settings: dict, early_tokens: int,
+                      repetition_penalty: float, on_batch=None) -> GeneratedDocument:
+    """The model's part of one document's experiment for `phase` (`patch_document`): the pair, the
+    reference and patched runs, their generated texts. It touches no embedder, so documents may run
+    it at once in threads (`inflight.in_flight`) while their metrics are taken in order (`score_document`)."""
+    n_steps = early_tokens if phase == "phase1" else settings["late_tokens"]
+    every_head = phase == "phase1" and settings["phase1_corruption"] == "all_heads"
+    record_heads = model_heads(model) if every_head else sorted({h for s in head_sets for h in s.heads})
+    runs = DocumentRuns(model, n_steps, record_heads, repetition_penalty)
+    if phase == "phase1":
+        pair = phase1_document_pair(runs, tokenizer, doc_id, prompt_text, document, anchors,
+                                    [titles[g] for g in gold if g in titles], settings["phase1_corruption"],
+                                    settings["peak_terms"], pad=settings["pad"])
+    else:
+        pair = phase2_pair(doc_id, prompt_text, document, early_cot_prefix(tokenizer, cot, early_tokens),
+                           list(gold), list(near_misses), titles, tokenizer,
+                           value_swaps=settings["value_swaps"], pad=settings["pad"])
+        if pair.aligned and not near_misses:
+            pair.aligned, pair.reason = False, "no near-misses (Confusion undefined)"
+    cap = length_cap(settings.get("max_tokens"), model)
+    if pair.aligned and cap is not None:
+        longest = max(len(pair.clean_ids), len(pair.corrupt_ids)) + n_steps
+        if longest > cap:
+            pair.aligned, pair.reason = False, f"too long: {longest} tokens with the generated ones > max_tokens {cap}"
+            log.warning("patching %s %s: %s", phase, doc_id, pair.reason)
+    records = []
+    if pair.aligned:
+        if "clean" not in runs.refs:
+            runs.reference("clean", pair.clean_ids)
+        records = generate_runs(runs, pair, head_sets, settings["batch_size"], tokenizer, on_batch=on_batch)
+    elif on_batch is not None:
+        on_batch(2 * len(head_sets))
+    return GeneratedDocument(phase, pair, records)
+
+
+def score_document(generated: GeneratedDocument, tokenizer, embedder, anchors: Sequence[str], anchor_text: str,
+                   near_misses: Sequence[str], titles: dict[str, str]) -> tuple[list[dict], dict]:
+    """The metric of a generated document's texts -> (run rows, its pair record): Reasoning Focus of the
+    anchors (Phase 1) or Near-Miss Confusion of anchor text + late CoT against the near-misses (Phase 2)."""
+    if generated.phase == "phase1":  # made for every pair, as the embedder's cache has always been filled
+        metric = focus_metric(tokenizer, embedder, list(anchors))
+    else:
+        metric = confusion_metric(tokenizer, embedder, anchor_text, [titles[n] for n in near_misses])
+    rows = score_runs(generated.pair.doc_id, generated.records, metric) if generated.records else []
+    return rows, generated.pair.record()
+
+
 def patch_document(phase: str, model, tokenizer, embedder, doc_id: str, prompt_text: str, document: str,
                    anchors: Sequence[str], anchor_text: str, cot: str, gold: Sequence[str],
                    near_misses: Sequence[str], titles: dict[str, str], head_sets: Sequence[HeadSet],
@@ -313,35 +375,9 @@ def patch_document(phase: str, model, tokenizer, embedder, doc_id: str, prompt_t
     A pair that cannot be aligned gives no runs (its record says why); `on_batch(n)` counts the
     head-set runs done (or skipped) of the 2 x len(head_sets). A pair longer than `settings["max_tokens"]`
     (default: the model's context) with its generated tokens is not run (reason "too long: ...").
+    The model's part (`generate_document`) and the metric's (`score_document`) may also be called apart.
     """
-    n_steps = early_tokens if phase == "phase1" else settings["late_tokens"]
-    every_head = phase == "phase1" and settings["phase1_corruption"] == "all_heads"
-    record_heads = model_heads(model) if every_head else sorted({h for s in head_sets for h in s.heads})
-    runs = DocumentRuns(model, n_steps, record_heads, repetition_penalty)
-    if phase == "phase1":
-        pair = phase1_document_pair(runs, tokenizer, doc_id, prompt_text, document, anchors,
-                                    [titles[g] for g in gold if g in titles], settings["phase1_corruption"],
-                                    settings["peak_terms"], pad=settings["pad"])
-        metric = focus_metric(tokenizer, embedder, list(anchors))
-    else:
-        near_titles = [titles[n] for n in near_misses]
-        pair = phase2_pair(doc_id, prompt_text, document, early_cot_prefix(tokenizer, cot, early_tokens),
-                           list(gold), list(near_misses), titles, tokenizer,
-                           value_swaps=settings["value_swaps"], pad=settings["pad"])
-        if pair.aligned and not near_titles:
-            pair.aligned, pair.reason = False, "no near-misses (Confusion undefined)"
-        metric = confusion_metric(tokenizer, embedder, anchor_text, near_titles)
-    cap = length_cap(settings.get("max_tokens"), model)
-    if pair.aligned and cap is not None:
-        longest = max(len(pair.clean_ids), len(pair.corrupt_ids)) + n_steps
-        if longest > cap:
-            pair.aligned, pair.reason = False, f"too long: {longest} tokens with the generated ones > max_tokens {cap}"
-            log.warning("patching %s %s: %s", phase, doc_id, pair.reason)
-    rows = []
-    if pair.aligned:
-        if "clean" not in runs.refs:
-            runs.reference("clean", pair.clean_ids)
-        rows = run_document(runs, pair, head_sets, settings["batch_size"], tokenizer, metric, on_batch=on_batch)
-    elif on_batch is not None:
-        on_batch(2 * len(head_sets))
-    return rows, pair.record()
+    generated = generate_document(phase, model, tokenizer, doc_id, prompt_text, document, anchors, cot, gold,
+                                  near_misses, titles, head_sets, settings, early_tokens, repetition_penalty,
+                                  on_batch=on_batch)
+    return score_document(generated, tokenizer, embedder, anchors, anchor_text, near_misses, titles)

@@ -9,7 +9,7 @@ from ..settings import PLACEMENT_KEYS, Declared, Settings
 
 PATCHING_KEYS = ("split", "max_docs", "max_tokens", "bins", "n_random", "early_tokens", "late_tokens", "batch_size",
                  "phase1_corruption", "peak_terms", "pad", "value_swaps", "min_gap", "n_bootstrap", "device",
-                 "dtype") + PLACEMENT_KEYS
+                 "dtype", "in_flight") + PLACEMENT_KEYS
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,11 @@ class PatchingSettings(Settings):
                    values["patching.early_tokens"] or values["anchors.early_tokens"],
                    values["generation.repetition_penalty"], values["embedder"], values["seed"],
                    values["clean_prompts.style"])
+
+    @property
+    def in_flight(self) -> int:
+        """Documents patched at once on the model (`inflight.in_flight`)."""
+        return int(self.section["in_flight"])
 
     @property
     def placement(self) -> dict[str, Any]:

@@ -59,6 +59,7 @@ from ..evaluate.settings import EvaluateSettings, LasSimulatorSettings
 from ..evaluate.tables import METRIC_COLUMNS
 from ..evaluate.text import bleu4, sentence_bleu4, trace_perplexity
 from ..evaluate.xmc import RESAMPLE, macro_f1_resample_rows, per_instance, summarize
+from ..inflight import in_flight, in_flight_workers
 from ..io import read_parquet, read_split, write_parquet
 from ..models import ModelCatalog, load_model, with_distilled_model
 from ..teacher.prompts import render_prompt
@@ -75,6 +76,9 @@ def run_evaluate(config: dict, dataset: str, student: str, method: str, *,
     """Every metric of one distilled student on the test split -> {student}/{method}/metrics.parquet;
     with method "teacher" and student = the teacher, the teacher's row of Tables 1-4 (its own test
     CoT as prediction, its own pooled heads, no BLEU).
+
+    The model's forwards (the trace perplexity, the mechanism metrics) run `evaluate.in_flight` documents at
+    once, each in its own thread, with the results of one at a time (`inflight.in_flight`).
 
     inputs: overrides of `paths.evaluate_inputs` (model: the student's config.json, whose folder is
     loaded) and of excluded_pairs.
@@ -114,10 +118,12 @@ def run_evaluate(config: dict, dataset: str, student: str, method: str, *,
     catalog, name = (catalog, student) if is_teacher else with_distilled_model(catalog, student, method,
                                                                                Path(p["model"]).parent)
     model, tokenizer = load_model(catalog, name, device=settings["device"], dtype=settings["dtype"], **evaluate.placement)
+    model.eval()  # once, here: the forwards below may run in threads, each leaving the model's mode as found
+    workers = in_flight_workers(model, evaluate.in_flight)
     prompt_texts = [render_prompt(tokenizer, json.loads(prompts.loc[d, "messages"])) for d in ids]
     has_trace = [i for i, c in enumerate(teacher_text) if c.strip()]
-    ppl = trace_perplexity(model, tokenizer, [prompt_texts[i] for i in has_trace], [teacher_text[i] for i in has_trace],
-                           batch_size=1)
+    ppl = list(in_flight(lambda i: trace_perplexity(model, tokenizer, [prompt_texts[i]], [teacher_text[i]],
+                                                    batch_size=1)[0], has_trace, workers))
     frames.append(pd.DataFrame({"doc_id": [ids[i] for i in has_trace], "metric": "perplexity", "value": ppl}))
 
     frames.append(_las_frame(evaluate, p["las_simulator"], teacher_cot, docs, ids, gold, answers, student_cot))
@@ -127,7 +133,8 @@ def run_evaluate(config: dict, dataset: str, student: str, method: str, *,
     test_split = read_split({"docs": p["test_docs"], "prompts": p["test_prompts"], "cot": p["teacher_test_cot"],
                              "anchors": p["test_anchors"], "labels": p["labels"]})
     examples = make_examples(tokenizer, test_split, student, length_cap(evaluate.max_tokens, model))
-    frames.append(mechanism_metrics(model, examples, pools, evaluate.signals.tau, evaluate.signals.coarse))
+    frames += in_flight(lambda example: mechanism_metrics(model, [example], pools, evaluate.signals.tau,
+                                                          evaluate.signals.coarse), examples, workers)
 
     out = pd.concat(frames, ignore_index=True)
     out.insert(0, "method", method)

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from .. import paths
 from ..anchors.embed import SentenceEmbedder
+from ..inflight import in_flight, in_flight_workers
 from ..io import file_digest, read_parquet, read_split, write_parquet
 from ..models import ModelCatalog, load_model, spec_key
 from ..patching import experiment
@@ -34,8 +35,9 @@ def run_patching(config: dict, dataset: str, phase: str, *, inputs: dict[str, Pa
     the phase's head score -> patching/{phase}.parquet (+ {phase}_runs, {phase}_pairs).
     inputs: the split's files (default `paths.split_files`).
 
-    One finished document at a time is kept (`shards.Shards`): a killed job resumes after its last
-    finished document, if the settings, the model, the head ranking and the bytes of the split's files
+    `patching.in_flight` documents run at once on the model (their forwards in threads; the results are
+    those of one at a time). One finished document at a time is kept (`shards.Shards`): a killed job
+    resumes after its last finished document, if the settings, the model, the head ranking and the bytes of the split's files
     are those of the killed run (else it starts afresh).
     """
     patching, teacher = PatchingSettings.from_config(config), config["teacher"]
@@ -79,19 +81,36 @@ def run_patching(config: dict, dataset: str, phase: str, *, inputs: dict[str, Pa
     rows, pairs = [], []
     bar = tqdm(total=len(data.anchors) * 2 * len(head_sets),
                desc=f"patching {phase} (document x head set x direction)", unit="run")
-    for row in data.anchors.itertuples(index=False):
+
+    def inputs(row) -> dict:
+        """One document's inputs to `experiment.generate_document`, read here in the main thread."""
+        return dict(doc_id=row.doc_id,
+                    prompt_text=render_prompt(tokenizer, json.loads(data.prompts.loc[row.doc_id, "messages"])),
+                    document=data.docs.loc[row.doc_id, "text"], anchors=list(row.anchors),
+                    cot=data.cot.loc[row.doc_id, "cot"] if row.doc_id in data.cot.index else "",
+                    gold=list(data.docs.loc[row.doc_id, "labels"]), near_misses=list(row.near_misses))
+
+    def generate(document: dict | None) -> experiment.GeneratedDocument | None:
+        """The model's part of one unfinished document (None for a finished one), run in flight."""
+        if document is None:
+            return None
+        return experiment.generate_document(phase, model, tokenizer, titles=data.space.title, head_sets=head_sets,
+                                            settings=settings, early_tokens=early_tokens,
+                                            repetition_penalty=repetition_penalty, on_batch=bar.update, **document)
+
+    # patching.in_flight documents run their forwards at once (on a device-mapped teacher, on different
+    # GPUs); their inputs are read, and their metrics and pieces taken, here, in document order
+    rows_in_order = list(data.anchors.itertuples(index=False))
+    documents = (None if shards.done(f"{name_of(row.doc_id)}.json") else inputs(row) for row in rows_in_order)
+    workers = in_flight_workers(model, patching.in_flight)
+    for row, generated in zip(rows_in_order, in_flight(generate, documents, workers)):
         shard = f"{name_of(row.doc_id)}.json"
-        if shards.done(shard):
+        if generated is None:
             done = shards.read_json(shard)
             bar.update(2 * len(head_sets))
         else:
-            doc_rows, pair = experiment.patch_document(
-                phase, model, tokenizer, embedder, row.doc_id,
-                render_prompt(tokenizer, json.loads(data.prompts.loc[row.doc_id, "messages"])),
-                data.docs.loc[row.doc_id, "text"], list(row.anchors), row.anchor_text,
-                data.cot.loc[row.doc_id, "cot"] if row.doc_id in data.cot.index else "",
-                list(data.docs.loc[row.doc_id, "labels"]), list(row.near_misses),
-                data.space.title, head_sets, settings, early_tokens, repetition_penalty, on_batch=bar.update)
+            doc_rows, pair = experiment.score_document(generated, tokenizer, embedder, list(row.anchors),
+                                                       row.anchor_text, list(row.near_misses), data.space.title)
             done = {"rows": doc_rows, "pair": pair}
             shards.write_json(shard, done)
         rows += done["rows"]

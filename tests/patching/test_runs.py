@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from mechdistill.characterize.attention import attention_hooks, attention_modules
+from mechdistill.inflight import in_flight
 from mechdistill.patching.patterns import PatternPatch
 from mechdistill.patching.runs import DocumentRuns, HeadSet, greedy_from, head_mask, patched_runs, prefill
-from tests.helpers import VOCAB, tiny_model
+from tests.helpers import VOCAB, lockstep, tiny_model
 
 STEPS = 6
 ARCHS = ["llama", "qwen2", "gemma3"]
@@ -146,3 +147,33 @@ def test_patched_runs_records_every_set_and_direction(model):
     assert [(r["direction"], r["kind"]) for r in records] == [
         (d, k) for d in ("denoise", "noise") for k in ("top", "most_negative", "random")]
     assert all(r["tokens"].shape == (3,) for r in records)
+
+
+def test_documents_in_flight_record_and_patch_what_they_do_alone(model):
+    """Two documents of different lengths, reference and patched runs in two threads at once (in lockstep,
+    layer by layer): tapes and tokens equal those of one document at a time. Hooks dispatch by thread;
+    before, each document's tape recorded the other's calls too."""
+    heads = _all_heads(model)
+    head_sets = [heads[:3], heads[-2:]]
+    docs = [(_ids(11, 17), _ids(12, 17)), (_ids(13, 26), _ids(14, 26))]
+
+    def run(doc):
+        clean, corrupt = doc
+        runs = DocumentRuns(model, STEPS, heads)
+        runs.reference("clean", clean)
+        runs.reference("corrupt", corrupt)
+        tapes = {name: ref.tape.rows for name, ref in runs.refs.items()}  # {layer: [[1, H, kv] per step]}
+        tokens = {name: ref.tokens for name, ref in runs.refs.items()}
+        return tapes, tokens, [runs.patched(direction, head_sets) for direction in ("denoise", "noise")]
+
+    alone = [run(doc) for doc in docs]
+    with lockstep(model):
+        together = list(in_flight(run, docs, workers=2))
+    for (tapes, tokens, patched), (tapes_t, tokens_t, patched_t) in zip(alone, together):
+        for name in tapes:
+            assert tapes_t[name].keys() == tapes[name].keys()
+            for layer, steps in tapes[name].items():
+                assert len(tapes_t[name][layer]) == len(steps) == STEPS
+                assert all(torch.equal(a, b) for a, b in zip(tapes_t[name][layer], steps)), (name, layer)
+            assert torch.equal(tokens_t[name], tokens[name])
+        assert all(torch.equal(a, b) for a, b in zip(patched_t, patched))

@@ -49,6 +49,26 @@ def test_teacher_is_evaluated_on_its_own_cot(tiny):
     assert len(resamples) == tiny.config["evaluate"]["n_bootstrap"] and set(resamples["metric"]) == {"macro_f1"}
 
 
+def test_documents_in_flight_give_the_teachers_row_of_one_at_a_time(tiny, tmp_path):
+    """evaluate.in_flight 2: the teacher's perplexity and mechanism metrics, forwards of two documents at once
+    in threads, equal those of one document at a time (in_flight 1, the default), value for value."""
+    import copy
+
+    tiny.upto("evaluate")
+    config = copy.deepcopy(tiny.config)
+    outputs = {}
+    for workers in (1, 2):
+        config["evaluate"]["in_flight"] = workers
+        outputs[workers] = tmp_path / f"in_flight_{workers}.parquet"
+        with tiny.inside():
+            run_evaluate(config, DATASET, TEACHER, paths.TEACHER_METHOD, out_path=outputs[workers])
+    one, two = (pd.read_parquet(outputs[w]) for w in (1, 2))
+    forward = {"perplexity", "sharpness", "anchor_align", "loopback", "helpfulness"}
+    assert {"perplexity", "sharpness", "anchor_align"} <= set(one["metric"])
+    assert (one["metric"].isin(forward)).sum() >= 2 * len(set(one.loc[one["metric"] == "perplexity", "doc_id"]))
+    pd.testing.assert_frame_equal(two, one)
+
+
 def test_tables_and_figure9(tiny):
     tiny.ensure("evaluate")  # the mech student's metrics
     metrics = [paths.metrics(DATASET, STUDENT, "mech")]

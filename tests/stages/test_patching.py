@@ -39,7 +39,7 @@ def test_patching_runs_every_head_set_in_both_directions(tiny):
 def killed_after_one_document(tiny, monkeypatch, tmp_path) -> tuple[dict, list]:
     """Run phase-1 patching into tmp_path until the second document's runs, then "kill" it; from then on
     `calls` records the documents patched."""
-    real, calls = experiment.run_document, []
+    real, calls = experiment.generate_runs, []
     out = {"summary_path": tmp_path / "phase1.parquet", "runs_path": tmp_path / "phase1_runs.parquet",
            "pairs_path": tmp_path / "phase1_pairs.parquet"}
 
@@ -49,12 +49,12 @@ def killed_after_one_document(tiny, monkeypatch, tmp_path) -> tuple[dict, list]:
             raise KeyboardInterrupt("killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(experiment, "run_document", dies_on_second)
+    monkeypatch.setattr(experiment, "generate_runs", dies_on_second)
     with tiny.inside(), pytest.raises(KeyboardInterrupt):
         run_patching(tiny.config, DATASET, "phase1", **out)
     assert len(list(tmp_path.glob(".phase1.docs-*/*.json"))) == 1
     calls.clear()
-    monkeypatch.setattr(experiment, "run_document", lambda *a, **kw: calls.append(a[1].doc_id) or real(*a, **kw))
+    monkeypatch.setattr(experiment, "generate_runs", lambda *a, **kw: calls.append(a[1].doc_id) or real(*a, **kw))
     return out, calls
 
 
@@ -106,6 +106,24 @@ def test_a_pair_longer_than_max_tokens_is_skipped_with_its_reason(tiny, tmp_path
     assert len(pairs) == N_DOCS and not pairs["aligned"].any()
     assert pairs["reason"].str.match(r"too long: \d+ tokens with the generated ones > max_tokens 16").all()
     assert pd.read_parquet(out["runs_path"]).empty and caplog.text.count("too long") == N_DOCS
+
+
+def test_documents_in_flight_give_the_same_tables(tiny, tmp_path):
+    """patching.in_flight 2: both documents' forwards run at once in threads; every table equals the one
+    document at a time run's (same runs, values and texts, in document order)."""
+    import copy
+
+    tiny.ensure("patching")  # in_flight 1, the default
+    config = copy.deepcopy(tiny.config)
+    config["patching"]["in_flight"] = 2
+    out = {"summary_path": tmp_path / "phase1.parquet", "runs_path": tmp_path / "phase1_runs.parquet",
+           "pairs_path": tmp_path / "phase1_pairs.parquet"}
+    with tiny.inside():
+        run_patching(config, DATASET, "phase1", **out)
+    for name, path in (("summary_path", paths.patching), ("runs_path", paths.patching_runs),
+                       ("pairs_path", paths.patching_pairs)):
+        pd.testing.assert_frame_equal(pd.read_parquet(out[name]),
+                                      pd.read_parquet(tiny.path(path(DATASET, TEACHER, "phase1"))))
 
 
 def test_patching_figures(tiny):
