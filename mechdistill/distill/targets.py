@@ -163,13 +163,13 @@ def compute_target_shards(model: nn.Module, examples: list[Example], pools: dict
             for _ in examples[start:start + shard_size]:
                 done.append(next(results))
                 bar.update(1)
-            _write_shard(shards.path(names[start]), done)
+            write_target_shard(shards.path(names[start]), done)
             if on_shard is not None:
                 on_shard(names[start])
     return [shards.path(name) for name in names.values()]
 
 
-def _write_shard(path: Path, documents: list[tuple[dict[str, Tensor], dict]]) -> None:
+def write_target_shard(path: Path, documents: list[tuple[dict[str, Tensor], dict]]) -> None:
     """One shard's documents ((flat tensors, table row) each) -> one safetensors file, atomically."""
     tensors = {name: value for doc_tensors, _ in documents for name, value in doc_tensors.items()}
     sums = [interaction_sums({name.removeprefix(f"{row['doc_id']}/"): value for name, value in doc_tensors.items()})

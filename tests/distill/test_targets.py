@@ -97,7 +97,7 @@ def _random_documents(n: int, seed: int = 0, n_cot: int = 5) -> dict[str, dict[s
 def test_merged_shards_are_the_bytes_save_targets_writes(tmp_path):
     """The streamed merge of a split's shards gives the file `save_targets` writes from all the tensors in
     memory, byte for byte (header, metadata, layout, data), the same table, and the same interaction scales."""
-    from mechdistill.distill.targets import _write_shard, merge_target_shards
+    from mechdistill.distill.targets import merge_target_shards, write_target_shard
 
     docs = _random_documents(10)
     documents = _shard_documents(docs)
@@ -105,7 +105,7 @@ def test_merged_shards_are_the_bytes_save_targets_writes(tmp_path):
     shard_paths = []
     for i, start in enumerate(range(0, len(documents), 3)):  # shards of 3, 3, 3, 1 documents
         shard_paths.append(tmp_path / f"shard-{i}.safetensors")
-        _write_shard(shard_paths[-1], documents[start:start + 3])
+        write_target_shard(shard_paths[-1], documents[start:start + 3])
     scales = merge_target_shards(shard_paths, pools, "teacher", 4, tmp_path / "merged.parquet", tmp_path / "merged.safetensors")
     tensors = {name: value for doc_tensors, _ in documents for name, value in doc_tensors.items()}
     table = pd.DataFrame([row for _, row in documents])
@@ -131,13 +131,13 @@ def test_the_merge_holds_one_chunk_of_tensor_data_not_a_shard(tmp_path):
     about one 4 MiB copy buffer, under one shard, while the split is 288 MiB."""
     import tracemalloc
 
-    from mechdistill.distill.targets import COPY_CHUNK, _write_shard, merge_target_shards
+    from mechdistill.distill.targets import COPY_CHUNK, merge_target_shards, write_target_shard
 
     shard_paths = []
     for i in range(6):
         docs = _random_documents(1, seed=i, n_cot=1 << 20)  # topk_values: 2^20 x 4 float32 = 16 MiB
         shard_paths.append(tmp_path / f"shard-{i}.safetensors")
-        _write_shard(shard_paths[-1], _shard_documents({f"d{i}": docs.popitem()[1]}))
+        write_target_shard(shard_paths[-1], _shard_documents({f"d{i}": docs.popitem()[1]}))
     shard_bytes = max(p.stat().st_size for p in shard_paths)
     tracemalloc.start()
     try:
