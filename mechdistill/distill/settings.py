@@ -4,7 +4,7 @@ imports it for the rules' params (rules/distill.smk)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..characterize.settings import HeadSignals
@@ -17,10 +17,12 @@ TEACHER_PLACEMENT = tuple(f"distill.teacher_{k}" for k in PLACEMENT_KEYS)
 @dataclass(frozen=True)
 class TargetSettings(Settings):
     """teacher_targets (run_teacher_targets): top-k logits, the pools, the teacher's dtype, device and
-    placement, the document and length caps, and the head signals the Phase-1/2 targets reuse."""
+    placement, the document and length caps, the head signals the Phase-1/2 targets reuse, the documents
+    per resumable shard and the documents in flight on the teacher."""
 
     KEYS = ("distill.top_k", "distill.pools", "distill.teacher_dtype", "distill.max_docs", "distill.max_tokens",
-            "distill.train.device") + TEACHER_PLACEMENT + HeadSignals.KEYS
+            "distill.train.device") + TEACHER_PLACEMENT + HeadSignals.KEYS + ("distill.teacher_shard_size",
+                                                                              "distill.teacher_in_flight")
 
     top_k: int
     pools: dict[str, Any]
@@ -30,12 +32,22 @@ class TargetSettings(Settings):
     device: str | None
     placement: dict[str, Any]
     signals: HeadSignals
+    shard_size: int  # documents per resumable shard of teacher_targets
+    in_flight: int  # documents at once on the teacher (inflight.in_flight)
 
     @classmethod
     def from_values(cls, values: Declared) -> TargetSettings:
         return cls(values["distill.top_k"], values["distill.pools"], values["distill.teacher_dtype"],
                    values["distill.max_docs"], values["distill.max_tokens"], values["distill.train.device"],
-                   values.section("distill.teacher_", PLACEMENT_KEYS), HeadSignals.from_values(values))
+                   values.section("distill.teacher_", PLACEMENT_KEYS), HeadSignals.from_values(values),
+                   values["distill.teacher_shard_size"], values["distill.teacher_in_flight"])
+
+    def shard_key(self) -> dict[str, Any]:
+        """The settings that change what teacher_targets computes (its shards' key): not where the teacher
+        runs (device, placement) nor how many documents are in flight, which change no target."""
+        return {"top_k": self.top_k, "pools": self.pools, "teacher_dtype": self.teacher_dtype,
+                "max_docs": self.max_docs, "max_tokens": self.max_tokens, "signals": asdict(self.signals),
+                "shard_size": self.shard_size}
 
 
 @dataclass(frozen=True)

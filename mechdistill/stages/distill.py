@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from .. import paths
 from ..characterize.teacher_forcing import length_cap
 from ..distill.launch import deepspeed_config, init_distributed, zero3_init
 from ..distill.methods import check_methods, grid_point, method_grid, needs_teacher_data, resolve_method
-from ..distill.pools import HeadPool, model_pools
+from ..distill.pools import HeadPool, model_pools, pools_json
 from ..distill.recipe import MethodPoint, TeacherDataContext
 from ..distill.run import DistillResult, RunFiles, distill
 from ..distill.selection import Criterion, generation_criterion, make_criterion
@@ -30,10 +31,8 @@ from ..distill.signals import make_examples
 from ..distill.targets import (
     OnlineTargets,
     TeacherTargets,
-    by_document,
-    interaction_scales,
-    save_targets,
-    target_tensors,
+    compute_target_shards,
+    merge_target_shards,
 )
 from ..distill.train_config import train_config
 from ..errors import ConfigError
@@ -41,7 +40,7 @@ from ..evaluate.xmc import macro_f1
 from ..io import SplitArtifacts, file_digest, read_json, read_parquet, read_split, write_parquet
 from ..labels import LabelSpace
 from ..models import ModelCatalog, load_model, pick_device, spec_key, with_distilled_model
-from ..shards import content_key
+from ..shards import Shards, content_key
 from ..teacher.backends import STOP_AT_ANSWER, SYNCED_GPUS, make_backend, student_generation, text_generator
 from ..teacher.engines import resolve_backend
 from ..teacher.generate import answers_across_ranks, answers_in_memory, generate_cot
@@ -75,22 +74,51 @@ def run_teacher_targets(config: dict, dataset: str, split: str, *, inputs: dict[
     """The teacher's top-k logits and pooled phase signals on a split, teacher-forced on its own
     CoT -> targets/{split}.parquet (one row per document) + targets/{split}.safetensors.
 
-    inputs: the split's files (default `paths.split_files`).
+    inputs: the split's files (default `paths.split_files`). Resumable: each shard of
+    distill.teacher_shard_size documents is kept when done (`targets.compute_target_shards`), under a key
+    of the teacher, the settings that change the targets, the pools and the bytes of the files read; a
+    rerun after a kill computes only the unfinished shards. distill.teacher_in_flight documents run on
+    the teacher at once. The shards are streamed into the two files at the end, then removed.
     """
     settings, teacher = TargetSettings.from_config(config), config["teacher"]
     inputs = {**paths.split_files(dataset, teacher, split), **(inputs or {})}
-    model, tokenizer = _load_teacher(ModelCatalog.from_config(config), teacher, settings)
+    coarse_path = coarse_path or paths.head_scores(dataset, teacher, "coarse")
+    refine_path = refine_path or paths.head_scores(dataset, teacher, "refine")
+    tensors_path = tensors_path or paths.targets_tensors(dataset, teacher, split)
+    catalog = ModelCatalog.from_config(config)
+    model, tokenizer = _load_teacher(catalog, teacher, settings)
     pools = _pools(settings, model, dataset, teacher, coarse_path, refine_path)
     examples = make_examples(tokenizer, read_split(inputs, settings.max_docs), teacher,
                              length_cap(settings.max_tokens, model))
-    tensors, table = target_tensors(model, examples, pools, settings.signals.tau, settings.top_k,
-                                    desc=f"teacher targets {teacher}", coarse=settings.signals.coarse)
-    scales = interaction_scales(by_document(tensors).values())
-    tensors_path = tensors_path or paths.targets_tensors(dataset, teacher, split)
-    save_targets(tensors, table, pools, teacher, settings.top_k, out_path or paths.targets(dataset, teacher, split),
-                 tensors_path, scales)
+    read = {**inputs, "coarse": coarse_path, "refine": refine_path}
+    shards = Shards(tensors_path, "shards", content_key(
+        spec_key(catalog, teacher), settings.shard_key(), pools_json(pools), [ex.doc_id for ex in examples],
+        {name: file_digest(f) for name, f in sorted(read.items()) if Path(f).is_file()}))
+    shard_paths = compute_target_shards(model, examples, pools, settings.signals.tau, settings.top_k, shards,
+                                        settings.shard_size, settings.in_flight, settings.signals.coarse,
+                                        desc=f"teacher targets {teacher}",
+                                        on_shard=_kill_after_shards(os.environ.get(KILL_AFTER_SHARDS)))
+    scales = merge_target_shards(shard_paths, pools, teacher, settings.top_k,
+                                 out_path or paths.targets(dataset, teacher, split), tensors_path)
+    shards.clear()
     log.info("teacher targets: %d documents, %.1f MB of tensors; interaction scales (RMS of the teacher's "
-             "kappa*Align, QK*OV) %s", len(table), os.path.getsize(tensors_path) / 2**20, scales)
+             "kappa*Align, QK*OV) %s", len(examples), os.path.getsize(tensors_path) / 2**20, scales)
+
+
+KILL_AFTER_SHARDS = "MECHDISTILL_KILL_AFTER_SHARDS"  # fault injection: tests kill teacher_targets to check it resumes
+
+
+def _kill_after_shards(count: str | None) -> Callable[[str], None] | None:
+    """on_shard that SIGKILLs this process once it has written `count` shards, as a crash would."""
+    if count is None:
+        return None
+    written: list[str] = []
+
+    def on_shard(name: str) -> None:
+        written.append(name)
+        if len(written) == int(count):
+            os.kill(os.getpid(), signal.SIGKILL)
+    return on_shard
 
 
 def _load_teacher(catalog: ModelCatalog, teacher: str, settings: TargetSettings):
