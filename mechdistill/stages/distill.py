@@ -37,6 +37,7 @@ from ..distill.targets import (
 from ..distill.train_config import train_config
 from ..errors import ConfigError
 from ..evaluate.xmc import macro_f1
+from ..inflight import in_flight_workers
 from ..io import SplitArtifacts, file_digest, read_json, read_parquet, read_split, write_parquet
 from ..labels import LabelSpace
 from ..models import ModelCatalog, load_model, pick_device, spec_key, with_distilled_model
@@ -95,7 +96,8 @@ def run_teacher_targets(config: dict, dataset: str, split: str, *, inputs: dict[
         spec_key(catalog, teacher), settings.shard_key(), pools_json(pools), [ex.doc_id for ex in examples],
         {name: file_digest(f) for name, f in sorted(read.items()) if Path(f).is_file()}))
     shard_paths = compute_target_shards(model, examples, pools, settings.signals.tau, settings.top_k, shards,
-                                        settings.shard_size, settings.in_flight, settings.signals.coarse,
+                                        settings.shard_size, in_flight_workers(model, settings.in_flight),
+                                        settings.signals.coarse,
                                         desc=f"teacher targets {teacher}",
                                         on_shard=_kill_after_shards(os.environ.get(KILL_AFTER_SHARDS)))
     scales = merge_target_shards(shard_paths, pools, teacher, settings.top_k,
