@@ -311,12 +311,14 @@ def test_students_generate_with_their_own_model():
     assert student_generation({"backend": "vllm", "student_backend": "transformers"})["backend"] == "transformers"
 
 
-def long_prompts(prompts, icd_space, doc_id: str, note_chars: int):
-    """`prompts` with document `doc_id`'s note made `note_chars` characters long (the others unchanged)."""
-    docs = pd.DataFrame({"doc_id": prompts["doc_id"],
+def long_prompts(icd_space, n_docs: int, doc_id: str, note_chars: int) -> pd.DataFrame:
+    """Prompts of `n_docs` short notes d0, d1, ... (as the `prompts` fixture), document `doc_id`'s note
+    made `note_chars` characters long."""
+    ids = [f"d{i}" for i in range(n_docs)]
+    docs = pd.DataFrame({"doc_id": ids,
                          "text": [("Chronic systolic heart failure. " * note_chars)[:note_chars] if d == doc_id
-                                  else f"Note {d[1:]}: chronic systolic heart failure." for d in prompts["doc_id"]],
-                         "labels": [["I50.22"]] * len(prompts)})
+                                  else f"Note {d[1:]}: chronic systolic heart failure." for d in ids],
+                         "labels": [["I50.22"]] * n_docs})
     return build_prompts(docs, icd_space, {"strategy": "hierarchy", "size": 4, "n_near_miss": 2},
                          {"exemplar": False, "system": "S", "instruction": "Pick."}, seed=0)
 
@@ -325,13 +327,13 @@ def rendered_lengths(tok, prompts) -> list[int]:
     return [len(tok(render_prompt(tok, json.loads(m)), add_special_tokens=False)["input_ids"]) for m in prompts["messages"]]
 
 
-def test_an_over_long_prompt_is_skipped_named_and_not_retried(tiny_config, icd_space, prompts, tmp_path, caplog):
+def test_an_over_long_prompt_is_skipped_named_and_not_retried(tiny_config, icd_space, tmp_path, caplog):
     """A model of 512 positions (max_new_tokens 12, forced answer "\\n<answer>" 9 byte tokens + 4): a prompt
     of more than 512 - 12 - 13 = 487 tokens is never sent to the model, which here rejects it as vLLM
     does; its row is written (empty CoT, skipped, its token count), the split finishes, the summary names
     it, and a run killed after its shard resumes without generating that shard again."""
     tiny_config["models"]["tiny_llama"]["config"]["max_position_embeddings"] = 512
-    prompts = long_prompts(prompts, icd_space, "d2", 600)   # shard 1 (shard_size 2): d2, d3
+    prompts = long_prompts(icd_space, 5, "d2", 600)   # shard 1 (shard_size 2): d2, d3
     sent, fail_on_call = [], [0]
 
     class Strict(TransformersBackend):
@@ -379,10 +381,10 @@ def test_an_over_long_prompt_is_skipped_named_and_not_retried(tiny_config, icd_s
     assert summarize_cot(df)["skipped_prompt_too_long"] == 1
 
 
-def test_the_prompt_budget_names_its_terms(tiny_config, icd_space, prompts, tmp_path, caplog):
+def test_the_prompt_budget_names_its_terms(tiny_config, icd_space, tmp_path, caplog):
     """A fresh run logs the limit it skips by: max_position_embeddings - max_new_tokens - forced answer."""
     tiny_config["models"]["tiny_llama"]["config"]["max_position_embeddings"] = 512
-    prompts = long_prompts(prompts, icd_space, "d4", 600).iloc[3:]
+    prompts = long_prompts(icd_space, 5, "d4", 600).iloc[3:]
     with caplog.at_level(logging.WARNING, logger="mechdistill.teacher.generate"):
         df = generate_cot(ModelCatalog.from_config(tiny_config), "tiny_llama", prompts, icd_space, tmp_path / "o.parquet",
                           gen=tiny_config["generation"])
@@ -406,11 +408,11 @@ def test_text_generator_leaves_over_long_texts_empty(tiny_config, caplog):
                "longest 60 tokens (texts '1')" in r.getMessage() for r in caplog.records)
 
 
-def test_synced_ranks_keep_stepping_together_when_one_skips(tiny_config, icd_space, prompts, monkeypatch):
+def test_synced_ranks_keep_stepping_together_when_one_skips(tiny_config, icd_space, monkeypatch):
     """With synced_gpus every rank must make as many generate calls as the others: a rank that skipped
     its over-long prompts pads with calls on a short stand-in prompt (another rank made 3 calls)."""
     tiny_config["models"]["tiny_llama"]["config"]["max_position_embeddings"] = 512
-    prompts = long_prompts(prompts, icd_space, "d1", 600).iloc[:2]
+    prompts = long_prompts(icd_space, 2, "d1", 600)
     backend = TransformersBackend(ModelCatalog.from_config(tiny_config), "tiny_llama", tiny_config["generation"])
     calls = []
     generate_call = backend.model.generate
