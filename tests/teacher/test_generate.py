@@ -429,3 +429,34 @@ def test_synced_ranks_keep_stepping_together_when_one_skips(tiny_config, icd_spa
     d0 = rendered_lengths(backend.tok, prompts)[0]
     assert len(calls) == 6 and calls[0] == (1, d0)
     assert all(shape[0] == 1 and shape[1] < d0 for shape in calls[1:3] + calls[4:])
+
+
+def test_a_skipped_row_is_an_empty_cot_downstream(byte_tok):
+    """The row of a skipped prompt, as parse_generations writes it, goes through anchors (reason "empty CoT
+    (prompt_too_long)") and distillation's examples (left out, as an empty CoT) without error."""
+    from mechdistill.anchors.anchor_table import anchor_table
+    from mechdistill.distill.signals import make_examples
+    from mechdistill.io import SplitArtifacts
+    from mechdistill.teacher.answers import AnswerParser
+    from mechdistill.teacher.generate import GENERATION_COLUMNS, parse_generations
+    from tests.helpers import icd_subtree
+
+    space = icd_subtree("I50")
+    candidates = ["I50.22", "I50.21", "I50.9", "I50.20"]
+    messages = json.dumps([{"role": "user", "content": "Pick.\n\nDocument:\nChronic systolic heart failure.\n\n"
+                                                       "Candidate labels:\n- Chronic systolic heart failure [I50.22]"}])
+    prompts = pd.DataFrame({"doc_id": ["ok", "long"], "candidates": [candidates] * 2, "messages": [messages] * 2})
+    generations = pd.DataFrame([
+        dict(doc_id="ok", raw="Chronic systolic heart failure [I50.22] rather than [I50.9].\n<answer>I50.22</answer>",
+             n_tokens=20, finish_reason="stop", forced_answer=False, engine="e", prompt_tokens=30, skipped=""),
+        dict(doc_id="long", raw="", n_tokens=0, finish_reason="skipped", forced_answer=False, engine="e",
+             prompt_tokens=900, skipped="prompt_too_long")], columns=GENERATION_COLUMNS)
+    cot = parse_generations(generations, prompts, AnswerParser(space)).set_index("doc_id")
+    assert cot.loc["long", "cot"] == "" and list(cot.loc["long", "pred_labels"]) == []
+    assert summarize_cot(cot.reset_index())["empty_cot"] == 1
+    docs = pd.DataFrame({"doc_id": ["ok", "long"], "labels": [["I50.22"]] * 2})
+    settings = {"near_miss": {"strategies": ["hierarchy"], "n": 2}, "ancestor_levels": 0, "early_tokens": 5}
+    anchors = anchor_table(docs, cot, prompts.set_index("doc_id"), space, byte_tok, settings)
+    assert anchors["reason"].tolist()[1] == "empty CoT (prompt_too_long)" and anchors["reason"][0] == ""
+    split = SplitArtifacts(docs.set_index("doc_id"), prompts.set_index("doc_id"), cot, anchors, space)
+    assert [ex.doc_id for ex in make_examples(byte_tok, split)] == ["ok"]
