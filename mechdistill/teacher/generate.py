@@ -183,9 +183,18 @@ def force_answers(backend, chats: list[list[dict]], outputs: list[Generation], n
     "\n<answer>" appended and `n_tokens` more tokens to write the answer. The reasoning (cot)
     is unchanged; the row is marked `forced_answer`. synced (ranks stepping together): every rank
     makes as many completion calls as the rank with the most to force, the extra ones on FILLER_CHAT
-    (a rank may have no prompt left: all skipped), discarded."""
+    (a rank may have no prompt left: all skipped), discarded. A prefix with no room for `n_tokens` in the
+    model's context is not forced (a warning counts them): prompts are skipped by a budget that holds the
+    forced answer (`_run_backend`), so only a trace that re-tokenizes longer than it was generated gets here."""
     todo = [i for i, g in enumerate(outputs) if g.finish_reason == "length" and ANSWER_OPEN not in g.text]
     prefixes = [render_prompt(backend.tok, chats[i]) + outputs[i].text + "\n" + ANSWER_OPEN for i in todo]
+    budget = prompt_budget(backend, n_tokens)
+    lengths = prompt_lengths(backend.tok, prefixes) if budget is not None else [0] * len(prefixes)
+    fits = within_budget(budget, lengths)
+    if len(fits) < len(todo):
+        log.warning("budget forcing: %s; those traces keep no answer block",
+                    skipped_line(budget, lengths, [str(i) for i in todo], fits, "traces"))
+        todo, prefixes = [todo[k] for k in fits], [prefixes[k] for k in fits]
     starts = list(range(0, len(todo), batch_size))
     for start in starts:
         conts = backend.complete(prefixes[start:start + batch_size], n_tokens)

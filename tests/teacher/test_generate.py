@@ -460,3 +460,20 @@ def test_a_skipped_row_is_an_empty_cot_downstream(byte_tok):
     assert anchors["reason"].tolist()[1] == "empty CoT (prompt_too_long)" and anchors["reason"][0] == ""
     split = SplitArtifacts(docs.set_index("doc_id"), prompts.set_index("doc_id"), cot, anchors, space)
     assert [ex.doc_id for ex in make_examples(byte_tok, split)] == ["ok"]
+
+
+def test_budget_forcing_leaves_out_a_prefix_with_no_room(tiny_config, caplog):
+    """A cut-off trace whose prompt + CoT + "\\n<answer>" leaves no room for the forced tokens in the model's
+    context is kept unforced (vLLM would reject the whole call), with a warning; the others are forced."""
+    tiny_config["models"]["tiny_llama"]["config"]["max_position_embeddings"] = 200
+    backend = TransformersBackend(ModelCatalog.from_config(tiny_config), "tiny_llama", tiny_config["generation"])
+    chat = [{"role": "user", "content": "Pick."}]
+    cut = [backends.Generation("Heart failure.", 12, "length"), backends.Generation("x" * 170, 12, "length")]
+    lengths = [len(backend.tok(render_prompt(backend.tok, chat) + g.text + "\n<answer>",
+                               add_special_tokens=False)["input_ids"]) for g in cut]
+    assert lengths[0] <= 200 - 4 < lengths[1]
+    with caplog.at_level(logging.WARNING, logger="mechdistill.teacher.generate"):
+        out = generate.force_answers(backend, [chat, chat], list(cut), n_tokens=4, batch_size=2)
+    assert [g.forced_answer for g in out] == [True, False] and out[1] == cut[1]
+    assert any("budget forcing: 1 of 2 prompts skipped: longer than max_position_embeddings - max_new_tokens = "
+               f"200 - 4 = 196 tokens; longest {lengths[1]} tokens (traces '1')" in r.getMessage() for r in caplog.records)
