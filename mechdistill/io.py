@@ -54,7 +54,8 @@ SCHEMAS: dict[str, pa.Schema] = {
 # Columns of a contract that may be absent (artifacts written before them) but, when present, have
 # this type: a list column whose rows are all empty would otherwise be written as list<null>.
 OPTIONAL: dict[str, dict[str, pa.DataType]] = {
-    "cot": {"n_answer_blocks": pa.int64(), "outside_candidates": STR_LIST, "engine": pa.string()},
+    "cot": {"n_answer_blocks": pa.int64(), "outside_candidates": STR_LIST, "engine": pa.string(),
+            "prompt_tokens": pa.int64(), "skipped": pa.string()},
 }
 
 

@@ -3,7 +3,8 @@
 Columns: doc_id, anchors, anchor_text, near_misses, shortlist, early_span, refine_spans,
 shortlist_spans, nearmiss_spans (character offsets into the CoT: mentions of the near-misses and of
 any other label the CoT rules out), reason ("" when every span
-could be found; otherwise why a later stage will get NaN, e.g. "empty CoT", "no near-misses").
+could be found; otherwise why a later stage will get NaN, e.g. "empty CoT", "no near-misses"; a trace whose
+prompt was too long to generate says so: "empty CoT (prompt_too_long)").
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ def anchor_table(docs: pd.DataFrame, cot: pd.DataFrame, prompts: pd.DataFrame, s
         seg = segment_cot(text, token_offsets(tokenizer, text), settings["early_tokens"], kept, near + ruled, space,
                           candidates=candidates, patterns=settings.get("refine_patterns"))
         reason = seg["reason"] or ("no anchors" if not anchors else "")
+        skipped = cot.loc[doc_id, "skipped"] if doc_id in cot.index and "skipped" in cot.columns else ""
+        if isinstance(skipped, str) and skipped:  # never generated (teacher.backends.PROMPT_TOO_LONG)
+            reason = f"{reason} ({skipped})"
         rows.append(dict(doc_id=doc_id, anchors=anchors, anchor_text=anchor_text(anchors), near_misses=near,
                          shortlist=kept, early_span=list(seg["early_span"]),
                          refine_spans=_spans(seg["refine_spans"]), shortlist_spans=_spans(seg["shortlist_spans"]),

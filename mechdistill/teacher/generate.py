@@ -12,6 +12,7 @@ import copy
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +24,33 @@ from ..io import write_parquet
 from ..models import ModelCatalog, spec_key
 from ..shards import Shards, content_key
 from .answers import ANSWER_OPEN, AnswerParser
-from .backends import SYNCED_GPUS, FileBackend, Generation, TransformersBackend, VllmBackend, make_backend
+from .backends import (
+    PROMPT_TOO_LONG,
+    SYNCED_GPUS,
+    FileBackend,
+    Generation,
+    PromptBudget,
+    TransformersBackend,
+    VllmBackend,
+    make_backend,
+    prompt_budget,
+    prompt_lengths,
+    skipped_line,
+    within_budget,
+)
 from .engines import resolve_backend
 from .prompts import render_prompt
 
 log = logging.getLogger(__name__)
 
-# Settings that change what is generated (batch size and device do not, under greedy decoding).
+# Settings that change what is generated (batch size and device do not, under greedy decoding);
+# max_model_len decides which prompts are skipped as too long.
 FINGERPRINT_KEYS = ("backend", "max_new_tokens", "temperature", "repetition_penalty", "shard_size",
-                    "dtype", "traces", "force_answer_tokens", "stop_at_answer")
+                    "dtype", "traces", "force_answer_tokens", "stop_at_answer", "max_model_len")
+
+# A stand-in prompt for generate calls that only keep ranks stepping together (synced_gpus): short enough
+# for any model's context, whatever prompts a rank skipped.
+FILLER_CHAT = [{"role": "user", "content": "."}]
 
 
 def fingerprint(catalog: ModelCatalog, model_name: str, gen: dict, prompts: pd.DataFrame) -> str:
@@ -58,6 +77,7 @@ def generate_cot(catalog: ModelCatalog, model_name: str, prompts: pd.DataFrame, 
     size = gen["shard_size"]
     names = {start: f"shard-{start // size:05d}.parquet" for start in range(0, len(prompts), size)}
     todo = [start for start, name in names.items() if not shards.done(name)]
+    budget = None
     if len(todo) < len(names):
         log.info("resuming: %d of %d shards already done in %s", len(names) - len(todo), len(names), shards.dir)
     if todo:
@@ -65,14 +85,17 @@ def generate_cot(catalog: ModelCatalog, model_name: str, prompts: pd.DataFrame, 
         engine = getattr(backend, "engine", type(backend).__name__)
         if isinstance(backend, FileBackend):
             backend.cover(prompts["doc_id"].tolist())
-        log.info("%s %s/%s: generating with %s", model_name, dataset, split, engine)
+        budget = prompt_budget(backend, gen["max_new_tokens"], gen["force_answer_tokens"])
+        log.info("%s %s/%s: generating with %s%s", model_name, dataset, split, engine,
+                 f"; prompts of at most {budget.describe()}" if budget is not None else "")
         bar = tqdm(total=len(prompts), initial=len(prompts) - sum(min(size, len(prompts) - s) for s in todo),
                    desc=f"teacher CoT {dataset}/{split}", unit="doc")
         for start in todo:
             shard = prompts.iloc[start:start + size]
             outputs = _run_backend(backend, shard, gen)
             rows = [dict(doc_id=doc_id, raw=g.text, n_tokens=g.n_tokens, finish_reason=g.finish_reason,
-                         forced_answer=g.forced_answer, engine=engine)
+                         forced_answer=g.forced_answer, engine=engine, prompt_tokens=g.prompt_tokens,
+                         skipped=g.skipped)
                     for doc_id, g in zip(shard["doc_id"], outputs)]
             shards.write_parquet(names[start], pd.DataFrame(rows, columns=GENERATION_COLUMNS))
             bar.update(len(shard))
@@ -84,7 +107,7 @@ def generate_cot(catalog: ModelCatalog, model_name: str, prompts: pd.DataFrame, 
     result = parse_generations(generations, prompts, AnswerParser(space, gen["fuzzy_threshold"]))
     write_parquet(result, out_path, "cot")
     shards.clear()
-    summarize_cot(result, dataset, split)
+    summarize_cot(result, dataset, split, budget)
     return result
 
 
@@ -101,7 +124,8 @@ def answers_in_memory(model, tokenizer, prompts: pd.DataFrame, space, gen: dict)
     return [parser.parse(g.text, list(candidates)).pred_labels for g, candidates in zip(outputs, prompts["candidates"])]
 
 
-GENERATION_COLUMNS = ["doc_id", "raw", "n_tokens", "finish_reason", "forced_answer", "engine"]
+GENERATION_COLUMNS = ["doc_id", "raw", "n_tokens", "finish_reason", "forced_answer", "engine", "prompt_tokens",
+                      "skipped"]
 
 
 def parse_generations(generations: pd.DataFrame, prompts: pd.DataFrame, parser: AnswerParser) -> pd.DataFrame:
@@ -114,23 +138,43 @@ def parse_generations(generations: pd.DataFrame, prompts: pd.DataFrame, parser: 
                          unmapped=parsed.unmapped, n_tokens=int(g.n_tokens), finish_reason=g.finish_reason,
                          raw=g.raw, has_answer_block=parsed.has_answer_block, forced_answer=bool(g.forced_answer),
                          n_answer_blocks=parsed.n_answer_blocks, outside_candidates=parsed.outside_candidates,
-                         engine=g.engine))
+                         engine=g.engine, prompt_tokens=None if pd.isna(g.prompt_tokens) else int(g.prompt_tokens),
+                         skipped=g.skipped if isinstance(g.skipped, str) else ""))
     return pd.DataFrame(rows, columns=COT_COLUMNS)
 
 
 COT_COLUMNS = ["doc_id", "cot", "answer", "pred_labels", "unmapped", "n_tokens", "finish_reason", "raw",
-               "has_answer_block", "forced_answer", "n_answer_blocks", "outside_candidates", "engine"]
+               "has_answer_block", "forced_answer", "n_answer_blocks", "outside_candidates", "engine", "prompt_tokens",
+               "skipped"]
 
 
 def _run_backend(backend, shard: pd.DataFrame, gen: dict) -> list[Generation]:
+    """The generations of a shard's prompts. A prompt (chat template applied) longer than the backend's
+    `prompt_budget` is not sent to the engine, which would reject it (vLLM) or run past the model's
+    positions (transformers): its Generation is empty, finish_reason "skipped", skipped PROMPT_TOO_LONG.
+    Every Generation carries its prompt's token count. synced (ranks stepping together): every rank makes
+    as many generate calls as the rank with the most, the extra ones on FILLER_CHAT, discarded."""
     if isinstance(backend, FileBackend):
         return backend(shard["doc_id"].tolist())
     chats = [json.loads(m) for m in shard["messages"]]
-    bs = len(chats) if isinstance(backend, VllmBackend) else gen["batch_size"]  # vLLM batches itself
-    outputs = [g for i in range(0, len(chats), bs) for g in backend(chats[i:i + bs])]
+    synced = bool(gen.get(SYNCED_GPUS))
+    lengths = prompt_lengths(backend.tok, [render_prompt(backend.tok, chat) for chat in chats])
+    budget = prompt_budget(backend, gen["max_new_tokens"], gen["force_answer_tokens"])
+    kept = within_budget(budget, lengths)
+    if len(kept) < len(chats):
+        log.warning(skipped_line(budget, lengths, shard["doc_id"].tolist(), kept))
+    kept_chats = [chats[i] for i in kept]
+    bs = max(len(kept_chats), 1) if isinstance(backend, VllmBackend) else gen["batch_size"]  # vLLM batches itself
+    starts = range(0, len(kept_chats), bs)
+    outputs = [g for i in starts for g in backend(kept_chats[i:i + bs])]
+    if synced:
+        for _ in range(max(_gather(len(starts))) - len(starts)):
+            backend([FILLER_CHAT])
     if gen["force_answer_tokens"]:
-        outputs = force_answers(backend, chats, outputs, gen["force_answer_tokens"], bs, bool(gen.get(SYNCED_GPUS)))
-    return outputs
+        outputs = force_answers(backend, kept_chats, outputs, gen["force_answer_tokens"], bs, synced)
+    generated = dict(zip(kept, outputs))
+    skipped = Generation("", 0, "skipped", skipped=PROMPT_TOO_LONG)
+    return [replace(generated.get(i, skipped), prompt_tokens=n) for i, n in enumerate(lengths)]
 
 
 def force_answers(backend, chats: list[list[dict]], outputs: list[Generation], n_tokens: int,
@@ -138,10 +182,19 @@ def force_answers(backend, chats: list[list[dict]], outputs: list[Generation], n
     """Budget forcing: a trace cut off by max_new_tokens before its answer block gets
     "\n<answer>" appended and `n_tokens` more tokens to write the answer. The reasoning (cot)
     is unchanged; the row is marked `forced_answer`. synced (ranks stepping together): every rank
-    makes as many completion calls as the rank with the most to force, the extra ones on its first
-    prompt, discarded."""
+    makes as many completion calls as the rank with the most to force, the extra ones on FILLER_CHAT
+    (a rank may have no prompt left: all skipped), discarded. A prefix with no room for `n_tokens` in the
+    model's context is not forced (a warning counts them): prompts are skipped by a budget that holds the
+    forced answer (`_run_backend`), so only a trace that re-tokenizes longer than it was generated gets here."""
     todo = [i for i, g in enumerate(outputs) if g.finish_reason == "length" and ANSWER_OPEN not in g.text]
     prefixes = [render_prompt(backend.tok, chats[i]) + outputs[i].text + "\n" + ANSWER_OPEN for i in todo]
+    budget = prompt_budget(backend, n_tokens)
+    lengths = prompt_lengths(backend.tok, prefixes) if budget is not None else [0] * len(prefixes)
+    fits = within_budget(budget, lengths)
+    if len(fits) < len(todo):
+        log.warning("budget forcing: %s; those traces keep no answer block",
+                    skipped_line(budget, lengths, [str(i) for i in todo], fits, "traces"))
+        todo, prefixes = [todo[k] for k in fits], [prefixes[k] for k in fits]
     starts = list(range(0, len(todo), batch_size))
     for start in starts:
         conts = backend.complete(prefixes[start:start + batch_size], n_tokens)
@@ -151,7 +204,7 @@ def force_answers(backend, chats: list[list[dict]], outputs: list[Generation], n
                                     g.finish_reason, forced_answer=True)
     if synced:
         for _ in range(max(_gather(len(starts))) - len(starts)):
-            backend.complete([render_prompt(backend.tok, chats[0]) + "\n" + ANSWER_OPEN], n_tokens)
+            backend.complete([render_prompt(backend.tok, FILLER_CHAT) + "\n" + ANSWER_OPEN], n_tokens)
     return outputs
 
 
@@ -177,8 +230,9 @@ def answers_across_ranks(answer: Callable[[pd.DataFrame], list[list[str]]], prom
     return [shards[i % world][i // world] for i in range(len(prompts))]
 
 
-def summarize_cot(df: pd.DataFrame, dataset: str = "", split: str = "") -> dict:
-    """Counts for the rule log: how many traces are usable downstream."""
+def summarize_cot(df: pd.DataFrame, dataset: str = "", split: str = "", budget: PromptBudget | None = None) -> dict:
+    """Counts for the rule log: how many traces are usable downstream, and how many prompts were skipped
+    as too long (a warning names them; `budget`: the limit they broke, when this run generated)."""
     n = len(df)
     stats = {
         "documents": n,
@@ -196,6 +250,13 @@ def summarize_cot(df: pd.DataFrame, dataset: str = "", split: str = "") -> dict:
         "several_answer_blocks": ("n_answer_blocks", lambda c: c > 1,
                                   "have several answer blocks (the last complete one is the answer)"),
     }
+    skipped = df["skipped"].eq(PROMPT_TOO_LONG).to_numpy() if n and "skipped" in df.columns else []
+    stats["skipped_prompt_too_long"] = int(sum(skipped))
+    if stats["skipped_prompt_too_long"]:
+        lengths = df["prompt_tokens"].fillna(0).astype(int).tolist()
+        kept = [i for i, s in enumerate(skipped) if not s]
+        log.warning("teacher CoT %s/%s: %s; their rows have an empty CoT, which later stages skip as they skip "
+                    "an empty one", dataset, split, skipped_line(budget, lengths, df["doc_id"].tolist(), kept))
     for key, (column, test, what) in flags.items():
         hit = df.loc[test(df[column]), "doc_id"].tolist() if n and column in df.columns else []
         stats[key] = len(hit)

@@ -11,11 +11,11 @@ import pytest
 
 from mechdistill.errors import ConfigError, InputError
 from mechdistill.model_sources import ModelCatalog
-from mechdistill.teacher import backends
+from mechdistill.teacher import backends, generate
 from mechdistill.teacher.backends import TransformersBackend, read_traces, student_generation
 from mechdistill.teacher.engines import check_engines, resolve_backend
 from mechdistill.teacher.generate import generate_cot, summarize_cot
-from mechdistill.teacher.prompts import build_prompts
+from mechdistill.teacher.prompts import build_prompts, render_prompt
 
 
 @pytest.fixture()
@@ -309,3 +309,171 @@ def test_students_generate_with_their_own_model():
         "backend": "vllm", "student_backend": "auto", "tensor_parallel_size": 1,  # one GPU per student job
         "stop_at_answer": True}  # and it stops at </answer>
     assert student_generation({"backend": "vllm", "student_backend": "transformers"})["backend"] == "transformers"
+
+
+def long_prompts(icd_space, n_docs: int, doc_id: str, note_chars: int) -> pd.DataFrame:
+    """Prompts of `n_docs` short notes d0, d1, ... (as the `prompts` fixture), document `doc_id`'s note
+    made `note_chars` characters long."""
+    ids = [f"d{i}" for i in range(n_docs)]
+    docs = pd.DataFrame({"doc_id": ids,
+                         "text": [("Chronic systolic heart failure. " * note_chars)[:note_chars] if d == doc_id
+                                  else f"Note {d[1:]}: chronic systolic heart failure." for d in ids],
+                         "labels": [["I50.22"]] * n_docs})
+    return build_prompts(docs, icd_space, {"strategy": "hierarchy", "size": 4, "n_near_miss": 2},
+                         {"exemplar": False, "system": "S", "instruction": "Pick."}, seed=0)
+
+
+def rendered_lengths(tok, prompts) -> list[int]:
+    return [len(tok(render_prompt(tok, json.loads(m)), add_special_tokens=False)["input_ids"]) for m in prompts["messages"]]
+
+
+def test_an_over_long_prompt_is_skipped_named_and_not_retried(tiny_config, icd_space, tmp_path, caplog):
+    """A model of 512 positions (max_new_tokens 12, forced answer "\\n<answer>" 9 byte tokens + 4): a prompt
+    of more than 512 - 12 - 13 = 487 tokens is never sent to the model, which here rejects it as vLLM
+    does; its row is written (empty CoT, skipped, its token count), the split finishes, the summary names
+    it, and a run killed after its shard resumes without generating that shard again."""
+    tiny_config["models"]["tiny_llama"]["config"]["max_position_embeddings"] = 512
+    prompts = long_prompts(icd_space, 5, "d2", 600)   # shard 1 (shard_size 2): d2, d3
+    sent, fail_on_call = [], [0]
+
+    class Strict(TransformersBackend):
+        """Rejects a prompt that leaves no room for the generation, as vLLM rejects one >= max_model_len."""
+
+        def __call__(self, chats):
+            lengths = [len(self.tok(render_prompt(self.tok, c), add_special_tokens=False)["input_ids"]) for c in chats]
+            sent.append(lengths)
+            if len(sent) == fail_on_call[0]:
+                raise Interrupt("killed")
+            if max(lengths) > 512 - 12:
+                raise ValueError(f"prompt of {max(lengths)} tokens is longer than the maximum model length")
+            return super().__call__(chats)
+
+    def factory():
+        return Strict(ModelCatalog.from_config(tiny_config), "tiny_llama", tiny_config["generation"])
+
+    out = tmp_path / "run" / "test.parquet"
+    fail_on_call[0] = 3  # killed at shard 2, after shard 1 (with the long prompt) was written
+    with pytest.raises(Interrupt):
+        generate_cot(ModelCatalog.from_config(tiny_config), "tiny_llama", prompts, icd_space, out, backend_factory=factory,
+                     gen=tiny_config["generation"])
+    assert len(list(out.parent.glob(".test.shards-*/shard-*.parquet"))) == 2
+    tok = factory().tok
+    lengths = rendered_lengths(tok, prompts)
+    assert lengths[2] > 487 and max(lengths[:2] + lengths[3:]) <= 487
+    assert sent == [lengths[0:2], lengths[3:4], lengths[4:5]]  # d2 never reached the model
+
+    sent.clear()
+    fail_on_call[0] = 0
+    with caplog.at_level(logging.WARNING, logger="mechdistill.teacher.generate"):
+        df = generate_cot(ModelCatalog.from_config(tiny_config), "tiny_llama", prompts, icd_space, out,
+                          "tiny_icd", "test", factory, gen=tiny_config["generation"])
+    assert sent == [lengths[4:5]]  # only the unfinished shard
+    assert df["doc_id"].tolist() == [f"d{i}" for i in range(5)]
+    assert df["skipped"].tolist() == ["", "", "prompt_too_long", "", ""]
+    assert df["prompt_tokens"].tolist() == lengths
+    row = df.iloc[2]
+    assert (row["cot"], row["raw"], list(row["pred_labels"]), row["n_tokens"], row["finish_reason"]) == ("", "", [], 0, "skipped")
+    assert (df.drop(index=2)["n_tokens"] > 0).all()
+    assert pd.read_parquet(out)["skipped"].tolist() == df["skipped"].tolist()
+    summary = [r.getMessage() for r in caplog.records if "teacher CoT" in r.getMessage()]
+    assert len(summary) == 1 and "teacher CoT tiny_icd/test: 1 of 5 prompts skipped" in summary[0]
+    assert f"longest {lengths[2]:,} tokens (doc ids 'd2')" in summary[0]
+    assert summarize_cot(df)["skipped_prompt_too_long"] == 1
+
+
+def test_the_prompt_budget_names_its_terms(tiny_config, icd_space, tmp_path, caplog):
+    """A fresh run logs the limit it skips by: max_position_embeddings - max_new_tokens - forced answer."""
+    tiny_config["models"]["tiny_llama"]["config"]["max_position_embeddings"] = 512
+    prompts = long_prompts(icd_space, 5, "d4", 600).iloc[3:]
+    with caplog.at_level(logging.WARNING, logger="mechdistill.teacher.generate"):
+        df = generate_cot(ModelCatalog.from_config(tiny_config), "tiny_llama", prompts, icd_space, tmp_path / "o.parquet",
+                          gen=tiny_config["generation"])
+    assert df["skipped"].tolist() == ["", "prompt_too_long"]
+    lines = [r.getMessage() for r in caplog.records if "prompts skipped" in r.getMessage()]
+    assert lines and all("longer than max_position_embeddings - max_new_tokens - forced answer = 512 - 12 - 13 = 487 "
+                         "tokens" in line for line in lines)
+
+
+def test_text_generator_leaves_over_long_texts_empty(tiny_config, caplog):
+    """A baseline's teacher calls (text_generator): a text with no room for max_new_tokens gets "" and a
+    warning; the others are generated as without it."""
+    tiny_config["models"]["tiny_llama"]["config"]["max_position_embeddings"] = 64
+    backend = TransformersBackend(ModelCatalog.from_config(tiny_config), "tiny_llama", tiny_config["generation"])
+    generate = backends.text_generator(backend, batch_size=2)
+    short, long = "Heart failure", "x" * 60   # 13 and 60 byte tokens; 64 - 8 = 56
+    with caplog.at_level(logging.WARNING, logger="mechdistill.teacher.backends"):
+        out = generate([short, long, short], max_new_tokens=8)
+    assert out[1] == "" and out[0] == out[2] == generate([short], max_new_tokens=8)[0] != ""
+    assert any("1 of 3 prompts skipped: longer than max_position_embeddings - max_new_tokens = 64 - 8 = 56 tokens; "
+               "longest 60 tokens (texts '1')" in r.getMessage() for r in caplog.records)
+
+
+def test_synced_ranks_keep_stepping_together_when_one_skips(tiny_config, icd_space, monkeypatch):
+    """With synced_gpus every rank must make as many generate calls as the others: a rank that skipped
+    its over-long prompts pads with calls on a short stand-in prompt (another rank made 3 calls)."""
+    tiny_config["models"]["tiny_llama"]["config"]["max_position_embeddings"] = 512
+    prompts = long_prompts(icd_space, 2, "d1", 600)
+    backend = TransformersBackend(ModelCatalog.from_config(tiny_config), "tiny_llama", tiny_config["generation"])
+    calls = []
+    generate_call = backend.model.generate
+
+    def one_rank_generate(**kw):  # no process group here: the model steps alone
+        calls.append(tuple(kw["input_ids"].shape))
+        return generate_call(**{**kw, "synced_gpus": False})
+
+    monkeypatch.setattr(backend.model, "generate", one_rank_generate)
+    monkeypatch.setattr(generate, "_gather", lambda value: [value, 3])  # the other rank: 3 calls
+    outputs = generate._run_backend(backend, prompts, {**tiny_config["generation"], backends.SYNCED_GPUS: True})
+    assert [g.skipped for g in outputs] == ["", "prompt_too_long"] and outputs[0].forced_answer
+    # d0 (one call), then 2 stand-in calls; budget forcing of d0 (one call), then 2 stand-in calls
+    d0 = rendered_lengths(backend.tok, prompts)[0]
+    assert len(calls) == 6 and calls[0] == (1, d0)
+    assert all(shape[0] == 1 and shape[1] < d0 for shape in calls[1:3] + calls[4:])
+
+
+def test_a_skipped_row_is_an_empty_cot_downstream(byte_tok):
+    """The row of a skipped prompt, as parse_generations writes it, goes through anchors (reason "empty CoT
+    (prompt_too_long)") and distillation's examples (left out, as an empty CoT) without error."""
+    from mechdistill.anchors.anchor_table import anchor_table
+    from mechdistill.distill.signals import make_examples
+    from mechdistill.io import SplitArtifacts
+    from mechdistill.teacher.answers import AnswerParser
+    from mechdistill.teacher.generate import GENERATION_COLUMNS, parse_generations
+    from tests.helpers import icd_subtree
+
+    space = icd_subtree("I50")
+    candidates = ["I50.22", "I50.21", "I50.9", "I50.20"]
+    messages = json.dumps([{"role": "user", "content": "Pick.\n\nDocument:\nChronic systolic heart failure.\n\n"
+                                                       "Candidate labels:\n- Chronic systolic heart failure [I50.22]"}])
+    prompts = pd.DataFrame({"doc_id": ["ok", "long"], "candidates": [candidates] * 2, "messages": [messages] * 2})
+    generations = pd.DataFrame([
+        dict(doc_id="ok", raw="Chronic systolic heart failure [I50.22] rather than [I50.9].\n<answer>I50.22</answer>",
+             n_tokens=20, finish_reason="stop", forced_answer=False, engine="e", prompt_tokens=30, skipped=""),
+        dict(doc_id="long", raw="", n_tokens=0, finish_reason="skipped", forced_answer=False, engine="e",
+             prompt_tokens=900, skipped="prompt_too_long")], columns=GENERATION_COLUMNS)
+    cot = parse_generations(generations, prompts, AnswerParser(space)).set_index("doc_id")
+    assert cot.loc["long", "cot"] == "" and list(cot.loc["long", "pred_labels"]) == []
+    assert summarize_cot(cot.reset_index())["empty_cot"] == 1
+    docs = pd.DataFrame({"doc_id": ["ok", "long"], "labels": [["I50.22"]] * 2})
+    settings = {"near_miss": {"strategies": ["hierarchy"], "n": 2}, "ancestor_levels": 0, "early_tokens": 5}
+    anchors = anchor_table(docs, cot, prompts.set_index("doc_id"), space, byte_tok, settings)
+    assert anchors["reason"].tolist()[1] == "empty CoT (prompt_too_long)" and anchors["reason"][0] == ""
+    split = SplitArtifacts(docs.set_index("doc_id"), prompts.set_index("doc_id"), cot, anchors, space)
+    assert [ex.doc_id for ex in make_examples(byte_tok, split)] == ["ok"]
+
+
+def test_budget_forcing_leaves_out_a_prefix_with_no_room(tiny_config, caplog):
+    """A cut-off trace whose prompt + CoT + "\\n<answer>" leaves no room for the forced tokens in the model's
+    context is kept unforced (vLLM would reject the whole call), with a warning; the others are forced."""
+    tiny_config["models"]["tiny_llama"]["config"]["max_position_embeddings"] = 200
+    backend = TransformersBackend(ModelCatalog.from_config(tiny_config), "tiny_llama", tiny_config["generation"])
+    chat = [{"role": "user", "content": "Pick."}]
+    cut = [backends.Generation("Heart failure.", 12, "length"), backends.Generation("x" * 170, 12, "length")]
+    lengths = [len(backend.tok(render_prompt(backend.tok, chat) + g.text + "\n<answer>",
+                               add_special_tokens=False)["input_ids"]) for g in cut]
+    assert lengths[0] <= 200 - 4 < lengths[1]
+    with caplog.at_level(logging.WARNING, logger="mechdistill.teacher.generate"):
+        out = generate.force_answers(backend, [chat, chat], list(cut), n_tokens=4, batch_size=2)
+    assert [g.forced_answer for g in out] == [True, False] and out[1] == cut[1]
+    assert any("budget forcing: 1 of 2 prompts skipped: longer than max_position_embeddings - max_new_tokens = "
+               f"200 - 4 = 196 tokens; longest {lengths[1]} tokens (traces '1')" in r.getMessage() for r in caplog.records)

@@ -75,3 +75,37 @@ def test_a_student_generates_with_vllm_like_transformers(tmp_path, monkeypatch):
     reference = generate_cot(ModelCatalog.from_config(config), "tiny_student", prompts, space, tmp_path / "hf.parquet", gen=config["generation"])
     assert fast["engine"].str.fullmatch(r"vllm 0\.32\.0 \(cpu, eager, float32, in-process\)").all()
     pd.testing.assert_frame_equal(fast[COMPARED], reference[COMPARED])
+
+
+def test_an_over_long_prompt_is_skipped_before_vllm(tmp_path, monkeypatch, icd_space):
+    """max_model_len 512, 16 new tokens, a forced answer of "\\n<answer>" (9 byte tokens) + 4: a prompt of more
+    than 512 - 16 - 13 = 483 tokens (here ~870, which vLLM itself rejects, failing the whole shard) is skipped;
+    the prompts it keeps are counted as vLLM counts them (its prompt_token_ids), and the split finishes."""
+    from mechdistill.teacher.backends import VllmBackend
+    from tests.teacher.test_generate import long_prompts, rendered_lengths
+
+    monkeypatch.chdir(tmp_path)
+    config = load_config(vllm_config(tmp_path, in_process=True))
+    config["generation"].update(max_model_len=512)
+    prompts = long_prompts(icd_space, 3, "d1", 600)
+    engine_counts = []
+
+    class Counted(VllmBackend):
+        def __call__(self, chats):  # as VllmBackend.__call__, counting the prompts vLLM tokenized
+            outputs = self.llm.chat(chats, self.params, use_tqdm=False)
+            engine_counts.extend(len(o.prompt_token_ids) for o in outputs)
+            return self._read(outputs)
+
+    backend = []
+    def factory():
+        backend.append(Counted(ModelCatalog.from_config(config), "tiny_llama", config["generation"]))
+        return backend[0]
+
+    df = generate_cot(ModelCatalog.from_config(config), "tiny_llama", prompts, icd_space, tmp_path / "cot.parquet",
+                      backend_factory=factory, gen=config["generation"])
+    lengths = rendered_lengths(backend[0].tok, prompts)
+    assert lengths[1] > 512 and max(lengths[0], lengths[2]) <= 483
+    assert df["skipped"].tolist() == ["", "prompt_too_long", ""] and df["prompt_tokens"].tolist() == lengths
+    assert engine_counts == [lengths[0], lengths[2]]  # the chats as vLLM rendered and tokenized them
+    assert df.loc[1, "cot"] == "" and df.loc[1, "finish_reason"] == "skipped"
+    assert (df.loc[[0, 2], "n_tokens"] > 0).all() and df["engine"].str.startswith("vllm ").all()
