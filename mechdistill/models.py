@@ -228,6 +228,14 @@ def exact_attention(model_config: PretrainedConfig, name: str = "") -> dict[str,
     return {"attn_implementation": "eager"}
 
 
+def context_length(model) -> int | None:
+    """The positions a model was made for (max_position_embeddings), read from its text config: a
+    multimodal checkpoint (Gemma 3) keeps them there, not at the top level. None when unknown."""
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(config, "max_position_embeddings", None)
+
+
 PLACEMENT_KEYS = ("device_map", "max_memory", "offload_folder")
 
 

@@ -16,6 +16,7 @@ from typing import TypeVar
 
 import torch
 
+from ..models import context_length
 from ..teacher.prompts import document_char_span, render_prompt
 from ..text import char_span_to_tokens, shift_spans, token_offsets
 
@@ -93,10 +94,10 @@ def margin_tokens(tokenizer, target_titles: list[str], nearmiss_titles: list[str
 
 def length_cap(max_tokens: int | None, model) -> int | None:
     """A stage's cap on teacher-forced length, in tokens: its `max_tokens` setting, else the model's
-    context (config.max_position_embeddings); None when neither is known."""
+    context (`models.context_length`: max_position_embeddings of its text config); None when neither is known."""
     if max_tokens:
         return int(max_tokens)
-    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return context_length(model)
 
 
 def within_cap(items: list[T], length: Callable[[T], int], doc_id: Callable[[T], str], cap: int | None,

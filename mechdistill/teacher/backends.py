@@ -19,6 +19,7 @@ from ..errors import ConfigError, InputError
 from ..io import read_jsonl
 from ..models import (
     ModelCatalog,
+    context_length,
     input_device,
     load_model,
     load_tokenizer,
@@ -151,9 +152,7 @@ class TransformersBackend:
         self.stop_ids = sorted(i for i in stop if isinstance(i, int) and i >= 0)
         self.stops = stop_strings(gen)
         # the positions the model was made for: a longer prompt + generation runs past them (`PromptBudget`)
-        config = getattr(model, "config", None)  # a multimodal model (Gemma 3) keeps its positions in its text config
-        config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        self.context_len: int | None = getattr(config, "max_position_embeddings", None)
+        self.context_len: int | None = context_length(model)
         self.context_name = "max_position_embeddings"
 
     def __call__(self, chats: list[list[dict]]) -> list[Generation]:

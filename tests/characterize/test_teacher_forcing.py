@@ -115,3 +115,15 @@ def test_within_cap_skips_and_names_the_long_documents(caplog):
     assert "cot/train.parquet: 2 of 4 documents are longer than max_tokens=10 and are skipped: b (12 tokens), " \
            "d (400 tokens)" in caplog.text
     assert within_cap(docs, lambda d: d[1], lambda d: d[0], None, "x") == docs
+
+
+def test_length_cap_reads_the_text_config_of_a_multimodal_model():
+    from types import SimpleNamespace
+
+    from mechdistill.characterize.teacher_forcing import length_cap
+
+    text = SimpleNamespace(max_position_embeddings=131_072)
+    multimodal = SimpleNamespace(config=SimpleNamespace(get_text_config=lambda: text))  # Gemma 3: no top-level field
+    assert length_cap(None, multimodal) == 131_072
+    assert length_cap(4096, multimodal) == 4096
+    assert length_cap(None, SimpleNamespace(config=SimpleNamespace(max_position_embeddings=8192))) == 8192
