@@ -357,8 +357,10 @@ def paper_step_example(seq: int, early_tokens: int, cot_tokens: int = 1024, voca
                        seed: int = 0) -> Example:
     """A synthetic teacher-forced document of `seq` tokens shaped like a paper one: a prompt whose first
     half is the document, then `cot_tokens` of CoT with `early_tokens` early queries (Phase 1) and three
-    refinement positions, each after two shortlist and two near-miss mentions (Phase 2)."""
+    refinement positions, each after two shortlist and two near-miss mentions (Phase 2). The CoT takes at
+    most half of a short document."""
     g = torch.Generator().manual_seed(seed)
+    cot_tokens = min(cot_tokens, seq // 2)
     cot_start = seq - cot_tokens
     ids = torch.randint(10, vocab, (seq,), generator=g)
     step = cot_tokens // 8
