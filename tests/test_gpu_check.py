@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -123,3 +124,44 @@ def test_the_whole_script_on_a_gpu():
     vllm = next(line for line in lines if line.startswith("check vllm: "))
     assert vllm.startswith("check vllm: PASS") or (importlib.util.find_spec("vllm") is None and "SKIP" in vllm)
     assert lines[-1].startswith("gpu_check: ") and " 0 FAIL" in lines[-1]
+
+
+def test_memory_check_skips_without_cuda_and_exits_0(capsys):
+    assert gpu_check.main(["--device", "cpu", "--memory", "--only", "memory", "--memory-tokens", "512"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("check memory: SKIP no CUDA: the memory check measures torch.cuda.max_memory_allocated")
+    assert out[-1].startswith("gpu_check: 0 PASS, 0 FAIL, 1 SKIP")
+
+
+def test_memory_check_step_runs_on_a_tiny_model_with_checkpointing():
+    """What the memory check runs on the GPU, on the CPU with a tiny random model: the synthetic paper-shaped
+    document defines both phases, and the mech loss backpropagates through checkpointed layers."""
+    from mechdistill.distill.methods import METHODS
+    from mechdistill.distill.objective import student_loss, teacher_targets
+    from mechdistill.distill.pools import select_pool
+    from mechdistill.distill.signals import has_phase
+    from mechdistill.distill.trainer import enable_gradient_checkpointing
+    from tests.helpers import tiny_llama
+
+    ex = gpu_check.paper_step_example(256, early_tokens=24, cot_tokens=128, vocab=97)
+    assert len(ex.input_ids) == 256 and has_phase(ex, "phase1") and has_phase(ex, "phase2")
+    assert all(0 <= p < 256 for p in ex.early_queries + ex.refine + ex.keys)
+    model = tiny_llama(97, seed=0)
+    table = pd.DataFrame({"layer": [0] * 4 + [1] * 4, "head": list(range(4)) * 2,
+                          "score": torch.rand(8, generator=torch.Generator().manual_seed(0)).tolist()})
+    pools = {"phase1": select_pool(table, 2, 3, 0.5, (0.0, 0.5)), "phase2": select_pool(table, 2, 3, 0.5, (0.5, 1.0))}
+    targets = teacher_targets(model, ex, pools, 0.0, top_k=8)
+    model.train()
+    enable_gradient_checkpointing(model)
+    out = student_loss(model, ex, targets, pools, METHODS["mech"], 0.0, 2.0)
+    out["loss"].backward()
+    assert float(out["phase2.qk"]) == 0 and float(out["cot.kl"]) == pytest.approx(0, abs=1e-6)  # its own targets
+    assert model.model.layers[1].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_memory_check_reads_the_planners_distill_row_of_the_paper_student():
+    config = gpu_check.load(REPO / "config" / "paper.yaml")
+    total, per_sequence = gpu_check.planned_step_gb(config, config["students"][0], 4096)
+    _, longer = gpu_check.planned_step_gb(config, config["students"][0], 8192)
+    assert 0 < per_sequence < total and longer > per_sequence
+    assert total - per_sequence > 16 * 8.0e9 / 1e9  # one GPU holds the 8B student's whole ZeRO state

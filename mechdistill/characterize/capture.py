@@ -37,7 +37,8 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+import functools
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,6 +115,24 @@ class HeadCapture:
         return total
 
 
+def _once_per_forward(record: Callable[..., None]) -> Callable[..., None]:
+    """A recording hook that activation (gradient) checkpointing can recompute.
+
+    - Under non-reentrant checkpointing, backward re-runs a layer's forward; that recompute runs
+      inside the autograd engine (a graph task is running), and is not recorded again.
+    - The recording's own saved tensors bypass the checkpoint's pack hooks and are kept as they are:
+      the checkpoint then saves the same tensors whether these hooks run or not. A recompute after
+      the capture block has ended runs without them and matches the forward.
+    """
+    @functools.wraps(record)
+    def guarded(*args: Any) -> None:
+        if torch._C._current_graph_task_id() != -1:  # inside backward: a checkpoint's recompute
+            return
+        with torch.autograd.graph.saved_tensors_hooks(torch.Tensor.detach, lambda saved: saved):
+            record(*args)
+    return guarded
+
+
 class _Recorder:
     def __init__(self, capture: HeadCapture, what: set[str], rows_dtype: torch.dtype | None):
         self.capture = capture
@@ -122,6 +141,7 @@ class _Recorder:
         self.pending_z: dict[int, tuple[nn.Module, Tensor]] = {}  # layer -> (attention module, z at queries)
         self.pending_values: dict[int, tuple[nn.Module, Tensor]] = {}  # layer -> (module, values at keys)
 
+    @_once_per_forward
     def record_attention(self, call: AttentionCall) -> None:
         cap, layer, module = self.capture, call.layer, call.module
         query, key, value = call.query, call.key, call.value
@@ -142,6 +162,7 @@ class _Recorder:
         if "rows" in self.what:
             cap.rows[layer] = call.rows(qpos).to(self.rows_dtype or query.dtype)
 
+    @_once_per_forward
     def record_write(self, layer: int, attn_module: nn.Module, z: Tensor) -> None:
         """z: input of o_proj, [batch, seq, n_heads * head_dim]."""
         qpos = self.capture.query_positions

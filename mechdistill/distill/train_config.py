@@ -10,7 +10,9 @@ from typing import Any
 from ..errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
-BOOKKEEPING_FIELDS = ("log_every", "checkpoint_every")  # TrainConfig fields that do not change the weights
+# TrainConfig fields that do not change the weights (a checkpoint made under other values resumes);
+# gradient_checkpointing recomputes the same forward in backward: the same gradients, less memory
+BOOKKEEPING_FIELDS = ("log_every", "checkpoint_every", "gradient_checkpointing")
 
 
 @dataclass
@@ -22,6 +24,9 @@ class TrainConfig:
     `eval_every`, `checkpoint_every`: 0 turns the periodic action off (evaluation still runs
     once at the end). `max_grad_norm`: None or 0 disables clipping (the norm is still logged).
     `micro_batch_size` is only reported to DeepSpeed (batching is done by `train_batches`).
+    `gradient_checkpointing`: keep only each decoder layer's input in the forward and recompute the
+    layer in backward (`trainer.enable_gradient_checkpointing`): activation memory of one layer
+    instead of all, for about one more forward of compute.
     """
 
     lr: float = 2e-5
@@ -42,6 +47,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     log_every: int = 10
     device: str = "auto"
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)

@@ -28,6 +28,9 @@ taken, on one device or under DeepSpeed: `backends`; the settings: `train_config
 `train` resumes automatically when `ckpt_dir` holds a checkpoint, with the best step so far (its
 weights stay in ckpt_dir.best until a later checkpoint records a better one).
 
+Activation checkpointing (`config.gradient_checkpointing`): `enable_gradient_checkpointing`, before
+the backend wraps the model.
+
 Multi-GPU: pass `deepspeed_config` (e.g. `zero3_config(config)`) and start one process per rank
 (torchrun, srun: `distill.launch`); the model is wrapped with `deepspeed.initialize`. For ZeRO-3 the
 model must be created after `transformers.integrations.HfDeepSpeedConfig(ds_config)` so that its
@@ -159,6 +162,29 @@ def _check_reiterable(val_batches: Iterable[Batch] | None) -> None:
         raise TypeError("val_batches is a one-shot iterator; pass a re-iterable (a list, a DataLoader).")
 
 
+# ----------------------------------------------------------------------------- activation checkpointing
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Turn on activation (gradient) checkpointing of a transformers model, the non-reentrant kind.
+
+    Each decoder layer keeps only its inputs during the forward and is run again in backward when its
+    gradients are needed. Non-reentrant (`use_reentrant=False`) because:
+    - the capture hooks of the mech losses (`characterize.capture`) run inside the layers: their records
+      are taken once, in the forward (the recompute runs inside backward and records nothing), and what
+      they save for backward bypasses the checkpoint, so the recompute matches the forward with or
+      without them;
+    - under ZeRO-3 the recompute gathers each layer's partitioned weights through the same module hooks
+      as the forward (call this before `deepspeed.initialize`, as `train` does).
+    The KV cache is turned off (a checkpointed forward cannot return one). Checkpointing acts in training
+    mode only; evaluation under no_grad runs as before.
+    """
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+
 # ----------------------------------------------------------------------------- loss output
 
 
@@ -241,6 +267,8 @@ def train(
     record_path = Path(record_path) if record_path is not None else out_dir.parent / RECORD_FILE
     _check_reiterable(val_batches)
     seed_everything(config.seed, config.deterministic)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     run = Run(make_backend(model, config, deepspeed_config), loss_fn, config, ckpt_dir, log_path,
                val_batches, criterion if val_batches is not None else None, key=checkpoint_key(config, run_key))
     run.backend.keep_whole(whole_params)

@@ -492,3 +492,42 @@ def test_deepspeed_backend_writes_and_resumes_the_best_evaluation(tmp_path, fake
           criterion=scripted(values), deepspeed_config=ds_config)
     assert_same_weights(saved_weights(tmp_path / "killed" / "model"), snapshots[4])
     assert json.loads((tmp_path / "killed" / "best_step.json").read_text())["step"] == 4
+
+
+def test_checkpoints_do_not_pile_up_only_the_last_and_the_best_stay(tmp_path):
+    """A checkpoint at every step, an evaluation at every step, the best early: after each save the run's
+    folder holds one full checkpoint (the last step's: weights, optimizer, RNG) and the weights of the
+    best step (and of the last checkpoint's best, which a resume needs), nothing else; a kill then a
+    resume still ends with the uninterrupted run's best weights."""
+    values = {1: 3.0, 2: 1.0, 3: 2.0, 4: 4.0, 5: 1.5, 6: 5.0}  # best at step 2
+    data, val = token_data(6, seed=1), [{"input_ids": token_data(2, seed=2)}]
+    cfg = config(max_steps=6, eval_every=1, checkpoint_every=1)
+    batches = shuffled_batches(data, 2)
+    full_model, snapshots = tiny_llama(), {}
+    train(full_model, noisy_ce_terms, batches, cfg, tmp_path / "full" / "model", val_batches=val,
+          criterion=scripted(values), on_step=snapshot_each_step(full_model, snapshots))
+
+    run, seen = tmp_path / "killed", []
+
+    def inspect_then_kill_at_5(row):
+        step = row["step"]
+        best = min((s for s in values if s <= step), key=lambda s: (values[s], s))
+        assert sorted(p.name for p in run.iterdir()) == ["ckpt", "ckpt.best", "train_log.parquet"], step
+        state = torch.load(run / "ckpt" / "trainer_state.pt", weights_only=True)
+        assert state["progress"]["step"] == step and state["best"]["step"] == best
+        assert sorted(p.name for p in (run / "ckpt.best").iterdir()) == [f"step-{best:08d}"], step
+        seen.append(step)
+        if step == 5:
+            raise KeyboardInterrupt("simulated kill")
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_llama(), noisy_ce_terms, batches, cfg, run / "model", val_batches=val,
+              criterion=scripted(values), on_step=inspect_then_kill_at_5)
+    assert seen == [1, 2, 3, 4, 5]
+    resumed = tiny_llama(seed=123)
+    result = train(resumed, noisy_ce_terms, batches, cfg, run / "model", val_batches=val, criterion=scripted(values))
+    assert result.best.step == 2
+    assert_same_weights(saved_weights(run / "model"), snapshots[2])
+    assert sorted(p.name for p in run.iterdir()) == ["best_step.json", "ckpt", "ckpt.best", "model",
+                                                     "train_log.parquet"]
+    assert [p.name for p in (run / "ckpt.best").iterdir()] == ["step-00000002"]
