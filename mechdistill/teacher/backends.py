@@ -189,6 +189,22 @@ class TransformersBackend:
         return results
 
 
+def engine_context(max_model_len: int, model_path: str | os.PathLike, model_name: str,
+                   trust_remote_code: bool = False) -> int:
+    """The context a vLLM engine is given: generation.max_model_len, capped at the positions the model was made
+    for (max_position_embeddings of its text config), which vLLM refuses to exceed. One setting then serves a
+    teacher of 128K positions and a student of 40,960 (Qwen3): each engine gets what it can hold."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(model_path), trust_remote_code=trust_remote_code)
+    positions = getattr(config.get_text_config(), "max_position_embeddings", None)
+    if positions and positions < max_model_len:
+        log.info("%s: max_model_len %s capped at the model's %s positions", model_name, f"{max_model_len:,}",
+                 f"{positions:,}")
+        return int(positions)
+    return int(max_model_len)
+
+
 def cpu_threads_bind(n_threads: int | None = None) -> str:
     """VLLM_CPU_OMP_THREADS_BIND for this process: the first `n_threads` CPUs it may run on (default: the
     job's threads, OMP_NUM_THREADS as Snakemake sets it, else all), e.g. "0-1" or "0,2"."""
@@ -237,7 +253,8 @@ class VllmBackend:
         if in_process and kwargs.get("tensor_parallel_size", 1) == 1:
             kwargs["distributed_executor_backend"] = "uni"  # the worker in this process too
         if gen.get("max_model_len"):
-            kwargs["max_model_len"] = gen["max_model_len"]
+            kwargs["max_model_len"] = engine_context(gen["max_model_len"], kwargs["model"], model_name,
+                                                     kwargs["trust_remote_code"])
         started = time.perf_counter()
         try:
             self.llm = LLM(**kwargs)

@@ -477,3 +477,13 @@ def test_budget_forcing_leaves_out_a_prefix_with_no_room(tiny_config, caplog):
     assert [g.forced_answer for g in out] == [True, False] and out[1] == cut[1]
     assert any("budget forcing: 1 of 2 prompts skipped: longer than max_position_embeddings - max_new_tokens = "
                f"200 - 4 = 196 tokens; longest {lengths[1]} tokens (traces '1')" in r.getMessage() for r in caplog.records)
+
+
+def test_a_vllm_engine_gets_max_model_len_capped_at_its_models_positions(tmp_path):
+    from transformers import LlamaConfig
+
+    from mechdistill.teacher.backends import engine_context
+
+    LlamaConfig(max_position_embeddings=40_960).save_pretrained(tmp_path)  # Qwen3-14B's positions
+    assert engine_context(49_152, tmp_path, "student") == 40_960
+    assert engine_context(32_768, tmp_path, "student") == 32_768
