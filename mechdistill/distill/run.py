@@ -13,8 +13,10 @@ Items. A recipe builds its items per split from a `RecipeContext`. Those that sc
 student (`Recipe.items_need_student`: MoRSD's rationale difficulty, CWT's chunk search) build them
 once the trainer's backend is ready (ZeRO-3 forwards work only from then on), the others before
 training. Every rank builds the same global order of an epoch and reads its shard (`launch.shard`).
-Relabelling (CWT's skippable chunks) happens once, at the first epoch >= params["skip_from_epoch"],
-with the student as it is then, on every rank over every item; the labels are kept next to the
+Items scored with the student and relabelling are shared by the ranks: each scores every world-th
+request and all gather the results (`baselines.causal_lm.across_ranks`), so every rank ends with the
+items and labels one process would make. Relabelling (CWT's skippable chunks) happens once, at the
+first epoch >= params["skip_from_epoch"], with the student as it is then; the labels are kept next to the
 checkpoint (ckpt.relabel.parquet), so a resumed run reuses them, and dropped when a run starts afresh.
 """
 
@@ -150,7 +152,7 @@ def distill(model: nn.Module, tokenizer: Any, recipe: Recipe, point: MethodPoint
     params = recipe.params(point)
     contexts = {split: RecipeContext(tokenizer, splits[split], split, params, config.seed,
                                      (teacher_data or {}).get(split), examples=examples[split], pools=pools,
-                                     targets=targets) for split in ("train", "val")}
+                                     targets=targets, rank=rank, world=world) for split in ("train", "val")}
     items = RecipeItems(point.method.name, recipe, contexts, out.ckpt_dir, resumable(out.ckpt_dir, config, run_key), rank, world)
     if not recipe.items_need_student:
         items.build()
