@@ -3,8 +3,9 @@ chunk search and skip labels, each rank scoring every world-th request, give eve
 gives, and each rank makes about 1/world of the forwards (the same count on every rank, for ZeRO-3).
 
 Two ranks are two threads here, each with its own copy of the student, exchanging results through a
-fake `gather_to_all` (a barrier); the real collective is torch.distributed's all_gather_object
-(`launch.gather_to_all`), which `tests/stages/test_distill_ranks.py` runs on two gloo ranks."""
+fake `gather_to_all` (a barrier); `across_ranks` itself also runs on two real gloo processes
+(torch.distributed's all_gather_object, `launch.gather_to_all`). A two-rank ZeRO-3 run of a baseline
+(`tests/stages/test_distill_ranks.py`'s launch) takes minutes on CPU and is not run here."""
 
 from __future__ import annotations
 
@@ -140,3 +141,30 @@ def test_cwt_skip_labels_and_chunk_search_on_two_ranks_are_one_process_s(tok, ra
     for items, labels in shared:
         assert [(i.doc_id, i.record) for i in items] == [(i.doc_id, i.record) for i in alone_items]
         pd.testing.assert_frame_equal(labels, alone_labels)
+
+
+def _gloo_rank(rank: int, init: str, out: str) -> None:
+    """One of two real gloo ranks: `across_ranks` with torch.distributed's all_gather_object."""
+    import json
+
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+    try:
+        scored: list[int] = []
+
+        def score(request: int) -> int:
+            scored.append(request)
+            return request * request
+        results = causal_lm.across_ranks(score, list(range(7)), rank, WORLD)
+        with open(f"{out}.{rank}", "w") as f:
+            json.dump({"results": results, "scored": scored}, f)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_across_ranks_on_two_gloo_processes(tmp_path):
+    import json
+
+    torch.multiprocessing.spawn(_gloo_rank, args=(f"file://{tmp_path / 'init'}", str(tmp_path / "out")), nprocs=WORLD)
+    outs = [json.loads((tmp_path / f"out.{rank}").read_text()) for rank in range(WORLD)]
+    assert [o["results"] for o in outs] == [[i * i for i in range(7)]] * WORLD
+    assert [o["scored"] for o in outs] == [[0, 2, 4, 6], [1, 3, 5, 0]]  # 4 each: rank 1 pads with request 0
