@@ -94,6 +94,8 @@ class RecipeContext:
     examples: Sequence[Example] = ()
     pools: Mapping[str, HeadPool] = field(default_factory=dict)
     targets: TeacherTargets | None = None
+    rank: int = 0                      # this process's rank of `world` (ZeRO-3): a recipe that scores items
+    world: int = 1                     # with the student shares the work (`baselines.causal_lm.across_ranks`)
 
 
 @dataclass

@@ -13,8 +13,10 @@ Items. A recipe builds its items per split from a `RecipeContext`. Those that sc
 student (`Recipe.items_need_student`: MoRSD's rationale difficulty, CWT's chunk search) build them
 once the trainer's backend is ready (ZeRO-3 forwards work only from then on), the others before
 training. Every rank builds the same global order of an epoch and reads its shard (`launch.shard`).
-Relabelling (CWT's skippable chunks) happens once, at the first epoch >= params["skip_from_epoch"],
-with the student as it is then, on every rank over every item; the labels are kept next to the
+Items scored with the student and relabelling are shared by the ranks: each scores every world-th
+request and all gather the results (`baselines.causal_lm.across_ranks`), so every rank ends with the
+items and labels one process would make. Relabelling (CWT's skippable chunks) happens once, at the
+first epoch >= params["skip_from_epoch"], with the student as it is then; the labels are kept next to the
 checkpoint (ckpt.relabel.parquet), so a resumed run reuses them, and dropped when a run starts afresh.
 """
 
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +40,7 @@ from .pools import HeadPool
 from .recipe import Item, MethodPoint, Recipe, RecipeContext, items_frame
 from .run_state import resumable
 from .selection import Criterion
-from .signals import Example, gathered_mechanism_metrics
+from .signals import Example, chain, gathered_mechanism_metrics
 from .targets import TeacherTargets
 from .train_config import TrainConfig
 from .trainer import Padding, TrainResult, train
@@ -87,9 +89,9 @@ class RecipeItems:
             ctx.model = module
             self.items[split] = self.recipe.items(ctx)
             ctx.model = None
+            counts = [item.summary() for item in self.items[split]]  # (an item may make its tokens only when read)
             log.info("%s: %d %s items (%d tokens, %d supervised)", self.recipe.name, len(self.items[split]), split,
-                     sum(i.input_ids.numel() for i in self.items[split]),
-                     sum(int(i.supervised.sum()) for i in self.items[split]))
+                     sum(c["n_tokens"] for c in counts), sum(c["n_supervised"] for c in counts))
         if not self.items["train"]:
             raise ConfigError(f"{self.name}: no training item (all CoTs empty, no teacher targets, or no rationale "
                               "selected?)")
@@ -132,16 +134,16 @@ class RecipeItems:
 
 
 def distill(model: nn.Module, tokenizer: Any, recipe: Recipe, point: MethodPoint,
-            splits: Mapping[str, SplitArtifacts], *, examples: Mapping[str, list[Example]],
+            splits: Mapping[str, SplitArtifacts], *, examples: Mapping[str, Sequence[Example]],
             pools: Mapping[str, HeadPool], config: TrainConfig, out: RunFiles, criterion: Criterion | None,
             targets: TeacherTargets | None = None, teacher_data: Mapping[str, pd.DataFrame | None] | None = None,
             mechanism_docs: int | None = None, deepspeed_config: dict | None = None, rank: int = 0,
             world: int = 1, run_key: str = "", on_step: Callable[[dict], None] | None = None) -> DistillResult:
     """Train `model` with `recipe` at grid point `point` on splits "train" and "val" (module docstring).
 
-    examples: each split's teacher-forced examples for this student (`signals.make_examples`), which
-    the mechanism metrics measure (the first `mechanism_docs` of train + val) and a recipe may train
-    on; pools: the student's head pools; targets: the teacher's, for a recipe that `needs_targets`.
+    examples: each split's teacher-forced examples for this student (`signals.SplitExamples`, each
+    built when read, or `signals.make_examples`), which the mechanism metrics measure (the first
+    `mechanism_docs` of train + val, each rank its shard of them) and a recipe may train on; pools: the student's head pools; targets: the teacher's, for a recipe that `needs_targets`.
     criterion: the best evaluation's rule (`selection.make_criterion`); deepspeed_config, rank, world:
     a ZeRO-3 run on `world` ranks (`launch`); run_key: what besides `config` determined the run (a
     checkpoint made under another key is not resumed)."""
@@ -150,14 +152,14 @@ def distill(model: nn.Module, tokenizer: Any, recipe: Recipe, point: MethodPoint
     params = recipe.params(point)
     contexts = {split: RecipeContext(tokenizer, splits[split], split, params, config.seed,
                                      (teacher_data or {}).get(split), examples=examples[split], pools=pools,
-                                     targets=targets) for split in ("train", "val")}
+                                     targets=targets, rank=rank, world=world) for split in ("train", "val")}
     items = RecipeItems(point.method.name, recipe, contexts, out.ckpt_dir, resumable(out.ckpt_dir, config, run_key), rank, world)
     if not recipe.items_need_student:
         items.build()
-    measured = (list(examples["train"]) + list(examples["val"]))[:mechanism_docs]  # val alone rarely has refinement positions
+    measured = chain(examples["train"], examples["val"])[:mechanism_docs]  # val alone rarely has refinement positions
     log.info("mechanism metrics before and after training on %d of the %d train+val documents", len(measured),
              len(examples["train"]) + len(examples["val"]))
-    scored = shard(measured, rank, world)
+    scored = measured.take(shard(range(len(measured)), rank, world))  # this rank's, each built when measured
     before: list[pd.DataFrame] = []  # the initial weights' metrics, measured once the backend is ready (ZeRO-3)
 
     def on_start(module: nn.Module) -> None:

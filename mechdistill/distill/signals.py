@@ -18,8 +18,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple, TypeVar, overload
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn
@@ -52,7 +56,7 @@ class Example:
     doc_id: str
     input_ids: Tensor                     # [seq]
     text: str                             # the rendered prompt + CoT (this model's chat template)
-    offsets: list[tuple[int, int]]        # char span of each token in `text`
+    offsets: np.ndarray                   # [seq, 2] int32: char span of each token in `text`
     cot_start: int                        # first CoT token
     early_queries: list[int]              # positions producing the early CoT tokens
     refine: list[int]                     # refinement positions with an earlier S and N mention
@@ -92,41 +96,145 @@ def make_example(tokenizer, doc_id: str, messages_json: str, cot: str, anchors_r
             refine.append(t)
             refine_span.append(i)
     return Example(
-        doc_id=doc_id, input_ids=seq.input_ids, text=prompt + cot, offsets=offsets, cot_start=seq.cot_token_start,
+        doc_id=doc_id, input_ids=seq.input_ids, text=prompt + cot,
+        offsets=np.asarray(offsets, dtype=np.int32).reshape(-1, 2),  # 8 B a token (a tuple of tuples: ~128 B)
+        cot_start=seq.cot_token_start,
         early_queries=list(seq.early_queries), refine=refine, refine_span=refine_span, keys=keys,
         n_shortlist=len(seq.shortlist_positions),
         anchor_token_ids=[ids for ids in (tokenizer(a, add_special_tokens=False)["input_ids"] for a in anchors) if ids],
         target_tokens=target_tokens, nearmiss_tokens=nearmiss_tokens, document_positions=seq.document_positions)
 
 
+def _split_examples(tokenizer, split: SplitArtifacts) -> Iterator[tuple[int, Example]]:
+    """(row of split.anchors, Example) of every document with a CoT, in anchors order; those with an empty CoT
+    are named in one warning at the end."""
+    cot = split.cot
+    empty, stop = [], end_of_turn(tokenizer)
+    for position, (_, row) in enumerate(split.anchors.iterrows()):
+        doc_id = row["doc_id"]
+        text = cot.loc[doc_id, "cot"] if doc_id in cot.index else ""
+        if not text.strip():
+            empty.append(doc_id)
+            continue
+        yield position, _document_example(tokenizer, split, row, stop)
+    if empty:
+        log.warning("%s: %d documents have an empty CoT and are skipped: %s", split.source, len(empty), empty[:5])
+
+
+def _document_example(tokenizer, split: SplitArtifacts, row, stop: str) -> Example:
+    """The Example of anchors row `row` (a document with a CoT): the teacher's whole output forced."""
+    doc_id, cot = row["doc_id"], split.cot
+    output = supervised_output(cot.loc[doc_id, "cot"], cot.loc[doc_id, "raw"] if "raw" in cot.columns else None, stop)
+    return make_example(tokenizer, doc_id, split.prompts.loc[doc_id, "messages"], output, row, list(row["anchors"]),
+                        [split.space.title[g] for g in split.docs.loc[doc_id, "labels"]],
+                        [split.space.title[n] for n in row["near_misses"]])
+
+
+def _log_examples(split: SplitArtifacts, model_name: str, n: int, n_phase1: int, n_phase2: int) -> None:
+    log.info("%s: %d examples for %s (%d with Phase 1 positions, %d with Phase 2 positions)", split.source, n,
+             model_name, n_phase1, n_phase2)
+
+
 def make_examples(tokenizer, split: SplitArtifacts, model_name: str = "", max_tokens: int | None = None) -> list[Example]:
-    """Teacher-forced examples of every document of a split (in anchors order) for `tokenizer`.
+    """Teacher-forced examples of every document of a split (in anchors order) for `tokenizer`, all in memory
+    (`SplitExamples`: the same, each built when read).
 
     Each forces the teacher's whole output, its CoT and then its answer block
     (`teacher.answers.supervised_output`) and the chat template's end of turn after it, so the CoT
     loss also teaches the student to answer and then stop; the Phase 1 / Phase 2 positions lie in the CoT. Documents with an empty CoT, or longer than
     `max_tokens` (`characterize.teacher_forcing.within_cap`), are skipped with a warning naming them.
     """
-    docs, prompts, cot, space = split.docs, split.prompts, split.cot, split.space
-    examples, empty, stop = [], [], end_of_turn(tokenizer)
-    for _, row in split.anchors.iterrows():
-        doc_id = row["doc_id"]
-        text = cot.loc[doc_id, "cot"] if doc_id in cot.index else ""
-        if not text.strip():
-            empty.append(doc_id)
-            continue
-        output = supervised_output(text, cot.loc[doc_id, "raw"] if "raw" in cot.columns else None, stop)
-        examples.append(make_example(tokenizer, doc_id, prompts.loc[doc_id, "messages"], output, row,
-                                     list(row["anchors"]), [space.title[g] for g in docs.loc[doc_id, "labels"]],
-                                     [space.title[n] for n in row["near_misses"]]))
-    if empty:
-        log.warning("%s: %d documents have an empty CoT and are skipped: %s", split.source, len(empty), empty[:5])
-    examples = within_cap(examples, lambda ex: len(ex.input_ids), lambda ex: ex.doc_id, max_tokens,
-                          f"{split.source} ({model_name or 'model'})")
-    log.info("%s: %d examples for %s (%d with Phase 1 positions, %d with Phase 2 positions)", split.source,
-             len(examples), model_name, sum(has_phase(e, "phase1") for e in examples),
-             sum(has_phase(e, "phase2") for e in examples))
+    examples = within_cap([ex for _, ex in _split_examples(tokenizer, split)], lambda ex: len(ex.input_ids),
+                          lambda ex: ex.doc_id, max_tokens, f"{split.source} ({model_name or 'model'})")
+    _log_examples(split, model_name, len(examples), sum(has_phase(e, "phase1") for e in examples),
+                  sum(has_phase(e, "phase2") for e in examples))
     return examples
+
+
+T = TypeVar("T")
+
+
+class LazySequence(Sequence[T]):
+    """A read-only sequence of `n` values, value i made by `fetch(i)` each time it is read (slices: views)."""
+
+    def __init__(self, n: int, fetch: Callable[[int], T]) -> None:
+        self.n, self.fetch = n, fetch
+
+    def __len__(self) -> int:
+        return self.n
+
+    @overload
+    def __getitem__(self, i: int) -> T: ...
+    @overload
+    def __getitem__(self, i: slice) -> LazySequence[T]: ...
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.take(range(self.n)[i])
+        return self.fetch(range(self.n)[i])
+
+    def take(self, positions: Sequence[int]) -> LazySequence[T]:
+        """The values at `positions` (a view: nothing is made until read)."""
+        positions = list(positions)
+        return LazySequence(len(positions), lambda i: self[positions[i]])
+
+
+def chain(*parts: Sequence[T]) -> LazySequence[T]:
+    """`parts` one after the other, as one lazy sequence (nothing is read until asked for)."""
+    starts = np.cumsum([0] + [len(p) for p in parts])
+
+    def fetch(i: int) -> T:
+        part = int(np.searchsorted(starts, i, side="right")) - 1
+        return parts[part][i - int(starts[part])]
+    return LazySequence(int(starts[-1]), fetch)
+
+
+class ExampleInfo(NamedTuple):
+    """What `SplitExamples` keeps of a document without its Example."""
+
+    row: int            # its row of split.anchors
+    doc_id: str
+    n_tokens: int
+    n_supervised: int   # tokens after the prompt (the CoT and answer): len(Example.cot_positions)
+    phase1: bool        # has_phase(example, "phase1")
+    phase2: bool
+
+
+class SplitExamples(LazySequence[Example]):
+    """The documents of `make_examples` (same order, same skips, same Examples), each Example built from the
+    split when it is read, the last `cache_size` kept: a distillation rank holds the Examples of the
+    documents it is training on now, not of the whole split. Built once at construction to find the
+    documents kept (their lengths against `max_tokens`); `info` keeps a few numbers per document."""
+
+    def __init__(self, tokenizer, split: SplitArtifacts, model_name: str = "", max_tokens: int | None = None,
+                 cache_size: int = 4) -> None:
+        self.tokenizer, self.split, self.cache_size, self.stop = tokenizer, split, cache_size, end_of_turn(tokenizer)
+        info = [ExampleInfo(row, ex.doc_id, len(ex.input_ids), len(ex.cot_positions), has_phase(ex, "phase1"),
+                            has_phase(ex, "phase2")) for row, ex in _split_examples(tokenizer, split)]
+        self.info: list[ExampleInfo] = within_cap(info, lambda e: e.n_tokens, lambda e: e.doc_id, max_tokens,
+                                                  f"{split.source} ({model_name or 'model'})")
+        self.positions = {e.doc_id: i for i, e in enumerate(self.info)}
+        self.cache: OrderedDict[int, Example] = OrderedDict()
+        _log_examples(split, model_name, len(self.info), sum(e.phase1 for e in self.info),
+                      sum(e.phase2 for e in self.info))
+        super().__init__(len(self.info), self._example)
+
+    @property
+    def doc_ids(self) -> list[str]:
+        return [e.doc_id for e in self.info]
+
+    def by_doc_id(self, doc_id: str) -> Example:
+        return self[self.positions[doc_id]]
+
+    def _example(self, i: int) -> Example:
+        if i in self.cache:
+            self.cache.move_to_end(i)
+            return self.cache[i]
+        ex = _document_example(self.tokenizer, self.split, self.split.anchors.iloc[self.info[i].row], self.stop)
+        if self.cache_size:
+            self.cache[i] = ex
+            while len(self.cache) > self.cache_size:
+                self.cache.popitem(last=False)
+        return ex
 
 
 def has_phase(ex: Example, phase: str) -> bool:
@@ -200,7 +308,7 @@ def capture_on(cap: HeadCapture, device: torch.device) -> HeadCapture:
 
 
 @torch.no_grad()
-def mechanism_metrics(model: nn.Module, examples: list[Example], pools: dict[str, HeadPool], tau: float,
+def mechanism_metrics(model: nn.Module, examples: Sequence[Example], pools: dict[str, HeadPool], tau: float,
                       coarse: CoarseVariant = DEFAULT_COARSE) -> pd.DataFrame:
     """Sharpness, AnchorAlign (Phase 1) and LoopBack, Helpfulness (Phase 2) of the model's pooled heads,
     per document: the mean over the document's valid positions of sharpness (the `coarse` variant's:
@@ -223,7 +331,7 @@ def mechanism_metrics(model: nn.Module, examples: list[Example], pools: dict[str
     return pd.DataFrame(rows, columns=["doc_id", "metric", "value"])
 
 
-def gathered_mechanism_metrics(model: nn.Module, examples: list[Example], pools: dict[str, HeadPool], tau: float,
+def gathered_mechanism_metrics(model: nn.Module, examples: Sequence[Example], pools: dict[str, HeadPool], tau: float,
                                coarse: CoarseVariant = DEFAULT_COARSE) -> pd.DataFrame:
     """`mechanism_metrics` of this rank's examples, gathered from every rank (one row set per document)."""
     frames = gather_to_all(mechanism_metrics(model, examples, pools, tau, coarse))

@@ -2,7 +2,8 @@
 
 `target_tensors` runs the teacher over every example (`objective.teacher_targets`) and returns
 the flat tensors ("{doc_id}/{name}") and one summary row per document; `save_targets` writes them
-(safetensors for the tensors, Parquet for the rows) and `load_targets` reads the tensors back,
+(safetensors for the tensors, Parquet for the rows) and `load_targets` reads the tensors back
+(`TargetsFile`: one document at a time, from the memory-mapped file, as training reads them),
 so training never needs the teacher in memory. `OnlineTargets` computes the same tensors on
 demand with the teacher in memory (`distill.targets: online`): both give the same loss.
 
@@ -18,7 +19,8 @@ import json
 import logging
 import os
 import struct
-from collections.abc import Callable, Iterable, Mapping
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -37,7 +39,7 @@ from ..io import atomic_path, canonical_safetensors_header, write_parquet
 from ..shards import Shards
 from .objective import teacher_targets
 from .pools import HeadPool, pools_json
-from .signals import Example
+from .signals import Example, SplitExamples
 
 log = logging.getLogger(__name__)
 
@@ -325,6 +327,32 @@ def load_interaction_scales(tensors_path: str | os.PathLike) -> dict[str, float]
     return {phase: float(v) for phase, v in json.loads(stored).items()}
 
 
+class TargetsFile(Mapping[str, Mapping[str, Tensor]]):
+    """targets/{split}.safetensors as {doc_id: {name: tensor}}, each document's tensors read when asked for
+    (safetensors' `safe_open`: the file is memory-mapped, a read copies out that document's tensors only),
+    so a rank holds the targets of the document it trains on, not the split's. `load_targets` reads all."""
+
+    def __init__(self, tensors_path: str | os.PathLike) -> None:
+        self.path = str(tensors_path)
+        self.file = safe_open(self.path, "pt")
+        self.names: dict[str, tuple[str, ...]] = {}
+        for key in self.file.keys():
+            doc_id, name = key.split("/", 1)
+            self.names[doc_id] = (*self.names.get(doc_id, ()), sys.intern(name))
+
+    def __getitem__(self, doc_id: str) -> dict[str, Tensor]:
+        return {name: self.file.get_tensor(f"{doc_id}/{name}") for name in self.names[doc_id]}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __contains__(self, doc_id: object) -> bool:
+        return doc_id in self.names
+
+
 class OnlineTargets:
     """Teacher targets computed on demand by a teacher in memory (distill.targets: online)."""
 
@@ -333,13 +361,18 @@ class OnlineTargets:
         self.model, self.pools, self.tau, self.top_k, self.coarse = model, pools, tau, top_k, coarse
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.examples: dict[str, Example] = {}
+        self.examples: dict[str, Callable[[], Example]] = {}  # doc_id -> its Example, built when asked for
 
-    def add(self, examples: list[Example]) -> None:
-        self.examples.update({e.doc_id: e for e in examples})
+    def add(self, examples: Sequence[Example]) -> None:
+        if isinstance(examples, SplitExamples):  # built when a document's targets are asked for
+            self.examples.update({doc_id: lambda doc_id=doc_id: examples.by_doc_id(doc_id)
+                                  for doc_id in examples.doc_ids})
+        else:
+            self.examples.update({e.doc_id: lambda e=e: e for e in examples})
 
     def __call__(self, doc_id: str) -> dict[str, torch.Tensor]:
-        return teacher_targets(self.model, self.examples[doc_id], self.pools, self.tau, self.top_k, coarse=self.coarse)
+        return teacher_targets(self.model, self.examples[doc_id](), self.pools, self.tau, self.top_k,
+                               coarse=self.coarse)
 
 
 class TeacherTargets:
@@ -359,20 +392,21 @@ class TeacherTargets:
 
     @classmethod
     def from_files(cls, tensors_paths: Mapping[str, str | os.PathLike], scales_split: str = "train") -> TeacherTargets:
-        """Targets read from each split's targets/{split}.safetensors; the scales stored with `scales_split`'s
-        (the training targets' scale, for train and val alike)."""
-        loaded = {split: load_targets(path) for split, path in tensors_paths.items()}
-        return cls({split: targets.__getitem__ for split, targets in loaded.items()},
-                   {split: set(targets) for split, targets in loaded.items()},
+        """Targets read from each split's targets/{split}.safetensors, a document at a time (`TargetsFile`);
+        the scales stored with `scales_split`'s (the training targets' scale, for train and val alike)."""
+        files = {split: TargetsFile(path) for split, path in tensors_paths.items()}
+        return cls({split: file.__getitem__ for split, file in files.items()},
+                   {split: set(file) for split, file in files.items()},
                    load_interaction_scales(tensors_paths[scales_split]))
 
     @classmethod
-    def online(cls, online: OnlineTargets, examples: Mapping[str, list[Example]],
+    def online(cls, online: OnlineTargets, examples: Mapping[str, Sequence[Example]],
                scales_split: str = "train") -> TeacherTargets:
         """Targets computed on demand by `online` for the teacher's `examples` of each split; the scales
         measured over `scales_split`'s documents."""
+        doc_ids = {split: [ex.doc_id for ex in split_examples] if not isinstance(split_examples, SplitExamples)
+                   else split_examples.doc_ids for split, split_examples in examples.items()}
         for split_examples in examples.values():
             online.add(split_examples)
-        doc_ids = {split: {ex.doc_id for ex in split_examples} for split, split_examples in examples.items()}
-        scales = interaction_scales(online(ex.doc_id) for ex in examples[scales_split])
-        return cls({split: online for split in examples}, doc_ids, scales)
+        scales = interaction_scales(online(doc_id) for doc_id in doc_ids[scales_split])
+        return cls({split: online for split in examples}, {split: set(ids) for split, ids in doc_ids.items()}, scales)

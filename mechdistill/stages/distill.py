@@ -27,7 +27,7 @@ from ..distill.settings import (
     StudentPredictSettings,
     TargetSettings,
 )
-from ..distill.signals import make_examples
+from ..distill.signals import SplitExamples, make_examples
 from ..distill.targets import (
     OnlineTargets,
     TeacherTargets,
@@ -172,8 +172,8 @@ def run_distill(config: dict, dataset: str, student: str, method_name: str, poin
         model, tokenizer = load_model(catalog, student, device="cpu", dtype=section["student_dtype"])
     pools = _pools(settings.targets, model, dataset, student, student_coarse, student_refine)
     splits = {split: read_split(inputs[split], settings.targets.max_docs) for split in ("train", "val")}
-    examples = {split: make_examples(tokenizer, splits[split], student, length_cap(settings.targets.max_tokens, model))
-                for split in splits}
+    examples = {split: SplitExamples(tokenizer, splits[split], student, length_cap(settings.targets.max_tokens, model))
+                for split in splits}  # each built when read: a rank holds those it trains on now
     targets = (_teacher_targets(catalog, teacher, settings, dataset, splits, targets_paths, teacher_coarse, teacher_refine)
                if recipe.needs_targets else None)
     point_settings = MethodPoint(method, point, entry.settings, {**(section.get("weights") or {}),
@@ -233,7 +233,7 @@ def _teacher_targets(catalog: ModelCatalog, teacher: str, distill_settings: Dist
     online = OnlineTargets(teacher_model, _pools(settings, teacher_model, dataset, teacher, teacher_coarse, teacher_refine),
                            settings.signals.tau, settings.top_k, settings.signals.coarse)
     cap = length_cap(settings.max_tokens, teacher_model)
-    return TeacherTargets.online(online, {split: make_examples(teacher_tok, splits[split], teacher, cap) for split in splits})
+    return TeacherTargets.online(online, {split: SplitExamples(teacher_tok, splits[split], teacher, cap) for split in splits})
 
 
 def _criterion(settings: DistillSettings, val: SplitArtifacts, tokenizer, recipe, method, params: dict | None,

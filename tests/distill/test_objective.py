@@ -344,3 +344,33 @@ def test_char_map_is_fast_on_a_long_document():
     mapped = char_map(student + " ", teacher)             # not cached
     assert time.perf_counter() - started < 0.2
     assert mapped[student.index("<answer>")] == teacher.index("<answer>")
+
+
+def test_split_examples_build_make_examples_documents_when_read(byte_tok):
+    """`SplitExamples` (each Example built when read, a few kept) gives the documents, order and Examples of
+    `make_examples`, with the same skips (empty CoT, over max_tokens); offsets are a [seq, 2] int32 array."""
+    from mechdistill.distill.signals import SplitExamples, chain, make_examples
+    from mechdistill.io import SplitArtifacts
+    from tests.helpers import icd_subtree
+
+    ids = ["d0", "empty", "d1", "long", "d2"]
+    cots = {"d0": COT, "empty": " ", "d1": COT[:-20], "long": COT * 4, "d2": COT[10:]}
+    split = SplitArtifacts(
+        docs=pd.DataFrame({"doc_id": ids, "labels": [["I50.22"]] * 5}).set_index("doc_id"),
+        prompts=pd.DataFrame({"doc_id": ids, "messages": [MESSAGES] * 5}).set_index("doc_id"),
+        cot=pd.DataFrame({"doc_id": ids, "cot": [cots[d] for d in ids]}).set_index("doc_id"),
+        anchors=pd.DataFrame([{**ANCHORS_ROW, "doc_id": d, "anchors": ["heart failure"], "near_misses": ["I50.32"]}
+                              for d in ids]),
+        space=icd_subtree("I50"))
+    cap = len(make_examples(byte_tok, split)[0].input_ids) + 5
+    eager = make_examples(byte_tok, split, max_tokens=cap)
+    lazy = SplitExamples(byte_tok, split, max_tokens=cap, cache_size=2)
+    assert [e.doc_id for e in eager] == lazy.doc_ids == ["d0", "d1", "d2"]  # "empty": no CoT; "long": over the cap
+    assert [e.n_tokens for e in lazy.info] == [len(e.input_ids) for e in eager]
+    for a, b in zip(eager, lazy):
+        assert isinstance(b.offsets, np.ndarray) and b.offsets.dtype == np.int32 and b.offsets.shape == (len(b.input_ids), 2)
+        for field in ("doc_id", "text", "cot_start", "early_queries", "refine", "keys", "anchor_token_ids"):
+            assert getattr(a, field) == getattr(b, field), field
+        assert torch.equal(a.input_ids, b.input_ids) and np.array_equal(a.offsets, b.offsets)
+    assert lazy[1] is lazy.by_doc_id("d1") and len(lazy.cache) <= 2
+    assert [e.doc_id for e in chain(lazy, eager)[2:4]] == ["d2", "d0"]

@@ -148,3 +148,28 @@ def test_the_merge_holds_one_chunk_of_tensor_data_not_a_shard(tmp_path):
     split_bytes = (tmp_path / "merged.safetensors").stat().st_size
     assert split_bytes > 6 * (48 << 20) and shard_bytes > 48 << 20
     assert COPY_CHUNK <= peak < min(shard_bytes, COPY_CHUNK + (1 << 20))  # one chunk buffer, no shard held whole
+
+
+def test_targets_file_reads_a_document_at_a_time_what_load_targets_reads(tmp_path):
+    """`TargetsFile` (safe_open, memory-mapped) and `TeacherTargets.from_files` give each document's tensors as
+    `load_targets` does, reading only the document asked for."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from mechdistill.distill.targets import TargetsFile, TeacherTargets
+
+    g = torch.Generator().manual_seed(0)
+    docs = {d: {"topk_values": torch.randn(n, 4, generator=g), "input_ids": torch.arange(n + 3),
+                "p1.mask": torch.rand(n, generator=g) > 0.5} for d, n in (("a", 3), ("b", 5), ("c", 2))}
+    path = tmp_path / "t.safetensors"
+    save_file({f"{d}/{k}": v for d, sig in docs.items() for k, v in sig.items()}, str(path),
+              metadata={"interaction_scales": json.dumps({"phase1": 2.0, "phase2": 1.0})})
+    whole, lazy = load_targets(path), TargetsFile(path)
+    assert sorted(lazy) == sorted(whole) == ["a", "b", "c"] and len(lazy) == 3 and "b" in lazy
+    for d in docs:
+        assert lazy[d].keys() == whole[d].keys() == docs[d].keys()
+        assert all(torch.equal(lazy[d][k], docs[d][k]) for k in docs[d])
+    targets = TeacherTargets.from_files({"train": path, "val": path})
+    assert targets.has("val", "c") and not targets.has("val", "d") and targets.scales == {"phase1": 2.0, "phase2": 1.0}
+    assert torch.equal(targets.get("train", "b")["topk_values"], docs["b"]["topk_values"])

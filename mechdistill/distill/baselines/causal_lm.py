@@ -1,11 +1,13 @@
 """The causal-LM pieces the four baselines share: a prompt followed by named text pieces as token
 ids with their spans, one forward, the next-token CE of the supervised tokens, span means, a
-baseline's CoT loss terms and a progress bar for per-document work."""
+baseline's CoT loss terms, a progress bar for per-document work, and that work shared by the ranks
+(`across_ranks`)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +17,10 @@ from tqdm.auto import tqdm
 from ...models import input_device
 from ...teacher.prompts import render_prompt
 from ...text import char_span_to_tokens, token_offsets
+from ..launch import gather_to_all, shard
 from ..recipe import Span
+
+T, R = TypeVar("T"), TypeVar("R")
 
 
 def encode(tokenizer, messages_json: str, pieces: Sequence[tuple[str, str]], supervise: Sequence[str] | None = None
@@ -76,3 +81,20 @@ def cot_terms(ce: Tensor) -> dict[str, Tensor]:
 def progress(iterable, desc: str, total: int | None = None):
     """A progress bar for a recipe's per-document work (scoring, labelling)."""
     return tqdm(iterable, desc=desc, total=total, unit="doc", leave=False)
+
+
+
+def across_ranks(score: Callable[[T], R], requests: Sequence[T], rank: int = 0, world: int = 1,
+                 desc: str = "") -> list[R]:
+    """`score` of every request, shared by `world` ranks: rank r scores requests r, r + world, ... (`launch.shard`,
+    padded by wrapping to the same count on every rank: under ZeRO-3 a forward is collective, so `score` must
+    make one forward, or the same number, for every request), and the results are gathered: every rank
+    returns all of them, in request order, as one process would. One rank: every request in order.
+    desc: a progress bar's (over this rank's requests)."""
+    if world == 1:
+        return [score(request) for request in progress(requests, desc)] if desc else list(map(score, requests))
+    mine = shard(range(len(requests)), rank, world)  # ceil(n / world) on every rank, the padding repeated
+    own = len(range(rank, len(requests), world))
+    scored = [score(requests[i]) for i in (progress(mine, f"{desc} (rank {rank} of {world})") if desc else mine)]
+    shards = gather_to_all(scored[:own])  # [world][requests of the rank]
+    return [shards[i % world][i // world] for i in range(len(requests))]

@@ -58,7 +58,7 @@ import json
 import logging
 import random
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import pandas as pd
@@ -71,7 +71,7 @@ from ...teacher.prompts import render_prompt
 from ...text import token_offsets
 from ..catalog import BASELINES
 from ..recipe import Item, RecipeContext, baseline_recipe
-from .causal_lm import cot_terms, encode, forward, next_token_ce, progress
+from .causal_lm import across_ranks, cot_terms, encode, forward, next_token_ce
 
 log = logging.getLogger(__name__)
 
@@ -150,26 +150,53 @@ def token_nll(model: nn.Module, input_ids: Tensor) -> Tensor:
     return torch.cat([nll.new_zeros(1), nll]).detach().cpu()
 
 
-def chunk_cot(ctx: RecipeContext, messages: str, cot: str, output: str) -> list[int]:
-    """Char boundaries [0, .., len(cot)] of the CoT's chunks (params chunking, n_chunks, windows),
-    on the student's tokens of prompt + output."""
+def chunk_plan(ctx: RecipeContext, messages: str, cot: str, output: str) -> dict[str, Any]:
+    """What `chunk_cot` computes without the student: the CoT tokens' positions in prompt + output and char
+    starts in the CoT, their sentence starts, the average boundaries, and the text a search scores."""
     p = ctx.params
     prompt = render_prompt(ctx.tokenizer, json.loads(messages))
     offsets = token_offsets(ctx.tokenizer, prompt + output)
     cot_tokens = [(i, s - len(prompt)) for i, (s, e) in enumerate(offsets)
                   if e > s and len(prompt) <= s < len(prompt) + len(cot)]
-    positions, starts = [i for i, _ in cot_tokens], [s for _, s in cot_tokens]
+    starts = [s for _, s in cot_tokens]
     is_start = sentence_starts(cot, starts)
     bounds = average_boundaries(is_start, p["n_chunks"], p["snap_window"])
-    if p["chunking"] == "search" and len(bounds) > 2:
-        if ctx.model is None:
-            raise ValueError("cwt: chunking 'search' scores chunks with the student, but no model was given")
-        ids = torch.tensor(ctx.tokenizer(prompt + output, add_special_tokens=False)["input_ids"])
-        with scoring(ctx.model):
-            nll = token_nll(ctx.model, ids)[positions].tolist()
-        bounds = search_boundaries(nll, bounds, int(p["search_window"] * len(starts) / (len(bounds) - 1)), is_start)
-    chars = [0] + [starts[b] for b in bounds[1:-1]] + [len(cot)]
+    return {"text": prompt + output, "positions": [i for i, _ in cot_tokens], "starts": starts, "is_start": is_start,
+            "bounds": bounds, "cot_chars": len(cot), "search": p["chunking"] == "search" and len(bounds) > 2}
+
+
+def plan_nll(ctx: RecipeContext, plan: Mapping[str, Any]) -> list[float]:
+    """The student's NLL of the plan's CoT tokens (one forward; call under `scoring`)."""
+    ids = torch.tensor(ctx.tokenizer(plan["text"], add_special_tokens=False)["input_ids"])
+    return token_nll(ctx.model, ids)[plan["positions"]].tolist()
+
+
+def plan_bounds(ctx: RecipeContext, plan: Mapping[str, Any], nll: Sequence[float] | None) -> list[int]:
+    """Char boundaries [0, .., len(cot)] of a plan's chunks: its average boundaries, moved by the search
+    over `nll` (`plan_nll`) when the plan searches."""
+    bounds, starts = plan["bounds"], plan["starts"]
+    if plan["search"]:
+        reach = int(ctx.params["search_window"] * len(starts) / (len(bounds) - 1))
+        bounds = search_boundaries(nll, bounds, reach, plan["is_start"])
+    chars = [0] + [starts[b] for b in bounds[1:-1]] + [plan["cot_chars"]]
     return sorted(set(chars))
+
+
+def chunk_cot(ctx: RecipeContext, messages: str, cot: str, output: str) -> list[int]:
+    """Char boundaries [0, .., len(cot)] of the CoT's chunks (params chunking, n_chunks, windows),
+    on the student's tokens of prompt + output."""
+    plan = chunk_plan(ctx, messages, cot, output)
+    nll = None
+    if plan["search"]:
+        _need_model(ctx)
+        with scoring(ctx.model):
+            nll = plan_nll(ctx, plan)
+    return plan_bounds(ctx, plan, nll)
+
+
+def _need_model(ctx: RecipeContext) -> None:
+    if ctx.model is None:
+        raise ValueError("cwt: chunking 'search' scores chunks with the student, but no model was given")
 
 
 def chunk_item(tokenizer, doc_id: str, extra: Mapping[str, Any], order: Sequence[int], position: int) -> Item:
@@ -188,8 +215,9 @@ def chunk_item(tokenizer, doc_id: str, extra: Mapping[str, Any], order: Sequence
 
 
 def items(ctx: RecipeContext) -> list[Item]:
-    """Every chunk of every document with a CoT (anchors order), chunk by chunk."""
-    split, out, empty = ctx.split, [], []
+    """Every chunk of every document with a CoT (anchors order), chunk by chunk. A search's forwards are
+    shared by the ranks (`across_ranks`); every rank gets every item."""
+    split, docs, empty = ctx.split, {}, []
     for doc_id in ctx.split.anchors["doc_id"]:
         cot = split.cot.loc[doc_id, "cot"] if doc_id in split.cot.index else ""
         if not cot.strip():
@@ -198,7 +226,17 @@ def items(ctx: RecipeContext) -> list[Item]:
         output = supervised_output(cot, split.cot.loc[doc_id, "raw"] if "raw" in split.cot.columns else None,
                                    end_of_turn(ctx.tokenizer))
         messages = split.prompts.loc[doc_id, "messages"]
-        bounds = chunk_cot(ctx, messages, cot, output)
+        docs[doc_id] = (cot, output, messages, chunk_plan(ctx, messages, cot, output))
+    searched = [doc_id for doc_id, (*_, plan) in docs.items() if plan["search"]]
+    nll: dict[str, list[float]] = {}
+    if searched:
+        _need_model(ctx)
+        with scoring(ctx.model):
+            nll = dict(zip(searched, across_ranks(lambda doc_id: plan_nll(ctx, docs[doc_id][3]), searched, ctx.rank,
+                                                  ctx.world, f"cwt chunk search {ctx.split_name}")))
+    out = []
+    for doc_id, (cot, output, messages, plan) in docs.items():
+        bounds = plan_bounds(ctx, plan, nll.get(doc_id))
         extra = {"messages": messages, "bounds": bounds, "tail": output[len(cot):],
                  "chunks": [cot[a:b] for a, b in zip(bounds, bounds[1:])]}
         order = list(range(len(extra["chunks"])))
@@ -234,27 +272,43 @@ def answer_ce(model: nn.Module, tokenizer, messages: str, rationale: str, tail: 
     return float(next_token_ce(logits, ids, supervised).detach())
 
 
-def skip_rows(model: nn.Module, tokenizer, doc_id: str, extra: Mapping[str, Any], tolerance: float) -> list[dict]:
-    """One row per chunk: a middle chunk is skippable when the answer CE without it rises by at most
-    `tolerance`; the first and last chunks never are (nor any chunk of a CoT without an answer block)."""
-    chunks, tail, messages = extra["chunks"], extra["tail"], extra["messages"]
-    middle = range(1, len(chunks) - 1) if tail else range(0)
-    full = answer_ce(model, tokenizer, messages, "".join(chunks), tail) if middle else float("nan")
+def skip_tests(extra: Mapping[str, Any]) -> list[int | None]:
+    """The rationales a document's skip labels score: the whole CoT (None), then without each middle chunk j;
+    none for a CoT without an answer block or without a middle chunk."""
+    middle = list(range(1, len(extra["chunks"]) - 1)) if extra["tail"] else []
+    return [None, *middle] if middle else []
+
+
+def skip_rows(doc_id: str, extra: Mapping[str, Any], tolerance: float, ce: Callable[[int | None], float]) -> list[dict]:
+    """One row per chunk: a middle chunk is skippable when the answer CE without it, ce(j), rises over the CE
+    with the whole CoT, ce(None), by at most `tolerance`; the first and last chunks never are (nor any chunk
+    of a CoT without an answer block)."""
+    tests = skip_tests(extra)
+    full = ce(None) if tests else float("nan")
     rows = []
-    for j in range(len(chunks)):
-        without = answer_ce(model, tokenizer, messages, "".join(chunks[:j] + chunks[j + 1:]), tail) \
-            if j in middle else float("nan")
+    for j in range(len(extra["chunks"])):
+        without = ce(j) if j in tests else float("nan")
         rows.append({"doc_id": doc_id, "chunk": j, "skippable": bool(without - full <= tolerance),
                      "answer_loss_full": full, "answer_loss_skip": without})
     return rows
 
 
 def relabel(ctx: RecipeContext, items: list[Item], model: nn.Module) -> pd.DataFrame:
-    """The skippable chunks of every document, scored with `model` as it is now (same on every rank)."""
-    rows = []
+    """The skippable chunks of every document, scored with `model` as it is now: the answer CEs shared by the
+    ranks (`across_ranks`, one forward each), every rank gets every label."""
+    docs = documents(items)
+    requests = [(doc_id, j) for doc_id, item in docs.items() for j in skip_tests(item.extra)]
+
+    def score(request: tuple[str, int | None]) -> float:
+        doc_id, j = request
+        extra = docs[doc_id].extra
+        chunks = extra["chunks"] if j is None else extra["chunks"][:j] + extra["chunks"][j + 1:]
+        return answer_ce(model, ctx.tokenizer, extra["messages"], "".join(chunks), extra["tail"])
+
     with scoring(model):
-        for doc_id, item in progress(documents(items).items(), "cwt skip labels"):
-            rows += skip_rows(model, ctx.tokenizer, doc_id, item.extra, ctx.params["skip_tolerance"])
+        ces = dict(zip(requests, across_ranks(score, requests, ctx.rank, ctx.world, "cwt skip labels")))
+    rows = [row for doc_id, item in docs.items()
+            for row in skip_rows(doc_id, item.extra, ctx.params["skip_tolerance"], lambda j, d=doc_id: ces[(d, j)])]
     labels = pd.DataFrame(rows, columns=LABEL_COLUMNS)
     log.info("cwt: %d of %d chunks skippable", int(labels["skippable"].sum()), len(labels))
     return labels

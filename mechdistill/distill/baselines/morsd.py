@@ -59,7 +59,7 @@ from torch import nn
 from ...teacher.answers import ANSWER_OPEN, AnswerParser, end_of_turn, supervised_output
 from ..catalog import BASELINES
 from ..recipe import Item, RecipeContext, TeacherDataContext, baseline_recipe
-from .causal_lm import cot_terms, encode, forward, next_token_ce, progress
+from .causal_lm import across_ranks, cot_terms, encode, forward, next_token_ce
 
 log = logging.getLogger(__name__)
 
@@ -213,37 +213,75 @@ def rationale_item(tokenizer, doc_id: str, messages_json: str, candidate: Mappin
                 spans={name: [span] for name, span in spans.items()}, record=record)
 
 
-def doc_items(ctx: RecipeContext, doc_id: str, candidates: list[dict]) -> list[Item]:
-    """Filter (correct, unique), score (RD) and select a document's rationales; one Item per selected one."""
-    params, messages = ctx.params, ctx.split.prompts.loc[doc_id, "messages"]
+def doc_pool(ctx: RecipeContext, doc_id: str, candidates: list[dict]) -> tuple[list[dict], dict]:
+    """A document's rationales to score (correct and unique; the greedy trace when none is), and its counts."""
     gold = list(ctx.split.docs.loc[doc_id, "labels"])
     usable = [c for c in candidates if str(c["cot"]).strip()]
     greedy_f1 = next((answer_f1(list(c["pred_labels"]), gold) for c in candidates if c["sample"] == GREEDY), None)
-    good = [c for c in usable if correct(list(c["pred_labels"]), gold, params["min_f1"], greedy_f1)]
-    unique = [good[i] for i in deduplicate([c["cot"] for c in good], params["dedup_threshold"])]
+    good = [c for c in usable if correct(list(c["pred_labels"]), gold, ctx.params["min_f1"], greedy_f1)]
+    unique = [good[i] for i in deduplicate([c["cot"] for c in good], ctx.params["dedup_threshold"])]
     stats = dict(n_candidates=len(candidates), n_correct=len(good), n_unique=len(unique), reason="")
     pool = unique
     if not pool:
         pool = [c for c in usable if c["sample"] == GREEDY][:1] or usable[:1]
         stats["reason"] = "no correct rationale: greedy trace"
-    rds = [rationale_difficulty(ctx.model, ctx.tokenizer, messages, *split_output(ctx.tokenizer, c["cot"], c["raw"])) for c in pool]
+    return pool, stats
+
+
+def doc_items(ctx: RecipeContext, doc_id: str, candidates: list[dict], rds: Sequence[float] | None = None) -> list[Item]:
+    """Filter (correct, unique), score (RD; given: `rds` of `doc_pool`'s rationales) and select a document's
+    rationales; one Item per selected one."""
+    messages = ctx.split.prompts.loc[doc_id, "messages"]
+    pool, stats = doc_pool(ctx, doc_id, candidates)
+    if rds is None:
+        rds = [rationale_difficulty(ctx.model, ctx.tokenizer, messages, *split_output(ctx.tokenizer, c["cot"], c["raw"]))
+               for c in pool]
     return [rationale_item(ctx.tokenizer, doc_id, messages, pool[i],
                            dict(sample=int(pool[i]["sample"]), rd=rds[i], source=str(pool[i]["source"]), **stats))
-            for i in select_by_rd(rds, params["n_select"], params["rd_keep"])]
+            for i in select_by_rd(rds, ctx.params["n_select"], ctx.params["rd_keep"])]
+
+
+def pool_rds(ctx: RecipeContext, pools: Sequence[tuple[str, list[dict]]]) -> list[list[float]]:
+    """`rationale_difficulty` of every rationale of every (doc_id, pool), the answer CEs shared by the ranks
+    (`across_ranks`: one forward per CE, rank r makes every world-th)."""
+    outputs = [[split_output(ctx.tokenizer, c["cot"], c["raw"]) for c in pool] for _, pool in pools]
+    requests = [(d, c, with_rationale) for d, split in enumerate(outputs) for c, (_, block) in enumerate(split)
+                if block for with_rationale in (True, False)]
+
+    def score(request: tuple[int, int, bool]) -> float:
+        d, c, with_rationale = request
+        rationale, block = outputs[d][c]
+        pieces = ([("rationale", rationale + "\n")] if with_rationale else []) + [("answer", block)]
+        return answer_ce(ctx.model, ctx.tokenizer, ctx.split.prompts.loc[pools[d][0], "messages"], pieces)
+
+    with scoring(ctx.model):
+        ces = dict(zip(requests, across_ranks(score, requests, ctx.rank, ctx.world, f"morsd RD {ctx.split_name}")))
+
+    def rd(d: int, c: int) -> float:  # as rationale_difficulty: NaN without an answer block or a zero CE
+        if (d, c, True) not in ces:
+            return math.nan
+        with_rationale, without = ces[(d, c, True)], ces[(d, c, False)]
+        return with_rationale / without if without > 0 else math.nan
+    return [[rd(d, c) for c in range(len(pool))] for d, (_, pool) in enumerate(pools)]
 
 
 def items(ctx: RecipeContext) -> list[Item]:
-    """One Item per selected rationale of every document of the split (anchors order)."""
+    """One Item per selected rationale of every document of the split (anchors order). The Rationale
+    Difficulties are shared by the ranks (`pool_rds`); every rank gets every item."""
     if ctx.model is None:
         raise ValueError("morsd: items need the student (ctx.model) to score Rationale Difficulty")
     td = ctx.teacher_data
     by_doc = {} if td is None else {d: g for d, g in td.groupby("doc_id", sort=False)}
-    out, empty, fallback = [], [], []
-    for doc_id in progress(ctx.split.anchors["doc_id"], f"morsd RD {ctx.split_name}", len(ctx.split.anchors)):
+    candidates, empty = {}, []
+    for doc_id in ctx.split.anchors["doc_id"]:
         if doc_id not in ctx.split.cot.index or not str(ctx.split.cot.loc[doc_id, "cot"]).strip():
             empty.append(doc_id)
             continue
-        doc_out = doc_items(ctx, doc_id, doc_candidates(ctx, doc_id, by_doc))
+        candidates[doc_id] = doc_candidates(ctx, doc_id, by_doc)
+    rds = pool_rds(ctx, [(doc_id, doc_pool(ctx, doc_id, cands)[0]) for doc_id, cands in candidates.items()])
+    out, fallback = [], []
+    for (doc_id, cands), doc_rds in zip(candidates.items(), rds):
+        doc_out = doc_items(ctx, doc_id, cands, doc_rds)
         if doc_out and doc_out[0].record["reason"]:
             fallback.append(doc_id)
         out += doc_out
