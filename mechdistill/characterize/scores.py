@@ -35,11 +35,13 @@ def _nan_like(x: Tensor) -> Tensor:
 
 def masked_mean_or_nan(x: Tensor, mask: Tensor | None, dim: int = -1, fill: float = float("nan")) -> Tensor:
     """Mean of `x` over `dim` restricted to `mask` (broadcast to x); `fill` (NaN) where nothing is
-    valid, so aggregation can drop it (cf. distill.losses.mean_or_zero for loss terms).
+    valid, so aggregation can drop it (cf. distill.losses.mean_or_zero for loss terms). Half-precision
+    x is averaged (and returned) in float32.
 
     Masked-out entries may hold NaN/inf: they are replaced before summing, so they reach neither
     the value nor the gradient.
     """
+    x = _upcast(x)
     if mask is None:
         return x.mean(dim)
     mask = mask.to(torch.bool).expand_as(x)
@@ -50,7 +52,10 @@ def masked_mean_or_nan(x: Tensor, mask: Tensor | None, dim: int = -1, fill: floa
 
 
 def _upcast(x: Tensor) -> Tensor:
-    """float16/bfloat16 -> float32 (fourth moments of attention weights underflow in half precision)."""
+    """float16/bfloat16 -> float32, before every reduction of this module (einsums, dot products, means,
+    moments): fourth moments of attention weights underflow in half precision, and a bfloat16 q.k near
+    100 is rounded to a multiple of 0.5, which erases the differences of means QK loop-back and the
+    RefineScore's signs are made of. Gradients flow through the cast."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
@@ -160,9 +165,10 @@ def anchor_alignment(writes: Tensor, anchor_centroid: Tensor) -> Tensor:
     """Align = cos(Delta, c_anchor) over the last dim.
 
     writes: [..., d] head writes Delta^h_q = (A^h_q V^h) W_O^h; anchor_centroid: [d] or
-    broadcastable to writes (e.g. [b, 1, 1, d]). Returns [...] (0 for a zero write).
+    broadcastable to writes (e.g. [b, 1, 1, d]). Returns [...] (0 for a zero write), in float32 for
+    half-precision inputs.
     """
-    return F.cosine_similarity(writes, anchor_centroid, dim=-1)
+    return F.cosine_similarity(_upcast(writes), _upcast(anchor_centroid), dim=-1)
 
 
 def coarse_score_components(
@@ -314,19 +320,21 @@ def qk_loopback(
     check causality). Returns [b, H, nr]; NaN where S_t or N_t is empty (or `empty` as the mean
     of an empty set, e.g. 0.0 to keep the other term).
     """
-    scores = torch.einsum("bhrd,bhkd->bhrk", q, k) * scaling  # [b, H, nr, nk]
+    scores = torch.einsum("bhrd,bhkd->bhrk", _upcast(q), _upcast(k)) * scaling  # [b, H, nr, nk], float32 at least
     s = masked_mean_or_nan(scores, shortlist_mask[:, None], fill=empty)
     n = masked_mean_or_nan(scores, nearmiss_mask[:, None], fill=empty)
     return s - n
 
 
 def _attended_write(rows_at_t: Tensor, value_writes: Tensor, shortlist_mask: Tensor, tau: float) -> Tensor:
-    """sum_{j in S_t, A_tj > tau} A_tj v_j W_O^h: [b, H, nr, d]."""
+    """sum_{j in S_t, A_tj > tau} A_tj v_j W_O^h: [b, H, nr, d] (float32 at least: neither the weights
+    nor the sum are rounded to half precision)."""
     if rows_at_t.shape[-1] != value_writes.shape[-2]:
         raise ValueError("rows_at_t and value_writes must index the same key positions")
     keep = shortlist_mask.to(torch.bool)[:, None] & (rows_at_t > tau)  # [b, H, nr, nk]
     weights = torch.where(keep, rows_at_t, torch.zeros((), dtype=rows_at_t.dtype, device=rows_at_t.device))
-    return torch.einsum("bhrk,bhkd->bhrd", weights.to(value_writes.dtype), value_writes)
+    value_writes = _upcast(value_writes)
+    return torch.einsum("bhrk,bhkd->bhrd", _upcast(weights).to(value_writes.dtype), value_writes)
 
 
 def _no_shortlist_to_nan(x: Tensor, shortlist_mask: Tensor) -> Tensor:
@@ -348,7 +356,7 @@ def ov_helpfulness(
     A_tj > tau (the empty sum: the head wrote nothing there), NaN when S_t is empty.
     """
     write = _attended_write(rows_at_t, value_writes, shortlist_mask, tau)  # [b, H, nr, d]
-    ov = (write * grad[:, None].to(write.dtype)).sum(-1)
+    ov = (write * grad[:, None].to(write.dtype)).sum(-1)  # float32 at least (`_attended_write`)
     return _no_shortlist_to_nan(ov, shortlist_mask)
 
 
