@@ -34,7 +34,8 @@ def run_head_scores(config: dict, dataset: str, model: str, split: str | None = 
     coarse, refine, example = score_heads(model_obj, tokenizer, documents, tau=settings.signals.tau,
                                           n_stages=settings.n_stages, desc=f"head scores {model}",
                                           coarse_variant=settings.signals.coarse,
-                                          refine_ranking=settings.signals.refine_ranking)
+                                          refine_ranking=settings.signals.refine_ranking,
+                                          in_flight_docs=settings.in_flight)
     for name, table in (("CoarseScore", coarse), ("RefineScore", refine)):
         top = table.dropna(subset=["score"]).nlargest(5, "score")
         log.info("%s (%s) top-5 heads of %s: %s", name, table["score_variant"].iloc[0], model,
