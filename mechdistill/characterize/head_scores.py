@@ -3,7 +3,10 @@
 CoarseScore (Eq. 1) on early-CoT queries; RefineScore (Eq. 3) at refinement positions with
 their earlier shortlist (S) and near-miss (N) mentions as keys; plus, for Fig. 7 right, the
 per-stage (early -> late bins of refinement positions) QK to S, QK to N and OV helpfulness of
-every head. One document at a time (batch 1): memory stays bounded by one capture.
+every head. One document per forward (batch 1), `heads.in_flight` documents at once; each document's
+values are added to running sums (`scores.HeadMeans`), so memory is that of the captures in flight,
+whatever the number of documents. Captures are reduced in float32 at least (`scores._upcast`), also
+when the model runs in bfloat16.
 """
 
 from __future__ import annotations
