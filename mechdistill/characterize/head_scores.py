@@ -3,7 +3,10 @@
 CoarseScore (Eq. 1) on early-CoT queries; RefineScore (Eq. 3) at refinement positions with
 their earlier shortlist (S) and near-miss (N) mentions as keys; plus, for Fig. 7 right, the
 per-stage (early -> late bins of refinement positions) QK to S, QK to N and OV helpfulness of
-every head. One document at a time (batch 1): memory stays bounded by one capture.
+every head. One document per forward (batch 1), `heads.in_flight` documents at once; each document's
+values are added to running sums (`scores.HeadMeans`), so memory is that of the captures in flight,
+whatever the number of documents. Captures are reduced in float32 at least (`scores._upcast`), also
+when the model runs in bfloat16.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from ..inflight import in_flight
 from ..io import SplitArtifacts
 from ..models import input_device
 from .attention import final_norm, unembed
@@ -24,10 +28,10 @@ from .capture import capture_heads, final_residual
 from .scores import (
     DEFAULT_COARSE,
     CoarseVariant,
+    HeadMeans,
     anchor_centroid,
     coarse_key_mask,
     coarse_variants,
-    head_table,
     margin_gradient,
     ov_helpfulness,
     qk_loopback,
@@ -130,7 +134,8 @@ def forced_documents(tokenizer, split: SplitArtifacts, max_tokens: int | None = 
 
 def score_heads(model, tokenizer, documents: Iterable[dict], tau: float = 0.01, n_stages: int = 4,
                 desc: str = "head scores", coarse_variant: CoarseVariant = DEFAULT_COARSE,
-                refine_ranking: str = "both_positive") -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+                refine_ranking: str = "both_positive", in_flight_docs: int = 1,
+                ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Score all heads over `documents` (dicts: doc_id, seq, anchors, gold_titles, nearmiss_titles).
 
     Both tables hold every variant (coarse: coarse_{all,document}_{kurtosis,normalized} and their
@@ -139,42 +144,55 @@ def score_heads(model, tokenizer, documents: Iterable[dict], tau: float = 0.01, 
     `refine_ranking`), named in `score_variant`. Returns (coarse table, refine table, Fig. 4
     example: the top coarse head's attention over the prompt tokens from the first early query of
     the first scored document).
+
+    Memory does not grow with the number of documents: each document's values are added to running
+    sums (`scores.HeadMeans`) as it is scored, in document order, and only the first scored document's
+    Fig. 4 rows ([layers, heads, prompt]) are kept. in_flight_docs: documents scored at once
+    (`inflight.in_flight`: a device-mapped model keeps more than one GPU busy); the tables do not depend
+    on it.
     """
-    docs = list(documents)
-    results = [score_document(model, tokenizer, d["seq"], d["anchors"], d["gold_titles"], d["nearmiss_titles"],
-                              tau, n_stages) for d in tqdm(docs, desc=desc, unit="doc")]
-    coarse_docs = [r for r in results if "coarse" in r]
-    refine_docs = [r for r in results if "refine" in r]
+    coarse_means, refine_means, stage_means = HeadMeans(), HeadMeans(), HeadMeans()
+    example_doc, example_rows = None, None       # the first scored document's, for Fig. 4
+
+    def score(doc: dict) -> tuple[dict, dict]:
+        return doc, score_document(model, tokenizer, doc["seq"], doc["anchors"], doc["gold_titles"],
+                                   doc["nearmiss_titles"], tau, n_stages)
+
+    n_docs = 0
+    for doc, result in tqdm(in_flight(score, documents, in_flight_docs), desc=desc, unit="doc"):
+        n_docs += 1
+        if "coarse" in result:
+            coarse_means.add(result["coarse"], result["n_queries"])
+            if example_doc is None:
+                example_doc, example_rows = doc, result["example_rows"]
+        if "refine" in result:
+            refine_means.add(result["refine"], result["n_positions"])
+            stage_means.add(result["stages"], 1)          # each document counts once per stage (NaN: empty)
     log.info("%s: %d documents, %d with early queries and anchors, %d with refinement positions "
-             "(earlier shortlist and near-miss mentions)", desc, len(docs), len(coarse_docs), len(refine_docs))
-    coarse = _table(coarse_docs, "coarse", coarse_variant.name, "n_queries", model)
-    refine = _table(refine_docs, "refine", refine_variant(refine_ranking), "n_positions", model,
+             "(earlier shortlist and near-miss mentions)", desc, n_docs, coarse_means.n_examples,
+             refine_means.n_examples)
+    coarse = _table(coarse_means, coarse_variant.name, "n_queries", model)
+    refine = _table(refine_means, refine_variant(refine_ranking), "n_positions", model,
                     derived=lambda means: refine_rankings(means["qk"], means["ov"]))
-    if len(refine_docs):
-        for name in ("qk_shortlist", "qk_nearmiss", "ov"):
-            stacked = np.stack([r["stages"][name] for r in refine_docs])                  # [E, L, H, S]
-            with warnings.catch_warnings():  # an all-NaN stage stays NaN
-                warnings.simplefilter("ignore", RuntimeWarning)
-                mean = np.nanmean(stacked, 0).reshape(-1, stacked.shape[-1])            # [L*H, S]
-            refine[f"{name}_by_stage"] = list(mean)
+    if refine_means.n_examples:
+        for name, mean in stage_means.means().items():                                    # [L, H, S]
+            refine[f"{name}_by_stage"] = list(mean.reshape(-1, mean.shape[-1]).numpy())  # [L*H] of [S]
     example = pd.DataFrame(columns=["doc_id", "layer", "head", "position", "token", "weight"])
-    if coarse_docs and coarse["score"].notna().any():
+    if example_doc is not None and coarse["score"].notna().any():
         top = coarse.loc[coarse["score"].idxmax()]
-        first = next(i for i, r in enumerate(results) if "coarse" in r)
-        weights = results[first]["example_rows"][int(top["layer"]), int(top["head"])]
-        ids = docs[first]["seq"].input_ids[: len(weights)].tolist()
-        example = pd.DataFrame({"doc_id": docs[first]["doc_id"], "layer": int(top["layer"]), "head": int(top["head"]),
+        weights = example_rows[int(top["layer"]), int(top["head"])]
+        ids = example_doc["seq"].input_ids[: len(weights)].tolist()
+        example = pd.DataFrame({"doc_id": example_doc["doc_id"], "layer": int(top["layer"]), "head": int(top["head"]),
                                 "position": range(len(ids)), "token": [tokenizer.decode([i]) for i in ids],
                                 "weight": weights})
     return coarse, refine, example
 
 
-def _table(docs: list[dict], key: str, score: str, count: str, model, derived=None) -> pd.DataFrame:
-    if not docs:
+def _table(means: HeadMeans, score: str, count: str, model, derived=None) -> pd.DataFrame:
+    """The head table of `means` (`HeadMeans.table`); every head with score NaN when no document counted."""
+    if not means.n_examples:
         cfg = model.config
         grid = [(layer, head) for layer in range(cfg.num_hidden_layers) for head in range(cfg.num_attention_heads)]
         return pd.DataFrame({"layer": [g[0] for g in grid], "head": [g[1] for g in grid], "score": np.nan,
                              "score_variant": score, count: 0})
-    per_example = {k: torch.tensor(np.stack([d[key][k] for d in docs])) for k in docs[0][key]}   # [E, L, H]
-    n = torch.tensor([d[count] for d in docs])
-    return head_table(per_example, n, score=score, count_name=count, derived=derived)
+    return means.table(score, count_name=count, derived=derived)

@@ -35,11 +35,13 @@ def _nan_like(x: Tensor) -> Tensor:
 
 def masked_mean_or_nan(x: Tensor, mask: Tensor | None, dim: int = -1, fill: float = float("nan")) -> Tensor:
     """Mean of `x` over `dim` restricted to `mask` (broadcast to x); `fill` (NaN) where nothing is
-    valid, so aggregation can drop it (cf. distill.losses.mean_or_zero for loss terms).
+    valid, so aggregation can drop it (cf. distill.losses.mean_or_zero for loss terms). Half-precision
+    x is averaged (and returned) in float32.
 
     Masked-out entries may hold NaN/inf: they are replaced before summing, so they reach neither
     the value nor the gradient.
     """
+    x = _upcast(x)
     if mask is None:
         return x.mean(dim)
     mask = mask.to(torch.bool).expand_as(x)
@@ -50,7 +52,10 @@ def masked_mean_or_nan(x: Tensor, mask: Tensor | None, dim: int = -1, fill: floa
 
 
 def _upcast(x: Tensor) -> Tensor:
-    """float16/bfloat16 -> float32 (fourth moments of attention weights underflow in half precision)."""
+    """float16/bfloat16 -> float32, before every reduction of this module (einsums, dot products, means,
+    moments): fourth moments of attention weights underflow in half precision, and a bfloat16 q.k near
+    100 is rounded to a multiple of 0.5, which erases the differences of means QK loop-back and the
+    RefineScore's signs are made of. Gradients flow through the cast."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
@@ -160,9 +165,10 @@ def anchor_alignment(writes: Tensor, anchor_centroid: Tensor) -> Tensor:
     """Align = cos(Delta, c_anchor) over the last dim.
 
     writes: [..., d] head writes Delta^h_q = (A^h_q V^h) W_O^h; anchor_centroid: [d] or
-    broadcastable to writes (e.g. [b, 1, 1, d]). Returns [...] (0 for a zero write).
+    broadcastable to writes (e.g. [b, 1, 1, d]). Returns [...] (0 for a zero write), in float32 for
+    half-precision inputs.
     """
-    return F.cosine_similarity(writes, anchor_centroid, dim=-1)
+    return F.cosine_similarity(_upcast(writes), _upcast(anchor_centroid), dim=-1)
 
 
 def coarse_score_components(
@@ -314,19 +320,21 @@ def qk_loopback(
     check causality). Returns [b, H, nr]; NaN where S_t or N_t is empty (or `empty` as the mean
     of an empty set, e.g. 0.0 to keep the other term).
     """
-    scores = torch.einsum("bhrd,bhkd->bhrk", q, k) * scaling  # [b, H, nr, nk]
+    scores = torch.einsum("bhrd,bhkd->bhrk", _upcast(q), _upcast(k)) * scaling  # [b, H, nr, nk], float32 at least
     s = masked_mean_or_nan(scores, shortlist_mask[:, None], fill=empty)
     n = masked_mean_or_nan(scores, nearmiss_mask[:, None], fill=empty)
     return s - n
 
 
 def _attended_write(rows_at_t: Tensor, value_writes: Tensor, shortlist_mask: Tensor, tau: float) -> Tensor:
-    """sum_{j in S_t, A_tj > tau} A_tj v_j W_O^h: [b, H, nr, d]."""
+    """sum_{j in S_t, A_tj > tau} A_tj v_j W_O^h: [b, H, nr, d] (float32 at least: neither the weights
+    nor the sum are rounded to half precision)."""
     if rows_at_t.shape[-1] != value_writes.shape[-2]:
         raise ValueError("rows_at_t and value_writes must index the same key positions")
     keep = shortlist_mask.to(torch.bool)[:, None] & (rows_at_t > tau)  # [b, H, nr, nk]
     weights = torch.where(keep, rows_at_t, torch.zeros((), dtype=rows_at_t.dtype, device=rows_at_t.device))
-    return torch.einsum("bhrk,bhkd->bhrd", weights.to(value_writes.dtype), value_writes)
+    value_writes = _upcast(value_writes)
+    return torch.einsum("bhrk,bhkd->bhrd", _upcast(weights).to(value_writes.dtype), value_writes)
 
 
 def _no_shortlist_to_nan(x: Tensor, shortlist_mask: Tensor) -> Tensor:
@@ -348,7 +356,7 @@ def ov_helpfulness(
     A_tj > tau (the empty sum: the head wrote nothing there), NaN when S_t is empty.
     """
     write = _attended_write(rows_at_t, value_writes, shortlist_mask, tau)  # [b, H, nr, d]
-    ov = (write * grad[:, None].to(write.dtype)).sum(-1)
+    ov = (write * grad[:, None].to(write.dtype)).sum(-1)  # float32 at least (`_attended_write`)
     return _no_shortlist_to_nan(ov, shortlist_mask)
 
 
@@ -430,18 +438,85 @@ def refine_rankings(qk: Tensor, ov: Tensor) -> dict[str, Tensor]:
 # ---------------------------------------------------------------- aggregation over examples
 
 
-def weighted_mean(values: Tensor, n: Tensor) -> Tensor:
-    """Mean over examples weighted by their number of positions, ignoring NaN entries.
+class HeadMeans:
+    """Weighted means over examples of per-head components, NaN entries ignored, added one example at a
+    time: memory stays that of one example's components, whatever the number of examples.
 
-    values: [E, ...] (e.g. [E, H]); n: [E]. Returns [...]: sum_e n_e v_e / sum_e n_e over the
+    add({name: [...]}, n) adds an example whose components were averaged over n positions; `means()`:
+    name -> sum_e n_e v_e / sum_e n_e over the examples where v_e is finite and n_e > 0 (NaN where there
+    is none); `counts()`: positions summed over the examples where EVERY component is finite. Sums are
+    taken in float64, in the order the examples are added: the same examples in the same order give the
+    same bits.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}      # name -> [...] sum_e n_e v_e
+        self.weights: dict[str, Tensor] = {}   # name -> [...] sum_e n_e
+        self.count: Tensor | None = None       # [...] positions of the examples with every component finite
+        self.n_examples = 0
+
+    def add(self, values: dict[str, Tensor], n: int | Tensor) -> None:
+        values = {k: torch.as_tensor(v).detach().double() for k, v in values.items()}
+        all_finite = torch.stack([torch.isfinite(v) for v in values.values()]).all(0)
+        n = torch.as_tensor(n)
+        for name, v in values.items():
+            w = n.to(v.dtype).expand_as(v)
+            ok = torch.isfinite(v) & (w > 0)
+            zero = torch.zeros((), dtype=v.dtype, device=v.device)
+            value_sum, weight_sum = torch.where(ok, v * w, zero), torch.where(ok, w, zero)
+            if name in self.sums:
+                value_sum, weight_sum = self.sums[name] + value_sum, self.weights[name] + weight_sum
+            self.sums[name], self.weights[name] = value_sum, weight_sum
+        counted = torch.where(all_finite, n, torch.zeros((), dtype=n.dtype))
+        self.count = counted if self.count is None else self.count + counted
+        self.n_examples += 1
+
+    def means(self) -> dict[str, Tensor]:
+        out = {}
+        for name, total in self.sums.items():
+            weight = self.weights[name]
+            mean = total / weight.clamp(min=torch.finfo(total.dtype).tiny)
+            out[name] = torch.where(weight > 0, mean, _nan_like(mean))
+        return out
+
+    def counts(self) -> Tensor:
+        if self.count is None:
+            raise ValueError("HeadMeans: no example was added")
+        return self.count
+
+    def table(self, score: str, count_name: str = "n_queries",
+              derived: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None) -> pd.DataFrame:
+        """The `heads/{coarse,refine}.parquet` table of the means: columns layer (for [L, H] components),
+        head, score, score_variant, the components, the `derived` columns (computed from the MEANS, e.g.
+        `refine_rankings`: products of means), `count_name` (`counts()`). score: the component or derived
+        column that becomes column `score`, and `score_variant` names it (Parquet keeps no attrs)."""
+        means = self.means()
+        means |= derived(means) if derived else {}
+        if score not in means:
+            raise KeyError(f"head_table: score {score!r} is not among the columns {sorted(means)}")
+        shape = self.counts().shape
+        index = torch.cartesian_prod(*[torch.arange(s) for s in shape]).reshape(-1, len(shape))
+        cols: dict[str, list] = {}
+        if len(shape) == 2:
+            cols["layer"] = index[:, 0].tolist()
+        cols["head"] = index[:, -1].tolist()
+        cols["score"] = means[score].reshape(-1).tolist()
+        cols["score_variant"] = [score] * len(cols["head"])
+        cols |= {name: v.reshape(-1).tolist() for name, v in means.items()}
+        cols[count_name] = self.counts().reshape(-1).tolist()
+        return pd.DataFrame(cols)
+
+
+def weighted_mean(values: Tensor, n: Tensor) -> Tensor:
+    """Mean over examples weighted by their number of positions, ignoring NaN entries (`HeadMeans`).
+
+    values: [E, ...] (e.g. [E, H]); n: [E]. Returns [...] (float64): sum_e n_e v_e / sum_e n_e over the
     examples where v_e is finite and n_e > 0; NaN where there is none.
     """
-    w = n.to(values.dtype).reshape(-1, *([1] * (values.dim() - 1))).expand_as(values)
-    ok = torch.isfinite(values) & (w > 0)
-    zero = torch.zeros((), dtype=values.dtype, device=values.device)
-    total_w = torch.where(ok, w, zero).sum(0)
-    mean = torch.where(ok, values * w, zero).sum(0) / total_w.clamp(min=torch.finfo(values.dtype).tiny)
-    return torch.where(total_w > 0, mean, _nan_like(mean))
+    means = HeadMeans()
+    for value, weight in zip(values, n):
+        means.add({"value": value}, weight)
+    return means.means()["value"]
 
 
 def head_table(
@@ -451,32 +526,16 @@ def head_table(
     count_name: str = "n_queries",
     derived: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
 ) -> pd.DataFrame:
-    """Aggregate per-example head scores into the `heads/{coarse,refine}.parquet` table.
+    """Aggregate per-example head scores into the `heads/{coarse,refine}.parquet` table (`HeadMeans.table`).
 
     per_example: name -> [E, H] (one layer) or [E, L, H] (all layers), e.g. the output of
     `coarse_variants` concatenated over documents (count entries are skipped); n: [E] positions per
-    example. Every component becomes the weighted mean over examples (`weighted_mean`); derived maps
-    those MEANS to more columns (e.g. `refine_rankings`: products of means). score: the component or
-    derived column that becomes column `score`, and `score_variant` names it (Parquet keeps no
-    attrs). Returns columns layer (when 3-D), head, score, score_variant, the components, the derived
+    example. Every component becomes the weighted mean over examples; derived maps those MEANS to more
+    columns. Returns columns layer (when 3-D), head, score, score_variant, the components, the derived
     columns, `count_name` (positions summed over the examples where every component is finite).
     """
-    comps = {k: v.detach().double() for k, v in per_example.items() if k not in ("n_queries", "n_positions")}
-    shape = next(iter(comps.values())).shape[1:]
-    means = {k: weighted_mean(v, n) for k, v in comps.items()}
-    means |= derived(means) if derived else {}
-    if score not in means:
-        raise KeyError(f"head_table: score {score!r} is not among the columns {sorted(means)}")
-    finite = torch.stack([torch.isfinite(v) for v in comps.values()]).all(0)  # [E, ...]
-    w = n.reshape(-1, *([1] * len(shape))).expand(finite.shape)
-    counts = torch.where(finite, w, torch.zeros_like(w)).sum(0)
-    index = torch.cartesian_prod(*[torch.arange(s) for s in shape]).reshape(-1, len(shape))
-    cols: dict[str, list] = {}
-    if len(shape) == 2:
-        cols["layer"] = index[:, 0].tolist()
-    cols["head"] = index[:, -1].tolist()
-    cols["score"] = means[score].reshape(-1).tolist()
-    cols["score_variant"] = [score] * len(cols["head"])
-    cols |= {name: v.reshape(-1).tolist() for name, v in means.items()}
-    cols[count_name] = counts.reshape(-1).tolist()
-    return pd.DataFrame(cols)
+    comps = {k: v for k, v in per_example.items() if k not in ("n_queries", "n_positions")}
+    means = HeadMeans()
+    for e, weight in enumerate(n):
+        means.add({k: v[e] for k, v in comps.items()}, weight)
+    return means.table(score, count_name, derived)

@@ -60,11 +60,12 @@ class HeadSignals(Settings):
 @dataclass(frozen=True)
 class HeadSettings(Settings):
     """head_scores (and style_head_scores): which split (clean_prompts.style: the clean set's), how
-    many documents and tokens, the signals, Fig. 7's stages, and where the scored model runs."""
+    many documents and tokens, the signals, Fig. 7's stages, where the scored model runs and how many
+    documents are scored on it at once (in_flight)."""
 
     KEYS = HeadSignals.KEYS + ("heads.split", "heads.max_docs", "heads.max_tokens", "heads.n_stages",
-                               "heads.device", "heads.dtype") + tuple(f"heads.{k}" for k in PLACEMENT_KEYS) + (
-        "clean_prompts.style",)
+                               "heads.device", "heads.dtype", "heads.in_flight") + tuple(
+        f"heads.{k}" for k in PLACEMENT_KEYS) + ("clean_prompts.style",)
 
     signals: HeadSignals
     split: str
@@ -73,6 +74,7 @@ class HeadSettings(Settings):
     n_stages: int
     device: str
     dtype: str
+    in_flight: int
     placement: dict[str, Any]
     clean_style: str
 
@@ -80,7 +82,8 @@ class HeadSettings(Settings):
     def from_values(cls, values: Declared) -> HeadSettings:
         return cls(HeadSignals.from_values(values), values["heads.split"], values["heads.max_docs"],
                    values["heads.max_tokens"], values["heads.n_stages"], values["heads.device"],
-                   values["heads.dtype"], values.section("heads.", PLACEMENT_KEYS), values["clean_prompts.style"])
+                   values["heads.dtype"], values["heads.in_flight"], values.section("heads.", PLACEMENT_KEYS),
+                   values["clean_prompts.style"])
 
 
 class HeadFigureSettings(OneKeySettings):

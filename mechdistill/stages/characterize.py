@@ -9,6 +9,7 @@ from .. import paths
 from ..characterize.head_scores import forced_documents, score_heads
 from ..characterize.settings import HeadSettings
 from ..characterize.teacher_forcing import length_cap
+from ..inflight import in_flight_workers
 from ..io import read_split, write_parquet
 from ..models import ModelCatalog, load_model
 
@@ -34,7 +35,8 @@ def run_head_scores(config: dict, dataset: str, model: str, split: str | None = 
     coarse, refine, example = score_heads(model_obj, tokenizer, documents, tau=settings.signals.tau,
                                           n_stages=settings.n_stages, desc=f"head scores {model}",
                                           coarse_variant=settings.signals.coarse,
-                                          refine_ranking=settings.signals.refine_ranking)
+                                          refine_ranking=settings.signals.refine_ranking,
+                                          in_flight_docs=in_flight_workers(model_obj, settings.in_flight))
     for name, table in (("CoarseScore", coarse), ("RefineScore", refine)):
         top = table.dropna(subset=["score"]).nlargest(5, "score")
         log.info("%s (%s) top-5 heads of %s: %s", name, table["score_variant"].iloc[0], model,

@@ -103,3 +103,56 @@ def test_score_heads_tables_hold_every_variant_and_score_the_chosen_one(tiny_con
                                rtol=1e-5, atol=1e-9)
     mean_product = (per_doc[0]["refine"]["refine_mean_product"] + 2 * per_doc[1]["refine"]["refine_mean_product"]) / 3
     np.testing.assert_allclose(refine["refine_mean_product"], mean_product.reshape(-1), rtol=1e-5, atol=1e-9)
+
+
+def _in_flight_documents(tok) -> list[dict]:
+    """Five documents of different lengths, with early queries and refinement positions."""
+    text = "Doc: A [I1] and B [I2]. A [I1] fits rather than B [I2]; so A [I1] rather than B [I2]. " * 2
+    docs = []
+    for i in range(5):
+        ids = tok(text[: 120 + 10 * i], return_tensors="pt")["input_ids"][0]
+        docs.append(dict(doc_id=f"d{i}", anchors=["fits"], gold_titles=["A"], nearmiss_titles=["B"],
+                         seq=ForcedSequence(input_ids=ids, prompt_chars=0, cot_token_start=26,
+                                            early_queries=[25, 26, 27 + i], refine_positions=[45 + i, 60, 80 + 3 * i],
+                                            shortlist_positions=[7, 8, 9, 10], nearmiss_positions=[18, 19, 20, 21],
+                                            document_positions=list(range(0, 24)))))
+    return docs
+
+
+def _score_in_flight(tiny_config, workers: int):
+    from mechdistill.characterize.head_scores import score_heads
+
+    model, tok = load_model(ModelCatalog.from_config(tiny_config), "tiny_llama", device="cpu", dtype="float32")
+    docs = _in_flight_documents(tok)
+    one_by_one = score_heads(model, tok, docs, tau=0.0, n_stages=2)
+    return one_by_one, score_heads(model, tok, docs, tau=0.0, n_stages=2, in_flight_docs=workers)
+
+
+def _assert_same_tables(expected, got) -> None:
+    import pandas as pd
+
+    for want, have in zip(expected, got):
+        pd.testing.assert_frame_equal(have, want, check_exact=True)
+
+
+def test_score_heads_in_flight_one_is_the_sequential_run(tiny_config):
+    """in_flight_docs=1 (the default) gives the same tables, bit for bit, as one document after another;
+    and the tables are those of the per-document values (a document-order weighted mean)."""
+    from mechdistill.characterize.head_scores import score_document, score_heads
+
+    (coarse, refine, example), again = _score_in_flight(tiny_config, 1)
+    _assert_same_tables((coarse, refine, example), again)
+    model, tok = load_model(ModelCatalog.from_config(tiny_config), "tiny_llama", device="cpu", dtype="float32")
+    docs = _in_flight_documents(tok)
+    per_doc = [score_document(model, tok, d["seq"], d["anchors"], d["gold_titles"], d["nearmiss_titles"], 0.0, 2)
+               for d in docs]
+    n = np.array([r["n_positions"] for r in per_doc], dtype=float)
+    qk = sum(w * r["refine"]["qk"].astype(float) for w, r in zip(n, per_doc)) / n.sum()
+    np.testing.assert_allclose(refine["qk"], qk.reshape(-1), rtol=1e-12)
+    stage = np.nanmean(np.stack([r["stages"]["ov"] for r in per_doc]), 0).reshape(-1, 2)
+    np.testing.assert_allclose(np.stack(refine["ov_by_stage"]), stage, rtol=1e-12)
+    assert len(score_heads(model, tok, iter(docs), tau=0.0, n_stages=2)[2]) == 26  # any iterable; Fig. 4: the prompt
+
+
+def test_score_heads_two_in_flight_equal_the_sequential_run(tiny_config):
+    _assert_same_tables(*_score_in_flight(tiny_config, 2))

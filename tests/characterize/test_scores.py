@@ -461,3 +461,37 @@ def test_both_positive_scores_zero_for_a_head_negative_on_qk_and_ov():
     assert out["refine_product"][:3].tolist() == [1.0, 1.0, -1.0]               # head 0: > 0 by the product
     assert out["refine_both_positive"][:3].tolist() == [0.0, 1.0, 0.0]           # ... but 0 here
     assert math.isnan(out["refine_product"][3]) and math.isnan(out["refine_both_positive"][3])
+
+
+# ---------------------------------------------------------------- half-precision captures (heads.dtype bfloat16)
+
+
+def test_bfloat16_captures_are_reduced_in_float32():
+    """A bfloat16 model's captures: q.k near 100 has a bfloat16 spacing of 0.5, so head 0's true QK
+    loop-back of +0.125 (100.125 - 100) would round to 0 and RefineScore's both_positive would drop it;
+    attention weights 0.6 rounded to bfloat16 shift OV; the cosine of the writes loses ~3 digits.
+    Every value must equal the float64 computation from the same bfloat16 numbers."""
+    bf = torch.bfloat16
+    q = torch.ones(1, 2, 1, 4, dtype=bf)                                             # [b, H, nr, dh]
+    plain, bumped = [25.0, 25.0, 25.0, 25.0], [25.0, 25.0, 25.0, 25.125]            # exact in bfloat16
+    k = torch.tensor([[bumped, plain], [plain, bumped]], dtype=bf)[None]               # [b, H, nk=2, dh]
+    shortlist, nearmiss = torch.tensor([[[True, False]]]), torch.tensor([[[False, True]]])  # [b, nr, nk]
+    rows = torch.tensor([[0.6, 0.3], [0.7, 0.2]], dtype=torch.float32)[None, :, None]    # [b, H, nr, nk]
+    value_writes = torch.tensor([[[1.0, 3.0, -2.0], [2.0, 1.0, 1.0]]] * 2, dtype=bf)[None]  # [b, H, nk, d]
+    grad = torch.tensor([[[1.0, 0.5, 0.25]]])                                           # [b, nr, d]
+    out = scores.refine_score_components(q, k, rows, value_writes, shortlist, nearmiss, grad,
+                                         torch.ones(1, 1, dtype=torch.bool), 1.0, 0.1)
+    logits = torch.einsum("hd,hkd->hk", q[0, :, 0].double(), k[0].double())           # [H, nk]
+    qk = logits[:, 0] - logits[:, 1]                                                   # +0.125, -0.125
+    ov = (rows[0, :, 0, 0].double()[:, None] * value_writes[0, :, 0].double()) @ grad[0, 0].double()
+    assert qk.tolist() == [0.125, -0.125]
+    torch.testing.assert_close(out["qk"][0].double(), qk, rtol=1e-6, atol=0)
+    torch.testing.assert_close(out["ov"][0].double(), ov, rtol=1e-6, atol=0)
+    both = scores.refine_rankings(out["qk"][0], out["ov"][0])["refine_both_positive"]
+    assert both[0] > 0 and both[1] == 0                                                # head 0 is a Phase-2 head
+
+    writes = torch.tensor([[[3.0, -1.0, 0.5, 7.0], [1.0, 1.0, 1.0, 1.0]]], dtype=bf)[:, None]  # [b, nq, H, d]
+    centroid = torch.tensor([2.0, 0.25, -1.0, 5.0], dtype=bf)
+    align = scores.anchor_alignment(writes, centroid)                                  # [b, nq, H]
+    w, c = writes.double(), centroid.double()
+    torch.testing.assert_close(align.double(), (w @ c) / (w.norm(dim=-1) * c.norm()), rtol=1e-6, atol=0)
