@@ -531,33 +531,7 @@ def memory_terms(case: MemoryCase, facts: ModelFacts, zero: Mapping[str, float] 
     n = f.params
     logits = c.seq * f.vocab_size * b  # [s, V] in the model dtype: transformers does not upcast them
     if c.engine == "train":
-        layer = layer_activation_bytes(f, c.seq, b, c.flash)
-        one_layer = sum(layer.values())
-        terms = {"weights": b * n / c.gpus if c.zero3 else 4 * n,
-                 "gradients": b * n / c.gpus if c.zero3 else 4 * n,
-                 "optimizer": 12 * n / c.gpus if c.zero3 else 8 * n}
-        if c.zero3:
-            zero = {**ZERO3_DEFAULTS, **(zero or {})}
-            layer_params = (n - f.vocab_size * f.hidden_size) / max(f.n_layers, 1)
-            terms["zero3_gathered"] = (2 * layer_params + zero["stage3_prefetch_bucket_size"]) * b
-            terms["zero3_reduce_buckets"] = 2 * zero["reduce_bucket_size"] * b
-            terms["zero3_whole_params"] = c.whole_params * b
-        if c.checkpointing:  # layer inputs kept; one layer recomputed in backward, with its gradients
-            terms["activations_checkpoints"] = f.n_layers * c.seq * f.hidden_size * b
-            terms["activations_recomputed_layer"] = 2 * one_layer
-        else:
-            terms.update({f"activations_{k}": f.n_layers * v for k, v in layer.items() if v})
-            terms["activations_backward_layer"] = one_layer  # the gradients of the layer in backward
-        terms["final_norm"] = (4 + 2 * b if b < 4 else 12) * c.seq * f.hidden_size
-        # the loss: logits, the CoT positions' copy, its float32 copy (below float32) and log_softmax, then in
-        # backward the float32 gradient of log_softmax and its input, and the [s, V] gradient of the logits
-        extra_fp32 = 4 if b < 4 else 0
-        terms["logits"] = logits
-        terms["loss_cot_logits"] = c.n_cot * f.vocab_size * (b + extra_fp32 + 4)
-        terms["loss_backward"] = c.n_cot * f.vocab_size * 8 + logits
-        if c.capture:
-            terms.update(capture_bytes(f, c.seq, b, c.capture, c.n_query, c.n_key, c.captured_layers, grad=True))
-        return terms
+        return train_memory_terms(c, f, zero)
     if c.engine == "forward":  # no gradients; a device map divides what sits on the layers' GPUs
         per_doc = {"activations_layer": forward_working_bytes(f, c.seq, b, c.flash) + 2 * c.seq * f.hidden_size * b}
         if c.capture:
@@ -578,6 +552,50 @@ def memory_terms(case: MemoryCase, facts: ModelFacts, zero: Mapping[str, float] 
         return {"weights": n * b, "kv_cache": c.batch * kv * (c.seq + c.new_tokens),
                 "last_logits": c.batch * f.vocab_size * 4}
     raise ValueError(f"memory_terms: unknown engine {c.engine!r}")
+
+
+def train_memory_terms(c: MemoryCase, f: ModelFacts, zero: Mapping[str, float] | None = None) -> dict[str, float]:
+    """One training step's peak (`memory_terms`): what every phase holds (model states, stored activations,
+    captures), plus the largest of its phases: the end of the forward (the logits and the loss's copies), the
+    backward of the last layer (one layer's gradients, or under checkpointing a recomputed layer and its
+    gradients) and, in one process, the optimizer step (every gradient and AdamW's temporary)."""
+    b, n = c.b, f.params
+    layer = layer_activation_bytes(f, c.seq, b, c.flash)
+    one_layer = sum(layer.values())
+    if c.zero3:  # partitions allocated for the whole run (the gradient partition included)
+        zero = {**ZERO3_DEFAULTS, **(zero or {})}
+        layer_params = (n - f.vocab_size * f.hidden_size) / max(f.n_layers, 1)
+        held = {"weights": b * n / c.gpus, "gradients": b * n / c.gpus, "optimizer": 12 * n / c.gpus,
+                "zero3_gathered": (2 * layer_params + zero["stage3_prefetch_bucket_size"]) * b,
+                "zero3_reduce_buckets": 2 * zero["reduce_bucket_size"] * b,
+                "zero3_whole_params": c.whole_params * b}
+    else:  # one process, float32 AdamW: gradients exist from the backward until the step
+        held = {"weights": 4 * n, "optimizer": 8 * n}
+    if c.checkpointing:  # each layer's input kept, a layer recomputed in backward
+        held["activations_checkpoints"] = f.n_layers * c.seq * f.hidden_size * b
+        backward = {"activations_recomputed_layer": 2 * one_layer}
+    else:
+        held.update({f"activations_{k}": f.n_layers * v for k, v in layer.items() if v})
+        backward = {"activations_backward_layer": one_layer}
+    if not c.zero3:
+        backward["gradients_unembedding"] = 4 * f.vocab_size * f.hidden_size  # lm_head's: the first computed
+    held["final_norm"] = (4 + 2 * b if b < 4 else 12) * c.seq * f.hidden_size
+    if c.capture:
+        held.update(capture_bytes(f, c.seq, b, c.capture, c.n_query, c.n_key, c.captured_layers, grad=True))
+    # the loss (`objective.student_loss`): the [s, V] logits, the CoT positions' copy, its float32 copy (below
+    # float32) and log_softmax's output; its backward's float32 gradients replace the first two
+    forward_end = {"logits": c.seq * f.vocab_size * b,
+                   "loss_cot_logits": c.n_cot * f.vocab_size * (b + (4 if b < 4 else 0) + 4)}
+    phases = [forward_end, backward]
+    if not c.zero3:  # the step: every gradient, AdamW's moments and its sqrt(v) temporary, no activation
+        phases.append({"gradients": 4 * n, "optimizer_step_temporary": 4 * n})
+        step = {"weights": 4 * n, "optimizer": 8 * n, **phases[-1]}
+        if sum(step.values()) > sum(held.values()) + max(sum(p.values()) for p in phases[:2]):
+            return step
+    per_document = {k for k in (*held, "logits", "loss_cot_logits", "activations_recomputed_layer",
+                                "activations_backward_layer") if k.startswith(("activations", "final", "capture", "logits", "loss"))}
+    out = {**held, **max(phases[:2], key=lambda p: sum(p.values()))}
+    return {k: v * c.batch if k in per_document else v for k, v in out.items()}  # `batch` documents a micro-batch
 
 
 ZERO3_DEFAULTS = {"reduce_bucket_size": 5e8, "stage3_prefetch_bucket_size": 5e7}  # distill.backends.zero3_config's
@@ -619,6 +637,8 @@ def memory_case(work: WorkRow, facts: ModelFacts, config: dict) -> MemoryCase:
     mech = dict(capture=("rows", "writes", "qk", "value_writes"), n_query=early + REFINE_QUERIES,
                 n_key=MENTION_KEYS, captured_layers=pooled_layer_count(config, facts.n_layers))
     if work.stage.startswith("las_simulator") or work.stage.startswith("evaluate (LAS"):
+        # T5: float32, eager attention, `batch` sources of max_source_length (the encoder's layers stand for
+        # the model: the decoder reads a short target)
         return MemoryCase(work.engine, seq=work.seq_len, b=4, batch=work.batch, flash=False, zero3=False)
     if work.engine == "train":
         pooled = pooled_layer_count(config, facts.n_layers)
