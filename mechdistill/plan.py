@@ -80,7 +80,7 @@ LAS_VIEWS = 3               # evaluate.las: one simulator per view (x, x+r, r)
 WorkRow = Any  # one row of stage_workloads (a namedtuple of itertuples, or a Series): its columns as attributes
 COLUMNS = ["stage", "dataset", "scope", "model", "params", "jobs", "docs", "seq_len", "generated", "prefill",
            "forced", "capture", "training", "patched_runs", "decode_steps", "decode_rows", "context", "batch",
-           "engine", "gpus", "precision", "in_flight"]
+           "engine", "gpus", "precision", "in_flight", "train_passes"]
 
 
 @dataclass(frozen=True)
@@ -262,7 +262,8 @@ def _dataset_work(config: dict, dataset: str, size: DatasetSize, models: Mapping
         return prompt if split in n else size.clean_tokens(dataset, split)
 
     def row(stage: str, scope: str, model: str, **work) -> dict:
-        base = dict.fromkeys(COLUMNS, 0) | {"capture": False, "jobs": 1, "gpus": 1, "batch": 1, "in_flight": 1}
+        base = dict.fromkeys(COLUMNS, 0) | {"capture": False, "jobs": 1, "gpus": 1, "batch": 1, "in_flight": 1,
+                                                  "train_passes": 3}
         return base | {"stage": stage, "dataset": dataset, "scope": scope, "model": model,
                        "params": models[model].params} | work
 
@@ -320,6 +321,7 @@ def _dataset_work(config: dict, dataset: str, size: DatasetSize, models: Mapping
                         generated=points * n_evals * f1_docs * cot * f1_generation,
                         prefill=points * n_evals * f1_docs * prompt * f1_generation, engine="train",
                         gpus=spread(distill["deepspeed"]),
+                        train_passes=4 if distill["train"].get("gradient_checkpointing") else 3,
                         precision=resolve_dtype(distill["student_dtype"], specs[student])))
         if distill["targets"] == "online":
             rows.append(forced("distill (online targets)", "train+val", teacher, sum(train_docs.values()), seq,
@@ -412,12 +414,13 @@ def gpu_seconds(work: WorkRow, facts: ModelFacts, gpu: dict) -> tuple[float, str
         seconds += work.generated / rate["output_tokens_per_s"] * rate["gpus"]
         used.append(f"{rate['source']} {rate['model']} x{rate['gpus']} {rate['output_tokens_per_s']:,.0f} tok/s")
         how.append("generated / cited tok/s x GPUs")
-    flops = (work.prefill + work.forced + 3 * work.training) * facts.flops_per_token(work.seq_len)
+    # training: forward + backward = 3 forwards; activation checkpointing recomputes the forward: 4 (train_passes)
+    flops = (work.prefill + work.forced + work.train_passes * work.training) * facts.flops_per_token(work.seq_len)
     if flops:
         mfu = nearest(gpu["mfu"], params=facts.params, seq_len=work.seq_len)
         seconds += flops / (mfu["mfu"] * hw["peak_tflops"][work.precision] * 1e12)
         used.append(f"{mfu['source']} {mfu['model']}@{mfu['seq_len']} MFU {mfu['mfu']:.0%}")
-        parts = " + ".join(n for n, v in (("prefill", work.prefill), ("forward", work.forced), ("3 x train", work.training))
+        parts = " + ".join(n for n, v in (("prefill", work.prefill), ("forward", work.forced), (f"{work.train_passes} x train", work.training))
                            if v)
         how.append(f"{parts}: F(s) FLOPs at cited MFU x {work.precision} peak")
     if work.decode_steps:

@@ -142,7 +142,7 @@ GPU = {"hardware": {"name": "test GPU", "memory_gb": 80, "hbm_gb_per_s": 1000, "
 
 def work_row(**work) -> pd.Series:
     base = dict.fromkeys(plan.COLUMNS, 0) | {"capture": False, "gpus": 1, "batch": 1, "precision": "bfloat16",
-                                             "in_flight": 1}
+                                             "in_flight": 1, "train_passes": 3}
     return pd.Series(base | work)
 
 
@@ -289,3 +289,12 @@ def test_cli_detail_has_a_row_per_stage_dataset_and_model(capsys):
     points = len(cfg["methods"])  # one grid point per method (no grids: config/paper.yaml, equal tuning)
     assert all(f"| {points:,} |" in r for r in rows)
     assert math.isfinite(points)
+
+
+def test_checkpointing_recomputes_the_forward():
+    facts = plan.ModelFacts(1e9)
+    plain, _, _ = plan.gpu_seconds(work_row(training=1000, seq_len=8000, engine="train", gpus=8, train_passes=3), facts, GPU)
+    ckpt, _, how = plan.gpu_seconds(work_row(training=1000, seq_len=8000, engine="train", gpus=8, train_passes=4), facts, GPU)
+    assert ckpt == pytest.approx(plain * 4 / 3) and "4 x train" in how
+    row = plan.stage_workloads(load_config(PAPER), plan.dataset_sizes(load_config(PAPER))).query("stage == 'distill'")
+    assert (row["train_passes"] == 4).all()  # config/paper.yaml checkpoints
