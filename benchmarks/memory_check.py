@@ -175,7 +175,8 @@ def child(case: str, size: int) -> dict:
         out = score_document(model, tokenizer, seq, ["heart failure", "asthma"], ["heart failure"], ["asthma"],
                              tau=0.01, n_stages=4)
         assert "coarse" in out and "refine" in out
-        case_ = plan.MemoryCase("forward", **base, **dict(mech, captured_layers=L, n_query=max(EARLY, len(refine))))
+        case_ = plan.MemoryCase("forward", **base, **dict(mech, captured_layers=L, n_query=max(EARLY, len(refine))),
+                                logits_held=2)  # the first forward's output is held through the second
     elif case == "patching":
         prompt = ids[:size - STEPS]  # the prefix; the patched runs decode STEPS tokens after it
         heads = [(layer, head) for layer in range(L) for head in range(H)]

@@ -525,6 +525,7 @@ class MemoryCase:
     batch: int = 1                 # patch: head sets per batched run; generate: rows
     new_tokens: float = 0          # patch / generate: tokens decoded after the prompt
     logits: str = "all"            # forward: "all" (HF computes s x V) or "cot" (and the top-k of the CoT positions)
+    logits_held: int = 1           # forward: [s, V] logits alive at once (head scores: 2, below)
 
 
 def memory_terms(case: MemoryCase, facts: ModelFacts, zero: Mapping[str, float] | None = None) -> dict[str, float]:
@@ -541,7 +542,7 @@ def memory_terms(case: MemoryCase, facts: ModelFacts, zero: Mapping[str, float] 
             cap = capture_bytes(f, c.seq, b, c.capture, c.n_query, c.n_key, c.captured_layers, grad=False)
             per_doc["captures"] = cap["captures"] / c.gpus
             per_doc["capture_row_logits"] = cap["capture_row_logits"]
-        per_doc["logits"] = logits  # on the last GPU
+        per_doc["logits"] = c.logits_held * logits  # on the last GPU
         if c.logits == "cot":
             per_doc["topk_cot_logits"] = c.n_cot * f.vocab_size * (b + 4)  # logits[cot] and its float32 copy
         return {"weights": n * b / c.gpus, **{k: c.in_flight * v for k, v in per_doc.items()}}
@@ -653,7 +654,9 @@ def memory_case(work: WorkRow, facts: ModelFacts, config: dict) -> MemoryCase:
         logits = "cot" if work.stage == "teacher_targets" else "all"
         # head scores capture every layer; teacher targets and the mechanism metrics the pooled ones
         # (head scores capture the early queries and the refinement positions in two forwards, one after the other)
-        what = dict(mech, captured_layers=facts.n_layers, n_query=max(early, REFINE_QUERIES)) \
+        # `head_scores.score_document` keeps the first forward's output (`_, cap = ...`) through the second: two
+        # [s, V] logits at once
+        what = dict(mech, captured_layers=facts.n_layers, n_query=max(early, REFINE_QUERIES), logits_held=2) \
             if "head_scores" in work.stage else mech
         return MemoryCase("forward", **base, **what, logits=logits)
     if work.engine == "patch":
