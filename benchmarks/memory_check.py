@@ -271,13 +271,18 @@ def main() -> int:
                 continue
             print(f"{case} {size}: measured {row['measured_gb']:.2f} GB, predicted {row['predicted_gb']:.2f} GB "
                   f"({row['error_pct']:+.0f}%) {row['note']}", file=sys.stderr, flush=True)
+            save(args.out, rows, start)  # after every case: a long run keeps what it measured
+    save(args.out, rows, start)
     print(table(rows))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"command": "PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/memory_check.py",
-                                    "date": time.strftime("%Y-%m-%d", time.gmtime()), "machine": os.uname().nodename,
-                                    "cpus": os.cpu_count(), "seconds": round(time.time() - start), "rows": rows},
-                                   indent=1))
     return report(rows)
+
+
+def save(out: Path, rows: list[dict], start: float) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"command": "PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/memory_check.py",
+                               "date": time.strftime("%Y-%m-%d", time.gmtime()), "machine": os.uname().nodename,
+                               "cpus": os.cpu_count(), "seconds": round(time.time() - start), "rows": rows},
+                              indent=1))
 
 
 def report(rows: list[dict]) -> int:
