@@ -21,30 +21,25 @@ count of the cited MFU table:
 
     generated          / the cited vLLM output tokens/s of the nearest model size at the job's GPU count, x GPUs
     prefill, forced    x F(s) / (MFU x peak FLOP/s of the dtype)
-    training           x 3 F(s) / (MFU x peak)
+    training           x 3 F(s) / (MFU x peak); x 4 with activation checkpointing (the forward recomputed)
     decode             HBM bytes each call reads (weights, and every row's KV cache) / HBM bandwidth:
                        a roofline lower bound; patching decodes a few rows at a time, bandwidth-bound
     MFU: the cited training MFU nearest in |log params| + |log seq| (no forward-only figure is published)
-    A job whose model a device_map spreads over `plan.gpus_per_job` GPUs (forward, patching) runs its layers one
-    GPU at a time: its GPU-hours are its compute time x the GPUs it holds.
+    A job whose model a device_map spreads over `plan.gpus_per_job` GPUs (forward, patching) runs a document's
+    layers one GPU at a time: with k documents in flight (the stage's in_flight) at most min(k, GPUs) are busy,
+    so its GPU-hours are its compute time x GPUs held / min(k, GPUs) (an assumption: no GPU measured it).
 
 CPU time (`cpu_seconds`): the same tokens at the throughputs measured on SmolLM2-135M by
 benchmarks/throughput_cpu.py (benchmarks/results/throughput_cpu.json: decoding, forward with and without
 capture, training), scaled by F(s) of the model over F of the measured run. For scale only.
 
-Peak memory per GPU (`peak_memory_gb`), bytes from formulas (b = bytes per value of the dtype):
-
-    vllm       max(gpu_memory_utilization x GPU memory, which vLLM reserves; weights / TP + one sequence's KV)
-    forward    weights N b + float32 logits s V 4 + captured attention rows L H q s 4 (q = anchors.early_tokens
-               queries: a lower bound, refinement positions add more); one document at a time; a device_map
-               divides all but the logits (on the last GPU) by the job's GPUs
-    generate   weights + KV cache batch s 2 L H_kv d b + last-position logits
-    patch      weights + KV caches of the batched patched run and both references (batch + 2) (s + steps)
-               2 L H_kv d b + float32 prefill logits s V 4
-    train      model states 16 N / GPUs (ZeRO, Rajbhandari et al. 2020: 16-bit weights and gradients, fp32
-               master weights, Adam m and v) + activations 34 s h L b / 2 (Korthikanti et al. 2022, Eq. 1 with
-               flash attention's s^2 term gone; no recomputation: the trainer does not checkpoint) + logits and
-               their gradient s V 8
+Peak memory per GPU (`peak_memory_gb`) and host memory per node (`host_memory_gb`): sums of named terms
+(`gpu_memory_terms` -> `memory_terms`, `host_memory_terms`) at each stage's length cap (its max_tokens, else
+the model's context), with ZeRO-3's partitions and working set, activations with and without checkpointing,
+the logits and the loss's copies, head captures, KV caches and in-flight documents. docs/scale.md, "The
+memory model", gives every term with its source; benchmarks/memory_check.py checks them against the peak RSS
+of the real stage code on CPU. A row fits when its peak is within HEADROOM of the GPU and its host memory
+within its rule's mem_mb (profiles/slurm/config.yaml).
 
 Dataset sizes and prompt lengths come from the config's `plan` section (`dataset_sizes`); a model's
 parameters and shape from `plan.models`, else from its config.json and safetensors headers on this machine
@@ -73,8 +68,6 @@ GPU_SOURCES = "benchmarks/gpu_throughput_sources.yaml"
 CPU_THROUGHPUT = "benchmarks/results/throughput_cpu.json"
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 HEADROOM = 0.9             # a job fits when its peak is within 90% of the GPU's memory
-ZERO_BYTES_PER_PARAM = 16   # Rajbhandari et al. 2020 (ZeRO), Sec. 3.1: mixed-precision Adam, 2 + 2 + 12 bytes
-ACTIVATION_BYTES = 34       # Korthikanti et al. 2022, Eq. 1: s b h (34 + 5 a s / h) bytes per layer, 16-bit
 TRAIN_DEFAULTS = {"max_steps": 1000, "grad_accum_steps": 1, "eval_every": 0}  # distill.train_config.TrainConfig's
 LAS_VIEWS = 3               # evaluate.las: one simulator per view (x, x+r, r)
 WorkRow = Any  # one row of stage_workloads (a namedtuple of itertuples, or a Series): its columns as attributes
