@@ -21,30 +21,25 @@ count of the cited MFU table:
 
     generated          / the cited vLLM output tokens/s of the nearest model size at the job's GPU count, x GPUs
     prefill, forced    x F(s) / (MFU x peak FLOP/s of the dtype)
-    training           x 3 F(s) / (MFU x peak)
+    training           x 3 F(s) / (MFU x peak); x 4 with activation checkpointing (the forward recomputed)
     decode             HBM bytes each call reads (weights, and every row's KV cache) / HBM bandwidth:
                        a roofline lower bound; patching decodes a few rows at a time, bandwidth-bound
     MFU: the cited training MFU nearest in |log params| + |log seq| (no forward-only figure is published)
-    A job whose model a device_map spreads over `plan.gpus_per_job` GPUs (forward, patching) runs its layers one
-    GPU at a time: its GPU-hours are its compute time x the GPUs it holds.
+    A job whose model a device_map spreads over `plan.gpus_per_job` GPUs (forward, patching) runs a document's
+    layers one GPU at a time: with k documents in flight (the stage's in_flight) at most min(k, GPUs) are busy,
+    so its GPU-hours are its compute time x GPUs held / min(k, GPUs) (an assumption: no GPU measured it).
 
 CPU time (`cpu_seconds`): the same tokens at the throughputs measured on SmolLM2-135M by
 benchmarks/throughput_cpu.py (benchmarks/results/throughput_cpu.json: decoding, forward with and without
 capture, training), scaled by F(s) of the model over F of the measured run. For scale only.
 
-Peak memory per GPU (`peak_memory_gb`), bytes from formulas (b = bytes per value of the dtype):
-
-    vllm       max(gpu_memory_utilization x GPU memory, which vLLM reserves; weights / TP + one sequence's KV)
-    forward    weights N b + float32 logits s V 4 + captured attention rows L H q s 4 (q = anchors.early_tokens
-               queries: a lower bound, refinement positions add more); one document at a time; a device_map
-               divides all but the logits (on the last GPU) by the job's GPUs
-    generate   weights + KV cache batch s 2 L H_kv d b + last-position logits
-    patch      weights + KV caches of the batched patched run and both references (batch + 2) (s + steps)
-               2 L H_kv d b + float32 prefill logits s V 4
-    train      model states 16 N / GPUs (ZeRO, Rajbhandari et al. 2020: 16-bit weights and gradients, fp32
-               master weights, Adam m and v) + activations 34 s h L b / 2 (Korthikanti et al. 2022, Eq. 1 with
-               flash attention's s^2 term gone; no recomputation: the trainer does not checkpoint) + logits and
-               their gradient s V 8
+Peak memory per GPU (`peak_memory_gb`) and host memory per node (`host_memory_gb`): sums of named terms
+(`gpu_memory_terms` -> `memory_terms`, `host_memory_terms`) at each stage's length cap (its max_tokens, else
+the model's context), with ZeRO-3's partitions and working set, activations with and without checkpointing,
+the logits and the loss's copies, head captures, KV caches and in-flight documents. docs/scale.md, "The
+memory model", gives every term with its source; benchmarks/memory_check.py checks them against the peak RSS
+of the real stage code on CPU. A row fits when its peak is within HEADROOM of the GPU and its host memory
+within its rule's mem_mb (profiles/slurm/config.yaml).
 
 Dataset sizes and prompt lengths come from the config's `plan` section (`dataset_sizes`); a model's
 parameters and shape from `plan.models`, else from its config.json and safetensors headers on this machine
@@ -72,14 +67,13 @@ from .errors import ConfigError
 GPU_SOURCES = "benchmarks/gpu_throughput_sources.yaml"
 CPU_THROUGHPUT = "benchmarks/results/throughput_cpu.json"
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-ZERO_BYTES_PER_PARAM = 16   # Rajbhandari et al. 2020 (ZeRO), Sec. 3.1: mixed-precision Adam, 2 + 2 + 12 bytes
-ACTIVATION_BYTES = 34       # Korthikanti et al. 2022, Eq. 1: s b h (34 + 5 a s / h) bytes per layer, 16-bit
+HEADROOM = 0.9             # a job fits when its peak is within 90% of the GPU's memory
 TRAIN_DEFAULTS = {"max_steps": 1000, "grad_accum_steps": 1, "eval_every": 0}  # distill.train_config.TrainConfig's
 LAS_VIEWS = 3               # evaluate.las: one simulator per view (x, x+r, r)
 WorkRow = Any  # one row of stage_workloads (a namedtuple of itertuples, or a Series): its columns as attributes
 COLUMNS = ["stage", "dataset", "scope", "model", "params", "jobs", "docs", "seq_len", "generated", "prefill",
            "forced", "capture", "training", "patched_runs", "decode_steps", "decode_rows", "context", "batch",
-           "engine", "gpus", "precision"]
+           "engine", "gpus", "precision", "in_flight", "train_passes"]
 
 
 @dataclass(frozen=True)
@@ -110,7 +104,15 @@ class ModelFacts:
     head_dim: int = 0
     hidden_size: int = 0
     vocab_size: int = 0
+    intermediate_size: int = 0     # the MLP's width (0: 4 h, a GPT MLP)
+    norms_per_layer: int = 2       # RMSNorms per decoder layer (Gemma 3: 4)
+    qk_norm: bool = False          # per-head q/k RMSNorms (Qwen3, Gemma 3)
+    context: int = 0               # max_position_embeddings
     source: str = ""
+
+    @property
+    def mlp_size(self) -> int:
+        return self.intermediate_size or 4 * self.hidden_size
 
     def flops_per_token(self, seq: float) -> float:
         """Forward FLOPs of one token at sequence length `seq`: 2 N + 4 L H d s (MosaicML's MFU count)."""
@@ -159,7 +161,10 @@ def facts_from_files(config_json: Path) -> ModelFacts:
                       n_layers=text.get("num_hidden_layers", text.get("num_layers", 0)), n_heads=n_heads,
                       n_kv_heads=text.get("num_key_value_heads") or n_heads,
                       head_dim=text.get("head_dim") or (hidden // n_heads if n_heads else 0), hidden_size=hidden,
-                      vocab_size=text.get("vocab_size", 0), source=str(config_json.parent))
+                      vocab_size=text.get("vocab_size", 0), intermediate_size=text.get("intermediate_size", 0),
+                      norms_per_layer=4 if text.get("model_type", "").startswith(("gemma2", "gemma3")) else 2,
+                      qk_norm=text.get("model_type", "").startswith(("qwen3", "gemma3")),
+                      context=text.get("max_position_embeddings", 0), source=str(config_json.parent))
 
 
 def model_facts(config: dict, name: str) -> ModelFacts:
@@ -250,7 +255,8 @@ def _dataset_work(config: dict, dataset: str, size: DatasetSize, models: Mapping
         return prompt if split in n else size.clean_tokens(dataset, split)
 
     def row(stage: str, scope: str, model: str, **work) -> dict:
-        base = dict.fromkeys(COLUMNS, 0) | {"capture": False, "jobs": 1, "gpus": 1, "batch": 1}
+        base = dict.fromkeys(COLUMNS, 0) | {"capture": False, "jobs": 1, "gpus": 1, "batch": 1, "in_flight": 1,
+                                                  "train_passes": 3}
         return base | {"stage": stage, "dataset": dataset, "scope": scope, "model": model,
                        "params": models[model].params} | work
 
@@ -270,20 +276,20 @@ def _dataset_work(config: dict, dataset: str, size: DatasetSize, models: Mapping
         return config["plan"]["gpus_per_job"] if device_map else 1
 
     def forced(stage: str, scope: str, model: str, docs: int, seq: float, dtype: str | None, device_map=None,
-               jobs: int = 1, passes: int = 1) -> dict:
+               jobs: int = 1, passes: int = 1, in_flight: int | None = 1) -> dict:
         return row(stage, scope, model, jobs=jobs, docs=docs, seq_len=seq, forced=jobs * passes * docs * seq,
                    capture=True, engine="forward", gpus=spread(device_map),
-                   precision=resolve_dtype(dtype, specs.get(model, {})))
+                   precision=resolve_dtype(dtype, specs.get(model, {})), in_flight=in_flight or 1)
 
     char = paths.characterization_split(config, heads["split"])
     d_heads = min(heads.get("max_docs") or docs_of(char), docs_of(char))
     for model in [teacher, *students]:
         rows.append(forced("head_scores", char, model, d_heads, prompt_of(char) + cot, heads["dtype"],
-                           heads.get("device_map")))
+                           heads.get("device_map"), in_flight=heads.get("in_flight")))
     for split in paths.compared_splits(config):
         d = min(heads.get("max_docs") or docs_of(split), docs_of(split))
         rows.append(forced("style_head_scores", split, teacher, d, prompt_of(split) + cot, heads["dtype"],
-                           heads.get("device_map")))
+                           heads.get("device_map"), in_flight=heads.get("in_flight")))
 
     rows += _patching_work(config, dataset, row, docs_of, prompt_of, models[teacher], spread(patching.get("device_map")))
 
@@ -292,7 +298,7 @@ def _dataset_work(config: dict, dataset: str, size: DatasetSize, models: Mapping
     if distill["targets"] == "precomputed":
         for split, d in train_docs.items():
             rows.append(forced("teacher_targets", split, teacher, d, seq, distill["teacher_dtype"],
-                               distill.get("teacher_device_map")))
+                               distill.get("teacher_device_map"), in_flight=distill.get("teacher_in_flight")))
     if gen["backend"] != "file":
         rows += _baseline_teacher_work(config, row, sum(train_docs.values()), seq, generation)
     train = TRAIN_DEFAULTS | distill["train"]
@@ -308,10 +314,12 @@ def _dataset_work(config: dict, dataset: str, size: DatasetSize, models: Mapping
                         generated=points * n_evals * f1_docs * cot * f1_generation,
                         prefill=points * n_evals * f1_docs * prompt * f1_generation, engine="train",
                         gpus=spread(distill["deepspeed"]),
+                        train_passes=4 if distill["train"].get("gradient_checkpointing") else 3,
                         precision=resolve_dtype(distill["student_dtype"], specs[student])))
         if distill["targets"] == "online":
             rows.append(forced("distill (online targets)", "train+val", teacher, sum(train_docs.values()), seq,
-                               distill["teacher_dtype"], distill.get("teacher_device_map"), jobs=points))
+                               distill["teacher_dtype"], distill.get("teacher_device_map"), jobs=points,
+                               in_flight=distill.get("teacher_in_flight")))
 
     return rows + _evaluate_work(config, row, forced, generation, n, seq, cot, prompt)
 
@@ -346,7 +354,7 @@ def _evaluate_work(config: dict, row, forced, generation: dict, n: Mapping[str, 
         # the rule gives a student's row one GPU and the teacher's row the teacher's GPUs
         device_map = config["evaluate"].get("device_map") if model == teacher else None
         rows.append(forced("evaluate", "test", model, n_test, seq, config["evaluate"]["dtype"], device_map,
-                           jobs=jobs, passes=2))
+                           jobs=jobs, passes=2, in_flight=config["evaluate"].get("in_flight") if device_map else 1))
     las = config["evaluate"]["las"]
     if las["simulator"] == "seq2seq":
         # trained once per dataset (rule las_simulator), then read by every evaluate job
@@ -377,6 +385,7 @@ def _patching_work(config: dict, dataset: str, row, docs_of, prompt_of, teacher:
                         patched_runs=docs * 2 * n_sets, decode_steps=docs * (2 + 2 * batches) * steps,
                         decode_rows=docs * (2 + 2 * n_sets) * steps, context=prefix + steps / 2,
                         batch=min(settings["batch_size"], n_sets), engine="patch", gpus=gpus,
+                        in_flight=settings.get("in_flight") or 1,
                         precision=resolve_dtype(settings["dtype"], config["models"][config["teacher"]])))
     return rows
 
@@ -398,12 +407,13 @@ def gpu_seconds(work: WorkRow, facts: ModelFacts, gpu: dict) -> tuple[float, str
         seconds += work.generated / rate["output_tokens_per_s"] * rate["gpus"]
         used.append(f"{rate['source']} {rate['model']} x{rate['gpus']} {rate['output_tokens_per_s']:,.0f} tok/s")
         how.append("generated / cited tok/s x GPUs")
-    flops = (work.prefill + work.forced + 3 * work.training) * facts.flops_per_token(work.seq_len)
+    # training: forward + backward = 3 forwards; activation checkpointing recomputes the forward: 4 (train_passes)
+    flops = (work.prefill + work.forced + work.train_passes * work.training) * facts.flops_per_token(work.seq_len)
     if flops:
         mfu = nearest(gpu["mfu"], params=facts.params, seq_len=work.seq_len)
         seconds += flops / (mfu["mfu"] * hw["peak_tflops"][work.precision] * 1e12)
         used.append(f"{mfu['source']} {mfu['model']}@{mfu['seq_len']} MFU {mfu['mfu']:.0%}")
-        parts = " + ".join(n for n, v in (("prefill", work.prefill), ("forward", work.forced), ("3 x train", work.training))
+        parts = " + ".join(n for n, v in (("prefill", work.prefill), ("forward", work.forced), (f"{work.train_passes} x train", work.training))
                            if v)
         how.append(f"{parts}: F(s) FLOPs at cited MFU x {work.precision} peak")
     if work.decode_steps:
@@ -412,9 +422,12 @@ def gpu_seconds(work: WorkRow, facts: ModelFacts, gpu: dict) -> tuple[float, str
         seconds += read / (hw["hbm_gb_per_s"] * 1e9)
         used.append(f"{hw['source']} HBM {hw['hbm_gb_per_s']:,} GB/s")
         how.append("decode: HBM bytes / bandwidth (roofline lower bound)")
-    if work.engine in ("forward", "patch") and work.gpus > 1:  # a device_map runs one GPU at a time, holds all
-        seconds *= work.gpus
-        how.append(f"x {work.gpus} GPUs held (device_map)")
+    if work.engine in ("forward", "patch") and work.gpus > 1:
+        # a device_map runs a document's layers one GPU at a time: with k documents in flight (in_flight) at
+        # most min(k, GPUs) are busy at once, all held. An assumption: no GPU has measured the overlap.
+        busy = min(work.in_flight, work.gpus)
+        seconds *= work.gpus / busy
+        how.append(f"x {work.gpus} GPUs held / {busy} busy (device_map, in_flight)")
     return seconds, "; ".join(used), "; ".join(how)
 
 
@@ -432,32 +445,288 @@ def cpu_seconds(work: WorkRow, facts: ModelFacts, cpu: dict) -> float:
             + work.training * scale / rate["train"])
 
 
-def peak_memory_gb(work: WorkRow, facts: ModelFacts, config: dict, gpu: dict) -> float:
-    """Peak memory of one job on one GPU, in GB (1e9 bytes), by the formulas of the module docstring."""
-    b = DTYPE_BYTES[work.precision]
-    weights, logits = facts.params * b, work.seq_len * facts.vocab_size * 4
-    kv = facts.kv_bytes_per_token(b)
-    if work.engine == "vllm":
-        reserved = config["generation"]["gpu_memory_utilization"] * gpu["hardware"]["memory_gb"] * 1e9
-        return max(reserved, (weights + kv * work.seq_len) / work.gpus) / 1e9
-    if work.engine == "generate":
-        return (weights + work.batch * (kv * work.seq_len + facts.vocab_size * 4)) / 1e9
-    if work.engine == "patch":
-        steps = 2 * (work.context - work.seq_len)
-        return ((weights + (work.batch + 2) * kv * (work.seq_len + steps)) / work.gpus + logits) / 1e9
+# ----------------------------------------------------------------------------- memory
+
+def layer_activation_bytes(facts: ModelFacts, seq: float, b: int, flash: bool) -> dict[str, float]:
+    """Bytes one decoder layer keeps for its backward pass, for one document of `seq` tokens (docs/scale.md,
+    "The memory model"; counted tensor by tensor on transformers' Llama/Qwen3/Gemma 3 layers, as
+    Korthikanti et al. 2022, Sec. 4.1, count a GPT layer):
+
+        norms       (4 + 2 b) h per RMSNorm: its float32 input (the RMSNorm upcasts), the normalised value in
+                    the model dtype and the scaled output the next linear reads; Gemma 3 has 4 per layer
+        qk_norm     (4 + 2 b) (H + H_kv) d: Qwen3's and Gemma 3's per-head q/k norms
+        attention   5 H d b: q, k and v repeated to H heads (SDPA's inputs), its output and the contiguous copy
+                    o_proj reads
+        mlp         4 I b: gate, up, act(gate) and their product (what down_proj reads)
+        scores      H s 4 (+ H s b below float32) per token when the kernel materialises the s x s
+                    probabilities (eager / SDPA's math kernel; Korthikanti's 5 a s / h term); 0 for flash
+    """
+    h, hd, kv_hd = facts.hidden_size, facts.n_heads * facts.head_dim, facts.n_kv_heads * facts.head_dim
+    norm = (4 + 2 * b) if b < 4 else 12  # float32: the input, the normalised value and the output, 4 bytes each
+    terms = {"norms": facts.norms_per_layer * norm * h,
+             "qk_norm": norm * (hd + kv_hd) if facts.qk_norm else 0,
+             "attention": 5 * hd * b,
+             "mlp": 4 * facts.mlp_size * b,
+             "scores": 0 if flash else facts.n_heads * seq * (4 + (b if b < 4 else 0))}
+    return {k: v * seq for k, v in terms.items()}
+
+
+def forward_working_bytes(facts: ModelFacts, seq: float, b: int, flash: bool) -> float:
+    """Transient bytes of one decoder layer's forward without gradients (one document): the residual stream
+    in and out, the float32 RMSNorm copy, q/k/v and the repeated k/v, the MLP's gate, up and product, and the
+    s x s scores and probabilities of a non-flash kernel."""
+    h, hd = facts.hidden_size, facts.n_heads * facts.head_dim
+    kv_hd = facts.n_kv_heads * facts.head_dim
+    per_token = (3 * h + hd + 2 * kv_hd + 2 * hd + 3 * facts.mlp_size) * b + 4 * h
+    scores = 0 if flash else 2 * facts.n_heads * seq * seq * 4
+    return per_token * seq + scores
+
+
+def capture_bytes(facts: ModelFacts, seq: float, b: int, what: tuple[str, ...], n_query: int, n_key: int,
+                  layers: int, grad: bool) -> dict[str, float]:
+    """A head capture (`characterize.capture.capture_nbytes`: float32 rows, the rest in the model dtype) over
+    `layers` layers; with gradients also the float32 key copy each captured layer's row recomputation keeps
+    for backward (`attention.AttentionCall.rows`: q.float() @ key.float())."""
+    from .characterize.capture import capture_nbytes  # torch: imported only when memory is asked for
+
+    held = capture_nbytes(layers, facts.n_heads, facts.head_dim, facts.hidden_size, int(seq), n_query, n_key,
+                          bytes_per=b, rows_bytes_per=4, what=what)
+    out = {"captures": float(held["total_held"]), "capture_row_logits": float(held["transient_rows_fp32"])}
+    if grad and "rows" in what:
+        out["capture_keys_fp32"] = layers * seq * facts.n_kv_heads * facts.head_dim * 4.0
+    return out
+
+
+@dataclass(frozen=True)
+class MemoryCase:
+    """What the memory of one job depends on besides its model (`memory_terms`)."""
+
+    engine: str                    # train | forward | patch | generate | vllm
+    seq: float                     # tokens of the longest document (the stage's max_tokens)
+    b: int                         # bytes per value of the model dtype
+    gpus: int = 1                  # ZeRO-3 ranks (train) or GPUs a device_map spreads the model over
+    n_cot: float = 0               # supervised / scored CoT positions (logits kept for the loss or the top-k)
+    capture: tuple[str, ...] = ()  # what the head capture records (() = none)
+    n_query: int = 0               # captured query positions
+    n_key: int = 0                 # captured key positions
+    captured_layers: int = 0
+    in_flight: int = 1             # documents on the model at once
+    checkpointing: bool = False
+    flash: bool = True             # an attention kernel that never holds s x s (flash / memory-efficient)
+    zero3: bool = True             # train: DeepSpeed ZeRO-3 (else one process, plain AdamW)
+    whole_params: float = 0        # train under ZeRO-3: parameters kept whole on every rank (keep_whole)
+    batch: int = 1                 # patch: head sets per batched run; generate: rows
+    new_tokens: float = 0          # patch / generate: tokens decoded after the prompt
+    logits: str = "all"            # forward: "all" (HF computes s x V) or "cot" (and the top-k of the CoT positions)
+    logits_held: int = 1           # forward: [s, V] logits alive at once (head scores: 2, below)
+
+
+def memory_terms(case: MemoryCase, facts: ModelFacts, zero: Mapping[str, float] | None = None) -> dict[str, float]:
+    """Peak bytes of one job on one GPU (or one CPU process), as named terms that sum to the peak
+    (docs/scale.md, "The memory model"; benchmarks/memory_check.py checks them against measured runs)."""
+    c, f, b = case, facts, case.b
+    n = f.params
+    logits = c.seq * f.vocab_size * b  # [s, V] in the model dtype: transformers does not upcast them
+    if c.engine == "train":
+        return train_memory_terms(c, f, zero)
+    if c.engine == "forward":  # no gradients; a device map divides what sits on the layers' GPUs
+        per_doc = {"activations_layer": forward_working_bytes(f, c.seq, b, c.flash) + 2 * c.seq * f.hidden_size * b}
+        if c.capture:
+            cap = capture_bytes(f, c.seq, b, c.capture, c.n_query, c.n_key, c.captured_layers, grad=False)
+            per_doc["captures"] = cap["captures"] / c.gpus
+            per_doc["capture_row_logits"] = cap["capture_row_logits"]
+        per_doc["logits"] = c.logits_held * logits  # on the last GPU
+        if c.logits == "cot":
+            per_doc["topk_cot_logits"] = c.n_cot * f.vocab_size * (b + 4)  # logits[cot] and its float32 copy
+        return {"weights": n * b / c.gpus, **{k: c.in_flight * v for k, v in per_doc.items()}}
+    kv = f.kv_bytes_per_token(b)
+    if c.engine == "patch":  # 2 prefilled inputs' caches, a deep copy and `batch` repeats of it per patched run
+        per_doc = {"kv_caches": (c.batch + 3) * kv * (c.seq + c.new_tokens) / c.gpus,
+                   "prefill_logits": logits,
+                   "activations_layer": forward_working_bytes(f, c.seq, b, c.flash)}
+        return {"weights": n * b / c.gpus, **{k: c.in_flight * v for k, v in per_doc.items()}}
+    if c.engine == "generate":
+        return {"weights": n * b, "kv_cache": c.batch * kv * (c.seq + c.new_tokens),
+                "last_logits": c.batch * f.vocab_size * 4}
+    raise ValueError(f"memory_terms: unknown engine {c.engine!r}")
+
+
+def train_memory_terms(c: MemoryCase, f: ModelFacts, zero: Mapping[str, float] | None = None) -> dict[str, float]:
+    """One training step's peak (`memory_terms`): what every phase holds (model states, stored activations,
+    captures), plus the largest of its phases: the end of the forward (the logits and the loss's copies), the
+    backward of the last layer (one layer's gradients, or under checkpointing a recomputed layer and its
+    gradients) and, in one process, the optimizer step (every gradient and AdamW's temporary)."""
+    b, n = c.b, f.params
+    layer = layer_activation_bytes(f, c.seq, b, c.flash)
+    one_layer = sum(layer.values())
+    if c.zero3:  # partitions allocated for the whole run (the gradient partition included)
+        zero = {**ZERO3_DEFAULTS, **(zero or {})}
+        layer_params = (n - f.vocab_size * f.hidden_size) / max(f.n_layers, 1)
+        held = {"weights": b * n / c.gpus, "gradients": b * n / c.gpus, "optimizer": 12 * n / c.gpus,
+                "zero3_gathered": (2 * layer_params + zero["stage3_prefetch_bucket_size"]) * b,
+                "zero3_reduce_buckets": 2 * zero["reduce_bucket_size"] * b,
+                "zero3_whole_params": c.whole_params * b}
+    else:  # one process, float32 AdamW: gradients exist from the backward until the step
+        held = {"weights": 4 * n, "optimizer": 8 * n}
+    if c.checkpointing:  # each layer's input kept, a layer recomputed in backward
+        held["activations_checkpoints"] = f.n_layers * c.seq * f.hidden_size * b
+        backward = {"activations_recomputed_layer": 2 * one_layer}
+    else:
+        held.update({f"activations_{k}": f.n_layers * v for k, v in layer.items() if v})
+        backward = {"activations_backward_layer": one_layer}
+    if not c.zero3:
+        backward["gradients_unembedding"] = 4 * f.vocab_size * f.hidden_size  # lm_head's: the first computed
+    held["final_norm"] = (4 + 2 * b if b < 4 else 12) * c.seq * f.hidden_size
+    if c.capture:
+        held.update(capture_bytes(f, c.seq, b, c.capture, c.n_query, c.n_key, c.captured_layers, grad=True))
+    # the loss (`objective.student_loss`): the [s, V] logits, the CoT positions' copy, its float32 copy (below
+    # float32) and log_softmax's output; its backward's float32 gradients replace the first two
+    forward_end = {"logits": c.seq * f.vocab_size * b,
+                   "loss_cot_logits": c.n_cot * f.vocab_size * (b + (4 if b < 4 else 0) + 4)}
+    phases = [forward_end, backward]
+    if not c.zero3:  # the step: every gradient, AdamW's moments and its sqrt(v) temporary, no activation
+        phases.append({"gradients": 4 * n, "optimizer_step_temporary": 4 * n})
+        step = {"weights": 4 * n, "optimizer": 8 * n, **phases[-1]}
+        if sum(step.values()) > sum(held.values()) + max(sum(p.values()) for p in phases[:2]):
+            return step
+    per_document = {k for k in (*held, "logits", "loss_cot_logits", "activations_recomputed_layer",
+                                "activations_backward_layer") if k.startswith(("activations", "final", "capture", "logits", "loss"))}
+    out = {**held, **max(phases[:2], key=lambda p: sum(p.values()))}
+    return {k: v * c.batch if k in per_document else v for k, v in out.items()}  # `batch` documents a micro-batch
+
+
+ZERO3_DEFAULTS = {"reduce_bucket_size": 5e8, "stage3_prefetch_bucket_size": 5e7}  # distill.backends.zero3_config's
+
+
+PROFILE = "profiles/slurm/config.yaml"
+STAGE_RULES = {"evaluate (LAS simulator)": "evaluate"}  # a stage row -> the Snakemake rule that runs it
+CHARS_PER_TOKEN = 4         # English prose, Llama 3 / GPT tokenizers: ~4 characters a token (an assumption)
+TEXT_COPIES = 3             # a split's texts as the stages hold them: documents, rendered prompts, CoTs
+SHARD_FILE_BYTES = 5e9      # transformers' default max_shard_size: one safetensors file read at a time
+CUDA_HOST_BYTES = 3e9       # host RSS of a CUDA context with cuBLAS/cuDNN loaded (an assumption, not measured)
+IMPORT_HOST_BYTES = 1.0e9   # python + torch + transformers imported (benchmarks/memory_check.py prints it)
+VLLM_SWAP_BYTES = 4 * 2**30  # vLLM's default swap_space per GPU worker (4 GiB)
+REFINE_QUERIES = 64         # refinement positions of one document the capture keeps (an assumption)
+MENTION_KEYS = 128          # shortlist + near-miss mention tokens (keys) of one document (an assumption)
+
+
+def stage_max_tokens(config: dict, stage: str) -> int | None:
+    """The length cap a stage puts on its teacher-forced documents (None: the model's context)."""
+    key = {"head_scores": "heads", "style_head_scores": "heads", "patching": "patching"}.get(stage, "distill")
+    return config[key].get("max_tokens")
+
+
+def pooled_layer_count(config: dict, n_layers: int) -> int:
+    """Layers in the union of the distillation pools' layer ranges (fractions of depth, distill.pools)."""
+    layers: set[int] = set()
+    for pool in config["distill"]["pools"].values():
+        lo, hi = pool["layers"]
+        layers |= {i for i in range(n_layers) if lo <= i / max(n_layers - 1, 1) <= hi}
+    return len(layers)
+
+
+def memory_case(work: WorkRow, facts: ModelFacts, config: dict) -> MemoryCase:
+    """The MemoryCase of one plan row: its stage's cap, dtype, GPUs, in-flight documents and captures."""
+    cot = config["generation"]["max_new_tokens"] + config["generation"]["force_answer_tokens"] + 1
+    seq = stage_max_tokens(config, work.stage) or facts.context or work.seq_len
+    base = dict(seq=seq, b=DTYPE_BYTES[work.precision], gpus=work.gpus, n_cot=cot, in_flight=work.in_flight)
+    early = config["anchors"]["early_tokens"]
+    mech = dict(capture=("rows", "writes", "qk", "value_writes"), n_query=early + REFINE_QUERIES,
+                n_key=MENTION_KEYS, captured_layers=pooled_layer_count(config, facts.n_layers))
+    if work.stage.startswith("las_simulator") or work.stage.startswith("evaluate (LAS"):
+        # T5: float32, eager attention, `batch` sources of max_source_length (the encoder's layers stand for
+        # the model: the decoder reads a short target)
+        return MemoryCase(work.engine, seq=work.seq_len, b=4, batch=work.batch, flash=False, zero3=False)
     if work.engine == "train":
-        activations = ACTIVATION_BYTES * work.seq_len * facts.hidden_size * facts.n_layers * b / 2
-        return (ZERO_BYTES_PER_PARAM * facts.params / work.gpus + activations + 2 * logits) / 1e9
-    queries = config["anchors"]["early_tokens"] if work.capture else 0
-    rows = facts.n_layers * facts.n_heads * queries * work.seq_len * 4
-    return ((weights + rows) / work.gpus + logits) / 1e9
+        pooled = pooled_layer_count(config, facts.n_layers)
+        whole = pooled * facts.n_heads * facts.head_dim * facts.hidden_size + facts.vocab_size * facts.hidden_size
+        train = config["distill"]["train"]
+        return MemoryCase("train", **base, **mech, checkpointing=bool(train.get("gradient_checkpointing")),
+                          zero3=bool(config["distill"]["deepspeed"]), whole_params=whole + facts.hidden_size)
+    if work.engine == "forward":
+        logits = "cot" if work.stage == "teacher_targets" else "all"
+        # head scores capture every layer; teacher targets and the mechanism metrics the pooled ones
+        # (head scores capture the early queries and the refinement positions in two forwards, one after the other)
+        # `head_scores.score_document` keeps the first forward's output (`_, cap = ...`) through the second: two
+        # [s, V] logits at once
+        what = dict(mech, captured_layers=facts.n_layers, n_query=max(early, REFINE_QUERIES), logits_held=2) \
+            if "head_scores" in work.stage else mech
+        return MemoryCase("forward", **base, **what, logits=logits)
+    if work.engine == "patch":
+        settings = config["patching"]
+        return MemoryCase("patch", **base, batch=work.batch,
+                          new_tokens=max(settings.get("early_tokens") or early, settings["late_tokens"]))
+    return MemoryCase(work.engine, **base, batch=work.batch, new_tokens=cot)
+
+
+def gpu_memory_terms(work: WorkRow, facts: ModelFacts, config: dict, gpu: dict) -> dict[str, float]:
+    """Peak bytes per GPU of one plan row as named terms (`memory_terms`; vLLM: what it reserves)."""
+    if work.engine == "vllm":
+        b = DTYPE_BYTES[work.precision]
+        reserved = config["generation"]["gpu_memory_utilization"] * gpu["hardware"]["memory_gb"] * 1e9
+        need = (facts.params * b + facts.kv_bytes_per_token(b) * config["generation"]["max_model_len"]) / work.gpus
+        return {"vllm_reserved": max(reserved, need)}
+    if work.engine == "train" and not facts.n_layers:  # a model known by its size alone: 16 bytes a parameter
+        return {"model_states": 16 * facts.params}
+    return memory_terms(memory_case(work, facts, config), facts)
+
+
+def profile_resources(path: str | Path = PROFILE) -> dict:
+    return yaml.safe_load(Path(path).read_text())
+
+
+def rule_memory_bytes(profile: dict, stage: str) -> float:
+    """The host memory a stage's rule requests (mem_mb of the profile's set-resources, else its default)."""
+    rule = STAGE_RULES.get(stage, stage)
+    mem_mb = profile.get("set-resources", {}).get(rule, {}).get("mem_mb", profile["default-resources"]["mem_mb"])
+    return mem_mb * 1e6
+
+
+def host_memory_terms(work: WorkRow, facts: ModelFacts, config: dict) -> dict[str, float]:
+    """Peak host bytes of one plan row's job on one node, as named terms (docs/scale.md, "The memory model"):
+    each process of the node holds the interpreter and libraries, a CUDA context and the split's texts; then
+    what the engine adds (the module constants above state the assumptions)."""
+    b = DTYPE_BYTES[work.precision]
+    texts = (work.docs or 0) * work.seq_len * CHARS_PER_TOKEN * TEXT_COPIES
+    process = {"interpreter_and_libraries": IMPORT_HOST_BYTES, "cuda_context": CUDA_HOST_BYTES, "split_texts": texts}
+    if work.engine == "train":
+        ranks = work.gpus  # one rank per GPU of the node (profiles/slurm: tasks 8, nodes 1)
+        one_doc = work.seq_len * (8 + 16 + 4) + config["generation"]["max_new_tokens"] * 12 * config["distill"]["top_k"]
+        terms = {k: ranks * v for k, v in process.items()}
+        terms["weights_file_read"] = ranks * min(SHARD_FILE_BYTES, facts.params * b)  # from_pretrained under zero.Init
+        terms["example_and_targets_in_flight"] = ranks * one_doc  # lazy per document (safe_open / memory-map)
+        terms["rank0_consolidated_weights"] = facts.params * b  # the best step's 16-bit weights, saved by rank 0
+        return terms
+    if work.engine == "vllm":
+        workers = work.gpus
+        return {"interpreter_and_libraries": (workers + 1) * IMPORT_HOST_BYTES,
+                "cuda_context": workers * CUDA_HOST_BYTES, "split_texts": texts,
+                "vllm_swap_space": workers * VLLM_SWAP_BYTES}
+    terms = dict(process, weights_file_read=min(SHARD_FILE_BYTES, facts.params * b))
+    if work.stage == "teacher_targets":  # one shard of documents' targets before it is written
+        shard = config["generation"].get("shard_size", 512)
+        per_doc = (config["generation"]["max_new_tokens"] * 12 * config["distill"]["top_k"]
+                   + config["anchors"]["early_tokens"] * work.seq_len * 4 + work.seq_len * 24)
+        terms["targets_shard_buffer"] = shard * per_doc
+    return terms
+
+
+def peak_memory_gb(work: WorkRow, facts: ModelFacts, config: dict, gpu: dict) -> float:
+    """Peak memory of one job on one GPU, in GB (1e9 bytes): the sum of `gpu_memory_terms`."""
+    return sum(gpu_memory_terms(work, facts, config, gpu).values()) / 1e9
+
+
+def host_memory_gb(work: WorkRow, facts: ModelFacts, config: dict) -> float:
+    """Peak host memory of one job on one node, in GB: the sum of `host_memory_terms`."""
+    return sum(host_memory_terms(work, facts, config).values()) / 1e9
 
 
 def plan_table(config: dict, sizes: Mapping[str, DatasetSize] | None = None,
                models: Mapping[str, ModelFacts] | None = None, gpu: dict | None = None,
-               cpu: dict | None = None) -> pd.DataFrame:
+               cpu: dict | None = None, profile: dict | None = None) -> pd.DataFrame:
     """`stage_workloads` with gpu_hours (gpu_source: the cited rows used; derivation: how), cpu_hours,
-    peak_gb (per GPU) and fits (within the GPU's memory) per row. Defaults: the config's plan section, the model facts, GPU_SOURCES, CPU_THROUGHPUT."""
+    peak_gb (per GPU), host_gb (per node), host_limit_gb (the rule's mem_mb in `profile`, default PROFILE) and
+    fits (peak_gb within HEADROOM of the GPU's memory and host_gb within host_limit_gb) per row. Defaults: the config's plan section, the model facts, GPU_SOURCES, CPU_THROUGHPUT."""
     models = models or {name: model_facts(config, name) for name in planned_models(config)}
     gpu = gpu or load_gpu_sources()
     cpu = cpu or load_cpu_throughput()
@@ -468,7 +737,11 @@ def plan_table(config: dict, sizes: Mapping[str, DatasetSize] | None = None,
     work["derivation"] = [how for _, _, how in timed]
     work["cpu_hours"] = [cpu_seconds(w, models[w.model], cpu) / 3600 for w in work.itertuples()]
     work["peak_gb"] = [peak_memory_gb(w, models[w.model], config, gpu) for w in work.itertuples()]
-    work["fits"] = work["peak_gb"] <= gpu["hardware"]["memory_gb"]
+    work["host_gb"] = [host_memory_gb(w, models[w.model], config) for w in work.itertuples()]
+    profile = profile or profile_resources()
+    work["host_limit_gb"] = [rule_memory_bytes(profile, stage) / 1e9 for stage in work["stage"]]
+    work["fits"] = ((work["peak_gb"] <= HEADROOM * gpu["hardware"]["memory_gb"])
+                    & (work["host_gb"] <= work["host_limit_gb"]))
     return work
 
 
@@ -478,11 +751,14 @@ def stage_summary(table: pd.DataFrame) -> pd.DataFrame:
     grouped = table.groupby("stage", sort=False)
     out = grouped[sums].sum()
     out["peak_gb"] = grouped["peak_gb"].max()
+    out["host_gb"] = grouped["host_gb"].max()
+    out["host_limit_gb"] = grouped["host_limit_gb"].min()
     out["fits"] = grouped["fits"].all()
     for column in ("gpu_source", "derivation"):  # each cited row / derivation once
         out[column] = grouped[column].agg(lambda s: "; ".join(dict.fromkeys(x for v in s for x in v.split("; ") if x)))
     out = out.reset_index()
     total = {"stage": "total", **out[sums].sum().to_dict(), "peak_gb": out["peak_gb"].max(),
+             "host_gb": out["host_gb"].max(), "host_limit_gb": math.nan,  # each stage has its own limit
              "fits": bool(out["fits"].all()), "gpu_source": "", "derivation": ""}
     return pd.concat([out, pd.DataFrame([total])], ignore_index=True)
 
@@ -502,13 +778,15 @@ def render_markdown(table: pd.DataFrame, gpu: dict) -> str:
     """A plan table (`plan_table` or `stage_summary`) as Markdown, with the sources it cites."""
     scope = ["dataset", "scope", "model"] if "scope" in table else []
     head = ["stage", *scope, "jobs", "generated", "forced", "training", "patched runs", "GPU h", "CPU h",
-            "peak GB/GPU", "GPU source", "derivation"]
+            "peak GB/GPU", "host GB/node", "GPU source", "derivation"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table.itertuples():
-        fits = "" if r.fits else f" (> {gpu['hardware']['memory_gb']})"
+        limit = HEADROOM * gpu["hardware"]["memory_gb"]
+        over_gpu = f" (> {limit:.0f})" if r.peak_gb > limit else ""
+        over_host = f" (> {r.host_limit_gb:,.0f})" if r.host_gb > r.host_limit_gb else ""  # NaN: the total row
         cells = [r.stage, *[str(getattr(r, c)) for c in scope], f"{int(r.jobs):,}", _count(r.generated), _count(r.forced),
                  _count(r.training), _count(r.patched_runs), _hours(r.gpu_hours), _hours(r.cpu_hours),
-                 f"{r.peak_gb:,.0f}{fits}", r.gpu_source, r.derivation]
+                 f"{r.peak_gb:,.0f}{over_gpu}", f"{r.host_gb:,.0f}{over_host}", r.gpu_source, r.derivation]
         lines.append("| " + " | ".join(cells) + " |")
     hw = gpu["hardware"]
     notes = [f"GPU: {hw['name']} ({hw['memory_gb']} GB, peak TFLOPS {hw['peak_tflops']}, HBM {hw['hbm_gb_per_s']} GB/s). "

@@ -141,7 +141,8 @@ GPU = {"hardware": {"name": "test GPU", "memory_gb": 80, "hbm_gb_per_s": 1000, "
 
 
 def work_row(**work) -> pd.Series:
-    base = dict.fromkeys(plan.COLUMNS, 0) | {"capture": False, "gpus": 1, "batch": 1, "precision": "bfloat16"}
+    base = dict.fromkeys(plan.COLUMNS, 0) | {"capture": False, "gpus": 1, "batch": 1, "precision": "bfloat16",
+                                             "in_flight": 1, "train_passes": 3}
     return pd.Series(base | work)
 
 
@@ -174,19 +175,84 @@ def test_patching_decoding_is_bandwidth_bound():
     assert "roofline" in how
 
 
-def test_peak_memory_formulas():
+def test_vllm_memory_is_what_it_reserves():
     cfg = load_config(PAPER)
     facts = plan.ModelFacts(8e9, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_size=4096,
                             vocab_size=128000)
-    train = plan.peak_memory_gb(work_row(engine="train", gpus=8, seq_len=8000), facts, cfg, GPU)
-    assert train == pytest.approx((16 * 8e9 / 8 + 34 * 8000 * 4096 * 32 + 2 * 8000 * 128000 * 4) / 1e9)
-    forward = plan.peak_memory_gb(work_row(engine="forward", seq_len=1000, capture=True), facts, cfg, GPU)
-    rows = 32 * 32 * cfg["anchors"]["early_tokens"] * 1000 * 4
-    assert forward == pytest.approx((8e9 * 2 + 1000 * 128000 * 4 + rows) / 1e9)
     assert plan.peak_memory_gb(work_row(engine="vllm", gpus=8, seq_len=1000), facts, cfg, GPU) == pytest.approx(
         cfg["generation"]["gpu_memory_utilization"] * 80)
     huge = dataclasses.replace(facts, params=400e9)
     assert plan.peak_memory_gb(work_row(engine="vllm", gpus=8, seq_len=1000), huge, cfg, GPU) > 80
+
+
+# A small model whose every term is computed by hand below: 2 layers, 4 heads (2 KV) of 8, h 32, MLP 64, V 100.
+SMALL = plan.ModelFacts(params=1e6, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_size=32, vocab_size=100,
+                        intermediate_size=64)
+
+
+def test_training_memory_terms_by_hand():
+    case = plan.MemoryCase("train", seq=10, b=2, gpus=2, n_cot=4, whole_params=500)
+    terms = plan.memory_terms(case, SMALL)
+    # per token and layer: norms 2 x (4 + 2 x 2) x 32 = 512, attention 5 x 32 x 2 = 320, MLP 4 x 64 x 2 = 512
+    held = {"weights": 1e6, "gradients": 1e6, "optimizer": 6e6,              # 2, 2 and 12 bytes / 2 ranks
+            "zero3_gathered": (2 * (1e6 - 3200) / 2 + 5e7) * 2,               # two layers' params + the prefetch bucket
+            "zero3_reduce_buckets": 2e9, "zero3_whole_params": 1000,
+            "activations_norms": 2 * 5120, "activations_attention": 2 * 3200, "activations_mlp": 2 * 5120,
+            "final_norm": 8 * 10 * 32}
+    # the larger phase: one layer's gradients (13,440) against the logits 2,000 + the loss's 4 x 100 x 10
+    assert terms == pytest.approx(held | {"activations_backward_layer": 13440})
+    long_cot = plan.memory_terms(dataclasses.replace(case, n_cot=40), SMALL)
+    assert long_cot == pytest.approx(held | {"logits": 2000, "loss_cot_logits": 40 * 100 * 10})
+    ckpt = plan.memory_terms(dataclasses.replace(case, checkpointing=True), SMALL)
+    assert ckpt["activations_checkpoints"] == 2 * 10 * 32 * 2 and ckpt["activations_recomputed_layer"] == 2 * 13440
+    assert "activations_norms" not in ckpt
+    eager = plan.memory_terms(dataclasses.replace(case, flash=False), SMALL)
+    assert eager["activations_scores"] == 2 * 10 * 4 * 10 * (4 + 2)  # layers x s x H s x (float32 + bf16 copy)
+    single = plan.memory_terms(dataclasses.replace(case, zero3=False, b=4), SMALL)
+    # one float32 process: its peak is the optimizer step (weights, gradients, AdamW's m and v, sqrt(v))
+    assert single == {"weights": 4e6, "optimizer": 8e6, "gradients": 4e6, "optimizer_step_temporary": 4e6}
+
+
+def test_forward_and_patching_memory_terms_by_hand():
+    forward = plan.memory_terms(plan.MemoryCase("forward", seq=10, b=2, gpus=2, in_flight=3), SMALL)
+    # one layer without gradients: (3 h + H d + 2 H_kv d + 2 H d + 3 I) b + 4 h per token, + residual in and out
+    per_doc = ((96 + 32 + 32 + 64 + 192) * 2 + 128) * 10 + 2 * 10 * 32 * 2 + 10 * 100 * 2
+    assert sum(forward.values()) == pytest.approx(1e6 + 3 * per_doc)
+    patch = plan.memory_terms(plan.MemoryCase("patch", seq=10, b=2, gpus=2, batch=5, new_tokens=4), SMALL)
+    kv_token = 2 * 2 * 2 * 8 * 2  # K and V, layers, KV heads, head_dim, bytes
+    assert patch["kv_caches"] == pytest.approx((5 + 3) * kv_token * 14 / 2)
+    assert sum(patch.values()) == pytest.approx(1e6 + 7168 + 2000 + 9600)
+
+
+def test_captures_are_capture_nbytes():
+    case = plan.MemoryCase("forward", seq=100, b=2, capture=("rows", "writes"), n_query=3, captured_layers=2)
+    terms = plan.memory_terms(case, SMALL)
+    assert terms["captures"] == 2 * 4 * 3 * 100 * 4 + 2 * 3 * 4 * 32 * 2  # float32 rows + bf16 writes
+    assert terms["capture_row_logits"] == 4 * 3 * 100 * 4
+
+
+def test_in_flight_divides_the_gpu_hours_of_a_device_map():
+    facts = plan.ModelFacts(1e9)
+    one, _, _ = plan.gpu_seconds(work_row(forced=1000, seq_len=100, engine="forward", gpus=8), facts, GPU)
+    four, _, how = plan.gpu_seconds(work_row(forced=1000, seq_len=100, engine="forward", gpus=8, in_flight=4), facts, GPU)
+    many, _, _ = plan.gpu_seconds(work_row(forced=1000, seq_len=100, engine="forward", gpus=8, in_flight=20), facts, GPU)
+    assert four == pytest.approx(one / 4) and many == pytest.approx(one / 8)
+    assert "4 busy" in how
+
+
+def test_the_paper_config_fits_every_gpu_and_node():
+    cfg = load_config(PAPER)
+    table = plan.plan_table(cfg)
+    assert (table["peak_gb"] <= 0.9 * 80).all(), table.loc[table["peak_gb"] > 72, ["stage", "model", "peak_gb"]]
+    assert (table["host_gb"] <= table["host_limit_gb"]).all()
+    assert table["fits"].all()
+    assert cfg["distill"]["train"]["gradient_checkpointing"]
+
+
+def test_host_limit_is_the_rules_mem_mb():
+    profile = plan.profile_resources()
+    assert plan.rule_memory_bytes(profile, "distill") == profile["set-resources"]["distill"]["mem_mb"] * 1e6
+    assert plan.rule_memory_bytes(profile, "student_predict") == profile["default-resources"]["mem_mb"] * 1e6
 
 
 def test_model_facts_from_a_saved_checkpoint(tmp_path):
@@ -223,3 +289,12 @@ def test_cli_detail_has_a_row_per_stage_dataset_and_model(capsys):
     points = len(cfg["methods"])  # one grid point per method (no grids: config/paper.yaml, equal tuning)
     assert all(f"| {points:,} |" in r for r in rows)
     assert math.isfinite(points)
+
+
+def test_checkpointing_recomputes_the_forward():
+    facts = plan.ModelFacts(1e9)
+    plain, _, _ = plan.gpu_seconds(work_row(training=1000, seq_len=8000, engine="train", gpus=8, train_passes=3), facts, GPU)
+    ckpt, _, how = plan.gpu_seconds(work_row(training=1000, seq_len=8000, engine="train", gpus=8, train_passes=4), facts, GPU)
+    assert ckpt == pytest.approx(plain * 4 / 3) and "4 x train" in how
+    row = plan.stage_workloads(load_config(PAPER), plan.dataset_sizes(load_config(PAPER))).query("stage == 'distill'")
+    assert (row["train_passes"] == 4).all()  # config/paper.yaml checkpoints
