@@ -176,7 +176,7 @@ def child(case: str, size: int) -> dict:
                              tau=0.01, n_stages=4)
         assert "coarse" in out and "refine" in out
         case_ = plan.MemoryCase("forward", **base, **dict(mech, captured_layers=L, n_query=max(EARLY, len(refine))),
-                                logits_held=2)  # the first forward's output is held through the second
+                                logits_held=0)  # score_document asks for logits_to_keep=1: no [s, V]
     elif case == "patching":
         prompt = ids[:size - STEPS]  # the prefix; the patched runs decode STEPS tokens after it
         heads = [(layer, head) for layer in range(L) for head in range(H)]

@@ -518,7 +518,7 @@ class MemoryCase:
     batch: int = 1                 # patch: head sets per batched run; generate: rows
     new_tokens: float = 0          # patch / generate: tokens decoded after the prompt
     logits: str = "all"            # forward: "all" (HF computes s x V) or "cot" (and the top-k of the CoT positions)
-    logits_held: int = 1           # forward: [s, V] logits alive at once (head scores: 2, below)
+    logits_held: int = 1           # forward: [s, V] logits alive at once (head scores: 0, they keep one row)
 
 
 def memory_terms(case: MemoryCase, facts: ModelFacts, zero: Mapping[str, float] | None = None) -> dict[str, float]:
@@ -646,10 +646,9 @@ def memory_case(work: WorkRow, facts: ModelFacts, config: dict) -> MemoryCase:
     if work.engine == "forward":
         logits = "cot" if work.stage == "teacher_targets" else "all"
         # head scores capture every layer; teacher targets and the mechanism metrics the pooled ones
-        # (head scores capture the early queries and the refinement positions in two forwards, one after the other)
-        # `head_scores.score_document` keeps the first forward's output (`_, cap = ...`) through the second: two
-        # [s, V] logits at once
-        what = dict(mech, captured_layers=facts.n_layers, n_query=max(early, REFINE_QUERIES), logits_held=2) \
+        # (head scores capture the early queries and the refinement positions in two forwards, one after the other,
+        # each with logits_to_keep=1: `head_scores.score_document` reads no logit, so no [s, V] is formed)
+        what = dict(mech, captured_layers=facts.n_layers, n_query=max(early, REFINE_QUERIES), logits_held=0) \
             if "head_scores" in work.stage else mech
         return MemoryCase("forward", **base, **what, logits=logits)
     if work.engine == "patch":

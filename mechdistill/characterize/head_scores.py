@@ -56,7 +56,7 @@ def score_document(model, tokenizer, seq: ForcedSequence, anchors: list[str], go
     ids = seq.input_ids
     if seq.early_queries and anchors:
         _, cap = capture_heads(model, ids[None].to(input_device(model)), query_positions=[seq.early_queries],
-                               what=("rows", "writes"))
+                               what=("rows", "writes"), logits_to_keep=1)  # scores read no logit: no [s, V]
         centroid = anchor_centroid(unembed(model), [tokenizer(a, add_special_tokens=False)["input_ids"] for a in anchors])
         qpos = torch.tensor([seq.early_queries])                                          # [1, nq]
         key_masks = {"all": coarse_key_mask(qpos, len(ids)),                              # [1, nq, seq]
@@ -77,7 +77,7 @@ def score_document(model, tokenizer, seq: ForcedSequence, anchors: list[str], go
     if refine and targets and nearmisses:
         with final_residual(model) as residual:
             _, cap = capture_heads(model, ids[None].to(input_device(model)), query_positions=[refine],
-                                   key_positions=[keys], what=("rows", "qk", "value_writes"))
+                                   key_positions=[keys], what=("rows", "qk", "value_writes"), logits_to_keep=1)
         h_final = residual.h[0, refine]                                                 # [nr, d]
         grad = margin_gradient(h_final, final_norm(model), unembed(model), targets, nearmisses)[None]  # [1, nr, d]
         is_s = torch.tensor([i < len(seq.shortlist_positions) for i in range(len(keys))])    # [nk]

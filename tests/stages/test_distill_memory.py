@@ -136,6 +136,7 @@ def test_a_distill_rank_holds_about_the_same_memory_for_8_and_32_documents(tiny,
           f"{many / 2**20:.1f} MB with 32 ({many_tokens} tokens)")
     assert many_tokens - few_tokens > 110_000
     # Held for the whole split (Examples with tuple offsets, every target tensor), the data grows by ~210 B a
-    # token (25 MB here, 12% of the 8 documents' figure, which the ICD-10-CM label spaces dominate)
-    assert (many - few) / (many_tokens - few_tokens) < 20, (few, many)
+    # token (25 MB here, 12% of the 8 documents' figure, which the ICD-10-CM label spaces dominate); lazily,
+    # what is left is the allocator's noise (up to ~50 B a token measured in a full suite run)
+    assert (many - few) / (many_tokens - few_tokens) < 100, (few, many)
     assert abs(many - few) < 0.1 * few, (few, many)
