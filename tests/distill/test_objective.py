@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -332,6 +333,58 @@ def test_char_map_aligns_two_chat_templates_as_one_difflib_does(n_lines):
     assert all(teacher[j] == student[i] for i, j in enumerate(mapped) if j >= 0)
     start = student.index("The note is about")
     assert mapped[start] == teacher.index("The note is about")
+
+
+def _render(messages: list[dict], cot: str, template: str) -> str:
+    """A conversation + the assistant's CoT as ChatML (SmolLM2, Qwen) or Llama 3 render it."""
+    if template == "chatml":
+        turns = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        return f"{turns}<|im_start|>assistant\n{cot}<|im_end|>"
+    turns = "".join(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content']}<|eot_id|>" for m in messages)
+    return f"<|begin_of_text|>{turns}<|start_header_id|>assistant<|end_header_id|>\n\n{cot}<|eot_id|>"
+
+
+def test_char_map_aligns_20_demo_traces_as_one_difflib_does():
+    """Real demo traces (tests/fixtures/demo_traces: one-shot prompts, notes, CoTs) rendered in two chat templates:
+    every character of every message and of the CoT maps where one difflib over all characters maps it."""
+    import json
+
+    from mechdistill.distill.objective import char_map
+    traces = pd.read_parquet(Path(__file__).parents[1] / "fixtures" / "demo_traces" / "traces.parquet")
+    assert len(traces) == 20
+    for row in traces.itertuples():
+        messages = json.loads(row.messages)
+        student, teacher = _render(messages, row.cot, "chatml"), _render(messages, row.cot, "llama3")
+        mapped, reference = list(char_map(student, teacher)), _difflib_char_map(student, teacher)
+        assert sum(j >= 0 for j in mapped) == sum(j >= 0 for j in reference), row.doc_id
+        content, start = [], 0
+        for text in [m["content"] for m in messages] + [row.cot]:  # the texts both templates hold
+            at = student.index(text, start)
+            content += [i for i in range(at, at + len(text)) if student[i] != "\n"]
+            start = at + len(text)
+        assert [mapped[i] for i in content] == [reference[i] for i in content], row.doc_id
+        assert all(teacher[j] == student[i] for i, j in enumerate(mapped) if j >= 0)
+
+
+def test_char_map_time_grows_linearly_from_1k_to_30k_characters():
+    """char_map's time per character stays flat from ~1k to ~30k characters (a quadratic map's would grow
+    30-fold); the best of 3 runs per length, each on a text it has not cached."""
+    import time
+
+    from mechdistill.distill.objective import char_map
+    per_char = {}
+    for n_lines in (12, 60, 375):                          # ~1.2k, ~5k, ~30k characters
+        student, teacher = _two_templates(n_lines)
+        best = float("inf")
+        for attempt in range(3):
+            started = time.perf_counter()
+            char_map(student + " " * (attempt + 1), teacher)
+            best = min(best, time.perf_counter() - started)
+        per_char[len(student)] = best / len(student)
+    lengths = sorted(per_char)
+    assert lengths[0] < 1_500 and lengths[-1] > 29_000, lengths
+    print({n: f"{t * 1e6:.2f} us/char" for n, t in per_char.items()})
+    assert per_char[lengths[-1]] < 4 * per_char[lengths[0]], per_char
 
 
 def test_char_map_is_fast_on_a_long_document():
