@@ -351,6 +351,17 @@ def test_without_validation_the_last_weights_are_written(tmp_path):
                       "evaluated_steps": []}
 
 
+def _uninterrupted_run(tmp_path, cfg, values: dict) -> tuple[list, list, dict]:
+    """The reference run of the kill/resume tests, under tmp_path/full: (val batches, train batches, the
+    weights after every step)."""
+    data, val = token_data(6, seed=1), [{"input_ids": token_data(2, seed=2)}]
+    batches = shuffled_batches(data, 2)
+    full_model, snapshots = tiny_llama(), {}
+    train(full_model, noisy_ce_terms, batches, cfg, tmp_path / "full" / "model", val_batches=val,
+          criterion=scripted(values), on_step=snapshot_each_step(full_model, snapshots))
+    return val, batches, snapshots
+
+
 @pytest.mark.parametrize("values, kills, best, kept_after_kill", [
     # best at step 2, checkpointed at step 4; killed at 6: the resumed run must keep step 2's weights
     ({2: 1.0, 4: 3.0, 6: 2.0, 8: 4.0}, [6], 2, ["step-00000002"]),
@@ -361,12 +372,8 @@ def test_without_validation_the_last_weights_are_written(tmp_path):
     ({2: 2.0, 4: 3.0, 6: 1.0, 8: 4.0}, [5, 7], 6, ["step-00000002", "step-00000006"]),
 ])
 def test_resume_after_a_kill_keeps_the_best_so_far(tmp_path, values, kills, best, kept_after_kill):
-    data, val = token_data(6, seed=1), [{"input_ids": token_data(2, seed=2)}]
     cfg = config(max_steps=8, eval_every=2, checkpoint_every=4)
-    batches = shuffled_batches(data, 2)
-    full_model, snapshots = tiny_llama(), {}
-    train(full_model, noisy_ce_terms, batches, cfg, tmp_path / "full" / "model", val_batches=val,
-          criterion=scripted(values), on_step=snapshot_each_step(full_model, snapshots))
+    val, batches, snapshots = _uninterrupted_run(tmp_path, cfg, values)
 
     def kill_at(step: int):
         def kill(row):
@@ -500,12 +507,8 @@ def test_checkpoints_do_not_pile_up_only_the_last_and_the_best_stay(tmp_path):
     best step (and of the last checkpoint's best, which a resume needs), nothing else; a kill then a
     resume still ends with the uninterrupted run's best weights."""
     values = {1: 3.0, 2: 1.0, 3: 2.0, 4: 4.0, 5: 1.5, 6: 5.0}  # best at step 2
-    data, val = token_data(6, seed=1), [{"input_ids": token_data(2, seed=2)}]
     cfg = config(max_steps=6, eval_every=1, checkpoint_every=1)
-    batches = shuffled_batches(data, 2)
-    full_model, snapshots = tiny_llama(), {}
-    train(full_model, noisy_ce_terms, batches, cfg, tmp_path / "full" / "model", val_batches=val,
-          criterion=scripted(values), on_step=snapshot_each_step(full_model, snapshots))
+    val, batches, snapshots = _uninterrupted_run(tmp_path, cfg, values)
 
     run, seen = tmp_path / "killed", []
 
