@@ -115,8 +115,8 @@ MIN_CORRELATION = 0.995
 MAX_LOSS_GAP = 0.05
 TRAIN_DOCS = 2
 
-# memory: the planner's sequence-dependent memory must be within this share of the measured one (the
-# issue's bound on the memory model: a bigger miss means the model is wrong, not the tolerance)
+# memory: the planner's sequence-dependent memory must be within this share of the measured one (the bound
+# benchmarks/memory_check.py holds the memory model to: a bigger miss means the model is wrong, not the tolerance)
 MAX_MEMORY_MISS = 0.25
 MEMORY_TOKENS = 4096
 GIB = 2**30
