@@ -383,11 +383,10 @@ def planned_step_gb(config: dict, student: str, seq: int) -> tuple[float, float]
     work = plan.stage_workloads(config, plan.dataset_sizes(config), {name: plan.model_facts(config, name)
                                                                        for name in plan.planned_models(config)})
     row = work[(work["stage"] == "distill") & (work["model"] == student)].iloc[0]
-    gpu = plan.load_gpu_sources(ROOT / plan.GPU_SOURCES)
+    case = plan.memory_case(row, facts, config)  # the row's terms at the stage's max_tokens, on its GPUs
 
     def at(tokens: int) -> float:
-        return plan.peak_memory_gb(row.copy().set_axis(row.index).mask(row.index == "seq_len", tokens)
-                                   .mask(row.index == "gpus", 1), facts, config, gpu)
+        return sum(plan.memory_terms(dataclasses.replace(case, seq=tokens, gpus=1), facts).values()) / 1e9
     return at(seq), at(seq) - at(1)
 
 

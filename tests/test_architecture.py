@@ -22,7 +22,8 @@ LAZY_IMPORTS = {"vllm", "deepspeed", "sentence_transformers", "simple_icd_10_cm"
                 "torch",  # distill.launch: the Snakefile imports it to build the `distill` command
                 "mechdistill.distill.backends", "transformers.integrations",  # torch, for distill.launch's DeepSpeed config
                 "mechdistill.stages.data", "mechdistill.stages.teacher", "mechdistill.stages.distill", "mechdistill.data.icd10cm_controlled",
-                "mechdistill.data.mimic4_icd10", "mechdistill.data.wikiseealso"}
+                "mechdistill.data.mimic4_icd10", "mechdistill.data.wikiseealso",
+                "mechdistill.characterize.capture"}  # torch: `mechdistill plan` prices memory only when asked
 
 
 def test_lint_imports_layers_contract(capsys, monkeypatch):

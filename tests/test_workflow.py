@@ -145,6 +145,7 @@ def test_bad_config_stops_at_start(tmp_path, mutate, message):
     ("weights", "phase1.atn", "alpha, beta, cot.ce, cot.kl, phase1.attn, phase1.interaction, phase1.write, "
                               "phase2.interaction, phase2.ov, phase2.qk"),
     ("train", "max_step", "adam_eps, betas, checkpoint_every, deterministic, device, eval_every, grad_accum_steps, "
+                          "gradient_checkpointing, "
                           "log_every, lr, max_grad_norm, max_steps, micro_batch_size, min_lr_ratio, precision, seed, "
                           "warmup_ratio, warmup_steps, weight_decay"),
 ])

@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
+from transformers import AutoConfig
 
 from ..errors import ConfigError, InputError
 from ..io import read_jsonl
@@ -194,8 +195,6 @@ def engine_context(max_model_len: int, model_path: str | os.PathLike, model_name
     """The context a vLLM engine is given: generation.max_model_len, capped at the positions the model was made
     for (max_position_embeddings of its text config), which vLLM refuses to exceed. One setting then serves a
     teacher of 128K positions and a student of 40,960 (Qwen3): each engine gets what it can hold."""
-    from transformers import AutoConfig
-
     config = AutoConfig.from_pretrained(str(model_path), trust_remote_code=trust_remote_code)
     positions = getattr(config.get_text_config(), "max_position_embeddings", None)
     if positions and positions < max_model_len:
