@@ -281,15 +281,11 @@ def _dataset_work(config: dict, dataset: str, size: DatasetSize, models: Mapping
                    capture=True, engine="forward", gpus=spread(device_map),
                    precision=resolve_dtype(dtype, specs.get(model, {})), in_flight=in_flight or 1)
 
-    char = paths.characterization_split(config, heads["split"])
-    d_heads = min(heads.get("max_docs") or docs_of(char), docs_of(char))
-    for model in [teacher, *students]:
-        rows.append(forced("head_scores", char, model, d_heads, prompt_of(char) + cot, heads["dtype"],
-                           heads.get("device_map"), in_flight=heads.get("in_flight")))
-    for split in paths.compared_splits(config):
-        d = min(heads.get("max_docs") or docs_of(split), docs_of(split))
-        rows.append(forced("style_head_scores", split, teacher, d, prompt_of(split) + cot, heads["dtype"],
-                           heads.get("device_map"), in_flight=heads.get("in_flight")))
+    char = paths.characterization_split(config, heads["split"])  # every model; compared styles: the teacher
+    for stage, split, model in [*(("head_scores", char, m) for m in [teacher, *students]),
+                                *(("style_head_scores", s, teacher) for s in paths.compared_splits(config))]:
+        rows.append(forced(stage, split, model, min(heads.get("max_docs") or docs_of(split), docs_of(split)),
+                           prompt_of(split) + cot, heads["dtype"], heads.get("device_map"), in_flight=heads.get("in_flight")))
 
     rows += _patching_work(config, dataset, row, docs_of, prompt_of, models[teacher], spread(patching.get("device_map")))
 

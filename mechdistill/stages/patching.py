@@ -55,19 +55,14 @@ def run_patching(config: dict, dataset: str, phase: str, *, inputs: dict[str, Pa
     embedder = SentenceEmbedder(patching.embedder)
     files = {**paths.split_files(dataset, teacher, split), **(inputs or {})}
     data = read_split(files, settings["max_docs"])
-    scores = read_parquet(head_scores_path).dropna(subset=["score"]).sort_values("score", ascending=False, kind="stable")
-    ranked = [(int(r.layer), int(r.head)) for r in scores.itertuples()]
-    ranked_scores = [float(x) for x in scores["score"]]
-    variant = scores["score_variant"].iloc[0] if "score_variant" in scores and len(scores) else "score"
-    signed = SIGNED_SCORE.get(variant, "score")  # what near_zero / most_negative read
-    control_scores = [float(x) for x in scores[signed].fillna(0.0)]
+    ranked, ranked_scores, variant, signed, control_scores = _head_ranking(head_scores_path)
     if not ranked:  # e.g. no document has refinement positions: nothing to rank, say so and move on
         log.warning("%s: no head has a finite score, so there is nothing to patch for %s; writing empty tables "
                     "(check the head_scores log: the documents may have no early / refinement positions)",
                     head_scores_path, phase)
-        write_parquet(pd.DataFrame(columns=["doc_id", "phase", "aligned", "reason", "prompt_split"]), pairs_path)
-        write_parquet(pd.DataFrame(columns=["doc_id", "direction", "kind", "k", "seed", "value"]), runs_path)
-        write_parquet(summarize_patching(pd.DataFrame(), phase).assign(prompt_split=split), summary_path)
+        _write_tables(pd.DataFrame(columns=["doc_id", "phase", "aligned", "reason"]),
+                      pd.DataFrame(columns=["doc_id", "direction", "kind", "k", "seed", "value"]),
+                      summarize_patching(pd.DataFrame(), phase), split, pairs_path, runs_path, summary_path)
         return
     head_sets = experiment.control_sets(ranked, ranked_scores, settings["bins"], settings["n_random"], seed,
                                         control_scores)
@@ -121,10 +116,27 @@ def run_patching(config: dict, dataset: str, phase: str, *, inputs: dict[str, Pa
     summary = summarize_patching(runs_df, phase, settings["min_gap"], settings["n_bootstrap"], seed)
     _log_patching(phase, pairs_df, runs_df, summary)
     log.info("patching %s took %.1f s", phase, time.perf_counter() - started)
-    write_parquet(pairs_df.assign(prompt_split=split), pairs_path)  # which prompts were patched
-    write_parquet(runs_df, runs_path)
-    write_parquet(summary.assign(prompt_split=split), summary_path)
+    _write_tables(pairs_df, runs_df, summary, split, pairs_path, runs_path, summary_path)
     shards.clear()
+
+
+def _head_ranking(head_scores_path: PathLike) -> tuple[list[tuple[int, int]], list[float], str, str, list[float]]:
+    """The heads by descending score: (layer, head) pairs, their scores, the score variant, the signed column
+    the near_zero / most_negative controls read (`SIGNED_SCORE`) and its values; heads without a score left out."""
+    scores = read_parquet(head_scores_path).dropna(subset=["score"]).sort_values("score", ascending=False, kind="stable")
+    ranked = [(int(r.layer), int(r.head)) for r in scores.itertuples()]
+    variant = scores["score_variant"].iloc[0] if "score_variant" in scores and len(scores) else "score"
+    signed = SIGNED_SCORE.get(variant, "score")
+    return (ranked, [float(x) for x in scores["score"]], variant, signed,
+            [float(x) for x in scores[signed].fillna(0.0)])
+
+
+def _write_tables(pairs: pd.DataFrame, runs: pd.DataFrame, summary: pd.DataFrame, split: str, pairs_path: PathLike,
+                  runs_path: PathLike, summary_path: PathLike) -> None:
+    """The phase's three tables, the summary (the rule's first output) last; pairs and summary name the split."""
+    write_parquet(pairs.assign(prompt_split=split), pairs_path)  # which prompts were patched
+    write_parquet(runs, runs_path)
+    write_parquet(summary.assign(prompt_split=split), summary_path)
 
 
 def _log_patching(phase: str, pairs: pd.DataFrame, runs: pd.DataFrame, summary: pd.DataFrame) -> None:
