@@ -73,6 +73,22 @@ def run_patching(config: dict, dataset: str, phase: str, *, inputs: dict[str, Pa
                                                        patching.embedder, repetition_penalty, ranked, ranked_scores,
                                                        control_scores, seed,
                                                        {k: file_digest(f) for k, f in sorted(files.items())}))
+    rows, pairs = _patch_documents(phase, model, tokenizer, embedder, data, head_sets, patching, shards)
+    pairs_df = pd.DataFrame(pairs, columns=experiment.PAIR_COLUMNS)  # a resumed pair comes back with sorted keys
+    runs_df = pd.DataFrame(rows, columns=RUN_COLUMNS)
+    summary = summarize_patching(runs_df, phase, settings["min_gap"], settings["n_bootstrap"], seed)
+    _log_patching(phase, pairs_df, runs_df, summary)
+    log.info("patching %s took %.1f s", phase, time.perf_counter() - started)
+    _write_tables(pairs_df, runs_df, summary, split, pairs_path, runs_path, summary_path)
+    shards.clear()
+
+
+def _patch_documents(phase: str, model, tokenizer, embedder: SentenceEmbedder, data, head_sets: list,
+                     patching: PatchingSettings, shards: Shards) -> tuple[list[dict], list[dict]]:
+    """Every document's patched runs and pair (`experiment.generate_document`, then `score_document`), in
+    document order: (run rows, pairs). A document finished before a kill is read back from `shards`, a new
+    one written there; `patching.in_flight` documents run their model part at once."""
+    settings, early_tokens, repetition_penalty = patching.section, patching.early_tokens, patching.repetition_penalty
     rows, pairs = [], []
     bar = tqdm(total=len(data.anchors) * 2 * len(head_sets),
                desc=f"patching {phase} (document x head set x direction)", unit="run")
@@ -111,13 +127,7 @@ def run_patching(config: dict, dataset: str, phase: str, *, inputs: dict[str, Pa
         rows += done["rows"]
         pairs.append(done["pair"])
     bar.close()
-    pairs_df = pd.DataFrame(pairs, columns=experiment.PAIR_COLUMNS)  # a resumed pair comes back with sorted keys
-    runs_df = pd.DataFrame(rows, columns=RUN_COLUMNS)
-    summary = summarize_patching(runs_df, phase, settings["min_gap"], settings["n_bootstrap"], seed)
-    _log_patching(phase, pairs_df, runs_df, summary)
-    log.info("patching %s took %.1f s", phase, time.perf_counter() - started)
-    _write_tables(pairs_df, runs_df, summary, split, pairs_path, runs_path, summary_path)
-    shards.clear()
+    return rows, pairs
 
 
 def _head_ranking(head_scores_path: PathLike) -> tuple[list[tuple[int, int]], list[float], str, str, list[float]]:
