@@ -659,7 +659,8 @@ def gpu_memory_terms(work: WorkRow, facts: ModelFacts, config: dict, gpu: dict) 
     if work.engine == "vllm":
         b = DTYPE_BYTES[work.precision]
         reserved = config["generation"]["gpu_memory_utilization"] * gpu["hardware"]["memory_gb"] * 1e9
-        need = (facts.params * b + facts.kv_bytes_per_token(b) * config["generation"]["max_model_len"]) / work.gpus
+        context = config["generation"].get("max_model_len") or facts.context or work.seq_len  # unset: the model's
+        need = (facts.params * b + facts.kv_bytes_per_token(b) * context) / work.gpus
         return {"vllm_reserved": max(reserved, need)}
     if work.engine == "train" and not facts.n_layers:  # a model known by its size alone: 16 bytes a parameter
         return {"model_states": 16 * facts.params}

@@ -185,6 +185,21 @@ def test_vllm_memory_is_what_it_reserves():
     assert plan.peak_memory_gb(work_row(engine="vllm", gpus=8, seq_len=1000), huge, cfg, GPU) > 80
 
 
+
+def test_vllm_memory_without_max_model_len_reserves_the_models_context():
+    """generation.max_model_len unset (the demo config): vLLM takes the model's context, and so does the plan."""
+    cfg = load_config(PAPER)
+    del cfg["generation"]["max_model_len"]
+    facts = plan.ModelFacts(400e9, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_size=4096,
+                            vocab_size=128000, context=131072)
+    need = (400e9 * 2 + facts.kv_bytes_per_token(2) * 131072) / 8 / 1e9  # bf16: 2 bytes
+    assert plan.peak_memory_gb(work_row(engine="vllm", gpus=8, seq_len=1000), facts, cfg, GPU) == pytest.approx(need)
+
+
+def test_cli_plans_the_demo_config(capsys):
+    assert main(["plan", "--configfile", str(PAPER.parent / "config.yaml")]) == 0
+    assert "| total" in capsys.readouterr().out
+
 # A small model whose every term is computed by hand below: 2 layers, 4 heads (2 KV) of 8, h 32, MLP 64, V 100.
 SMALL = plan.ModelFacts(params=1e6, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_size=32, vocab_size=100,
                         intermediate_size=64)
