@@ -37,7 +37,7 @@ STAGES = {
     "teacher-cot": "generate results/{dataset}/{teacher}/cot/{split}.parquet (resumable)",
     "plan": "the cost model of a config: per stage the tokens generated / teacher-forced / trained on, patched "
             "runs, GPU-hours (with the cited source of each throughput), CPU-hours at the throughputs measured "
-            "here, peak memory per GPU and host memory per node (docs/scale.md, 'The memory model'; mechdistill/plan.py; README, 'Paper-scale plan')",
+            "here, peak memory per GPU and host memory per node (docs/scale.md, 'The memory model'; mechdistill/plan.py; docs/plan.md)",
     "distill": "train one grid point of a method: results/{dataset}/{student}/{method}/grid/{point}/ "
                "(the `distill` rule starts one per rank with torchrun or srun; resumes from its checkpoint)",
 }

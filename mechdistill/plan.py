@@ -1,6 +1,6 @@
 """The cost model of a config: the work of every stage, and its GPU-hours, CPU-hours and peak memory.
 
-`mechdistill plan --configfile config/paper.yaml` prints `plan_table` (docs: README, "Paper-scale plan").
+`mechdistill plan --configfile config/paper.yaml` prints `plan_table` (docs/plan.md).
 Nothing here runs a model: work is counted from the config and the dataset sizes with the code's own
 rules, then divided by throughputs that are either cited (GPU) or measured here (CPU).
 

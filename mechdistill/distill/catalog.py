@@ -11,7 +11,7 @@ build teacher data or predict:
                                          # (0, 0) needs no baseline_teacher_data job; `mechdistill plan` prices it
 
 The setting comments say where a value comes from: "paper" / "original" when checked against the
-method's paper or code, "not checked" when chosen here (README, "Baselines").
+method's paper or code, "not checked" when chosen here (docs/baselines.md).
 """
 
 from __future__ import annotations
