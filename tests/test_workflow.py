@@ -129,6 +129,8 @@ def test_bad_grid_stops_the_dry_run(tmp_path, method, grid, message):
     (lambda c: c["models"]["tiny_student"].update(n_layers=5),  # found by reading the base's config, no model loaded
      "models.tiny_student.n_layers is 5, but its base tiny_llama has 2 layers: give 1 to 2."),
     (lambda c: c["methods"].update(mechh={}), "ConfigError"),
+    (lambda c: c["generation"].update(backend="file", traces="/tmp/x-{foo}.jsonl"),  # not a KeyError building the DAG
+     "'generation.traces' is '/tmp/x-{foo}.jsonl': it uses the unknown placeholder {foo}; allowed: {dataset}, {split}"),
 ])
 def test_bad_config_stops_at_start(tmp_path, mutate, message):
     cfg = yaml.safe_load((REPO / "config/tiny.yaml").read_text())
