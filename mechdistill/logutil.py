@@ -32,7 +32,10 @@ def rule_logging(log_path: str | None) -> Iterator[None]:
         handler = logging.StreamHandler()
         handler.setFormatter(fmt)
         root.addHandler(handler)
-        yield
+        try:
+            yield
+        finally:  # a later rule_logging in this process (a test) must not write to this stderr
+            root.removeHandler(handler)
         return
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as fh:
