@@ -19,6 +19,7 @@ from mechdistill import paths  # noqa: E402
 from mechdistill.config import config_snapshot, load_config, validate_config  # noqa: E402
 from mechdistill.data.sources import adapter_files  # noqa: E402
 from mechdistill.distill.pool_ranges import check_pool_ranges  # noqa: E402
+from mechdistill.logutil import failed_job_errors  # noqa: E402
 from mechdistill.model_sources import check_layer_subsets  # noqa: E402
 from mechdistill.teacher.engines import check_engines, resolve_engines  # noqa: E402
 
@@ -42,6 +43,11 @@ CONFIG_SNAPSHOT = config_snapshot(config)
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [workflow.basedir, os.environ.get("PYTHONPATH")]))
 
 report: "report/workflow.rst"
+
+
+onerror:  # a job stopped by a user's mistake (ConfigError, InputError) logged it as one line: repeat it last
+    for line in failed_job_errors(log):
+        logger.error(f"mechdistill: {line}")
 
 include: "rules/common.smk"
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import string
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,29 @@ def _with_defaults(validator_class):
                     instance[name] = copy.deepcopy(sub["default"])
         yield from validate_properties(validator, properties, instance, schema)
 
-    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults,
+                                                          "placeholders": _check_placeholders})
+
+
+def template_fields(template: str) -> list[str]:
+    """The {name} fields of a str.format template ({{ and }} are literal braces); ValueError if malformed."""
+    return [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+
+
+def _check_placeholders(validator, allowed: list[str], instance: Any, schema: dict):
+    """The schema's `placeholders` keyword: a path template may use only these {names} (filled per job)."""
+    if not isinstance(instance, str):
+        return
+    names = ", ".join(f"{{{name}}}" for name in allowed)
+    try:
+        unknown = [field for field in template_fields(instance) if field not in allowed]
+    except ValueError as exc:
+        yield jsonschema.ValidationError(f"is not a valid path template ({exc}); it may use {names}, "
+                                         "and {{ and }} for literal braces")
+        return
+    if unknown:
+        yield jsonschema.ValidationError(f"uses the unknown placeholder {', '.join(f'{{{f}}}' for f in unknown)}; "
+                                         f"allowed: {names} (write {{{{ and }}}} for literal braces)")
 
 
 _Validator = _with_defaults(jsonschema.Draft202012Validator)
@@ -65,6 +88,8 @@ def _describe(error: jsonschema.ValidationError, source: str) -> str:
     if error.validator == "type":
         return (f"{source}: '{where}' should be of type {error.validator_value}, "
                 f"got {type(error.instance).__name__} {error.instance!r}.")
+    if error.validator == "placeholders":
+        return f"{source}: '{where}' is {error.instance!r}: it {error.message}."
     return f"{source}: '{where}': {error.message}."
 
 

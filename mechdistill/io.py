@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -108,8 +109,54 @@ def named_read_errors(path: str | os.PathLike, line: Callable[[], int | None] | 
                          fix="the file is cut short or damaged (an interrupted copy?): copy or write it again.") from exc
     except UnicodeDecodeError as exc:
         raise InputError(f"not UTF-8 text (byte {exc.object[exc.start]:#04x}).", file=str(path),
-                         row=line() if line is not None else None,
-                         fix="save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`).") from exc
+                         row=line() if line is not None else None, fix=NOT_UTF8_FIX) from exc
+
+
+NOT_UTF8_FIX = "save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."
+UNDECODED = re.compile("[\udc80-\udcff]")  # a byte that is not UTF-8, as errors="surrogateescape" keeps it
+
+
+def read_csv(path: str | os.PathLike, id_columns: Sequence[str] = (), **kwargs) -> pd.DataFrame:
+    """pandas.read_csv(path, **kwargs) whose errors name the file (`named_read_errors`). A byte that is not UTF-8
+    is named with its row (1 = the first record after the header, as a quoted field may span lines), column
+    and the row's value of the first of `id_columns` the file has (e.g. note_id): pandas' own error names none."""
+    try:
+        with named_read_errors(path):
+            return pd.read_csv(path, **kwargs)
+    except InputError as err:
+        cell = _undecodable_csv_cell(path, id_columns) if isinstance(err.__cause__, UnicodeDecodeError) else None
+        if cell is None:
+            raise
+        raise cell from err.__cause__
+
+
+def _undecodable_csv_cell(path: str | os.PathLike, id_columns: Sequence[str]) -> InputError | None:
+    """The first cell of the CSV `path` that holds a byte that is not UTF-8, as the InputError that names it
+    (its header, or its row, column, id and the bytes around it); None if there is none. Read again in chunks
+    with the bad bytes kept (a file this large is read twice only on this error)."""
+    with named_read_errors(path):
+        for chunk in pd.read_csv(path, dtype=object, keep_default_na=False, encoding_errors="surrogateescape",
+                                 chunksize=10_000):
+            columns = [str(c) for c in chunk.columns]
+            bad = [c for c in columns if UNDECODED.search(c)]
+            if bad:
+                return InputError(f"not UTF-8 text in the header ({_bytes_around(bad[0], 0)!r}).", file=str(path),
+                                  fix=NOT_UTF8_FIX)
+            key = next((c for c in id_columns if c in columns), None)
+            for row, values in zip(chunk.index + 1, chunk.itertuples(index=False, name=None)):
+                for column, value in zip(columns, values):
+                    hit = UNDECODED.search(value) if isinstance(value, str) else None
+                    if hit:
+                        ident = f" ({key} {values[columns.index(key)]})" if key else ""
+                        return InputError(f"not UTF-8 text (byte {ord(hit.group()) - 0xDC00:#04x} in column "
+                                          f"{column!r}: {_bytes_around(value, hit.start())!r}).", file=str(path),
+                                          row=f"{row}{ident}", fix=NOT_UTF8_FIX)
+    return None
+
+
+def _bytes_around(text: str, at: int, width: int = 20) -> bytes:
+    """The bytes of `text` (decoded with errors="surrogateescape") within `width` characters of position `at`."""
+    return text[max(0, at - width):at + width].encode("utf-8", "surrogateescape")
 
 
 def read_jsonl(path: str | os.PathLike) -> pd.DataFrame:

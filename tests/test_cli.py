@@ -46,6 +46,33 @@ def test_distill_names_the_students_and_methods_it_knows(capsys, student, method
     assert named in err and "(there: " in err
 
 
+@pytest.mark.parametrize("error", ["InputError", "ValueError"])
+def test_a_distill_job_logs_a_users_mistake_as_one_line(tmp_path, monkeypatch, capsys, error):
+    """The `distill` rule's entry (`mechdistill distill ... --log-file`): an InputError inside the run ends the
+    log with one line and exits 2, with no traceback; a bug (ValueError) keeps its traceback."""
+    import types
+
+    from mechdistill.errors import InputError
+
+    def run_distill(*args):
+        if error == "InputError":
+            raise InputError("bad row.", file="t.parquet", row=4, fix="mend it.")
+        raise ValueError("a bug")
+
+    monkeypatch.setitem(sys.modules, "mechdistill.stages.distill", types.SimpleNamespace(run_distill=run_distill))
+    log = tmp_path / "distill.log"
+    args = ["distill", "tiny_icd", "tiny_student", "vanilla", "--config", TINY, "--log-file", str(log)]
+    if error == "ValueError":
+        with pytest.raises(ValueError):
+            main(args)
+        assert "Traceback (most recent call last)" in log.read_text()
+        return
+    assert main(args) == 2
+    assert "Traceback" not in log.read_text()
+    assert log.read_text().strip().endswith(" ERROR mechdistill: InputError: t.parquet, row 4: bad row. Fix: mend it.")
+    assert capsys.readouterr().err == "mechdistill: error: t.parquet, row 4: bad row. Fix: mend it.\n"
+
+
 def test_prepare_dataset_by_hand_writes_where_snakemake_would(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["prepare-dataset", "tiny_icd", "--config", TINY]) == 0

@@ -41,6 +41,10 @@ def test_defaults_are_filled():
     (lambda c: c["models"]["tiny_student"].update(layers=[0]), ["exactly one of 'n_layers' or 'layers'"]),
     (lambda c: c["generation"].update(backend="file"), ["generation.traces is not set"]),
     (lambda c: c.pop("teacher"), ["'teacher' is a required property"]),
+    (lambda c: c["generation"].update(backend="file", traces="/tmp/x-{foo}.jsonl"),  # a path template's names
+     ["'generation.traces' is '/tmp/x-{foo}.jsonl'", "unknown placeholder {foo}", "allowed: {dataset}, {split}"]),
+    (lambda c: c["generation"].update(backend="file", traces="/tmp/{dataset"),
+     ["'generation.traces' is '/tmp/{dataset'", "not a valid path template", "{dataset}, {split}"]),
 ])
 def test_schema_errors_name_key_and_allowed_values(mutate, expected):
     cfg = copy.deepcopy(base())
@@ -50,6 +54,12 @@ def test_schema_errors_name_key_and_allowed_values(mutate, expected):
     for text in expected:
         assert text in str(err.value)
     assert "tiny.yaml" in str(err.value)
+
+
+def test_a_path_template_with_its_placeholders_and_literal_braces_loads():
+    cfg = base()
+    cfg["generation"].update(backend="file", traces="traces/{{v1}}/{dataset}-{split}.jsonl")
+    assert validate_config(cfg)["generation"]["traces"].format(dataset="d", split="s") == "traces/{v1}/d-s.jsonl"
 
 
 def test_missing_and_malformed_files(tmp_path):

@@ -129,6 +129,8 @@ def test_bad_grid_stops_the_dry_run(tmp_path, method, grid, message):
     (lambda c: c["models"]["tiny_student"].update(n_layers=5),  # found by reading the base's config, no model loaded
      "models.tiny_student.n_layers is 5, but its base tiny_llama has 2 layers: give 1 to 2."),
     (lambda c: c["methods"].update(mechh={}), "ConfigError"),
+    (lambda c: c["generation"].update(backend="file", traces="/tmp/x-{foo}.jsonl"),  # not a KeyError building the DAG
+     "'generation.traces' is '/tmp/x-{foo}.jsonl': it uses the unknown placeholder {foo}; allowed: {dataset}, {split}"),
 ])
 def test_bad_config_stops_at_start(tmp_path, mutate, message):
     cfg = yaml.safe_load((REPO / "config/tiny.yaml").read_text())
@@ -210,6 +212,37 @@ def test_editing_raw_dataset_files_or_the_trace_file_reruns_their_rules(tmp_path
     traces.write_text(traces.read_text().replace("Heart failure.", "Kidney disease."))
     jobs = planned(cot)
     assert jobs["teacher_cot"] == 1 and "prepare_dataset" not in jobs
+
+
+def test_a_job_stopped_by_a_bad_input_file_ends_with_its_one_line_error(tmp_path):
+    """A MIMIC note with a Latin-1 byte stops prepare_dataset: the rule's log ends with the error as one line
+    (file, row, note_id, fix), no traceback is printed anywhere, and the failed run repeats that line last."""
+    import gzip
+    import shutil
+
+    root = tmp_path / "mimic4"
+    shutil.copytree(REPO / "tests/fixtures/mimic4", root)
+    notes_path = root / "note/discharge.csv.gz"
+    notes = pd.read_csv(notes_path, dtype=str, keep_default_na=False)
+    notes.loc[2, "text"] = "Seen at the MARK.\n" + notes.loc[2, "text"]
+    notes_path.write_bytes(gzip.compress(notes.to_csv(index=False).encode().replace(b"MARK", b"caf\xe9")))
+    cfg = yaml.safe_load((REPO / "config/tiny.yaml").read_text())
+    cfg["datasets"] = {"mimic": {"adapter": "mimic4_icd10", "params": {"root": str(root), "min_code_count": 3}}}
+    config = tmp_path / "mimic.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
+                           "results/mimic/data/test.parquet", "--cores", "1", "--configfile", str(config)],
+                          capture_output=True, text=True, timeout=600)
+    terminal = proc.stdout + proc.stderr
+    line = (f"InputError: {notes_path}, row 3 (note_id {notes.loc[2, 'note_id']}): not UTF-8 text (byte 0xe9 in "
+            "column 'text': b'Seen at the caf\\xe9.\\n")
+    log = (tmp_path / "logs/prepare_dataset/mimic.log").read_text()
+    assert proc.returncode != 0
+    assert "Traceback" not in log and "Traceback" not in terminal
+    assert f" ERROR mechdistill: {line}" in log.strip().splitlines()[-1]
+    assert f"mechdistill: error: {line}" in terminal  # the job's stderr
+    last = [t for t in terminal.splitlines() if "mechdistill" in t][-1]
+    assert last.startswith(f"mechdistill: prepare_dataset (logs/prepare_dataset/mimic.log): {line}")
 
 
 def check_baselines(results):

@@ -47,7 +47,7 @@ import pandas as pd
 import simple_icd_10_cm as cm
 
 from ..errors import ConfigError, InputError
-from ..io import named_read_errors
+from ..io import read_csv
 from . import icd10cm
 from .base import SPLITS, PreparedDataset
 from .sources import (
@@ -208,16 +208,14 @@ def _find(root: str, stem: str) -> Path:
 
 def _read(path: Path, required: list[str], optional: tuple[str, ...] | list[str] = ()) -> pd.DataFrame:
     """Read the needed columns; `_row` is the 1-based data row (the header is not counted)."""
-    with named_read_errors(path):
-        header = list(pd.read_csv(path, nrows=0).columns)
+    ids = ("note_id", "hadm_id")  # what a bad row is named by, besides its number
+    header = list(read_csv(path, ids, nrows=0).columns)
     missing = [c for c in required if c not in header]
     if missing:
         raise InputError(f"missing column(s) {missing}; columns found: {header}.", file=str(path),
                          fix="use the unmodified MIMIC-IV / MIMIC-IV-Note file from PhysioNet.")
     cols = required + [c for c in optional if c in header]
-    with named_read_errors(path):  # pandas' own errors name no file
-        df = pd.read_csv(path, usecols=cols, dtype={"icd_code": str, "note_id": str, "text": str,
-                                                    "long_title": str})
+    df = read_csv(path, ids, usecols=cols, dtype={"icd_code": str, "note_id": str, "text": str, "long_title": str})
     df["_row"] = np.arange(1, len(df) + 1)
     return df
 
@@ -323,8 +321,7 @@ def _split_from_file(docs: pd.DataFrame, path: Path, stats: dict) -> dict[int, s
     elif name.endswith(".parquet"):
         df = pd.read_parquet(path)
     elif name.endswith((".csv", ".csv.gz")):
-        with named_read_errors(path):
-            df = pd.read_csv(path)
+        df = read_csv(path)
     else:
         raise InputError("unknown split file type (expected .feather, .parquet or .csv).",
                          file=str(path), fix=fix)

@@ -32,6 +32,7 @@ from .backends import (
     PromptBudget,
     TransformersBackend,
     VllmBackend,
+    every_prompt_too_long,
     make_backend,
     prompt_budget,
     prompt_lengths,
@@ -85,7 +86,8 @@ def generate_cot(catalog: ModelCatalog, model_name: str, prompts: pd.DataFrame, 
         engine = getattr(backend, "engine", type(backend).__name__)
         if isinstance(backend, FileBackend):
             backend.cover(prompts["doc_id"].tolist())
-        budget = prompt_budget(backend, gen["max_new_tokens"], gen["force_answer_tokens"])
+        budget = prompt_budget(backend, gen["max_new_tokens"], gen["force_answer_tokens"], "generation.max_new_tokens")
+        _require_a_prompt_that_fits(backend, budget, prompts, f"{model_name} {dataset}/{split}")
         log.info("%s %s/%s: generating with %s%s", model_name, dataset, split, engine,
                  f"; prompts of at most {budget.describe()}" if budget is not None else "")
         bar = tqdm(total=len(prompts), initial=len(prompts) - sum(min(size, len(prompts) - s) for s in todo),
@@ -159,7 +161,7 @@ def _run_backend(backend, shard: pd.DataFrame, gen: dict) -> list[Generation]:
     chats = [json.loads(m) for m in shard["messages"]]
     synced = bool(gen.get(SYNCED_GPUS))
     lengths = prompt_lengths(backend.tok, [render_prompt(backend.tok, chat) for chat in chats])
-    budget = prompt_budget(backend, gen["max_new_tokens"], gen["force_answer_tokens"])
+    budget = prompt_budget(backend, gen["max_new_tokens"], gen["force_answer_tokens"], "generation.max_new_tokens")
     kept = within_budget(budget, lengths)
     if len(kept) < len(chats):
         log.warning(skipped_line(budget, lengths, shard["doc_id"].tolist(), kept))
@@ -177,6 +179,18 @@ def _run_backend(backend, shard: pd.DataFrame, gen: dict) -> list[Generation]:
     return [replace(generated.get(i, skipped), prompt_tokens=n) for i, n in enumerate(lengths)]
 
 
+def _require_a_prompt_that_fits(backend, budget: PromptBudget | None, prompts: pd.DataFrame, where: str) -> None:
+    """Stop before generating when no prompt of the split fits `budget` (a split of empty CoTs is no result):
+    a ConfigError naming the key, the largest prompt and the fix. Some too long: they are skipped (`_run_backend`)."""
+    if budget is None or prompts.empty:
+        return
+    lengths = prompt_lengths(backend.tok, [render_prompt(backend.tok, json.loads(m)) for m in prompts["messages"]])
+    if not within_budget(budget, lengths):
+        if hasattr(backend, "close"):  # vLLM's engine process
+            backend.close()
+        raise every_prompt_too_long(budget, lengths, prompts["doc_id"].tolist(), where)
+
+
 def force_answers(backend, chats: list[list[dict]], outputs: list[Generation], n_tokens: int,
                   batch_size: int, synced: bool = False) -> list[Generation]:
     """Budget forcing: a trace cut off by max_new_tokens before its answer block gets
@@ -188,7 +202,7 @@ def force_answers(backend, chats: list[list[dict]], outputs: list[Generation], n
     forced answer (`_run_backend`), so only a trace that re-tokenizes longer than it was generated gets here."""
     todo = [i for i, g in enumerate(outputs) if g.finish_reason == "length" and ANSWER_OPEN not in g.text]
     prefixes = [render_prompt(backend.tok, chats[i]) + outputs[i].text + "\n" + ANSWER_OPEN for i in todo]
-    budget = prompt_budget(backend, n_tokens)
+    budget = prompt_budget(backend, n_tokens, new_tokens_name="generation.force_answer_tokens")
     lengths = prompt_lengths(backend.tok, prefixes) if budget is not None else [0] * len(prefixes)
     fits = within_budget(budget, lengths)
     if len(fits) < len(todo):

@@ -467,6 +467,22 @@ def test_wiki_damaged_files_are_named(tmp_path, how, message):
         assert str(err.value).startswith(f"{path}, row 3: ")
 
 
+@pytest.mark.parametrize("row", [1, 7])
+def test_mimic_latin1_note_names_its_row_note_and_column(tmp_path, row):
+    """A note with a Latin-1 byte (0xE9, é) in discharge.csv.gz: the error names the row (a record: notes span
+    many lines), the note_id and the column, as the loader's other errors do."""
+    root = copy_fixture(MIMIC, tmp_path)
+    path = root / "note" / "discharge.csv.gz"
+    notes = read_csv_gz(path)
+    notes.loc[row - 1, "text"] = "Patient from a MARK with chest pain.\n" + notes.loc[row - 1, "text"]
+    path.write_bytes(gzip.compress(notes.to_csv(index=False).encode().replace(b"MARK", b"caf\xe9")))
+    with pytest.raises(InputError) as err:
+        load_mimic4_icd10(str(root), min_code_count=3)
+    assert str(err.value).startswith(f"{path}, row {row} (note_id {notes.loc[row - 1, 'note_id']}): not UTF-8 text "
+                                     "(byte 0xe9 in column 'text': b'Patient from a caf\\xe9 with chest pain.")
+    assert "iconv -f latin1 -t utf-8" in str(err.value)
+
+
 @pytest.mark.parametrize("how, message", DAMAGES)
 def test_mimic_damaged_files_are_named(tmp_path, how, message):
     root = copy_fixture(MIMIC, tmp_path)
@@ -475,3 +491,6 @@ def test_mimic_damaged_files_are_named(tmp_path, how, message):
     with pytest.raises(InputError) as err:
         load_mimic4_icd10(str(root), min_code_count=3)
     assert str(err.value).startswith(str(path)) and message in str(err.value)
+    if how == "latin-1":  # the byte opens line 3: data row 2, named by its admission
+        hadm_id = read_csv_gz(MIMIC / "hosp" / "diagnoses_icd.csv.gz")["hadm_id"][1]
+        assert str(err.value).startswith(f"{path}, row 2 (hadm_id {hadm_id}): not UTF-8 text (byte 0xe9 in column ")

@@ -382,7 +382,8 @@ def test_an_over_long_prompt_is_skipped_named_and_not_retried(tiny_config, icd_s
 
 
 def test_the_prompt_budget_names_its_terms(tiny_config, icd_space, tmp_path, caplog):
-    """A fresh run logs the limit it skips by: max_position_embeddings - max_new_tokens - forced answer."""
+    """A fresh run logs the limit it skips by, naming the keys: the model's max_position_embeddings -
+    generation.max_new_tokens - forced answer."""
     tiny_config["models"]["tiny_llama"]["config"]["max_position_embeddings"] = 512
     prompts = long_prompts(icd_space, 5, "d4", 600).iloc[3:]
     with caplog.at_level(logging.WARNING, logger="mechdistill.teacher.generate"):
@@ -390,8 +391,52 @@ def test_the_prompt_budget_names_its_terms(tiny_config, icd_space, tmp_path, cap
                           gen=tiny_config["generation"])
     assert df["skipped"].tolist() == ["", "prompt_too_long"]
     lines = [r.getMessage() for r in caplog.records if "prompts skipped" in r.getMessage()]
-    assert lines and all("longer than max_position_embeddings - max_new_tokens - forced answer = 512 - 12 - 13 = 487 "
+    assert lines and all("longer than the model's max_position_embeddings - generation.max_new_tokens - forced answer "
+                         "= 512 - 12 - 13 = 487 "
                          "tokens" in line for line in lines)
+
+
+def test_a_split_whose_every_prompt_is_too_long_stops_naming_the_key_and_largest(tiny_config, icd_space, tmp_path):
+    """No prompt fits (transformers: the model's 512 positions): a ConfigError before anything is generated or
+    written, naming what sets the context, the largest prompt's document and token count, and the fix."""
+    tiny_config["models"]["tiny_llama"]["config"]["max_position_embeddings"] = 512
+    prompts = long_prompts(icd_space, 3, "d1", 600).iloc[1:2]   # only the long prompt
+    out = tmp_path / "run" / "test.parquet"
+    with pytest.raises(ConfigError) as err:
+        generate_cot(ModelCatalog.from_config(tiny_config), "tiny_llama", prompts, icd_space, out, "tiny_icd", "test",
+                     gen=tiny_config["generation"])
+    tok = TransformersBackend(ModelCatalog.from_config(tiny_config), "tiny_llama", tiny_config["generation"]).tok
+    (n,) = rendered_lengths(tok, prompts)
+    assert n > 487
+    assert (f"tiny_llama tiny_icd/test: every prompt is too long: none of the 1 fits the model's max_position_embeddings "
+            f"- generation.max_new_tokens - forced answer = 512 - 12 - 13 = 487 tokens; the largest, doc_id 'd1', has "
+            f"{n:,} tokens") in str(err.value)
+    assert "Fix: use a model with a longer context than 512 tokens" in str(err.value)
+    assert not out.exists() and not list(out.parent.glob(".test.shards-*/shard-*.parquet"))
+
+
+def test_every_prompt_too_long_for_vllm_names_generation_max_model_len(tiny_config, icd_space, tmp_path, monkeypatch):
+    """With vLLM the context is generation.max_model_len (here 64; a stand-in engine that is never asked to
+    generate): the error names the key and the value that fits the largest prompt."""
+    class LLM:
+        def __init__(self, **kw):
+            self.kw = kw
+
+        def chat(self, *args, **kw):
+            raise AssertionError("no prompt fits: nothing may be generated")
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=lambda **kw: kw))
+    monkeypatch.setattr(backends, "vllm_problem", lambda device: None)
+    tiny_config["generation"].update(backend="vllm", device="cuda", max_model_len=64)
+    prompts = long_prompts(icd_space, 3, "d1", 600)
+    with pytest.raises(ConfigError) as err:
+        generate_cot(ModelCatalog.from_config(tiny_config), "tiny_llama", prompts, icd_space, tmp_path / "o.parquet",
+                     "tiny_icd", "test", gen=tiny_config["generation"])
+    lengths = rendered_lengths(backends.load_tokenizer(ModelCatalog.from_config(tiny_config), "tiny_llama"), prompts)
+    assert lengths[1] == max(lengths)
+    assert ("none of the 3 fits generation.max_model_len - generation.max_new_tokens - forced answer = 64 - 12 - 13 = "
+            f"39 tokens; the largest, doc_id 'd1', has {lengths[1]:,} tokens, the shortest {min(lengths):,}") in str(err.value)
+    assert f"Fix: raise generation.max_model_len to at least {lengths[1] + 25:,}" in str(err.value)
 
 
 def test_text_generator_leaves_over_long_texts_empty(tiny_config, caplog):
@@ -404,7 +449,8 @@ def test_text_generator_leaves_over_long_texts_empty(tiny_config, caplog):
     with caplog.at_level(logging.WARNING, logger="mechdistill.teacher.backends"):
         out = generate([short, long, short], max_new_tokens=8)
     assert out[1] == "" and out[0] == out[2] == generate([short], max_new_tokens=8)[0] != ""
-    assert any("1 of 3 prompts skipped: longer than max_position_embeddings - max_new_tokens = 64 - 8 = 56 tokens; "
+    assert any("1 of 3 prompts skipped: longer than the model's max_position_embeddings - max_new_tokens = 64 - 8 = 56 "
+               "tokens; "
                "longest 60 tokens (texts '1')" in r.getMessage() for r in caplog.records)
 
 
@@ -475,7 +521,8 @@ def test_budget_forcing_leaves_out_a_prefix_with_no_room(tiny_config, caplog):
     with caplog.at_level(logging.WARNING, logger="mechdistill.teacher.generate"):
         out = generate.force_answers(backend, [chat, chat], list(cut), n_tokens=4, batch_size=2)
     assert [g.forced_answer for g in out] == [True, False] and out[1] == cut[1]
-    assert any("budget forcing: 1 of 2 prompts skipped: longer than max_position_embeddings - max_new_tokens = "
+    assert any("budget forcing: 1 of 2 prompts skipped: longer than the model's max_position_embeddings - "
+               "generation.force_answer_tokens = "
                f"200 - 4 = 196 tokens; longest {lengths[1]} tokens (traces '1')" in r.getMessage() for r in caplog.records)
 
 
