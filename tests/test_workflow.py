@@ -181,12 +181,13 @@ def test_hostile_values_of_a_string_setting_never_reach_the_shell(tmp_path):
                           out)
     names = [p.name for p in method_grid("semcot", {"grid": grid})]
     assert len(commands) == len(names) == len(HOSTILE_VALUES)
-    for command in commands:  # the shell parses the command as Snakemake would run it; printf only shows the words
-        shown = subprocess.run(["bash", "-c", "printf '%s\\n' " + command.removeprefix("python ")], cwd=tmp_path,
-                               capture_output=True, text=True, check=True).stdout.splitlines()
-        assert shown[:6] == ["-m", "mechdistill", "distill", "tiny_icd", "tiny_student", "semcot"]
-        assert shown[6] in names
+    # the shell parses each command as Snakemake would run it; printf only shows the words
+    shown = [subprocess.run(["bash", "-c", "printf '%s\\n' " + command.removeprefix("python ")], cwd=tmp_path,
+                            capture_output=True, text=True, check=True).stdout.splitlines() for command in commands]
     assert not list(tmp_path.rglob("PWNED*"))
+    for words in shown:
+        assert words[:6] == ["-m", "mechdistill", "distill", "tiny_icd", "tiny_student", "semcot"]
+        assert words[6] in names
 
 
 @pytest.mark.parametrize("mutate, message", [
