@@ -62,11 +62,15 @@ class Method:
     kind: str = "ablation"        # baseline | ours | ablation (module docstring)
     baseline: Baseline | None = None  # one of the four baselines (its settings and teacher needs)
     recipe: str = MECH_RECIPE     # the module whose RECIPE trains it
-    needs_targets: bool = True    # its recipe reads the teacher's targets (Recipe.needs_targets; torch-free copy)
+    needs_targets: bool | None = None  # its recipe reads the teacher's targets (Recipe.needs_targets, a torch-free
+    #                                  copy that plans teacher_targets; checked when the recipe loads); None: the mech
+    #                                  recipe's True, any other recipe's False (Recipe's default)
 
     def __post_init__(self) -> None:
         if self.kind not in METHOD_KINDS:
             raise ValueError(f"method {self.name!r}: kind must be one of {METHOD_KINDS}, got {self.kind!r}")
+        if self.needs_targets is None:
+            object.__setattr__(self, "needs_targets", self.recipe == MECH_RECIPE)
 
     def load_recipe(self) -> Any:
         """The method's `recipe.Recipe` (the RECIPE of module `self.recipe`); imports torch. (Not annotated
@@ -110,8 +114,8 @@ for _m in [
     Method("no_p2_qk", {"phase2.qk": False}, "mech without the Phase 2 QK loop-back term"),
     Method("no_p2_ov", {"phase2.ov": False}, "mech without the Phase 2 OV helpfulness term"),
     Method("no_p2_interaction", {"phase2.interaction": False}, "mech without the Phase 2 interaction term"),
-    *(Method(b.name, {}, b.description, kind="baseline", baseline=b, recipe=f"{BASELINES_PACKAGE}.{b.name}",
-             needs_targets=False) for b in BASELINES.values()),
+    *(Method(b.name, {}, b.description, kind="baseline", baseline=b, recipe=f"{BASELINES_PACKAGE}.{b.name}")
+      for b in BASELINES.values()),
 ]:
     register_method(_m)
 
