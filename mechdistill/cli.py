@@ -14,10 +14,12 @@ import yaml
 
 from .config import load_config
 from .distill.launch import rendezvous_env
+from .distill.methods import check_methods
 from .distill.pool_ranges import check_pool_ranges
 from .errors import MechdistillError
 from .logutil import rule_logging
 from .model_sources import check_layer_subsets
+from .patching.settings import check_patching_bins
 from .plan import (
     CPU_THROUGHPUT,
     GPU_SOURCES,
@@ -108,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                 check_engines(config)
                 check_layer_subsets(config, args.config)
                 check_pool_ranges(config, args.config)
+                check_patching_bins(config, args.config)
+                check_methods(config["methods"], config["distill"]["select"]["criterion"], args.config)
                 print(yaml.safe_dump(config, sort_keys=False))
                 return 0
             # The stages import torch and transformers (seconds): only a command that runs one loads them.

@@ -1,7 +1,8 @@
 """What a `models:` entry is, without loading it (no torch): the catalog of entries model loading reads
 (`ModelCatalog`), the entry itself, the GGUF file a package ships, the random test architectures' defaults
-and the depth a model will have. The Snakefile checks
-layer_subset entries against that depth at start-up, before any job runs."""
+and the depth and head count a model will have. The Snakefile checks
+layer_subset entries against that depth, and patching.bins against the teacher's head count, at start-up,
+before any job runs."""
 
 from __future__ import annotations
 
@@ -76,23 +77,42 @@ def gguf_package_file(spec: dict) -> Path:
     return path
 
 
-def declared_depth(catalog: ModelCatalog, name: str) -> int | None:
-    """The number of decoder layers model `name` will have, read without loading it: a random model's
-    config, a layer_subset's selection, a local folder's (or cached hub model's) config.json, a GGUF file's
-    header. None when it cannot be known before the model is downloaded or built."""
+DEPTH, HEADS = "num_hidden_layers", "num_attention_heads"  # the shape fields read without loading a model
+
+
+def declared_shape(catalog: ModelCatalog, name: str) -> dict[str, int]:
+    """Model `name`'s decoder layers (DEPTH) and query heads per layer (HEADS), those that can be read
+    without loading it: a random model's config, a layer_subset's selection (its base's heads), a local
+    folder's (or cached hub model's) config.json, a GGUF file's header. A field that cannot be known before
+    the model is downloaded or built is absent."""
     spec = model_spec(catalog, name)
     source = spec["source"]
     if source == "random":
-        return int({**TINY_ARCH_DEFAULTS[spec["arch"]], **spec.get("config", {})}["num_hidden_layers"])
+        fields = {**TINY_ARCH_DEFAULTS[spec["arch"]], **spec.get("config", {})}
+        return {key: int(fields[key]) for key in (DEPTH, HEADS)}
     if source == "layer_subset":
-        return len(spec["layers"]) if spec.get("layers") else int(spec["n_layers"])
+        depth = len(spec["layers"]) if spec.get("layers") else int(spec["n_layers"])
+        return {**declared_shape(catalog, spec["base"]), DEPTH: depth}
     if source == "local":
-        return _config_json_depth(Path(spec["path"], "config.json"))
+        return _config_json_shape(Path(spec["path"], "config.json"))
     if source == "hf":
-        return _config_json_depth(_cached_hub_config(spec["id"]))
+        return _config_json_shape(_cached_hub_config(spec["id"]))
     if source == "gguf_package":
-        return _gguf_depth(gguf_package_file(spec))
-    return None
+        return _gguf_shape(gguf_package_file(spec))
+    return {}
+
+
+def declared_depth(catalog: ModelCatalog, name: str) -> int | None:
+    """The number of decoder layers model `name` will have, read without loading it (`declared_shape`);
+    None when it cannot be known before the model is downloaded or built."""
+    return declared_shape(catalog, name).get(DEPTH)
+
+
+def declared_head_count(catalog: ModelCatalog, name: str) -> int | None:
+    """The attention heads of model `name` in total (layers x query heads per layer: what head scores rank
+    and patching bins count), read without loading it; None when it cannot be known before loading."""
+    shape = declared_shape(catalog, name)
+    return shape[DEPTH] * shape[HEADS] if DEPTH in shape and HEADS in shape else None
 
 
 def check_layer_subsets(config: dict, source: str = "config") -> None:
@@ -114,13 +134,12 @@ def check_layer_subsets(config: dict, source: str = "config") -> None:
                               f"has {depth} layers: give 1 to {depth}.")
 
 
-def _config_json_depth(path: Path | None) -> int | None:
+def _config_json_shape(path: Path | None) -> dict[str, int]:
     if path is None or not path.exists():
-        return None
+        return {}
     fields = json.loads(path.read_text())
     fields = fields.get("text_config", fields)  # multimodal configs nest the language model's
-    value = fields.get("num_hidden_layers")
-    return int(value) if value is not None else None
+    return {key: int(fields[key]) for key in (DEPTH, HEADS) if fields.get(key) is not None}
 
 
 def _cached_hub_config(repo_id: str) -> Path | None:
@@ -134,9 +153,12 @@ def _cached_hub_config(repo_id: str) -> Path | None:
 _GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 
 
-def _gguf_depth(path: Path) -> int | None:
-    """`{architecture}.block_count` from a GGUF file's header, read key by key up to that key (the
-    `gguf` package's reader maps every tensor first: ~12 s for SmolLM2 on 2 cores, too slow at start-up)."""
+GGUF_SHAPE_KEYS = {"block_count": DEPTH, "attention.head_count": HEADS}  # `{architecture}.<key>` -> shape field
+
+
+def _gguf_shape(path: Path) -> dict[str, int]:
+    """The shape fields (GGUF_SHAPE_KEYS) from a GGUF file's header, read key by key up to the last of them
+    (the `gguf` package's reader maps every tensor first: ~12 s for SmolLM2 on 2 cores, too slow at start-up)."""
     with open(path, "rb") as f:
         def read(fmt: str):
             return struct.unpack("<" + fmt, f.read(struct.calcsize("<" + fmt)))[0]
@@ -155,15 +177,17 @@ def _gguf_depth(path: Path) -> int | None:
             raise ValueError(f"{path}: unknown GGUF value type {kind}")
 
         if f.read(4) != b"GGUF":
-            return None
+            return {}
         read("I")  # version
         read("Q")  # tensor count
-        arch = None
+        arch, shape = None, {}
         for _ in range(read("Q")):
             key, kind = string(), read("I")
-            if arch is not None and key == f"{arch}.block_count":
-                return int(value(kind))
             item = value(kind)
             if key == "general.architecture":
                 arch = item
-    return None
+            elif arch is not None and key.startswith(f"{arch}.") and key[len(arch) + 1:] in GGUF_SHAPE_KEYS:
+                shape[GGUF_SHAPE_KEYS[key[len(arch) + 1:]]] = int(item)
+                if len(shape) == len(GGUF_SHAPE_KEYS):
+                    return shape
+    return shape

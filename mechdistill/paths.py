@@ -337,11 +337,13 @@ def claims_inputs(config: dict) -> dict[str, list[str]]:
                         for m in config["methods"]]}
 
 
-def stage_targets(config: dict) -> dict[str, tuple[tuple[str, ...], list[str]]]:
+def stage_targets(config: dict, target_methods: list[str] | None = None) -> dict[str, tuple[tuple[str, ...], list[str]]]:
     """target group -> (rules that must all be defined, the concrete files of that group).
 
     A group is requested by `rule all` once every rule it needs exists; e.g. the students'
-    trajectories need both `trajectories` and `student_predict`.
+    trajectories need both `trajectories` and `student_predict`. The teacher's targets are planned only
+    for a student to distil with a method that reads them: `target_methods` (default: every method;
+    the workflow gives `methods.methods_reading_targets`), so `students: []` plans none.
     """
     datasets = list(config["datasets"])
     teacher = config["teacher"]
@@ -366,8 +368,9 @@ def stage_targets(config: dict) -> dict[str, tuple[tuple[str, ...], list[str]]]:
         "head_comparison": (("head_comparison",), [head_comparison(d, teacher, f) for d in datasets
                                                    for f in ("md", "parquet")]),
         "patching": (("patching",), [patching(d, teacher, p) for d in datasets for p in PHASES]),
-        "teacher_targets": (("teacher_targets",), [targets(d, teacher, s) for d in datasets
-                                                   for s in ("train", "val")]),
+        "teacher_targets": (("teacher_targets",), [targets(d, teacher, s) for d in datasets for s in ("train", "val")
+                                                   if students and (methods if target_methods is None
+                                                                    else target_methods)]),
         "distill": (("distill", "select_distill"), [student_model(*x) for x in distilled]),
         "student_predict": (("student_predict",), [student_pred(*x, "test") for x in distilled]),
         "las_simulator": (("las_simulator",), [las_simulator(d) for d in datasets]),

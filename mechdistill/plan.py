@@ -61,7 +61,7 @@ import yaml
 from huggingface_hub import try_to_load_from_cache
 
 from . import paths
-from .distill.methods import method_grid, needs_teacher_data, resolve_method
+from .distill.methods import method_grid, methods_reading_targets, needs_teacher_data, resolve_method
 from .errors import ConfigError
 
 GPU_SOURCES = "benchmarks/gpu_throughput_sources.yaml"
@@ -291,7 +291,7 @@ def _dataset_work(config: dict, dataset: str, size: DatasetSize, models: Mapping
 
     train_docs = {s: min(n[s], distill.get("max_docs") or n[s]) for s in ("train", "val")}
     seq = prompt + cot
-    if distill["targets"] == "precomputed":
+    if students and methods_reading_targets(config["methods"], distill["targets"]):  # as the workflow plans them
         for split, d in train_docs.items():
             rows.append(forced("teacher_targets", split, teacher, d, seq, distill["teacher_dtype"],
                                distill.get("teacher_device_map"), in_flight=distill.get("teacher_in_flight")))

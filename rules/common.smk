@@ -1,5 +1,7 @@
 # Helpers and input functions shared by the rules. Every path comes from mechdistill/paths.py.
 
+from mechdistill.distill.methods import methods_reading_targets
+
 
 def canonical(obj) -> str:
     """Params as sorted JSON: Snakemake compares params as text, so key order must not matter."""
@@ -15,7 +17,7 @@ def settings_of(*classes):
 def group_targets(*names):
     """The targets of the named groups (all groups if none) whose rules are all defined."""
     defined = {r.name for r in workflow.rules}
-    groups = paths.stage_targets(config)
+    groups = paths.stage_targets(config, methods_reading_targets(config["methods"], config["distill"]["targets"]))
     return [t for name in (names or groups) if set(groups[name][0]) <= defined for t in groups[name][1]]
 
 

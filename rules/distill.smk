@@ -2,7 +2,14 @@
 # method, grid point), the choice of each method's grid point on val (select_distill), student predictions.
 
 from mechdistill.distill.launch import local_launcher
-from mechdistill.distill.methods import check_methods, grid_point, method_grid, needs_teacher_data, resolve_method
+from mechdistill.distill.methods import (
+    POINT_PATTERN,
+    grid_point,
+    method_grid,
+    methods_reading_targets,
+    needs_teacher_data,
+    resolve_method,
+)
 from mechdistill.distill.settings import (
     BaselineDataSettings,
     DistillSettings,
@@ -10,9 +17,6 @@ from mechdistill.distill.settings import (
     StudentPredictSettings,
     TargetSettings,
 )
-
-# What the schema cannot check: grid keys the method computes, the training budget shared by every method.
-check_methods(config["methods"], config["distill"]["select"]["criterion"])
 
 
 # student_backend (auto resolved at start-up: the teacher's backend) vllm: the rule runs in envs/vllm.yaml
@@ -35,6 +39,14 @@ def baseline_inputs(wc):
         return {}
     return {f"{split}_baseline_data": paths.baseline_data(wc.dataset, config["teacher"], wc.method, split)
             for split in ("train", "val")}
+
+
+def targets_inputs(wc):
+    """Input function of distill: the teacher's targets of train and val, for a method that reads them
+    (its recipe needs them and distill.targets is precomputed; `methods.methods_reading_targets`)."""
+    if wc.method not in methods_reading_targets(config["methods"], config["distill"]["targets"]):
+        return {}
+    return {f"{split}_targets": paths.targets_tensors(wc.dataset, config["teacher"], split) for split in ("train", "val")}
 
 
 def grid_files(path):
@@ -103,12 +115,11 @@ rule distill:
         unpack(teacher_split("train", prefix="train_")),
         unpack(teacher_split("val", prefix="val_")),
         unpack(baseline_inputs),
+        unpack(targets_inputs),
         student_coarse=paths.head_scores(model="{student}", kind="coarse"),
         student_refine=paths.head_scores(model="{student}", kind="refine"),
         teacher_coarse=paths.head_scores(model=config["teacher"], kind="coarse"),
         teacher_refine=paths.head_scores(model=config["teacher"], kind="refine"),
-        train_targets=paths.targets_tensors(teacher=config["teacher"], split="train"),
-        val_targets=paths.targets_tensors(teacher=config["teacher"], split="val"),
     output:  # one grid point's folder: {method}/grid/{point}/
         model=paths.student_model(method=paths.grid_method()),
         log=paths.train_log(method=paths.grid_method()),
@@ -122,7 +133,7 @@ rule distill:
     wildcard_constraints:
         student=one_of(config["students"]),
         method=one_of(config["methods"]),
-        point="[^/]+",
+        point=POINT_PATTERN,  # safe names (methods.point_name): no config value reaches the shell command
     threads: workflow.cores
     resources:  # the launcher is a resource, not a param: moving a run to the cluster does not retrain it
         gpu=1,
@@ -134,9 +145,10 @@ rule distill:
         "../envs/train.yaml"
     # `tasks` ranks, started here by distill.launch (torchrun for several) or by srun under profiles/slurm, load the config snapshot and
     # write the outputs at their default paths (mechdistill.paths).
+    # Every word from the config or a wildcard is quoted (:q); {resources.mpi} is the launcher command itself.
     shell:
-        "{resources.mpi} {resources.tasks} python -m mechdistill distill {wildcards.dataset} {wildcards.student} {wildcards.method} "
-        "{wildcards.point} --config {CONFIG_SNAPSHOT} --log-file {log}"
+        "{resources.mpi} {resources.tasks} python -m mechdistill distill {wildcards.dataset:q} {wildcards.student:q} "
+        "{wildcards.method:q} {wildcards.point:q} --config {CONFIG_SNAPSHOT:q} --log-file {log:q}"
 
 
 rule select_distill:

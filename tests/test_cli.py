@@ -32,6 +32,19 @@ def test_validate_config_prints_it_with_defaults(capsys):
     assert printed["distill"]["pools"]["phase1"]["layers"] == [0.0, 0.5]  # a schema default
 
 
+@pytest.mark.parametrize("change, named", [
+    ({"methods": {"cwt": {"params": {"n_chunks": 0}}}}, "methods.cwt.params.n_chunks is 0; allowed: an integer >= 1."),
+    ({"patching": {"bins": [2, 100]}}, "patching.bins has 100, but the teacher tiny_llama has 8 attention heads"),
+])
+def test_validate_config_runs_the_start_up_checks_of_method_settings_and_bins(tmp_path, capsys, change, named):
+    config = yaml.safe_load(open(TINY))
+    for section, value in change.items():
+        config[section] = {**config[section], **value} if section == "patching" else value
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
+    assert main(["validate-config", "--config", str(tmp_path / "bad.yaml")]) == 2
+    assert f"{tmp_path / 'bad.yaml'}: {named}" in capsys.readouterr().err
+
+
 def test_unknown_dataset_names_the_defined_ones(capsys):
     assert main(["prepare-dataset", "nope", "--config", TINY]) == 2
     err = capsys.readouterr().err

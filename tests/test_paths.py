@@ -46,6 +46,13 @@ def test_stage_targets_of_the_tiny_config():
     assert all("{" not in f for _, files in groups.values() for f in files)  # every target is concrete
 
 
+def test_teacher_targets_are_a_target_only_for_students_distilled_with_a_method_that_reads_them():
+    config = load_config(REPO / "config" / "tiny.yaml")
+    assert len(paths.stage_targets(config)["teacher_targets"][1]) == 2
+    assert paths.stage_targets(config, target_methods=[])["teacher_targets"][1] == []
+    assert paths.stage_targets({**config, "students": []})["teacher_targets"][1] == []  # before: 2 files nothing reads
+
+
 def test_clean_prompt_splits_follow_the_settings():
     config = load_config(REPO / "config" / "tiny.yaml")
     assert paths.characterization_split(config, "clean") == "clean_neutral"

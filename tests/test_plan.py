@@ -103,6 +103,10 @@ def test_baseline_teacher_generations():
     rows = tiny_work(cfg).query("stage == 'baseline_teacher_data'").set_index("scope")
     assert rows.loc["morsd", "generated"] == 3 * 3 * (20 + 16)
     assert one(work, "distill", model="tiny_student").jobs == 6
+    # the baselines read no teacher targets: with them alone (or no student) the plan prices no teacher_targets job
+    cfg["methods"] = {name: cfg["methods"][name] for name in ("unicott", "morsd", "cwt")}
+    assert "teacher_targets" not in set(tiny_work(cfg)["stage"])
+    assert "teacher_targets" not in set(tiny_work({**tiny_config(), "students": []})["stage"])
 
 
 def test_max_docs_and_a_measured_cot_length():

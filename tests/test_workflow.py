@@ -100,8 +100,8 @@ def test_dry_run_plans_a_distill_job_per_grid_point_and_one_selection(tmp_path):
     out = snakemake(tmp_path, "-n", "--configfile", str(path))
     jobs = job_counts(out)
     assert jobs["distill"] == 2 and jobs["select_distill"] == 1 and jobs["student_predict"] == 1  # 1 student, 1 dataset
-    for point in ("alpha=0.5", "alpha=1.0"):
-        assert f"results/tiny_icd/tiny_student/mech/grid/{point}/train_log.parquet" in out
+    for point in ("alpha=0.5", "alpha=1.0"):  # a readable slug, then a hash of the values (methods.point_name)
+        assert re.search(rf"results/tiny_icd/tiny_student/mech/grid/{point}--[0-9a-f]{{8}}/train_log.parquet", out)
     assert "results/tiny_icd/tiny_student/mech/selection.json" in out
 
 
@@ -141,6 +141,92 @@ def test_bad_config_stops_at_start(tmp_path, mutate, message):
                            "-n", "--configfile", str(path)], capture_output=True, text=True)
     assert proc.returncode != 0
     assert message in proc.stdout + proc.stderr
+
+
+def dry_run_with(tmp_path, mutate, *targets) -> subprocess.CompletedProcess:
+    """`snakemake -n -p` of the tiny config changed by `mutate`, in tmp_path (returns the finished process)."""
+    cfg = yaml.safe_load((REPO / "config/tiny.yaml").read_text())
+    mutate(cfg)
+    path = tmp_path / "changed.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
+                           *targets, "-n", "-p", "--configfile", str(path)], capture_output=True, text=True)
+
+
+HOSTILE_VALUES = ["it's $(touch PWNED)", "`touch PWNED`", "x; touch PWNED", '"; touch PWNED; echo "']
+
+
+@pytest.mark.parametrize("method, key, message", [
+    ("cwt", "n_chunks", "methods.cwt.grid.params.n_chunks is \"it's $(touch PWNED)\"; allowed: an integer >= 1."),
+    ("morsd", "n_select", "methods.morsd.grid.params.n_select is \"it's $(touch PWNED)\"; allowed: an integer >= 1."),
+])
+def test_a_hostile_grid_value_of_a_typed_setting_stops_the_start(tmp_path, method, key, message):
+    """Before, `methods.cwt.grid: {params.n_chunks: ["it's $(touch PWNED)"]}` passed start-up and the distill
+    job's shell ran the command substitution (PWNED created), then failed."""
+    proc = dry_run_with(tmp_path, lambda c: c["methods"][method].update(grid={f"params.{key}": HOSTILE_VALUES}))
+    assert proc.returncode != 0 and message in proc.stdout + proc.stderr
+    assert not list(tmp_path.rglob("PWNED*"))
+
+
+def test_hostile_values_of_a_string_setting_never_reach_the_shell(tmp_path):
+    """SemCoT's placeholder is a string: hostile values are allowed there, but each grid point's name is a safe
+    token. Every planned distill command, run by bash with its program replaced by printf, creates no file and
+    passes the point's safe name as one word."""
+    from mechdistill.distill.methods import method_grid
+
+    grid = {"params.placeholder": HOSTILE_VALUES}
+    proc = dry_run_with(tmp_path, lambda c: c["methods"]["semcot"].update(grid=grid),
+                        "results/tiny_icd/tiny_student/semcot/selection.json")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    commands = re.findall(r"Shell command: \S*\s*python -m mechdistill.distill.launch \d+ (python -m mechdistill distill .*)",
+                          out)
+    names = [p.name for p in method_grid("semcot", {"grid": grid})]
+    assert len(commands) == len(names) == len(HOSTILE_VALUES)
+    # the shell parses each command as Snakemake would run it; printf only shows the words
+    shown = [subprocess.run(["bash", "-c", "printf '%s\\n' " + command.removeprefix("python ")], cwd=tmp_path,
+                            capture_output=True, text=True, check=True).stdout.splitlines() for command in commands]
+    assert not list(tmp_path.rglob("PWNED*"))
+    for words in shown:
+        assert words[:6] == ["-m", "mechdistill", "distill", "tiny_icd", "tiny_student", "semcot"]
+        assert words[6] in names
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda c: c["methods"]["morsd"]["params"].update(n_samples=-1),
+     "methods.morsd.params.n_samples is -1; allowed: an integer >= 1."),
+    (lambda c: c["methods"]["morsd"]["params"].update(n_samples="two"),
+     "methods.morsd.params.n_samples is 'two'; allowed: an integer >= 1."),
+    (lambda c: c["methods"]["cwt"]["params"].update(n_chunks=0), "methods.cwt.params.n_chunks is 0; allowed: an integer >= 1."),
+    (lambda c: c["methods"]["semcot"]["params"].update(K="two"), "methods.semcot.params.K is 'two'; allowed: an integer >= 1."),
+    (lambda c: c["patching"].update(bins=[2, 100]),  # 2 layers x 4 heads, read from the random model's config
+     "patching.bins has 100, but the teacher tiny_llama has 8 attention heads in total"),
+])
+def test_a_bad_method_setting_or_patching_bin_stops_the_start_naming_the_key(tmp_path, mutate, message):
+    """Before: n_samples -1 trained on the greedy traces only, n_chunks 0 was clamped to 1, bins [2, 100] on an
+    8-head teacher was clamped to 8 (two bins, one head set); n_samples "two" stopped with a raw TypeError and
+    K "two" failed inside the job."""
+    proc = dry_run_with(tmp_path, mutate)
+    assert proc.returncode != 0 and "changed.yaml: " + message in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("mutate, targets_jobs", [
+    (lambda c: c.update(students=[]), 0),
+    (lambda c: c.update(methods={"unicott": {}, "cwt": {"params": {"n_chunks": 3, "skip_from_epoch": 0}}}), 0),
+    (lambda c: c["distill"].update(targets="online"), 0),
+    (lambda c: None, 2),
+])
+def test_teacher_targets_are_planned_only_for_a_method_that_reads_them(tmp_path, mutate, targets_jobs):
+    """`students: []` planned two teacher_targets jobs that nothing read; baselines never read the targets,
+    and distill.targets online computes them in the distill job."""
+    proc = dry_run_with(tmp_path, mutate)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert job_counts(out).get("teacher_targets", 0) == targets_jobs
+    distill_inputs = re.findall(r"rule distill:\n    input: ([^\n]+).*?wildcards: [^\n]*method=(\w+)", out, re.S)
+    assert distill_inputs or not targets_jobs
+    for inputs, method in distill_inputs:  # vanilla and mech read the targets, the baselines never
+        assert ("targets/train.safetensors" in inputs) == (bool(targets_jobs) and method in ("vanilla", "mech")), method
 
 
 @pytest.mark.parametrize("section, key, allowed", [

@@ -37,9 +37,12 @@ inference. Their settings are the entry's `params:` (the baseline's
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import itertools
-from dataclasses import dataclass, field
+import json
+import re
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import ConfigError
@@ -59,15 +62,25 @@ class Method:
     kind: str = "ablation"        # baseline | ours | ablation (module docstring)
     baseline: Baseline | None = None  # one of the four baselines (its settings and teacher needs)
     recipe: str = MECH_RECIPE     # the module whose RECIPE trains it
+    needs_targets: bool | None = None  # its recipe reads the teacher's targets (Recipe.needs_targets, a torch-free
+    #                                  copy that plans teacher_targets; checked when the recipe loads); None: the mech
+    #                                  recipe's True, any other recipe's False (Recipe's default)
 
     def __post_init__(self) -> None:
         if self.kind not in METHOD_KINDS:
             raise ValueError(f"method {self.name!r}: kind must be one of {METHOD_KINDS}, got {self.kind!r}")
+        if self.needs_targets is None:
+            object.__setattr__(self, "needs_targets", self.recipe == MECH_RECIPE)
 
     def load_recipe(self) -> Any:
         """The method's `recipe.Recipe` (the RECIPE of module `self.recipe`); imports torch. (Not annotated
-        as Recipe: recipe.py imports this module, and the import contract forbids cycles.)"""
-        return importlib.import_module(self.recipe).RECIPE
+        as Recipe: recipe.py imports this module, and the import contract forbids cycles.) Its needs_targets
+        must be this method's, which plans the teacher_targets jobs without torch."""
+        recipe = importlib.import_module(self.recipe).RECIPE
+        if recipe.needs_targets != self.needs_targets:
+            raise ValueError(f"method {self.name!r}: needs_targets is {self.needs_targets}, but its recipe "
+                             f"{self.recipe} says {recipe.needs_targets}")
+        return recipe
 
     def uses(self, phase: str) -> bool:
         """Whether any term of `phase` ("phase1" / "phase2") is on."""
@@ -118,8 +131,16 @@ def resolve_method(name: str, settings: dict | None) -> Method:
     method = METHODS[base]
     extra, kind = settings.get("switches") or {}, settings.get("kind", method.kind)
     if extra or base != name or kind != method.kind:
-        return Method(name, {**method.switches, **extra}, method.description, kind, method.baseline, method.recipe)
+        return replace(method, name=name, switches={**method.switches, **extra}, kind=kind)
     return method
+
+
+def methods_reading_targets(methods: dict[str, dict | None], targets: str) -> list[str]:
+    """The config entries whose distill jobs read the teacher_targets files: those whose recipe needs the
+    teacher's targets, when `targets` (distill.targets) is "precomputed" (online: the job's teacher makes them)."""
+    if targets != "precomputed":
+        return []
+    return [name for name, settings in methods.items() if resolve_method(name, settings).needs_targets]
 
 
 def needs_teacher_data(name: str, settings: dict | None) -> bool:
@@ -150,10 +171,33 @@ PARAMS = "params."  # grid keys of a baseline's own settings: params.<name>
 PHASE_OF_WEIGHT = {"alpha": "phase1", "beta": "phase2"}
 
 
+# A grid point's name (the `{point}` wildcard, a folder name and a word of the `distill` shell command): the
+# point's values as a slug of safe characters, then "--" and a hash of the exact values ("alpha=0.5,beta=1.0--
+# 1f0e3c2a"), so no config value reaches a shell or a path as it is written, and two values the slug makes alike
+# stay apart. `point_name` builds it; the `distill` rule constrains {point} to this pattern.
+POINT_HASH_CHARS = 8
+SLUG_VALUE_CHARS = 24  # a string value's characters kept in the slug (the hash tells longer ones apart)
+POINT_PATTERN = rf"{re.escape(DEFAULT_POINT)}|[A-Za-z0-9._,=-]+--[0-9a-f]{{{POINT_HASH_CHARS}}}"
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def point_name(values: dict[str, Any]) -> str:
+    """The name of the grid point with `values` ({grid key: value}, in grid order): "key=value,..." with each
+    string value's characters outside [A-Za-z0-9._-] as "_", then "--" and the first POINT_HASH_CHARS hex digits
+    of the SHA-1 of the values as sorted JSON. Matches POINT_PATTERN."""
+    def word(value: Any) -> str:
+        text = json.dumps(value) if isinstance(value, bool) or value is None else str(value)
+        return _UNSAFE.sub("_", text)[:SLUG_VALUE_CHARS] or "_"
+
+    slug = ",".join(f"{key}={word(value)}" for key, value in values.items())
+    digest = hashlib.sha1(json.dumps(values, sort_keys=True).encode()).hexdigest()[:POINT_HASH_CHARS]
+    return f"{slug}--{digest}"
+
+
 @dataclass(frozen=True)
 class GridPoint:
-    """One point of a method's grid: its name (the `{point}` wildcard, "alpha=0.5,beta=1.0"), the
-    grid's values there, and the method's config entry at that point (values in its `weights`)."""
+    """One point of a method's grid: its name (the `{point}` wildcard, `point_name`: "alpha=0.5,beta=1.0--1f0e3c2a"),
+    the grid's values there, and the method's config entry at that point (values in its `weights`)."""
 
     name: str
     values: dict[str, float]
@@ -171,11 +215,10 @@ def method_grid(name: str, settings: dict | None) -> list[GridPoint]:
     points = []
     for combo in itertools.product(*grid.values()):
         values = {key: value if key.startswith(PARAMS) else float(value) for key, value in zip(grid, combo)}
-        point_name = ",".join(f"{key}={value!r}" for key, value in values.items())
         weights = {**(settings.get("weights") or {}), **{k: v for k, v in values.items() if not k.startswith(PARAMS)}}
         params = {**(settings.get("params") or {}),
                   **{k[len(PARAMS):]: v for k, v in values.items() if k.startswith(PARAMS)}}
-        points.append(GridPoint(point_name, values, {**settings, "weights": weights}
+        points.append(GridPoint(point_name(values), values, {**settings, "weights": weights}
                                 | ({"params": params} if params else {})))
     return points
 
@@ -196,51 +239,67 @@ def _weight_is_on(method: Method, key: str) -> bool:
     return method.switches.get(group, True) and method.switches.get(key, True)
 
 
-def check_methods(methods: dict[str, dict | None], criterion: str) -> None:
-    """Start-up checks of config["methods"] that the schema cannot express (ConfigError naming the
-    key path): a grid varies only GRID_KEYS and only weights of terms the method computes (else its
-    points would train the same model), no method changes BUDGET_KEYS, and the total validation loss
+def check_methods(methods: dict[str, dict | None], criterion: str, source: str = "config") -> None:
+    """Start-up checks of config["methods"] that the schema cannot express (ConfigError naming `source`
+    and the key path): a baseline's settings and grid values are allowed by their declarations
+    (`catalog.Setting`), a grid varies only GRID_KEYS and only weights of terms the method computes (else
+    its points would train the same model), no method changes BUDGET_KEYS, and the total validation loss
     (`criterion` "val_loss") selects no grid point (each point weighs its terms differently)."""
-    for name, settings in methods.items():
-        settings = settings or {}
-        method = resolve_method(name, settings)
-        grid = settings.get("grid") or {}
-        _check_params(name, method, settings.get("params"), [k[len(PARAMS):] for k in grid if k.startswith(PARAMS)])
-        for key in grid:
-            if key.startswith(PARAMS):
-                continue
-            if method.baseline is not None:
-                raise ConfigError(f"methods.{name}.grid.{key}: {name} is a baseline with its own loss, which "
-                                  f"distill.weights do not weigh; its grid varies its settings: "
-                                  f"{', '.join(PARAMS + k for k in method.baseline.defaults)}")
-            if key not in GRID_KEYS:
-                raise ConfigError(f"methods.{name}.grid: unknown key {key!r}; a grid varies loss weights: "
-                                  f"{', '.join(GRID_KEYS)}")
-            if not _weight_is_on(method, key):
-                raise ConfigError(f"methods.{name}.grid.{key}: {name} switches that term off, so every grid "
-                                  "point would train the same model; drop the key")
-        fixed = sorted(set(settings.get("train") or {}) & set(BUDGET_KEYS))
-        if fixed:
-            raise ConfigError(f"methods.{name}.train.{fixed[0]}: the training budget and optimisation "
-                              f"({', '.join(BUDGET_KEYS)}) are the same for every method; set them in distill.train")
-        if criterion == "val_loss" and len(method_grid(name, settings)) > 1:
-            raise ConfigError(f"methods.{name}.grid: distill.select.criterion 'val_loss' cannot compare grid "
-                              "points (each weighs the loss terms differently); use val_cot_loss or val_macro_f1")
+    try:
+        for name, settings in methods.items():
+            _check_method(name, settings or {}, criterion)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
 
 
-def _check_params(name: str, method: Method, params: dict | None, grid_keys: list[str]) -> None:
-    """A baseline's `params` and `params.*` grid keys name settings of its recipe; the settings its
-    teacher data depends on are fixed per method (the data is made once per method and split)."""
+def _check_method(name: str, settings: dict, criterion: str) -> None:
+    """`check_methods` of one config entry."""
+    method = resolve_method(name, settings)
+    grid = settings.get("grid") or {}
+    _check_params(name, method, settings.get("params"), {k[len(PARAMS):]: v for k, v in grid.items()
+                                                         if k.startswith(PARAMS)})
+    for key in grid:
+        if key.startswith(PARAMS):
+            continue
+        if method.baseline is not None:
+            raise ConfigError(f"methods.{name}.grid.{key}: {name} is a baseline with its own loss, which "
+                              f"distill.weights do not weigh; its grid varies its settings: "
+                              f"{', '.join(PARAMS + k for k in method.baseline.defaults)}")
+        if key not in GRID_KEYS:
+            raise ConfigError(f"methods.{name}.grid: unknown key {key!r}; a grid varies loss weights: "
+                              f"{', '.join(GRID_KEYS)}")
+        if not _weight_is_on(method, key):
+            raise ConfigError(f"methods.{name}.grid.{key}: {name} switches that term off, so every grid "
+                              "point would train the same model; drop the key")
+    fixed = sorted(set(settings.get("train") or {}) & set(BUDGET_KEYS))
+    if fixed:
+        raise ConfigError(f"methods.{name}.train.{fixed[0]}: the training budget and optimisation "
+                          f"({', '.join(BUDGET_KEYS)}) are the same for every method; set them in distill.train")
+    if criterion == "val_loss" and len(method_grid(name, settings)) > 1:
+        raise ConfigError(f"methods.{name}.grid: distill.select.criterion 'val_loss' cannot compare grid "
+                          "points (each weighs the loss terms differently); use val_cot_loss or val_macro_f1")
+
+
+def _check_params(name: str, method: Method, params: dict | None, grid: dict[str, list]) -> None:
+    """A baseline's `params` and `params.*` grid keys name settings of its recipe, each value allowed by the
+    setting's declaration (`catalog.Setting`: type, range, choices); the settings its teacher data depends
+    on are fixed per method (the data is made once per method and split). ConfigError naming the key."""
     if method.baseline is None:
-        if params or grid_keys:
+        if params or grid:
             raise ConfigError(f"methods.{name}: `params` are the settings of a baseline (unicott, morsd, semcot, "
                               f"cwt); {name} has none")
         return
-    for key in [*(params or {}), *grid_keys]:
-        if key not in method.baseline.defaults:
-            raise ConfigError(f"methods.{name}.params.{key}: unknown setting of {method.baseline.name}; its settings: "
-                              f"{', '.join(method.baseline.defaults)}")
-    fixed = sorted(set(grid_keys) & set(method.baseline.teacher_data_keys))
+    spec = method.baseline
+    values = [(f"params.{key}", key, value) for key, value in (params or {}).items()]
+    values += [(f"grid.{PARAMS}{key}", key, value) for key, listed in grid.items() for value in listed]
+    for where, key, value in values:
+        if key not in spec.settings:
+            raise ConfigError(f"methods.{name}.{where}: unknown setting of {spec.name}; its settings: "
+                              f"{', '.join(spec.settings)}")
+        problem = spec.settings[key].problem(value)
+        if problem is not None:
+            raise ConfigError(f"methods.{name}.{where} is {value!r}; {problem}")
+    fixed = sorted(set(grid) & set(spec.teacher_data_keys))
     if fixed:
         raise ConfigError(f"methods.{name}.grid.params.{fixed[0]}: the teacher data depends on it, and is made once "
-                          f"per method; add a method entry per value instead (base: {method.baseline.name})")
+                          f"per method; add a method entry per value instead (base: {spec.name})")

@@ -1,10 +1,13 @@
-"""What the patching stage reads (`mechdistill.settings`). Torch-free."""
+"""What the patching stage reads (`mechdistill.settings`), and the check of its bins against the teacher's
+head count (at start-up where that count can be read without loading the teacher). Torch-free."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import ConfigError
+from ..model_sources import ModelCatalog, declared_head_count
 from ..settings import PLACEMENT_KEYS, Declared, Settings
 
 PATCHING_KEYS = ("split", "max_docs", "max_tokens", "bins", "n_random", "early_tokens", "late_tokens", "batch_size",
@@ -42,3 +45,22 @@ class PatchingSettings(Settings):
     @property
     def placement(self) -> dict[str, Any]:
         return {k: self.section[k] for k in PLACEMENT_KEYS}
+
+
+def check_bins(bins: list[int], head_count: int, teacher: str, source: str) -> None:
+    """Every bin of `patching.bins` at most the teacher's heads in total (`head_count`, layers x query heads
+    per layer, as its head scores rank them): a larger bin would patch every head, the same set as the bin of
+    `head_count`, so its row would repeat another. ConfigError naming the key, the bin and the count."""
+    too_large = [b for b in bins if b > head_count]
+    if too_large:
+        raise ConfigError(f"{source}: patching.bins has {too_large[0]}, but the teacher {teacher} has {head_count} "
+                          f"attention heads in total (layers x heads per layer), so that bin would patch the same "
+                          f"heads as a bin of {head_count}; give bins of at most {head_count}.")
+
+
+def check_patching_bins(config: dict, source: str = "config") -> None:
+    """`check_bins` at start-up, with the teacher's head count read from its config (`declared_head_count`);
+    nothing when that is known only once the model is loaded (the patching job checks it then)."""
+    head_count = declared_head_count(ModelCatalog.from_config(config), config["teacher"])
+    if head_count is not None:
+        check_bins(config["patching"]["bins"], head_count, config["teacher"], source)

@@ -163,8 +163,9 @@ def run_distill(config: dict, dataset: str, student: str, method_name: str, poin
     targets_paths = {"train": train_targets_path or paths.targets_tensors(dataset, teacher, "train"),
                      "val": val_targets_path or paths.targets_tensors(dataset, teacher, "val")}
     tcfg = train_config(section["train"], entry.settings.get("train"), settings.seed)
-    key = run_key(settings, catalog, teacher, student, method_name, point, entry.settings, [f for split in inputs for f in inputs[split].values()]
-                  + _head_files(dataset, student, teacher, heads) + list(targets_paths.values()))
+    read = [f for split in inputs for f in inputs[split].values()] + _head_files(dataset, student, teacher, heads)
+    key = run_key(settings, catalog, teacher, student, method_name, point, entry.settings,
+                  read + (list(targets_paths.values()) if recipe.needs_targets else []))
     where = paths.grid_method(method_name, point)  # the point's folder, as a `method` argument of paths
     ds_config = deepspeed_config(section["deepspeed"], tcfg, section.get("zero_optimization"))
     rank, world = init_distributed(tcfg.device) if ds_config else (0, 1)

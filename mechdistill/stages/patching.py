@@ -18,7 +18,7 @@ from ..models import ModelCatalog, load_model, spec_key
 from ..patching import experiment
 from ..patching.effects import summarize_patching
 from ..patching.head_sets import SIGNED_SCORE
-from ..patching.settings import PatchingSettings
+from ..patching.settings import PatchingSettings, check_bins
 from ..shards import Shards, content_key, name_of
 from ..teacher.prompts import render_prompt
 
@@ -49,6 +49,10 @@ def run_patching(config: dict, dataset: str, phase: str, *, inputs: dict[str, Pa
     head_scores_path = head_scores_path or paths.head_scores(dataset, teacher, paths.PATCHING_SCORES[phase])
     early_tokens, repetition_penalty = patching.early_tokens, patching.repetition_penalty
     started = time.perf_counter()
+    # before the teacher loads: its head scores hold one row per head (those without a score included)
+    head_count = len(read_parquet(head_scores_path).drop_duplicates(["layer", "head"]))
+    if head_count:  # an empty table: nothing to patch (below)
+        check_bins(settings["bins"], head_count, teacher, str(head_scores_path))
     catalog = ModelCatalog.from_config(config)
     model, tokenizer = load_model(catalog, teacher, device=settings["device"], dtype=settings["dtype"],
                                   **patching.placement)

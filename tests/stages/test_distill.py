@@ -11,6 +11,7 @@ from safetensors import safe_open
 
 from mechdistill import paths
 from mechdistill.characterize.teacher_forcing import forced_sequence
+from mechdistill.distill.methods import method_grid
 from mechdistill.evaluate.xmc import macro_f1
 from mechdistill.io import read_split
 from mechdistill.models import ModelCatalog, load_tokenizer, with_distilled_model
@@ -197,24 +198,25 @@ def write_point(root, point: str, values: dict[int, float], weights: bytes) -> N
 def test_select_distill_publishes_the_best_grid_point(tiny_config, tmp_path, monkeypatch):
     config = copy.deepcopy(tiny_config)
     config["methods"]["mech"] = {"grid": {"alpha": [0.5, 1.0, 2.0], "beta": [1.0]}}
-    points = {"alpha=0.5,beta=1.0": {2: 3.0, 4: 2.5}, "alpha=1.0,beta=1.0": {2: 2.4, 4: 1.5},
-              "alpha=2.0,beta=1.0": {2: 1.5, 4: 2.0}}  # ties with the second point: the first in grid order wins
+    names = [p.name for p in method_grid("mech", config["methods"]["mech"])]  # alpha=0.5,beta=1.0--<hash>, ...
+    points = dict(zip(names, [{2: 3.0, 4: 2.5}, {2: 2.4, 4: 1.5},
+                              {2: 1.5, 4: 2.0}]))  # ties with the second point: the first in grid order wins
     for point, values in points.items():
         write_point(tmp_path, point, values, os.urandom(2 << 20))
     monkeypatch.chdir(tmp_path)
     record = run_select_distill(config, DATASET, STUDENT, "mech")
 
-    chosen = paths.grid_method("mech", "alpha=1.0,beta=1.0")
+    chosen = paths.grid_method("mech", names[1])
     assert json.loads(open(paths.selection(DATASET, STUDENT, "mech")).read()) == record == {
         "dataset": DATASET, "student": STUDENT, "method": "mech", "criterion": "val_cot_loss", "maximize": False,
-        "point": "alpha=1.0,beta=1.0", "values": {"alpha": 1.0, "beta": 1.0}, "step": 4, "value": 1.5,
+        "point": names[1], "values": {"alpha": 1.0, "beta": 1.0}, "step": 4, "value": 1.5,
         "candidates": [
-            {"point": "alpha=0.5,beta=1.0", "values": {"alpha": 0.5, "beta": 1.0}, "step": 4, "value": 2.5},
-            {"point": "alpha=1.0,beta=1.0", "values": {"alpha": 1.0, "beta": 1.0}, "step": 4, "value": 1.5},
-            {"point": "alpha=2.0,beta=1.0", "values": {"alpha": 2.0, "beta": 1.0}, "step": 2, "value": 1.5}]}
+            {"point": names[0], "values": {"alpha": 0.5, "beta": 1.0}, "step": 4, "value": 2.5},
+            {"point": names[1], "values": {"alpha": 1.0, "beta": 1.0}, "step": 4, "value": 1.5},
+            {"point": names[2], "values": {"alpha": 2.0, "beta": 1.0}, "step": 2, "value": 1.5}]}
     published, source = (tmp_path / paths.student_model_dir(DATASET, STUDENT, m) for m in ("mech", chosen))
     assert (published / "model.safetensors").stat().st_ino == (source / "model.safetensors").stat().st_ino
-    assert json.loads((published / "config.json").read_text()) == {"point": "alpha=1.0,beta=1.0"}
+    assert json.loads((published / "config.json").read_text()) == {"point": names[1]}
     assert (published / "config.json").stat().st_mtime_ns >= (source / "config.json").stat().st_mtime_ns
     for path in (paths.train_log, paths.mechanism, paths.training_items):
         pd.testing.assert_frame_equal(pd.read_parquet(path(DATASET, STUDENT, "mech")),

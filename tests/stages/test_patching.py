@@ -133,3 +133,22 @@ def test_patching_figures(tiny):
             run_patching_figure(tiny.config, DATASET, phase)
     for phase in paths.PHASES:
         assert tiny.path(paths.patching_figure(phase, DATASET)).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_bin_larger_than_the_teacher_head_count_stops_the_job_before_the_teacher_loads(tiny_config, tmp_path,
+                                                                                      monkeypatch):
+    """Where the head count is not known at start-up (a hub model not yet cached), the patching job stops
+    before loading the teacher: its head scores hold one row per head (8 for the tiny teacher, 2 layers x 4
+    heads; a NaN score still counts). Before, bin 100 was clamped to 8 with an INFO line."""
+    from mechdistill.errors import ConfigError
+    from mechdistill.stages import patching as stage
+
+    heads = pd.DataFrame({"layer": [0] * 4 + [1] * 4, "head": [0, 1, 2, 3] * 2,
+                          "score": [0.5, 0.1, float("nan"), 0.3, 0.2, 0.0, 0.4, 0.6]})
+    heads.to_parquet(tmp_path / "coarse.parquet")
+    monkeypatch.setattr(stage, "load_model", lambda *a, **kw: pytest.fail("the teacher was loaded"))
+    config = {**tiny_config, "patching": {**tiny_config["patching"], "bins": [2, 100]}}
+    with pytest.raises(ConfigError) as err:
+        run_patching(config, DATASET, "phase1", head_scores_path=tmp_path / "coarse.parquet")
+    assert (f"{tmp_path / 'coarse.parquet'}: patching.bins has 100, but the teacher {TEACHER} has 8 attention heads "
+            "in total") in str(err.value) and "give bins of at most 8" in str(err.value)
