@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from ..io import make_empty_dir, publish_dir, temp_dir_for, write_json, write_parquet
 from .backends import STATE_FILE, Backend
+from .reporting import Reporters
 from .selection import Criterion
 from .train_config import BOOKKEEPING_FIELDS, TrainConfig
 
@@ -94,9 +95,15 @@ class Run:
     best: BestStep | None = None
     checkpoint_best: int | None = None  # the best step the last checkpoint recorded
     key: dict[str, Any] = field(default_factory=dict)  # checkpoint_key: written beside every checkpoint
+    reporters: Reporters = field(default_factory=Reporters)  # where each new row is streamed (report_to)
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.started
+
+    def append(self, row: dict[str, Any]) -> None:
+        """Add a row to the log (written at the next checkpoint) and stream it (rank 0's reporters)."""
+        self.rows.append(row)
+        self.reporters.log_row(row)
 
 
     # -- the best step

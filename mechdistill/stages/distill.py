@@ -8,6 +8,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
@@ -191,7 +192,10 @@ def run_distill(config: dict, dataset: str, student: str, method_name: str, poin
     result = distill(model, tokenizer, recipe, point_settings, splits, examples=examples, pools=pools, config=tcfg,
                      out=out, criterion=criterion, targets=targets, teacher_data=teacher_data,
                      mechanism_docs=section.get("mechanism_docs"), deepspeed_config=ds_config, rank=rank, world=world,
-                     run_key=key, on_step=_kill_after_step(os.environ.get(KILL_AFTER_STEP)))
+                     run_key=key, on_step=_kill_after_step(os.environ.get(KILL_AFTER_STEP)),
+                     report_config={"run": {"dataset": dataset, "student": student, "teacher": teacher,
+                                            "method": method_name, "point": point, "train": asdict(tcfg)},
+                                    "config": config})
     _log_result(f"{student}/{method_name}/{point}", result, time.perf_counter() - started)
     if rank == 0:
         write_parquet(result.items, items_path or paths.training_items(dataset, student, where))
