@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 import types
@@ -9,10 +10,13 @@ import types
 import pandas as pd
 import pytest
 
+from mechdistill.config import load_config
 from mechdistill.distill.reporting import open_reporters, row_scalars
+from mechdistill.distill.settings import DistillSettings
 from mechdistill.distill.train_config import TrainConfig, report_targets
 from mechdistill.distill.trainer import train
 from mechdistill.errors import ConfigError
+from tests.helpers import REPO
 from tests.distill.test_trainer import (
     ce_terms,
     config,
@@ -31,7 +35,8 @@ def read_events(folder) -> dict[str, list[tuple[int, float]]]:
     """Every scalar of the TensorBoard event files in `folder`: tag -> [(step, value)], as TensorBoard's own
     reader loads them (what an earlier process wrote past a later one's restart purged)."""
     pytest.importorskip("tensorboard")
-    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator  # TensorBoard's own
+    # the reader TensorBoard's own server uses
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
     from tensorboard.util import tensor_util
 
     events = EventAccumulator(str(folder), size_guidance={"tensors": 0})
@@ -147,3 +152,16 @@ def test_wandb_gets_the_same_rows_offline_with_the_config(tmp_path, monkeypatch)
     assert init["name"] == "vanilla/default" and init["dir"] == str(tmp_path / "wandb")
     assert calls["log"] == [(int(row["step"]), row_scalars(row)) for row in result.log.to_dict("records")]
     assert calls["finish"] == [True]
+
+
+def test_turning_the_curves_on_or_off_retrains_nothing():
+    """distill.train.report_to is left out of the distill rule's params (rerun trigger); lr is not."""
+    config = load_config(REPO / "config/tiny.yaml")
+    edited = {"report_to": ["tensorboard", "wandb"], "lr": 0.5}
+    params = {}
+    for key, value in {None: None, **edited}.items():
+        changed = copy.deepcopy(config)
+        if key is not None:
+            changed["distill"]["train"][key] = value
+        params[key] = DistillSettings.params(changed)
+    assert params["report_to"] == params[None] != params["lr"]
