@@ -16,7 +16,6 @@ from mechdistill.distill.settings import DistillSettings
 from mechdistill.distill.train_config import TrainConfig, report_targets
 from mechdistill.distill.trainer import train
 from mechdistill.errors import ConfigError
-from tests.helpers import REPO
 from tests.distill.test_trainer import (
     ce_terms,
     config,
@@ -27,6 +26,7 @@ from tests.distill.test_trainer import (
     tiny_llama,
     token_data,
 )
+from tests.helpers import REPO
 
 VALUES = {2: 3.0, 4: 1.5, 6: 2.0}  # the scripted criterion at each evaluation
 
