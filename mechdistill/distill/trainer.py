@@ -24,6 +24,8 @@ appear, and those are the weights written to `out_dir`, not the last ones. Witho
 
 Files: `run_state` (checkpoints, the best step's weights, the log, best_step.json); how a step is
 taken, on one device or under DeepSpeed: `backends`; the settings: `train_config.TrainConfig`.
+Live curves: with `config.report_to`, rank 0 streams every log row as it is appended (and, on resume, the
+rows restored) to TensorBoard and/or W&B next to `out_dir` (`reporting`); the Parquet log stays the record.
 
 `train` resumes automatically when `ckpt_dir` holds a checkpoint, with the best step so far (its
 weights stay in ckpt_dir.best until a later checkpoint records a better one).

@@ -96,6 +96,7 @@ def model_card(facts: StudentFacts, metrics: Mapping[str, float] | None = None,
             f"on `{facts.dataset}`.\n\n## Training\n\n{_facts_table(facts)}\n\n## Evaluation\n\n"
             f"{_metrics_section(facts, metrics, test_docs)}\n\n## Use\n\n```python\n"
             "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            'folder = "path/to/this/model"  # the folder this card is in\n'
             "model = AutoModelForCausalLM.from_pretrained(folder)\ntokenizer = AutoTokenizer.from_pretrained(folder)\n```\n")
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
 
