@@ -205,10 +205,10 @@ def run_distill(config: dict, dataset: str, student: str, method_name: str, poin
         write_parquet(result.mechanism, mechanism_path or paths.mechanism(dataset, student, where))
         # next to best_step.json, for the model card (paths.provenance)
         write_json(Path(best_path).with_name(Path(paths.provenance()).name) if best_path
-                   else paths.provenance(dataset, student, where), provenance())
+                   else paths.provenance(dataset, student, where), _provenance())
 
 
-def provenance() -> dict[str, str]:
+def _provenance() -> dict[str, str]:
     """What is training now: this process's command line, and the commit of the mechdistill checkout it runs
     ("unknown" outside a git checkout; "+ uncommitted changes" when its tracked files differ)."""
     command = shlex.join(getattr(sys, "orig_argv", sys.argv))

@@ -96,7 +96,7 @@ def run_select_distill(config: dict, dataset: str, student: str, method_name: st
     """Publish the grid point of `method_name` with the best validation value (distill.select.criterion,
     from each point's train log; ties: the first point) as the method's model/ (weights hard-linked),
     train_log.parquet, mechanism.parquet and training_items.parquet, and write the selection record (`paths.selection`; see
-    `distill.selection.select_point`) and the model's card, not evaluated yet (`student_facts`, `evaluate.card`).
+    `distill.selection.select_point`) and the model's card, not evaluated yet (`evaluate.card`).
     Reads each point's files at paths.*(..., grid_method(method, point)). Returns the record."""
     points = method_grid(method_name, config["methods"].get(method_name))
     where = {point.name: paths.grid_method(method_name, point.name) for point in points}
@@ -112,14 +112,14 @@ def run_select_distill(config: dict, dataset: str, student: str, method_name: st
     record = {"dataset": dataset, "student": student, "method": method_name, **record}
     write_json(selection_path or paths.selection(dataset, student, method_name), record)
     published = model_dir or paths.student_model_dir(dataset, student, method_name)
-    write_model_card(published, student_facts(config, dataset, student, method_name, record))  # metrics: model_card
+    write_model_card(published, _student_facts(config, dataset, student, method_name, record))  # metrics: model_card
     log.info("select %s/%s: grid point %s, step %s, %s %s (of %d points: %s)", student, method_name, record["point"],
              record["step"], record["criterion"], record["value"], len(points),
              ", ".join(f"{c['point']}: {c['value']}" for c in record["candidates"]))
     return record
 
 
-def student_facts(config: dict, dataset: str, student: str, method_name: str, selection: dict) -> StudentFacts:
+def _student_facts(config: dict, dataset: str, student: str, method_name: str, selection: dict) -> StudentFacts:
     """What the card of a published student says, from the config (`CardSettings`), its selection record and
     the chosen grid point's files: train log (steps), training items (documents) and provenance.json (the
     command and commit of its distill job; "unknown" where it is missing)."""
@@ -149,7 +149,7 @@ def run_model_card(config: dict, dataset: str, student: str, method_name: str, *
     doc_ids = metrics["doc_id"].fillna("").astype(str)
     test_docs = doc_ids[(doc_ids != "") & ~doc_ids.str.startswith(RESAMPLE)].nunique()
     path = write_model_card(model_dir or paths.student_model_dir(dataset, student, method_name),
-                            student_facts(config, dataset, student, method_name, selection), metric_values(metrics),
+                            _student_facts(config, dataset, student, method_name, selection), metric_values(metrics),
                             test_docs)
     log.info("model card of %s/%s with %d metrics -> %s", student, method_name, metrics["metric"].nunique(), path)
 
