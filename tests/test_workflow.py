@@ -148,8 +148,8 @@ def test_bad_config_stops_at_start(tmp_path, mutate, message):
                               "phase2.interaction, phase2.ov, phase2.qk"),
     ("train", "max_step", "adam_eps, betas, checkpoint_every, deterministic, device, eval_every, grad_accum_steps, "
                           "gradient_checkpointing, "
-                          "log_every, lr, max_grad_norm, max_steps, micro_batch_size, min_lr_ratio, precision, seed, "
-                          "warmup_ratio, warmup_steps, weight_decay"),
+                          "log_every, lr, max_grad_norm, max_steps, micro_batch_size, min_lr_ratio, precision, "
+                          "report_to, seed, warmup_ratio, warmup_steps, weight_decay"),
 ])
 def test_misspelt_distill_key_stops_the_dry_run(tmp_path, section, key, allowed):
     """A typo in distill.weights / distill.train stops `snakemake -n`, naming the key path and the allowed

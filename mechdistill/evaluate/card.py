@@ -62,7 +62,7 @@ def _facts_table(facts: StudentFacts) -> str:
         ("Teacher", _spec_text(facts.teacher, facts.teacher_spec)),
         ("Student base", _spec_text(facts.student, facts.student_spec)),
         ("Method", f"`{facts.method}` ({facts.kind}): {facts.description}"),
-        ("Loss weights", ", ".join(f"{k} = {v}" for k, v in facts.weights.items()) or "the defaults"),
+        ("Loss weights", "".join(f"{k} = {v}; " for k, v in facts.weights.items()) + "a weight left out is 1"),
         ("Method settings", f"`{json.dumps(dict(facts.settings), sort_keys=True)}`"),
         ("Dataset", f"`{facts.dataset}`: " + ", ".join(f"{n} {split} documents" for split, n in facts.docs.items())),
         ("Steps", f"{facts.steps} optimizer steps"),

@@ -61,7 +61,9 @@ def test_a_published_student_carries_its_card_with_its_metrics_and_still_loads(t
                  f"{items.loc[items['split'] == 'train', 'doc_id'].nunique()} train documents",
                  f"{items.loc[items['split'] == 'val', 'doc_id'].nunique()} val documents",
                  f"{int(log.loc[log['split'] == 'train', 'step'].max())} optimizer steps",
-                 f"step {selection['step']}, by {selection['criterion']}", "alpha = ", "beta = ",
+                 f"step {selection['step']}, by {selection['criterion']}",
+                 "".join(f"{k} = {v}; " for k, v in (tiny.config["distill"]["weights"] or {}).items())
+                 + "a weight left out is 1",
                  f"at commit `{head_commit()}"):
         assert fact in card.text, fact
     assert "python" in card.text.split("Trained by")[1]  # the distill job's command line
@@ -84,3 +86,5 @@ def test_card_metrics_round_trip_exactly(tmp_path, value):
     loaded = ModelCard.load(tmp_path / "README.md")
     assert [(r.metric_type, r.metric_value) for r in loaded.data.eval_results] == [("macro_f1", value)]
     assert loaded.data.base_model == "org/student" and "| las | nan |" in loaded.text
+    assert "| Loss weights | alpha = 1.0; a weight left out is 1 |" in loaded.text
+    assert "| Selected | grid point `default` (of 1), step 4, by val_cot_loss = 1.5 |" in loaded.text
