@@ -15,11 +15,12 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from typing import TYPE_CHECKING, Any
 
 from ..io import write_text
+
+if TYPE_CHECKING:
+    from huggingface_hub import ModelCard
 
 CARD_FILE = "README.md"
 NOT_EVALUATED = "Not evaluated yet: the `evaluate` stage writes metrics.parquet, then `model_card` adds it here."
@@ -86,6 +87,9 @@ def _metrics_section(facts: StudentFacts, metrics: Mapping[str, float] | None, t
 def model_card(facts: StudentFacts, metrics: Mapping[str, float] | None = None,
                test_docs: int | None = None) -> ModelCard:
     """The card of `facts`' student; `metrics` (name -> value; None: not evaluated yet) from the test split."""
+    # huggingface_hub (~0.5 s) only in the jobs that write a card, not in every model-free job importing this module
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
     title = f"{facts.student} distilled from {facts.teacher} with {facts.method}"
     results = [EvalResult(task_type="text-generation", dataset_type=facts.dataset, dataset_name=facts.dataset,
                           dataset_split="test", metric_type=name, metric_name=name, metric_value=value)
