@@ -19,6 +19,7 @@ Files (written atomically: temp file/dir, then rename):
                 with transformers.AutoModelForCausalLM.from_pretrained(out_dir)
     record_path best_step.json      the choice: criterion, maximize, step, value, last_step,
                                     evaluated_steps
+    report_dir/ tensorboard/, wandb/  the log rows as they are appended (TrainConfig.report_to; `reporting`)
 """
 
 from __future__ import annotations
