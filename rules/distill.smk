@@ -12,6 +12,7 @@ from mechdistill.distill.methods import (
 )
 from mechdistill.distill.settings import (
     BaselineDataSettings,
+    CardSettings,
     DistillSettings,
     SelectSettings,
     StudentPredictSettings,
@@ -158,14 +159,15 @@ rule select_distill:
         mechanisms=grid_files(paths.mechanism),
         best=grid_files(paths.best_step),
         training_items=grid_files(paths.training_items),
-    output:  # the chosen point's files as the method's (weights hard-linked) + how it was chosen
+    output:  # the chosen point's files as the method's (weights hard-linked) + how it was chosen; its model card
+        # (model/README.md, without metrics until the model_card rule adds them) is not an output here
         model=paths.student_model(),
         log=paths.train_log(),
         mechanism=paths.mechanism(),
         selection=paths.selection(),
         training_items=paths.training_items(),
     params:
-        settings=settings_of(SelectSettings),
+        settings=settings_of(SelectSettings, CardSettings),  # the choice, and what its model card says
         points=lambda wc: canonical(grid_points(wc.method)),
     wildcard_constraints:
         student=one_of(config["students"]),

@@ -1,5 +1,6 @@
 # Evaluation: each dataset's LAS simulators (trained once), per-instance metrics of each (student, method); Tables 1-4 and Figure 9.
 
+from mechdistill.distill.settings import CardSettings
 from mechdistill.evaluate.settings import EvaluateSettings, LasSimulatorSettings, RunSettings
 
 
@@ -41,6 +42,29 @@ rule evaluate:
         "../envs/train.yaml"
     script:
         "../workflow_scripts/evaluate.py"
+
+
+rule model_card:  # the published student's card (select_distill wrote it without metrics) with its test metrics
+    input:
+        model=paths.student_model(),
+        selection=paths.selection(),
+        metrics=paths.metrics(),
+        training_items=paths.training_items(),
+        log=paths.train_log(),
+    output:
+        paths.model_card(),
+    params:
+        settings=settings_of(CardSettings),
+    wildcard_constraints:
+        student=one_of(config["students"]),
+        method=one_of(config["methods"]),
+    localrule: True
+    log:
+        paths.log("model_card", "{dataset}.{student}.{method}"),
+    conda:
+        "../envs/cpu.yaml"
+    script:
+        "../workflow_scripts/model_card.py"
 
 
 rule tables:

@@ -149,7 +149,7 @@ def test_workflow_scripts_do_their_work_only_as_the_main_script():
 def test_the_model_free_jobs_import_no_torch():
     """select_distill, the figures, tables and claims start in about a second: their scripts' imports
     pull in neither torch nor transformers (a model job spends ~15 s importing them on 2 cores)."""
-    scripts = ["select_distill", "head_figures", "head_comparison", "patching_figures", "figure1", "tables",
+    scripts = ["select_distill", "model_card", "head_figures", "head_comparison", "patching_figures", "figure1", "tables",
                "figure9", "claims", "prepare_dataset", "build_prompts", "clean_prompts"]
     imports = [line for name in scripts for line in (REPO / "workflow_scripts" / f"{name}.py").read_text().splitlines()
                if line.startswith(("from ", "import "))]

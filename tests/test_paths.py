@@ -39,7 +39,7 @@ def test_stage_targets_of_the_tiny_config():
     assert counts == {"prepare_dataset": 4, "build_prompts": 3, "clean_prompts": 2, "teacher_cot": 5, "anchors": 5,
                       "trajectories": 1, "student_trajectories": 6, "head_scores": 4, "style_head_scores": 2,
                       "head_comparison": 2, "patching": 2, "teacher_targets": 2,
-                      "distill": 6, "student_predict": 6, "las_simulator": 1, "evaluate": 7, "figure1": 1,
+                      "distill": 6, "student_predict": 6, "las_simulator": 1, "evaluate": 7, "model_card": 6, "figure1": 1,
                       "head_figures": 2, "patching_figures": 2, "tables": 5, "figure9": 1,
                       "claims": 2}
     assert "results/tiny_icd/tiny_student/vanilla/pred/test.parquet" in groups["student_predict"][1]

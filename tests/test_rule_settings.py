@@ -23,6 +23,7 @@ from mechdistill.config import load_config, validate_config
 from mechdistill.data.settings import DatasetSettings
 from mechdistill.distill.settings import (
     BaselineDataSettings,
+    CardSettings,
     DistillSettings,
     SelectSettings,
     StudentPredictSettings,
@@ -45,7 +46,8 @@ RULE_SETTINGS: dict[str, tuple[type[Settings], ...]] = {
     "head_comparison": (HeadComparisonSettings,), "head_figures": (HeadFigureSettings,),
     "patching": (PatchingSettings,), "teacher_targets": (TargetSettings,),
     "baseline_teacher_data": (BaselineDataSettings,), "distill": (DistillSettings,),
-    "select_distill": (SelectSettings,), "student_predict": (StudentPredictSettings,),
+    "select_distill": (SelectSettings, CardSettings), "model_card": (CardSettings,),
+    "student_predict": (StudentPredictSettings,),
     "las_simulator": (LasSimulatorSettings,), "evaluate": (EvaluateSettings,), "tables": (RunSettings,), "figure9": (RunSettings,), "claims": (ClaimSettings,),
 }
 NO_SETTINGS = {"all", "figure1", "patching_figures", "table1", "table2", "table2_baselines", "table3", "table4"}  # read paths only
@@ -66,7 +68,7 @@ EDITS = {
     "heads.offload_folder": "offload", "patching.offload_folder": "offload", "evaluate.offload_folder": "offload",
     "distill.teacher_offload_folder": "offload", "anchors.refine_patterns": ["rather than"],
     "patching.phase1_corruption": "all_heads", "embedder": "other-embedder", "teacher": "tiny_student",
-    "students": ["tiny_llama"], "methods": {"vanilla": {}}, "datasets.{dataset}.max_docs": {"train": 2},
+    "students": ["tiny_llama"], "methods": {"vanilla": {}}, "distill.weights": {"alpha": 0.5}, "datasets.{dataset}.max_docs": {"train": 2},
     "datasets.{dataset}.adapter": None,  # the adapter's params are adapter-specific: edited with params below
     "patching.value_swaps": {"EF 35%": "EF 55%"}, "heads.coarse": {"keys": "all"},
     "heads.refine": {"ranking": "product"}, "clean_prompts.source_split": "val", "distill.select.criterion": "val_loss",

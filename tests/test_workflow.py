@@ -30,7 +30,8 @@ def job_counts(output: str) -> dict[str, int]:
 def test_dry_run_demo(tmp_path):
     jobs = job_counts(snakemake(tmp_path, "-n"))
     # 6 methods (vanilla, mech, the 4 baselines) x 1 student: distill (no grid: one point each), select_distill,
-    # predict, evaluate and the student's trajectories each; the teacher's own evaluation (its row of Tables 1-4);
+    # predict, evaluate, the model card and the student's trajectories each; the teacher's own evaluation (its row of
+    # Tables 1-4);
     # the baselines' teacher data, one job per method for train and val: MoRSD's sampled CoTs, SemCoT's
     # condensations (the demo's UniCoTT chain cuts the greedy CoT: no teacher call, no job)
     # the clean-prompt set (neutral: characterization) adds its prompts, teacher CoT and anchors; the demo
@@ -39,7 +40,7 @@ def test_dry_run_demo(tmp_path):
                     "trajectories": 7, "figure1": 1, "head_scores": 2, "head_comparison": 1, "head_figures": 1, "patching": 2,
                     "patching_figures": 1, "teacher_targets": 2, "distill": 6, "select_distill": 6,
                     "student_predict": 6, "las_simulator": 1, "evaluate": 7, "tables": 1, "figure9": 1, "claims": 1,
-                    "baseline_teacher_data": 2, "all": 1, "total": 62}
+                    "baseline_teacher_data": 2, "model_card": 6, "all": 1, "total": 68}
 
 
 def test_dry_run_tiny_checks_the_claims(tmp_path):
@@ -68,6 +69,7 @@ def test_dry_run_paper_with_slurm_profile(tmp_path):
     assert "mech/grid/default/model/config.json" in out
     # every distilled (dataset, student, method) and each dataset's teacher row is evaluated
     assert jobs["evaluate"] == pairs + 2
+    assert jobs["model_card"] == pairs  # every published student gets its card with its metrics
     teacher = yaml.safe_load((REPO / "config/paper.yaml").read_text())["teacher"]
     assert re.search(rf"results/\w+/{teacher}/teacher/metrics.parquet", out)
     # each distill job starts its 8 ZeRO-3 ranks through srun, which read the config snapshot
@@ -234,8 +236,8 @@ def test_teacher_targets_are_planned_only_for_a_method_that_reads_them(tmp_path,
                               "phase2.interaction, phase2.ov, phase2.qk"),
     ("train", "max_step", "adam_eps, betas, checkpoint_every, deterministic, device, eval_every, grad_accum_steps, "
                           "gradient_checkpointing, "
-                          "log_every, lr, max_grad_norm, max_steps, micro_batch_size, min_lr_ratio, precision, seed, "
-                          "warmup_ratio, warmup_steps, weight_decay"),
+                          "log_every, lr, max_grad_norm, max_steps, micro_batch_size, min_lr_ratio, precision, "
+                          "report_to, seed, warmup_ratio, warmup_steps, weight_decay"),
 ])
 def test_misspelt_distill_key_stops_the_dry_run(tmp_path, section, key, allowed):
     """A typo in distill.weights / distill.train stops `snakemake -n`, naming the key path and the allowed

@@ -19,6 +19,7 @@ trainer.py    the optimisation loop: steps, accumulation, evaluation, the best s
 train_config.py  TrainConfig: the optimisation settings (and their defaults) of one run
 backends.py   how a step is taken: one device (AdamW, warmup + cosine, autocast) or DeepSpeed ZeRO-3
 run_state.py  a run's state and files: progress, log, best step and its weights, checkpoints and their key
+reporting.py  live curves: each log row streamed from rank 0 to TensorBoard / W&B (distill.train.report_to)
 baselines/    the four CoT-distillation baselines (UniCoTT, MoRSD, SemCoT, CWT), one recipe module each:
               their training items, losses, extra teacher data and (SemCoT) inference; causal_lm.py the
               sequence pieces they share

@@ -138,7 +138,8 @@ def distill(model: nn.Module, tokenizer: Any, recipe: Recipe, point: MethodPoint
             pools: Mapping[str, HeadPool], config: TrainConfig, out: RunFiles, criterion: Criterion | None,
             targets: TeacherTargets | None = None, teacher_data: Mapping[str, pd.DataFrame | None] | None = None,
             mechanism_docs: int | None = None, deepspeed_config: dict | None = None, rank: int = 0,
-            world: int = 1, run_key: str = "", on_step: Callable[[dict], None] | None = None) -> DistillResult:
+            world: int = 1, run_key: str = "", on_step: Callable[[dict], None] | None = None,
+            report_config: Mapping[str, Any] | None = None) -> DistillResult:
     """Train `model` with `recipe` at grid point `point` on splits "train" and "val" (module docstring).
 
     examples: each split's teacher-forced examples for this student (`signals.SplitExamples`, each
@@ -146,7 +147,8 @@ def distill(model: nn.Module, tokenizer: Any, recipe: Recipe, point: MethodPoint
     `mechanism_docs` of train + val, each rank its shard of them) and a recipe may train on; pools: the student's head pools; targets: the teacher's, for a recipe that `needs_targets`.
     criterion: the best evaluation's rule (`selection.make_criterion`); deepspeed_config, rank, world:
     a ZeRO-3 run on `world` ranks (`launch`); run_key: what besides `config` determined the run (a
-    checkpoint made under another key is not resumed)."""
+    checkpoint made under another key is not resumed); report_config: what config.report_to's curves
+    show as the run's config (default: `config`), next to `out.model_dir`, named after the method and point."""
     if recipe.needs_targets and targets is None:
         raise ValueError(f"{recipe.name}: its items train on the teacher's targets; pass `targets`")
     params = recipe.params(point)
@@ -180,7 +182,8 @@ def distill(model: nn.Module, tokenizer: Any, recipe: Recipe, point: MethodPoint
     result = train(model, items.loss, train_batches, config, out.model_dir, val_batches=items.val if has_val else None,
                    tokenizer=tokenizer, log_path=out.log, ckpt_dir=out.ckpt_dir, deepspeed_config=deepspeed_config,
                    criterion=criterion, whole_params=read_outside_forward(model, pools), on_start=on_start,
-                   run_key=run_key, record_path=out.best, keep_checkpoint=False, on_step=on_step)
+                   run_key=run_key, record_path=out.best, keep_checkpoint=False, on_step=on_step,
+                   report_config=report_config, report_name=f"{point.method.name}/{point.point}")
     after = gathered_mechanism_metrics(model, scored, pools, point.tau, point.coarse)  # the saved weights
     mechanism = pd.concat([before[0].assign(when="before"), after.assign(when="after")], ignore_index=True)
     return DistillResult(result, items.recorded(), mechanism)

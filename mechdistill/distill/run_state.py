@@ -19,6 +19,7 @@ Files (written atomically: temp file/dir, then rename):
                 with transformers.AutoModelForCausalLM.from_pretrained(out_dir)
     record_path best_step.json      the choice: criterion, maximize, step, value, last_step,
                                     evaluated_steps
+    report_dir/ tensorboard/, wandb/  the log rows as they are appended (TrainConfig.report_to; `reporting`)
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from torch import Tensor, nn
 
 from ..io import make_empty_dir, publish_dir, temp_dir_for, write_json, write_parquet
 from .backends import STATE_FILE, Backend
+from .reporting import Reporters
 from .selection import Criterion
 from .train_config import BOOKKEEPING_FIELDS, TrainConfig
 
@@ -94,9 +96,15 @@ class Run:
     best: BestStep | None = None
     checkpoint_best: int | None = None  # the best step the last checkpoint recorded
     key: dict[str, Any] = field(default_factory=dict)  # checkpoint_key: written beside every checkpoint
+    reporters: Reporters = field(default_factory=Reporters)  # where each new row is streamed (report_to)
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.started
+
+    def append(self, row: dict[str, Any]) -> None:
+        """Add a row to the log (written at the next checkpoint) and stream it (rank 0's reporters)."""
+        self.rows.append(row)
+        self.reporters.log_row(row)
 
 
     # -- the best step

@@ -4,6 +4,7 @@ imports it for the rules' params (rules/distill.smk)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -66,6 +67,13 @@ class DistillSettings(Settings):
     generation: GenerationSettings
 
     @classmethod
+    def params(cls, config: Mapping[str, Any], **names: Any) -> str:
+        """As `Settings.params`, without distill.train.report_to: streaming the train log (TensorBoard, W&B)
+        changes no output, so turning the curves on or off retrains nothing."""
+        train = {key: value for key, value in config["distill"]["train"].items() if key != "report_to"}
+        return super().params({**config, "distill": {**config["distill"], "train": train}}, **names)
+
+    @classmethod
     def from_values(cls, values: Declared) -> DistillSettings:
         sections = {"distill": values["distill"], "heads": values["heads"]}
         return cls(values["distill"], values["heads"], TargetSettings.from_config(sections),
@@ -124,3 +132,21 @@ class StudentPredictSettings(Settings):
     @classmethod
     def from_values(cls, values: Declared) -> StudentPredictSettings:
         return cls(GenerationSettings.from_values(values), values["methods.{method}"])
+
+
+@dataclass(frozen=True)
+class CardSettings(Settings):
+    """A published student's model card (select_distill writes it, model_card adds the test metrics): the
+    teacher, the models' specs (the teacher's and the student's), the method's entry and the loss weights
+    it trained with (distill.weights; the entry's own weights go over them)."""
+
+    KEYS = ("teacher", "models", "methods.{method}", "distill.weights")
+
+    teacher: str
+    models: dict[str, Any]
+    method: dict[str, Any] | None
+    weights: dict[str, Any]
+
+    @classmethod
+    def from_values(cls, values: Declared) -> CardSettings:
+        return cls(values["teacher"], values["models"], values["methods.{method}"], values["distill.weights"] or {})

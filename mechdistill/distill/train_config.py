@@ -3,16 +3,19 @@ config/schema.yaml's `distill.train` leaves to it) and `train_config`, which bui
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
 from ..errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+REPORT_TARGETS = ("tensorboard", "wandb")  # where report_to streams the train log (distill.reporting)
+REPORT_KEY = "distill.train.report_to"
 # TrainConfig fields that do not change the weights (a checkpoint made under other values resumes);
-# gradient_checkpointing recomputes the same forward in backward: the same gradients, less memory
-BOOKKEEPING_FIELDS = ("log_every", "checkpoint_every", "gradient_checkpointing")
+# gradient_checkpointing recomputes the same forward in backward: the same gradients, less memory; report_to
+# only streams the log
+BOOKKEEPING_FIELDS = ("log_every", "checkpoint_every", "gradient_checkpointing", "report_to")
 
 
 @dataclass
@@ -27,6 +30,8 @@ class TrainConfig:
     `gradient_checkpointing`: keep only each decoder layer's input in the forward and recompute the
     layer in backward (`trainer.enable_gradient_checkpointing`): activation memory of one layer
     instead of all, for about one more forward of compute.
+    `report_to`: where rank 0 streams each log row as it is written (`distill.reporting`): "tensorboard",
+    "wandb", both (a list), or "none" (the default); kept as a tuple of targets, () for none.
     """
 
     lr: float = 2e-5
@@ -48,9 +53,11 @@ class TrainConfig:
     log_every: int = 10
     device: str = "auto"
     gradient_checkpointing: bool = False
+    report_to: tuple[str, ...] | str = ()
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
+        self.report_to = report_targets(self.report_to)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.max_steps < 1 or self.grad_accum_steps < 1 or self.micro_batch_size < 1:
@@ -79,3 +86,15 @@ def train_config(settings: Mapping[str, Any], overrides: Mapping[str, Any] | Non
         raise ConfigError(f"distill.train: unknown keys {sorted(unknown)}; allowed: {sorted(known)}")
     merged.setdefault("seed", seed)
     return TrainConfig(**merged)
+
+
+def report_targets(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    """`report_to` as written (one name or a list; "none" or None: nothing) -> the targets, in order."""
+    names = [value] if isinstance(value, str) else list(value or ())
+    unknown = [name for name in names if name not in (*REPORT_TARGETS, "none")]
+    if unknown:
+        raise ConfigError(f"{REPORT_KEY}: unknown {unknown}; allowed: {', '.join(REPORT_TARGETS)}, none "
+                          "(one of them or a list)")
+    if "none" in names and len(set(names)) > 1:
+        raise ConfigError(f"{REPORT_KEY}: {names} lists 'none' with a target; give the targets or 'none'")
+    return tuple(dict.fromkeys(name for name in names if name != "none"))

@@ -24,6 +24,8 @@ appear, and those are the weights written to `out_dir`, not the last ones. Witho
 
 Files: `run_state` (checkpoints, the best step's weights, the log, best_step.json); how a step is
 taken, on one device or under DeepSpeed: `backends`; the settings: `train_config.TrainConfig`.
+Live curves: with `config.report_to`, rank 0 streams every log row as it is appended (and, on resume, the
+rows restored) to TensorBoard and/or W&B next to `out_dir` (`reporting`); the Parquet log stays the record.
 
 `train` resumes automatically when `ckpt_dir` holds a checkpoint, with the best step so far (its
 weights stay in ckpt_dir.best until a later checkpoint records a better one).
@@ -50,7 +52,7 @@ import os
 import random
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -63,6 +65,7 @@ from tqdm import tqdm
 
 from ..io import make_empty_dir, publish_dir, recover_dir, temp_dir_for, write_json
 from .backends import STATE_FILE, make_backend
+from .reporting import open_reporters
 from .run_state import (
     LOG_FILE,
     RECORD_FILE,
@@ -236,6 +239,9 @@ def train(
     whole_params: Iterable[nn.Parameter] = (),
     on_start: Callable[[nn.Module], None] | None = None,
     run_key: str = "",
+    report_dir: str | os.PathLike | None = None,
+    report_config: Mapping[str, Any] | None = None,
+    report_name: str = "",
 ) -> TrainResult:
     """Train `model` for `config.max_steps` optimizer steps on `loss_fn`; resume from `ckpt_dir`.
 
@@ -260,6 +266,8 @@ def train(
     run_key: a hash of what determines the run besides `config` (loss, data, models). A checkpoint
         made under another key or TrainConfig (but for BOOKKEEPING_FIELDS) is deleted, with a warning
         that says what changed, and training starts fresh.
+    report_dir, report_config, report_name: where `config.report_to`'s reporters write (default: next to
+        `out_dir`), the config they show (default: `config`) and the run's name (`distill.reporting`).
     """
     out_dir = Path(out_dir)
     ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else out_dir.parent / "ckpt"
@@ -288,12 +296,19 @@ def train(
     if run.backend.is_main:
         run.prune_best()  # a fresh run drops stale weights; a resumed one those after its checkpoint
     run.backend.barrier()
-    stream = BatchStream(train_batches, run.progress.epoch, run.progress.batch_index)
-    run.backend.model.train()
-    stopped_early = _train_loop(run, stream, stop_after, on_step)
-    if stopped_early:
-        return TrainResult(run.progress.step, True, run.log_frame(), None, run.best)
-    _finish(run, out_dir, record_path, tokenizer, keep_checkpoint)
+    run.reporters = open_reporters(config.report_to, Path(report_dir) if report_dir is not None else out_dir.parent,
+                                   report_config if report_config is not None else asdict(config), name=report_name,
+                                   resumed=run.progress.step > 0, is_main=run.backend.is_main)
+    try:
+        for row in run.rows:  # a resumed run's rows so far (its reporters purge what an earlier process sent)
+            run.reporters.log_row(row)
+        stream = BatchStream(train_batches, run.progress.epoch, run.progress.batch_index)
+        run.backend.model.train()
+        if _train_loop(run, stream, stop_after, on_step):
+            return TrainResult(run.progress.step, True, run.log_frame(), None, run.best)
+        _finish(run, out_dir, record_path, tokenizer, keep_checkpoint)
+    finally:
+        run.reporters.close()
     return TrainResult(run.progress.step, False, run.log_frame(), out_dir, run.best)
 
 
@@ -315,7 +330,7 @@ def _train_step(run: Run, stream: BatchStream) -> dict[str, float]:
     run.progress = Progress(run.progress.step + 1, stream.epoch, stream.index, run.elapsed())
     row = {"split": "train", "step": run.progress.step, "epoch": stream.epoch, "lr": lr,
            "grad_norm": grad_norm, "elapsed_s": run.progress.elapsed_s, **means}
-    run.rows.append(row)
+    run.append(row)
     return row
 
 
@@ -349,7 +364,7 @@ def _evaluate(run: Run) -> dict[str, Any]:
         row[run.criterion.name] = run.backend.mean_across_ranks({"value": value})["value"]
     model.train()
     row["elapsed_s"] = run.elapsed()
-    run.rows.append(row)
+    run.append(row)
     if run.criterion is not None:
         run.update_best(row[run.criterion.name])
     return row

@@ -7,6 +7,7 @@ significance.py  paired Wilcoxon signed-rank test and paired bootstrap CI of a d
 tables.py        Tables 1-4 (Δ vs best baseline, significance marks) and Figure 9's data
 plots.py         Figure 9
 claims.py        a verdict on each claim of the paper from this run's artifacts (results/claims.md)
+card.py          a published student's model card (model/README.md): what it is, how it was made, its scores
 
 Functions take lists, arrays and DataFrames; `mechdistill.stages.evaluate` reads the artifacts.
 """

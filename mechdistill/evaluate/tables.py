@@ -151,6 +151,13 @@ class _Summary:
         return None
 
 
+def metric_values(block: pd.DataFrame) -> dict[str, float]:
+    """One model's metrics rows -> metric: its table cell (the corpus value if stored, else the mean over
+    documents), in name order."""
+    summary = _Summary(block)
+    return {metric: summary.cell(metric) for metric in sorted(set(block["metric"]))}
+
+
 def _compare(ours: _Summary, base: _Summary, metric: str, higher_is_better: bool, alpha: float,
              n_resamples: int, seed: int) -> dict:
     """CI, p-value and mark of ours over the baseline on one metric; NaN / "" when untestable."""

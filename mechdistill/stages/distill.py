@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
@@ -38,7 +42,7 @@ from ..distill.train_config import train_config
 from ..errors import ConfigError
 from ..evaluate.xmc import macro_f1
 from ..inflight import in_flight_workers
-from ..io import SplitArtifacts, file_digest, read_json, read_parquet, read_split, write_parquet
+from ..io import SplitArtifacts, file_digest, read_json, read_parquet, read_split, write_json, write_parquet
 from ..labels import LabelSpace
 from ..models import ModelCatalog, load_model, pick_device, spec_key, with_distilled_model
 from ..shards import Shards, content_key
@@ -192,11 +196,32 @@ def run_distill(config: dict, dataset: str, student: str, method_name: str, poin
     result = distill(model, tokenizer, recipe, point_settings, splits, examples=examples, pools=pools, config=tcfg,
                      out=out, criterion=criterion, targets=targets, teacher_data=teacher_data,
                      mechanism_docs=section.get("mechanism_docs"), deepspeed_config=ds_config, rank=rank, world=world,
-                     run_key=key, on_step=_kill_after_step(os.environ.get(KILL_AFTER_STEP)))
+                     run_key=key, on_step=_kill_after_step(os.environ.get(KILL_AFTER_STEP)),
+                     report_config={"run": {"dataset": dataset, "student": student, "teacher": teacher,
+                                            "method": method_name, "point": point, "train": asdict(tcfg)},
+                                    "config": config})
     _log_result(f"{student}/{method_name}/{point}", result, time.perf_counter() - started)
     if rank == 0:
         write_parquet(result.items, items_path or paths.training_items(dataset, student, where))
         write_parquet(result.mechanism, mechanism_path or paths.mechanism(dataset, student, where))
+        # next to best_step.json, for the model card (paths.provenance)
+        write_json(Path(best_path).with_name(Path(paths.provenance()).name) if best_path
+                   else paths.provenance(dataset, student, where), _provenance())
+
+
+def _provenance() -> dict[str, str]:
+    """What is training now: this process's command line, and the commit of the mechdistill checkout it runs
+    ("unknown" outside a git checkout; "+ uncommitted changes" when its tracked files differ)."""
+    command = shlex.join(getattr(sys, "orig_argv", sys.argv))
+    source = Path(__file__).resolve().parents[2]
+    git = partial(subprocess.run, capture_output=True, text=True, cwd=source, check=False)
+    try:
+        head = git(["git", "rev-parse", "HEAD"])
+        dirty = git(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip()
+    except OSError:  # no git
+        return {"command": command, "commit": "unknown"}
+    commit = head.stdout.strip() if head.returncode == 0 else "unknown"
+    return {"command": command, "commit": commit + (" + uncommitted changes" if dirty and commit != "unknown" else "")}
 
 
 def _run_grid(config: dict, dataset: str, student: str, method_name: str, inputs, train_targets_path,

@@ -1,5 +1,6 @@
-"""The jobs that load no model: the grid-point choice (select_distill) and the figures and tables of
-every phase (figure1, head_figures, head_comparison, patching_figures, tables, figure9). They read and
+"""The jobs that load no model: the grid-point choice (select_distill), the published students' model
+cards (model_card) and the figures and tables of every phase (figure1, head_figures, head_comparison,
+patching_figures, tables, figure9). They read and
 write artifacts only, so this module imports neither torch nor transformers (an import-linter contract
 checks it) and each job starts in about a second instead of the ~15 s a model job spends importing."""
 
@@ -17,13 +18,23 @@ from ..anchors.plots import figure1
 from ..characterize.compare import compare_heads, comparison_markdown
 from ..characterize.plots import figure4, figure7
 from ..characterize.settings import HeadComparisonSettings, HeadFigureSettings
-from ..distill.methods import method_grid, method_kinds
+from ..distill.methods import grid_point, method_grid, method_kinds, resolve_method
 from ..distill.selection import copy_file, link_dir, select_point
-from ..distill.settings import SelectSettings
+from ..distill.settings import CardSettings, SelectSettings
+from ..evaluate.card import StudentFacts, write_model_card
 from ..evaluate.plots import figure9
 from ..evaluate.settings import RunSettings
-from ..evaluate.tables import METRIC_COLUMNS, build_table, figure9_data, load_metrics, table_spec, write_table
-from ..io import read_parquet, write_json, write_parquet, write_text
+from ..evaluate.tables import (
+    METRIC_COLUMNS,
+    build_table,
+    figure9_data,
+    load_metrics,
+    metric_values,
+    table_spec,
+    write_table,
+)
+from ..evaluate.xmc import RESAMPLE
+from ..io import read_json, read_parquet, write_json, write_parquet, write_text
 from ..patching.plots import patching_figure
 
 log = logging.getLogger(__name__)
@@ -85,8 +96,8 @@ def run_select_distill(config: dict, dataset: str, student: str, method_name: st
     """Publish the grid point of `method_name` with the best validation value (distill.select.criterion,
     from each point's train log; ties: the first point) as the method's model/ (weights hard-linked),
     train_log.parquet, mechanism.parquet and training_items.parquet, and write the selection record (`paths.selection`; see
-    `distill.selection.select_point`). Reads each point's files at paths.*(..., grid_method(method, point)).
-    Returns the record."""
+    `distill.selection.select_point`) and the model's card, not evaluated yet (`evaluate.card`).
+    Reads each point's files at paths.*(..., grid_method(method, point)). Returns the record."""
     points = method_grid(method_name, config["methods"].get(method_name))
     where = {point.name: paths.grid_method(method_name, point.name) for point in points}
     logs = {name: read_parquet(paths.train_log(dataset, student, folder)) for name, folder in where.items()}
@@ -100,10 +111,47 @@ def run_select_distill(config: dict, dataset: str, student: str, method_name: st
         copy_file(path(dataset, student, chosen), target or path(dataset, student, method_name))
     record = {"dataset": dataset, "student": student, "method": method_name, **record}
     write_json(selection_path or paths.selection(dataset, student, method_name), record)
+    published = model_dir or paths.student_model_dir(dataset, student, method_name)
+    write_model_card(published, _student_facts(config, dataset, student, method_name, record))  # metrics: model_card
     log.info("select %s/%s: grid point %s, step %s, %s %s (of %d points: %s)", student, method_name, record["point"],
              record["step"], record["criterion"], record["value"], len(points),
              ", ".join(f"{c['point']}: {c['value']}" for c in record["candidates"]))
     return record
+
+
+def _student_facts(config: dict, dataset: str, student: str, method_name: str, selection: dict) -> StudentFacts:
+    """What the card of a published student says, from the config (`CardSettings`), its selection record and
+    the chosen grid point's files: train log (steps), training items (documents) and provenance.json (the
+    command and commit of its distill job; "unknown" where it is missing)."""
+    card = CardSettings.from_config(config, method=method_name)
+    entry = grid_point(method_name, card.method, selection["point"]).settings
+    method = resolve_method(method_name, entry)
+    where = paths.grid_method(method_name, selection["point"])
+    train_log = read_parquet(paths.train_log(dataset, student, where))
+    items = read_parquet(paths.training_items(dataset, student, where))
+    docs = items.drop_duplicates(["split", "doc_id"]).groupby("split", sort=False).size()
+    made = Path(paths.provenance(dataset, student, where))
+    made_by = read_json(made) if made.exists() else {"command": "unknown", "commit": "unknown"}
+    return StudentFacts(dataset, student, card.models[student], card.teacher, card.models[card.teacher], method_name,
+                        method.kind, method.description, selection["point"], entry,
+                        {**card.weights, **(entry.get("weights") or {})}, {s: int(n) for s, n in docs.items()},
+                        int(train_log.loc[train_log["split"] == "train", "step"].max()), selection,
+                        made_by["command"], made_by["commit"])
+
+
+def run_model_card(config: dict, dataset: str, student: str, method_name: str, *,
+                   selection_path: PathLike | None = None, metrics_path: PathLike | None = None,
+                   model_dir: PathLike | None = None) -> None:
+    """The published student's card with its test metrics (metrics.parquet: each metric as the tables show it)
+    -> README.md in its model folder, which select_distill wrote without them."""
+    selection = read_json(selection_path or paths.selection(dataset, student, method_name))
+    metrics = read_parquet(metrics_path or paths.metrics(dataset, student, method_name))
+    doc_ids = metrics["doc_id"].fillna("").astype(str)
+    test_docs = doc_ids[(doc_ids != "") & ~doc_ids.str.startswith(RESAMPLE)].nunique()
+    path = write_model_card(model_dir or paths.student_model_dir(dataset, student, method_name),
+                            _student_facts(config, dataset, student, method_name, selection), metric_values(metrics),
+                            test_docs)
+    log.info("model card of %s/%s with %d metrics -> %s", student, method_name, metrics["metric"].nunique(), path)
 
 
 def _metrics(metrics_paths: list[PathLike]) -> pd.DataFrame:
