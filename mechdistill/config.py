@@ -169,3 +169,20 @@ def config_snapshot(config: dict[str, Any], directory: str | Path = ".snakemake/
             fh.write(blob)
         os.replace(tmp, path)
     return str(path)
+
+
+def layer_model_entries(config: dict[str, Any], config_files: list[str | Path]) -> dict[str, Any]:
+    """`config` (in place) with each `models` entry taken whole from the last of `config_files` that gives it a
+    `source`. Snakemake merges several --configfile files key by key, so a later file that turns the paper's
+    {source: hf, id: ...} into {source: random, arch: ...} would keep the stale `id` (a key random does not take);
+    a later entry without `source` still only updates the earlier one. Returns `config`."""
+    entries: dict[str, dict] = {}
+    for path in config_files:
+        models = (yaml.safe_load(Path(path).read_text()) or {}).get("models") or {}
+        for name, spec in models.items():
+            if isinstance(spec, dict) and "source" in spec:
+                entries[name] = copy.deepcopy(spec)
+    for name, spec in entries.items():
+        if name in config.get("models", {}):
+            config["models"][name] = spec if "source" in config["models"][name] else config["models"][name]
+    return config

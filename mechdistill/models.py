@@ -16,6 +16,7 @@ converting at once, or a killed conversion, never leave a broken cache entry.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
@@ -252,6 +253,18 @@ def _device_keys(max_memory: dict | None) -> dict | None:
     return {int(k) if str(k).isdigit() else k: v for k, v in max_memory.items()}
 
 
+def _own_offload_folder(offload_folder: str | os.PathLike | None, name: str) -> str | None:
+    """A folder of this process's own under `offload_folder`, removed when it exits. Jobs that run at once (the
+    head scores of two datasets, a cluster's jobs on one shared disk) would otherwise write and read the same
+    offloaded weight files."""
+    if offload_folder is None:
+        return None
+    Path(offload_folder).mkdir(parents=True, exist_ok=True)
+    own = tempfile.mkdtemp(prefix=f"{name}-{os.getpid()}-", dir=offload_folder)
+    atexit.register(shutil.rmtree, own, ignore_errors=True)
+    return own
+
+
 def load_model(catalog: ModelCatalog, name: str, device: str = "auto", dtype: str | None = None, *,
                device_map: str | dict | None = None, max_memory: dict | None = None,
                offload_folder: str | os.PathLike | None = None):
@@ -267,7 +280,7 @@ def load_model(catalog: ModelCatalog, name: str, device: str = "auto", dtype: st
     spec = model_spec(catalog, name)
     device = pick_device(device)
     placed = {} if device_map is None else dict(device_map=device_map, max_memory=_device_keys(max_memory),
-                                                offload_folder=offload_folder)
+                                                offload_folder=_own_offload_folder(offload_folder, name))
     path, remote = resolve_model_path(catalog, name), spec.get("trust_remote_code", False)
     model_config = AutoConfig.from_pretrained(path, trust_remote_code=remote)
     model = AutoModelForCausalLM.from_pretrained(
