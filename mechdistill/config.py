@@ -180,9 +180,10 @@ def layer_model_entries(config: dict[str, Any], config_files: list[str | Path]) 
     for path in config_files:
         models = (yaml.safe_load(Path(path).read_text()) or {}).get("models") or {}
         for name, spec in models.items():
-            if isinstance(spec, dict) and "source" in spec:
-                entries[name] = copy.deepcopy(spec)
+            if isinstance(spec, dict):
+                earlier = {} if "source" in spec else entries.get(name, {})
+                entries[name] = {**earlier, **copy.deepcopy(spec)}
     for name, spec in entries.items():
         if name in config.get("models", {}):
-            config["models"][name] = spec if "source" in config["models"][name] else config["models"][name]
+            config["models"][name] = spec
     return config
