@@ -12,11 +12,13 @@ import re
 import subprocess
 import sys
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 
 PAPER = ["--configfile", "config/paper.yaml", "--workflow-profile", "profiles/slurm"]
 REHEARSAL = ["--configfile", "config/paper.yaml", "config/rehearsal.yaml"]
 FINISHED = re.compile(r"^Finished jobid: \d+ \(Rule: (\w+)\)", re.M)
+STAMP = re.compile(r"^\[(\w{3} \w{3} +\d+ \d\d:\d\d:\d\d \d{4})\]$", re.M)
 
 
 def job_stats(dry_run_output: str) -> dict[str, int]:
@@ -35,6 +37,23 @@ def finished_jobs(log_texts: list[str]) -> Counter:
     return Counter(rule for text in log_texts for rule in FINISHED.findall(text))
 
 
+def rule_seconds(log_text: str) -> dict[str, list[float]]:
+    """Rule -> wall seconds of each job that finished, from a Snakemake log's time stamps: a job starts at the
+    stamp above its "rule NAME:" block (with its "jobid: N") and ends at the stamp above "Finished jobid: N"."""
+    started: dict[str, tuple[str, datetime]] = {}
+    seconds: dict[str, list[float]] = {}
+    stamps = list(STAMP.finditer(log_text))
+    for stamp, following in zip(stamps, stamps[1:] + [None]):
+        at = datetime.strptime(" ".join(stamp.group(1).split()), "%a %b %d %H:%M:%S %Y")
+        block = log_text[stamp.end(): following.start() if following else len(log_text)]
+        for rule, jobid in re.findall(r"^(?:local)?rule (\w+):\n(?:    .*\n)*?    jobid: (\d+)", block, re.M):
+            started[jobid] = (rule, at)
+        for jobid, rule in re.findall(r"^Finished jobid: (\d+) \(Rule: (\w+)\)", block, re.M):
+            if jobid in started:
+                seconds.setdefault(rule, []).append((at - started.pop(jobid)[1]).total_seconds())
+    return seconds
+
+
 def dry_run(args: list[str]) -> str:
     proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", *args], capture_output=True, text=True)
     if proc.returncode != 0:
@@ -46,9 +65,15 @@ def main(workdir: Path = Path(".")) -> int:
     planned = job_stats(dry_run(PAPER))
     executed = finished_jobs([p.read_text() for p in sorted((workdir / ".snakemake" / "log").glob("*.log"))])
     left = job_stats(dry_run(REHEARSAL))
-    print(f"{'rule':24} {'paper plans':>12} {'rehearsal ran':>14}")
+    seconds: dict[str, list[float]] = {}
+    for path in sorted((workdir / ".snakemake" / "log").glob("*.log")):
+        for rule, values in rule_seconds(path.read_text()).items():
+            seconds.setdefault(rule, []).extend(values)
+    print(f"{'rule':24} {'paper plans':>12} {'rehearsal ran':>14} {'mean s/job':>11} {'total s':>8}")
     for rule in sorted(set(planned) | set(executed)):
-        print(f"{rule:24} {planned.get(rule, 0):>12} {executed.get(rule, 0):>14}")
+        took = seconds.get(rule, [])
+        mean = f"{sum(took) / len(took):.0f}" if took else "-"
+        print(f"{rule:24} {planned.get(rule, 0):>12} {executed.get(rule, 0):>14} {mean:>11} {sum(took):>8.0f}")
     print(f"{'total':24} {sum(planned.values()):>12} {sum(executed.values()):>14}")
     missing, extra = sorted(set(planned) - set(executed)), sorted(set(executed) - set(planned))
     if missing or extra or left:

@@ -131,3 +131,11 @@ def test_rule_sets_are_read_from_the_dry_run_and_the_logs():
     logs = ["Finished jobid: 5 (Rule: distill)\n3 of 9 steps\nFinished jobid: 0 (Rule: all)\n",
             "Finished jobid: 7 (Rule: distill)\n"]
     assert module.finished_jobs(logs) == {"distill": 2, "all": 1}
+
+
+def test_rule_wall_times_are_read_from_the_log_stamps():
+    log = ("[Mon Dec  7 02:05:45 2026]\nlocalrule teacher_cot:\n    input: a\n    jobid: 5\n    reason: x\n"
+           "Select jobs to execute...\n[Mon Dec  7 02:06:00 2026]\nrule anchors:\n    jobid: 7\n"
+           "[Mon Dec  7 02:06:40 2026]\nFinished jobid: 5 (Rule: teacher_cot)\n"
+           "[Mon Dec  7 02:08:00 2026]\nFinished jobid: 7 (Rule: anchors)\n")
+    assert rules_script().rule_seconds(log) == {"teacher_cot": [55.0], "anchors": [120.0]}
