@@ -147,10 +147,10 @@ def load_config(path: str | Path, overrides: dict | None = None) -> dict[str, An
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist.")
-    try:
-        config = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    try:  # a snapshot is JSON: YAML 1.1 reads JSON's 2e-05 (no dot) as a string
+        config = (json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())) or {}
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from exc
     if overrides:
         config.update(overrides)
     return validate_config(config, source=str(path))

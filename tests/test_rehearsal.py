@@ -139,3 +139,14 @@ def test_rule_wall_times_are_read_from_the_log_stamps():
            "[Mon Dec  7 02:06:40 2026]\nFinished jobid: 5 (Rule: teacher_cot)\n"
            "[Mon Dec  7 02:08:00 2026]\nFinished jobid: 7 (Rule: anchors)\n")
     assert rules_script().rule_seconds(log) == {"teacher_cot": [55.0], "anchors": [120.0]}
+
+
+def test_the_config_snapshot_keeps_the_paper_learning_rate_a_number(tmp_path):
+    """The distill ranks load the JSON snapshot: json writes 2e-05 with no dot, which YAML 1.1 reads as a string,
+    so every distill job of the paper config stopped with "'distill.train.lr' should be of type number"."""
+    from mechdistill.config import config_snapshot, load_config
+
+    paper = validate_config(load("paper.yaml"), "paper")
+    assert paper["distill"]["train"]["lr"] == 2e-5
+    snapshot = config_snapshot(paper, tmp_path)
+    assert load_config(snapshot)["distill"]["train"]["lr"] == 2e-5
