@@ -16,7 +16,7 @@ sys.path.insert(0, workflow.basedir)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from mechdistill import paths  # noqa: E402
-from mechdistill.config import config_snapshot, load_config, validate_config  # noqa: E402
+from mechdistill.config import config_snapshot, layer_model_entries, load_config, validate_config  # noqa: E402
 from mechdistill.data.sources import adapter_files  # noqa: E402
 from mechdistill.distill.methods import check_methods  # noqa: E402
 from mechdistill.distill.pool_ranges import check_pool_ranges  # noqa: E402
@@ -29,6 +29,7 @@ from mechdistill.teacher.engines import check_engines, resolve_engines  # noqa: 
 # datasets). The demo config is the default only when no config file is given.
 if "datasets" not in config:
     config.update({**load_config(f"{workflow.basedir}/config/config.yaml"), **config})
+layer_model_entries(config, workflow.configfiles)  # a model entry a later --configfile redefines replaces the earlier
 CONFIG_SOURCE = ", ".join(map(str, workflow.configfiles)) or "config/config.yaml"  # the config files, as errors name them
 validate_config(config, source=CONFIG_SOURCE)
 validate(config, "config/schema.yaml")

@@ -172,10 +172,10 @@ def load_config(path: str | Path, overrides: dict | None = None) -> dict[str, An
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist.")
-    try:
-        config = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    try:  # a snapshot is JSON: YAML 1.1 reads JSON's 2e-05 (no dot) as a string
+        config = (json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())) or {}
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from exc
     if overrides:
         config.update(overrides)
     return validate_config(config, source=str(path))
@@ -194,3 +194,21 @@ def config_snapshot(config: dict[str, Any], directory: str | Path = ".snakemake/
             fh.write(blob)
         os.replace(tmp, path)
     return str(path)
+
+
+def layer_model_entries(config: dict[str, Any], config_files: list[str | Path]) -> dict[str, Any]:
+    """`config` (in place) with each `models` entry taken whole from the last of `config_files` that gives it a
+    `source`. Snakemake merges several --configfile files key by key, so a later file that turns the paper's
+    {source: hf, id: ...} into {source: random, arch: ...} would keep the stale `id` (a key random does not take);
+    a later entry without `source` still only updates the earlier one. Returns `config`."""
+    entries: dict[str, dict] = {}
+    for path in config_files:
+        models = (yaml.safe_load(Path(path).read_text()) or {}).get("models") or {}
+        for name, spec in models.items():
+            if isinstance(spec, dict):
+                earlier = {} if "source" in spec else entries.get(name, {})
+                entries[name] = {**earlier, **copy.deepcopy(spec)}
+    for name, spec in entries.items():
+        if name in config.get("models", {}):
+            config["models"][name] = spec
+    return config

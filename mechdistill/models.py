@@ -16,6 +16,7 @@ converting at once, or a killed conversion, never leave a broken cache entry.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
@@ -27,6 +28,8 @@ from typing import Any
 
 import tokenizers
 import torch
+from accelerate import infer_auto_device_map, init_empty_weights
+from accelerate.utils import get_balanced_memory
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -252,6 +255,57 @@ def _device_keys(max_memory: dict | None) -> dict | None:
     return {int(k) if str(k).isdigit() else k: v for k, v in max_memory.items()}
 
 
+def _own_offload_folder(offload_folder: str | os.PathLike | None, name: str) -> str | None:
+    """A folder of this process's own under `offload_folder`, removed when it exits. Jobs that run at once (the
+    head scores of two datasets, a cluster's jobs on one shared disk) would otherwise write and read the same
+    offloaded weight files."""
+    if offload_folder is None:
+        return None
+    Path(offload_folder).mkdir(parents=True, exist_ok=True)
+    own = tempfile.mkdtemp(prefix=f"{name}-{os.getpid()}-", dir=offload_folder)
+    atexit.register(shutil.rmtree, own, ignore_errors=True)
+    return own
+
+
+def embeddings_kept_local(model_config: PretrainedConfig, device_map: str, max_memory: dict | None,
+                          dtype: torch.dtype, remote: bool = False) -> dict[str, int | str]:
+    """A named device_map (auto, balanced, balanced_low_0, sequential) resolved to {module: device} as
+    transformers resolves it, except that the input embeddings and lm_head never go to "disk", nor to "cpu"
+    while a GPU holds layers: their weights are read outside their forward (anchor centroids, the logit lens),
+    where an offloaded weight is an empty meta tensor. They go to the first GPU of the map (else the CPU), which
+    may exceed that device's max_memory by their size."""
+    with init_empty_weights():
+        empty = AutoModelForCausalLM.from_config(model_config, dtype=dtype, trust_remote_code=remote)
+    no_split = list(empty._no_split_modules or [])
+    if device_map != "sequential":
+        max_memory = get_balanced_memory(empty, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype,
+                                         low_zero=device_map == "balanced_low_0")
+    mapping = infer_auto_device_map(empty, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
+    gpus = [where for where in mapping.values() if isinstance(where, int)]
+    home = min(gpus) if gpus else "cpu"
+    names = {module: name for name, module in empty.named_modules()}
+    for read_outside in (empty.get_input_embeddings(), empty.get_output_embeddings()):
+        name = names.get(read_outside)
+        _split_to(mapping, empty, name)
+        if name in mapping and mapping[name] in ("disk", "cpu") and mapping[name] != home:
+            log.info("device_map %s: %s goes to %s, not %s (its weight is read outside its forward)",
+                     device_map, name, home, mapping[name])
+            mapping[name] = home
+    return mapping
+
+
+def _split_to(mapping: dict[str, int | str], model: torch.nn.Module, name: str | None) -> None:
+    """Replace the entry of `mapping` whose module holds module `name` ("" is the whole model) by entries for
+    its children, level by level, until `name` has an entry of its own (in place)."""
+    while name is not None and name not in mapping:
+        holder = next((key for key in mapping if key == "" or name.startswith(key + ".")), None)
+        if holder is None:
+            return
+        where = mapping.pop(holder)
+        for child, _ in model.get_submodule(holder).named_children():
+            mapping[f"{holder}.{child}" if holder else child] = where
+
+
 def load_model(catalog: ModelCatalog, name: str, device: str = "auto", dtype: str | None = None, *,
                device_map: str | dict | None = None, max_memory: dict | None = None,
                offload_folder: str | os.PathLike | None = None):
@@ -266,13 +320,16 @@ def load_model(catalog: ModelCatalog, name: str, device: str = "auto", dtype: st
     """
     spec = model_spec(catalog, name)
     device = pick_device(device)
-    placed = {} if device_map is None else dict(device_map=device_map, max_memory=_device_keys(max_memory),
-                                                offload_folder=offload_folder)
     path, remote = resolve_model_path(catalog, name), spec.get("trust_remote_code", False)
     model_config = AutoConfig.from_pretrained(path, trust_remote_code=remote)
+    weights_dtype = torch_dtype(dtype or spec.get("dtype"), device)
+    if isinstance(device_map, str):
+        device_map = embeddings_kept_local(model_config, device_map, _device_keys(max_memory), weights_dtype, remote)
+    placed = {} if device_map is None else dict(device_map=device_map, max_memory=_device_keys(max_memory),
+                                                offload_folder=_own_offload_folder(offload_folder, name))
     model = AutoModelForCausalLM.from_pretrained(
-        path, config=model_config, dtype=torch_dtype(dtype or spec.get("dtype"), device),
-        trust_remote_code=remote, **placed, **exact_attention(model_config, name))
+        path, config=model_config, dtype=weights_dtype, trust_remote_code=remote, **placed,
+        **exact_attention(model_config, name))
     model = text_only(model)
     if device_map is None:
         model = model.to(device)

@@ -23,7 +23,11 @@ LAZY_IMPORTS = {"vllm", "deepspeed", "sentence_transformers", "simple_icd_10_cm"
                 "mechdistill.distill.backends", "transformers.integrations",  # torch, for distill.launch's DeepSpeed config
                 "mechdistill.stages.data", "mechdistill.stages.teacher", "mechdistill.stages.distill", "mechdistill.data.icd10cm_controlled",
                 "mechdistill.data.mimic4_icd10", "mechdistill.data.wikiseealso",
-                "mechdistill.characterize.capture"}  # torch: `mechdistill plan` prices memory only when asked
+                "mechdistill.characterize.capture",  # torch: `mechdistill plan` prices memory only when asked
+                # matplotlib and scipy (stages.model_free): only its figure jobs import them, not select_distill
+                "mechdistill.anchors.plots", "mechdistill.characterize.plots", "mechdistill.evaluate.plots",
+                "mechdistill.patching.plots",
+                "scipy"}  # evaluate.significance: the Wilcoxon test only, not every job that imports the tables
 
 
 def test_lint_imports_layers_contract(capsys, monkeypatch):

@@ -154,3 +154,22 @@ def test_catalog_with_model_adds_one_entry_and_leaves_the_catalog():
     assert {k: more.models[k] for k in catalog.models} == dict(catalog.models)
     config["models"]["later"] = {"source": "random", "arch": "llama"}  # the catalog copied the mapping
     assert "later" not in catalog.models
+
+
+def test_a_named_device_map_that_offloads_keeps_the_embeddings_and_lm_head_local(tiny_config, tmp_path):
+    """device_map auto with a CPU cap below the model's size: accelerate alone put the whole model on "disk",
+    lm_head too, whose weight the anchor centroid reads outside its forward (an empty meta tensor there)."""
+    from mechdistill.characterize.attention import local_values
+
+    tiny_config["models"]["m"] = {"source": "random", "arch": "llama", "tokenizer": "byte", "seed": 0,
+                                  "config": {"hidden_size": 128, "num_hidden_layers": 4, "tie_word_embeddings": False}}
+    model, tok = load_model(ModelCatalog.from_config(tiny_config), "m", device="cpu", dtype="float32",
+                            device_map="auto", max_memory={"cpu": "1MB"}, offload_folder=tmp_path / "offload")
+    placed = model.hf_device_map
+    assert placed["lm_head"] == placed["model.embed_tokens"] == "cpu"
+    assert "disk" in placed.values()  # the layers that do not fit are really on disk
+    with local_values(model.lm_head.weight) as weight:
+        assert weight.shape == (len(tok), 128) and weight.device.type == "cpu"
+    reference, _ = load_model(ModelCatalog.from_config(tiny_config), "m", device="cpu", dtype="float32")
+    ids = tok("heart failure", return_tensors="pt")["input_ids"]
+    torch.testing.assert_close(model(ids).logits, reference(ids).logits)

@@ -23,7 +23,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import stats
 
 from ..stats import bootstrap_ci, percentile_interval
 
@@ -50,6 +49,9 @@ def paired_wilcoxon(a: ArrayLike, b: ArrayLike) -> float:
     a, b = paired(a, b)
     if not np.any(b - a):
         return 1.0
+    # scipy.stats takes ~2.5 s to import: select_distill and the other jobs that import the tables skip it
+    from scipy import stats
+
     return float(stats.wilcoxon(b, a, zero_method="wilcox", alternative="two-sided").pvalue)
 
 

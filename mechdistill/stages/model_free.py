@@ -14,15 +14,12 @@ from pathlib import Path
 import pandas as pd
 
 from .. import paths
-from ..anchors.plots import figure1
 from ..characterize.compare import compare_heads, comparison_markdown
-from ..characterize.plots import figure4, figure7
 from ..characterize.settings import HeadComparisonSettings, HeadFigureSettings
 from ..distill.methods import grid_point, method_grid, method_kinds, resolve_method
 from ..distill.selection import copy_file, link_dir, select_point
 from ..distill.settings import CardSettings, SelectSettings
 from ..evaluate.card import StudentFacts, write_model_card
-from ..evaluate.plots import figure9
 from ..evaluate.settings import RunSettings
 from ..evaluate.tables import (
     METRIC_COLUMNS,
@@ -35,7 +32,6 @@ from ..evaluate.tables import (
 )
 from ..evaluate.xmc import RESAMPLE
 from ..io import read_json, read_parquet, write_json, write_parquet, write_text
-from ..patching.plots import patching_figure
 
 log = logging.getLogger(__name__)
 PathLike = str | os.PathLike
@@ -45,6 +41,9 @@ def run_head_figures(config: dict, dataset: str, *, coarse_path: PathLike | None
                      refine_path: PathLike | None = None, example_path: PathLike | None = None,
                      figure4_path: PathLike | None = None, figure7_path: PathLike | None = None) -> None:
     """The teacher's head tables -> Figures 4 (Phase-1 heads) and 7 (Phase-2 heads)."""
+    # matplotlib and scipy: only the figure jobs import them, not select_distill, tables or claims
+    from ..characterize.plots import figure4, figure7
+
     teacher, top_k = config["teacher"], HeadFigureSettings.from_config(config).value
     figure4(read_parquet(coarse_path or paths.head_scores(dataset, teacher, "coarse")),
             read_parquet(example_path or paths.head_example(dataset, teacher)),
@@ -76,6 +75,9 @@ def run_head_comparison(config: dict, dataset: str, *, coarse_path: PathLike | N
 def run_patching_figure(config: dict, dataset: str, phase: str, *, summary_path: PathLike | None = None,
                         out_png: PathLike | None = None) -> None:
     """patching/{phase}.parquet -> Figure 5 (phase1) or Figure 8 (phase2)."""
+    # matplotlib and scipy: only the figure jobs import them, not select_distill, tables or claims
+    from ..patching.plots import patching_figure
+
     what = {"phase1": "Reasoning Focus (CoarseScore heads)", "phase2": "Near-Miss Confusion (RefineScore heads)"}[phase]
     patching_figure(read_parquet(summary_path or paths.patching(dataset, config["teacher"], phase)),
                     out_png or paths.patching_figure(phase, dataset),
@@ -85,6 +87,9 @@ def run_patching_figure(config: dict, dataset: str, phase: str, *, summary_path:
 
 def run_figure1(config: dict, dataset: str, curve_paths: list[PathLike], out_png: PathLike | None = None) -> None:
     """The trajectories of every model on a dataset -> Figure 1."""
+    # matplotlib and scipy: only the figure jobs import them, not select_distill, tables or claims
+    from ..anchors.plots import figure1
+
     curves = pd.concat([read_parquet(p) for p in curve_paths], ignore_index=True)
     figure1(curves, out_png or paths.figure1(dataset), title=f"{dataset}: Reasoning Focus and Near-Miss Confusion")
 
@@ -188,6 +193,9 @@ def run_tables(config: dict, metrics_paths: list[PathLike], selection_paths: lis
 
 def run_figure9(config: dict, metrics_paths: list[PathLike], out_png: PathLike | None = None) -> None:
     """Figure 9: LAS of ours and its phase and term ablations (first dataset and student of the config)."""
+    # matplotlib and scipy: only the figure jobs import them, not select_distill, tables or claims
+    from ..evaluate.plots import figure9
+
     run = RunSettings.from_config(config)
     dataset, student = next(iter(run.datasets)), (run.students or [""])[0]
     methods = [m for m, kind in method_kinds(run.methods).items() if kind in ("ours", "ablation")]
