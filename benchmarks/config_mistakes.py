@@ -390,7 +390,8 @@ def run_case(index: int, c: Case, base_config: dict, workdir: Path, base_run: Pa
     rc, output, seconds = snakemake(folder, config_path, "-n", timeout=300)
     record: dict[str, Any] = {"index": index, "name": c.name, "edit": c.describe(), "key": c.key_path(),
                               "legal": c.legal, "note": c.note, "startup_rc": rc,
-                              "startup_seconds": round(seconds, 1), "message": excerpt(output) if rc else ""}
+                              "startup_seconds": round(seconds, 1), "message": excerpt(output) if rc else "",
+                              "error": error_text(output)[:4000] if rc else ""}  # to audit the class
     job = None
     if rc == 0 and base_run is not None and c.target and not c.legal:
         for part in ("results", ".snakemake", ".cache"):
