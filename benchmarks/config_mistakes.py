@@ -170,7 +170,8 @@ def selection(method: str) -> str:
 
 
 def shell_probe(name: str, value: str) -> Case:
-    """A cwt grid value that runs `touch PWNED...` if it reaches a shell unquoted."""
+    """A cwt grid value that runs `touch PWNED...` if it reaches a shell unquoted. (With a grid point named by
+    repr(), only a value holding a quote escapes: repr puts it in double quotes, where $( ) and backticks run.)"""
     return case(name, set_("methods.cwt.grid", {"params.n_chunks": [value]}), key="methods.cwt.grid.params.n_chunks",
                 target=selection("cwt"), note="a string for an integer setting, holding a shell command")
 
@@ -260,7 +261,7 @@ CASES: tuple[Case, ...] = (
     case("cwt_grid_n_chunks_string", set_("methods.cwt.grid", {"params.n_chunks": ["two"]}),
          key="methods.cwt.grid.params.n_chunks", target=selection("cwt")),
     shell_probe("cwt_grid_shell_dollar", f"it's $(touch {SENTINEL})"),
-    shell_probe("cwt_grid_shell_backticks", f"`touch {SENTINEL}_BT`"),
+    shell_probe("cwt_grid_shell_backticks", f"it's `touch {SENTINEL}_BT`"),
     shell_probe("cwt_grid_shell_semicolon", f"1; touch {SENTINEL}_SC"),
     case("grid_alpha_negative", set_("methods.mech.grid", {"alpha": [-1.0]}), key="methods.mech.grid.alpha"),
     case("grid_alpha_empty", set_("methods.mech.grid", {"alpha": []}), key="methods.mech.grid.alpha"),
