@@ -389,6 +389,7 @@ def run_case(index: int, c: Case, base_config: dict, workdir: Path, base_run: Pa
     config_path = folder / "config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     rc, output, seconds = snakemake(folder, config_path, "-n", timeout=300)
+    output = output.replace(str(folder), "<case>")  # the temporary folder: stable, shorter messages
     record: dict[str, Any] = {"index": index, "name": c.name, "edit": c.describe(), "key": c.key_path(),
                               "legal": c.legal, "note": c.note, "startup_rc": rc,
                               "startup_seconds": round(seconds, 1), "message": excerpt(output) if rc else "",
@@ -400,6 +401,7 @@ def run_case(index: int, c: Case, base_config: dict, workdir: Path, base_run: Pa
                 shutil.copytree(base_run / part, folder / part, symlinks=True, dirs_exist_ok=True)
         job_rc, job_output, job_seconds = snakemake(folder, config_path, "--cores", "1", c.target,
                                                     timeout=job_timeout)
+        job_output = job_output.replace(str(folder), "<case>")
         job = {"target": c.target, "rc": job_rc, "seconds": round(job_seconds, 1),
                "names_key": names_key(job_output, c.key_path(), c.names),
                "message": job_error(job_output) if job_rc != 0 else ""}
