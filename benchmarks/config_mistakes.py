@@ -165,6 +165,13 @@ PATCHING = f"results/{D}/{TEACHER}/patching/phase1.parquet"
 TARGETS = f"results/{D}/{TEACHER}/targets/train.parquet"
 
 
+# what the consuming jobs read, built once by --run-jobs (without --base) from the unedited config
+BASE_TARGETS = (*(f"results/{D}/{TEACHER}/targets/{split}.parquet" for split in ("train", "val")),
+                *(f"results/{D}/{TEACHER}/baseline_data/{m}/train.parquet" for m in ("morsd", "semcot")),
+                *(f"results/{D}/{model}/heads/{kind}.parquet" for model in (TEACHER, STUDENT) for kind in ("coarse", "refine")),
+                PATCHING)
+
+
 def selection(method: str) -> str:
     return f"results/{D}/{STUDENT}/{method}/selection.json"
 
@@ -425,7 +432,8 @@ def job_error(output: str, limit: int = 300) -> str:
 
 
 def build_base(workdir: Path, base_config: dict, targets: list[str], timeout: float) -> Path:
-    """A finished run of the unedited tiny config up to `targets`, copied into each case that runs a job."""
+    """A run of the unedited tiny config up to `targets` (BASE_TARGETS: the consuming jobs' inputs), copied
+    into each case that runs a job; there only the jobs whose settings or inputs the edit changed run."""
     folder = workdir / "base"
     folder.mkdir(parents=True, exist_ok=True)
     config_path = folder / "config.yaml"
@@ -499,8 +507,7 @@ def main(argv: list[str] | None = None, cases: tuple[Case, ...] = CASES,
     start = time.monotonic()
     base_run = args.base
     if args.run_jobs and base_run is None:
-        targets = sorted({c.target for _, c in chosen if c.target and not c.legal})
-        base_run = build_base(workdir, base_config, targets, timeout=1800) if targets else None
+        base_run = build_base(workdir, base_config, list(BASE_TARGETS), timeout=3600)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         records = list(pool.map(lambda ic: runner(ic[0], ic[1], base_config, workdir, base_run if args.run_jobs else None,
                                                   args.job_timeout, args.keep), chosen))
