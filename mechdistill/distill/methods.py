@@ -126,8 +126,9 @@ def resolve_method(name: str, settings: dict | None) -> Method:
     settings = settings or {}
     base = settings.get("base", name)
     if base not in METHODS:
-        raise ConfigError(f"methods.{name}: unknown method {base!r}; registered: {sorted(METHODS)} "
-                       f"(give `base:` to name one of them)")
+        key = f"methods.{name}.base" if "base" in settings else f"methods.{name}"
+        raise ConfigError(f"{key}: unknown method {base!r}; registered: {sorted(METHODS)} "
+                          f"(give `base:` to name one of them)")
     method = METHODS[base]
     extra, kind = settings.get("switches") or {}, settings.get("kind", method.kind)
     if extra or base != name or kind != method.kind:
