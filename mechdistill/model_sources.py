@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -149,6 +150,17 @@ def _cached_hub_config(repo_id: str) -> Path | None:
 
     found = try_to_load_from_cache(repo_id, "config.json")
     return Path(found) if isinstance(found, str) else None
+
+
+def check_hub_model_cached(name: str, repo_id: str) -> None:
+    """Offline (HF_HUB_OFFLINE set, as the workflow runs), an `hf` model must already be in the local Hugging
+    Face cache: else a ConfigError naming `models.<name>.id` and how to fetch it, not the hub client's traceback."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() not in {"1", "true", "yes", "on"}:
+        return
+    if _cached_hub_config(repo_id) is None:
+        raise ConfigError(f"models.{name}.id: {repo_id!r} is not in the local Hugging Face cache, and the workflow runs "
+                          f"offline (HF_HUB_OFFLINE=1). Fix: fetch it once where the hub is reachable, with the same "
+                          f"HF_HOME: `hf download {repo_id}`, or give the model as `source: local` with its folder.")
 
 
 # GGUF metadata value types (ggml's gguf.h): the fixed-size ones by struct format, 8 = string, 9 = array

@@ -39,7 +39,13 @@ from transformers import (
 )
 
 from .errors import ConfigError
-from .model_sources import TINY_ARCH_DEFAULTS, ModelCatalog, gguf_package_file, model_spec
+from .model_sources import (
+    TINY_ARCH_DEFAULTS,
+    ModelCatalog,
+    check_hub_model_cached,
+    gguf_package_file,
+    model_spec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +74,7 @@ def resolve_model_path(catalog: ModelCatalog, name: str) -> str:
     spec = model_spec(catalog, name)
     source = spec["source"]
     if source == "hf":
+        check_hub_model_cached(name, spec["id"])
         return spec["id"]
     if source == "local":
         if not Path(spec["path"], "config.json").exists():

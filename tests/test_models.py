@@ -173,3 +173,21 @@ def test_a_named_device_map_that_offloads_keeps_the_embeddings_and_lm_head_local
     reference, _ = load_model(ModelCatalog.from_config(tiny_config), "m", device="cpu", dtype="float32")
     ids = tok("heart failure", return_tensors="pt")["input_ids"]
     torch.testing.assert_close(model(ids).logits, reference(ids).logits)
+
+
+def test_an_hf_model_missing_from_the_cache_offline_names_its_key(monkeypatch, tmp_path):
+    """Offline, a hub id that is not cached stops with the key and the fix, not the hub client's traceback."""
+    from mechdistill.errors import ConfigError
+    from mechdistill.model_sources import ModelCatalog
+    from mechdistill.models import resolve_model_path
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache
+    import huggingface_hub.constants as hub_constants
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))
+    catalog = ModelCatalog.from_config({"models": {"big": {"source": "hf", "id": "nobody/no-such-model"}}})
+    with pytest.raises(ConfigError, match=r"models.big.id: 'nobody/no-such-model' is not in the local Hugging Face "
+                                          r"cache.*hf download nobody/no-such-model"):
+        resolve_model_path(catalog, "big")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # online: the hub client fetches it (not tried here)
+    assert resolve_model_path(catalog, "big") == "nobody/no-such-model"
