@@ -21,7 +21,7 @@ from mechdistill.data.sources import adapter_files  # noqa: E402
 from mechdistill.distill.methods import check_methods  # noqa: E402
 from mechdistill.distill.pool_ranges import check_pool_ranges  # noqa: E402
 from mechdistill.logutil import failed_job_errors  # noqa: E402
-from mechdistill.model_sources import check_layer_subsets  # noqa: E402
+from mechdistill.model_sources import check_model_entries  # noqa: E402
 from mechdistill.patching.settings import check_patching_bins  # noqa: E402
 from mechdistill.teacher.engines import check_engines, resolve_engines  # noqa: E402
 
@@ -39,7 +39,7 @@ check_engines(config)  # generation.backend vllm on a CPU where its CPU build ca
 _resolved = resolve_engines(config)
 if _resolved:
     logger.info(f"mechdistill: {_resolved}")
-check_layer_subsets(config, CONFIG_SOURCE)  # students deeper than their base
+check_model_entries(config, CONFIG_SOURCE)  # local folders without a model; students deeper than their base
 check_pool_ranges(config, CONFIG_SOURCE)  # a pool band with no layer of a model
 check_patching_bins(config, CONFIG_SOURCE)  # a bin past the teacher's heads
 # every method's settings and grid values against their declarations (type, range; catalog.Setting), grid keys the

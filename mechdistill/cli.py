@@ -18,7 +18,7 @@ from .distill.methods import check_methods
 from .distill.pool_ranges import check_pool_ranges
 from .errors import MechdistillError
 from .logutil import rule_logging
-from .model_sources import check_layer_subsets
+from .model_sources import check_model_entries
 from .patching.settings import check_patching_bins
 from .plan import (
     CPU_THROUGHPUT,
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         with rule_logging(None):
             if args.stage == "validate-config":
                 check_engines(config)
-                check_layer_subsets(config, args.config)
+                check_model_entries(config, args.config)
                 check_pool_ranges(config, args.config)
                 check_patching_bins(config, args.config)
                 check_methods(config["methods"], config["distill"]["select"]["criterion"], args.config)

@@ -118,6 +118,17 @@ def declared_head_count(catalog: ModelCatalog, name: str) -> int | None:
     return shape[DEPTH] * shape[HEADS] if DEPTH in shape and HEADS in shape else None
 
 
+def check_model_entries(config: dict, source: str = "config") -> None:
+    """What start-up can know of the models without loading one: a `local` folder holds a config.json, and a
+    layer_subset keeps layers its base has (ConfigError naming the key). A hub id is checked when a job loads it
+    (a dry run must not need the weights)."""
+    for name, spec in config["models"].items():
+        if spec["source"] == "local" and not Path(spec["path"], "config.json").exists():
+            raise ConfigError(f"{source}: models.{name}.path is {spec['path']!r}, which holds no config.json. Fix: give "
+                              f"the folder of a saved model (save_pretrained), or another source.")
+    check_layer_subsets(config, source)
+
+
 def check_layer_subsets(config: dict, source: str = "config") -> None:
     """Every layer_subset entry keeps layers its base has (ConfigError naming the key and the depth)."""
     catalog = ModelCatalog.from_config(config)

@@ -272,3 +272,15 @@ def test_paper_config_tunes_every_method_alike(paper):
                for dataset in paper["datasets"].values())
     check_methods(paper["methods"], paper["distill"]["select"]["criterion"])
     assert paper["methods"]["semcot"]["params"]["alpha"] == 0.5  # the middle of the original's 0.25-0.75
+
+
+def test_a_local_model_folder_without_a_model_stops_at_start(tmp_path):
+    from mechdistill.model_sources import check_model_entries
+
+    cfg = copy.deepcopy(base())
+    cfg["models"]["tiny_llama"] = {"source": "local", "path": str(tmp_path / "nowhere")}
+    with pytest.raises(ConfigError, match=r"tiny.yaml: models.tiny_llama.path is '.*nowhere', which holds no config"):
+        check_model_entries(cfg, "tiny.yaml")
+    (tmp_path / "nowhere").mkdir()
+    (tmp_path / "nowhere" / "config.json").write_text("{}")
+    check_model_entries(cfg, "tiny.yaml")  # a saved model's folder passes
