@@ -14,12 +14,8 @@ import yaml
 
 from .config import load_config
 from .distill.launch import rendezvous_env
-from .distill.methods import check_methods
-from .distill.pool_ranges import check_pool_ranges
 from .errors import MechdistillError
 from .logutil import rule_logging
-from .model_sources import check_model_entries
-from .patching.settings import check_patching_bins
 from .plan import (
     CPU_THROUGHPUT,
     GPU_SOURCES,
@@ -29,7 +25,8 @@ from .plan import (
     render_markdown,
     stage_summary,
 )
-from .teacher.engines import check_engines, resolve_engines
+from .startup import check_config
+from .teacher.engines import resolve_engines
 
 STAGES = {
     "validate-config": "check a config file against config/schema.yaml and print it with defaults",
@@ -107,11 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         with rule_logging(None):
             if args.stage == "validate-config":
-                check_engines(config)
-                check_model_entries(config, args.config)
-                check_pool_ranges(config, args.config)
-                check_patching_bins(config, args.config)
-                check_methods(config["methods"], config["distill"]["select"]["criterion"], args.config)
+                check_config(config, args.config)
                 print(yaml.safe_dump(config, sort_keys=False))
                 return 0
             # The stages import torch and transformers (seconds): only a command that runs one loads them.

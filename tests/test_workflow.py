@@ -142,7 +142,11 @@ def test_bad_config_stops_at_start(tmp_path, mutate, message):
     proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
                            "-n", "--configfile", str(path)], capture_output=True, text=True)
     assert proc.returncode != 0
-    assert message in proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    assert message in out
+    # one line of ours (the message may wrap), no Python frames and no Snakemake "ConfigError in file ..., line"
+    assert out.count("mechdistill: error: ConfigError: ") == 1
+    assert 'File "' not in out and "Traceback" not in out and "line " not in out.split("mechdistill: error:")[0]
 
 
 def dry_run_with(tmp_path, mutate, *targets) -> subprocess.CompletedProcess:
