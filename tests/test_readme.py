@@ -113,8 +113,3 @@ def test_link_checker_finds_a_broken_link(tmp_path: Path) -> None:
     page.write_text("[ok](a.md) [ok](a.md#the-x-part-here) [web](https://e.org/x) "
                     "[gone](b.md) [bad](a.md#nowhere)\n")
     assert broken_links(page) == ["b.md: no such file", "a.md#nowhere: no heading '#nowhere' in a.md"]
-
-
-def test_nothing_refers_to_shared() -> None:
-    for page in [*guide_pages(), CI_RUN]:
-        assert "../shared" not in page.read_text(), page
