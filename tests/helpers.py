@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +23,15 @@ from mechdistill.labels import LabelSpace
 from mechdistill.models import TINY_ARCH_DEFAULTS
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def load_benchmark(name: str):
+    """The script benchmarks/<name>.py as a module (the benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 VOCAB = 97
 WINDOW = 8  # gemma3 sliding window, shorter than the test sequences so it matters
 

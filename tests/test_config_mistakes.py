@@ -4,25 +4,14 @@ and its report (no snakemake run: fast)."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-import sys
 
 import pytest
 import yaml
 
-from tests.helpers import REPO
+from tests.helpers import REPO, load_benchmark
 
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("config_mistakes", REPO / "benchmarks" / "config_mistakes.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-cm = _load_script()
+cm = load_benchmark("config_mistakes")
 
 BANNER = """Assuming unrestricted shared filesystem usage.
 

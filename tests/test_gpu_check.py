@@ -17,18 +17,9 @@ from mechdistill.characterize.capture import HeadCapture
 from mechdistill.config import load_config
 from mechdistill.distill.signals import has_phase, make_examples
 from mechdistill.models import ModelCatalog, load_model, load_tokenizer
-from tests.helpers import REPO
+from tests.helpers import REPO, load_benchmark
 
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-gpu_check = _load_script()
+gpu_check = load_benchmark("gpu_check")
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,12 @@ engines: everything else (datasets, methods, grids, selection, prompt styles, LA
 paper's. And benchmarks/rehearsal_rules.py's reading of the dry run and of the run's logs."""
 
 import fnmatch
-import importlib.util
 
 import pytest
 import yaml
 
 from mechdistill.config import layer_model_entries, validate_config
-from tests.helpers import REPO
+from tests.helpers import REPO, load_benchmark
 
 # dotted key paths (fnmatch patterns, one segment per *) rehearsal.yaml may set
 ALLOWED = [
@@ -117,10 +116,7 @@ def test_the_layered_config_is_valid():
 
 
 def rules_script():
-    spec = importlib.util.spec_from_file_location("rehearsal_rules", REPO / "benchmarks/rehearsal_rules.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("rehearsal_rules")
 
 
 def test_rule_sets_are_read_from_the_dry_run_and_the_logs():

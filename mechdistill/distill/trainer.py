@@ -282,20 +282,7 @@ def train(
     run.backend.keep_whole(whole_params)
     if on_start is not None:
         on_start(run.backend.module)
-    if run.backend.is_main:
-        recover_dir(ckpt_dir)
-    run.backend.barrier()
-    stale = stale_checkpoint(ckpt_dir, run.key) if (ckpt_dir / STATE_FILE).exists() else None
-    run.backend.barrier()  # every rank has read the key before rank 0 deletes a stale checkpoint
-    if stale is not None and run.backend.is_main:
-        logger.warning("not resuming from %s: %s; training from scratch", ckpt_dir, stale)
-        shutil.rmtree(ckpt_dir)
-    run.backend.barrier()
-    if (ckpt_dir / STATE_FILE).exists():
-        run.load_checkpoint()
-    if run.backend.is_main:
-        run.prune_best()  # a fresh run drops stale weights; a resumed one those after its checkpoint
-    run.backend.barrier()
+    _resume_or_start(run, ckpt_dir)
     run.reporters = open_reporters(config.report_to, Path(report_dir) if report_dir is not None else out_dir.parent,
                                    report_config if report_config is not None else asdict(config), name=report_name,
                                    resumed=run.progress.step > 0, is_main=run.backend.is_main)
@@ -311,6 +298,24 @@ def train(
         run.reporters.close()
     return TrainResult(run.progress.step, False, run.log_frame(), out_dir, run.best)
 
+
+def _resume_or_start(run: Run, ckpt_dir: Path) -> None:
+    """Every rank resumes from `ckpt_dir` when its checkpoint was made under `run.key`; a stale one is deleted
+    (with a warning that says what changed) and training starts fresh."""
+    if run.backend.is_main:
+        recover_dir(ckpt_dir)
+    run.backend.barrier()
+    stale = stale_checkpoint(ckpt_dir, run.key) if (ckpt_dir / STATE_FILE).exists() else None
+    run.backend.barrier()  # every rank has read the key before rank 0 deletes a stale checkpoint
+    if stale is not None and run.backend.is_main:
+        logger.warning("not resuming from %s: %s; training from scratch", ckpt_dir, stale)
+        shutil.rmtree(ckpt_dir)
+    run.backend.barrier()
+    if (ckpt_dir / STATE_FILE).exists():
+        run.load_checkpoint()
+    if run.backend.is_main:
+        run.prune_best()  # a fresh run drops stale weights; a resumed one those after its checkpoint
+    run.backend.barrier()
 
 def _train_step(run: Run, stream: BatchStream) -> dict[str, float]:
     """One optimizer step over `grad_accum_steps` micro-batches; append and return its log row."""
