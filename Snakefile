@@ -15,7 +15,7 @@ sys.path.insert(0, workflow.basedir)
 # Weights come from packages, local dirs or the HF cache; never from the network mid-run.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from mechdistill import paths  # noqa: E402
+from mechdistill import paths, warm  # noqa: E402
 from mechdistill.config import config_snapshot, layer_model_entries, load_config, validate_config  # noqa: E402
 from mechdistill.data.sources import adapter_files  # noqa: E402
 from mechdistill.logutil import failed_job_errors  # noqa: E402
@@ -49,7 +49,16 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [workflow.basedir, os.en
 report: "report/workflow.rst"
 
 
+onstart:  # jobs run here start as forks of a server that imported torch and transformers once (mechdistill.warm)
+    warm.start_for_workflow(len(workflow.dag), workflow.local_exec, ".snakemake/log")
+
+
+onsuccess:
+    warm.stop_for_workflow()
+
+
 onerror:  # a job stopped by a user's mistake (ConfigError, InputError) logged it as one line: repeat it last
+    warm.stop_for_workflow()
     for line in failed_job_errors(log):
         logger.error(f"mechdistill: {line}")
 

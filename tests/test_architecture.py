@@ -27,6 +27,7 @@ LAZY_IMPORTS = {"vllm", "deepspeed", "sentence_transformers", "simple_icd_10_cm"
                 # matplotlib and scipy (stages.model_free): only its figure jobs import them, not select_distill
                 "mechdistill.anchors.plots", "mechdistill.characterize.plots", "mechdistill.evaluate.plots",
                 "mechdistill.patching.plots",
+                "snakemake.script",  # warm: its job clients (python -m mechdistill.warm run) import only the stdlib
                 "scipy"}  # evaluate.significance: the Wilcoxon test only, not every job that imports the tables
 
 

@@ -29,6 +29,8 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
+from ..warm import Request, run
+
 T = TypeVar("T")
 
 
@@ -140,9 +142,21 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def warm_request(tasks: int, command: Sequence[str]) -> Request | None:
+    """The warm server's request for `tasks` ranks of `command` when it is `python -m MODULE ARGS...`
+    (mechdistill.warm forks the ranks with torchrun's variables), else None (started cold)."""
+    if len(command) >= 3 and os.path.basename(command[0]).startswith("python") and command[1] == "-m":
+        return Request(target=command[2], argv=command[3:], module=True, ranks=tasks)
+    return None
+
+
 if __name__ == "__main__":
     argv, env = launch_command(int(sys.argv[1]), sys.argv[2:], _free_port)
     os.environ.update(env)
+    request = warm_request(int(sys.argv[1]), sys.argv[2:])
+    code = run(request) if request is not None else None
+    if code is not None:
+        sys.exit(code)
     os.execvp(argv[0], argv)
 
 
