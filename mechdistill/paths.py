@@ -304,9 +304,19 @@ def log(rule: str, name: str) -> str:
 
 # ---------------------------------------------------------------- every target of a config
 
+def distilled_pairs(config: dict) -> list[tuple[str, str]]:
+    """The (student, method) pairs a run distils, students in config order, then methods: every method for
+    the students its entry lists under `students` (default: every student). The paper config trains its
+    ablations for the first student only and its baselines for the first two, as its figures and tables
+    show them."""
+    students = list(config["students"])
+    return [(s, m) for s in students for m, entry in config["methods"].items()
+            if s in (entry or {}).get("students", students)]
+
+
 def student_models(config: dict) -> list[str]:
-    """The `{model}` values of the distilled students: "{student}/{method}" for every pair."""
-    return [f"{s}/{m}" for s in config["students"] for m in config["methods"]]
+    """The `{model}` values of the distilled students: "{student}/{method}" for every distilled pair."""
+    return [f"{s}/{m}" for s, m in distilled_pairs(config)]
 
 
 def model_cot(config: dict, dataset: str, model: str) -> str:
@@ -344,23 +354,24 @@ def claims_inputs(config: dict) -> dict[str, list[str]]:
     return {"head_scores": [head_scores(d, teacher, k) for d in datasets for k in HEAD_SCORE_KINDS],
             "patching": [f(d, teacher, p) for d in datasets for p in PHASES
                          for f in (patching, patching_runs, patching_pairs)],
-            "metrics": [metrics(d, s, m) for d in datasets for s in config["students"]
-                        for m in config["methods"]]}
+            "metrics": [metrics(d, s, m) for d in datasets for s, m in distilled_pairs(config)]}
 
 
 def stage_targets(config: dict, target_methods: list[str] | None = None) -> dict[str, tuple[tuple[str, ...], list[str]]]:
     """target group -> (rules that must all be defined, the concrete files of that group).
 
     A group is requested by `rule all` once every rule it needs exists; e.g. the students'
-    trajectories need both `trajectories` and `student_predict`. The teacher's targets are planned only
-    for a student to distil with a method that reads them: `target_methods` (default: every method;
-    the workflow gives `methods.methods_reading_targets`), so `students: []` plans none.
+    trajectories need both `trajectories` and `student_predict`. Students are distilled with the methods of
+    `distilled_pairs`. The teacher's targets are planned only for a distilled pair whose method reads them:
+    `target_methods` (default: every method; the workflow gives `methods.methods_reading_targets`), so
+    `students: []` plans none.
     """
     datasets = list(config["datasets"])
     teacher = config["teacher"]
     students = list(config["students"])
-    methods = list(config["methods"])
-    distilled = [(d, s, m) for d in datasets for s in students for m in methods]
+    pairs = distilled_pairs(config)
+    distilled = [(d, s, m) for d in datasets for s, m in pairs]
+    reading = {m for _, m in pairs} & set(config["methods"] if target_methods is None else target_methods)
     clean = tuple(clean_splits(config))
     return {
         "prepare_dataset": (("prepare_dataset",), [data(d, s) for d in datasets for s in SPLITS]
@@ -380,8 +391,7 @@ def stage_targets(config: dict, target_methods: list[str] | None = None) -> dict
                                                    for f in ("md", "parquet")]),
         "patching": (("patching",), [patching(d, teacher, p) for d in datasets for p in PHASES]),
         "teacher_targets": (("teacher_targets",), [targets(d, teacher, s) for d in datasets for s in ("train", "val")
-                                                   if students and (methods if target_methods is None
-                                                                    else target_methods)]),
+                                                   if reading]),
         "distill": (("distill", "select_distill"), [student_model(*x) for x in distilled]),
         "student_predict": (("student_predict",), [student_pred(*x, "test") for x in distilled]),
         "las_simulator": (("las_simulator",), [las_simulator(d) for d in datasets]),

@@ -291,7 +291,8 @@ def _dataset_work(config: dict, dataset: str, size: DatasetSize, models: Mapping
 
     train_docs = {s: min(n[s], distill.get("max_docs") or n[s]) for s in ("train", "val")}
     seq = prompt + cot
-    if students and methods_reading_targets(config["methods"], distill["targets"]):  # as the workflow plans them
+    pairs = paths.distilled_pairs(config)
+    if set(methods_reading_targets(config["methods"], distill["targets"])) & {m for _, m in pairs}:  # as planned
         for split, d in train_docs.items():
             rows.append(forced("teacher_targets", split, teacher, d, seq, distill["teacher_dtype"],
                                distill.get("teacher_device_map"), in_flight=distill.get("teacher_in_flight")))
@@ -303,8 +304,8 @@ def _dataset_work(config: dict, dataset: str, size: DatasetSize, models: Mapping
     per_job_forced = (n_evals * train_docs["val"] + 2 * (train_docs["train"] + train_docs["val"])) * seq
     f1_generation = distill["select"]["criterion"] == "val_macro_f1"
     f1_docs = min(train_docs["val"], distill["select"].get("val_docs") or train_docs["val"])  # val_macro_f1 answers these
-    points = sum(len(method_grid(m, s)) for m, s in config["methods"].items())
     for student in students:
+        points = sum(len(method_grid(m, config["methods"][m])) for s, m in pairs if s == student)
         rows.append(row("distill", "grid points", student, jobs=points, docs=train_docs["train"], seq_len=seq,
                         training=points * steps_docs * seq, forced=points * per_job_forced, capture=True,
                         generated=points * n_evals * f1_docs * cot * f1_generation,
@@ -340,13 +341,14 @@ def _evaluate_work(config: dict, row, forced, generation: dict, n: Mapping[str, 
     """Test-set work: each student's generations per method, perplexity + mechanism metrics (students and
     teacher), and the LAS simulator when it is a trained seq2seq model."""
     teacher, students, specs = config["teacher"], list(config["students"]), config["models"]
-    n_methods, n_test, rows = len(config["methods"]), n["test"], []
+    pairs, n_test, rows = paths.distilled_pairs(config), n["test"], []
+    n_methods = {student: sum(s == student for s, _ in pairs) for student in students}
     for student in students:
-        rows.append(row("student_predict", "test", student, jobs=n_methods, docs=n_test, seq_len=seq,
-                        generated=n_methods * n_test * cot, prefill=n_methods * n_test * prompt,
+        rows.append(row("student_predict", "test", student, jobs=n_methods[student], docs=n_test, seq_len=seq,
+                        generated=n_methods[student] * n_test * cot, prefill=n_methods[student] * n_test * prompt,
                         precision=resolve_dtype(config["generation"]["dtype"], specs[student]),
                         **(generation | {"gpus": 1})))  # a student generates on one GPU (student_generation)
-    for model, jobs in [*((s, n_methods) for s in students), (teacher, 1)]:  # perplexity + mechanism metrics
+    for model, jobs in [*((s, n_methods[s]) for s in students), (teacher, 1)]:  # perplexity + mechanism metrics
         # the rule gives a student's row one GPU and the teacher's row the teacher's GPUs
         device_map = config["evaluate"].get("device_map") if model == teacher else None
         rows.append(forced("evaluate", "test", model, n_test, seq, config["evaluate"]["dtype"], device_map,
@@ -354,7 +356,7 @@ def _evaluate_work(config: dict, row, forced, generation: dict, n: Mapping[str, 
     las = config["evaluate"]["las"]
     if las["simulator"] == "seq2seq":
         # trained once per dataset (rule las_simulator), then read by every evaluate job
-        s2s, jobs = las["seq2seq"], n_methods * len(students) + 1
+        s2s, jobs = las["seq2seq"], len(pairs) + 1
         views = LAS_VIEWS * s2s["max_source_length"]
         shape = dict(seq_len=s2s["max_source_length"], engine="train", batch=s2s["batch_size"], precision="float32")
         rows.append(row("las_simulator", "train", s2s["model"], jobs=1, docs=n["train"],

@@ -4,7 +4,7 @@ Imports no torch, so start-up stays quick."""
 
 from __future__ import annotations
 
-from .distill.methods import check_methods
+from .distill.methods import check_method_students, check_methods
 from .distill.pool_ranges import check_pool_ranges
 from .model_sources import check_model_entries
 from .patching.settings import check_patching_bins
@@ -20,3 +20,4 @@ def check_config(config: dict, source: str) -> None:
     # every method's settings and grid values against their declarations (type, range; catalog.Setting), grid keys
     # the method computes, the training budget shared by every method
     check_methods(config["methods"], config["distill"]["select"]["criterion"], source)
+    check_method_students(config["methods"], list(config["students"]), source)

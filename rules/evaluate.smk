@@ -70,8 +70,8 @@ rule model_card:  # the published student's card (select_distill wrote it withou
 rule tables:
     input:
         metrics=group_targets("evaluate"),
-        selections=[paths.selection(d, s, m) for d in config["datasets"] for s in config["students"]
-                    for m in config["methods"]],  # the captions say which grid point and step were kept
+        selections=[paths.selection(d, s, m) for d in config["datasets"]
+                    for s, m in paths.distilled_pairs(config)],  # the captions say which grid point and step were kept
     output:
         [paths.table(t, "md") for t in paths.TABLES],
         [report(paths.table(t, "csv"), caption="../report/tables.rst", category="Tables") for t in paths.TABLES],

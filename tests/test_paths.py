@@ -64,3 +64,26 @@ def test_clean_prompt_splits_follow_the_settings():
     assert paths.clean_splits(config) == paths.compared_splits(config) == ["clean_guided_exemplar"]
     config["clean_prompts"]["compare_styles"] = []
     assert paths.clean_splits(config) == []
+
+
+def test_a_method_distils_the_students_its_entry_lists():
+    config = {"students": ["a", "b", "c"], "methods": {"vanilla": {}, "abl": {"students": ["a"]},
+                                                      "base": {"students": ["b", "a"]}, "none": {"students": []}}}
+    assert paths.distilled_pairs(config) == [("a", "vanilla"), ("a", "abl"), ("a", "base"), ("b", "vanilla"),
+                                             ("b", "base"), ("c", "vanilla")]
+    assert paths.student_models(config) == ["a/vanilla", "a/abl", "a/base", "b/vanilla", "b/base", "c/vanilla"]
+
+
+def test_the_paper_config_distils_as_the_paper_shows():
+    """Tables 1-2: the first two students with every baseline; Tables 3-4: vanilla and mech for the others;
+    Fig. 1 and 9: the ablations for the first student."""
+    config = load_config(REPO / "config" / "paper.yaml")
+    pairs = paths.distilled_pairs(config)
+    by_student = {s: [m for t, m in pairs if t == s] for s in config["students"]}
+    first, second, *others = config["students"]
+    assert by_student[first] == list(config["methods"])
+    assert by_student[second] == ["vanilla", "mech", "unicott", "morsd", "semcot", "cwt"]
+    assert all(by_student[s] == ["vanilla", "mech"] for s in others) and len(pairs) == 14 + 6 + 2 * 2
+    groups = paths.stage_targets(config)
+    assert len(groups["distill"][1]) == len(groups["model_card"][1]) == 2 * 24
+    assert len(groups["evaluate"][1]) == 2 * 24 + 2  # and each dataset's teacher row

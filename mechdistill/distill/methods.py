@@ -207,10 +207,11 @@ class GridPoint:
 
 def method_grid(name: str, settings: dict | None) -> list[GridPoint]:
     """Every point of config entry `name`'s grid, the first grid key varying slowest; one point
-    named DEFAULT_POINT without a grid. A point's settings are the entry without `grid`, with the
+    named DEFAULT_POINT without a grid. A point's settings are the entry without `grid` and `students`, with the
     point's values over the entry's `weights` (a baseline's `params.<name>` keys: over its `params`)."""
     settings = dict(settings or {})
     grid = settings.pop("grid", None) or {}
+    settings.pop("students", None)  # which students are distilled with it: planning, not training
     if not grid:
         return [GridPoint(DEFAULT_POINT, {}, settings)]
     points = []
@@ -238,6 +239,16 @@ def _weight_is_on(method: Method, key: str) -> bool:
         return method.uses(PHASE_OF_WEIGHT[key])
     group = key.split(".")[0]
     return method.switches.get(group, True) and method.switches.get(key, True)
+
+
+def check_method_students(methods: dict[str, dict | None], students: list[str], source: str = "config") -> None:
+    """Each `methods.<m>.students` entry names a student of the run (ConfigError naming `source` and the key)."""
+    for name, settings in methods.items():
+        unknown = [s for s in (settings or {}).get("students", []) if s not in students]
+        if unknown:
+            raise ConfigError(f"{source}: methods.{name}.students: {', '.join(map(repr, unknown))} not in "
+                              f"`students` ({', '.join(students) or 'none'}); list students of the run, or drop the "
+                              f"key to distil every student with {name}")
 
 
 def check_methods(methods: dict[str, dict | None], criterion: str, source: str = "config") -> None:

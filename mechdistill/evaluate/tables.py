@@ -33,11 +33,12 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
+from .. import paths
 from ..errors import InputError
 from ..io import atomic_path, read_parquet, write_text
 from ..stats import bootstrap_ci
@@ -221,7 +222,7 @@ def _avg_gain_row(rows: list[dict], dataset: str) -> dict | None:
 def build_table(metrics: pd.DataFrame, dataset: str | Sequence[str], students: Sequence[str],
                 methods: Sequence[str], kinds: Mapping[str, str] | None = None, teacher: str | None = None,
                 alpha: float = 0.05, n_resamples: int = 1000, seed: int = 0,
-                reference: str | None = None) -> pd.DataFrame:
+                reference: str | None = None, pairs: Collection[tuple[str, str]] | None = None) -> pd.DataFrame:
     """The rows of a table, in the given orders; see the module docstring.
 
     kinds: method -> baseline | ours | ablation (default: mech is ours, vanilla a baseline, the rest
@@ -232,7 +233,8 @@ def build_table(metrics: pd.DataFrame, dataset: str | Sequence[str], students: S
     Columns: dataset, student, method, kind (ROW_KINDS), the TABLE_COLUMNS labels (cell values), and
     `stat_columns()`: per label the ours rows' gain over the reference, CI and p-value of the
     paired difference, and its mark ("*" or ""); the avg-gain row holds gains in its `_delta`
-    columns. Missing data are NaN / "", never errors.
+    columns. Missing data are NaN / "", never errors. pairs: the (student, method) pairs the run
+    distils (`paths.distilled_pairs`); a method a student is not distilled with has no row (default: all).
     """
     kinds = dict(kinds) if kinds is not None else {"mech": "ours", "vanilla": "baseline"}
     datasets = [dataset] if isinstance(dataset, str) else list(dataset)
@@ -242,7 +244,8 @@ def build_table(metrics: pd.DataFrame, dataset: str | Sequence[str], students: S
         block_rows = []
         for student in students:
             block = in_dataset[in_dataset["student"] == student]
-            block_rows += _block_rows(block, ds, student, list(methods), kinds, reference, alpha, n_resamples, seed)
+            trained = [m for m in methods if pairs is None or (student, m) in pairs]
+            block_rows += _block_rows(block, ds, student, trained, kinds, reference, alpha, n_resamples, seed)
         avg = _avg_gain_row(block_rows, ds)
         rows += block_rows + ([avg] if avg else [])
         mine = in_dataset[(in_dataset["method"] == TEACHER_METHOD) & (in_dataset["student"] == teacher)]
@@ -305,6 +308,7 @@ def table_spec(run: RunSettings, table: str, kinds: Mapping[str, str] | None = N
                f"students: {', '.join(chosen) or 'none in this config'}; teacher: {run.teacher or ''}. "
                f"(+gain) = {', '.join(ours) or 'ours'} minus {versus}; " + "; ".join(notes) + ".")
     return {"datasets": datasets, "students": chosen, "methods": shown, "kinds": kinds, "reference": reference,
+            "pairs": set(paths.distilled_pairs({"students": students, "methods": run.methods})),
             "reference_name": reference or BEST_BASELINE,
             "teacher": run.teacher, "labels": TABLE_LABELS[table], "caption": caption}
 

@@ -184,7 +184,7 @@ def run_tables(config: dict, metrics_paths: list[PathLike], selection_paths: lis
     for table in paths.TABLES:
         spec = table_spec(run, table, kinds)
         built = build_table(metrics, spec["datasets"], spec["students"], spec["methods"], kinds, spec["teacher"],
-                            n_resamples=run.n_bootstrap, seed=run.seed, reference=spec["reference"])
+                            n_resamples=run.n_bootstrap, seed=run.seed, reference=spec["reference"], pairs=spec["pairs"])
         caption = spec["caption"] + selection_note(records, spec["datasets"], spec["students"])
         write_table(built, {fmt: paths.table(table, fmt) for fmt in paths.TABLE_FORMATS}, caption=caption,
                     labels=spec["labels"], reference=spec["reference_name"])
@@ -192,16 +192,22 @@ def run_tables(config: dict, metrics_paths: list[PathLike], selection_paths: lis
 
 
 def run_figure9(config: dict, metrics_paths: list[PathLike], out_png: PathLike | None = None) -> None:
-    """Figure 9: LAS of ours and its phase and term ablations (first dataset and student of the config)."""
+    """Figure 9: LAS of ours and its phase and term ablations, a panel per dataset, for the first student
+    distilled with an ablation (the paper's primary student)."""
     # matplotlib and scipy: only the figure jobs import them, not select_distill, tables or claims
     from ..evaluate.plots import figure9
 
     run = RunSettings.from_config(config)
-    dataset, student = next(iter(run.datasets)), (run.students or [""])[0]
-    methods = [m for m, kind in method_kinds(run.methods).items() if kind in ("ours", "ablation")]
-    data = figure9_data(_metrics(metrics_paths), dataset, student, methods, n_resamples=run.n_bootstrap, seed=run.seed)
-    title = f"Figure 9 - LAS of the ablations ({dataset}, {student}; teacher {run.teacher})"
-    missing = [m for m in methods if m not in set(data.dropna(subset=["mean"])["method"])]
+    kinds = method_kinds(run.methods)
+    pairs = paths.distilled_pairs({"students": run.students, "methods": run.methods})
+    student = next((s for s, m in pairs if kinds.get(m) == "ablation"), (run.students or [""])[0])
+    methods = [m for s, m in pairs if s == student and kinds.get(m) in ("ours", "ablation")]
+    metrics = _metrics(metrics_paths)
+    panels = {dataset: figure9_data(metrics, dataset, student, methods, n_resamples=run.n_bootstrap, seed=run.seed)
+              for dataset in run.datasets}
+    title = f"Figure 9 - LAS of the ablations ({student}; teacher {run.teacher})"
+    missing = sorted({f"{m} ({d})" for d, data in panels.items() for m in methods
+                      if m not in set(data.dropna(subset=["mean"])["method"])})
     if missing:  # e.g. students that predicted no label: LAS has no simulation target
         title += f"\nno LAS for: {', '.join(missing)}"
-    figure9(data, out_png or paths.figure9(), title)
+    figure9(panels, out_png or paths.figure9(), title)

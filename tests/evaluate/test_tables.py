@@ -257,6 +257,19 @@ def test_figure9(metrics, tmp_path):
     out = tmp_path / "figure9.png"
     figure9(data, out, "LAS ablation (synthetic)")
     assert out.stat().st_size > 0
+    both = tmp_path / "figure9_both.png"  # a panel per dataset, as the paper's Fig. 9
+    figure9({d: figure9_data(metrics, d, "s1", methods, n_resamples=50) for d in DATASETS}, both, "per dataset")
+    from PIL import Image
+    assert Image.open(both).size[0] > Image.open(out).size[0] * 1.5
+
+
+def test_a_method_a_student_is_not_distilled_with_has_no_row(metrics):
+    pairs = {("s1", m) for m in METHODS} | {(s, m) for s in STUDENTS for m in ("vanilla", "mech")}
+    built = build_table(metrics, DATASETS, STUDENTS, METHODS, KINDS, TEACHER, n_resamples=50, pairs=pairs)
+    students = [s for s in STUDENTS if s != "s1"]
+    shown = built[built["student"].isin(students)]
+    assert set(shown["method"]) == {"vanilla", "mech"}
+    assert len(built[built["student"] == "s1"]) == len(DATASETS) * len(METHODS)
 
 
 # Hand-built corpus values (doc_id ""), with the paper's Focus numbers: Table 1's mech 0.62 against the
