@@ -130,6 +130,19 @@ def test_rule_sets_are_read_from_the_dry_run_and_the_logs():
     assert module.finished_jobs(logs) == {"distill": 2, "all": 1}
 
 
+@pytest.mark.parametrize("finished, verdict", [(["distill", "distill", "all"], 0), (["distill", "all"], 1),
+                                               (["distill", "distill"], 1)])
+def test_every_planned_job_must_have_run(tmp_path, monkeypatch, capsys, finished, verdict):
+    module = rules_script()
+    plans = {"profiles/slurm": "Job stats:\njob  count\nall  1\ndistill  2\ntotal  3\n", "config/rehearsal.yaml": ""}
+    monkeypatch.setattr(module, "dry_run", lambda args: next(v for k, v in plans.items() if k in args))
+    (tmp_path / ".snakemake" / "log").mkdir(parents=True)
+    (tmp_path / ".snakemake" / "log" / "run.snakemake.log").write_text(
+        "".join(f"Finished jobid: {i} (Rule: {rule})\n" for i, rule in enumerate(finished)))
+    assert module.main(tmp_path) == verdict
+    assert ("NOT EQUAL" in capsys.readouterr().out) == bool(verdict)
+
+
 def test_rule_wall_times_are_read_from_the_log_stamps():
     log = ("[Mon Dec  7 02:05:45 2026]\nlocalrule teacher_cot:\n    input: a\n    jobid: 5\n    reason: x\n"
            "Select jobs to execute...\n[Mon Dec  7 02:06:00 2026]\nrule anchors:\n    jobid: 7\n"
