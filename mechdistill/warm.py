@@ -185,15 +185,18 @@ def _exactly(conn: socket.socket, size: int) -> bytes:
 # --------------------------------------------------------------------------------------------- the server
 
 
-def start_server(socket_path: str, log_path: str, preload: Sequence[str] = PRELOAD) -> subprocess.Popen:
-    """Start `serve` in the background for this process's jobs; it exits when this process does. The socket
-    appears once everything is imported; jobs started before then run cold."""
+def start_server(socket_path: str, log_path: str, preload: Sequence[str] = PRELOAD,
+                 env: Mapping[str, str] | None = None) -> subprocess.Popen:
+    """Start `serve` in the background for this process's jobs, in environment `env` (default: this process's,
+    which the jobs inherit); it exits when this process does. The socket appears once everything is imported;
+    jobs started before then run cold."""
     os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
     with open(log_path, "ab") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "mechdistill.warm", "serve", "--socket", socket_path, "--parent", str(os.getpid()),
              "--preload", ",".join(preload)],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env=None if env is None else dict(env))
 
 
 MIN_JOBS = 3  # fewer jobs than this do not repay the server's imports (~8 s of one core)

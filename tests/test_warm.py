@@ -17,21 +17,28 @@ from mechdistill.distill.launch import warm_request
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def server(tmp_path):
-    """A server importing only `json` (fast), for this test process; yields its environment for clients."""
+def started(tmp_path, preload, **env_updates) -> tuple[subprocess.Popen, dict]:
+    """A server importing `preload`, and the environment its clients share with it (as the Snakefile's jobs do:
+    the server starts in the environment they inherit)."""
     path = str(tmp_path / "warm.sock")
-    proc = warm.start_server(path, str(tmp_path / "server.log"), preload=("json",))
-    deadline = time.monotonic() + 30
+    env = {**os.environ, "PYTHONPATH": str(REPO), **env_updates}
+    for key in (warm.JOB_ENV, warm.SWITCH_ENV):
+        env.pop(key, None)
+    proc = warm.start_server(path, str(tmp_path / "server.log"), preload=preload, env=env)
+    deadline = time.monotonic() + 60
     while not os.path.exists(path):
         assert proc.poll() is None, (tmp_path / "server.log").read_text()
         assert time.monotonic() < deadline, "the server did not start"
         time.sleep(0.05)
-    env = {**os.environ, warm.SOCKET_ENV: path, "PYTHONPATH": str(REPO)}
-    env.pop(warm.JOB_ENV, None)
-    env.pop(warm.SWITCH_ENV, None)
+    return proc, {**env, warm.SOCKET_ENV: path}
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A server importing only `json` (fast); yields its clients' environment."""
+    proc, env = started(tmp_path, ("json",))
     yield env, tmp_path
-    warm.stop_server(proc, path)
+    warm.stop_server(proc, env[warm.SOCKET_ENV])
     assert proc.returncode is not None
 
 
@@ -80,22 +87,16 @@ def test_a_job_whose_import_time_environment_differs_runs_cold(server):
 
 
 def test_per_job_thread_count_reaches_torch_in_a_served_job(tmp_path):
-    path = str(tmp_path / "warm.sock")
-    proc = warm.start_server(path, str(tmp_path / "server.log"), preload=("torch",))
+    proc, env = started(tmp_path, ("torch",))
     try:
-        deadline = time.monotonic() + 60
-        while not os.path.exists(path):
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
-            time.sleep(0.1)
-        env = {**os.environ, warm.SOCKET_ENV: path, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-        env.pop(warm.JOB_ENV, None)
+        env["OMP_NUM_THREADS"] = "1"  # per job (Snakemake sets it to the job's threads): not compared
         out = client(env, tmp_path, "import os, torch; print(torch.get_num_threads(), os.environ.get('MECHDISTILL_WARM_JOB'))")
         assert out.stdout.split() == ["1", "1"], out.stderr
     finally:
-        warm.stop_server(proc, path)
+        warm.stop_server(proc, env[warm.SOCKET_ENV])
 
 
-def test_ranks_get_torchruns_variables_and_one_failing_rank_stops_the_others(server):
+def test_ranks_get_torchruns_variables_and_one_failing_rank_stops_the_others(server, monkeypatch):
     env, tmp_path = server
     (tmp_path / "rankjob.py").write_text(
         "import os, sys, time\n"
@@ -105,7 +106,7 @@ def test_ranks_get_torchruns_variables_and_one_failing_rank_stops_the_others(ser
         "time.sleep(0 if sys.argv[1] == 'ok' else 60)\n")
     request = warm_request(2, ["python", "-m", "rankjob", "ok"])
     assert request == warm.Request(target="rankjob", argv=["ok"], module=True, ranks=2)
-    os.chdir(tmp_path)  # `python -m rankjob` finds it in the working directory
+    monkeypatch.chdir(tmp_path)  # `python -m rankjob` finds it in the working directory
     assert warm.run(request, env) == 0
     assert sorted(p.read_text() for p in tmp_path.glob("rank?")) == ["0 0 2 127.0.0.1", "1 1 2 127.0.0.1"]
     started = time.monotonic()
@@ -149,7 +150,8 @@ def test_the_server_exits_with_its_parent(tmp_path):
     parent = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; sys.path.insert(0, sys.argv[1]); from mechdistill import warm; "
         "p = warm.start_server(sys.argv[2], sys.argv[3], preload=()); print(p.pid, flush=True); time.sleep(120)"),
-        str(REPO), str(path), str(tmp_path / "server.log")], stdout=subprocess.PIPE, text=True)
+        str(REPO), str(path), str(tmp_path / "server.log")], stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
     server_pid = int(parent.stdout.readline())
     deadline = time.monotonic() + 30
     while not path.exists():
