@@ -244,7 +244,10 @@ def serve(socket_path: str, parent_pid: int, preload: Sequence[str] = PRELOAD) -
     started = time.perf_counter()
     environ_at_start = dict(os.environ)
     for name in preload:
-        importlib.import_module(name)
+        try:
+            importlib.import_module(name)
+        except ImportError as err:  # an optional dependency (DeepSpeed, a model family): its jobs import it cold
+            print(f"warm server: not preloaded: {name} ({err})", flush=True)
     baseline = import_time_env(environ_at_start)
     if "deepspeed" in sys.modules and "DS_ACCELERATOR" not in baseline:  # it chose one at import: say which
         baseline["DS_ACCELERATOR"] = sys.modules["deepspeed"].accelerator.get_accelerator().device_name()

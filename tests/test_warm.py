@@ -35,8 +35,9 @@ def started(tmp_path, preload, **env_updates) -> tuple[subprocess.Popen, dict]:
 
 @pytest.fixture
 def server(tmp_path):
-    """A server importing only `json` (fast); yields its clients' environment."""
-    proc, env = started(tmp_path, ("json",))
+    """A server importing only `json` (fast) and a module that is not installed (skipped, as an optional
+    dependency would be); yields its clients' environment."""
+    proc, env = started(tmp_path, ("json", "not_an_installed_module"))
     yield env, tmp_path
     warm.stop_server(proc, env[warm.SOCKET_ENV])
     assert proc.returncode is not None
@@ -66,6 +67,7 @@ def test_a_served_job_gets_the_clients_argv_cwd_stdio_env_and_its_exit_status(se
     proc = client(env, tmp_path, JOB, "3", "x y")
     assert proc.returncode == 3
     assert proc.stdout == "out ['3', 'x y'] True 1\n"  # served: MECHDISTILL_WARM_JOB is set in the job
+    assert "not preloaded: not_an_installed_module" in (tmp_path / "server.log").read_text()
     assert proc.stderr.startswith("err ")
 
 
