@@ -377,6 +377,9 @@ def test_tiny_end_to_end_then_incremental(tmp_path):
     # every tiny job is mostly the ~15 s import of torch and transformers, a single thread: one thread per
     # job lets two run side by side (the model rules ask for every core, which would run them in a row)
     snakemake(tmp_path, "--cores", "2", "--max-threads", "1", "--configfile", tiny)
+    # the jobs were forks of the warm server (mechdistill.warm), none run cold for a differing environment
+    server_log = next((tmp_path / ".snakemake/log").glob("mechdistill-warm-*.log")).read_text()
+    assert int(re.search(r"served (\d+) requests", server_log).group(1)) >= 50 and "refused" not in server_log
     for split, n in [("train", 3), ("val", 2), ("test", 3)]:
         cot = pd.read_parquet(tmp_path / f"results/tiny_icd/tiny_llama/cot/{split}.parquet")
         assert len(cot) == n
