@@ -319,19 +319,16 @@ def _differing(server: Mapping[str, str], job: Mapping[str, str]) -> list[str]:
 
 
 def _rank_env(request: Mapping, rank: int) -> dict[str, str]:
-    """torchrun's variables for `rank` of a multi-rank request ({} for one process)."""
+    """torchrun's variables for `rank` of a multi-rank request ({} for one process), on the client's MASTER_PORT
+    (the distill launcher gives it a free one)."""
     if request["ranks"] == 1:
         return {}
-    port = request["env"].get("MASTER_PORT") or str(request["port"])
     return {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(request["ranks"]),
-            "LOCAL_WORLD_SIZE": str(request["ranks"]), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+            "LOCAL_WORLD_SIZE": str(request["ranks"]), "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": request["env"].get("MASTER_PORT", "29500")}
 
 
 def _fork_job(request: dict, fds: Sequence[int], rank: int) -> int:
-    if request["ranks"] > 1 and "port" not in request:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            request["port"] = sock.getsockname()[1]
     pid = os.fork()
     if pid:
         return pid

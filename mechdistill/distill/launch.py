@@ -153,8 +153,9 @@ def warm_request(tasks: int, command: Sequence[str]) -> Request | None:
 if __name__ == "__main__":
     argv, env = launch_command(int(sys.argv[1]), sys.argv[2:], _free_port)
     os.environ.update(env)
-    request = warm_request(int(sys.argv[1]), sys.argv[2:])
-    code = run(request) if request is not None else None
+    request, code = warm_request(int(sys.argv[1]), sys.argv[2:]), None
+    if request is not None:  # served ranks meet on a free port, as one rank does
+        code = run(request, {**os.environ, "MASTER_PORT": os.environ.get("MASTER_PORT") or str(_free_port())})
     if code is not None:
         sys.exit(code)
     os.execvp(argv[0], argv)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..characterize.settings import HeadSignals
+from ..paths import distilled_pairs
 from ..settings import PLACEMENT_KEYS, Declared, Settings
 
 EVALUATE_KEYS = ("ks", "propensity", "las", "n_bootstrap", "device", "dtype", "in_flight") + PLACEMENT_KEYS
@@ -76,6 +77,11 @@ class RunSettings(Settings):
     def from_values(cls, values: Declared) -> RunSettings:
         return cls(values["datasets"], values["students"], values["methods"], values["teacher"],
                    values["evaluate.n_bootstrap"], values["seed"])
+
+    @property
+    def pairs(self) -> list[tuple[str, str]]:
+        """The (student, method) pairs the run distils (`paths.distilled_pairs`)."""
+        return distilled_pairs({"students": self.students, "methods": self.methods})
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,6 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .. import paths
 from ..errors import InputError
 from ..io import atomic_path, read_parquet, write_text
 from ..stats import bootstrap_ci
@@ -308,7 +307,7 @@ def table_spec(run: RunSettings, table: str, kinds: Mapping[str, str] | None = N
                f"students: {', '.join(chosen) or 'none in this config'}; teacher: {run.teacher or ''}. "
                f"(+gain) = {', '.join(ours) or 'ours'} minus {versus}; " + "; ".join(notes) + ".")
     return {"datasets": datasets, "students": chosen, "methods": shown, "kinds": kinds, "reference": reference,
-            "pairs": set(paths.distilled_pairs({"students": students, "methods": run.methods})),
+            "pairs": set(run.pairs),
             "reference_name": reference or BEST_BASELINE,
             "teacher": run.teacher, "labels": TABLE_LABELS[table], "caption": caption}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import textwrap
 from pathlib import Path
 
 import pandas as pd
@@ -199,15 +200,15 @@ def run_figure9(config: dict, metrics_paths: list[PathLike], out_png: PathLike |
 
     run = RunSettings.from_config(config)
     kinds = method_kinds(run.methods)
-    pairs = paths.distilled_pairs({"students": run.students, "methods": run.methods})
-    student = next((s for s, m in pairs if kinds.get(m) == "ablation"), (run.students or [""])[0])
-    methods = [m for s, m in pairs if s == student and kinds.get(m) in ("ours", "ablation")]
+    student = next((s for s, m in run.pairs if kinds.get(m) == "ablation"), (run.students or [""])[0])
+    methods = [m for s, m in run.pairs if s == student and kinds.get(m) in ("ours", "ablation")]
     metrics = _metrics(metrics_paths)
     panels = {dataset: figure9_data(metrics, dataset, student, methods, n_resamples=run.n_bootstrap, seed=run.seed)
               for dataset in run.datasets}
     title = f"Figure 9 - LAS of the ablations ({student}; teacher {run.teacher})"
-    missing = sorted({f"{m} ({d})" for d, data in panels.items() for m in methods
-                      if m not in set(data.dropna(subset=["mean"])["method"])})
-    if missing:  # e.g. students that predicted no label: LAS has no simulation target
-        title += f"\nno LAS for: {', '.join(missing)}"
+    missing = {m: [d for d, data in panels.items() if m not in set(data.dropna(subset=["mean"])["method"])]
+               for m in methods}
+    named = [m if len(where) == len(panels) else f"{m} ({', '.join(where)})" for m, where in missing.items() if where]
+    if named:  # e.g. students that predicted no label: LAS has no simulation target (wrapped: 14 names fit no line)
+        title += "\n" + textwrap.fill("no LAS for: " + ", ".join(named), 90)
     figure9(panels, out_png or paths.figure9(), title)
